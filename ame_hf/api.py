@@ -1,0 +1,101 @@
+"""The `from_pretrained`-style Python API: thin layers over `merge`, `check` and `push`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Any, Sequence
+
+from .compat import CompatibilityReport, check_compatibility
+from .config import AmeConfig
+from .errors import InvalidConfigError
+from .hub import push_folder
+from .merger import MergeResult, merge, open_checkpoints, resolve_all
+
+
+def check(ingredients: Sequence[str | os.PathLike], *, token: str | None = None,
+          dtype: str = "auto") -> CompatibilityReport:
+    """Resolve the ingredients and report whether they can be merged (never raises for a mismatch).
+
+    >>> report = check(["org/model-a", "org/model-b"])  # doctest: +SKIP
+    >>> report.ok, report.errors                        # doctest: +SKIP
+    """
+    resolved = resolve_all([os.fspath(r) for r in ingredients], token)
+    return check_compatibility(open_checkpoints(resolved), allow_dtype_mismatch=dtype != "auto")
+
+
+def from_pretrained(
+    ingredients: Sequence[str | os.PathLike],
+    *,
+    model_class: Any = None,
+    config: AmeConfig | None = None,
+    token: str | None = None,
+    progress: bool = True,
+    model_kwargs: dict[str, Any] | None = None,
+    **options: Any,
+):
+    """Merge the ingredients and load the result as a transformers model, like `from_pretrained`.
+
+    Args:
+        ingredients: local directories and/or Hub repo IDs (`org/name[@revision]`).
+        model_class: a transformers class (default `AutoModel`), e.g. `AutoModelForCausalLM`.
+        config: an `AmeConfig`; keyword `options` (`optimizer="adam"`, `lr=1e-4`, ...) override it.
+        token: Hub token for private or gated repos.
+        model_kwargs: passed to `model_class.from_pretrained` (never `trust_remote_code`).
+
+    Returns:
+        The model, with `model.ame_config` (the resolved `AmeConfig`) and `model.ame_result`
+        (the `MergeResult`; its folder holds the card and lives as long as the model).
+
+    >>> from transformers import AutoModelForSequenceClassification
+    >>> model = from_pretrained(["org/a", "org/b"], model_class=AutoModelForSequenceClassification,
+    ...                         optimizer="adam", relative_lr=0.05)   # doctest: +SKIP
+    """
+    kwargs = dict(model_kwargs or {})
+    if kwargs.pop("trust_remote_code", False):
+        raise InvalidConfigError("ame-hf never runs code from a downloaded repo (trust_remote_code)")
+    if model_class is None:
+        from transformers import AutoModel as model_class  # noqa: N813
+    folder = Path(tempfile.mkdtemp(prefix="ame-hf-model-"))
+    try:
+        result = merge(ingredients, folder / "merged", config, token=token, progress=progress, **options)
+        model = model_class.from_pretrained(result.path, **kwargs)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    model.ame_config = result.config
+    model.ame_result = result
+    weakref.finalize(model, shutil.rmtree, folder, True)
+    return model
+
+
+def push_to_hub(
+    source: str | os.PathLike | MergeResult | Any,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+) -> str:
+    """Upload a merge (its folder, a `MergeResult`, or a model from `from_pretrained`) with its card.
+
+    Returns the URL of the repo (or of the pull request).
+
+    >>> push_to_hub("merged", "org/merged", private=True)  # doctest: +SKIP
+    'https://huggingface.co/org/merged'
+    """
+    if isinstance(source, MergeResult):
+        folder = source.path
+    elif hasattr(source, "ame_result"):
+        folder = source.ame_result.path
+    else:
+        folder = Path(source)
+    if not (Path(folder) / "ame_config.yaml").is_file():
+        raise InvalidConfigError(f"{folder} is not an ame-hf merge output (no ame_config.yaml)")
+    return push_folder(folder, repo_id, token=token, private=private, revision=revision,
+                       create_pr=create_pr, commit_message=commit_message)

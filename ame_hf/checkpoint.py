@@ -1,0 +1,204 @@
+"""`Checkpoint`: a lazy, read-only view over one model directory's weights and config.
+
+Tensors are read one (slice) at a time with `safetensors.safe_open`; `.bin` only via `weights_only`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError, IngredientNotFoundError
+
+logger = logging.getLogger(__name__)
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives and what it looks like, without reading it."""
+
+    file: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def _safe_shard_name(name: Any, index_file: Path) -> str:
+    # Shard names come from a downloaded file: never let one point outside the directory.
+    if (not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..")
+            or name.startswith("..") or os.path.isabs(name)):
+        raise CheckpointError(f"{index_file} names an invalid shard file {name!r}; the index is corrupt or unsafe")
+    return name
+
+
+class Checkpoint:
+    """Lazy view over the weights of one model directory.
+
+    Args:
+        path: a directory with `model.safetensors`, a sharded `model.safetensors.index.json`,
+            or (only when there is no safetensors) `pytorch_model.bin[.index.json]`.
+        name: how to call this checkpoint in messages (the user's reference).
+
+    >>> ckpt = Checkpoint("./my-model")                     # doctest: +SKIP
+    >>> ckpt.names()[:2], ckpt.read("lm_head.weight").shape  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | os.PathLike, name: str | None = None) -> None:
+        self.path = Path(path)
+        self.name = name or str(path)
+        if not self.path.is_dir():
+            raise IngredientNotFoundError(f"{self.name}: no such directory {self.path}")
+        self.config = self._read_config()
+        self._bin: dict[str, torch.Tensor] | None = None
+        self.tensors: dict[str, TensorInfo] = self._scan()
+        if not self.tensors:
+            raise CheckpointError(f"{self.name}: the weights contain no tensors")
+
+    # -- discovery ----------------------------------------------------------------------------
+    def _read_config(self) -> dict[str, Any]:
+        file = self.path / "config.json"
+        if not file.is_file():
+            raise CheckpointError(
+                f"{self.name}: no config.json in {self.path}; ame-hf merges transformers model directories"
+            )
+        try:
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{self.name}: config.json is not valid JSON ({err})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{self.name}: config.json must hold a JSON object")
+        return config
+
+    def _weight_files(self) -> tuple[str, list[str]]:
+        """("safetensors" | "bin", [file names])."""
+        for kind, single, index in (("safetensors", SAFE_SINGLE, SAFE_INDEX), ("bin", BIN_SINGLE, BIN_INDEX)):
+            if (self.path / index).is_file():
+                index_file = self.path / index
+                try:
+                    weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+                    if not isinstance(weight_map, dict):
+                        raise TypeError("weight_map is not an object")
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+                    raise CheckpointError(f"{self.name}: {index} is not a valid index ({err})") from None
+                files = sorted({_safe_shard_name(f, index_file) for f in weight_map.values()})
+                for f in files:
+                    if not (self.path / f).is_file():
+                        raise CheckpointError(
+                            f"{self.name}: {index} names shard {f!r}, which is missing; re-download the checkpoint"
+                        )
+                return kind, files
+            if (self.path / single).is_file():
+                return kind, [single]
+        raise CheckpointError(
+            f"{self.name}: no weights found in {self.path} (expected {SAFE_SINGLE}, {SAFE_INDEX}, "
+            f"{BIN_SINGLE} or {BIN_INDEX})"
+        )
+
+    def _scan(self) -> dict[str, TensorInfo]:
+        kind, files = self._weight_files()
+        self.format = kind
+        self.files = files
+        tensors: dict[str, TensorInfo] = {}
+        if kind == "bin":
+            self._bin = {}
+            for f in files:
+                self._bin.update(self._load_bin(f))
+            for key, t in self._bin.items():
+                tensors[key] = TensorInfo(file="", shape=tuple(t.shape), dtype=t.dtype)
+            return tensors
+        from safetensors import safe_open
+
+        for f in files:
+            try:
+                with safe_open(self.path / f, framework="pt") as handle:
+                    for key in handle.keys():
+                        sl = handle.get_slice(key)
+                        dtype = _DTYPES.get(sl.get_dtype())
+                        if dtype is None:
+                            raise CheckpointError(f"{self.name}: tensor {key!r} has unsupported dtype {sl.get_dtype()}")
+                        if key in tensors:
+                            raise CheckpointError(f"{self.name}: tensor {key!r} appears in two shards")
+                        tensors[key] = TensorInfo(file=f, shape=tuple(sl.get_shape()), dtype=dtype)
+            except CheckpointError:
+                raise
+            except Exception as err:  # safetensors raises its own error types for corrupt files
+                raise CheckpointError(
+                    f"{self.name}: {f} is not a valid safetensors file ({err}); re-download or re-save it"
+                ) from None
+        return tensors
+
+    def _load_bin(self, file: str) -> dict[str, torch.Tensor]:
+        try:
+            # weights_only: a pickle from the Hub must never run code.
+            state = torch.load(self.path / file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:
+            raise CheckpointError(f"{self.name}: cannot load {file} safely ({str(err).splitlines()[0]})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{self.name}: {file} does not hold a flat state dict of tensors")
+        return state
+
+    # -- access -------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """Tensor names in a stable (sorted) order."""
+        return sorted(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.tensors[name]
+
+    def read(self, name: str, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A fresh copy of one tensor, or of rows `[start, stop)` of its first dimension,
+        optionally converted to `dtype` (in the same copy).
+
+        Never a view of the memory map: safetensors may hand back shared memory, and the
+        engine updates tensors in place.
+        """
+        info = self.tensors[name]
+        dtype = dtype or info.dtype
+        if self._bin is not None:
+            t = self._bin[name]
+            t = t if rows is None or not info.shape else t[rows[0]:rows[1]]
+            return t.to(dtype, copy=True)
+        from safetensors import safe_open
+
+        try:
+            # A handle per read: pages of the memory map are released when it closes, so the
+            # resident memory stays bounded by the slice, not by everything read so far.
+            with safe_open(self.path / info.file, framework="pt") as handle:
+                if rows is None or not info.shape:
+                    t = handle.get_tensor(name)
+                else:
+                    t = handle.get_slice(name)[rows[0]:rows[1]]
+                return t.to(dtype, copy=True)
+        except Exception as err:
+            raise CheckpointError(f"{self.name}: cannot read tensor {name!r} from {info.file} ({err})") from None
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.name!r}, {len(self.tensors)} tensors)"

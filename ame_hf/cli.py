@@ -1,0 +1,249 @@
+"""The `ame-hf` command line: argument parsing and printing only, over the Python API.
+
+Every `AmeError` becomes one line on stderr and a non-zero exit; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+# CLI option (dest) -> AmeConfig field, for options that may also come from --config YAML.
+CONFIG_OPTIONS = ("optimizer", "lr", "relative_lr", "optimizer_args", "schedule", "epochs", "batch_size",
+                  "pivot", "seed", "shuffle", "dtype", "compute_dtype", "max_shard_size", "allow_nonfinite")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of errors")
+
+
+def _add_token(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", default=None,
+                   help="Hugging Face token (default: HF_TOKEN or the login cache); never printed or stored")
+
+
+def _add_push(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--repo-id", required=required, help="target repo, ORG/NAME")
+    p.add_argument("--private", action="store_true", default=None, help="create the repo as private")
+    p.add_argument("--revision", default=None, help="branch to push to (created if missing)")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    p.add_argument("--commit-message", default=None, help="commit message")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ame-hf",
+        description="Fuse fine-tuned checkpoints into one model by Amortized Model Ensembling (AME).",
+    )
+    parser.add_argument("--version", action="version", version=f"ame-hf {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    m = sub.add_parser("merge", help="merge checkpoints with AME",
+                       description="Merge checkpoints (local directories or Hub repo IDs org/name[@revision]) with AME.")
+    m.add_argument("refs", nargs="*", metavar="REF", help="ingredient: local directory or org/name[@revision]")
+    m.add_argument("--out", help="output directory (created; must be empty unless --overwrite)")
+    m.add_argument("--config", help="YAML file with the same options (e.g. a previous ame_config.yaml)")
+    m.add_argument("--optimizer", help="torch.optim optimizer: adam (default), adamw, sgd, adagrad, adadelta, "
+                                       "rmsprop, adamax, nadam, radam, asgd, rprop")
+    m.add_argument("--lr", type=float, help="plain torch.optim learning rate")
+    m.add_argument("--relative-lr", type=float,
+                   help="learning rate as a multiple of each tensor's RMS(ingredient - pivot) "
+                        "(default 0.05 for adaptive optimizers when --lr is not given)")
+    m.add_argument("--optimizer-args", help='other optimizer arguments as JSON, e.g. \'{"betas": [0.9, 0.99]}\'')
+    m.add_argument("--schedule", choices=["constant", "harmonic"],
+                   help="learning-rate schedule (default: harmonic for sgd/asgd, else constant)")
+    m.add_argument("--epochs", type=int, help="ensembling epochs (default 1)")
+    m.add_argument("--batch-size", type=int, help="ingredients per pseudogradient (default 1)")
+    m.add_argument("--pivot", help="starting point: mean (default), first, an ingredient index, or a checkpoint REF")
+    m.add_argument("--seed", type=int, help="seed of --shuffle (default 0)")
+    m.add_argument("--shuffle", action="store_true", default=None, help="shuffle the ingredient order every epoch")
+    m.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="output dtype (default auto: the ingredients')")
+    m.add_argument("--compute-dtype", choices=["float32", "float64"], help="compute dtype (default float32)")
+    m.add_argument("--max-shard-size", help="largest output shard, e.g. 5GB (default), 500MB")
+    m.add_argument("--allow-nonfinite", action="store_true", default=None,
+                   help="merge ingredients that contain NaN/Inf instead of refusing them")
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    m.add_argument("--device", help="compute device, e.g. cpu, cuda, cuda:1 (default: chosen by accelerate)")
+    m.add_argument("--push", action="store_true", help="push the output to the Hub (needs --repo-id)")
+    _add_push(m, required=False)
+    _add_token(m)
+    _add_common(m)
+    m.set_defaults(func=cmd_merge)
+
+    c = sub.add_parser("check", help="report whether checkpoints can be merged (exit 0) or not (exit 1)")
+    c.add_argument("refs", nargs="+", metavar="REF")
+    c.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the output dtype you will merge with (dtype differences are then notes)")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_token(c)
+    _add_common(c)
+    c.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("push", help="push an existing merge output to the Hub")
+    p.add_argument("dir", help="a merge output directory")
+    _add_push(p, required=True)
+    _add_token(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_push)
+
+    d = sub.add_parser("demo", help="build tiny fine-tunes locally, merge them (AME and soup) and compare")
+    d.add_argument("--out", default="ame-demo", help="working directory (default ./ame-demo)")
+    d.add_argument("--steps", type=int, default=None, help="fine-tuning steps per expert (default 120)")
+    _add_common(d)
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def redacted_command(argv: Sequence[str]) -> str:
+    """The command line for the card: `ame-hf ...` with any token removed."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--token":
+            skip = True
+            continue
+        if arg.startswith("--token="):
+            continue
+        out.append(arg)
+    return shlex.join(["ame-hf", *out])
+
+
+def _config_from_args(args: argparse.Namespace) -> tuple[list[str], str | None, Any]:
+    """(refs, out, AmeConfig) from --config YAML overridden by explicit options."""
+    from .config import AmeConfig, load_yaml_mapping
+    from .errors import InvalidConfigError
+
+    values: dict[str, Any] = {}
+    refs: list[str] = list(args.refs)
+    out = args.out
+    if args.config:
+        data = load_yaml_mapping(Path(args.config))
+        data.pop("resolved", None)
+        data.pop("ame_hf_version", None)
+        file_refs = data.pop("ingredients", None)
+        if file_refs is not None and not (isinstance(file_refs, list) and all(isinstance(r, str) for r in file_refs)):
+            raise InvalidConfigError(f"{args.config}: ingredients must be a list of references")
+        refs = refs or list(file_refs or [])
+        out = out or data.pop("out", None)
+        data.pop("out", None)
+        values.update(data)
+    for key in CONFIG_OPTIONS:
+        value = getattr(args, key)
+        if value is not None:
+            values[key] = value
+    if not refs:
+        raise InvalidConfigError("no ingredients: give REF arguments or an `ingredients:` list in --config")
+    if not out:
+        raise InvalidConfigError("no output directory: pass --out DIR")
+    return refs, out, AmeConfig.from_dict(values)
+
+
+def cmd_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .errors import InvalidConfigError
+    from .merger import merge
+
+    if args.push and not args.repo_id:
+        raise InvalidConfigError("--push needs --repo-id ORG/NAME")
+    refs, out, config = _config_from_args(args)
+    result = merge(refs, out, config, token=args.token, overwrite=args.overwrite, progress=not args.quiet,
+                   device=args.device, command=redacted_command(argv))
+    _say(args, f"merged {len(result.ingredients)} checkpoints with {result.config.optimizer} "
+               f"in {result.seconds:.1f}s -> {result.path}")
+    if args.push:
+        from .hub import push_folder
+
+        url = push_folder(result.path, args.repo_id, token=args.token, private=args.private,
+                          revision=args.revision, create_pr=args.create_pr, commit_message=args.commit_message)
+        print(f"pushed to {url}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .api import check
+
+    report = check(args.refs, token=args.token, dtype=args.dtype)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 0 if report.ok else EXIT_ERROR
+
+
+def cmd_push(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .api import push_to_hub
+
+    url = push_to_hub(args.dir, args.repo_id, token=args.token, private=args.private, revision=args.revision,
+                      create_pr=args.create_pr, commit_message=args.commit_message)
+    print(f"pushed to {url}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .demo import format_table, run_demo
+
+    kwargs = {"steps": args.steps} if args.steps else {}
+    rows = run_demo(args.out, progress=not args.quiet, log=None if args.quiet else print, **kwargs)
+    print(format_table(rows))
+    return 0
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(text, file=sys.stderr)
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.getLogger("ame_hf").setLevel(level)
+    if getattr(args, "quiet", False):
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    _setup_logging(args)
+    func: Callable[[argparse.Namespace, Sequence[str]], int] = args.func
+    try:
+        return func(args, argv)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("ame-hf: interrupted; nothing was written to the output", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        from .errors import AmeError
+
+        if args.debug:
+            raise
+        if isinstance(err, AmeError):
+            print(f"ame-hf: error: {_one_line(err)}", file=sys.stderr)
+        else:
+            print(f"ame-hf: unexpected error: {type(err).__name__}: {_one_line(err)} "
+                  "(run again with --debug for the traceback, and please report it)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

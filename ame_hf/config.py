@@ -1,0 +1,278 @@
+"""`AmeConfig`: the validated, frozen description of one AME run, and its YAML form.
+
+The same object drives the CLI, the Python API, `ame_config.yaml` and the model card.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import InvalidConfigError
+
+# Adaptive optimizers (Adam and friends) move each weight by about `lr` per step, whatever the
+# distance to the ingredients, so the default learning rate is relative: `DEFAULT_RELATIVE_LR`
+# times the per-tensor RMS of (ingredient - pivot). See README "Defaults" for the measurements.
+DEFAULT_OPTIMIZER = "adam"
+DEFAULT_RELATIVE_LR = 0.05
+DEFAULT_PIVOT = "mean"
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+SCHEDULES = ("constant", "harmonic")
+OUTPUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("float32", "float64")
+
+# Keys of a YAML config besides the AmeConfig fields.
+RUN_KEYS = ("ingredients", "out")
+# Keys written for humans (and reproduction checks) that are ignored when read back.
+INFO_KEYS = ("ame_hf_version", "resolved")
+
+
+def parse_size(size: str | int) -> int:
+    """Parse a Hugging Face size string ("5GB", "500MB", "2GiB", 1000) into bytes.
+
+    >>> parse_size("5GB")
+    5000000000
+    """
+    if isinstance(size, bool):
+        raise InvalidConfigError(f"invalid size {size!r}; use e.g. 5GB, 500MB or 2GiB")
+    if isinstance(size, int):
+        if size <= 0:
+            raise InvalidConfigError(f"size must be positive, got {size}")
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
+    if not match:
+        raise InvalidConfigError(f"invalid size {size!r}; use e.g. 5GB, 500MB or 2GiB")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    factors = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    value = int(number * factors[unit])
+    if value <= 0:
+        raise InvalidConfigError(f"size must be positive, got {size!r}")
+    return value
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidConfigError(f"{name} must be a whole number >= 1, got {value!r}")
+    return value
+
+
+def _finite_float(name: str, value: Any, *, positive: bool = True) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InvalidConfigError(f"{name} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(number) or (positive and number <= 0):
+        raise InvalidConfigError(f"{name} must be a finite number > 0, got {value!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class AmeConfig:
+    """The hyperparameters of one AME run (DESIGN §1). Validated on construction; compare with ==.
+
+    Args:
+        optimizer: a `torch.optim` optimizer by name, case-insensitive (`adam`, `sgd`, `adagrad`, ...).
+        lr: the plain `torch.optim` learning rate. Exclusive with `relative_lr`.
+        relative_lr: learning rate as a multiple of each tensor's RMS of (ingredient - pivot).
+            When neither is given: `relative_lr=0.05` for adaptive optimizers, `lr=1` for SGD/ASGD.
+        optimizer_args: other keyword arguments of the optimizer (`{"betas": [0.9, 0.99]}`).
+        schedule: `constant` (lr every step) or `harmonic` (lr * batch / ingredients seen this
+            epoch). Default: harmonic for SGD/ASGD (SGD, lr 1 is then the uniform soup), else constant.
+        epochs: ensembling epochs (passes over all ingredients).
+        batch_size: ingredients averaged into one pseudogradient.
+        pivot: `mean`, `first`, an ingredient index, or a reference to another checkpoint.
+        shuffle: shuffle the ingredient order every epoch from `seed`.
+        seed: the seed of the shuffle.
+        dtype: output dtype; `auto` keeps each tensor's ingredient dtype.
+        compute_dtype: `float32` or `float64`.
+        max_shard_size: largest output shard (`5GB`, `500MB`, ...).
+        allow_nonfinite: merge ingredients that contain NaN or Inf instead of refusing them.
+
+    >>> AmeConfig(optimizer="AdamW", lr=1e-4).optimizer
+    'adamw'
+    """
+
+    optimizer: str = DEFAULT_OPTIMIZER
+    lr: float | None = None
+    relative_lr: float | None = None
+    optimizer_args: Mapping[str, Any] = field(default_factory=dict)
+    schedule: str | None = None
+    epochs: int = 1
+    batch_size: int = 1
+    pivot: str | int = DEFAULT_PIVOT
+    shuffle: bool = False
+    seed: int = 0
+    dtype: str = "auto"
+    compute_dtype: str = "float32"
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE
+    allow_nonfinite: bool = False
+
+    def __post_init__(self) -> None:
+        from .optimizers import validate_optimizer_args
+
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        set_("optimizer", str(self.optimizer).strip().lower())
+        if isinstance(self.optimizer_args, str):
+            set_("optimizer_args", parse_optimizer_args(self.optimizer_args))
+        if not isinstance(self.optimizer_args, Mapping):
+            raise InvalidConfigError(
+                f"optimizer_args must be a mapping, got {type(self.optimizer_args).__name__}"
+            )
+        args = validate_optimizer_args(self.optimizer, self.optimizer_args)
+        set_("optimizer_args", {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()})
+        if self.lr is not None and self.relative_lr is not None:
+            raise InvalidConfigError("give either lr or relative_lr, not both")
+        if self.lr is not None:
+            set_("lr", _finite_float("lr", self.lr))
+        if self.relative_lr is not None:
+            set_("relative_lr", _finite_float("relative_lr", self.relative_lr))
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise InvalidConfigError(
+                f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}"
+            )
+        _positive_int("epochs", self.epochs)
+        _positive_int("batch_size", self.batch_size)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise InvalidConfigError(f"seed must be a whole number >= 0, got {self.seed!r}")
+        if not isinstance(self.shuffle, bool):
+            raise InvalidConfigError(f"shuffle must be true or false, got {self.shuffle!r}")
+        if not isinstance(self.allow_nonfinite, bool):
+            raise InvalidConfigError(f"allow_nonfinite must be true or false, got {self.allow_nonfinite!r}")
+        set_("pivot", normalize_pivot(self.pivot))
+        if self.dtype not in OUTPUT_DTYPES:
+            raise InvalidConfigError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(OUTPUT_DTYPES)}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise InvalidConfigError(
+                f"unknown compute_dtype {self.compute_dtype!r}; choose one of: {', '.join(COMPUTE_DTYPES)}"
+            )
+        parse_size(self.max_shard_size)
+
+    # -- resolution -------------------------------------------------------------------------
+    def resolved(self) -> "AmeConfig":
+        """The same config with every default made explicit (what is recorded and reproduced)."""
+        from .optimizers import SGD_FAMILY
+
+        sgd_like = self.optimizer in SGD_FAMILY
+        lr, relative_lr = self.lr, self.relative_lr
+        if lr is None and relative_lr is None:
+            if sgd_like:
+                lr = 1.0
+            else:
+                relative_lr = DEFAULT_RELATIVE_LR
+        schedule = self.schedule or ("harmonic" if sgd_like else "constant")
+        return dataclasses.replace(self, lr=lr, relative_lr=relative_lr, schedule=schedule)
+
+    @property
+    def is_soup(self) -> bool:
+        """True when this config computes exactly the uniform soup (DESIGN §1)."""
+        cfg = self.resolved()
+        return (
+            cfg.optimizer == "sgd" and cfg.lr == 1.0 and cfg.schedule == "harmonic"
+            and cfg.batch_size == 1 and not any(cfg.optimizer_args.get(k) for k in
+                                               ("momentum", "weight_decay", "dampening", "nesterov"))
+        )
+
+    @classmethod
+    def soup(cls, **kwargs: Any) -> "AmeConfig":
+        """The uniform model soup as an AME config: SGD, lr 1, harmonic schedule."""
+        return cls(optimizer="sgd", lr=1.0, schedule="harmonic", **kwargs)
+
+    # -- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (safe for YAML/JSON)."""
+        out = dataclasses.asdict(self)
+        out["optimizer_args"] = json.loads(json.dumps(dict(self.optimizer_args)))
+        return out
+
+    def to_yaml(self) -> str:
+        """YAML text that `from_yaml` reads back to an equal config."""
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "AmeConfig":
+        """Build from a mapping; unknown keys are refused with the list of valid ones."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in data if k not in names]
+        if unknown:
+            raise InvalidConfigError(
+                f"unknown config key(s): {', '.join(map(str, unknown))}; valid keys: {', '.join(names)}"
+            )
+        return cls(**dict(data))
+
+    @classmethod
+    def from_yaml(cls, text_or_path: str | os.PathLike) -> "AmeConfig":
+        """Read YAML text or a YAML file (e.g. a merge's `ame_config.yaml`).
+
+        Run keys (`ingredients`, `out`) and informational keys (`resolved`, `ame_hf_version`)
+        are ignored here; `load_run_file` returns them.
+        """
+        data = load_yaml_mapping(text_or_path)
+        return cls.from_dict({k: v for k, v in data.items() if k not in RUN_KEYS + INFO_KEYS})
+
+
+def normalize_pivot(pivot: Any) -> str | int:
+    """`mean`, `first`, a non-negative index, or a checkpoint reference (kept as a string)."""
+    if isinstance(pivot, bool):
+        raise InvalidConfigError(f"invalid pivot {pivot!r}; use mean, first, an index or a checkpoint")
+    if isinstance(pivot, int):
+        if pivot < 0:
+            raise InvalidConfigError(f"pivot index must be >= 0, got {pivot}")
+        return pivot
+    text = str(pivot).strip()
+    if not text:
+        raise InvalidConfigError("pivot must not be empty; use mean, first, an index or a checkpoint")
+    if text.lstrip("-").isdigit():
+        return normalize_pivot(int(text))
+    return text.lower() if text.lower() in ("mean", "first") else text
+
+
+def parse_optimizer_args(text: str) -> dict[str, Any]:
+    """Parse `--optimizer-args` JSON into a dict, with one clear error when malformed."""
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as err:
+        raise InvalidConfigError(
+            f"--optimizer-args is not valid JSON ({err.msg} at column {err.colno}); "
+            'example: \'{"betas": [0.9, 0.99]}\''
+        ) from None
+    if not isinstance(value, dict):
+        raise InvalidConfigError('--optimizer-args must be a JSON object, e.g. \'{"betas": [0.9, 0.99]}\'')
+    return value
+
+
+def load_yaml_mapping(text_or_path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping from a file path or from YAML text."""
+    import yaml
+
+    text = str(text_or_path)
+    source = "config"
+    if isinstance(text_or_path, os.PathLike) or ("\n" not in text and text.endswith((".yaml", ".yml"))):
+        path = Path(text_or_path)
+        if not path.is_file():
+            raise InvalidConfigError(f"config file {path} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise InvalidConfigError(f"cannot read config file {path}: {err}") from None
+        source = str(path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" (line {where.line + 1})" if where is not None else ""
+        raise InvalidConfigError(f"{source} is not valid YAML{at}: {getattr(err, 'problem', err)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InvalidConfigError(f"{source} must be a YAML mapping of option: value")
+    return data

@@ -1,0 +1,125 @@
+"""The AME engine: the real `torch.optim` optimizer driven by pseudogradients (DESIGN §1).
+
+Works on one tensor (or one slice of rows of it) at a time; knows nothing about files or the Hub.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Callable, Sequence
+
+import torch
+
+from .config import AmeConfig
+from .optimizers import optimizer_class
+
+Loader = Callable[[int], torch.Tensor]
+
+
+def ingredient_order(n: int, epochs: int, *, shuffle: bool = False, seed: int = 0) -> list[list[int]]:
+    """The order of ingredient indices in each epoch: as given, or shuffled per epoch from `seed`.
+
+    The permutation of epoch `e` depends only on (seed, e), so it is reproducible and recorded.
+
+    >>> ingredient_order(3, 2)
+    [[0, 1, 2], [0, 1, 2]]
+    """
+    orders = []
+    for epoch in range(1, epochs + 1):
+        order = list(range(n))
+        if shuffle:
+            random.Random(f"ame-hf:{seed}:{epoch}").shuffle(order)
+        orders.append(order)
+    return orders
+
+
+def batches(order: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Consecutive chunks of `batch_size` ingredients (the last one may be smaller)."""
+    return [list(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
+
+
+def step_lrs(order: Sequence[Sequence[int]], batch_size: int, lr: float, schedule: str) -> list[float]:
+    """The learning rate of every step.
+
+    `constant`: lr. `harmonic`: lr * |batch| / ingredients seen so far this epoch, so that SGD with
+    lr 1 is the running mean of the ingredients, i.e. exactly the uniform soup after each epoch.
+    """
+    lrs = []
+    for epoch_order in order:
+        seen = 0
+        for batch in batches(epoch_order, batch_size):
+            seen += len(batch)
+            lrs.append(lr if schedule == "constant" else lr * len(batch) / seen)
+    return lrs
+
+
+def pseudogradient(w: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The AME pseudogradient: from the current weights towards (the mean of) the ingredients."""
+    return w - target
+
+
+def batch_mean(load: Loader, batch: Sequence[int]) -> torch.Tensor:
+    """Mean of the ingredients in `batch`, loading one at a time (each load is a fresh tensor)."""
+    total = load(batch[0])
+    for i in batch[1:]:
+        total += load(i)
+    if len(batch) > 1:
+        total /= len(batch)
+    return total
+
+
+def ame_block(
+    load: Loader,
+    pivot: torch.Tensor,
+    config: AmeConfig,
+    order: Sequence[Sequence[int]],
+    lr: float,
+) -> torch.Tensor:
+    """Run AME on one tensor (or slice) and return the merged values in the pivot's dtype.
+
+    Args:
+        load: `load(i)` returns ingredient `i`'s values for this block, as a fresh tensor in the
+            compute dtype (it is modified in place).
+        pivot: the starting point, in the compute dtype (not modified).
+        config: a resolved `AmeConfig` (optimizer, its arguments, schedule, batch size).
+        order: the ingredient indices of each epoch (from `ingredient_order`).
+        lr: the base learning rate of this tensor (absolute, or relative_lr * RMS spread).
+    """
+    w = pivot.clone()
+    if w.numel() == 0:
+        return w
+    optimizer = optimizer_class(config.optimizer)([w], lr=lr, **dict(config.optimizer_args))
+    group = optimizer.param_groups[0]
+    lrs = iter(step_lrs(order, config.batch_size, lr, config.schedule or "constant"))
+    for epoch_order in order:
+        for batch in batches(epoch_order, config.batch_size):
+            w.grad = pseudogradient(w, batch_mean(load, batch))
+            group["lr"] = next(lrs)
+            optimizer.step()
+            w.grad = None
+    return w
+
+
+def spread_sum(load: Loader, n: int, pivot: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    """One pass over the ingredients of a block: (sum in float64, sum of squared distance to pivot).
+
+    With `pivot=None` the pivot is the mean of the block (computed from the same pass).
+    The squared distance uses sum x^2 - 2 p.sum x + n p^2 in float64, so one pass suffices.
+    """
+    s1: torch.Tensor | None = None
+    s2 = 0.0
+    for i in range(n):
+        x = load(i).double()
+        s1 = x.clone() if s1 is None else s1.add_(x)
+        s2 += float(torch.dot(x.reshape(-1), x.reshape(-1)))
+        del x
+    assert s1 is not None
+    p = s1 / n if pivot is None else pivot.double()
+    dist = s2 - 2.0 * float(torch.dot(p.reshape(-1), s1.reshape(-1))) + n * float(torch.dot(p.reshape(-1), p.reshape(-1)))
+    return s1, max(dist, 0.0)
+
+
+def relative_lr_value(relative_lr: float, squared_distance: float, count: int) -> float:
+    """relative_lr times the RMS of (ingredient - pivot) over a whole tensor (`count` values)."""
+    return relative_lr * math.sqrt(squared_distance / count) if count else 0.0

@@ -1,0 +1,237 @@
+"""Everything that talks to the Hugging Face Hub: resolving ingredient references and pushing.
+
+Knows nothing about optimizers; turns the client's exceptions into ame-hf's one-line errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .errors import AmeError, HubError, IngredientNotFoundError, InvalidConfigError, PushError
+
+logger = logging.getLogger(__name__)
+
+# What a merge needs from a model repo. `.bin` weights only when the repo has no safetensors.
+WEIGHT_PATTERNS = ["*.safetensors", "model.safetensors.index.json"]
+BIN_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+SIDE_PATTERNS = [
+    "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "vocab*",
+    "merges.txt", "added_tokens.json", "*.model", "preprocessor_config.json", "processor_config.json",
+    "chat_template*", "image_processor*", "feature_extractor*",
+]
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$|^[A-Za-z0-9][\w.-]*$")
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True)
+class Ingredient:
+    """One resolved checkpoint reference.
+
+    Attributes:
+        ref: the reference as the user gave it (`org/name@v1`, `./local`).
+        path: the local directory holding its files.
+        repo_id: the Hub repo ID, or None for a local directory.
+        revision: the revision asked for (branch, tag, sha), or None.
+        sha: the resolved 40-character commit sha (Hub only).
+    """
+
+    ref: str
+    path: Path
+    repo_id: str | None = None
+    revision: str | None = None
+    sha: str | None = None
+
+    @property
+    def pinned_ref(self) -> str:
+        """A reference that always resolves to the same files (`org/name@<sha>`, or the path)."""
+        return f"{self.repo_id}@{self.sha}" if self.repo_id and self.sha else str(self.ref)
+
+    @property
+    def display_name(self) -> str:
+        return self.repo_id or str(self.ref)
+
+
+def endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def split_ref(ref: str) -> tuple[str, str | None]:
+    """`org/name@rev` -> ("org/name", "rev"). The revision may itself contain `/` (refs/pr/1)."""
+    repo_id, sep, revision = str(ref).partition("@")
+    return repo_id, (revision if sep else None)
+
+
+def looks_like_path(ref: str) -> bool:
+    text = str(ref)
+    return text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1) or (
+        os.altsep is not None and os.altsep in text
+    )
+
+
+def resolve_ref(ref: str | os.PathLike, *, token: str | None = None, cache_dir: str | None = None) -> Ingredient:
+    """Turn a reference into a local directory: an existing directory, or a Hub repo downloaded.
+
+    Args:
+        ref: a local directory, or `org/name` with an optional `@revision` (branch, tag or sha).
+        token: a Hub token; default `HF_TOKEN` or the login cache.
+        cache_dir: the Hub cache (default: `HF_HOME`'s).
+
+    Raises:
+        IngredientNotFoundError: no such directory, repository or revision.
+        HubError: the Hub refused the token, the repo is gated, or the Hub is unreachable.
+
+    >>> resolve_ref("./my-finetune").path          # doctest: +SKIP
+    >>> resolve_ref("org/model@v1").sha            # doctest: +SKIP
+    """
+    text = os.fspath(ref)
+    local = Path(text).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise IngredientNotFoundError(f"{text}: is a file; give the model directory that contains it")
+        return Ingredient(ref=text, path=local)
+    repo_id, revision = split_ref(text)
+    if looks_like_path(text) or not _REPO_ID.match(repo_id) or (revision is not None and not revision):
+        raise IngredientNotFoundError(
+            f"{text}: no such local directory (and not a Hub repo ID of the form org/name[@revision])"
+        )
+    return _download(text, repo_id, revision, token=token, cache_dir=cache_dir)
+
+
+@contextmanager
+def hub_errors(what: str, repo_id: str, revision: str | None = None) -> Iterator[None]:
+    """Turn huggingface_hub / network exceptions into one clear ame-hf error."""
+    from huggingface_hub import errors as hf_errors
+
+    try:
+        yield
+    except AmeError:
+        raise
+    except hf_errors.GatedRepoError:
+        raise HubError(
+            f"{what}: {repo_id} is gated; accept its conditions on its Hub page, then pass a token "
+            "with access (--token or HF_TOKEN)"
+        ) from None
+    except hf_errors.RevisionNotFoundError:
+        raise IngredientNotFoundError(
+            f"{what}: revision {revision!r} does not exist in {repo_id}; check the branch, tag or commit"
+        ) from None
+    except hf_errors.RepositoryNotFoundError:
+        raise IngredientNotFoundError(
+            f"{what}: repository {repo_id} not found on {endpoint()} (check the name; for a private "
+            "repo pass --token or set HF_TOKEN)"
+        ) from None
+    except (hf_errors.OfflineModeIsEnabled, hf_errors.LocalEntryNotFoundError):
+        offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+        hint = ("HF_HUB_OFFLINE is set and it is not in the local cache; unset HF_HUB_OFFLINE"
+                if offline else f"cannot reach {endpoint()}; check your connection or HF_ENDPOINT")
+        raise HubError(f"{what}: {repo_id}: {hint}") from None
+    except hf_errors.EntryNotFoundError as err:
+        raise IngredientNotFoundError(f"{what}: a file is missing in {repo_id} ({_first_line(err)})") from None
+    except hf_errors.HfHubHTTPError as err:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if status == 401:
+            raise HubError(
+                f"{what}: the Hub refused the token (401 Unauthorized); check --token / HF_TOKEN "
+                "or log in again with `hf auth login`"
+            ) from None
+        if status == 403:
+            raise HubError(
+                f"{what}: the token may not access {repo_id} (403 Forbidden); use a token with "
+                "write access to that namespace"
+            ) from None
+        raise HubError(f"{what}: the Hub answered {status} for {repo_id} ({_first_line(err)})") from None
+    except OSError as err:
+        raise HubError(f"{what}: cannot reach {endpoint()} ({_first_line(err)}); check your connection or HF_ENDPOINT") from None
+    except Exception as err:
+        # httpx raises its own (non-OSError) exceptions when the endpoint cannot be reached.
+        if type(err).__module__.split(".")[0] in ("httpx", "httpcore", "httpx2", "httpcore2"):
+            raise HubError(
+                f"{what}: cannot reach {endpoint()} ({type(err).__name__}); check your connection or HF_ENDPOINT"
+            ) from None
+        raise
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _download(ref: str, repo_id: str, revision: str | None, *, token: str | None, cache_dir: str | None) -> Ingredient:
+    from huggingface_hub import HfApi, snapshot_download
+
+    with hub_errors(ref, repo_id, revision):
+        if _offline():
+            # No API call possible: the cache knows the snapshot; its folder name is the sha.
+            path = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True))
+            sha = path.name if _SHA.match(path.name) else None
+            return Ingredient(ref=ref, path=path, repo_id=repo_id, revision=revision, sha=sha)
+        info = HfApi().model_info(repo_id, revision=revision, token=token, files_metadata=False)
+        files = [s.rfilename for s in (info.siblings or [])]
+        has_safetensors = any(f.endswith(".safetensors") for f in files)
+        # README.md only to read the ingredient's license and pipeline tag for our card.
+        patterns = (WEIGHT_PATTERNS if has_safetensors else BIN_PATTERNS) + SIDE_PATTERNS + ["README.md"]
+        logger.info("downloading %s@%s", repo_id, info.sha)
+        # Download the resolved sha, not the branch: what we record is exactly what we merge.
+        path = Path(snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns,
+                                      token=token, cache_dir=cache_dir))
+    return Ingredient(ref=ref, path=path, repo_id=repo_id, revision=revision, sha=info.sha)
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+) -> str:
+    """Create the repo if needed and upload a merge output folder; return the URL to show.
+
+    Raises:
+        PushError: the upload failed; the local folder is untouched and the message says how to retry.
+    """
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    if not _REPO_ID.match(repo_id) or "/" not in repo_id:
+        raise InvalidConfigError(f"--repo-id {repo_id!r} is not a repo ID of the form org/name")
+    if _offline():
+        raise PushError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it and retry with `{retry_command(folder, repo_id)}`")
+    api = HfApi(token=token)
+    try:
+        with hub_errors(f"push to {repo_id}", repo_id, revision):
+            from huggingface_hub import get_token
+
+            if not (token or get_token()):
+                raise HubError(f"push to {repo_id}: no Hub token; pass --token, set HF_TOKEN or run `hf auth login`")
+            url = api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision and revision != "main":
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            info = api.upload_folder(
+                repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr or None,
+                commit_message=commit_message or "Upload AME merge (ame-hf)",
+            )
+    except HubError as err:
+        raise PushError(f"{err} — the output in {folder} is intact; retry with `{retry_command(folder, repo_id)}`") from None
+    return str(getattr(info, "pr_url", None) or getattr(url, "url", None) or url)
+
+
+def retry_command(folder: Path, repo_id: str) -> str:
+    return f"ame-hf push {folder} --repo-id {repo_id}"

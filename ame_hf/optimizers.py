@@ -1,0 +1,105 @@
+"""Registry of the `torch.optim` optimizers AME can drive, and validation of their arguments.
+
+Only optimizers that update each element on its own are valid: AME then streams tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping
+
+import torch
+
+from .errors import InvalidConfigError, UnknownOptimizerError
+
+# name -> torch.optim class name. Every one of these updates each element independently,
+# which is what makes tensor-by-tensor (and slice-by-slice) streaming exact.
+OPTIMIZERS: dict[str, str] = {
+    "adadelta": "Adadelta",
+    "adagrad": "Adagrad",
+    "adam": "Adam",
+    "adamax": "Adamax",
+    "adamw": "AdamW",
+    "asgd": "ASGD",
+    "nadam": "NAdam",
+    "radam": "RAdam",
+    "rmsprop": "RMSprop",
+    "rprop": "Rprop",
+    "sgd": "SGD",
+}
+
+# Plain gradient steps: `lr` already has the units of the weights, and SGD with lr 1 and the
+# harmonic schedule is the uniform soup. The others normalise the step, so `lr` is a distance.
+SGD_FAMILY = frozenset({"sgd", "asgd"})
+
+# Refused with a reason: they need a closure or couple all parameters.
+REFUSED: dict[str, str] = {
+    "lbfgs": "LBFGS needs a loss closure and couples all parameters",
+    "sparseadam": "SparseAdam only takes sparse gradients",
+    "muon": "Muon orthogonalises whole matrices (not element-wise)",
+    "adafactor": "Adafactor factorises second moments across rows and columns (not element-wise)",
+}
+
+# Arguments that never make sense for AME: we own the parameters, gradients and the closure.
+_RESERVED = frozenset({"params", "lr", "self", "maximize", "differentiable", "capturable"})
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """Return the `torch.optim` class for a case-insensitive optimizer name.
+
+    Raises:
+        UnknownOptimizerError: the name is unknown or refused; the message lists the valid names.
+    """
+    key = str(name).strip().lower()
+    if key in REFUSED:
+        raise UnknownOptimizerError(
+            f"optimizer {name!r} cannot be used for AME: {REFUSED[key]}. "
+            f"Choose one of: {', '.join(sorted(OPTIMIZERS))}"
+        )
+    if key not in OPTIMIZERS:
+        raise UnknownOptimizerError(
+            f"unknown optimizer {name!r}; choose one of: {', '.join(sorted(OPTIMIZERS))}"
+        )
+    return getattr(torch.optim, OPTIMIZERS[key])
+
+
+def validate_optimizer_args(name: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    """Check keyword arguments against the optimizer's signature and by building it once.
+
+    Returns the arguments as a plain dict (lists turned into tuples where torch wants tuples).
+
+    Raises:
+        InvalidConfigError: an unknown or invalid argument; the message lists the valid ones.
+    """
+    cls = optimizer_class(name)
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in _RESERVED]
+    clean: dict[str, Any] = {}
+    for key, value in dict(args).items():
+        if key == "lr":
+            raise InvalidConfigError(
+                "give the learning rate with --lr / lr=, not inside --optimizer-args"
+            )
+        if key not in accepted:
+            raise InvalidConfigError(
+                f"{cls.__name__} has no argument {key!r}; valid arguments: {', '.join(accepted)}"
+            )
+        clean[key] = tuple(value) if isinstance(value, list) else value
+    try:
+        cls([torch.zeros(1)], lr=1e-3, **clean)
+    except (TypeError, ValueError) as err:
+        raise InvalidConfigError(f"invalid arguments for {cls.__name__}: {err}") from None
+    return clean
+
+
+def full_hyperparameters(name: str, args: Mapping[str, Any], lr: float) -> dict[str, Any]:
+    """Every hyperparameter the optimizer really runs with (its defaults filled in), for the card."""
+    cls = optimizer_class(name)
+    opt = cls([torch.zeros(1)], lr=lr, **dict(args))
+    group = dict(opt.param_groups[0])
+    group.pop("params")
+    out = {}
+    for key, value in group.items():
+        if isinstance(value, torch.Tensor):
+            value = value.item()
+        out[key] = list(value) if isinstance(value, tuple) else value
+    return out
