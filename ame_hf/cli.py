@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--lr", type=float, help="plain torch.optim learning rate")
     m.add_argument("--relative-lr", type=float,
                    help="learning rate as a multiple of each tensor's RMS(ingredient - pivot) "
-                        "(default 0.05 for adaptive optimizers when --lr is not given)")
+                        "(default 0.005 for adaptive optimizers when --lr is not given)")
     m.add_argument("--optimizer-args", help='other optimizer arguments as JSON, e.g. \'{"betas": [0.9, 0.99]}\'')
     m.add_argument("--schedule", choices=["constant", "harmonic"],
                    help="learning-rate schedule (default: harmonic for sgd/asgd, else constant)")

@@ -20,7 +20,7 @@ from .errors import InvalidConfigError
 # distance to the ingredients, so the default learning rate is relative: `DEFAULT_RELATIVE_LR`
 # times the per-tensor RMS of (ingredient - pivot). See README "Defaults" for the measurements.
 DEFAULT_OPTIMIZER = "adam"
-DEFAULT_RELATIVE_LR = 0.05
+DEFAULT_RELATIVE_LR = 0.005
 DEFAULT_PIVOT = "mean"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
@@ -82,7 +82,7 @@ class AmeConfig:
         optimizer: a `torch.optim` optimizer by name, case-insensitive (`adam`, `sgd`, `adagrad`, ...).
         lr: the plain `torch.optim` learning rate. Exclusive with `relative_lr`.
         relative_lr: learning rate as a multiple of each tensor's RMS of (ingredient - pivot).
-            When neither is given: `relative_lr=0.05` for adaptive optimizers, `lr=1` for SGD/ASGD.
+            When neither is given: `relative_lr=0.005` for adaptive optimizers, `lr=1` for SGD/ASGD.
         optimizer_args: other keyword arguments of the optimizer (`{"betas": [0.9, 0.99]}`).
         schedule: `constant` (lr every step) or `harmonic` (lr * batch / ingredients seen this
             epoch). Default: harmonic for SGD/ASGD (SGD, lr 1 is then the uniform soup), else constant.

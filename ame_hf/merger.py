@@ -151,7 +151,7 @@ class _TensorMerger:
                 if len(slices) == 1 and self.pivot == "mean":
                     cached_pivot = (s1 / len(self.checkpoints)).to(self.compute_dtype)
                 del s1
-            lr = relative_lr_value(self.config.relative_lr, squared, info.numel)
+            lr = relative_lr_value(self.config.relative_lr, squared, len(self.checkpoints) * info.numel)
         for rows in slices:
             pivot = cached_pivot if cached_pivot is not None else self._pivot_block(name, rows)
             if pivot is None:

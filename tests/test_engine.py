@@ -1,0 +1,153 @@
+"""AME semantics (DESIGN §1): the soup special case, agreement with an independent whole-model
+reference for every optimizer, slicing, determinism and dtypes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import ame_hf.merger as merger
+from ame_hf import AmeConfig, merge
+from ame_hf.engine import ingredient_order, step_lrs
+from ame_hf.optimizers import OPTIMIZERS, optimizer_class
+from factories import load_state, make_finetunes, save_base, weights_sha256
+
+
+@pytest.fixture(scope="module")
+def finetunes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    return make_finetunes(root, n=4, scale=0.05)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return save_base(tmp_path_factory.mktemp("base") / "base")
+
+
+def independent_mean(paths):
+    states = [load_state(p) for p in paths]
+    return {k: torch.stack([s[k].double() for s in states]).mean(0) for k in states[0]}
+
+
+def max_abs_diff(a, b):
+    assert sorted(a) == sorted(b)
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+@pytest.mark.parametrize("epochs", [1, 3])
+@pytest.mark.parametrize("pivot", ["mean", "first", 2, "BASE"])
+def test_soup_is_exact_mean(finetunes, base_dir, tmp_path, batch_size, epochs, pivot):
+    pivot = str(base_dir) if pivot == "BASE" else pivot
+    cfg = AmeConfig.soup(epochs=epochs, pivot=pivot)
+    result = merge(finetunes, tmp_path / "out", cfg, batch_size=batch_size, progress=False)
+    assert max_abs_diff(load_state(result.path), independent_mean(finetunes)) <= 1e-6
+
+
+def test_soup_with_three_ingredients_and_batch_two_uses_count_weighting(tmp_path):
+    # 3 ingredients, B=2: batches of 2 and 1; a wrong (1/t) weighting would miss the mean.
+    paths = make_finetunes(tmp_path / "ft", n=3, scale=0.1)
+    result = merge(paths, tmp_path / "out", AmeConfig.soup(batch_size=2), progress=False)
+    assert max_abs_diff(load_state(result.path), independent_mean(paths)) <= 1e-6
+
+
+def reference_ame(paths, config: AmeConfig, pivot_path=None):
+    """All floating tensors as ONE torch.optim instance (independent of the streaming engine)."""
+    cfg = config.resolved()
+    states = [load_state(p) for p in paths]
+    names = sorted(k for k in states[0] if states[0][k].is_floating_point())
+    if cfg.pivot == "mean":
+        start = {k: (sum(s[k].double() for s in states) / len(states)).float() for k in names}
+    else:
+        src = load_state(pivot_path) if pivot_path else states[0 if cfg.pivot == "first" else cfg.pivot]
+        start = {k: src[k].float() for k in names}
+    params = [start[k].clone() for k in names]
+    if cfg.relative_lr is not None:
+        lrs = [cfg.relative_lr * math.sqrt(sum(float(((s[k].double() - start[k].double()) ** 2).sum()) for s in states)
+                                           / (len(states) * states[0][k].numel())) for k in names]
+    else:
+        lrs = [cfg.lr] * len(names)
+    opt = optimizer_class(cfg.optimizer)([{"params": [p], "lr": lr} for p, lr in zip(params, lrs)],
+                                         **dict(cfg.optimizer_args))
+    order = ingredient_order(len(paths), cfg.epochs, shuffle=cfg.shuffle, seed=cfg.seed)
+    factors = iter(step_lrs(order, cfg.batch_size, 1.0, cfg.schedule))
+    for epoch in order:
+        for b in range(0, len(epoch), cfg.batch_size):
+            batch = epoch[b:b + cfg.batch_size]
+            factor = next(factors)
+            for p, k in zip(params, names):
+                p.grad = p - sum(states[i][k].float() for i in batch) / len(batch)
+            for group, lr in zip(opt.param_groups, lrs):
+                group["lr"] = lr * factor
+            opt.step()
+    return dict(zip(names, params))
+
+
+def _floats(state):
+    return {k: v for k, v in state.items() if v.is_floating_point()}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_streaming_equals_whole_model_reference(finetunes, tmp_path, name):
+    cfg = AmeConfig(optimizer=name, lr=0.05, epochs=2, batch_size=1, pivot="mean")
+    result = merge(finetunes, tmp_path / "out", cfg, progress=False)
+    assert max_abs_diff(_floats(load_state(result.path)), reference_ame(finetunes, cfg)) <= 1e-6
+
+
+@pytest.mark.parametrize("options", [
+    dict(optimizer="adam", relative_lr=0.1, pivot="first", shuffle=True, seed=3, epochs=2),
+    dict(optimizer="sgd", lr=0.7, schedule="constant", optimizer_args={"momentum": 0.9, "nesterov": True}),
+    dict(optimizer="adamw", lr=0.01, batch_size=2, optimizer_args={"betas": [0.8, 0.99], "weight_decay": 0.1}),
+])
+def test_streaming_equals_reference_with_options(finetunes, tmp_path, options):
+    cfg = AmeConfig(**options)
+    result = merge(finetunes, tmp_path / "out", cfg, progress=False)
+    assert max_abs_diff(_floats(load_state(result.path)), reference_ame(finetunes, cfg)) <= 1e-6
+
+
+def test_default_is_real_ame_not_the_soup(finetunes, tmp_path):
+    cfg = AmeConfig()
+    assert not cfg.is_soup and cfg.resolved().relative_lr is not None
+    out = load_state(merge(finetunes, tmp_path / "out", progress=False).path)
+    mean = independent_mean(finetunes)
+    assert max_abs_diff(out, mean) > 1e-4  # moved away from the soup
+    assert max_abs_diff(_floats(out), reference_ame(finetunes, cfg)) <= 1e-6
+
+
+def test_slicing_changes_no_value(finetunes, tmp_path, monkeypatch):
+    cfg = AmeConfig(optimizer="adam", relative_lr=0.05, epochs=2)
+    whole = merge(finetunes, tmp_path / "whole", cfg, progress=False)
+    monkeypatch.setattr(merger, "SLICE_ELEMENTS", 100)  # every matrix now goes in several slices
+    assert len(merger.row_slices((64, 16))) > 1
+    sliced = merge(finetunes, tmp_path / "sliced", cfg, progress=False)
+    assert weights_sha256(whole.path) == weights_sha256(sliced.path)
+
+
+def test_same_seed_same_bytes_and_other_seed_other_order(finetunes, tmp_path):
+    cfg = AmeConfig(optimizer="adam", lr=0.01, shuffle=True, seed=7, epochs=3)
+    a = merge(finetunes, tmp_path / "a", cfg, progress=False)
+    b = merge(finetunes, tmp_path / "b", cfg, progress=False)
+    assert weights_sha256(a.path) == weights_sha256(b.path)
+    assert a.order == b.order and len(a.order) == 3
+    assert ingredient_order(4, 3, shuffle=True, seed=8) != a.order
+
+
+def test_bf16_ingredients_stay_bf16_and_match_reference(tmp_path):
+    paths = make_finetunes(tmp_path / "ft", n=3, dtype=torch.bfloat16, scale=0.05)
+    cfg = AmeConfig(optimizer="adagrad", lr=0.05)
+    out = load_state(merge(paths, tmp_path / "out", cfg, progress=False).path)
+    assert all(v.dtype == torch.bfloat16 for v in out.values() if v.is_floating_point())
+    ref = reference_ame(paths, cfg)
+    # The reference is float32; the output is its bf16 rounding.
+    assert max_abs_diff(_floats(out), {k: v.to(torch.bfloat16) for k, v in ref.items()}) == 0
+
+
+def test_explicit_output_dtype_and_float64_compute(finetunes, tmp_path):
+    result = merge(finetunes, tmp_path / "out", AmeConfig.soup(dtype="float16", compute_dtype="float64"),
+                   progress=False)
+    out = load_state(result.path)
+    assert {v.dtype for v in out.values()} == {torch.float16}
+    mean = independent_mean(finetunes)
+    assert max_abs_diff(out, {k: v.half() for k, v in mean.items()}) == 0
