@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ._memory import return_large_frees_to_os
 from .checkpoint import Checkpoint
 from .compat import CompatibilityReport, check_compatibility
 from .config import AmeConfig, parse_size
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 # Tensors larger than this many elements are processed in slices of rows. Every supported
 # optimizer is element-wise, so slicing changes no value; it bounds memory by the slice. The
 # slicing depends only on the shape, so any split over processes computes the same bytes.
-SLICE_ELEMENTS = int(os.environ.get("AME_HF_SLICE_ELEMENTS", 1 << 22))
+SLICE_ELEMENTS = int(os.environ.get("AME_HF_SLICE_ELEMENTS", 1 << 20))
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -179,12 +180,20 @@ def _distributed_state(device: str | None):
     would choose the CPU there too.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 and (device == "cpu" or (device is None and not torch.cuda.is_available()
-                                           and not torch.backends.mps.is_available())):
+    no_accelerator = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    cpu = device == "cpu" or (device is None and no_accelerator)
+    if world <= 1 and cpu:
         return 0, 1, torch.device("cpu"), None
     from accelerate import PartialState
 
-    state = PartialState(cpu=device == "cpu")
+    # Without cpu=True accelerate ignores torchrun's WORLD_SIZE on a machine with no GPU and every
+    # process would do the whole job.
+    state = PartialState(cpu=cpu)
+    if state.num_processes != world:
+        raise InvalidConfigError(
+            f"launched as {world} processes but accelerate set up {state.num_processes}; "
+            "launch with torchrun or `accelerate launch` and the same --device on every process"
+        )
     return state.process_index, state.num_processes, torch.device(device) if device else state.device, state
 
 
@@ -234,6 +243,7 @@ def merge(
     PosixPath('merged')
     """
     started = time.perf_counter()
+    return_large_frees_to_os()
     try:
         config = dataclasses.replace(config, **options) if config is not None else AmeConfig(**options)
     except TypeError as err:
@@ -284,6 +294,8 @@ def merge(
         _barrier(state, world)
         sizes = {n: checkpoints[0].info(n).nbytes for n in names}
         mine = assign_to_processes(sizes, world)[rank]
+        logger.info("process %d of %d: %d tensor(s), %.1f MB", rank + 1, world, len(mine),
+                    sum(sizes[n] for n in mine) / 1e6)
         merger = _TensorMerger(checkpoints, pivot_source, config, order, compute_device)
         _run_tensors(merger, mine, sizes, staging, plan, progress and rank == 0, callback)
         _barrier(state, world)
