@@ -40,6 +40,15 @@ def _add_push(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--commit-message", default=None, help="commit message")
 
 
+def _add_eval(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--data", required=required,
+                   help="labelled data: JSONL/CSV with text|image and label columns, or an image folder")
+    p.add_argument("--task", default="text-classification" if required else None,
+                   choices=["text-classification", "image-classification"], help="pipeline task")
+    p.add_argument("--metric", default="accuracy",
+                   help="evaluate metric: accuracy or f1 (bundled, offline), or a local metric folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -79,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", help="compute device, e.g. cpu, cuda, cuda:1 (default: chosen by accelerate)")
     m.add_argument("--push", action="store_true", help="push the output to the Hub (needs --repo-id)")
     _add_push(m, required=False)
+    m.add_argument("--eval-data", dest="data", help="evaluate the merge (and its ingredients) on this data "
+                                                  "and record the result in the card")
+    m.add_argument("--task", default="text-classification",
+                   choices=["text-classification", "image-classification"], help="task of --eval-data")
+    m.add_argument("--metric", default="accuracy", help="metric of --eval-data (default accuracy)")
     _add_token(m)
     _add_common(m)
     m.set_defaults(func=cmd_merge)
@@ -98,6 +112,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_token(p)
     _add_common(p)
     p.set_defaults(func=cmd_push)
+
+    e = sub.add_parser("evaluate", help="evaluate models on local labelled data (offline)")
+    e.add_argument("models", nargs="+", metavar="MODEL", help="model directory or org/name[@revision]")
+    _add_eval(e, required=True)
+    e.add_argument("--update-card", metavar="DIR",
+                   help="write the first model's result into DIR's model card (model-index)")
+    _add_token(e)
+    _add_common(e)
+    e.set_defaults(func=cmd_evaluate)
+
+    t = sub.add_parser("tune", help="pick the best of soup, ingredients and AME variants on validation data")
+    t.add_argument("refs", nargs="+", metavar="REF")
+    t.add_argument("--out", required=True, help="output directory for the chosen model")
+    _add_eval(t, required=True)
+    t.add_argument("--budget", type=int, default=12, help="number of AME variants to try (default 12)")
+    t.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    _add_token(t)
+    _add_common(t)
+    t.set_defaults(func=cmd_tune)
+
+    s = sub.add_parser("space", help="run the Gradio app (the Hugging Face Space) locally")
+    s.add_argument("--port", type=int, default=None, help="port (default: Gradio's 7860 or GRADIO_SERVER_PORT)")
+    _add_common(s)
+    s.set_defaults(func=cmd_space)
 
     d = sub.add_parser("demo", help="build tiny fine-tunes locally, merge them (AME and soup) and compare")
     d.add_argument("--out", default="ame-demo", help="working directory (default ./ame-demo)")
@@ -164,6 +202,13 @@ def cmd_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
                    device=args.device, command=redacted_command(argv))
     _say(args, f"merged {len(result.ingredients)} checkpoints with {result.config.optimizer} "
                f"in {result.seconds:.1f}s -> {result.path}")
+    if args.data:
+        rows = _evaluate_rows([str(result.path)] + [str(i.path) for i in result.ingredients], args,
+                              labels=["merged"] + [i.display_name for i in result.ingredients])
+        from .evaluation import update_card
+
+        update_card(result.path, rows, task=args.task, dataset=Path(args.data).stem, metric=args.metric)
+        print(_table(rows, args.metric))
     if args.push:
         from .hub import push_folder
 
@@ -187,6 +232,59 @@ def cmd_push(args: argparse.Namespace, argv: Sequence[str]) -> int:
     url = push_to_hub(args.dir, args.repo_id, token=args.token, private=args.private, revision=args.revision,
                       create_pr=args.create_pr, commit_message=args.commit_message)
     print(f"pushed to {url}")
+    return 0
+
+
+def _evaluate_rows(models: Sequence[str], args: argparse.Namespace,
+                   labels: Sequence[str] | None = None) -> list[tuple[str, float]]:
+    from .evaluation import evaluate_model, load_data
+    from .hub import resolve_ref
+
+    data = load_data(args.data, args.task)
+    rows = []
+    for i, model in enumerate(models):
+        path = resolve_ref(model, token=getattr(args, "token", None)).path
+        rows.append(((labels or models)[i], evaluate_model(str(path), data, args.task, args.metric)))
+    return rows
+
+
+def _table(rows: Sequence[tuple[str, float]], metric: str) -> str:
+    width = max(len("model"), *(len(label) for label, _ in rows))
+    lines = [f"{'model':{width}s}  {metric}", "-" * (width + 2 + max(len(metric), 8))]
+    lines += [f"{label:{width}s}  {value:.4f}" for label, value in rows]
+    return "\n".join(lines)
+
+
+def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    rows = _evaluate_rows(args.models, args)
+    print(_table(rows, args.metric))
+    if args.update_card:
+        from .evaluation import update_card
+
+        update_card(args.update_card, rows, task=args.task, dataset=Path(args.data).stem, metric=args.metric)
+        _say(args, f"updated the model card in {args.update_card}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .tune import tune
+
+    result = tune(args.refs, args.out, data=args.data, task=args.task, metric=args.metric, budget=args.budget,
+                  token=args.token, overwrite=args.overwrite, progress=not args.quiet,
+                  log=None if args.quiet else (lambda line: print(line, file=sys.stderr)))
+    print(_table([(c.label, c.score) for c in result.candidates], args.metric))
+    print(f"selected: {result.best.label} ({args.metric} {result.best.score:.4f}) -> {result.path}")
+    return 0
+
+
+def cmd_space(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    try:
+        from .space import launch
+    except ImportError as err:
+        from .errors import InvalidConfigError
+
+        raise InvalidConfigError(f"the Space needs gradio ({err}); install it with `pip install gradio`") from None
+    launch(port=args.port)
     return 0
 
 

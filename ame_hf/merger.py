@@ -294,8 +294,8 @@ def merge(
         _barrier(state, world)
         sizes = {n: checkpoints[0].info(n).nbytes for n in names}
         mine = assign_to_processes(sizes, world)[rank]
-        logger.info("process %d of %d: %d tensor(s), %.1f MB", rank + 1, world, len(mine),
-                    sum(sizes[n] for n in mine) / 1e6)
+        logger.log(logging.INFO if world > 1 else logging.DEBUG, "process %d of %d: %d tensor(s), %.1f MB",
+                   rank + 1, world, len(mine), sum(sizes[n] for n in mine) / 1e6)
         merger = _TensorMerger(checkpoints, pivot_source, config, order, compute_device)
         _run_tensors(merger, mine, sizes, staging, plan, progress and rank == 0, callback)
         _barrier(state, world)

@@ -94,3 +94,75 @@ def weights_sha256(path: Path) -> dict[str, str]:
     """sha256 of every weight file (and the index) of an output directory."""
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
             for f in sorted(Path(path).iterdir()) if f.name.endswith((".safetensors", ".index.json"))}
+
+
+# -- tiny text classifiers (for evaluate / tune) ------------------------------------------------
+
+COLORS = ["red", "green", "blue"]
+FILLER = ["the", "a", "cat", "dog", "runs", "sits", "big", "small"]
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", *COLORS, *FILLER]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]")
+
+
+def color_examples(n: int, seed: int, label_weights=(1.0, 1.0, 1.0)):
+    """Sentences whose label is the colour word they contain."""
+    gen = torch.Generator().manual_seed(seed)
+    label_dist = torch.tensor(label_weights, dtype=torch.float)
+    out = []
+    for _ in range(n):
+        label = int(torch.multinomial(label_dist, 1, generator=gen))
+        words = [COLORS[label]] + [FILLER[int(i)] for i in torch.randint(0, len(FILLER), (4,), generator=gen)]
+        order = torch.randperm(len(words), generator=gen)
+        out.append((" ".join(words[int(i)] for i in order), label))
+    return out
+
+
+def make_text_classifiers(root: Path, n: int = 3, steps: int = 60) -> tuple[list[Path], Path]:
+    """`n` tiny BERT classifiers fine-tuned from one base on label-skewed data, and a balanced
+    validation JSONL file. Returns (expert directories, validation file)."""
+    import json
+
+    from transformers import BertForSequenceClassification
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = tiny_bert_config(vocab_size=len(tokenizer), num_labels=3,
+                              id2label={i: c for i, c in enumerate(COLORS)},
+                              label2id={c: i for i, c in enumerate(COLORS)})
+    base = BertForSequenceClassification(config)
+    base.save_pretrained(root / "base")
+    paths = []
+    for i in range(n):
+        model = BertForSequenceClassification.from_pretrained(root / "base")
+        weights = [0.1] * 3
+        weights[i % 3] = 1.0
+        data = color_examples(32 * steps, seed=10 + i, label_weights=weights)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model.train()
+        for s in range(steps):
+            batch = data[32 * s: 32 * (s + 1)]
+            enc = tokenizer([t for t, _ in batch], return_tensors="pt", padding=True)
+            loss = model(**enc, labels=torch.tensor([l for _, l in batch])).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        model.eval()
+        path = root / f"expert{i}"
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths.append(path)
+    val = root / "val.jsonl"
+    val.write_text("".join(json.dumps({"text": t, "label": COLORS[l]}) + "\n" for t, l in color_examples(90, seed=99)))
+    return paths, val

@@ -1,0 +1,148 @@
+"""`tune`: generate candidates (the soup, every ingredient, a grid of AME variants), score each on
+validation data, and write the best with the search table in its card."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .config import AmeConfig
+from .errors import InvalidConfigError
+from .evaluation import Dataset, evaluate_model, load_data, update_card
+from .merger import MergeResult, merge, resolve_all
+from .writer import check_output_dir, make_staging_dir, publish
+
+logger = logging.getLogger(__name__)
+
+
+def default_grid() -> list[AmeConfig]:
+    """AME variants in the order they are tried (a `--budget` keeps the first ones).
+
+    Interleaved so that a small budget still covers several optimizers, step sizes and orders.
+    """
+    grid = []
+    for rel in (0.005, 0.02, 0.05, 0.1, 0.2):
+        for optimizer in ("adam", "adagrad", "rmsprop"):
+            grid.append(AmeConfig(optimizer=optimizer, relative_lr=rel))
+            grid.append(AmeConfig(optimizer=optimizer, relative_lr=rel, shuffle=True, epochs=3))
+    for momentum in (0.5, 0.9):
+        grid.append(AmeConfig(optimizer="sgd", lr=1.0, schedule="harmonic", optimizer_args={"momentum": momentum}))
+    return grid
+
+
+@dataclass
+class Candidate:
+    label: str
+    score: float
+    config: AmeConfig | None = None     # None for a single ingredient
+    ingredient: int | None = None
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """The chosen model and every candidate's validation score (best first)."""
+
+    path: Path
+    best: Candidate
+    candidates: list[Candidate]
+
+
+def _label(cfg: AmeConfig) -> str:
+    cfg = cfg.resolved()
+    if cfg.is_soup:
+        return "soup"
+    lr = f"rel {cfg.relative_lr:g}" if cfg.relative_lr is not None else f"lr {cfg.lr:g}"
+    extra = "".join(f" {k}={v}" for k, v in cfg.optimizer_args.items())
+    order = f", shuffled x{cfg.epochs}" if cfg.shuffle else (f", {cfg.epochs} epochs" if cfg.epochs > 1 else "")
+    return f"{cfg.optimizer} {lr}{extra}, pivot {cfg.pivot}{order}"
+
+
+def tune(
+    ingredients: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    data: str | os.PathLike | Dataset,
+    task: str,
+    metric: str = "accuracy",
+    budget: int = 12,
+    grid: Sequence[AmeConfig] | None = None,
+    token: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> TuneResult:
+    """Pick the best of {soup, each ingredient, `budget` AME variants} on validation data.
+
+    By construction the result is never worse on this validation data than the soup or the best
+    single ingredient. The card of the output lists every candidate's score.
+
+    >>> tune(["org/a", "org/b"], "best", data="val.jsonl", task="text-classification")  # doctest: +SKIP
+    """
+    if budget < 0:
+        raise InvalidConfigError(f"--budget must be >= 0, got {budget}")
+    dataset = data if isinstance(data, Dataset) else load_data(data, task)
+    out = Path(out_dir)
+    check_output_dir(out, overwrite)
+    resolved = resolve_all([os.fspath(r) for r in ingredients], token)
+    refs = [i.pinned_ref if i.repo_id else str(i.path) for i in resolved]
+    configs = [AmeConfig.soup()] + list(grid if grid is not None else default_grid())[:budget]
+    scratch = make_staging_dir(out)
+    candidates: list[Candidate] = []
+    best_dir: Path | None = None
+    try:
+        for i, ing in enumerate(resolved):
+            score = evaluate_model(str(ing.path), dataset, task, metric)
+            candidates.append(Candidate(f"ingredient {i}: {ing.display_name}", score, ingredient=i))
+            _say(log, candidates[-1])
+        for n, cfg in enumerate(configs):
+            target = scratch / f"cand{n}"
+            result = merge(refs, target, cfg, token=token, progress=False)
+            score = evaluate_model(str(result.path), dataset, task, metric)
+            candidates.append(Candidate(_label(cfg), score, config=result.config))
+            _say(log, candidates[-1])
+            best_so_far = max(candidates, key=lambda c: c.score)
+            if best_so_far is candidates[-1]:
+                if best_dir is not None:
+                    shutil.rmtree(best_dir, ignore_errors=True)
+                best_dir = target
+            else:
+                shutil.rmtree(target, ignore_errors=True)
+        # Ties go to the earliest candidate: ingredients, then the soup, then AME in grid order.
+        best = max(candidates, key=lambda c: c.score)
+        if best.config is not None:
+            assert best_dir is not None
+            final = best_dir
+        else:
+            final = _ingredient_output(scratch / "ingredient", resolved[best.ingredient], refs)
+        ranked = sorted(candidates, key=lambda c: -c.score)
+        update_card(final, [(f"selected: {best.label}", best.score)] + [(c.label, c.score) for c in ranked],
+                    task=task, dataset=dataset.name, metric=metric, model_name=out.absolute().name)
+        publish(final, out, overwrite)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return TuneResult(path=out, best=best, candidates=ranked)
+
+
+def _ingredient_output(target: Path, ingredient: Any, refs: list[str]) -> Path:
+    """When a single ingredient wins, the output is a copy of it, with a card saying so."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    shutil.copytree(ingredient.path, target, ignore=shutil.ignore_patterns("README.md", "*.py", ".*"))
+    data = ModelCardData(base_model=[ingredient.repo_id] if ingredient.repo_id else None,
+                         tags=["ame-hf", "model-selection"], library_name="transformers")
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n# Selected ingredient\n\n"
+                     f"`ame-hf tune` found no merge better on validation than the ingredient "
+                     f"**{ingredient.display_name}** ({ingredient.sha or 'local directory'}); "
+                     f"this is a copy of it.\n\nCandidates merged from: {', '.join(refs)}\n")
+    card.save(target / "README.md")
+    return target
+
+
+def _say(log: Callable[[str], None] | None, cand: Candidate) -> None:
+    if log:
+        log(f"{cand.score:8.4f}  {cand.label}")
