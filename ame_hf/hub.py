@@ -11,7 +11,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from .errors import AmeError, HubError, IngredientNotFoundError, InvalidConfigError, PushError
 
@@ -92,7 +92,19 @@ def resolve_ref(ref: str | os.PathLike, *, token: str | None = None, cache_dir: 
     >>> resolve_ref("./my-finetune").path          # doctest: +SKIP
     >>> resolve_ref("org/model@v1").sha            # doctest: +SKIP
     """
-    text = os.fspath(ref)
+    return resolve_refs([ref], token=token, cache_dir=cache_dir)[0]
+
+
+def resolve_refs(refs: Sequence[str | os.PathLike], *, token: str | None = None,
+                 cache_dir: str | None = None) -> list[Ingredient]:
+    """Resolve several references: every one is checked (local path, repo, revision, access)
+    before anything is downloaded, so a typo in the last one fails at once."""
+    planned = [_plan(os.fspath(ref), token) for ref in refs]
+    return [p if isinstance(p, Ingredient) else _download(*p, token=token, cache_dir=cache_dir) for p in planned]
+
+
+def _plan(text: str, token: str | None) -> Ingredient | tuple[str, str, str | None, str | None, list[str]]:
+    """A local Ingredient, or (ref, repo_id, revision, sha, patterns) of a Hub repo to download."""
     local = Path(text).expanduser()
     if local.exists():
         if not local.is_dir():
@@ -103,7 +115,17 @@ def resolve_ref(ref: str | os.PathLike, *, token: str | None = None, cache_dir: 
         raise IngredientNotFoundError(
             f"{text}: no such local directory (and not a Hub repo ID of the form org/name[@revision])"
         )
-    return _download(text, repo_id, revision, token=token, cache_dir=cache_dir)
+    if _offline():
+        return text, repo_id, revision, None, []
+    from huggingface_hub import HfApi
+
+    with hub_errors(text, repo_id, revision):
+        info = HfApi().model_info(repo_id, revision=revision, token=token, files_metadata=False)
+    files = [s.rfilename for s in (info.siblings or [])]
+    has_safetensors = any(f.endswith(".safetensors") for f in files)
+    # README.md only to read the ingredient's license and pipeline tag for our card.
+    patterns = (WEIGHT_PATTERNS if has_safetensors else BIN_PATTERNS) + SIDE_PATTERNS + ["README.md"]
+    return text, repo_id, revision, info.sha, patterns
 
 
 @contextmanager
@@ -171,25 +193,21 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _download(ref: str, repo_id: str, revision: str | None, *, token: str | None, cache_dir: str | None) -> Ingredient:
-    from huggingface_hub import HfApi, snapshot_download
+def _download(ref: str, repo_id: str, revision: str | None, sha: str | None, patterns: list[str], *,
+              token: str | None, cache_dir: str | None) -> Ingredient:
+    from huggingface_hub import snapshot_download
 
     with hub_errors(ref, repo_id, revision):
-        if _offline():
-            # No API call possible: the cache knows the snapshot; its folder name is the sha.
+        if sha is None:
+            # Offline: no API call possible; the cache knows the snapshot and its folder name is the sha.
             path = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True))
-            sha = path.name if _SHA.match(path.name) else None
-            return Ingredient(ref=ref, path=path, repo_id=repo_id, revision=revision, sha=sha)
-        info = HfApi().model_info(repo_id, revision=revision, token=token, files_metadata=False)
-        files = [s.rfilename for s in (info.siblings or [])]
-        has_safetensors = any(f.endswith(".safetensors") for f in files)
-        # README.md only to read the ingredient's license and pipeline tag for our card.
-        patterns = (WEIGHT_PATTERNS if has_safetensors else BIN_PATTERNS) + SIDE_PATTERNS + ["README.md"]
-        logger.info("downloading %s@%s", repo_id, info.sha)
+            return Ingredient(ref=ref, path=path, repo_id=repo_id, revision=revision,
+                              sha=path.name if _SHA.match(path.name) else None)
+        logger.info("downloading %s@%s", repo_id, sha)
         # Download the resolved sha, not the branch: what we record is exactly what we merge.
-        path = Path(snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns,
-                                      token=token, cache_dir=cache_dir))
-    return Ingredient(ref=ref, path=path, repo_id=repo_id, revision=revision, sha=info.sha)
+        path = Path(snapshot_download(repo_id, revision=sha, allow_patterns=patterns, token=token,
+                                      cache_dir=cache_dir))
+    return Ingredient(ref=ref, path=path, repo_id=repo_id, revision=revision, sha=sha)
 
 
 def push_folder(

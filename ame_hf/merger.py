@@ -23,7 +23,7 @@ from .compat import CompatibilityReport, check_compatibility
 from .config import AmeConfig, parse_size
 from .engine import ame_block, ingredient_order, relative_lr_value, spread_sum
 from .errors import (CheckpointError, IncompatibleCheckpointsError, InvalidConfigError, OutputError)
-from .hub import SIDE_PATTERNS, Ingredient, resolve_ref
+from .hub import SIDE_PATTERNS, Ingredient, resolve_refs
 from .writer import (ShardPlan, check_output_dir, create_shard_files, describe_os_error, make_staging_dir,
                      plan_shards, publish, write_index, write_rows)
 
@@ -65,7 +65,7 @@ def open_checkpoints(ingredients: Sequence[Ingredient]) -> list[Checkpoint]:
 
 def resolve_all(refs: Sequence[str], token: str | None = None) -> list[Ingredient]:
     """Resolve every reference (downloading Hub repos), in the user's order."""
-    return [resolve_ref(ref, token=token) for ref in refs]
+    return resolve_refs(refs, token=token)
 
 
 def row_slices(shape: Sequence[int]) -> list[tuple[int, int] | None]:
