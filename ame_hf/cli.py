@@ -303,9 +303,17 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
-    level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    logging.getLogger("ame_hf").setLevel(level)
+    # Our own handler on the package logger: the CLI prints ame-hf's warnings and info whatever
+    # the root logger is configured to (and replaces the handler of an earlier main() call).
+    logger = logging.getLogger("ame_hf")
+    for handler in [h for h in logger.handlers if getattr(h, "_ame_cli", False)]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler._ame_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     if getattr(args, "quiet", False):
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 

@@ -150,7 +150,8 @@ def _one_line_error(capsys, *args, expect=()):
     elapsed = time.perf_counter() - started
     err = capsys.readouterr().err
     # Download progress bars of ingredients fetched before the failure are not error output.
-    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line
+             and not line.startswith("INFO: ")]
     assert code != 0 and len(lines) == 1 and lines[0].startswith("ame-hf: error:"), err
     for needle in expect:
         assert needle in lines[0], lines[0]

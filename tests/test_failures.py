@@ -1,0 +1,224 @@
+"""The catalogue of bad inputs (DESIGN §6): every case exits non-zero with one clear line naming
+the culprit, no traceback, and nothing at --out."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import HfApi
+from safetensors.torch import load_file, save_file
+
+from ame_hf.cli import main
+from factories import make_finetunes
+
+
+@pytest.fixture(scope="module")
+def world(hub, hub_token, tmp_path_factory):
+    """Local ingredients and their broken variants, plus Hub repos."""
+    root = tmp_path_factory.mktemp("bad")
+    a, b = make_finetunes(root / "ok", n=2)
+    api = HfApi(token=hub_token)
+    for name, path in (("org/fail-a", a), ("org/fail-b", b)):
+        api.create_repo(name, exist_ok=True)
+        api.upload_folder(repo_id=name, folder_path=path)
+    api.create_repo("org/fail-noweights", exist_ok=True)
+    api.upload_file(repo_id="org/fail-noweights", path_or_fileobj=a / "config.json", path_in_repo="config.json")
+    api.create_repo("org/fail-gated", exist_ok=True)
+    api.upload_folder(repo_id="org/fail-gated", folder_path=b)
+    hub.set_gated("org/fail-gated", True)
+
+    def variant(name, edit):
+        path = root / name
+        shutil.copytree(b, path)
+        edit(path)
+        return path
+
+    def corrupt_header(p):
+        data = bytearray((p / "model.safetensors").read_bytes())
+        data[8:40] = b"{this is not json" + b" " * 15
+        (p / "model.safetensors").write_bytes(bytes(data))
+
+    def truncate(p):
+        data = (p / "model.safetensors").read_bytes()
+        (p / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+    def shard_index(names):
+        def edit(p):
+            state = load_file(p / "model.safetensors")
+            (p / "model.safetensors").unlink()
+            keys = sorted(state)
+            save_file({k: state[k] for k in keys[:5]}, p / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
+            weight_map = {k: "model-00001-of-00002.safetensors" for k in keys[:5]}
+            weight_map.update({k: names for k in keys[5:]})
+            (p / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        return edit
+
+    def retype(p):
+        cfg = json.loads((p / "config.json").read_text())
+        cfg["model_type"] = "mistral"
+        (p / "config.json").write_text(json.dumps(cfg))
+
+    def edit_state(fn):
+        def edit(p):
+            state = load_file(p / "model.safetensors")
+            fn(state)
+            save_file(state, p / "model.safetensors", metadata={"format": "pt"})
+        return edit
+
+    def nan(state):
+        state["model.norm.weight"][3] = float("nan")
+
+    paths = {
+        "a": a, "b": b,
+        "corrupt": variant("corrupt", corrupt_header),
+        "truncated": variant("truncated", truncate),
+        "missing_shard": variant("missing_shard", shard_index("model-00002-of-00002.safetensors")),
+        "escape": variant("escape", shard_index("../../etc/passwd")),
+        "model_type": variant("model_type", retype),
+        "shape": variant("shape", edit_state(lambda s: s.update({"lm_head.weight": torch.zeros(65, 16)}))),
+        "missing": variant("missing", edit_state(lambda s: s.pop("lm_head.weight"))),
+        "extra": variant("extra", edit_state(lambda s: s.update({"extra.bias": torch.zeros(3)}))),
+        "bf16": variant("bf16", edit_state(lambda s: s.update({k: v.bfloat16() for k, v in s.items()}))),
+        "nan": variant("nan", edit_state(nan)),
+        "file": root / "ok" / "ft0" / "config.json",
+    }
+    bad_yaml = root / "bad.yaml"
+    bad_yaml.write_text("optimizer: [adam\n")
+    unknown_yaml = root / "unknown.yaml"
+    unknown_yaml.write_text("optimizer: adam\nlearning_rate: 0.1\n")
+    paths["bad_yaml"], paths["unknown_yaml"] = bad_yaml, unknown_yaml
+    parent_file = root / "a-file"
+    parent_file.write_text("x")
+    paths["parent_file"] = parent_file
+    nonempty = root / "nonempty"
+    nonempty.mkdir()
+    (nonempty / "keep").write_text("keep")
+    paths["nonempty"] = nonempty
+    return paths
+
+
+# (id, argv builder, substrings that the error line must contain)
+CASES = [
+    ("missing-local-path", lambda w: [w["a"], "./no/such/model"], ["./no/such/model"]),
+    ("missing-repo", lambda w: ["org/fail-a", "org/nope-nope"], ["org/nope-nope", "not found"]),
+    ("missing-revision", lambda w: ["org/fail-a", "org/fail-b@v9"], ["'v9'", "does not exist"]),
+    ("bad-token", lambda w: ["org/fail-a", "org/fail-b", "--token", "hf_bogus"], ["401", "--token"]),
+    ("gated-repo", lambda w: ["org/fail-a", "org/fail-gated"], ["org/fail-gated", "gated"]),
+    ("repo-without-weights", lambda w: ["org/fail-a", "org/fail-noweights"], ["org/fail-noweights", "no weights"]),
+    ("ref-is-a-file", lambda w: [w["a"], w["file"]], ["config.json", "is a file"]),
+    ("corrupt-header", lambda w: [w["a"], w["corrupt"]], ["corrupt", "not a valid safetensors"]),
+    ("truncated-file", lambda w: [w["a"], w["truncated"]], ["truncated", "not a valid safetensors"]),
+    ("index-missing-shard", lambda w: [w["a"], w["missing_shard"]], ["model-00002-of-00002.safetensors", "missing"]),
+    ("index-escapes-directory", lambda w: [w["a"], w["escape"]], ["../../etc/passwd", "unsafe"]),
+    ("model-type-mismatch", lambda w: [w["a"], w["model_type"]], ["model_type", "mistral"]),
+    ("shape-mismatch", lambda w: [w["a"], w["shape"]], ["lm_head.weight", "[65, 16]"]),
+    ("missing-tensor", lambda w: [w["a"], w["missing"]], ["missing tensor", "lm_head.weight"]),
+    ("extra-tensor", lambda w: [w["a"], w["extra"]], ["extra tensor", "extra.bias"]),
+    ("dtype-mismatch", lambda w: [w["a"], w["bf16"]], ["dtype", "BF16", "--dtype"]),
+    ("nan-in-ingredient", lambda w: [w["a"], w["nan"]], ["model.norm.weight", "NaN", "--allow-nonfinite"]),
+    ("one-ingredient", lambda w: [w["a"]], ["at least 2 ingredients"]),
+    ("unknown-optimizer", lambda w: [w["a"], w["b"], "--optimizer", "adamq"], ["adamq", "adamw"]),
+    ("lbfgs", lambda w: [w["a"], w["b"], "--optimizer", "lbfgs"], ["lbfgs", "closure"]),
+    ("malformed-optimizer-args", lambda w: [w["a"], w["b"], "--optimizer-args", "{betas: 1"], ["--optimizer-args", "JSON"]),
+    ("unknown-optimizer-arg", lambda w: [w["a"], w["b"], "--optimizer", "sgd", "--optimizer-args", '{"momentun": 0.9}'],
+     ["momentun", "momentum"]),
+    ("negative-lr", lambda w: [w["a"], w["b"], "--lr", "-1"], ["lr", "-1"]),
+    ("zero-epochs", lambda w: [w["a"], w["b"], "--epochs", "0"], ["epochs", "0"]),
+    ("pivot-out-of-range", lambda w: [w["a"], w["b"], "--pivot", "5"], ["pivot index 5", "0..1"]),
+    ("batch-larger-than-n", lambda w: [w["a"], w["b"], "--batch-size", "3"], ["batch_size 3", "(2)"]),
+    ("lr-and-relative-lr", lambda w: [w["a"], w["b"], "--lr", "0.1", "--relative-lr", "0.1"], ["lr", "relative_lr"]),
+    ("invalid-yaml", lambda w: ["--config", w["bad_yaml"]], ["bad.yaml", "YAML"]),
+    ("unknown-config-key", lambda w: [w["a"], w["b"], "--config", w["unknown_yaml"]], ["learning_rate", "valid keys"]),
+    ("missing-config-file", lambda w: [w["a"], w["b"], "--config", "nope.yaml"], ["nope.yaml", "does not exist"]),
+    ("bad-shard-size", lambda w: [w["a"], w["b"], "--max-shard-size", "5 parsecs"], ["5 parsecs", "5GB"]),
+    ("push-without-repo-id", lambda w: [w["a"], w["b"], "--push"], ["--repo-id"]),
+]
+
+
+@pytest.mark.parametrize("case_id,argv,needles", CASES, ids=[c[0] for c in CASES])
+def test_bad_merge_input(world, tmp_path, capsys, case_id, argv, needles):
+    out = tmp_path / "out"
+    args = ["merge", *map(str, argv(world))]
+    args += ["--out", str(out)]
+    capsys.readouterr()
+    code = main(args)
+    err = capsys.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line
+             and not line.startswith("INFO: ")]
+    assert code == 1, err
+    assert len(lines) == 1 and lines[0].startswith("ame-hf: error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert not out.exists()
+    assert not list(tmp_path.glob(".ame-tmp-*"))
+
+
+def test_out_not_empty(world, capsys):
+    code = main(["merge", str(world["a"]), str(world["b"]), "--out", str(world["nonempty"])])
+    assert code == 1 and "not empty" in capsys.readouterr().err
+    assert (world["nonempty"] / "keep").read_text() == "keep"
+
+
+@pytest.mark.parametrize("target", ["parent_file", "proc"])
+def test_out_not_writable(world, capsys, target):
+    out = world["parent_file"] / "sub" if target == "parent_file" else Path("/proc/ame-hf-out")
+    code = main(["merge", str(world["a"]), str(world["b"]), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and str(out) in err, err
+    assert not out.exists()
+
+
+def test_disk_full_leaves_nothing(world, tmp_path):
+    out = tmp_path / "out"
+    limit = 20_000  # bytes: smaller than one output shard
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run([sys.executable, "-m", "ame_hf", "merge", str(world["a"]), str(world["b"]),
+                           "--out", str(out), "--quiet"], capture_output=True, text=True, preexec_fn=small_files)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "not enough space" in proc.stderr, proc.stderr
+    assert not out.exists() and not list(tmp_path.glob(".ame-tmp-*"))
+
+
+def test_same_ingredient_twice_warns_and_merges(world, tmp_path, capsys):
+    code = main(["merge", str(world["a"]), str(world["a"]), str(world["b"]), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 0 and "given twice" in err
+
+
+def test_allow_nonfinite_merges_nan(world, tmp_path, capsys):
+    assert main(["merge", str(world["a"]), str(world["nan"]), "--out", str(tmp_path / "o"), "--optimizer", "sgd",
+                 "--allow-nonfinite", "--quiet"]) == 0
+    assert torch.isnan(load_file(tmp_path / "o" / "model.safetensors")["model.norm.weight"][3])
+
+
+def test_push_failures(world, hub_token, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["merge", str(world["a"]), str(world["b"]), "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["push", str(out), "--repo-id", "org/fail-push"]) == 1
+    err = capsys.readouterr().err
+    assert "no Hub token" in err and f"ame-hf push {out} --repo-id org/fail-push" in err
+    assert main(["push", str(out), "--repo-id", "other/fail-push", "--token", "hf_read_token"]) == 1
+    err = capsys.readouterr().err
+    assert "403" in err and "hf_read_token" not in err
+    assert main(["push", str(world["a"]), "--repo-id", "org/fail-push", "--token", hub_token]) == 1
+    assert "not an ame-hf merge output" in capsys.readouterr().err
+    assert (out / "model.safetensors").is_file()
+
+
+def test_check_bad_input_is_one_line(world, capsys):
+    assert main(["check", str(world["a"]), str(world["corrupt"])]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a valid safetensors" in err
