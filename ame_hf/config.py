@@ -256,7 +256,8 @@ def load_yaml_mapping(text_or_path: str | os.PathLike) -> dict[str, Any]:
 
     text = str(text_or_path)
     source = "config"
-    if isinstance(text_or_path, os.PathLike) or ("\n" not in text and text.endswith((".yaml", ".yml"))):
+    if isinstance(text_or_path, os.PathLike) or ("\n" not in text and (
+            text.endswith((".yaml", ".yml")) or Path(text).is_file())):
         path = Path(text_or_path)
         if not path.is_file():
             raise InvalidConfigError(f"config file {path} does not exist")

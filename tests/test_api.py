@@ -1,0 +1,68 @@
+"""The public Python API: names pinned, AmeConfig validation and YAML, merge/from_pretrained/push."""
+
+from __future__ import annotations
+
+import pytest
+from huggingface_hub import HfApi
+
+import ame_hf
+from ame_hf import AmeConfig, InvalidConfigError
+from factories import make_finetunes
+
+PUBLIC = [
+    "AmeConfig", "AmeError", "Checkpoint", "CheckpointError", "CompatibilityReport", "HubError",
+    "IncompatibleCheckpointsError", "Ingredient", "IngredientNotFoundError", "InvalidConfigError", "MergeResult",
+    "OutputError", "PushError", "UnknownOptimizerError", "__version__", "check", "from_pretrained", "merge",
+    "push_to_hub",
+]
+
+
+def test_public_names_are_pinned():
+    assert ame_hf.__all__ == sorted(PUBLIC)
+    for name in ame_hf.__all__:
+        assert getattr(ame_hf, name) is not None
+    assert callable(ame_hf.merge) and callable(ame_hf.check)  # functions, not the modules of the same job
+
+
+def test_config_is_validated_comparable_and_round_trips(tmp_path):
+    cfg = AmeConfig(optimizer="AdamW", lr=1e-4, epochs=2, pivot="1", seed=3, optimizer_args={"betas": (0.8, 0.9)})
+    assert cfg.optimizer == "adamw" and cfg.pivot == 1 and cfg.optimizer_args == {"betas": [0.8, 0.9]}
+    assert cfg == AmeConfig(optimizer="adamw", lr=1e-4, epochs=2, pivot=1, seed=3, optimizer_args={"betas": [0.8, 0.9]})
+    assert cfg != AmeConfig(optimizer="adamw", lr=1e-4, epochs=2, pivot=1, seed=4, optimizer_args={"betas": [0.8, 0.9]})
+    assert AmeConfig.from_yaml(cfg.to_yaml()) == cfg
+    path = tmp_path / "cfg"
+    path.write_text(cfg.to_yaml())
+    assert AmeConfig.from_yaml(str(path)) == cfg == AmeConfig.from_yaml(path)
+    assert AmeConfig.soup().is_soup and not AmeConfig().is_soup
+    assert AmeConfig().resolved().relative_lr == 0.005 and AmeConfig(optimizer="sgd").resolved().lr == 1.0
+    with pytest.raises(InvalidConfigError, match="valid keys"):
+        AmeConfig.from_yaml("optimizer: adam\nlearnig_rate: 1\n")
+    with pytest.raises(ValueError):  # InvalidConfigError is a ValueError
+        AmeConfig(epochs=0)
+
+
+def test_merge_with_keyword_options_and_hub_ingredients(hub, hub_token, tmp_path):
+    a, b = make_finetunes(tmp_path / "ft", n=2)
+    api = HfApi(token=hub_token)
+    api.create_repo("org/api-a", exist_ok=True)
+    sha = api.upload_folder(repo_id="org/api-a", folder_path=a).oid
+    result = ame_hf.merge(["org/api-a", str(b)], tmp_path / "out", optimizer="rmsprop", lr=1e-3, progress=False)
+    assert result.path == tmp_path / "out" and result.config.optimizer == "rmsprop"
+    first, second = result.ingredients
+    assert (first.repo_id, first.sha, first.revision) == ("org/api-a", sha, None)
+    assert second.repo_id is None and second.path == b
+    base = ame_hf.merge([str(a), str(b)], tmp_path / "o2", AmeConfig(optimizer="adam", lr=0.1), lr=0.01, progress=False)
+    assert base.config.lr == 0.01  # keyword options override the config
+
+
+def test_from_pretrained_and_push_a_model(hub, hub_token, tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    paths = make_finetunes(tmp_path / "ft", n=2)
+    model = ame_hf.from_pretrained(paths, model_class=AutoModelForCausalLM, optimizer="adam", lr=1e-3, progress=False)
+    assert isinstance(model, LlamaForCausalLM)
+    assert model.ame_config == AmeConfig(optimizer="adam", lr=1e-3).resolved()
+    url = ame_hf.push_to_hub(model, "org/api-pushed", token=hub_token, private=True)
+    assert url.endswith("org/api-pushed")
+    files = HfApi(token=hub_token).list_repo_files("org/api-pushed")
+    assert {"README.md", "ame_config.yaml", "model.safetensors", "config.json"} <= set(files)
