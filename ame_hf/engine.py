@@ -89,7 +89,8 @@ def ame_block(
     w = pivot.clone()
     if w.numel() == 0:
         return w
-    optimizer = optimizer_class(config.optimizer)([w], lr=lr, **dict(config.optimizer_args))
+    optimizer = optimizer_class(config.optimizer)([w], lr=lr, **device_defaults(config, w.device),
+                                                  **dict(config.optimizer_args))
     group = optimizer.param_groups[0]
     lrs = iter(step_lrs(order, config.batch_size, lr, config.schedule or "constant"))
     for epoch_order in order:
@@ -99,6 +100,18 @@ def ame_block(
             optimizer.step()
             w.grad = None
     return w
+
+
+def device_defaults(config: AmeConfig, device: torch.device) -> dict[str, bool]:
+    """On CUDA, torch's fused kernels (one launch per step) where the optimizer has them, unless
+    the user chose `fused`/`foreach`. On the CPU the plain per-tensor implementation is used."""
+    import inspect
+
+    if device.type != "cuda" or {"fused", "foreach"} & set(config.optimizer_args):
+        return {}
+    cls = optimizer_class(config.optimizer)
+    return {"fused": True} if "fused" in inspect.signature(cls.__init__).parameters and cls.__name__ in (
+        "Adam", "AdamW", "SGD", "Adagrad") else {}
 
 
 def spread_sum(load: Loader, n: int, pivot: torch.Tensor | None) -> tuple[torch.Tensor, float]:

@@ -68,15 +68,20 @@ def resolve_all(refs: Sequence[str], token: str | None = None) -> list[Ingredien
     return resolve_refs(refs, token=token)
 
 
-def row_slices(shape: Sequence[int]) -> list[tuple[int, int] | None]:
+# On a GPU, slices 16x larger keep the device busy; memory there is bounded all the same.
+GPU_SLICE_FACTOR = 16
+
+
+def row_slices(shape: Sequence[int], elements: int | None = None) -> list[tuple[int, int] | None]:
     """Row ranges covering a tensor; `[None]` when it is small enough to take whole."""
+    elements = elements or SLICE_ELEMENTS
     numel = 1
     for d in shape:
         numel *= d
-    if not shape or numel <= SLICE_ELEMENTS:
+    if not shape or numel <= elements:
         return [None]
     row = max(1, numel // shape[0])
-    step = max(1, SLICE_ELEMENTS // row)
+    step = max(1, elements // row)
     return [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
 
 
@@ -141,7 +146,7 @@ class _TensorMerger:
             self._copy_exact(name, out_dir, plan)
             advance(info.nbytes)
             return
-        slices = row_slices(info.shape)
+        slices = row_slices(info.shape, SLICE_ELEMENTS * (GPU_SLICE_FACTOR if self.device.type == "cuda" else 1))
         lr = self.config.lr
         cached_pivot = None
         if self.config.relative_lr is not None:
@@ -180,6 +185,15 @@ def _distributed_state(device: str | None):
     would choose the CPU there too.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device is not None:
+        try:
+            wanted = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise InvalidConfigError(f"--device {device!r} is not a device name (e.g. cpu, cuda, cuda:1, mps)") from None
+        if wanted.type == "cuda" and (not torch.cuda.is_available() or (wanted.index or 0) >= torch.cuda.device_count()):
+            raise InvalidConfigError(f"--device {device}: no such CUDA device on this machine; use --device cpu")
+        if wanted.type == "mps" and not torch.backends.mps.is_available():
+            raise InvalidConfigError(f"--device {device}: MPS is not available on this machine; use --device cpu")
     no_accelerator = not torch.cuda.is_available() and not torch.backends.mps.is_available()
     cpu = device == "cpu" or (device is None and no_accelerator)
     if world <= 1 and cpu:

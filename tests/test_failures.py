@@ -139,6 +139,8 @@ CASES = [
     ("unknown-config-key", lambda w: [w["a"], w["b"], "--config", w["unknown_yaml"]], ["learning_rate", "valid keys"]),
     ("missing-config-file", lambda w: [w["a"], w["b"], "--config", "nope.yaml"], ["nope.yaml", "does not exist"]),
     ("bad-shard-size", lambda w: [w["a"], w["b"], "--max-shard-size", "5 parsecs"], ["5 parsecs", "5GB"]),
+    ("device-not-available", lambda w: [w["a"], w["b"], "--device", "cuda:3"], ["cuda:3", "--device cpu"]),
+    ("device-not-a-device", lambda w: [w["a"], w["b"], "--device", "gpu please"], ["gpu please", "cuda"]),
     ("push-without-repo-id", lambda w: [w["a"], w["b"], "--push"], ["--repo-id"]),
 ]
 
