@@ -113,6 +113,7 @@ class _TensorMerger:
         self.order = order
         self.device = device
         self.compute_dtype = getattr(torch, config.compute_dtype)
+        self.soup = config.is_soup
 
     def _read(self, ckpt: Checkpoint, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
         t = ckpt.read(name, rows, dtype=self.compute_dtype).to(self.device)
@@ -160,12 +161,20 @@ class _TensorMerger:
             lr = relative_lr_value(self.config.relative_lr, squared, len(self.checkpoints) * info.numel)
         for rows in slices:
             pivot = cached_pivot if cached_pivot is not None else self._pivot_block(name, rows)
-            if pivot is None:
+            if pivot is None and self.soup:
+                # The soup's first step (SGD, lr 1) replaces w by the first ingredient whatever the
+                # pivot; from zeros that step is exact, so the mean pass would only cost a read.
+                pivot = torch.zeros(self._block_shape(info.shape, rows), dtype=self.compute_dtype, device=self.device)
+            elif pivot is None:
                 pivot = self._mean_block(name, rows)
             # lr 0 (relative lr of identical ingredients): every optimizer would stay at the pivot.
             merged = pivot if lr == 0.0 else ame_block(self._loader(name, rows), pivot, self.config, self.order, lr)
             write_rows(out_dir, plan, name, rows[0] if rows else 0, merged.cpu())
             advance(info.nbytes * (rows[1] - rows[0]) // info.shape[0] if rows else info.nbytes)
+
+    @staticmethod
+    def _block_shape(shape: tuple[int, ...], rows: tuple[int, int] | None) -> tuple[int, ...]:
+        return shape if rows is None else (rows[1] - rows[0], *shape[1:])
 
     def _copy_exact(self, name: str, out_dir: Path, plan: ShardPlan) -> None:
         first = self.checkpoints[0].read(name)
