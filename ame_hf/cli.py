@@ -278,12 +278,15 @@ def cmd_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def cmd_space(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .space import launch
+
     try:
-        from .space import launch
+        import gradio  # noqa: F401  (only the Space needs it)
     except ImportError as err:
         from .errors import InvalidConfigError
 
-        raise InvalidConfigError(f"the Space needs gradio ({err}); install it with `pip install gradio`") from None
+        raise InvalidConfigError(f"the Space needs gradio ({err}); install it with "
+                                 "`pip install \"gradio[oauth]==6.31.0\"`") from None
     launch(port=args.port)
     return 0
 

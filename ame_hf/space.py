@@ -1,0 +1,325 @@
+"""The Gradio app of the ame-hf Hugging Face Space: check, merge and push checkpoints in a browser.
+Only ame-hf's public API does the work; gradio is imported lazily, since only the Space needs it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+if TYPE_CHECKING:
+    import gradio as gr
+
+    from .merger import MergeResult
+
+__all__ = ["MergeView", "build_app", "launch", "one_line", "parse_ingredients", "run_check", "run_merge",
+           "run_push"]
+
+TITLE = "ame-hf: merge checkpoints by Amortized Model Ensembling"
+INTRO = """\
+# ame-hf · Amortized Model Ensembling
+
+Fuse fine-tuned checkpoints of one architecture into one model, **without any data**: AME feeds the
+pseudogradients `w − x_i` to a real `torch.optim` optimizer (Lee & Ngo, 2025,
+[arXiv:2508.14832](https://arxiv.org/abs/2508.14832)). SGD with the harmonic schedule is exactly the uniform
+soup. **Check** reports whether the ingredients can be merged; **Merge** runs
+[ame-hf](https://github.com/ame-hf/ame-hf) and shows the model card; **Push** uploads the result with its card.
+"""
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# Progress callback of `run_merge`: (fraction done, description).
+Progress = Callable[[float, str], None]
+
+
+def on_spaces() -> bool:
+    """True when running on Hugging Face Spaces (which sets SPACE_ID)."""
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def oauth_enabled() -> bool:
+    """True on a Space with `hf_oauth: true` in its README (Spaces then sets OAUTH_CLIENT_ID).
+
+    SYSTEM=spaces is how gradio itself tells a Space: without it gradio mocks the sign-in with a live
+    `whoami` of the local login.
+    """
+    return on_spaces() and os.environ.get("SYSTEM") == "spaces" and bool(os.environ.get("OAUTH_CLIENT_ID"))
+
+
+def one_line(err: BaseException) -> str:
+    """The error as the CLI prints it: one line, whitespace collapsed."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def parse_ingredients(text: str | None) -> list[str]:
+    """One reference a line (`org/name`, `org/name@revision`); blank lines are ignored."""
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
+def _blank_to_none(value: Any) -> Any:
+    """Empty text boxes mean "the default"; anything else goes to `AmeConfig`, which validates it."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return value.strip() if isinstance(value, str) else value
+
+
+def _refuse_local_paths(refs: list[str]) -> None:
+    # On a public Space a local path would read the server's disk, e.g. another visitor's private
+    # download in the shared Hub cache; Hub references are always checked against the Hub's access rules.
+    from .errors import InvalidConfigError
+
+    for ref in refs:
+        if ref.startswith(("/", ".", "~")) or Path(ref).expanduser().exists():
+            raise InvalidConfigError(
+                f"{ref}: local paths are disabled in this app; give Hub repo IDs (org/name[@revision])")
+
+
+def human_size(nbytes: float) -> str:
+    units = ("B", "kB", "MB", "GB", "TB")
+    step = 0
+    while nbytes >= 1000 and step < len(units) - 1:
+        nbytes /= 1000
+        step += 1
+    return f"{nbytes:.0f} B" if step == 0 else f"{nbytes:.1f} {units[step]}"
+
+
+def _weights_size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+
+
+def run_check(ingredients: str | None, dtype: str = "auto", token: str | None = None, *,
+              allow_local_paths: bool = True) -> str:
+    """The compatibility report of the ingredients, as `ame-hf check` prints it."""
+    import ame_hf
+
+    refs = parse_ingredients(ingredients)
+    if not allow_local_paths:
+        _refuse_local_paths(refs)
+    return ame_hf.check(refs, token=token, dtype=dtype or "auto").format()
+
+
+@dataclass(frozen=True)
+class MergeView:
+    """What the app shows after a merge; `folder` (the merge output) is what Push uploads."""
+
+    folder: Path
+    card_markdown: str
+    config_yaml: str
+    summary_markdown: str
+
+
+def run_merge(ingredients: str | None, options: dict[str, Any], work_dir: Path, token: str | None = None, *,
+              progress: Progress | None = None, allow_local_paths: bool = True) -> MergeView:
+    """Merge with `ame_hf.merge` into `work_dir/merged` and render the card, config and summary.
+
+    `options` are `AmeConfig` fields as the form gives them: blank strings mean the default.
+    """
+    import ame_hf
+
+    refs = parse_ingredients(ingredients)
+    values = {key: _blank_to_none(value) for key, value in options.items()}
+    config = ame_hf.AmeConfig.from_dict({key: value for key, value in values.items() if value is not None})
+    if not allow_local_paths:
+        pivot = config.pivot
+        _refuse_local_paths(refs + ([pivot] if isinstance(pivot, str) and pivot not in ("mean", "first") else []))
+
+    def on_bytes(done: int, total: int) -> None:
+        if progress is not None and total:
+            progress(done / total, f"Merging: {human_size(done)} of {human_size(total)}")
+
+    if progress is not None:
+        progress(0.0, "Downloading and checking the ingredients")
+    result = ame_hf.merge(refs, work_dir / "merged", config, token=token, progress=False, callback=on_bytes)
+    return MergeView(
+        folder=result.path,
+        card_markdown=card_markdown((result.path / "README.md").read_text(encoding="utf-8")),
+        config_yaml=(result.path / "ame_config.yaml").read_text(encoding="utf-8"),
+        summary_markdown=summary_markdown(result),
+    )
+
+
+def card_markdown(readme: str) -> str:
+    """A model card for display: its YAML metadata as a code block (Markdown would render it as text)."""
+    if readme.startswith("---\n"):
+        meta, sep, body = readme[4:].partition("\n---\n")
+        if sep:
+            return f"```yaml\n{meta.strip()}\n```\n\n{body.lstrip()}"
+    return readme
+
+
+def summary_markdown(result: MergeResult) -> str:
+    cfg = result.config
+    lr = f"relative lr {cfg.relative_lr}" if cfg.relative_lr is not None else f"lr {cfg.lr}"
+    out_size = sum(f.stat().st_size for f in result.path.iterdir() if f.is_file())
+    lines = [
+        (f"Merged **{len(result.ingredients)}** checkpoints with **{cfg.optimizer}** ({lr}, {cfg.schedule} "
+         f"schedule, {cfg.epochs} epoch(s)) in **{result.seconds:.1f} s**: {human_size(out_size)} written."),
+        "",
+        "| # | ingredient | commit sha | weights |",
+        "|---|---|---|---|",
+    ]
+    for i, ing in enumerate(result.ingredients):
+        sha = f"`{ing.sha}`" if ing.sha else "local directory"
+        lines.append(f"| {i} | {ing.display_name} | {sha} | {human_size(_weights_size(ing.path))} |")
+    return "\n".join(lines)
+
+
+def run_push(folder: str | Path | None, repo_id: str | None, private: bool = False, token: str | None = None) -> str:
+    """Upload a merge output with its card; returns the repo (or pull request) URL."""
+    import ame_hf
+
+    if not folder or not (Path(folder) / "ame_config.yaml").is_file():
+        raise ame_hf.InvalidConfigError("nothing to push yet: run Merge first")
+    # An unticked box leaves the Hub's default (and an existing repo's visibility) alone.
+    return ame_hf.push_to_hub(folder, (repo_id or "").strip(), token=token, private=True if private else None)
+
+
+def _remove_work_dir(folder: str | None) -> None:
+    """Delete a session's merge output (`folder` is `<work dir>/merged`)."""
+    if folder:
+        shutil.rmtree(Path(folder).parent, ignore_errors=True)
+
+
+def _import_gradio() -> Any:
+    """Import gradio and bind it as this module's `gr`.
+
+    Gradio finds the `gr.OAuthToken` parameter of a handler with `typing.get_type_hints`, which evaluates
+    the (postponed, string) annotations in this module's globals, so `gr` must be bound here.
+    """
+    try:
+        import gradio
+    except ImportError:
+        raise ImportError('the ame-hf Space needs gradio: pip install "gradio[oauth]"') from None
+    globals()["gr"] = gradio
+    return gradio
+
+
+@contextmanager
+def _shown_as_gradio_errors() -> Iterator[None]:
+    """Turn a user mistake (any `AmeError`) into a `gr.Error` with the CLI's one-line message."""
+    from .errors import AmeError
+
+    try:
+        yield
+    except AmeError as err:
+        raise gr.Error(one_line(err), print_exception=False) from None
+
+
+def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
+    """The Space's `gr.Blocks`, with API endpoints `check`, `merge` and `push`.
+
+    Args:
+        allow_local_paths: accept local directories as ingredients (default: everywhere but on Spaces,
+            where visitors must not read the server's disk).
+    """
+    _import_gradio()
+    from .config import DEFAULT_OPTIMIZER, OUTPUT_DTYPES
+    from .optimizers import OPTIMIZERS
+
+    local = not on_spaces() if allow_local_paths is None else allow_local_paths
+
+    def user_token(token: str | None, oauth_token: gr.OAuthToken | None) -> str | None:
+        # The pasted token wins over the sign-in; neither is ever shown, logged or stored.
+        return (token or "").strip() or (oauth_token.token if oauth_token is not None else None)
+
+    def check(ingredients: str, dtype: str, token: str, oauth_token: gr.OAuthToken | None = None) -> str:
+        with _shown_as_gradio_errors():
+            return run_check(ingredients, dtype, user_token(token, oauth_token), allow_local_paths=local)
+
+    def merge(ingredients: str, optimizer: str, lr: str, relative_lr: str, epochs: float, pivot: str,
+              seed: float, shuffle: bool, dtype: str, token: str, previous: str | None,
+              oauth_token: gr.OAuthToken | None = None,
+              progress: gr.Progress = gr.Progress()) -> tuple[str, str, str, str]:
+        options = {"optimizer": optimizer, "lr": lr, "relative_lr": relative_lr, "epochs": epochs, "pivot": pivot,
+                   "seed": seed, "shuffle": bool(shuffle), "dtype": dtype}
+        # A fresh directory per run: a failed merge leaves the previous result (and its Push) intact.
+        work_dir = Path(tempfile.mkdtemp(prefix="ame-hf-space-"))
+        try:
+            with _shown_as_gradio_errors():
+                view = run_merge(ingredients, options, work_dir, user_token(token, oauth_token),
+                                 progress=lambda fraction, desc: progress(fraction, desc=desc),
+                                 allow_local_paths=local)
+        except BaseException:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            raise
+        _remove_work_dir(previous)
+        return view.card_markdown, view.config_yaml, view.summary_markdown, str(view.folder)
+
+    def push(repo_id: str, private: bool, token: str, folder: str | None,
+             oauth_token: gr.OAuthToken | None = None) -> str:
+        secret = user_token(token, oauth_token)
+        if secret is None and on_spaces():
+            # Never fall back to a token of the Space itself: visitors push with their own.
+            raise gr.Error("sign in with Hugging Face or paste a token with write access to push",
+                           print_exception=False)
+        with _shown_as_gradio_errors():
+            url = run_push(folder, repo_id, bool(private), secret)
+        return f"Pushed to [{url}]({url})"
+
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        gr.Markdown(INTRO)
+        # The merge output of this session; deleted with the session.
+        output_folder = gr.State(None, delete_callback=_remove_work_dir)
+        with gr.Row():
+            with gr.Column(scale=3):
+                ingredients = gr.Textbox(
+                    "", label="Ingredients", lines=4, elem_id="ingredients",
+                    placeholder="org/finetune-a\norg/finetune-b@v1\norg/finetune-c",
+                    info="Hub repo IDs, one a line; `@revision` (branch, tag or commit) is allowed",
+                )
+                with gr.Row():
+                    check_button = gr.Button("Check", elem_id="check-button")
+                    merge_button = gr.Button("Merge", variant="primary", elem_id="merge-button")
+                report = gr.Textbox(label="Compatibility report", lines=3, interactive=False, elem_id="report")
+            with gr.Column(scale=2):
+                optimizer = gr.Dropdown(sorted(OPTIMIZERS), value=DEFAULT_OPTIMIZER, label="Optimizer",
+                                        elem_id="optimizer")
+                with gr.Row():
+                    lr = gr.Textbox("", label="lr", placeholder="default", info="blank = default", elem_id="lr")
+                    relative_lr = gr.Textbox("", label="Relative lr", placeholder="default",
+                                             info="× RMS(ingredient − pivot)", elem_id="relative-lr")
+                with gr.Row():
+                    epochs = gr.Number(1, label="Epochs", precision=0, minimum=1, elem_id="epochs")
+                    pivot = gr.Dropdown(["mean", "first"], value="mean", label="Pivot", allow_custom_value=True,
+                                        info="mean, first, an index, or a repo ID", elem_id="pivot")
+                with gr.Row():
+                    seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="seed")
+                    shuffle = gr.Checkbox(False, label="Shuffle every epoch", elem_id="shuffle")
+                dtype = gr.Dropdown(list(OUTPUT_DTYPES), value="auto", label="Output dtype", elem_id="dtype")
+        summary = gr.Markdown(label="Summary", elem_id="summary")
+        with gr.Tab("Model card"):
+            card = gr.Markdown(label="Model card", elem_id="card", container=True, min_height=80, max_height=520)
+        with gr.Tab("ame_config.yaml"):
+            config_yaml = gr.Code(language="yaml", label="ame_config.yaml", interactive=False, max_lines=24,
+                                  elem_id="config")
+        with gr.Group():
+            gr.Markdown("### Push to the Hub")
+            with gr.Row():
+                repo_id = gr.Textbox("", label="Target repo ID", placeholder="your-name/merged-model",
+                                     elem_id="repo-id")
+                private = gr.Checkbox(False, label="Private", elem_id="private")
+                token = gr.Textbox("", label="Hugging Face token", type="password", elem_id="token",
+                                   info="write access to push; also reads private ingredients; never stored")
+                if oauth_enabled():
+                    # Only there: off Spaces the button asks the Hub who is logged in at start-up (and fails
+                    # offline), and on a Space without OAuth gradio refuses to start with it.
+                    gr.LoginButton(elem_id="login")
+            push_button = gr.Button("Push", elem_id="push-button")
+            push_status = gr.Markdown(label="Push status", elem_id="push-status")
+
+        check_button.click(check, [ingredients, dtype, token], report, api_name="check")
+        merge_button.click(
+            merge, [ingredients, optimizer, lr, relative_lr, epochs, pivot, seed, shuffle, dtype, token, output_folder],
+            [card, config_yaml, summary, output_folder], api_name="merge",
+        )
+        push_button.click(push, [repo_id, private, token, output_folder], push_status, api_name="push")
+    return demo
+
+
+def launch(port: int | None = None, **kwargs: Any) -> None:
+    """Serve the app (`ame-hf space`); keyword arguments go to `gr.Blocks.launch`."""
+    # The run history would keep every input, the token included, in the browser (or a bucket).
+    kwargs.setdefault("run_history", False)
+    build_app().launch(server_port=port, **kwargs)

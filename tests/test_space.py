@@ -1,0 +1,280 @@
+"""The Hugging Face Space (examples/space/app.py) served for real against the tests' Hub, driven in headless
+Chromium (Playwright) and through gradio_client's `check`, `merge` and `push` endpoints."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import pytest
+
+from factories import make_finetunes
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+APP = REPO_ROOT / "examples" / "space" / "app.py"
+CHROMIUM = Path("/usr/bin/chromium")
+# Headless and hermetic: no sandbox (CI runs as root in a container), no GPU, no calls home, no proxy.
+CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--no-proxy-server"]
+START_TIMEOUT = 120.0  # importing gradio and torch on a slow 2-core machine
+UI_TIMEOUT = 120_000  # ms; a merge downloads both ingredients from the local Hub first
+SHA = re.compile(r"\b[0-9a-f]{40}\b")
+INGREDIENTS = ["org/space-a", "org/space-b"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get(url: str) -> int:
+    # An empty ProxyHandler: a proxy in the environment must not see (or swallow) 127.0.0.1 traffic.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=5) as response:
+        return response.status
+
+
+@pytest.fixture(scope="module")
+def ingredients(hub, hub_token, tmp_path_factory) -> dict[str, str]:
+    """Two tiny fine-tunes uploaded to the test Hub: repo ID -> commit sha."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.url, token=hub_token)
+    shas = {}
+    for repo_id, folder in zip(INGREDIENTS, make_finetunes(tmp_path_factory.mktemp("space-models"), n=2)):
+        api.create_repo(repo_id, exist_ok=True)
+        shas[repo_id] = api.upload_folder(repo_id=repo_id, folder_path=folder).oid
+    return shas
+
+
+@pytest.fixture(scope="module")
+def space_url(hub, hub_token, tmp_path_factory) -> Iterator[str]:
+    """`python examples/space/app.py` in a subprocess, as Spaces runs it; yields its URL."""
+    work = tmp_path_factory.mktemp("space-app")
+    port = _free_port()
+    env = dict(os.environ)  # conftest's HF_ENDPOINT, HF_HUB_DISABLE_XET, NO_PROXY, ...
+    env.pop("SPACE_ID", None)  # off Spaces: no LoginButton (it needs a live whoami at start-up)
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        env.pop(name, None)  # the app must push with the token typed into it, never with its own
+    env.update({
+        "HF_HOME": str(work / "hf_home"),  # its own cache: every ingredient is really downloaded by the app
+        "TMPDIR": str(work / "tmp"),  # the per-run merge directories
+        "GRADIO_TEMP_DIR": str(work / "gradio"),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        # huggingface_hub reads HF_ENDPOINT at import time, and the app must read the tests' Hub, not the real one.
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_DISABLE_XET": "1",
+        "PYTHONUNBUFFERED": "1",
+    })
+    (work / "tmp").mkdir()
+    log_path = work / "app.log"
+    url = f"http://127.0.0.1:{port}/"
+    with open(log_path, "wb") as log:
+        # cwd: an empty directory, so that no repo ID can accidentally name a local directory.
+        proc = subprocess.Popen([sys.executable, str(APP)], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the Space exited with {proc.returncode}:\n{log_path.read_text(errors='replace')[-4000:]}")
+            try:
+                if _get(url) == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the Space did not answer on {url} in {START_TIMEOUT:.0f}s:\n"
+                            f"{log_path.read_text(errors='replace')[-4000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    log_text = log_path.read_text(errors="replace")
+    assert hub_token not in log_text, "the app logged the token"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.is_file():
+        pytest.fail(f"{CHROMIUM} is missing: install it with `apt-get install -y chromium chromium-driver` "
+                    "(the CI installs it); this test needs a real browser")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        # executable_path: the Debian Chromium; `playwright install` would download a browser.
+        instance = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True)
+        try:
+            yield instance
+        finally:
+            instance.close()
+
+
+def _cli_error(capsys, *args: str) -> str:
+    """The one-line message `ame-hf ARGS` prints for a user mistake (without the `ame-hf: error: ` prefix)."""
+    from ame_hf.cli import main
+
+    capsys.readouterr()
+    assert main(list(args)) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ame-hf: error: "), err
+    return err.removeprefix("ame-hf: error: ")
+
+
+def test_browser_check_merge_and_push(space_url, browser, ingredients, hub, hub_token, tmp_path, capsys):
+    from huggingface_hub import HfApi
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(UI_TIMEOUT)
+    page.goto(space_url)
+    # Gradio draws the page after load: every step waits for its element.
+    page.locator("#ingredients textarea").fill("\n".join(ingredients))
+    page.locator("#check-button").click()
+    expect(page.locator("#report textarea")).to_have_value(re.compile(r"^OK\s+compatible: 2 checkpoints"),
+                                                           timeout=UI_TIMEOUT)
+
+    page.locator("#merge-button").click()
+    card = page.locator("#card")
+    expect(card.get_by_role("heading", name="Ingredients")).to_be_visible(timeout=UI_TIMEOUT)
+    card_text = card.inner_text()
+    assert set(SHA.findall(card_text)) >= set(ingredients.values()), card_text
+    for repo_id, sha in ingredients.items():
+        assert re.search(rf"{re.escape(repo_id)}\s+{sha}", card_text), (repo_id, card_text)
+    summary = page.locator("#summary").inner_text()
+    assert all(sha in summary for sha in ingredients.values()), summary
+
+    page.locator("#repo-id textarea").fill("org/space-browser")
+    page.locator("#private input[type=checkbox]").check()
+    page.locator("#token input[type=password]").fill(hub_token)
+    page.locator("#push-button").click()
+    expect(page.locator("#push-status")).to_contain_text("Pushed to", timeout=UI_TIMEOUT)
+    assert hub_token not in page.content(), "the token is shown in the page"
+    page.screenshot(path=str(tmp_path / "space.png"), full_page=True)
+    if os.environ.get("AME_HF_SPACE_SCREENSHOT"):  # refresh examples/space/screenshot.png on purpose only
+        shutil.copyfile(tmp_path / "space.png", os.environ["AME_HF_SPACE_SCREENSHOT"])
+
+    # A user mistake is a Gradio error toast with the CLI's one-line message.
+    page.locator("#ingredients textarea").fill("org/space-missing\norg/space-a")
+    page.locator("#check-button").click()
+    message = _cli_error(capsys, "check", "org/space-missing", "org/space-a")
+    expect(page.get_by_text(message)).to_be_visible(timeout=UI_TIMEOUT)
+    page.close()
+
+    api = HfApi(endpoint=hub.url, token=hub_token)
+    info = api.model_info("org/space-browser")
+    assert info.private
+    files = {s.rfilename for s in info.siblings}
+    assert {"README.md", "ame_config.yaml", "config.json", "model.safetensors"} <= files, files
+    readme = Path(api.hf_hub_download("org/space-browser", "README.md")).read_text(encoding="utf-8")
+    assert all(sha in readme for sha in ingredients.values())
+
+
+def test_gradio_client_check_merge_push(space_url, ingredients, hub, hub_token, capsys, monkeypatch):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+    from huggingface_hub import HfApi
+
+    # Client(analytics_enabled=False) alone does not turn its telemetry thread off; this variable does.
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    client = Client(space_url, verbose=False, download_files=False)
+    try:
+        assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {
+            "/check", "/merge", "/push"}
+        refs = "\n".join(ingredients)
+        assert client.predict(ingredients=refs, api_name="/check").startswith("OK  compatible")
+
+        card, config_yaml, summary = client.predict(ingredients=refs, optimizer="sgd", epochs=2, api_name="/merge")
+        assert all(sha in card and sha in summary for sha in ingredients.values())
+        assert "optimizer: sgd" in config_yaml and "epochs: 2" in config_yaml
+
+        # The same one-line messages as the CLI.
+        with pytest.raises(AppError) as err:
+            client.predict(ingredients="org/space-a", api_name="/merge")
+        assert str(err.value) == _cli_error(capsys, "merge", "org/space-a", "--out", "unused")
+        with pytest.raises(AppError, match="no Hub token"):
+            client.predict(repo_id="org/space-api", api_name="/push")
+
+        status = client.predict(repo_id="org/space-api", token=hub_token, api_name="/push")
+        assert status.startswith("Pushed to") and "org/space-api" in status
+        assert hub_token not in status
+    finally:
+        client.close()
+    api = HfApi(endpoint=hub.url, token=hub_token)
+    assert api.repo_exists("org/space-api")
+    pushed = Path(api.hf_hub_download("org/space-api", "ame_config.yaml")).read_text(encoding="utf-8")
+    assert "optimizer: sgd" in pushed and all(sha in pushed for sha in ingredients.values())
+
+
+def test_merge_progress_comes_from_the_merge(tmp_path):
+    """The progress bar is fed by `merge`'s byte callback and ends at 100 %."""
+    from ame_hf.space import run_merge
+
+    refs = "\n".join(str(p) for p in make_finetunes(tmp_path / "models", n=2))
+    calls: list[tuple[float, str]] = []
+    view = run_merge(refs, {"optimizer": "adam", "lr": "", "relative_lr": " "}, tmp_path / "run",
+                     progress=lambda fraction, desc: calls.append((fraction, desc)))
+    fractions = [f for f, _ in calls]
+    assert calls[0] == (0.0, "Downloading and checking the ingredients")
+    assert len(calls) > 3 and fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert all(desc.startswith("Merging: ") for _, desc in calls[1:])
+    assert (view.folder / "ame_config.yaml").is_file() and "relative_lr: 0.005" in view.config_yaml
+
+
+def test_local_paths_are_refused_when_asked(tmp_path):
+    from ame_hf import InvalidConfigError
+    from ame_hf.space import run_check
+
+    with pytest.raises(InvalidConfigError, match="local paths are disabled"):
+        run_check(f"{tmp_path}\norg/space-a", allow_local_paths=False)
+
+
+def test_sign_in_and_local_paths_follow_the_environment(monkeypatch, tmp_path):
+    """Sign-in only on a Space with OAuth enabled; local paths only off Spaces."""
+    import gradio as gr
+
+    from ame_hf.space import build_app
+
+    def handler(demo: gr.Blocks, api_name: str):
+        return next(d.fn for d in demo.fns.values() if d.api_name == api_name)
+
+    local = make_finetunes(tmp_path, n=2)
+    for name in ("SPACE_ID", "OAUTH_CLIENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    demo = build_app()
+    assert not any(isinstance(b, gr.LoginButton) for b in demo.blocks.values())
+    assert handler(demo, "check")("\n".join(map(str, local)), "auto", "").startswith("OK")
+
+    # What Spaces sets for a Space with `hf_oauth: true`; gradio.oauth read its copies at import time.
+    monkeypatch.setenv("SYSTEM", "spaces")
+    monkeypatch.setenv("SPACE_ID", "user/ame-hf")
+    spaces_oauth = {"OAUTH_CLIENT_ID": "client-id", "OAUTH_CLIENT_SECRET": "client-secret",
+                    "OAUTH_SCOPES": "openid profile write-repos", "OPENID_PROVIDER_URL": "http://127.0.0.1:9"}
+    for name, value in spaces_oauth.items():
+        monkeypatch.setenv(name, value)
+        monkeypatch.setattr(f"gradio.oauth.{name}", value)
+    demo = build_app()
+    assert any(isinstance(b, gr.LoginButton) for b in demo.blocks.values())
+    with pytest.raises(gr.Error, match="local paths are disabled"):
+        handler(demo, "check")("\n".join(map(str, local)), "auto", "")
+    with pytest.raises(gr.Error, match="sign in with Hugging Face"):
+        handler(demo, "push")("user/merged", False, "", str(tmp_path))
