@@ -42,6 +42,13 @@ class Candidate:
     config: AmeConfig | None = None     # None for a single ingredient
     ingredient: int | None = None
 
+    @property
+    def rank_key(self) -> tuple[float, int]:
+        # Ties go to the soup, then to AME, then to a single ingredient: a merge uses all the
+        # experts, and a tie on a small validation set says nothing in favour of one of them.
+        kind = 0 if self.config is None else (2 if self.config.is_soup else 1)
+        return (self.score, kind)
+
 
 @dataclass(frozen=True)
 class TuneResult:
@@ -105,21 +112,20 @@ def tune(
             score = evaluate_model(str(result.path), dataset, task, metric)
             candidates.append(Candidate(_label(cfg), score, config=result.config))
             _say(log, candidates[-1])
-            best_so_far = max(candidates, key=lambda c: c.score)
+            best_so_far = max(candidates, key=lambda c: c.rank_key)
             if best_so_far is candidates[-1]:
                 if best_dir is not None:
                     shutil.rmtree(best_dir, ignore_errors=True)
                 best_dir = target
             else:
                 shutil.rmtree(target, ignore_errors=True)
-        # Ties go to the earliest candidate: ingredients, then the soup, then AME in grid order.
-        best = max(candidates, key=lambda c: c.score)
+        best = max(candidates, key=lambda c: c.rank_key)  # first of equals: grid order
         if best.config is not None:
             assert best_dir is not None
             final = best_dir
         else:
             final = _ingredient_output(scratch / "ingredient", resolved[best.ingredient], refs)
-        ranked = sorted(candidates, key=lambda c: -c.score)
+        ranked = sorted(candidates, key=lambda c: c.rank_key, reverse=True)
         update_card(final, [(f"selected: {best.label}", best.score)] + [(c.label, c.score) for c in ranked],
                     task=task, dataset=dataset.name, metric=metric, model_name=out.absolute().name)
         publish(final, out, overwrite)

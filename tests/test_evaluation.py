@@ -85,3 +85,14 @@ def test_bad_data_is_one_clear_line(classifiers, tmp_path, capsys):
     code = main(["evaluate", str(experts[0]), "--data", str(bad)])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "`text` and `label`" in err
+
+
+def test_ties_go_to_the_soup_then_ame_then_an_ingredient():
+    from ame_hf import AmeConfig
+    from ame_hf.tune import Candidate
+
+    cands = [Candidate("ingredient 0", 0.9, ingredient=0), Candidate("adam", 0.9, config=AmeConfig()),
+             Candidate("soup", 0.9, config=AmeConfig.soup()), Candidate("ingredient 1", 0.8, ingredient=1)]
+    assert max(cands, key=lambda c: c.rank_key).label == "soup"
+    assert max(cands[:2], key=lambda c: c.rank_key).label == "adam"
+    assert max(cands[3:] + cands[:1], key=lambda c: c.rank_key).label == "ingredient 0"  # higher score wins
