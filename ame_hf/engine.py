@@ -54,9 +54,9 @@ def step_lrs(order: Sequence[Sequence[int]], batch_size: int, lr: float, schedul
     return lrs
 
 
-def pseudogradient(w: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def pseudogradient(w: torch.Tensor, target: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The AME pseudogradient: from the current weights towards (the mean of) the ingredients."""
-    return w - target
+    return torch.sub(w, target, out=out) if out is not None else w - target
 
 
 def batch_mean(load: Loader, batch: Sequence[int]) -> torch.Tensor:
@@ -93,12 +93,13 @@ def ame_block(
                                                   **dict(config.optimizer_args))
     group = optimizer.param_groups[0]
     lrs = iter(step_lrs(order, config.batch_size, lr, config.schedule or "constant"))
+    grad = torch.empty_like(w)  # one buffer for every step: no allocation per ingredient
     for epoch_order in order:
         for batch in batches(epoch_order, config.batch_size):
-            w.grad = pseudogradient(w, batch_mean(load, batch))
+            w.grad = pseudogradient(w, batch_mean(load, batch), out=grad)
             group["lr"] = next(lrs)
             optimizer.step()
-            w.grad = None
+    w.grad = None
     return w
 
 
