@@ -195,19 +195,39 @@ def _offline() -> bool:
 
 def _download(ref: str, repo_id: str, revision: str | None, sha: str | None, patterns: list[str], *,
               token: str | None, cache_dir: str | None) -> Ingredient:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download, try_to_load_from_cache
 
     with hub_errors(ref, repo_id, revision):
         if sha is None:
-            # Offline: no API call possible; the cache knows the snapshot and its folder name is the sha.
-            path = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True))
+            # Offline: no API call possible. The cache maps the revision to a snapshot folder named
+            # by its sha; we downloaded only some files, so ask for the folder, not a full snapshot.
+            cached = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir, revision=revision)
+            if not isinstance(cached, str):
+                raise HubError(f"{ref}: {repo_id} is not in the local cache and HF_HUB_OFFLINE is set; "
+                               "unset HF_HUB_OFFLINE to download it")
+            path = Path(cached).parent
             return Ingredient(ref=ref, path=path, repo_id=repo_id, revision=revision,
                               sha=path.name if _SHA.match(path.name) else None)
         logger.info("downloading %s@%s", repo_id, sha)
         # Download the resolved sha, not the branch: what we record is exactly what we merge.
         path = Path(snapshot_download(repo_id, revision=sha, allow_patterns=patterns, token=token,
                                       cache_dir=cache_dir))
+    _record_ref(path, revision, sha)
     return Ingredient(ref=ref, path=path, repo_id=repo_id, revision=revision, sha=sha)
+
+
+def _record_ref(snapshot: Path, revision: str | None, sha: str) -> None:
+    """Note in the Hub cache which commit the branch or tag pointed to, as the client does when it
+    downloads by name, so that HF_HUB_OFFLINE=1 later finds `org/name[@branch]` in the cache."""
+    name = revision or "main"
+    if _SHA.match(name) or snapshot.parent.name != "snapshots":
+        return
+    ref_file = snapshot.parent.parent / "refs" / name
+    try:
+        ref_file.parent.mkdir(parents=True, exist_ok=True)
+        ref_file.write_text(sha)
+    except OSError as err:  # a read-only cache still works online
+        logger.debug("cannot record %s -> %s in the cache: %s", name, sha, err)
 
 
 def push_folder(

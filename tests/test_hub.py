@@ -194,3 +194,18 @@ def test_unreachable_endpoint_fails_fast(tmp_path):
     assert elapsed < 20, f"took {elapsed:.1f}s"
     with pytest.raises(HubError):
         raise HubError("HubError is an OSError") from None
+
+
+def test_offline_mode_uses_the_cache(repos, tmp_path):
+    merge(["org/hub-a", "org/hub-b"], tmp_path / "online", progress=False)  # fills the cache
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "offline"
+    proc = subprocess.run([sys.executable, "-m", "ame_hf", "merge", "org/hub-a", "org/hub-b", "--out", str(out),
+                           "--quiet"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "online" / "model.safetensors").read_bytes()
+    assert repos["shas"]["a-main"] in (out / "ame_config.yaml").read_text()
+    proc = subprocess.run([sys.executable, "-m", "ame_hf", "merge", "org/hub-a", "org/never-downloaded", "--out",
+                           str(tmp_path / "o2")], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "org/never-downloaded" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr
