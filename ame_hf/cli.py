@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merge ingredients that contain NaN/Inf instead of refusing them")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     m.add_argument("--device", help="compute device, e.g. cpu, cuda, cuda:1 (default: chosen by accelerate)")
+    m.add_argument("--threads", type=int, help="torch threads on the CPU (default 1; for more cores run "
+                                                "several processes with torchrun)")
     m.add_argument("--push", action="store_true", help="push the output to the Hub (needs --repo-id)")
     _add_push(m, required=False)
     m.add_argument("--eval-data", dest="data", help="evaluate the merge (and its ingredients) on this data "
@@ -199,7 +201,7 @@ def cmd_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise InvalidConfigError("--push needs --repo-id ORG/NAME")
     refs, out, config = _config_from_args(args)
     result = merge(refs, out, config, token=args.token, overwrite=args.overwrite, progress=not args.quiet,
-                   device=args.device, command=redacted_command(argv))
+                   device=args.device, threads=args.threads, command=redacted_command(argv))
     _say(args, f"merged {len(result.ingredients)} checkpoints with {result.config.optimizer} "
                f"in {result.seconds:.1f}s -> {result.path}")
     if args.data:

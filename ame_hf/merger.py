@@ -12,9 +12,10 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -242,6 +243,7 @@ def merge(
     progress: bool = True,
     callback: ProgressCallback | None = None,
     device: str | None = None,
+    threads: int | None = None,
     command: str | None = None,
     **options: Any,
 ) -> MergeResult:
@@ -256,6 +258,9 @@ def merge(
         progress: show a progress bar.
         callback: called as `callback(done_bytes, total_bytes)` as tensors finish.
         device: compute device (default: chosen by accelerate).
+        threads: torch intra-op threads on the CPU during the merge (default 1: element-wise work on
+            slices gains little from threads and stalls badly when another process shares the cores;
+            use several processes with `torchrun` to use more cores).
         command: the command line to record in the card (the CLI passes it, tokens removed).
 
     Returns:
@@ -282,69 +287,84 @@ def merge(
     check_output_dir(out, overwrite)
 
     rank, world, compute_device, state = _distributed_state(device)
-    resolved = _resolve_in_order(refs, token, state)
-    pivot_ingredient = None
-    if isinstance(config.pivot, str) and config.pivot not in ("mean", "first"):
-        pivot_ingredient = _resolve_in_order([config.pivot], token, state)[0]
-    checkpoints = open_checkpoints(resolved)
-    pivot_ckpt = Checkpoint(pivot_ingredient.path, name=pivot_ingredient.ref) if pivot_ingredient else None
-    report = check_compatibility(checkpoints + ([pivot_ckpt] if pivot_ckpt else []),
-                                 allow_dtype_mismatch=config.dtype != "auto")
-    if not report.ok:
-        raise IncompatibleCheckpointsError(report.summary(), report=report)
-    for note in report.notes:
-        logger.info("note: %s", note)
+    if threads is not None and threads < 1:
+        raise InvalidConfigError(f"--threads must be >= 1, got {threads}")
+    with cpu_threads(compute_device, threads):
+        resolved = _resolve_in_order(refs, token, state)
+        pivot_ingredient = None
+        if isinstance(config.pivot, str) and config.pivot not in ("mean", "first"):
+            pivot_ingredient = _resolve_in_order([config.pivot], token, state)[0]
+        checkpoints = open_checkpoints(resolved)
+        pivot_ckpt = Checkpoint(pivot_ingredient.path, name=pivot_ingredient.ref) if pivot_ingredient else None
+        report = check_compatibility(checkpoints + ([pivot_ckpt] if pivot_ckpt else []),
+                                     allow_dtype_mismatch=config.dtype != "auto")
+        if not report.ok:
+            raise IncompatibleCheckpointsError(report.summary(), report=report)
+        for note in report.notes:
+            logger.info("note: %s", note)
 
-    pivot: Any = 0 if config.pivot == "first" else config.pivot
-    pivot_source: Any = pivot_ckpt if pivot_ckpt is not None else pivot
-    order = ingredient_order(len(refs), config.epochs, shuffle=config.shuffle, seed=config.seed)
-    names = checkpoints[0].names()
-    out_tensors = [(n, checkpoints[0].info(n).shape, _output_dtype(config, checkpoints[0].info(n).dtype)) for n in names]
-    pivot_record = pivot_ingredient if pivot_ingredient else pivot
-    metadata = {
-        "ame_hf": _version(),
-        "ame_optimizer": config.optimizer,
-        "ame_ingredients": str(len(refs)),
-        "ame_config_sha256": config_digest(config, resolved, pivot_record),
-    }
-    plan = plan_shards(out_tensors, parse_size(config.max_shard_size), metadata)
+        pivot: Any = 0 if config.pivot == "first" else config.pivot
+        pivot_source: Any = pivot_ckpt if pivot_ckpt is not None else pivot
+        order = ingredient_order(len(refs), config.epochs, shuffle=config.shuffle, seed=config.seed)
+        names = checkpoints[0].names()
+        out_tensors = [(n, checkpoints[0].info(n).shape, _output_dtype(config, checkpoints[0].info(n).dtype)) for n in names]
+        pivot_record = pivot_ingredient if pivot_ingredient else pivot
+        metadata = {
+            "ame_hf": _version(),
+            "ame_optimizer": config.optimizer,
+            "ame_ingredients": str(len(refs)),
+            "ame_config_sha256": config_digest(config, resolved, pivot_record),
+        }
+        plan = plan_shards(out_tensors, parse_size(config.max_shard_size), metadata)
 
-    staging = make_staging_dir(out) if rank == 0 else None
-    if state is not None and world > 1:
-        from accelerate.utils import broadcast_object_list
+        staging = make_staging_dir(out) if rank == 0 else None
+        if state is not None and world > 1:
+            from accelerate.utils import broadcast_object_list
 
-        staging = Path(broadcast_object_list([str(staging) if staging else None])[0])
-    assert staging is not None
-    try:
-        if rank == 0:
-            create_shard_files(staging, plan)
-        _barrier(state, world)
-        sizes = {n: checkpoints[0].info(n).nbytes for n in names}
-        mine = assign_to_processes(sizes, world)[rank]
-        logger.log(logging.INFO if world > 1 else logging.DEBUG, "process %d of %d: %d tensor(s), %.1f MB",
-                   rank + 1, world, len(mine), sum(sizes[n] for n in mine) / 1e6)
-        merger = _TensorMerger(checkpoints, pivot_source, config, order, compute_device)
-        _run_tensors(merger, mine, sizes, staging, plan, progress and rank == 0, callback)
-        _barrier(state, world)
-        result = MergeResult(path=out, config=config, ingredients=resolved, order=order, pivot=pivot_record,
-                             seconds=0.0, report=report)
-        if rank == 0:
-            write_index(staging, plan)
-            _finish(staging, result, checkpoints, pivot_ckpt, command)
-            publish(staging, out, overwrite)
-        _barrier(state, world)
-    except OSError as err:
-        if rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(err, OutputError):
+            staging = Path(broadcast_object_list([str(staging) if staging else None])[0])
+        assert staging is not None
+        try:
+            if rank == 0:
+                create_shard_files(staging, plan)
+            _barrier(state, world)
+            sizes = {n: checkpoints[0].info(n).nbytes for n in names}
+            mine = assign_to_processes(sizes, world)[rank]
+            logger.log(logging.INFO if world > 1 else logging.DEBUG, "process %d of %d: %d tensor(s), %.1f MB",
+                       rank + 1, world, len(mine), sum(sizes[n] for n in mine) / 1e6)
+            merger = _TensorMerger(checkpoints, pivot_source, config, order, compute_device)
+            _run_tensors(merger, mine, sizes, staging, plan, progress and rank == 0, callback)
+            _barrier(state, world)
+            result = MergeResult(path=out, config=config, ingredients=resolved, order=order, pivot=pivot_record,
+                                 seconds=0.0, report=report)
+            if rank == 0:
+                write_index(staging, plan)
+                _finish(staging, result, checkpoints, pivot_ckpt, command)
+                publish(staging, out, overwrite)
+            _barrier(state, world)
+        except OSError as err:
+            if rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(err, OutputError):
+                raise
+            raise OutputError(describe_os_error(err, out)) from None
+        except BaseException:
+            # Errors and Ctrl-C alike: never leave a half-written model behind.
+            if rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
             raise
-        raise OutputError(describe_os_error(err, out)) from None
-    except BaseException:
-        # Errors and Ctrl-C alike: never leave a half-written model behind.
-        if rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return dataclasses.replace(result, seconds=time.perf_counter() - started)
+        return dataclasses.replace(result, seconds=time.perf_counter() - started)
+
+
+@contextmanager
+def cpu_threads(device: torch.device, threads: int | None) -> Iterator[None]:
+    """torch intra-op threads for a CPU merge (default 1), restored afterwards."""
+    previous = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(threads or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _validate_counts(refs: Sequence[str], config: AmeConfig) -> None:

@@ -141,6 +141,7 @@ CASES = [
     ("bad-shard-size", lambda w: [w["a"], w["b"], "--max-shard-size", "5 parsecs"], ["5 parsecs", "5GB"]),
     ("device-not-available", lambda w: [w["a"], w["b"], "--device", "cuda:3"], ["cuda:3", "--device cpu"]),
     ("device-not-a-device", lambda w: [w["a"], w["b"], "--device", "gpu please"], ["gpu please", "cuda"]),
+    ("zero-threads", lambda w: [w["a"], w["b"], "--threads", "0"], ["--threads", ">= 1"]),
     ("push-without-repo-id", lambda w: [w["a"], w["b"], "--push"], ["--repo-id"]),
 ]
 
