@@ -120,8 +120,11 @@ def device_defaults(config: AmeConfig, device: torch.device) -> dict[str, bool]:
 
 @functools.lru_cache(maxsize=None)
 def _fused_supported(cls: type, device_type: str) -> bool:
+    # Some refuse only at the first step (Adagrad's fused kernel is CPU-only), so take one.
     try:
-        cls([torch.zeros(1, device=device_type)], lr=1e-3, fused=True)
+        p = torch.zeros(1, device=device_type, requires_grad=True)
+        p.grad = torch.ones_like(p)
+        cls([p], lr=1e-3, fused=True).step()
     except (RuntimeError, ValueError, TypeError):
         return False
     return True

@@ -50,6 +50,7 @@ class MergeResult:
         order: the ingredient indices used in each epoch.
         pivot: the pivot (`mean`, an index, or the resolved pivot checkpoint).
         seconds: wall time of the merge.
+        device: the device the optimizer ran on (e.g. `cpu`, `cuda:0`).
     """
 
     path: Path
@@ -59,6 +60,7 @@ class MergeResult:
     pivot: Any = "mean"
     seconds: float = 0.0
     report: CompatibilityReport | None = field(default=None, compare=False, repr=False)
+    device: str = field(default="cpu", compare=False)
 
 
 def open_checkpoints(ingredients: Sequence[Ingredient]) -> list[Checkpoint]:
@@ -216,6 +218,12 @@ def _distributed_state(device: str | None):
 
     # Without cpu=True accelerate ignores torchrun's WORLD_SIZE on a machine with no GPU and every
     # process would do the whole job.
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if not cpu and device is None and torch.cuda.is_available() and local_world > torch.cuda.device_count():
+        raise InvalidConfigError(
+            f"launched {local_world} processes on this machine but it has {torch.cuda.device_count()} CUDA "
+            "device(s); launch at most one process per GPU, or pass --device cpu"
+        )
     state = PartialState(cpu=cpu)
     if state.num_processes != world:
         raise InvalidConfigError(
@@ -329,13 +337,13 @@ def merge(
             _barrier(state, world)
             sizes = {n: checkpoints[0].info(n).nbytes for n in names}
             mine = assign_to_processes(sizes, world)[rank]
-            logger.log(logging.INFO if world > 1 else logging.DEBUG, "process %d of %d: %d tensor(s), %.1f MB",
-                       rank + 1, world, len(mine), sum(sizes[n] for n in mine) / 1e6)
+            logger.log(logging.INFO if world > 1 else logging.DEBUG, "process %d of %d on %s: %d tensor(s), %.1f MB",
+                       rank + 1, world, compute_device, len(mine), sum(sizes[n] for n in mine) / 1e6)
             merger = _TensorMerger(checkpoints, pivot_source, config, order, compute_device)
             _run_tensors(merger, mine, sizes, staging, plan, progress and rank == 0, callback)
             _barrier(state, world)
             result = MergeResult(path=out, config=config, ingredients=resolved, order=order, pivot=pivot_record,
-                                 seconds=0.0, report=report)
+                                 seconds=0.0, report=report, device=str(compute_device))
             if rank == 0:
                 write_index(staging, plan)
                 _finish(staging, result, checkpoints, pivot_ckpt, command)
@@ -390,12 +398,23 @@ def _resolve_in_order(refs: Sequence[str], token: str | None, state: Any) -> lis
     if state is None or state.num_processes == 1:
         return resolve_all(refs, token)
     # The main process downloads first; the others then find everything in the cache.
-    with state.main_process_first():
-        return resolve_all(refs, token)
+    if state.is_main_process:
+        resolved = resolve_all(refs, token)
+        _barrier(state, state.num_processes)
+        return resolved
+    _barrier(state, state.num_processes)
+    return resolve_all(refs, token)
 
 
 def _barrier(state: Any, world: int) -> None:
-    if state is not None and world > 1:
+    if state is None or world <= 1:
+        return
+    if state.device.type == "cpu":
+        # accelerate's wait_for_everyone passes device_ids=[local rank], which torch turns into a
+        # CUDA device whenever the machine has one: CPU processes beyond the GPU count then fail
+        # with "invalid device ordinal". A plain barrier on the gloo group needs no device.
+        torch.distributed.barrier()
+    else:
         state.wait_for_everyone()
 
 

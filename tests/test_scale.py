@@ -52,8 +52,9 @@ def test_peak_memory_is_bounded_by_a_slice(tmp_path, optimizer):
     big = _write_big(tmp_path / "big", 3, ROWS)
     tiny = _write_big(tmp_path / "tiny", 3, 8)
     # Same code paths on a tiny tensor measure the fixed cost (interpreter, torch, optimizer).
-    base = _peak_mib("merge", *tiny, "--out", tmp_path / "t", "--optimizer", optimizer, "--quiet")
-    peak = _peak_mib("merge", *big, "--out", tmp_path / "b", "--optimizer", optimizer, "--quiet")
+    cpu = ("--device", "cpu")  # host memory of the CPU path (a GPU run moves larger slices through it)
+    base = _peak_mib("merge", *tiny, "--out", tmp_path / "t", "--optimizer", optimizer, "--quiet", *cpu)
+    peak = _peak_mib("merge", *big, "--out", tmp_path / "b", "--optimizer", optimizer, "--quiet", *cpu)
     tensor_mib = ROWS * COLS * 4 / 2**20
     # Whole-tensor processing would hold several copies (pivot, ingredient, grad, optimizer state):
     # 3-9 x 98 MiB. Streaming slices of 4 MiB stays far below one copy.
@@ -69,7 +70,9 @@ def _torchrun(*args, nproc=2):
 
 def test_two_processes_are_bit_identical_to_one(tmp_path):
     paths = make_finetunes(tmp_path / "ft", n=3, max_shard_size="10KB")
-    common = ["--optimizer", "adam", "--relative-lr", "0.1", "--shuffle", "--epochs", "2", "--max-shard-size", "12KB"]
+    # On the CPU explicitly, so that the comparison holds on a GPU machine too (tests/test_gpu.py).
+    common = ["--optimizer", "adam", "--relative-lr", "0.1", "--shuffle", "--epochs", "2", "--max-shard-size", "12KB",
+              "--device", "cpu"]
     one = tmp_path / "one"
     from ame_hf.cli import main
 
@@ -79,7 +82,7 @@ def test_two_processes_are_bit_identical_to_one(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Both processes really worked (balanced by bytes), then one output was published.
     assert "process 1 of 2" in proc.stderr and "process 2 of 2" in proc.stderr
-    assert "process 2 of 2: 0 tensor" not in proc.stderr
+    assert "process 2 of 2 on cpu: 0 tensor" not in proc.stderr
     assert len(weights_sha256(one)) > 2  # several shards + index
     assert weights_sha256(one) == weights_sha256(two)
     assert (one / "ame_config.yaml").read_text() == (two / "ame_config.yaml").read_text()
@@ -90,10 +93,10 @@ def test_accelerate_launch_on_cpu(tmp_path):
     paths = make_finetunes(tmp_path / "ft", n=2)
     from ame_hf.cli import main
 
-    assert main(["merge", *map(str, paths), "--out", str(tmp_path / "one"), "--quiet"]) == 0
+    assert main(["merge", *map(str, paths), "--out", str(tmp_path / "one"), "--quiet", "--device", "cpu"]) == 0
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "ame_hf", "merge", *map(str, paths), "--out", str(tmp_path / "two")]
+           "-m", "ame_hf", "merge", *map(str, paths), "--out", str(tmp_path / "two"), "--device", "cpu"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
