@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from ._memory import return_large_frees_to_os
 from .checkpoint import Checkpoint
 from .compat import CompatibilityReport, check_compatibility
 from .config import AmeConfig, parse_size
@@ -145,8 +144,8 @@ class _TensorMerger:
         load = self._loader(name, rows)
         total = load(0).double()
         for i in range(1, len(self.checkpoints)):
-            total += load(i).double()
-        return (total / len(self.checkpoints)).to(self.compute_dtype)
+            total.add_(load(i))  # accumulates in float64 without a float64 copy of each ingredient
+        return total.div_(len(self.checkpoints)).to(self.compute_dtype)
 
     def run(self, name: str, out_dir: Path, plan: ShardPlan, advance: Callable[[int], None]) -> None:
         info = self.checkpoints[0].info(name)
@@ -283,7 +282,6 @@ def merge(
     PosixPath('merged')
     """
     started = time.perf_counter()
-    return_large_frees_to_os()
     try:
         config = dataclasses.replace(config, **options) if config is not None else AmeConfig(**options)
     except TypeError as err:
