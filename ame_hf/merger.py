@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,10 +107,15 @@ def _output_dtype(config: AmeConfig, stored: torch.dtype) -> torch.dtype:
 
 
 class _TensorMerger:
-    """Runs AME for one tensor name over all its slices and writes the result in place."""
+    """Runs AME for one tensor name over all its slices and writes the result in place.
+
+    With an I/O thread (`io`), the next ingredient block is read while the engine computes on
+    this one, and each finished block is written while the next is computed: the reads, the
+    writes and the optimizer overlap, and at most one extra block is held in memory each way.
+    """
 
     def __init__(self, checkpoints: list[Checkpoint], pivot: Any, config: AmeConfig,
-                 order: list[list[int]], device: torch.device) -> None:
+                 order: list[list[int]], device: torch.device, io: ThreadPoolExecutor | None = None) -> None:
         self.checkpoints = checkpoints
         self.pivot = pivot  # "mean", an ingredient index, or a Checkpoint
         self.config = config
@@ -117,6 +123,10 @@ class _TensorMerger:
         self.device = device
         self.compute_dtype = getattr(torch, config.compute_dtype)
         self.soup = config.is_soup
+        self.io = io
+        self._pending_write: Future | None = None
+        # The ingredient indices the engine reads for one block, in order (batches are consecutive).
+        self._ame_reads = [i for epoch in order for i in epoch]
 
     def _read(self, ckpt: Checkpoint, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
         t = ckpt.read(name, rows, dtype=self.compute_dtype).to(self.device)
@@ -130,8 +140,39 @@ class _TensorMerger:
             )
         return t
 
-    def _loader(self, name: str, rows: tuple[int, int] | None) -> Callable[[int], torch.Tensor]:
-        return lambda i: self._read(self.checkpoints[i], name, rows)
+    def _loader(self, name: str, rows: tuple[int, int] | None,
+                expected: Sequence[int] = ()) -> Callable[[int], torch.Tensor]:
+        """`load(i)`: ingredient i's block. Reads in the `expected` order are prefetched one ahead."""
+        if self.io is None or not expected:
+            return lambda i: self._read(self.checkpoints[i], name, rows)
+        io, upcoming = self.io, list(expected)
+        pos = 0
+        ahead = io.submit(self._read, self.checkpoints[upcoming[0]], name, rows)
+
+        def load(i: int) -> torch.Tensor:
+            nonlocal pos, ahead
+            if pos >= len(upcoming) or upcoming[pos] != i:  # not the planned order: read it now
+                return self._read(self.checkpoints[i], name, rows)
+            current = ahead
+            pos += 1
+            if pos < len(upcoming):
+                ahead = io.submit(self._read, self.checkpoints[upcoming[pos]], name, rows)
+            return current.result()
+
+        return load
+
+    def _write(self, out_dir: Path, plan: ShardPlan, name: str, row: int, values: torch.Tensor) -> None:
+        if self.io is None:
+            write_rows(out_dir, plan, name, row, values)
+            return
+        self.flush()  # at most one block waiting to be written
+        self._pending_write = self.io.submit(write_rows, out_dir, plan, name, row, values)
+
+    def flush(self) -> None:
+        """Wait for the last write (raising its error, if any)."""
+        pending, self._pending_write = self._pending_write, None
+        if pending is not None:
+            pending.result()
 
     def _pivot_block(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor | None:
         """The pivot's values for a block; None for `mean` (computed from the ingredients)."""
@@ -140,8 +181,7 @@ class _TensorMerger:
         source = self.checkpoints[self.pivot] if isinstance(self.pivot, int) else self.pivot
         return self._read(source, name, rows)
 
-    def _mean_block(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
-        load = self._loader(name, rows)
+    def _mean_block(self, load: Callable[[int], torch.Tensor]) -> torch.Tensor:
         total = load(0).double()
         for i in range(1, len(self.checkpoints)):
             total.add_(load(i))  # accumulates in float64 without a float64 copy of each ingredient
@@ -159,7 +199,8 @@ class _TensorMerger:
         if self.config.relative_lr is not None:
             squared = 0.0
             for rows in slices:
-                s1, dist = spread_sum(self._loader(name, rows), len(self.checkpoints), self._pivot_block(name, rows))
+                n = len(self.checkpoints)
+                s1, dist = spread_sum(self._loader(name, rows, range(n)), n, self._pivot_block(name, rows))
                 squared += dist
                 if len(slices) == 1 and self.pivot == "mean":
                     cached_pivot = (s1 / len(self.checkpoints)).to(self.compute_dtype)
@@ -167,15 +208,18 @@ class _TensorMerger:
             lr = relative_lr_value(self.config.relative_lr, squared, len(self.checkpoints) * info.numel)
         for rows in slices:
             pivot = cached_pivot if cached_pivot is not None else self._pivot_block(name, rows)
+            mean_pass = pivot is None and not self.soup
+            reads = [*(range(len(self.checkpoints)) if mean_pass else ()), *(self._ame_reads if lr != 0.0 else ())]
+            load = self._loader(name, rows, reads)
             if pivot is None and self.soup:
                 # The soup's first step (SGD, lr 1) replaces w by the first ingredient whatever the
                 # pivot; from zeros that step is exact, so the mean pass would only cost a read.
                 pivot = torch.zeros(self._block_shape(info.shape, rows), dtype=self.compute_dtype, device=self.device)
             elif pivot is None:
-                pivot = self._mean_block(name, rows)
+                pivot = self._mean_block(load)
             # lr 0 (relative lr of identical ingredients): every optimizer would stay at the pivot.
-            merged = pivot if lr == 0.0 else ame_block(self._loader(name, rows), pivot, self.config, self.order, lr)
-            write_rows(out_dir, plan, name, rows[0] if rows else 0, merged.cpu())
+            merged = pivot if lr == 0.0 else ame_block(load, pivot, self.config, self.order, lr)
+            self._write(out_dir, plan, name, rows[0] if rows else 0, merged.cpu())
             advance(info.nbytes * (rows[1] - rows[0]) // info.shape[0] if rows else info.nbytes)
 
     @staticmethod
@@ -190,7 +234,7 @@ class _TensorMerger:
                     f"non-floating tensor {name!r} differs between {self.checkpoints[0].name} and {other.name}; "
                     "integer buffers must be equal in all ingredients"
                 )
-        write_rows(out_dir, plan, name, 0, first)
+        self._write(out_dir, plan, name, 0, first)
 
 
 def _distributed_state(device: str | None):
@@ -229,7 +273,11 @@ def _distributed_state(device: str | None):
             f"launched as {world} processes but accelerate set up {state.num_processes}; "
             "launch with torchrun or `accelerate launch` and the same --device on every process"
         )
-    return state.process_index, state.num_processes, torch.device(device) if device else state.device, state
+    chosen = torch.device(device) if device else state.device
+    if chosen.type == "cuda" and chosen.index is None:
+        # An explicit index: the I/O thread must use this process's GPU, not its own default (0).
+        chosen = torch.device("cuda", torch.cuda.current_device())
+    return state.process_index, state.num_processes, chosen, state
 
 
 def config_digest(config: AmeConfig, ingredients: Sequence[Ingredient], pivot: Any) -> str:
@@ -337,8 +385,13 @@ def merge(
             mine = assign_to_processes(sizes, world)[rank]
             logger.log(logging.INFO if world > 1 else logging.DEBUG, "process %d of %d on %s: %d tensor(s), %.1f MB",
                        rank + 1, world, compute_device, len(mine), sum(sizes[n] for n in mine) / 1e6)
-            merger = _TensorMerger(checkpoints, pivot_source, config, order, compute_device)
-            _run_tensors(merger, mine, sizes, staging, plan, progress and rank == 0, callback)
+            io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ame-hf-io")
+            try:
+                merger = _TensorMerger(checkpoints, pivot_source, config, order, compute_device, io)
+                _run_tensors(merger, mine, sizes, staging, plan, progress and rank == 0, callback)
+                merger.flush()
+            finally:
+                io.shutdown(wait=True, cancel_futures=True)
             _barrier(state, world)
             result = MergeResult(path=out, config=config, ingredients=resolved, order=order, pivot=pivot_record,
                                  seconds=0.0, report=report, device=str(compute_device))

@@ -225,3 +225,21 @@ def test_check_bad_input_is_one_line(world, capsys):
     assert main(["check", str(world["a"]), str(world["corrupt"])]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a valid safetensors" in err
+
+
+def test_file_truncated_after_opening_is_a_checkpoint_error(tmp_path):
+    """Reads are positioned reads at offsets from the header: a file cut short after it was
+    validated (e.g. replaced during a merge) must give CheckpointError, never short data."""
+    from ame_hf.checkpoint import Checkpoint
+    from ame_hf.errors import CheckpointError
+
+    path = make_finetunes(tmp_path / "ft", n=1)[0]
+    ckpt = Checkpoint(path)
+    name = max(ckpt.names(), key=lambda n: ckpt.info(n).offset)  # the last tensor in the file
+    assert torch.equal(ckpt.read(name), load_file(path / "model.safetensors")[name])
+    file = path / "model.safetensors"
+    os.truncate(file, file.stat().st_size - 8)
+    with pytest.raises(CheckpointError, match=r"cannot read tensor .* ends 8 bytes early"):
+        ckpt.read(name)
+    with pytest.raises(CheckpointError, match="ends 8 bytes early"):
+        ckpt.read(name, rows=(0, ckpt.info(name).shape[0]))

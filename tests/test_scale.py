@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from factories import make_finetunes, weights_sha256
 
-ROWS, COLS = 300_000, 256  # one 293 MiB float32 tensor
+ROWS, COLS = 400_000, 256  # one 391 MiB float32 tensor
 
 
 def _write_big(root: Path, n: int, rows: int) -> list[Path]:
@@ -60,8 +60,9 @@ def test_peak_memory_is_bounded_by_a_slice(tmp_path, optimizer):
     peak = _peak_mib("merge", *big, "--out", tmp_path / "b", "--optimizer", optimizer, "--quiet", *cpu)
     tensor_mib = ROWS * COLS * 4 / 2**20
     # Whole-tensor processing would hold several copies (pivot, ingredient, grad, optimizer state):
-    # 3-9 x 293 MiB. Streaming 4 MiB slices costs a fixed amount whatever the tensor's size (about
-    # 80 MiB for Adam: the allocator keeps freed slice buffers for reuse), far below one copy.
+    # 3-9 x 391 MiB. Streaming 4 MiB slices costs a fixed amount whatever the tensor's size (up to
+    # about 110 MiB for Adam: freed slice buffers are kept for reuse, and one block is read ahead
+    # and one written behind), far below one copy.
     assert peak - base < 0.5 * tensor_mib, f"peak {peak:.0f} MiB vs baseline {base:.0f} MiB"
 
 
