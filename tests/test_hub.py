@@ -191,9 +191,8 @@ def test_unreachable_endpoint_fails_fast(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr
     assert "cannot reach http://127.0.0.1:9" in lines[0]
-    assert elapsed < 20, f"took {elapsed:.1f}s"
-    with pytest.raises(HubError):
-        raise HubError("HubError is an OSError") from None
+    assert elapsed < 20, f"took {elapsed:.1f}s"  # a bound on hanging, not a speed measurement
+    assert issubclass(HubError, OSError)  # so callers catching OSError also catch it
 
 
 def test_offline_mode_uses_the_cache(repos, tmp_path):
