@@ -6,7 +6,6 @@ one positioned read each into a fresh tensor; `.bin` only via `weights_only`.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -143,7 +142,8 @@ class Checkpoint:
 
         for f in files:
             try:
-                # safe_open validates the whole header (offsets, sizes, file length) first.
+                # safe_open validates the whole header (offsets, sizes, file length); the offsets
+                # themselves are not exposed, so `_data_offsets` reads them from the same header.
                 with safe_open(self.path / f, framework="pt") as handle:
                     offsets = _data_offsets(self.path / f)
                     for key in handle.keys():
@@ -153,10 +153,7 @@ class Checkpoint:
                             raise CheckpointError(f"{self.name}: tensor {key!r} has unsupported dtype {sl.get_dtype()}")
                         if key in tensors:
                             raise CheckpointError(f"{self.name}: tensor {key!r} appears in two shards")
-                        info = TensorInfo(file=f, shape=tuple(sl.get_shape()), dtype=dtype, offset=offsets[key][0])
-                        if offsets[key][1] - offsets[key][0] != info.nbytes:
-                            raise CheckpointError(f"{self.name}: tensor {key!r} in {f} has inconsistent offsets")
-                        tensors[key] = info
+                        tensors[key] = TensorInfo(file=f, shape=tuple(sl.get_shape()), dtype=dtype, offset=offsets[key])
             except CheckpointError:
                 raise
             except Exception as err:  # safetensors raises its own error types for corrupt files
@@ -196,8 +193,8 @@ class Checkpoint:
             t = self._bin[name]
             t = t if rows is None or not info.shape else t[rows[0]:rows[1]]
             return t.to(dtype, copy=True)
-        if _PREAD and info.offset >= 0:
-            return self._pread(name, info, rows, dtype)
+        if _LITTLE_ENDIAN and info.offset >= 0:
+            return self._read_at(name, info, rows, dtype)
         from safetensors import safe_open
 
         try:
@@ -212,45 +209,42 @@ class Checkpoint:
         except Exception as err:
             raise CheckpointError(f"{self.name}: cannot read tensor {name!r} from {info.file} ({err})") from None
 
-    def _pread(self, name: str, info: TensorInfo, rows: tuple[int, int] | None, dtype: torch.dtype) -> torch.Tensor:
-        """One positioned read into a fresh tensor: a single copy out of the page cache, with no
-        memory map to fault in and no header to parse again."""
-        start, stop = rows if rows is not None and info.shape else (0, info.shape[0] if info.shape else 1)
-        shape = (stop - start, *info.shape[1:]) if info.shape else ()
-        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
+    def _read_at(self, name: str, info: TensorInfo, rows: tuple[int, int] | None, dtype: torch.dtype) -> torch.Tensor:
+        """Read the bytes at the tensor's offset straight into a fresh tensor: one copy out of the
+        page cache, with no memory map to fault in and no header to parse again."""
+        offset, shape = info.offset, info.shape
+        if rows is not None and info.shape:
+            row_bytes = info.nbytes // info.shape[0]
+            offset += rows[0] * row_bytes
+            shape = (rows[1] - rows[0], *info.shape[1:])
         out = torch.empty(shape, dtype=info.dtype)
-        count = (stop - start) * row_bytes
-        if count:
-            view = memoryview((ctypes.c_char * count).from_address(out.data_ptr())).cast("B")
-            try:
-                fd = os.open(self.path / info.file, os.O_RDONLY)
-                try:
-                    done = 0
-                    while done < count:
-                        n = os.preadv(fd, [view[done:]], info.offset + start * row_bytes + done)
-                        if n <= 0:
-                            raise OSError(f"file ends {count - done} bytes early")
-                        done += n
-                finally:
-                    os.close(fd)
-            except OSError as err:
-                raise CheckpointError(f"{self.name}: cannot read tensor {name!r} from {info.file} ({err})") from None
+        buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # as writer.write_rows does
+        try:
+            with open(self.path / info.file, "rb", buffering=0) as f:
+                f.seek(offset)
+                done = 0
+                while done < len(buffer):
+                    n = f.readinto(buffer[done:])
+                    if not n:
+                        raise OSError(f"file ends {len(buffer) - done} bytes early")
+                    done += n
+        except OSError as err:
+            raise CheckpointError(f"{self.name}: cannot read tensor {name!r} from {info.file} ({err})") from None
         return out if dtype == info.dtype else out.to(dtype)
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.name!r}, {len(self.tensors)} tensors)"
 
 
-# Positioned reads where the OS has them and the byte order is safetensors' own (little-endian).
-_PREAD = hasattr(os, "preadv") and sys.byteorder == "little"
+# Raw bytes are safetensors' own byte order (little-endian) only on little-endian machines;
+# elsewhere `safe_open` converts them.
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
-def _data_offsets(file: Path) -> dict[str, tuple[int, int]]:
-    """Absolute [begin, end) byte offsets of every tensor of a safetensors file (header already
+def _data_offsets(file: Path) -> dict[str, int]:
+    """Absolute byte offset of every tensor's data in a safetensors file (header already
     validated by safe_open)."""
     with open(file, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
-    base = 8 + size
-    return {k: (base + v["data_offsets"][0], base + v["data_offsets"][1])
-            for k, v in header.items() if k != "__metadata__"}
+    return {k: 8 + size + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}

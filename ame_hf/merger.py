@@ -142,7 +142,8 @@ class _TensorMerger:
 
     def _loader(self, name: str, rows: tuple[int, int] | None,
                 expected: Sequence[int] = ()) -> Callable[[int], torch.Tensor]:
-        """`load(i)`: ingredient i's block. Reads in the `expected` order are prefetched one ahead."""
+        """`load(i)`: ingredient i's block. The engine asks in the `expected` order, so each read is
+        started one ahead in the I/O thread."""
         if self.io is None or not expected:
             return lambda i: self._read(self.checkpoints[i], name, rows)
         io, upcoming = self.io, list(expected)
@@ -151,8 +152,7 @@ class _TensorMerger:
 
         def load(i: int) -> torch.Tensor:
             nonlocal pos, ahead
-            if pos >= len(upcoming) or upcoming[pos] != i:  # not the planned order: read it now
-                return self._read(self.checkpoints[i], name, rows)
+            assert pos < len(upcoming) and upcoming[pos] == i, "the engine read out of the planned order"
             current = ahead
             pos += 1
             if pos < len(upcoming):
@@ -194,22 +194,22 @@ class _TensorMerger:
             advance(info.nbytes)
             return
         slices = row_slices(info.shape, SLICE_ELEMENTS * (GPU_SLICE_FACTOR if self.device.type == "cuda" else 1))
+        n = len(self.checkpoints)
         lr = self.config.lr
         cached_pivot = None
         if self.config.relative_lr is not None:
             squared = 0.0
             for rows in slices:
-                n = len(self.checkpoints)
                 s1, dist = spread_sum(self._loader(name, rows, range(n)), n, self._pivot_block(name, rows))
                 squared += dist
                 if len(slices) == 1 and self.pivot == "mean":
-                    cached_pivot = (s1 / len(self.checkpoints)).to(self.compute_dtype)
+                    cached_pivot = (s1 / n).to(self.compute_dtype)
                 del s1
-            lr = relative_lr_value(self.config.relative_lr, squared, len(self.checkpoints) * info.numel)
+            lr = relative_lr_value(self.config.relative_lr, squared, n * info.numel)
         for rows in slices:
             pivot = cached_pivot if cached_pivot is not None else self._pivot_block(name, rows)
             mean_pass = pivot is None and not self.soup
-            reads = [*(range(len(self.checkpoints)) if mean_pass else ()), *(self._ame_reads if lr != 0.0 else ())]
+            reads = [*(range(n) if mean_pass else ()), *(self._ame_reads if lr != 0.0 else ())]
             load = self._loader(name, rows, reads)
             if pivot is None and self.soup:
                 # The soup's first step (SGD, lr 1) replaces w by the first ingredient whatever the

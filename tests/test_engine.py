@@ -151,3 +151,29 @@ def test_explicit_output_dtype_and_float64_compute(finetunes, tmp_path):
     assert {v.dtype for v in out.values()} == {torch.float16}
     mean = independent_mean(finetunes)
     assert max_abs_diff(out, {k: v.half() for k, v in mean.items()}) == 0
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["offset-reads", "safe_open"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_checkpoint_reads_match_safetensors(tmp_path, monkeypatch, direct, dtype):
+    """Both read paths (bytes at the header's offsets; safe_open on big-endian machines) give the
+    stored values, whole or by rows, converted on request, in fresh memory."""
+    import ame_hf.checkpoint as checkpoint
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(checkpoint, "_LITTLE_ENDIAN", direct)
+    path = make_finetunes(tmp_path, n=1, dtype=dtype, max_shard_size="8KB")[0]
+    stored = {}
+    for f in path.glob("*.safetensors"):
+        stored.update(load_file(f))
+    ckpt = checkpoint.Checkpoint(path)
+    assert len(ckpt.files) > 1 and sorted(stored) == ckpt.names()
+    for name, value in stored.items():
+        assert torch.equal(ckpt.read(name), value), name
+        assert torch.equal(ckpt.read(name, dtype=torch.float32), value.float()), name
+        if value.dim() and value.shape[0] > 2:
+            assert torch.equal(ckpt.read(name, rows=(1, 3)), value[1:3]), name
+    first = ckpt.names()[0]
+    a = ckpt.read(first)
+    a.add_(1)  # the engine updates loaded blocks in place: a later read must not see it
+    assert torch.equal(ckpt.read(first), stored[first])

@@ -228,8 +228,8 @@ def test_check_bad_input_is_one_line(world, capsys):
 
 
 def test_file_truncated_after_opening_is_a_checkpoint_error(tmp_path):
-    """Reads are positioned reads at offsets from the header: a file cut short after it was
-    validated (e.g. replaced during a merge) must give CheckpointError, never short data."""
+    """Reads go straight to offsets from the header: a file cut short after it was validated
+    (e.g. replaced during a merge) must give CheckpointError, never short data."""
     from ame_hf.checkpoint import Checkpoint
     from ame_hf.errors import CheckpointError
 

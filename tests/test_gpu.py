@@ -2,7 +2,7 @@
 clear refusal of more processes than GPUs.
 
 These tests need a CUDA GPU. CI has none, so there they are reported as skipped (never as passed);
-they were run on a lent H200/H100 machine (see the README, "GPUs").
+they were run on a lent H200 machine (see the README, "Scale").
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ def test_default_device_is_the_gpu(tmp_path):
     paths = make_finetunes(tmp_path / "ft", n=2)
     result = ame_hf.merge(paths, tmp_path / "out", optimizer="sgd", progress=False)
     assert result.device.startswith("cuda")
-    assert all(t.device.type == "cpu" for t in _weights(result.path).values())  # written from host memory
 
 
 def test_soup_on_gpu_equals_cpu_and_the_mean(tmp_path, small_slices):
