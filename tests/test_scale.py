@@ -60,9 +60,9 @@ def test_peak_memory_is_bounded_by_a_slice(tmp_path, optimizer):
     peak = _peak_mib("merge", *big, "--out", tmp_path / "b", "--optimizer", optimizer, "--quiet", *cpu)
     tensor_mib = ROWS * COLS * 4 / 2**20
     # Whole-tensor processing would hold several copies (pivot, ingredient, grad, optimizer state):
-    # 3-9 x 391 MiB. Streaming 4 MiB slices costs a fixed amount whatever the tensor's size (up to
-    # about 110 MiB for Adam: freed slice buffers are kept for reuse, and one block is read ahead
-    # and one written behind), far below one copy.
+    # 3-9 x 391 MiB. Streaming 4 MiB slices costs a fixed amount whatever the tensor's size (freed
+    # slice buffers are kept for reuse, one block is read ahead and one written behind), far below
+    # one copy.
     assert peak - base < 0.5 * tensor_mib, f"peak {peak:.0f} MiB vs baseline {base:.0f} MiB"
 
 

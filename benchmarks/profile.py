@@ -1,0 +1,102 @@
+"""Where the wall time of an ame-hf merge goes: start-up (imports) against the merge itself.
+
+    python benchmarks/profile.py            # 4 x 134M fp32 inputs from benchmarks/_work (built if missing)
+    python benchmarks/profile.py --runs 5
+
+Each figure is the median of `--runs` fresh processes:
+- `import torch`, and `import torch` + `import torch._dynamo` (torch.optim imports the latter at the
+  first `step()` of any optimizer);
+- the whole `ame-hf merge` process (soup and AME-Adam, as in run.py);
+- the same merge run a second time inside one process (imports done, optimizer classes warm): the
+  merge work alone.
+Writes the table to stdout and to benchmarks/PROFILE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from build_inputs import copy_dir  # noqa: E402
+from run import CHILD_ENV, environment, prewarm  # noqa: E402
+
+CHILD_ENV_FULL = {**os.environ, **CHILD_ENV}
+JOBS = {"soup": ["--optimizer", "sgd"], "AME-Adam (lr 1e-4)": ["--optimizer", "adam", "--lr", "1e-4"]}
+
+_WARM = """
+import json, sys, time
+import ame_hf
+paths, out, opts = sys.argv[1:5], sys.argv[5], json.loads(sys.argv[6])
+ame_hf.merge(paths, out, overwrite=True, progress=False, device="cpu", **opts)
+started = time.perf_counter()
+ame_hf.merge(paths, out, overwrite=True, progress=False, device="cpu", **opts)
+print(time.perf_counter() - started)
+"""
+
+
+def wall(cmd: list[str], inputs: list[Path] = ()) -> float:
+    prewarm(inputs)  # inputs from the page cache, as in run.py
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, env=CHILD_ENV_FULL)
+    return time.perf_counter() - started
+
+
+def warm_seconds(cmd: list[str], inputs: list[Path]) -> float:
+    prewarm(inputs)
+    return float(subprocess.run(cmd, check=True, capture_output=True, text=True, env=CHILD_ENV_FULL).stdout)
+
+
+def median_of(runs: int, fn) -> float:
+    return statistics.median(fn() for _ in range(runs))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--work", type=Path, default=HERE / "_work")
+    args = p.parse_args(argv)
+    models = args.work / "models"
+    inputs = [copy_dir(models, "small", "fp32", i) for i in range(4)]
+    if not all((d / ".complete").is_file() for d in inputs):
+        subprocess.run([sys.executable, str(HERE / "build_inputs.py"), "--model", "small", "--copies", "4",
+                        "--out", str(models)], check=True)
+    out = args.work / "outputs" / "profile"
+    py = sys.executable
+    rows = [
+        ("`import torch`", median_of(args.runs, lambda: wall([py, "-c", "import torch"]))),
+        ("`import torch` + `import torch._dynamo`",
+         median_of(args.runs, lambda: wall([py, "-c", "import torch, torch._dynamo"]))),
+        ("`import ame_hf.cli, ame_hf.merger` + `import torch._dynamo` (all a merge imports)",
+         median_of(args.runs, lambda: wall([py, "-c", "import ame_hf.cli, ame_hf.merger, torch._dynamo"]))),
+    ]
+    for label, opts in JOBS.items():
+        cmd = [py, "-m", "ame_hf", "merge", *map(str, inputs), "--out", str(out), "--overwrite", "--quiet",
+               "--device", "cpu", *opts]
+        rows.append((f"`ame-hf merge`, {label}: whole process", median_of(args.runs, lambda: wall(cmd, inputs))))
+        api = {"optimizer": opts[1], **({"lr": float(opts[3])} if len(opts) > 2 else {})}
+        warm = [py, "-c", _WARM, *map(str, inputs), str(out), json.dumps(api)]
+        rows.append(("the same merge, second run in one process (the merge work alone)",
+                     median_of(args.runs, lambda: warm_seconds(warm, inputs))))
+    env = environment("mergekit not used")
+    lines = ["# Where the time of a merge goes", "",
+             f"- command: `python benchmarks/profile.py --runs {args.runs}`; 4 x 134M fp32 inputs, `--device cpu`",
+             f"- machine: {env['machine']}", f"- software: {env['software'].split('; mergekit')[0]}", "",
+             f"| what (median of {args.runs} processes) | seconds |", "|---|---|"]
+    lines += [f"| {what} | {seconds:.2f} |" for what, seconds in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    (HERE / "PROFILE.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
