@@ -95,7 +95,5 @@ def push_to_hub(
         folder = source.ame_result.path
     else:
         folder = Path(source)
-    if not (Path(folder) / "ame_config.yaml").is_file():
-        raise InvalidConfigError(f"{folder} is not an ame-hf merge output (no ame_config.yaml)")
     return push_folder(folder, repo_id, token=token, private=private, revision=revision,
                        create_pr=create_pr, commit_message=commit_message)

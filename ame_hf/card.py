@@ -81,11 +81,11 @@ def run_dict(result: "MergeResult") -> dict[str, Any]:
     """The content of `ame_config.yaml`: run keys, AmeConfig fields, then what was resolved."""
     cfg = result.config.to_dict()
     pivot = result.pivot
-    if hasattr(pivot, "pinned_ref"):
-        cfg["pivot"] = pivot.pinned_ref
+    if hasattr(pivot, "recipe_ref"):
+        cfg["pivot"] = pivot.recipe_ref(result.path)
     lr_for_defaults = result.config.lr if result.config.lr is not None else 1e-3
     return {
-        "ingredients": [i.pinned_ref for i in result.ingredients],
+        "ingredients": [i.recipe_ref(result.path) for i in result.ingredients],
         **cfg,
         "ame_hf_version": versions()["ame-hf"],
         "resolved": {

@@ -15,11 +15,37 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 # CLI option (dest) -> AmeConfig field, for options that may also come from --config YAML.
 CONFIG_OPTIONS = ("optimizer", "lr", "relative_lr", "optimizer_args", "schedule", "epochs", "batch_size",
                   "pivot", "seed", "shuffle", "dtype", "compute_dtype", "max_shard_size", "allow_nonfinite")
+
+
+class UsageError(Exception):
+    """A malformed command line (unknown option, bad option value): one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line naming it, not a usage block (main() prints it)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message}; see `{self.prog} --help`")
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a number, e.g. 1e-4") from None
+
+
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a whole number, e.g. 3") from None
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -52,7 +78,7 @@ def _add_eval(p: argparse.ArgumentParser, required: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ame-hf",
         description="Fuse fine-tuned checkpoints into one model by Amortized Model Ensembling (AME).",
     )
@@ -66,17 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--config", help="YAML file with the same options (e.g. a previous ame_config.yaml)")
     m.add_argument("--optimizer", help="torch.optim optimizer: adam (default), adamw, sgd, adagrad, adadelta, "
                                        "rmsprop, adamax, nadam, radam, asgd, rprop")
-    m.add_argument("--lr", type=float, help="plain torch.optim learning rate")
-    m.add_argument("--relative-lr", type=float,
+    m.add_argument("--lr", type=_number, help="plain torch.optim learning rate")
+    m.add_argument("--relative-lr", type=_number,
                    help="learning rate as a multiple of each tensor's RMS(ingredient - pivot) "
                         "(default 0.005 for adaptive optimizers when --lr is not given)")
     m.add_argument("--optimizer-args", help='other optimizer arguments as JSON, e.g. \'{"betas": [0.9, 0.99]}\'')
     m.add_argument("--schedule", choices=["constant", "harmonic"],
                    help="learning-rate schedule (default: harmonic for sgd/asgd, else constant)")
-    m.add_argument("--epochs", type=int, help="ensembling epochs (default 1)")
-    m.add_argument("--batch-size", type=int, help="ingredients per pseudogradient (default 1)")
+    m.add_argument("--epochs", type=_whole, help="ensembling epochs (default 1)")
+    m.add_argument("--batch-size", type=_whole, help="ingredients per pseudogradient (default 1)")
     m.add_argument("--pivot", help="starting point: mean (default), first, an ingredient index, or a checkpoint REF")
-    m.add_argument("--seed", type=int, help="seed of --shuffle (default 0)")
+    m.add_argument("--seed", type=_whole, help="seed of --shuffle (default 0)")
     m.add_argument("--shuffle", action="store_true", default=None, help="shuffle the ingredient order every epoch")
     m.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="output dtype (default auto: the ingredients')")
@@ -86,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merge ingredients that contain NaN/Inf instead of refusing them")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     m.add_argument("--device", help="compute device, e.g. cpu, cuda, cuda:1 (default: chosen by accelerate)")
-    m.add_argument("--threads", type=int, help="torch threads on the CPU (default 1; for more cores run "
+    m.add_argument("--threads", type=_whole, help="torch threads on the CPU (default 1; for more cores run "
                                                 "several processes with torchrun)")
     m.add_argument("--push", action="store_true", help="push the output to the Hub (needs --repo-id)")
     _add_push(m, required=False)
@@ -128,20 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("refs", nargs="+", metavar="REF")
     t.add_argument("--out", required=True, help="output directory for the chosen model")
     _add_eval(t, required=True)
-    t.add_argument("--budget", type=int, default=12, help="number of AME variants to try (default 12)")
+    t.add_argument("--budget", type=_whole, default=12, help="number of AME variants to try (default 12)")
     t.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     _add_token(t)
     _add_common(t)
     t.set_defaults(func=cmd_tune)
 
     s = sub.add_parser("space", help="run the Gradio app (the Hugging Face Space) locally")
-    s.add_argument("--port", type=int, default=None, help="port (default: Gradio's 7860 or GRADIO_SERVER_PORT)")
+    s.add_argument("--port", type=_whole, default=None, help="port (default: Gradio's 7860 or GRADIO_SERVER_PORT)")
     _add_common(s)
     s.set_defaults(func=cmd_space)
 
     d = sub.add_parser("demo", help="build tiny fine-tunes locally, merge them (AME and soup) and compare")
     d.add_argument("--out", default="ame-demo", help="working directory (default ./ame-demo)")
-    d.add_argument("--steps", type=int, default=None, help="fine-tuning steps per expert (default 120)")
+    d.add_argument("--steps", type=_whole, default=None, help="fine-tuning steps per expert (default 120)")
     _add_common(d)
     d.set_defaults(func=cmd_demo)
     return parser
@@ -163,24 +189,32 @@ def redacted_command(argv: Sequence[str]) -> str:
     return shlex.join(["ame-hf", *out])
 
 
-def _config_from_args(args: argparse.Namespace) -> tuple[list[str], str | None, Any]:
-    """(refs, out, AmeConfig) from --config YAML overridden by explicit options."""
-    from .config import AmeConfig, load_yaml_mapping
+def _run_from_args(args: argparse.Namespace) -> tuple[list[str], str, dict[str, Any]]:
+    """(refs, out, AmeConfig values) from --config YAML overridden by explicit options.
+
+    Imports no torch: a typo in a path or an option fails at once. Relative paths in the YAML are
+    relative to the YAML file's directory.
+    """
+    from .config import load_yaml_mapping
     from .errors import InvalidConfigError
+    from .hub import rebase_ref
 
     values: dict[str, Any] = {}
     refs: list[str] = list(args.refs)
     out = args.out
     if args.config:
         data = load_yaml_mapping(Path(args.config))
+        base = Path(args.config).parent
         data.pop("resolved", None)
         data.pop("ame_hf_version", None)
         file_refs = data.pop("ingredients", None)
         if file_refs is not None and not (isinstance(file_refs, list) and all(isinstance(r, str) for r in file_refs)):
             raise InvalidConfigError(f"{args.config}: ingredients must be a list of references")
-        refs = refs or list(file_refs or [])
-        out = out or data.pop("out", None)
-        data.pop("out", None)
+        refs = refs or [rebase_ref(r, base) for r in file_refs or []]
+        if isinstance(data.get("pivot"), str) and data["pivot"].lower() not in ("mean", "first"):
+            data["pivot"] = rebase_ref(data["pivot"], base)
+        file_out = data.pop("out", None)
+        out = out or (rebase_ref(file_out, base) if isinstance(file_out, str) else file_out)
         values.update(data)
     for key in CONFIG_OPTIONS:
         value = getattr(args, key)
@@ -190,18 +224,27 @@ def _config_from_args(args: argparse.Namespace) -> tuple[list[str], str | None, 
         raise InvalidConfigError("no ingredients: give REF arguments or an `ingredients:` list in --config")
     if not out:
         raise InvalidConfigError("no output directory: pass --out DIR")
-    return refs, out, AmeConfig.from_dict(values)
+    return refs, str(out), values
 
 
 def cmd_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .errors import InvalidConfigError
-    from .merger import merge
+    from .hub import local_inputs
+    from .output import check_output_dir
 
     if args.push and not args.repo_id:
         raise InvalidConfigError("--push needs --repo-id ORG/NAME")
-    refs, out, config = _config_from_args(args)
-    result = merge(refs, out, config, token=args.token, overwrite=args.overwrite, progress=not args.quiet,
-                   device=args.device, threads=args.threads, command=redacted_command(argv))
+    refs, out, values = _run_from_args(args)
+    pivot = values.get("pivot")
+    pivot_refs = [str(pivot)] if isinstance(pivot, str) and pivot.lower() not in ("mean", "first") else []
+    # Before torch and the Hub client load: a bad path or --out fails in a fraction of a second.
+    check_output_dir(Path(out), args.overwrite, inputs=local_inputs([*refs, *pivot_refs]))
+    from .config import AmeConfig
+    from .merger import merge
+
+    result = merge(refs, out, AmeConfig.from_dict(values), token=args.token, overwrite=args.overwrite,
+                   progress=not args.quiet, device=args.device, threads=args.threads,
+                   command=redacted_command(argv))
     _say(args, f"merged {len(result.ingredients)} checkpoints with {result.config.optimizer} "
                f"in {result.seconds:.1f}s -> {result.path}")
     if args.data:
@@ -212,15 +255,14 @@ def cmd_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
         update_card(result.path, rows, task=args.task, dataset=Path(args.data).stem, metric=args.metric)
         print(_table(rows, args.metric))
     if args.push:
-        from .hub import push_folder
-
-        url = push_folder(result.path, args.repo_id, token=args.token, private=args.private,
-                          revision=args.revision, create_pr=args.create_pr, commit_message=args.commit_message)
-        print(f"pushed to {url}")
+        _push(result.path, args)
     return 0
 
 
 def cmd_check(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .hub import local_inputs
+
+    local_inputs(args.refs)  # a typo in a path fails before torch loads
     from .api import check
 
     report = check(args.refs, token=args.token, dtype=args.dtype)
@@ -229,12 +271,19 @@ def cmd_check(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def cmd_push(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .api import push_to_hub
-
-    url = push_to_hub(args.dir, args.repo_id, token=args.token, private=args.private, revision=args.revision,
-                      create_pr=args.create_pr, commit_message=args.commit_message)
-    print(f"pushed to {url}")
+    _push(Path(args.dir), args)
     return 0
+
+
+def _push(folder: Path, args: argparse.Namespace) -> None:
+    from .hub import upload_output
+
+    info = upload_output(folder, args.repo_id, token=args.token, private=args.private, revision=args.revision,
+                         create_pr=args.create_pr, commit_message=args.commit_message)
+    if info.changed:
+        print(f"pushed to {info.url}")
+    else:
+        print(f"nothing changed: {args.repo_id} already holds exactly this output (commit {info.commit}); {info.url}")
 
 
 def _evaluate_rows(models: Sequence[str], args: argparse.Namespace,
@@ -326,10 +375,14 @@ def _setup_logging(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as err:
+        print(f"ame-hf: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     _setup_logging(args)
     func: Callable[[argparse.Namespace, Sequence[str]], int] = args.func
     try:

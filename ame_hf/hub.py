@@ -5,6 +5,7 @@ Knows nothing about optimizers; turns the client's exceptions into ame-hf's one-
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -52,6 +53,16 @@ class Ingredient:
     def pinned_ref(self) -> str:
         """A reference that always resolves to the same files (`org/name@<sha>`, or the path)."""
         return f"{self.repo_id}@{self.sha}" if self.repo_id and self.sha else str(self.ref)
+
+    @property
+    def identity(self) -> str:
+        """What names these files wherever the run starts: `org/name@<sha>`, or the real local path."""
+        return self.pinned_ref if self.repo_id else os.path.realpath(self.path)
+
+    def recipe_ref(self, out: str | os.PathLike) -> str:
+        """The reference to record in `out`'s ame_config.yaml: pinned, and for a local directory
+        relative to `out`, which is how `--config` reads it back."""
+        return self.pinned_ref if self.repo_id else os.path.relpath(Path(self.path).absolute(), Path(out).absolute())
 
     @property
     def display_name(self) -> str:
@@ -103,12 +114,63 @@ def resolve_refs(refs: Sequence[str | os.PathLike], *, token: str | None = None,
     return [p if isinstance(p, Ingredient) else _download(*p, token=token, cache_dir=cache_dir) for p in planned]
 
 
+def local_path(ref: str | os.PathLike) -> Path | None:
+    """The local model directory a reference names, or None when it is a Hub repo ID.
+
+    Needs no network and no torch, so a typo fails at once. A reference that looks like a path
+    (`./x`, `/x`, `a/b/c`), or whose first part is an existing local directory (`ame-demo/expert-cont`
+    beside `ame-demo/`), is local: when it does not exist that is an error listing close matches.
+
+    Raises:
+        IngredientNotFoundError: a local path that does not exist, or a file instead of a directory.
+    """
+    text = os.fspath(ref)
+    local = Path(text).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise IngredientNotFoundError(f"{text}: is a file; give the model directory that contains it")
+    first = Path(text.split("/", 1)[0]).expanduser()
+    if looks_like_path(text) or ("/" in text and first.is_dir()):
+        raise IngredientNotFoundError(f"{text}: no such local directory{_close_matches(local)}")
+    return None
+
+
+def rebase_ref(ref: str, base: Path) -> str:
+    """A reference read from a YAML file in `base`: relative local paths are relative to that file's
+    directory (so `--config merged/ame_config.yaml` works from anywhere); Hub repo IDs are kept."""
+    text = str(ref)
+    if os.path.isabs(os.path.expanduser(text)):
+        return text
+    joined = base / text
+    if looks_like_path(text) or joined.exists() or ("/" in text and (base / text.split("/", 1)[0]).is_dir()):
+        return os.path.normpath(joined)
+    return text
+
+
+def local_inputs(refs: Sequence[str | os.PathLike]) -> list[Path]:
+    """The local directories among `refs` (each checked as `local_path` does); Hub repo IDs are skipped."""
+    return [p for p in (local_path(r) for r in refs) if p is not None]
+
+
+def _close_matches(missing: Path) -> str:
+    parent = missing.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        names = sorted(p.name for p in parent.iterdir() if p.is_dir())
+    except OSError:
+        return ""
+    wanted = missing.relative_to(parent).parts[0] if missing.is_relative_to(parent) else missing.name
+    close = difflib.get_close_matches(wanted, names, n=3, cutoff=0.8)
+    shown = ", ".join(str(parent / c) if str(parent) != "." else c for c in close)
+    return f" (did you mean {shown}?)" if close else f" ({parent} holds no directory of that name)"
+
+
 def _plan(text: str, token: str | None) -> Ingredient | tuple[str, str, str | None, str | None, list[str]]:
     """A local Ingredient, or (ref, repo_id, revision, sha, patterns) of a Hub repo to download."""
-    local = Path(text).expanduser()
-    if local.exists():
-        if not local.is_dir():
-            raise IngredientNotFoundError(f"{text}: is a file; give the model directory that contains it")
+    local = local_path(text)
+    if local is not None:
         return Ingredient(ref=text, path=local)
     repo_id, revision = split_ref(text)
     if looks_like_path(text) or not _REPO_ID.match(repo_id) or (revision is not None and not revision):
@@ -230,6 +292,15 @@ def _record_ref(snapshot: Path, revision: str | None, sha: str) -> None:
         logger.debug("cannot record %s -> %s in the cache: %s", name, sha, err)
 
 
+@dataclass(frozen=True)
+class PushInfo:
+    """What a push did: the URL to show, the commit now at the head, and whether it changed anything."""
+
+    url: str
+    commit: str | None
+    changed: bool
+
+
 def push_folder(
     folder: str | os.PathLike,
     repo_id: str,
@@ -245,13 +316,31 @@ def push_folder(
     Raises:
         PushError: the upload failed; the local folder is untouched and the message says how to retry.
     """
+    return upload_output(folder, repo_id, token=token, private=private, revision=revision, create_pr=create_pr,
+                         commit_message=commit_message).url
+
+
+def upload_output(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+) -> PushInfo:
+    """`push_folder`, telling also whether the Hub already had exactly these files (nothing committed)."""
     from huggingface_hub import HfApi
 
     folder = Path(folder)
+    retry = retry_command(folder, repo_id, private=private, revision=revision, create_pr=create_pr)
     if not _REPO_ID.match(repo_id) or "/" not in repo_id:
         raise InvalidConfigError(f"--repo-id {repo_id!r} is not a repo ID of the form org/name")
+    if not (folder / "ame_config.yaml").is_file():
+        raise InvalidConfigError(f"{folder} is not an ame-hf merge output (no ame_config.yaml)")
     if _offline():
-        raise PushError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it and retry with `{retry_command(folder, repo_id)}`")
+        raise PushError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it and retry with `{retry}`")
     api = HfApi(token=token)
     try:
         with hub_errors(f"push to {repo_id}", repo_id, revision):
@@ -262,14 +351,25 @@ def push_folder(
             url = api.create_repo(repo_id, private=private, exist_ok=True)
             if revision and revision != "main":
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
+            head = api.repo_info(repo_id, revision=revision).sha
             info = api.upload_folder(
                 repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr or None,
                 commit_message=commit_message or "Upload AME merge (ame-hf)",
             )
     except HubError as err:
-        raise PushError(f"{err} — the output in {folder} is intact; retry with `{retry_command(folder, repo_id)}`") from None
-    return str(getattr(info, "pr_url", None) or getattr(url, "url", None) or url)
+        raise PushError(f"{err} — the output in {folder} is intact; retry with `{retry}`") from None
+    changed = bool(getattr(info, "pr_url", None)) or info.oid != head
+    return PushInfo(url=str(getattr(info, "pr_url", None) or getattr(url, "url", None) or url),
+                    commit=info.oid, changed=changed)
 
 
-def retry_command(folder: Path, repo_id: str) -> str:
-    return f"ame-hf push {folder} --repo-id {repo_id}"
+def retry_command(folder: Path, repo_id: str, *, private: bool | None = None, revision: str | None = None,
+                  create_pr: bool = False) -> str:
+    """The `ame-hf push` command that retries a failed push with the same target."""
+    import shlex
+
+    args = ["ame-hf", "push", str(folder), "--repo-id", repo_id]
+    args += ["--private"] if private else []
+    args += ["--revision", revision] if revision else []
+    args += ["--create-pr"] if create_pr else []
+    return shlex.join(args)

@@ -25,9 +25,9 @@ from .compat import CompatibilityReport, check_compatibility
 from .config import AmeConfig, parse_size
 from .engine import ame_block, ingredient_order, relative_lr_value, spread_sum
 from .errors import (CheckpointError, IncompatibleCheckpointsError, InvalidConfigError, OutputError)
-from .hub import SIDE_PATTERNS, Ingredient, resolve_refs
-from .writer import (ShardPlan, check_output_dir, create_shard_files, describe_os_error, make_staging_dir,
-                     plan_shards, publish, write_index, write_rows)
+from .hub import SIDE_PATTERNS, Ingredient, local_inputs, resolve_refs
+from .output import check_output_dir, describe_os_error, make_staging_dir, publish
+from .writer import ShardPlan, create_shard_files, plan_shards, write_index, write_rows
 
 logger = logging.getLogger(__name__)
 
@@ -282,8 +282,8 @@ def _distributed_state(device: str | None):
 
 def config_digest(config: AmeConfig, ingredients: Sequence[Ingredient], pivot: Any) -> str:
     """A short hash of everything that determines the weights (stamped into every shard)."""
-    payload = json.dumps({"config": config.to_dict(), "ingredients": [i.pinned_ref for i in ingredients],
-                          "pivot": pivot.pinned_ref if isinstance(pivot, Ingredient) else pivot},
+    payload = json.dumps({"config": config.to_dict(), "ingredients": [i.identity for i in ingredients],
+                          "pivot": pivot.identity if isinstance(pivot, Ingredient) else pivot},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -309,7 +309,8 @@ def merge(
         out_dir: the output directory; written in a staging directory and moved into place at the end.
         config: an `AmeConfig`; keyword `options` (e.g. `optimizer="adamw", lr=1e-4`) override it.
         token: Hub token for private or gated repos (default: `HF_TOKEN` or the login cache).
-        overwrite: replace a non-empty `out_dir`.
+        overwrite: replace a previous ame-hf output at `out_dir` (never an input, the current or home
+            directory, or a directory that is not an ame-hf output).
         progress: show a progress bar.
         callback: called as `callback(done_bytes, total_bytes)` as tensors finish.
         device: compute device (default: chosen by accelerate).
@@ -338,7 +339,8 @@ def merge(
     refs = [os.fspath(r) for r in ingredients]
     _validate_counts(refs, config)
     out = Path(out_dir)
-    check_output_dir(out, overwrite)
+    pivot_refs = [config.pivot] if isinstance(config.pivot, str) and config.pivot not in ("mean", "first") else []
+    check_output_dir(out, overwrite, inputs=local_inputs([*refs, *pivot_refs]))
 
     rank, world, compute_device, state = _distributed_state(device)
     if threads is not None and threads < 1:
@@ -348,6 +350,8 @@ def merge(
         pivot_ingredient = None
         if isinstance(config.pivot, str) and config.pivot not in ("mean", "first"):
             pivot_ingredient = _resolve_in_order([config.pivot], token, state)[0]
+        # Again with every input's real directory (a Hub ingredient's is in the cache).
+        check_output_dir(out, overwrite, inputs=[i.path for i in resolved + ([pivot_ingredient] if pivot_ingredient else [])])
         checkpoints = open_checkpoints(resolved)
         pivot_ckpt = Checkpoint(pivot_ingredient.path, name=pivot_ingredient.ref) if pivot_ingredient else None
         report = check_compatibility(checkpoints + ([pivot_ckpt] if pivot_ckpt else []),

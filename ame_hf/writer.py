@@ -1,17 +1,11 @@
-"""Streaming safetensors writer: shards planned up front, tensors written in place as they finish.
-
-Also the staging directory that makes an output appear only when it is complete.
-"""
+"""Streaming safetensors writer: shards planned up front, tensors written in place as they finish."""
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -19,7 +13,6 @@ from typing import Sequence
 import torch
 
 from .checkpoint import DTYPE_NAMES, SAFE_INDEX, SAFE_SINGLE
-from .errors import OutputError
 
 logger = logging.getLogger(__name__)
 
@@ -138,82 +131,3 @@ def write_index(directory: Path, plan: ShardPlan) -> None:
         "weight_map": {t: plan.location[t].name for t in sorted(plan.location)},
     }
     (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-
-
-# -- staging -----------------------------------------------------------------------------------
-
-STAGING_PREFIX = ".ame-tmp-"
-
-
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty `--out` (unless overwrite) and a parent we cannot write, before any work."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} exists and is not a directory; choose another path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"--out {out} is not empty; pass --overwrite to replace it, or choose another path")
-    parent = out.absolute().parent
-    if not parent.is_dir():
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise OutputError(f"cannot create the parent of --out {out}: {err.strerror}") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"--out {out}: directory {parent} is not writable; choose another path")
-
-
-def make_staging_dir(out: Path) -> Path:
-    """A fresh hidden directory beside `out` (same filesystem, so the final rename is atomic)."""
-    out = Path(out).absolute()
-    _remove_stale_staging(out)
-    try:
-        return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{out.name}-{os.getpid()}-", dir=out.parent))
-    except OSError as err:
-        raise OutputError(f"cannot write beside --out {out}: {err.strerror}") from None
-
-
-def _remove_stale_staging(out: Path) -> None:
-    # A run killed with SIGKILL leaves its staging dir behind; remove those whose process is gone.
-    prefix = f"{STAGING_PREFIX}{out.name}-"
-    for path in out.parent.glob(prefix + "*"):
-        pid_text = path.name[len(prefix):].split("-", 1)[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def publish(staging: Path, out: Path, overwrite: bool) -> None:
-    """Move a complete staging directory to `out`; an existing `out` is replaced only at the end."""
-    out = Path(out).absolute()
-    old = None
-    if out.exists():
-        if any(out.iterdir()) and not overwrite:
-            raise OutputError(f"--out {out} is not empty; pass --overwrite to replace it")
-        old = out.parent / f"{STAGING_PREFIX}{out.name}-{os.getpid()}-old"
-        os.rename(out, old)
-    try:
-        os.rename(staging, out)
-    except OSError:
-        if old is not None:
-            os.rename(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def describe_os_error(err: OSError, out: Path) -> str:
-    """One line for an OSError met while writing the output."""
-    if err.errno == errno.ENOSPC or err.errno == errno.EFBIG:
-        return f"not enough space to write the output beside {out} ({err.strerror}); free some space or choose another --out"
-    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"cannot write the output beside {out} ({err.strerror}); choose a writable --out"
-    return f"writing the output beside {out} failed: {err.strerror or err}"

@@ -164,13 +164,13 @@ def test_different_tensor_names_and_shapes_are_reported(tmp_path, capsys):
 
 def test_non_empty_out_needs_overwrite(llamas, tmp_path, capsys):
     out = tmp_path / "o"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    code, _, err = run(capsys, "merge", *llamas, "--out", out, "--quiet")
-    assert_one_line_error(code, err, "not empty", "--overwrite")
-    assert (out / "keep.txt").read_text() == "mine"
-    assert run(capsys, "merge", *llamas, "--out", out, "--overwrite", "--quiet")[0] == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert run(capsys, "merge", *llamas, "--out", out, "--quiet")[0] == 0
+    before = (out / "model.safetensors").read_bytes()
+    code, _, err = run(capsys, "merge", *llamas, "--out", out, "--quiet", "--optimizer", "sgd")
+    assert_one_line_error(code, err, "previous ame-hf output", "--overwrite")
+    assert (out / "model.safetensors").read_bytes() == before
+    assert run(capsys, "merge", *llamas, "--out", out, "--overwrite", "--quiet", "--optimizer", "sgd")[0] == 0
+    assert (out / "model.safetensors").read_bytes() != before
 
 
 def test_debug_shows_traceback(llamas, tmp_path):

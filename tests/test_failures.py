@@ -243,3 +243,66 @@ def test_file_truncated_after_opening_is_a_checkpoint_error(tmp_path):
         ckpt.read(name)
     with pytest.raises(CheckpointError, match="ends 8 bytes early"):
         ckpt.read(name, rows=(0, ckpt.info(name).shape[0]))
+
+
+def test_typo_in_a_local_path_is_not_sent_to_the_hub(world, tmp_path, monkeypatch, capsys):
+    """`ame-demo/expert-cont` beside an existing `ame-demo/` is a local typo, not a Hub repo ID."""
+    demo = tmp_path / "ame-demo"
+    demo.mkdir()
+    for name in ("expert-count", "expert-skip3"):
+        shutil.copytree(world["a"], demo / name)
+    monkeypatch.chdir(tmp_path)
+    for command in (["merge", "ame-demo/expert-count", "ame-demo/expert-cont", "--out", "m"],
+                    ["check", "ame-demo/expert-count", "ame-demo/expert-cont"]):
+        capsys.readouterr()
+        assert main(command) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert "ame-demo/expert-cont: no such local directory (did you mean ame-demo/expert-count?)" in err, err
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("option,value,needles", [
+    ("--lr", "abc", ["--lr", "'abc'", "a number"]),
+    ("--dtype", "fp16", ["--dtype", "'fp16'", "float16", "bfloat16"]),
+    ("--epochs", "two", ["--epochs", "'two'", "whole number"]),
+])
+def test_bad_option_value_is_one_line_with_the_valid_values(world, tmp_path, capsys, option, value, needles):
+    capsys.readouterr()
+    code = main(["merge", str(world["a"]), str(world["b"]), "--out", str(tmp_path / "o"), option, value])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("ame-hf: error: argument "), err
+    for needle in [*needles, "see `ame-hf merge --help`"]:
+        assert needle in err, err
+
+
+@pytest.mark.parametrize("argv", [
+    ["merge", "./no/such/a", "./no/such/b", "--out", "x"],
+    ["merge", "{a}", "{b}", "--out", "{a}"],
+    ["check", "{a}", "./no/such/b"],
+    ["merge", "{a}", "{b}", "--lr", "abc", "--out", "x"],
+])
+def test_user_errors_are_found_before_torch_is_imported(world, tmp_path, argv):
+    """What makes these errors instant (README "Failure behaviour"; benchmarks/ measures the time)."""
+    args = [a.format(a=world["a"], b=world["b"]) for a in argv]
+    script = ("import sys; from ame_hf.cli import main; code = main(sys.argv[1:]); "
+              "print('torch' in sys.modules, 'huggingface_hub' in sys.modules); sys.exit(code)")
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode in (1, 2) and proc.stderr.startswith("ame-hf: error: "), proc.stderr
+    assert proc.stdout.split() == ["False", "False"], proc.stdout
+
+
+def test_relative_paths_in_a_config_yaml_are_relative_to_the_yaml(world, tmp_path, monkeypatch):
+    from factories import weights_sha256
+
+    first = tmp_path / "runs" / "first"
+    assert main(["merge", str(world["a"]), str(world["b"]), "--out", str(first), "--quiet"]) == 0
+    import yaml
+
+    recorded = yaml.safe_load((first / "ame_config.yaml").read_text())["ingredients"]
+    assert recorded == [os.path.relpath(world[k], first) for k in "ab"]  # relative to the output
+    monkeypatch.chdir(first)  # as the YAML's own comment suggests
+    assert main(["merge", "--config", "ame_config.yaml", "--out", "../again", "--quiet"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["merge", "--config", str(first / "ame_config.yaml"), "--out", "third", "--quiet"]) == 0
+    assert weights_sha256(first) == weights_sha256(tmp_path / "runs" / "again") == weights_sha256(tmp_path / "third")

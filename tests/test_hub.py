@@ -208,3 +208,22 @@ def test_offline_mode_uses_the_cache(repos, tmp_path):
                            str(tmp_path / "o2")], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
     assert "org/never-downloaded" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr
+
+
+def test_pushing_an_unchanged_output_again_says_nothing_changed(repos, hub_token, tmp_path, capsys):
+    result = merge(["org/hub-a", "org/hub-b"], tmp_path / "m", progress=False)
+    capsys.readouterr()
+    assert main(["push", str(result.path), "--repo-id", "org/repushed", "--token", hub_token]) == 0
+    assert capsys.readouterr().out.startswith("pushed to ")
+    head = HfApi(token=hub_token).repo_info("org/repushed").sha
+    assert main(["push", str(result.path), "--repo-id", "org/repushed", "--token", hub_token]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("nothing changed: org/repushed already holds exactly this output") and head in out, out
+    assert HfApi(token=hub_token).repo_info("org/repushed").sha == head
+
+
+def test_push_retry_hint_keeps_the_target(repos, tmp_path, capsys):
+    result = merge(["org/hub-a", "org/hub-b"], tmp_path / "m", progress=False)
+    line = _one_line_error(capsys, "push", str(result.path), "--repo-id", "elsewhere/x", "--token", "hf_read_token",
+                           "--create-pr", "--revision", "dev", "--private", expect=("403",))
+    assert f"retry with `ame-hf push {result.path} --repo-id elsewhere/x --private --revision dev --create-pr`" in line

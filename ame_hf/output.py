@@ -1,0 +1,151 @@
+"""The output directory: which `--out` may be written or replaced, the staging directory beside it,
+and the atomic move into place. Imports neither torch nor huggingface_hub (errors must be instant).
+
+A user's files are never deleted or altered unless they asked ame-hf to write them: `--overwrite`
+replaces only an empty directory or a previous ame-hf output, and never one that is, contains or lies
+inside an input of the merge, the current directory, a parent of it, the home directory or `/`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from .errors import OutputError
+
+logger = logging.getLogger(__name__)
+
+# Every merge output holds this file; it is what marks a directory as one ame-hf may replace.
+RUN_FILE = "ame_config.yaml"
+STAGING_PREFIX = ".ame-tmp-"
+
+
+def _real(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
+
+
+def _related(a: Path, b: Path) -> bool:
+    """True when one path is the other or lies inside it."""
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def check_output_dir(out: str | os.PathLike, overwrite: bool, *, inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Refuse an `--out` that would destroy or alter files the user did not ask ame-hf to write.
+
+    Checked before any work, and again before the output is moved into place.
+
+    Args:
+        out: the output directory.
+        overwrite: the user asked to replace an existing output.
+        inputs: local directories the run reads (ingredients, pivot, tokenizer source): `out` may be
+            none of them, and may neither contain nor lie inside one.
+
+    Raises:
+        OutputError: one line saying why and what to pass instead.
+    """
+    out = Path(out)
+    real = _real(out)
+    cwd = _real(os.getcwd())
+    home = _real(Path.home())
+    if real == Path(real.anchor) or real == home or cwd.is_relative_to(real):
+        what = ("the filesystem root" if real == Path(real.anchor) else "your home directory" if real == home
+                else "the current directory" if real == cwd else "a parent of the current directory")
+        raise OutputError(f"--out {out} is {what}; give a new or empty directory for the merge, e.g. --out merged")
+    for source in inputs:
+        if _related(real, _real(source)):
+            where = ("is" if real == _real(source) else
+                     "lies inside" if real.is_relative_to(_real(source)) else "contains")
+            raise OutputError(f"--out {out} {where} the input {source}; ame-hf never writes over its inputs: "
+                              "choose another --out")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} exists and is not a directory; choose another path")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / RUN_FILE).is_file():
+            raise OutputError(f"--out {out} is not empty and is not an ame-hf output (no {RUN_FILE}); "
+                              "ame-hf replaces only its own outputs: choose a new or empty directory")
+        if not overwrite:
+            raise OutputError(f"--out {out} holds a previous ame-hf output; pass --overwrite to replace it, "
+                              "or choose another path")
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputError(f"cannot create the parent of --out {out}: {err.strerror}") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"--out {out}: directory {parent} is not writable; choose another path")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_staging_dir(out: str | os.PathLike) -> Path:
+    """A fresh hidden directory beside `out` (same filesystem, so the final rename is atomic), with the
+    permissions of a directory the user would create (mkdtemp's are 0700)."""
+    out = Path(out).absolute()
+    remove_stale_staging(out.parent)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-{out.name}-", dir=out.parent))
+        staging.chmod(0o777 & ~_umask())
+    except OSError as err:
+        raise OutputError(f"cannot write beside --out {out}: {err.strerror}") from None
+    return staging
+
+
+def remove_stale_staging(parent: Path) -> None:
+    """Remove staging directories left in `parent` by ame-hf processes that are gone (SIGKILL, power loss).
+
+    Their names start with `.ame-tmp-<pid>-`; one whose process still runs is left alone.
+    """
+    for path in parent.glob(STAGING_PREFIX + "*"):
+        pid_text = path.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if path.is_dir() and not path.is_symlink() and pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            logger.debug("removing %s, left by process %s, which is gone", path, pid_text)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def publish(staging: Path, out: str | os.PathLike, overwrite: bool) -> None:
+    """Move a complete staging directory to `out`; an existing output is replaced only at the end."""
+    out = Path(out).absolute()
+    old = None
+    if out.exists():
+        if any(out.iterdir()) and not (overwrite and (out / RUN_FILE).is_file()):
+            raise OutputError(f"--out {out} was filled by something else during the merge; the merge is not "
+                              "published and nothing was replaced")
+        old = out.parent / f"{STAGING_PREFIX}{os.getpid()}-{out.name}-old"
+        os.rename(out, old)
+    try:
+        os.rename(staging, out)
+    except OSError:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def describe_os_error(err: OSError, out: Path) -> str:
+    """One line for an OSError met while writing the output."""
+    if err.errno in (errno.ENOSPC, errno.EFBIG):
+        return f"not enough space to write the output beside {out} ({err.strerror}); free some space or choose another --out"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write the output beside {out} ({err.strerror}); choose a writable --out"
+    return f"writing the output beside {out} failed: {err.strerror or err}"

@@ -1,0 +1,150 @@
+"""`--out` never destroys or alters a user's files (ame_hf/output.py): each refused case leaves every file
+byte for byte as it was; staging directories, permissions and the atomic move into place."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ame_hf import merge
+from ame_hf.cli import main
+from ame_hf.errors import OutputError
+from factories import make_finetunes
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root` (relative path -> digest)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def workspace(tmp_path, monkeypatch):
+    """A user's working directory with two fine-tunes and a file of their own; cwd is inside it."""
+    work = tmp_path / "work"
+    models = make_finetunes(work / "models", n=2)
+    (work / "notes.txt").write_text("my notes")
+    monkeypatch.chdir(work)
+    return work, models
+
+
+def _refused(capsys, args, *needles):
+    capsys.readouterr()
+    code = main(["merge", *map(str, args), "--quiet"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("ame-hf: error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("target,needle", [
+    (".", "current directory"),
+    ("..", "parent of the current directory"),
+    ("/", "filesystem root"),
+    ("models/ft0", "is the input"),
+    ("models", "contains the input"),
+    ("models/ft0/sub", "lies inside the input"),
+])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_out_that_would_destroy_user_files_is_refused(workspace, capsys, target, needle, overwrite):
+    work, models = workspace
+    before = snapshot(work)
+    _refused(capsys, [*models, "--out", target, *(["--overwrite"] if overwrite else [])], needle, "--out")
+    assert snapshot(work) == before
+    assert not list(work.rglob(".ame-tmp-*"))
+
+
+def test_home_directory_is_refused(workspace, capsys, monkeypatch):
+    work, models = workspace
+    monkeypatch.setenv("HOME", str(work / "models"))  # a home that holds nothing but models
+    before = snapshot(work)
+    _refused(capsys, [*models, "--out", work / "models", "--overwrite"], "--out")
+    monkeypatch.setenv("HOME", str(work.parent / "home"))
+    (work.parent / "home").mkdir()
+    (work.parent / "home" / "x").write_text("x")
+    _refused(capsys, [*models, "--out", "~", "--overwrite"], "home directory")
+    assert snapshot(work) == before and (work.parent / "home" / "x").read_text() == "x"
+
+
+def test_pivot_checkpoint_is_an_input(workspace, capsys, tmp_path):
+    work, models = workspace
+    base = make_finetunes(tmp_path / "base", n=1)[0]
+    before = snapshot(base)
+    _refused(capsys, [*models, "--pivot", base, "--out", base, "--overwrite"], "is the input")
+    assert snapshot(base) == before
+
+
+def test_a_directory_that_is_not_an_ame_output_is_never_replaced(workspace, capsys):
+    work, models = workspace
+    mine = work / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    before = snapshot(work)
+    _refused(capsys, [*models, "--out", mine, "--overwrite"], "not an ame-hf output", "ame_config.yaml")
+    assert snapshot(work) == before
+
+
+def test_an_empty_directory_and_a_previous_output_may_be_written(workspace, capsys):
+    work, models = workspace
+    empty = work / "empty"
+    empty.mkdir()
+    assert main(["merge", *map(str, models), "--out", str(empty), "--quiet"]) == 0
+    assert (empty / "ame_config.yaml").is_file()
+    first = snapshot(empty)
+    _refused(capsys, [*models, "--out", empty, "--optimizer", "sgd"], "previous ame-hf output", "--overwrite")
+    assert snapshot(empty) == first
+    assert main(["merge", *map(str, models), "--out", str(empty), "--quiet", "--optimizer", "sgd", "--overwrite"]) == 0
+    assert snapshot(empty) != first
+
+
+def test_python_api_applies_the_same_rules(workspace):
+    work, models = workspace
+    before = snapshot(work)
+    for target in (".", models[0], work / "models"):
+        with pytest.raises(OutputError):
+            merge(models, target, optimizer="sgd", overwrite=True, progress=False)
+    assert snapshot(work) == before
+
+
+def test_tune_applies_the_same_rules(workspace, capsys):
+    work, models = workspace
+    before = snapshot(work)
+    data = work / "val.jsonl"
+    data.write_text('{"text": "a", "label": 0}\n')
+    for target in (".", str(models[1])):
+        capsys.readouterr()
+        code = main(["tune", *map(str, models), "--out", target, "--data", str(data), "--overwrite", "--quiet"])
+        assert code == 1 and "--out" in capsys.readouterr().err
+    assert snapshot(work) == {**before, "val.jsonl": hashlib.sha256(data.read_bytes()).hexdigest()}
+
+
+def test_output_directories_get_the_users_umask(workspace):
+    work, models = workspace
+    old = os.umask(0o022)
+    try:
+        merge(models, work / "shared-out", optimizer="sgd", progress=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((work / "shared-out").stat().st_mode) == 0o755
+
+
+def test_staging_left_by_a_dead_process_is_removed_by_a_later_run_in_the_same_parent(workspace):
+    work, models = workspace
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    stale = work / f".ame-tmp-{pid}-some-other-output-abc123"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    alive = work / f".ame-tmp-{os.getpid()}-running-xyz"
+    alive.mkdir()
+    merge(models, work / "unrelated-name", optimizer="sgd", progress=False)
+    assert not stale.exists()
+    assert alive.exists()  # a process that still runs keeps its staging directory
