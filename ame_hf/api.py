@@ -9,11 +9,14 @@ import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
-from .compat import CompatibilityReport, check_compatibility
+from .compatibility import CompatibilityReport, check_compatibility
 from .config import AmeConfig
 from .errors import InvalidConfigError
-from .hub import push_folder
-from .merger import MergeResult, merge, open_checkpoints, resolve_all
+from .checkpoint import Checkpoint
+from .merging import merge
+from .push import push_folder
+from .records import MergeResult
+from .resolve import resolve_refs
 
 
 def check(ingredients: Sequence[str | os.PathLike], *, token: str | None = None,
@@ -23,8 +26,9 @@ def check(ingredients: Sequence[str | os.PathLike], *, token: str | None = None,
     >>> report = check(["org/model-a", "org/model-b"])  # doctest: +SKIP
     >>> report.ok, report.errors                        # doctest: +SKIP
     """
-    resolved = resolve_all([os.fspath(r) for r in ingredients], token)
-    return check_compatibility(open_checkpoints(resolved), allow_dtype_mismatch=dtype != "auto")
+    resolved = resolve_refs([os.fspath(r) for r in ingredients], token=token)
+    return check_compatibility([Checkpoint(i.path, name=i.ref) for i in resolved],
+                               allow_dtype_mismatch=dtype != "auto")
 
 
 def from_pretrained(

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from huggingface_hub import ModelCard
 
     from .checkpoint import Checkpoint
-    from .merger import MergeResult
+    from .records import MergeResult
 
 logger = logging.getLogger(__name__)
 

@@ -197,7 +197,7 @@ def _run_from_args(args: argparse.Namespace) -> tuple[list[str], str, dict[str, 
     """
     from .config import load_yaml_mapping
     from .errors import InvalidConfigError
-    from .hub import rebase_ref
+    from .resolve import rebase_ref
 
     values: dict[str, Any] = {}
     refs: list[str] = list(args.refs)
@@ -229,7 +229,7 @@ def _run_from_args(args: argparse.Namespace) -> tuple[list[str], str, dict[str, 
 
 def cmd_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .errors import InvalidConfigError
-    from .hub import local_inputs
+    from .resolve import local_inputs
     from .output import check_output_dir
 
     if args.push and not args.repo_id:
@@ -240,7 +240,7 @@ def cmd_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
     # Before torch and the Hub client load: a bad path or --out fails in a fraction of a second.
     check_output_dir(Path(out), args.overwrite, inputs=local_inputs([*refs, *pivot_refs]))
     from .config import AmeConfig
-    from .merger import merge
+    from .merging import merge
 
     result = merge(refs, out, AmeConfig.from_dict(values), token=args.token, overwrite=args.overwrite,
                    progress=not args.quiet, device=args.device, threads=args.threads,
@@ -260,7 +260,7 @@ def cmd_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def cmd_check(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .hub import local_inputs
+    from .resolve import local_inputs
 
     local_inputs(args.refs)  # a typo in a path fails before torch loads
     from .api import check
@@ -276,7 +276,7 @@ def cmd_push(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _push(folder: Path, args: argparse.Namespace) -> None:
-    from .hub import upload_output
+    from .push import upload_output
 
     info = upload_output(folder, args.repo_id, token=args.token, private=args.private, revision=args.revision,
                          create_pr=args.create_pr, commit_message=args.commit_message)
@@ -289,7 +289,7 @@ def _push(folder: Path, args: argparse.Namespace) -> None:
 def _evaluate_rows(models: Sequence[str], args: argparse.Namespace,
                    labels: Sequence[str] | None = None) -> list[tuple[str, float]]:
     from .evaluation import evaluate_model, load_data
-    from .hub import resolve_ref
+    from .resolve import resolve_ref
 
     data = load_data(args.data, args.task)
     rows = []

@@ -171,6 +171,11 @@ class AmeConfig:
         return dataclasses.replace(self, lr=lr, relative_lr=relative_lr, schedule=schedule)
 
     @property
+    def pivot_refs(self) -> list[str]:
+        """`[the pivot's checkpoint reference]` when the pivot is another checkpoint, else `[]`."""
+        return [self.pivot] if isinstance(self.pivot, str) and self.pivot not in ("mean", "first") else []
+
+    @property
     def is_soup(self) -> bool:
         """True when this config computes exactly the uniform soup (DESIGN §1)."""
         cfg = self.resolved()

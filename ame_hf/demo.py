@@ -112,7 +112,7 @@ def run_demo(out: str | Path = "ame-demo", *, steps: int = DEFAULT_STEPS, progre
     from transformers import AutoModelForCausalLM
 
     from .config import AmeConfig
-    from .merger import merge
+    from .merging import merge
 
     workdir = Path(out)
     workdir.mkdir(parents=True, exist_ok=True)

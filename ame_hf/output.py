@@ -13,8 +13,9 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from .errors import OutputError
 
@@ -120,6 +121,20 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@contextmanager
+def staging_cleanup(staging: Path, out: str | os.PathLike, *, owner: bool = True) -> Iterator[None]:
+    """Errors and Ctrl-C alike never leave a half-written model behind: the owner of `staging` removes
+    it, and an OSError becomes one `OutputError` line about `out`."""
+    try:
+        yield
+    except BaseException as err:
+        if owner:
+            shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError) and not isinstance(err, OutputError):
+            raise OutputError(describe_os_error(err, Path(out))) from err
+        raise
 
 
 def publish(staging: Path, out: str | os.PathLike, overwrite: bool) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 if TYPE_CHECKING:
     import gradio as gr
 
-    from .merger import MergeResult
+    from .records import MergeResult
 
 __all__ = ["MergeView", "build_app", "launch", "one_line", "parse_ingredients", "run_check", "run_merge",
            "run_push"]

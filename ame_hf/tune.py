@@ -14,8 +14,9 @@ from typing import Any, Callable, Sequence
 from .config import AmeConfig
 from .errors import InvalidConfigError
 from .evaluation import Dataset, evaluate_model, load_data, update_card
-from .hub import local_inputs
-from .merger import MergeResult, merge, resolve_all
+from .merging import merge
+from .records import MergeResult
+from .resolve import local_inputs, resolve_refs
 from .output import check_output_dir, make_staging_dir, publish
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def tune(
     dataset = data if isinstance(data, Dataset) else load_data(data, task)
     out = Path(out_dir)
     check_output_dir(out, overwrite, inputs=local_inputs(ingredients))
-    resolved = resolve_all([os.fspath(r) for r in ingredients], token)
+    resolved = resolve_refs([os.fspath(r) for r in ingredients], token=token)
     check_output_dir(out, overwrite, inputs=[i.path for i in resolved])
     refs = [i.pinned_ref if i.repo_id else str(i.path) for i in resolved]
     configs = [AmeConfig.soup()] + list(grid if grid is not None else default_grid())[:budget]

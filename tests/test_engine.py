@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-import ame_hf.merger as merger
+import ame_hf.plan as plan
 from ame_hf import AmeConfig, merge
 from ame_hf.engine import ingredient_order, step_lrs
 from ame_hf.optimizers import OPTIMIZERS, optimizer_class
@@ -119,8 +119,8 @@ def test_default_is_real_ame_not_the_soup(finetunes, tmp_path):
 def test_slicing_changes_no_value(finetunes, tmp_path, monkeypatch):
     cfg = AmeConfig(optimizer="adam", relative_lr=0.05, epochs=2)
     whole = merge(finetunes, tmp_path / "whole", cfg, progress=False)
-    monkeypatch.setattr(merger, "SLICE_ELEMENTS", 100)  # every matrix now goes in several slices
-    assert len(merger.row_slices((64, 16))) > 1
+    monkeypatch.setattr(plan, "BLOCK_ELEMENTS", 100)  # every matrix now goes in several slices
+    assert len(plan.row_blocks((64, 16))) > 1
     sliced = merge(finetunes, tmp_path / "sliced", cfg, progress=False)
     assert weights_sha256(whole.path) == weights_sha256(sliced.path)
 

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ame_hf
-import ame_hf.merger as merger
+import ame_hf.plan as plan
 from ame_hf.config import AmeConfig
 from ame_hf.engine import device_defaults
 from factories import make_finetunes
@@ -41,7 +41,7 @@ def _mean(paths) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def small_slices(monkeypatch):
     """Slices small enough that the GPU path (16x larger slices) still cuts tensors into several."""
-    monkeypatch.setattr(merger, "SLICE_ELEMENTS", 64)
+    monkeypatch.setattr(plan, "BLOCK_ELEMENTS", 64)
 
 
 def test_default_device_is_the_gpu(tmp_path):
@@ -106,7 +106,7 @@ def test_cli_merge_on_cuda(tmp_path, capsys):
 
 
 def test_gpu_memory_is_bounded_by_a_slice(tmp_path, monkeypatch):
-    monkeypatch.setattr(merger, "SLICE_ELEMENTS", 1 << 18)  # GPU slices of 4 Mi elements (16 MiB)
+    monkeypatch.setattr(plan, "BLOCK_ELEMENTS", 1 << 18)  # GPU slices of 4 Mi elements (16 MiB)
     rows, cols = 400_000, 256  # one 391 MiB float32 tensor
     paths = []
     for i in range(3):

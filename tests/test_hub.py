@@ -16,7 +16,7 @@ from safetensors import safe_open
 from ame_hf import check, merge, push_to_hub
 from ame_hf.cli import main
 from ame_hf.errors import HubError, IngredientNotFoundError
-from ame_hf.hub import resolve_ref
+from ame_hf.resolve import resolve_ref
 from factories import load_state, make_finetunes
 
 

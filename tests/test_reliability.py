@@ -75,6 +75,7 @@ def test_sigint_mid_merge_cleans_up_and_rerun_succeeds(big, tmp_path):
 def test_sigkill_mid_merge_keeps_previous_output(big, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
+    (out / "ame_config.yaml").write_text("# a previous ame-hf output\n")
     (out / "previous.txt").write_text("previous")
     proc = _start(["merge", *big, "--out", out, "--overwrite", "--optimizer", "adam", "--lr", "1e-3", "--epochs", "3",
                    "--quiet"])
@@ -82,7 +83,7 @@ def test_sigkill_mid_merge_keeps_previous_output(big, tmp_path):
     time.sleep(0.3)
     proc.kill()
     proc.communicate(timeout=60)
-    assert (out / "previous.txt").read_text() == "previous" and len(list(out.iterdir())) == 1
+    assert (out / "previous.txt").read_text() == "previous" and len(list(out.iterdir())) == 2
     assert _staging(tmp_path)  # a killed process cannot clean up ...
     assert main(["merge", *map(str, big), "--out", str(out), "--overwrite", "--optimizer", "sgd", "--quiet"]) == 0
     assert not _staging(tmp_path)  # ... but the next run removes what dead runs left

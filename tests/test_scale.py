@@ -44,7 +44,7 @@ sys.exit(code)
 
 
 def _peak_mib(*args) -> float:
-    env = {k: v for k, v in os.environ.items() if k != "AME_HF_SLICE_ELEMENTS"}
+    env = {k: v for k, v in os.environ.items() if k != "AME_HF_BLOCK_ELEMENTS"}
     proc = subprocess.run([sys.executable, "-c", _PEAK, *map(str, args)], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     return int(proc.stdout.split("PEAK_KB")[1]) / 1024

@@ -1,0 +1,146 @@
+"""`merge`: resolve -> check -> plan -> stream (engine + writer) -> finish -> publish, the one function
+behind the CLI, the Python API and the Space (DESIGN §3). Each stage is a module; this one only calls them."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+from .checkpoint import Checkpoint
+from .compatibility import check_compatibility
+from .config import AmeConfig, parse_size
+from .devices import barrier, cpu_threads, main_process_first, process_setup, share_path
+from .engine import ingredient_order
+from .errors import IncompatibleCheckpointsError, InvalidConfigError
+from .finish import finish
+from .output import check_output_dir, make_staging_dir, publish, staging_cleanup
+from .plan import assign_to_processes, output_dtype, plan_shards
+from .recipe import recipe_digest
+from .records import Ingredient, MergeResult
+from .resolve import local_inputs, resolve_refs
+from .streaming import ProgressCallback, TensorMerger, stream_tensors
+from .writer import create_shard_files, write_index
+
+logger = logging.getLogger(__name__)
+
+
+def merge(
+    ingredients: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    config: AmeConfig | None = None,
+    *,
+    token: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    callback: ProgressCallback | None = None,
+    device: str | None = None,
+    threads: int | None = None,
+    command: str | None = None,
+    **options: Any,
+) -> MergeResult:
+    """Merge checkpoints with AME and write a `from_pretrained`-loadable model to `out_dir`.
+
+    Args:
+        ingredients: local directories and/or Hub repo IDs (`org/name`, `org/name@revision`).
+        out_dir: the output directory; written in a staging directory and moved into place at the end.
+        config: an `AmeConfig`; keyword `options` (e.g. `optimizer="adamw", lr=1e-4`) override it.
+        token: Hub token for private or gated repos (default: `HF_TOKEN` or the login cache).
+        overwrite: replace a previous ame-hf output at `out_dir` (never an input, the current or home
+            directory, or a directory that is not an ame-hf output).
+        progress: show a progress bar.
+        callback: called as `callback(done_bytes, total_bytes)` as tensors finish.
+        device: compute device (default: chosen by accelerate).
+        threads: torch intra-op threads on the CPU during the merge (default 1: element-wise work on
+            blocks gains little from threads and stalls badly when another process shares the cores;
+            use several processes with `torchrun` to use more cores).
+        command: the command line to record in the card (the CLI passes it, tokens removed).
+
+    Returns:
+        A `MergeResult` with the output path, resolved config, ingredients and order.
+
+    Raises:
+        InvalidConfigError, IngredientNotFoundError, CheckpointError, IncompatibleCheckpointsError,
+        OutputError, HubError (all `AmeError`s).
+
+    >>> result = merge(["./expert-a", "./expert-b"], "merged", optimizer="sgd")  # doctest: +SKIP
+    >>> result.path                                                             # doctest: +SKIP
+    PosixPath('merged')
+    """
+    started = time.perf_counter()
+    try:
+        config = (dataclasses.replace(config, **options) if config is not None else AmeConfig(**options)).resolved()
+    except TypeError as err:
+        raise InvalidConfigError(f"invalid merge option: {err}") from err
+    refs = [os.fspath(r) for r in ingredients]
+    _validate_counts(refs, config)
+    out = Path(out_dir)
+    check_output_dir(out, overwrite, inputs=local_inputs([*refs, *config.pivot_refs]))
+    setup = process_setup(device)
+    with cpu_threads(setup.device, threads):
+        with main_process_first(setup):
+            resolved = resolve_refs(refs, token=token)
+            pivot: Ingredient | None = resolve_refs(config.pivot_refs, token=token)[0] if config.pivot_refs else None
+        # Again with every input's real directory (a Hub ingredient's is in the cache).
+        check_output_dir(out, overwrite, inputs=[i.path for i in [*resolved, *([pivot] if pivot else [])]])
+        checkpoints = [Checkpoint(i.path, name=i.ref) for i in resolved]
+        pivot_ckpt = Checkpoint(pivot.path, name=pivot.ref) if pivot else None
+        report = check_compatibility(checkpoints + ([pivot_ckpt] if pivot_ckpt else []),
+                                     allow_dtype_mismatch=config.dtype != "auto")
+        if not report.ok:
+            raise IncompatibleCheckpointsError(report.summary(), report=report)
+        for note in report.notes:
+            logger.info("note: %s", note)
+        order = ingredient_order(len(refs), config.epochs, shuffle=config.shuffle, seed=config.seed)
+        result = MergeResult(path=out, config=config, ingredients=resolved, order=order, report=report,
+                             pivot=pivot or (0 if config.pivot == "first" else config.pivot), device=str(setup.device))
+        tensors = {n: checkpoints[0].info(n) for n in checkpoints[0].names()}
+        plan = plan_shards([(n, i.shape, output_dtype(config, i.dtype)) for n, i in tensors.items()],
+                           parse_size(config.max_shard_size), _stamp(result))
+        staging = share_path(setup, make_staging_dir(out) if setup.is_main else None)
+        with staging_cleanup(staging, out, owner=setup.is_main):
+            if setup.is_main:
+                create_shard_files(staging, plan)
+            barrier(setup)
+            mine = assign_to_processes({n: i.nbytes for n, i in tensors.items()}, setup.world)[setup.rank]
+            logger.log(logging.INFO if setup.world > 1 else logging.DEBUG, "process %d of %d on %s: %d tensor(s), %.1f MB",
+                       setup.rank + 1, setup.world, setup.device, len(mine), sum(tensors[n].nbytes for n in mine) / 1e6)
+            merger = TensorMerger(checkpoints, pivot_ckpt or result.pivot, config, order, setup.device)
+            stream_tensors(merger, mine, staging, plan, show=progress and setup.is_main, callback=callback)
+            barrier(setup)
+            if setup.is_main:
+                write_index(staging, plan)
+                finish(staging, result, checkpoints, pivot_ckpt, command)
+                publish(staging, out, overwrite)
+            barrier(setup)
+    return dataclasses.replace(result, seconds=time.perf_counter() - started)
+
+
+def _stamp(result: MergeResult) -> dict[str, str]:
+    """The short provenance stamp in every shard's safetensors header."""
+    return {"ame_hf": __version__, "ame_optimizer": result.config.optimizer,
+            "ame_ingredients": str(len(result.ingredients)),
+            "ame_config_sha256": recipe_digest(result.config, result.ingredients, result.pivot)}
+
+
+def _validate_counts(refs: Sequence[str], config: AmeConfig) -> None:
+    if len(refs) < 2:
+        raise InvalidConfigError(f"AME needs at least 2 ingredients, got {len(refs)}; list every checkpoint to merge")
+    seen: dict[str, int] = {}
+    for i, ref in enumerate(refs):
+        if ref in seen:
+            logger.warning("ingredient %r is given twice (positions %d and %d): it counts twice in the average",
+                           ref, seen[ref] + 1, i + 1)
+        seen.setdefault(ref, i)
+    if isinstance(config.pivot, int) and config.pivot >= len(refs):
+        raise InvalidConfigError(
+            f"pivot index {config.pivot} is out of range for {len(refs)} ingredients (use 0..{len(refs) - 1})"
+        )
+    if config.batch_size > len(refs):
+        raise InvalidConfigError(
+            f"batch_size {config.batch_size} is larger than the number of ingredients ({len(refs)})"
+        )

@@ -1,0 +1,87 @@
+"""Plain records that pass between the stages of a merge: a resolved ingredient, the result of a
+merge and of a push. No behaviour beyond naming; no torch, no Hub client."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .compatibility import CompatibilityReport
+    from .config import AmeConfig
+
+__all__ = ["Ingredient", "MergeResult", "PushInfo"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ingredient:
+    """One resolved checkpoint reference.
+
+    Attributes:
+        ref: the reference as the user gave it (`org/name@v1`, `./local`).
+        path: the local directory holding its files.
+        repo_id: the Hub repo ID, or None for a local directory.
+        revision: the revision asked for (branch, tag, sha), or None.
+        sha: the resolved 40-character commit sha (Hub only).
+    """
+
+    ref: str
+    path: Path
+    repo_id: str | None = None
+    revision: str | None = None
+    sha: str | None = None
+
+    @property
+    def pinned_ref(self) -> str:
+        """A reference that always resolves to the same files (`org/name@<sha>`, or the path)."""
+        return f"{self.repo_id}@{self.sha}" if self.repo_id and self.sha else str(self.ref)
+
+    @property
+    def identity(self) -> str:
+        """What names these files wherever the run starts: `org/name@<sha>`, or the real local path."""
+        return self.pinned_ref if self.repo_id else os.path.realpath(self.path)
+
+    def recipe_ref(self, out: str | os.PathLike) -> str:
+        """The reference to record in `out`'s ame_config.yaml: pinned, and for a local directory
+        relative to `out`, which is how `--config` reads it back."""
+        return self.pinned_ref if self.repo_id else os.path.relpath(Path(self.path).absolute(), Path(out).absolute())
+
+    @property
+    def display_name(self) -> str:
+        return self.repo_id or str(self.ref)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeResult:
+    """What `merge` produced.
+
+    Attributes:
+        path: the output directory (a `from_pretrained`-loadable model).
+        config: the fully resolved `AmeConfig` that was run.
+        ingredients: the resolved ingredients, in the user's order (repo ID + resolved sha).
+        order: the ingredient indices used in each epoch.
+        pivot: the pivot (`mean`, an index, or the resolved pivot `Ingredient`).
+        seconds: wall time of the merge.
+        report: the compatibility report the merge was checked with.
+        device: the device the optimizer ran on (e.g. `cpu`, `cuda:0`).
+    """
+
+    path: Path
+    config: AmeConfig
+    ingredients: list[Ingredient]
+    order: list[list[int]]
+    pivot: Any = "mean"
+    seconds: float = 0.0
+    report: CompatibilityReport | None = field(default=None, compare=False, repr=False)
+    device: str = field(default="cpu", compare=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PushInfo:
+    """What a push did: the URL to show, the commit now at the head, and whether it changed anything."""
+
+    url: str
+    commit: str | None
+    changed: bool

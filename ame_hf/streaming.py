@@ -1,0 +1,178 @@
+"""The per-tensor driver: for each tensor (in blocks of rows), read every ingredient's block, run the
+engine, write the result in place, with one I/O thread overlapping reads, compute and writes."""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import Checkpoint
+from .config import AmeConfig
+from .engine import ame_block, relative_lr_value, spread_sum
+from .errors import CheckpointError, IncompatibleCheckpointsError
+from .plan import Rows, ShardPlan, tensor_blocks
+from .writer import write_rows
+
+ProgressCallback = Callable[[int, int], None]
+
+
+class TensorMerger:
+    """Runs AME for one tensor name over all its blocks and writes the result in place.
+
+    With an I/O thread (`io`), the next ingredient block is read while the engine computes on
+    this one, and each finished block is written while the next is computed: the reads, the
+    writes and the optimizer overlap, and at most one extra block is held in memory each way.
+    """
+
+    def __init__(self, checkpoints: list[Checkpoint], pivot: Any, config: AmeConfig,
+                 order: list[list[int]], device: torch.device, io: ThreadPoolExecutor | None = None) -> None:
+        self.checkpoints = checkpoints
+        self.pivot = pivot  # "mean", an ingredient index, or a Checkpoint
+        self.config = config
+        self.order = order
+        self.device = device
+        self.compute_dtype = getattr(torch, config.compute_dtype)
+        self.soup = config.is_soup
+        self.io = io
+        self._pending_write: Future | None = None
+        # The ingredient indices the engine reads for one block, in order (batches are consecutive).
+        self._ame_reads = [i for epoch in order for i in epoch]
+
+    def _read(self, ckpt: Checkpoint, name: str, rows: Rows) -> torch.Tensor:
+        t = ckpt.read(name, rows, dtype=self.compute_dtype).to(self.device)
+        # A plain sum is one fast pass with no temporary, and NaN/Inf propagate into it; only when
+        # it is not finite (a NaN, an Inf, or a rare overflow of huge values) is each value checked.
+        if (not self.config.allow_nonfinite and not math.isfinite(float(t.sum()))
+                and not bool(torch.isfinite(t).all())):
+            raise CheckpointError(
+                f"{ckpt.name}: tensor {name!r} contains NaN or Inf; fix that checkpoint, or pass "
+                "--allow-nonfinite to merge it anyway"
+            )
+        return t
+
+    def _loader(self, name: str, rows: Rows,
+                expected: Sequence[int] = ()) -> Callable[[int], torch.Tensor]:
+        """`load(i)`: ingredient i's block. The engine asks in the `expected` order, so each read is
+        started one ahead in the I/O thread."""
+        if self.io is None or not expected:
+            return lambda i: self._read(self.checkpoints[i], name, rows)
+        io, upcoming = self.io, list(expected)
+        pos = 0
+        ahead = io.submit(self._read, self.checkpoints[upcoming[0]], name, rows)
+
+        def load(i: int) -> torch.Tensor:
+            nonlocal pos, ahead
+            assert pos < len(upcoming) and upcoming[pos] == i, "the engine read out of the planned order"
+            current = ahead
+            pos += 1
+            if pos < len(upcoming):
+                ahead = io.submit(self._read, self.checkpoints[upcoming[pos]], name, rows)
+            return current.result()
+
+        return load
+
+    def _write(self, out_dir: Path, plan: ShardPlan, name: str, row: int, values: torch.Tensor) -> None:
+        if self.io is None:
+            write_rows(out_dir, plan, name, row, values)
+            return
+        self.flush()  # at most one block waiting to be written
+        self._pending_write = self.io.submit(write_rows, out_dir, plan, name, row, values)
+
+    def flush(self) -> None:
+        """Wait for the last write (raising its error, if any)."""
+        pending, self._pending_write = self._pending_write, None
+        if pending is not None:
+            pending.result()
+
+    def _pivot_block(self, name: str, rows: Rows) -> torch.Tensor | None:
+        """The pivot's values for a block; None for `mean` (computed from the ingredients)."""
+        if self.pivot == "mean":
+            return None
+        source = self.checkpoints[self.pivot] if isinstance(self.pivot, int) else self.pivot
+        return self._read(source, name, rows)
+
+    def _mean_block(self, load: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        total = load(0).double()
+        for i in range(1, len(self.checkpoints)):
+            total.add_(load(i))  # accumulates in float64 without a float64 copy of each ingredient
+        return total.div_(len(self.checkpoints)).to(self.compute_dtype)
+
+    def run(self, name: str, out_dir: Path, plan: ShardPlan, advance: Callable[[int], None]) -> None:
+        info = self.checkpoints[0].info(name)
+        if not info.dtype.is_floating_point:
+            self._copy_exact(name, out_dir, plan)
+            advance(info.nbytes)
+            return
+        blocks = tensor_blocks(info.shape, self.device)
+        n = len(self.checkpoints)
+        lr = self.config.lr
+        cached_pivot = None
+        if self.config.relative_lr is not None:
+            squared = 0.0
+            for rows in blocks:
+                s1, dist = spread_sum(self._loader(name, rows, range(n)), n, self._pivot_block(name, rows))
+                squared += dist
+                if len(blocks) == 1 and self.pivot == "mean":
+                    cached_pivot = (s1 / n).to(self.compute_dtype)
+                del s1
+            lr = relative_lr_value(self.config.relative_lr, squared, n * info.numel)
+        for rows in blocks:
+            pivot = cached_pivot if cached_pivot is not None else self._pivot_block(name, rows)
+            mean_pass = pivot is None and not self.soup
+            reads = [*(range(n) if mean_pass else ()), *(self._ame_reads if lr != 0.0 else ())]
+            load = self._loader(name, rows, reads)
+            if pivot is None and self.soup:
+                # The soup's first step (SGD, lr 1) replaces w by the first ingredient whatever the
+                # pivot; from zeros that step is exact, so the mean pass would only cost a read.
+                pivot = torch.zeros(self._block_shape(info.shape, rows), dtype=self.compute_dtype, device=self.device)
+            elif pivot is None:
+                pivot = self._mean_block(load)
+            # lr 0 (relative lr of identical ingredients): every optimizer would stay at the pivot.
+            merged = pivot if lr == 0.0 else ame_block(load, pivot, self.config, self.order, lr)
+            self._write(out_dir, plan, name, rows[0] if rows else 0, merged.cpu())
+            advance(info.nbytes * (rows[1] - rows[0]) // info.shape[0] if rows else info.nbytes)
+
+    @staticmethod
+    def _block_shape(shape: tuple[int, ...], rows: Rows) -> tuple[int, ...]:
+        return shape if rows is None else (rows[1] - rows[0], *shape[1:])
+
+    def _copy_exact(self, name: str, out_dir: Path, plan: ShardPlan) -> None:
+        first = self.checkpoints[0].read(name)
+        for other in self.checkpoints[1:]:
+            if not torch.equal(first, other.read(name)):
+                raise IncompatibleCheckpointsError(
+                    f"non-floating tensor {name!r} differs between {self.checkpoints[0].name} and {other.name}; "
+                    "integer buffers must be equal in all ingredients"
+                )
+        self._write(out_dir, plan, name, 0, first)
+
+
+def stream_tensors(merger: TensorMerger, names: Sequence[str], staging: Path, plan: ShardPlan, *, show: bool,
+                   callback: ProgressCallback | None = None) -> None:
+    """Merge and write `names` (this process's share) with a progress bar in bytes of output."""
+    sizes = {n: merger.checkpoints[0].info(n).nbytes for n in names}
+    total = sum(sizes.values())
+    done = 0
+    io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ame-hf-io")
+    merger.io = io
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="AME", disable=not show) as bar:
+            def advance(nbytes: int) -> None:
+                nonlocal done
+                done += nbytes
+                bar.update(nbytes)
+                if callback is not None:
+                    callback(done, total)
+
+            for name in names:
+                bar.set_postfix_str(name[-40:], refresh=False)
+                merger.run(name, staging, plan, advance)
+            merger.flush()
+    finally:
+        merger.io = None
+        io.shutdown(wait=True, cancel_futures=True)
