@@ -6,8 +6,10 @@
 Each command is the installed `ame-hf` console script (the one beside this Python), run as a fresh
 process from an empty temporary directory, timed from start to exit (whole-process wall time). The
 commands take turns, one warm-up round is discarded (so that every run reads torch and friends from
-the page cache). `--help` must exit with 0, a mistake with a non-zero code and an `error:` line
-(the table shows both), else the benchmark stops: it must time the error, not a crash. Prints a Markdown table (also
+the page cache). `--help` must exit with 0, a mistake with a non-zero code and the `error:` line
+it is meant to trigger (the table shows both), else the benchmark stops: it must time that error,
+not a crash or another error. `--out` lies inside the empty directory, so that whatever is left in
+/tmp cannot turn the bad path into an "--out is not empty" error. Prints a Markdown table (also
 written to `--results` when given). Needs no models and no network.
 """
 
@@ -36,16 +38,16 @@ RUN_TIMEOUT = 300.0  # s; a run that hangs (say, on the network) must not hang t
 class Case:
     label: str
     args: list[str]
-    mistake: bool  # True: must fail with an `error:` line; False: must exit with 0
+    expect: str | None  # a mistake: its `error:` line must contain this; None: must exit with 0
     seconds: list[float] = field(default_factory=list)
     exit_code: int = 0
     message: str = ""  # the last `error:` line of stderr, to show which error was measured
 
 
 CASES = [
-    Case("help", ["--help"], mistake=False),
-    Case("bad path", ["merge", "./does-not-exist-a", "./does-not-exist-b", "--out", "/tmp/x"], mistake=True),
-    Case("bad option value", ["merge", "a", "b", "--out", "x", "--lr", "abc"], mistake=True),
+    Case("help", ["--help"], expect=None),
+    Case("bad path", ["merge", "./does-not-exist-a", "./does-not-exist-b", "--out", "x"], expect="does-not-exist-a"),
+    Case("bad option value", ["merge", "a", "b", "--out", "x", "--lr", "abc"], expect="--lr"),
 ]
 
 
@@ -63,8 +65,10 @@ def run_once(cmd: list[str], case: Case, cwd: Path) -> float:
     proc = subprocess.run(cmd + case.args, cwd=cwd, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     seconds = time.perf_counter() - started
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    if (proc.returncode != 0) != case.mistake or (case.mistake and not errors) or "Traceback" in proc.stderr:
-        expected = "a non-zero exit and an `error:` line" if case.mistake else "exit code 0"
+    mistake = case.expect is not None
+    if ((proc.returncode != 0) != mistake or "Traceback" in proc.stderr
+            or (mistake and not (errors and case.expect in errors[-1]))):
+        expected = f"a non-zero exit and an `error:` line naming {case.expect!r}" if mistake else "exit code 0"
         raise SystemExit(f"{shlex.join(cmd + case.args)} exited with {proc.returncode} "
                          f"(expected {expected}):\n{proc.stderr[-2000:]}")
     case.exit_code, case.message = proc.returncode, errors[-1].strip() if errors else "usage"
