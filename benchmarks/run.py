@@ -52,6 +52,8 @@ JOB_LABELS = {
 ALL_JOBS = ("plain", "soup", "adam", "mergekit")
 GPU_JOBS = ("plain", "soup", "soup_gpu", "adam", "adam_gpu")
 SCALING_JOBS = ("plain", "soup")
+# The release RESULTS.md was measured against: an unpinned install would compare against whatever is newest.
+MERGEKIT_SPEC = "mergekit==0.1.5"
 
 # Targets of the "Scale and speed" issue, checked on the 4 x 134M fp32 input set.
 TARGET_SET = ("small", "fp32", 4)
@@ -124,9 +126,9 @@ def setup_mergekit(work: Path, spec: str) -> tuple[Path | None, str]:
     """(mergekit-yaml path or None, a note). A virtual env of its own under the work dir, built once."""
     venv = work / "mergekit-venv"
     exe = venv / "bin" / "mergekit-yaml"
-    marker = venv / ".benchmark-ready"
+    marker = venv / ".benchmark-ready"  # holds the spec it was built for: a new pin rebuilds it
     log = work / "logs" / "mergekit-install.log"
-    if not marker.is_file():
+    if not marker.is_file() or marker.read_text().strip() != spec:
         print(f"[setup] installing {spec} into {venv} (once; about a minute; log: {log})", flush=True)
         shutil.rmtree(venv, ignore_errors=True)
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +141,7 @@ def setup_mergekit(work: Path, spec: str) -> tuple[Path | None, str]:
                 subprocess.run([str(exe), "--help"], check=True, stdout=out, stderr=out, timeout=300)
             except (subprocess.SubprocessError, OSError) as err:
                 return None, f"mergekit skipped: installing {spec!r} failed ({err}); see {log}"
-        marker.write_text("ok\n")
+        marker.write_text(spec + "\n")
     versions = subprocess.run(
         [str(venv / "bin" / "python"), "-c",
          "import importlib.metadata as m, json; "
@@ -450,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=None, help="timed runs per job after the warm-up (default 5)")
     p.add_argument("--out", type=Path, default=HERE / "_work", help="work directory (default benchmarks/_work)")
     p.add_argument("--no-mergekit", action="store_true", help="skip the mergekit baseline")
-    p.add_argument("--mergekit-spec", default="mergekit", help="pip requirement for mergekit (default: mergekit)")
+    p.add_argument("--mergekit-spec", default=MERGEKIT_SPEC,
+                   help=f"pip requirement for mergekit (default: {MERGEKIT_SPEC})")
     p.add_argument("--results", type=Path, default=None,
                    help="also write the report here (default: benchmarks/RESULTS.md for a full run, "
                         "nowhere for --quick/--smoke/--gpu)")

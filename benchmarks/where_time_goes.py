@@ -1,7 +1,7 @@
 """Where the wall time of an ame-hf merge goes: start-up (imports) against the merge itself.
 
-    python benchmarks/profile.py            # 4 x 134M fp32 inputs from benchmarks/_work (built if missing)
-    python benchmarks/profile.py --runs 5
+    python benchmarks/where_time_goes.py            # 4 x 134M fp32 inputs from benchmarks/_work (built if missing)
+    python benchmarks/where_time_goes.py --runs 5
 
 Each figure is the median of `--runs` fresh processes:
 - `import torch`, and `import torch` + `import torch._dynamo` (torch.optim imports the latter at the
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if not all((d / ".complete").is_file() for d in inputs):
         subprocess.run([sys.executable, str(HERE / "build_inputs.py"), "--model", "small", "--copies", "4",
                         "--out", str(models)], check=True)
-    out = args.work / "outputs" / "profile"
+    out = args.work / "outputs" / "where_time_goes"
     py = sys.executable
     rows = [
         ("`import torch`", median_of(args.runs, lambda: wall([py, "-c", "import torch"]))),
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                      median_of(args.runs, lambda: warm_seconds(warm, inputs))))
     env = environment("mergekit not used")
     lines = ["# Where the time of a merge goes", "",
-             f"- command: `python benchmarks/profile.py --runs {args.runs}`; 4 x 134M fp32 inputs, `--device cpu`",
+             f"- command: `python benchmarks/where_time_goes.py --runs {args.runs}`; 4 x 134M fp32 inputs, `--device cpu`",
              f"- machine: {env['machine']}", f"- software: {env['software'].split('; mergekit')[0]}", "",
              f"| what (median of {args.runs} processes) | seconds |", "|---|---|"]
     lines += [f"| {what} | {seconds:.2f} |" for what, seconds in rows]
