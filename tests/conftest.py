@@ -1,4 +1,4 @@
-"""Shared pytest setup: one local Hugging Face Hub-compatible server (tests/hub_server.py) for the whole session.
+"""Shared pytest setup: one local Hugging Face Hub-compatible server (tests/hub_server/) for the whole session.
 
 huggingface_hub reads HF_ENDPOINT and the other HF_* settings once, when it is first imported. So this module starts
 the server and points the environment at it at import time, before any test module imports huggingface_hub,

@@ -1,4 +1,4 @@
-"""tests/hub_server.py driven by the real huggingface_hub client (raw HTTP where the client hides details): repos,
+"""tests/hub_server/ driven by the real huggingface_hub client (raw HTTP where the client hides details): repos,
 commits with inline and LFS files, branches, tags and PRs, downloads by any revision, error classes, auth, lifecycle."""
 
 from __future__ import annotations
