@@ -294,11 +294,14 @@ def cmd_space(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .demo import format_table, run_demo
+    from .demo import format_table, next_commands, run_demo
 
     kwargs = {"steps": args.steps} if args.steps else {}
     rows = run_demo(args.out, progress=not args.quiet, log=None if args.quiet else print, **kwargs)
     print(format_table(rows))
+    print("\ntry next:")
+    for command in next_commands(args.out):
+        print(f"  {command}")
     return 0
 
 
