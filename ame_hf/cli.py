@@ -43,8 +43,9 @@ def _add_push(p: argparse.ArgumentParser, required: bool) -> None:
 def _add_eval(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--data", required=required,
                    help="labelled data: JSONL/CSV with text|image and label columns, or an image folder")
-    p.add_argument("--task", default="text-classification" if required else None,
-                   choices=["text-classification", "image-classification"], help="pipeline task")
+    p.add_argument("--task", default=None, choices=["text-classification", "image-classification"],
+                   help="pipeline task (default: from the model's architecture, e.g. *ForSequenceClassification "
+                        "-> text-classification)")
     p.add_argument("--metric", default="accuracy",
                    help="evaluate metric: accuracy or f1 (bundled, offline), or a local metric folder")
 
@@ -258,6 +259,12 @@ def _table(rows: Sequence[tuple[str, float]], metric: str) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .evaluation import read_model_config, task_for_models
+    from .hub import resolve_refs
+
+    # The task (given or inferred) must fit every model before the first one is evaluated.
+    resolved = resolve_refs(args.models, token=args.token)
+    args.task = task_for_models([(m, read_model_config(i.path, m)) for m, i in zip(args.models, resolved)], args.task)
     rows = _evaluate_rows(args.models, args)
     print(_table(rows, args.metric))
     if args.update_card:
@@ -275,7 +282,8 @@ def cmd_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
                   token=args.token, overwrite=args.overwrite, progress=not args.quiet,
                   log=None if args.quiet else (lambda line: print(line, file=sys.stderr)))
     print(_table([(c.label, c.score) for c in result.candidates], args.metric))
-    print(f"selected: {result.best.label} ({args.metric} {result.best.score:.4f}) -> {result.path}")
+    print(f"selected: {result.best.label} (validation {args.metric} {result.best.score:.4f}, from "
+          f"{len(result.candidates)} candidates) -> {result.path}")
     return 0
 
 
