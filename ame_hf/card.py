@@ -5,12 +5,16 @@ Rendered from `model_cards/ame_model_card.md` with `huggingface_hub.ModelCard`; 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
+import json
 import logging
+import shlex
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from .config import AmeConfig
 from .optimizers import full_hyperparameters, optimizer_class
 
 if TYPE_CHECKING:
@@ -25,18 +29,31 @@ TAGS = ["ame-hf", "merge", "model-ensembling"]
 TEMPLATE = "ame_model_card.md"
 VERSIONED = ("ame-hf", "torch", "transformers", "huggingface_hub", "safetensors", "accelerate")
 
-# Architecture suffix -> pipeline tag, when the ingredients' cards do not say.
-_PIPELINES = [
-    ("ForCausalLM", "text-generation"),
-    ("ForConditionalGeneration", "text2text-generation"),
-    ("ForSeq2SeqLM", "text2text-generation"),
-    ("ForImageClassification", "image-classification"),
-    ("ForSequenceClassification", "text-classification"),
-    ("ForTokenClassification", "token-classification"),
-    ("ForQuestionAnswering", "question-answering"),
-    ("ForMaskedLM", "fill-mask"),
-    ("ForAudioClassification", "audio-classification"),
+# Architecture suffix -> (transformers Auto class, pipeline tag). Suffixes cover most models without
+# importing transformers (about a second) into every merge; see `_auto_class` for the rest.
+_ARCHITECTURES = [
+    ("ForCausalLM", "AutoModelForCausalLM", "text-generation"),
+    ("LMHeadModel", "AutoModelForCausalLM", "text-generation"),  # GPT2LMHeadModel and its kin
+    ("ForSeq2SeqLM", "AutoModelForSeq2SeqLM", "text2text-generation"),
+    ("ForImageClassification", "AutoModelForImageClassification", "image-classification"),
+    ("ForSequenceClassification", "AutoModelForSequenceClassification", "text-classification"),
+    ("ForTokenClassification", "AutoModelForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "AutoModelForQuestionAnswering", "question-answering"),
+    ("ForMaskedLM", "AutoModelForMaskedLM", "fill-mask"),
+    ("ForAudioClassification", "AutoModelForAudioClassification", "audio-classification"),
 ]
+# `*ForConditionalGeneration` is a seq2seq LM, a speech or a vision-language model depending on the
+# model: transformers' own task mappings (names only) tell which.
+_CONDITIONAL_GENERATION = [
+    ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "AutoModelForSeq2SeqLM", "text2text-generation"),
+    ("MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES", "AutoModelForSpeechSeq2Seq", "automatic-speech-recognition"),
+    ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "AutoModelForImageTextToText", "image-text-to-text"),
+]
+# Optimizer arguments that choose an implementation (same values, other kernels), not the update:
+# they say nothing about the merge, so the card and `resolved.hyperparameters` leave them out.
+IMPLEMENTATION_SWITCHES = frozenset({"foreach", "fused", "capturable", "differentiable"})
+# The placeholder output folder of the Reproduce command.
+REPRODUCE_OUT = "merged"
 
 
 def versions() -> dict[str, str]:
@@ -49,12 +66,27 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _pipeline_from_architectures(config: dict[str, Any]) -> str | None:
+def _auto_class(config: dict[str, Any]) -> tuple[str, str | None]:
+    """(transformers Auto class, pipeline tag or None) for a model config; `AutoModel` when unknown."""
     for arch in config.get("architectures") or []:
-        for suffix, tag in _PIPELINES:
-            if str(arch).endswith(suffix):
-                return tag
-    return None
+        arch = str(arch)
+        for suffix, auto, tag in _ARCHITECTURES:
+            if arch.endswith(suffix):
+                return auto, tag
+        if arch.endswith("ForConditionalGeneration"):
+            try:
+                from transformers.models.auto import modeling_auto
+            except ImportError:  # pragma: no cover - transformers is a dependency
+                break
+            for mapping, auto, tag in _CONDITIONAL_GENERATION:
+                names = getattr(modeling_auto, mapping, {}).values()
+                if any(arch == n or (isinstance(n, tuple) and arch in n) for n in names):
+                    return auto, tag
+    return "AutoModel", None
+
+
+def _pipeline_from_architectures(config: dict[str, Any]) -> str | None:
+    return _auto_class(config)[1]
 
 
 def _agreed(values: Sequence[Any]) -> Any:
@@ -103,7 +135,70 @@ def run_dict(result: "MergeResult") -> dict[str, Any]:
 def _hyperparameters(result: "MergeResult", lr: float) -> dict[str, Any]:
     params = full_hyperparameters(result.config.optimizer, result.config.optimizer_args, lr)
     params.pop("lr", None)  # shown separately: it may be relative and per tensor
-    return params
+    return {k: v for k, v in params.items() if k not in IMPLEMENTATION_SWITCHES}
+
+
+def reproduce_command(result: "MergeResult", out: str = REPRODUCE_OUT) -> str:
+    """The `ame-hf merge` command that recomputes this result's weights, built from what was resolved.
+
+    Ingredients (and a checkpoint pivot) are pinned (`org/name@<sha>`, or the local path as given);
+    every option that determines the weights is given with its resolved value, and nothing else
+    (no push, token, device or output options). Options equal to the `AmeConfig` default are left
+    out, so running it rebuilds an equal config and hence the same bytes.
+
+    Args:
+        result: the `MergeResult` of the merge.
+        out: the output folder to name in the command.
+
+    Returns:
+        A shell command line (quoted with `shlex`).
+
+    >>> reproduce_command(result)  # doctest: +SKIP
+    'ame-hf merge org/a@0123... org/b@4567... --out merged --optimizer adam --relative-lr 0.005 --schedule constant'
+    """
+    cfg = result.config
+    args = ["ame-hf", "merge", *(i.pinned_ref for i in result.ingredients), "--out", out,
+            "--optimizer", cfg.optimizer]
+    # lr / relative_lr and the schedule always: their defaults depend on the optimizer.
+    args += ["--relative-lr", repr(cfg.relative_lr)] if cfg.relative_lr is not None else ["--lr", repr(cfg.lr)]
+    args += ["--schedule", str(cfg.schedule)]
+    defaults = AmeConfig()
+    for f in dataclasses.fields(AmeConfig):
+        name, value = f.name, getattr(cfg, f.name)
+        if name in ("optimizer", "lr", "relative_lr", "schedule") or value == getattr(defaults, name):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name == "pivot" and hasattr(result.pivot, "pinned_ref"):
+            args += [flag, result.pivot.pinned_ref]
+        elif name == "optimizer_args":
+            args += [flag, json.dumps(dict(value))]
+        elif isinstance(value, bool):
+            args.append(flag)  # store_true flags; the default is False
+        else:
+            args += [flag, str(value)]
+    return shlex.join(args)
+
+
+def output_dtype_text(result: "MergeResult", checkpoints: Sequence["Checkpoint"]) -> str:
+    """The dtype(s) the weights were written in: the `dtype` option, or the ingredients' under `auto`."""
+    if result.config.dtype != "auto":
+        return result.config.dtype
+    found = sorted({str(ckpt.info(n).dtype).removeprefix("torch.") for ckpt in checkpoints[:1]
+                    for n in ckpt.names() if ckpt.info(n).dtype.is_floating_point})
+    return ", ".join(found) + " (the ingredients' dtype)" if found else "the ingredients' dtype"
+
+
+def _usage(result: "MergeResult", checkpoints: Sequence["Checkpoint"], pipeline: str | None) -> dict[str, Any]:
+    """What the "How to use" section needs: Auto class, a placeholder name, tokenizer or processor."""
+    source = result.pivot.path if hasattr(result.pivot, "path") else (
+        checkpoints[result.pivot if isinstance(result.pivot, int) else 0].path)
+    config = checkpoints[0].config
+    auto, tag = _auto_class(config)
+    has = lambda *names: any((Path(source) / n).is_file() for n in names)  # noqa: E731
+    preprocessor = ("AutoTokenizer" if has("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt")
+                    else "AutoProcessor" if has("preprocessor_config.json", "processor_config.json") else None)
+    return {"auto_class": auto, "name": Path(result.path).name or "merged", "preprocessor": preprocessor,
+            "pipeline": (pipeline or tag) if preprocessor else None}
 
 
 def run_yaml(result: "MergeResult") -> str:
@@ -120,7 +215,20 @@ def write_run_file(path: Path, result: "MergeResult") -> None:
 
 def render_card(result: "MergeResult", checkpoints: Sequence["Checkpoint"], *, command: str | None = None,
                 evaluation: str | None = None, model_name: str | None = None) -> "ModelCard":
-    """Render the model card of a merge (metadata + body). Never contacts the Hub."""
+    """Render the model card of a merge (metadata + body). Never contacts the Hub.
+
+    Args:
+        result: the merge's `MergeResult`.
+        checkpoints: the opened ingredients, in the user's order.
+        command: the command line as typed. Not shown: the card's Reproduce command is built from
+            the resolved result (`reproduce_command`), since the typed one may name tags, branches and
+            local-only options. Kept so that existing callers still work.
+        evaluation: Markdown for an Evaluation section, if any.
+        model_name: the card's title.
+
+    Returns:
+        A `huggingface_hub.ModelCard`.
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
     ingredient_cards = [ingredient_card_data(i.path) for i in result.ingredients]
@@ -159,8 +267,10 @@ def render_card(result: "MergeResult", checkpoints: Sequence["Checkpoint"], *, c
         hyperparameters=_hyperparameters(result, cfg.lr or 1e-3),
         lr_text=lr_text,
         config=cfg,
+        output_dtype=output_dtype_text(result, checkpoints),
+        usage=_usage(result, checkpoints, pipeline),
         order_text=order_text,
-        command=command,
+        command=reproduce_command(result),
         run_yaml=run_yaml(result),
         versions=versions(),
         evaluation=evaluation,

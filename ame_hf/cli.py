@@ -69,8 +69,9 @@ def _add_push(p: argparse.ArgumentParser, required: bool) -> None:
 def _add_eval(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--data", required=required,
                    help="labelled data: JSONL/CSV with text|image and label columns, or an image folder")
-    p.add_argument("--task", default="text-classification" if required else None,
-                   choices=["text-classification", "image-classification"], help="pipeline task")
+    p.add_argument("--task", default=None, choices=["text-classification", "image-classification"],
+                   help="pipeline task (default: from the model's architecture, e.g. *ForSequenceClassification "
+                        "-> text-classification)")
     p.add_argument("--metric", default="accuracy",
                    help="evaluate metric: accuracy or f1 (bundled, offline), or a local metric folder")
 
@@ -307,6 +308,12 @@ def _table(rows: Sequence[tuple[str, float]], metric: str) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .evaluation import read_model_config, task_for_models
+    from .resolve import resolve_refs
+
+    # The task (given or inferred) must fit every model before the first one is evaluated.
+    resolved = resolve_refs(args.models, token=args.token)
+    args.task = task_for_models([(m, read_model_config(i.path, m)) for m, i in zip(args.models, resolved)], args.task)
     rows = _evaluate_rows(args.models, args)
     print(_table(rows, args.metric))
     if args.update_card:
@@ -324,7 +331,8 @@ def cmd_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
                   token=args.token, overwrite=args.overwrite, progress=not args.quiet,
                   log=None if args.quiet else (lambda line: print(line, file=sys.stderr)))
     print(_table([(c.label, c.score) for c in result.candidates], args.metric))
-    print(f"selected: {result.best.label} ({args.metric} {result.best.score:.4f}) -> {result.path}")
+    print(f"selected: {result.best.label} (validation {args.metric} {result.best.score:.4f}, from "
+          f"{len(result.candidates)} candidates) -> {result.path}")
     return 0
 
 
@@ -343,11 +351,14 @@ def cmd_space(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .demo import format_table, run_demo
+    from .demo import format_table, next_commands, run_demo
 
     kwargs = {"steps": args.steps} if args.steps else {}
     rows = run_demo(args.out, progress=not args.quiet, log=None if args.quiet else print, **kwargs)
     print(format_table(rows))
+    print("\ntry next:")
+    for command in next_commands(args.out):
+        print(f"  {command}")
     return 0
 
 

@@ -16,6 +16,8 @@ VOCAB = 20          # ordinary tokens 0..19
 TASKS = ("count", "skip3", "repeat")
 TASK_TOKEN = {name: VOCAB + i for i, name in enumerate(TASKS)}  # first token says which task
 BASE_TOKEN = VOCAB + len(TASKS)
+# The tokenizer's words for those ids: "0".."19", then one named token per task, then the base's.
+TOKEN_WORDS = [str(i) for i in range(VOCAB)] + [f"<{name}>" for name in TASKS] + ["<base>"]
 SEQ_LEN = 16
 DEFAULT_STEPS = 120
 
@@ -36,9 +38,45 @@ def tiny_config():
     """The tiny GPT-2 every demo and test model is built from (no download)."""
     from transformers import GPT2Config
 
-    return GPT2Config(vocab_size=VOCAB + len(TASKS) + 1, n_positions=SEQ_LEN, n_embd=32, n_layer=2,
+    # The demo's sequences have no end: <base> (never a training target, only a first token) is the
+    # end/padding token, so generation runs to the length limit instead of stopping at the word "0".
+    return GPT2Config(vocab_size=len(TOKEN_WORDS), n_positions=SEQ_LEN, n_embd=32, n_layer=2,
                       n_head=2, n_inner=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                      bos_token_id=0, eos_token_id=0)
+                      bos_token_id=BASE_TOKEN, eos_token_id=BASE_TOKEN, pad_token_id=BASE_TOKEN)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer whose ids are the demo's token ids ("0".."19", `<count>`, ..., `<base>`).
+
+    Built locally with `tokenizers` (nothing downloaded) and saved with every demo model, so the
+    merged outputs work with `AutoTokenizer` and `pipeline("text-generation")`.
+
+    Returns:
+        A `transformers.PreTrainedTokenizerFast`.
+
+    >>> tiny_tokenizer()("<count> 3 4 5")["input_ids"]
+    [20, 3, 4, 5]
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # No unknown token: every id is taken by a demo token, and adding one would change the model.
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(TOKEN_WORDS)}))
+    # Split on spaces only: the default Whitespace pre-tokenizer would cut "<count>" into "<", "count", ">".
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # Each word decodes with a leading space, as GPT-2's tokens do: the text-generation pipeline
+    # decodes only the new tokens and appends them to the prompt, which needs the separating space.
+    tok.decoder = decoders.Replace(Regex("^"), " ")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<base>", eos_token="<base>",
+                                   pad_token="<base>", model_max_length=SEQ_LEN)
+
+
+def _save(model, tokenizer, path: Path) -> None:
+    """`save_pretrained` of a demo model with its tokenizer, and generation capped to the context."""
+    # GPT-2's default max_length (20) is beyond the 16 positions: generation would index past them.
+    model.generation_config.max_length = SEQ_LEN
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
 
 
 def make_batch(task: str, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -90,16 +128,17 @@ def build_experts(workdir: Path, steps: int = DEFAULT_STEPS, log: Callable[[str]
     """A shared base (generic pre-training) and one fine-tune per task, saved with save_pretrained."""
     from transformers import GPT2LMHeadModel
 
+    tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
     base = GPT2LMHeadModel(tiny_config())
     train(base, "base", steps, seed=0)
-    base.save_pretrained(workdir / "base")
+    _save(base, tokenizer, workdir / "base")
     paths = []
     for i, task in enumerate(TASKS):
         expert = GPT2LMHeadModel.from_pretrained(workdir / "base")
         train(expert, task, steps, seed=100 + i)
         path = workdir / f"expert-{task}"
-        expert.save_pretrained(path)
+        _save(expert, tokenizer, path)
         paths.append(path)
         if log:
             log(f"fine-tuned expert-{task} ({steps} steps)")
@@ -128,6 +167,29 @@ def run_demo(out: str | Path = "ame-demo", *, steps: int = DEFAULT_STEPS, progre
     for path in [workdir / "base", *experts]:
         rows.append(DemoRow(path.name, task_losses(AutoModelForCausalLM.from_pretrained(path))))
     return rows
+
+
+def next_commands(out: str | Path = "ame-demo") -> list[str]:
+    """Shell commands to try on the demo's files next (each one runs as printed, from the same directory).
+
+    Args:
+        out: the demo's working directory, as the user gave it.
+
+    Returns:
+        Commands: generate with the merged model, merge two experts, check all three.
+    """
+    import shlex
+
+    root = Path(out)
+    merged, experts = root / "merged-ame", [root / f"expert-{task}" for task in TASKS]
+    generate = ("from transformers import pipeline; "
+                f"print(pipeline('text-generation', model={str(merged)!r})('<count> 3 4 5')[0]['generated_text'])")
+    return [
+        shlex.join(["python", "-c", generate]),
+        shlex.join(["ame-hf", "merge", str(experts[0]), str(experts[1]), "--out", str(root / "merged-2"),
+                    "--overwrite"]),
+        shlex.join(["ame-hf", "check", *map(str, experts)]),
+    ]
 
 
 def format_table(rows: list[DemoRow]) -> str:

@@ -16,6 +16,9 @@ from .errors import CheckpointError, InvalidConfigError
 logger = logging.getLogger(__name__)
 
 TASKS = ("text-classification", "image-classification")
+# Task -> the architecture suffix of the models whose pipeline can do it.
+_TASK_ARCHITECTURES = {"text-classification": "ForSequenceClassification",
+                       "image-classification": "ForImageClassification"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 _BUNDLED_METRICS = Path(__file__).parent / "metrics"
 
@@ -30,6 +33,102 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+def _architectures(model_config: dict[str, Any]) -> list[str]:
+    return [str(a) for a in model_config.get("architectures") or []]
+
+
+def infer_task(model_config: dict[str, Any]) -> str | None:
+    """The evaluation task a model's architecture does, from its `config.json` content.
+
+    Args:
+        model_config: the model's config as a dict (`config.json`, or `PretrainedConfig.to_dict()`).
+
+    Returns:
+        `text-classification` for `*ForSequenceClassification`, `image-classification` for
+        `*ForImageClassification`, or None when the architecture does neither.
+
+    >>> infer_task({"architectures": ["BertForSequenceClassification"]})
+    'text-classification'
+    >>> infer_task({"architectures": ["LlamaForCausalLM"]}) is None
+    True
+    """
+    for arch in _architectures(model_config):
+        for task, suffix in _TASK_ARCHITECTURES.items():
+            if arch.endswith(suffix):
+                return task
+    return None
+
+
+def check_task_fits(model_config: dict[str, Any], task: str, name: str) -> None:
+    """Refuse a task that the model's architecture cannot do, before any work starts.
+
+    A config without `architectures` is let through: nothing says it cannot (the pipeline decides).
+
+    Args:
+        model_config: the model's config as a dict.
+        task: an evaluation task (one of `TASKS`).
+        name: the model as the user named it, for the message.
+
+    Raises:
+        InvalidConfigError: an unknown task, or an architecture that cannot do it (e.g. a
+            `LlamaForCausalLM` with `text-classification`).
+
+    >>> check_task_fits({"architectures": ["LlamaForCausalLM"]}, "text-classification", "org/m")  # doctest: +SKIP
+    InvalidConfigError: org/m is a LlamaForCausalLM, which cannot do text-classification ...
+    """
+    if task not in TASKS:
+        raise InvalidConfigError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+    archs = _architectures(model_config)
+    suffix = _TASK_ARCHITECTURES[task]
+    if archs and not any(a.endswith(suffix) for a in archs):
+        raise InvalidConfigError(
+            f"{name} is a {', '.join(archs)}, which cannot do {task} (that needs a *{suffix} model); "
+            f"evaluation supports: {_task_list()}"
+        )
+
+
+def _task_list() -> str:
+    return ", ".join(f"{task} (*{suffix})" for task, suffix in _TASK_ARCHITECTURES.items())
+
+
+def read_model_config(path: str | os.PathLike, name: str) -> dict[str, Any]:
+    """The `config.json` of a local model directory as a dict.
+
+    Raises:
+        CheckpointError: no readable `config.json` in `path`.
+    """
+    file = Path(path) / "config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{name}: cannot read {file} ({type(err).__name__})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{name}: {file} must hold a JSON object")
+    return config
+
+
+def task_for_models(models: Sequence[tuple[str, dict[str, Any]]], task: str | None) -> str:
+    """The task to evaluate `models` (`[(name, config)]`) on: `task` checked against every one, or,
+    when None, inferred from their architectures (they must agree).
+
+    Raises:
+        InvalidConfigError: the task does not fit a model, or cannot be inferred (one line naming
+            the model and the valid tasks).
+    """
+    if task is None:
+        # From the first model (for `merge --eval-data` and `tune`, the ingredients); the others
+        # must then fit it, so a mixed list fails on the one that differs.
+        name, config = models[0]
+        task = infer_task(config)
+        if task is None:
+            archs = ", ".join(_architectures(config)) or "no architectures in config.json"
+            raise InvalidConfigError(f"cannot infer --task for {name} ({archs}); pass --task with one of: "
+                                     f"{_task_list()}")
+    for name, config in models:
+        check_task_fits(config, task, name)
+    return task
 
 
 def load_data(path: str | os.PathLike, task: str) -> Dataset:
@@ -133,28 +232,64 @@ def evaluate_model(model: Any, data: Dataset, task: str, metric: str = "accuracy
 
 
 def update_card(directory: str | os.PathLike, results: Sequence[tuple[str, float]], *, task: str,
-                dataset: str, metric: str, model_name: str | None = None) -> None:
-    """Add evaluation results (`[(label, value)]`, the first is the model itself) to the card's
-    `model-index` and an Evaluation section."""
+                dataset: str, metric: str, model_name: str | None = None,
+                selected_from: int | None = None) -> None:
+    """Add evaluation results to the card's `model-index` and as a section of its body.
+
+    Args:
+        directory: the model folder whose README.md is updated (created if missing).
+        results: `[(label, value)]`; the first is the model itself.
+        task, dataset, metric: what was measured.
+        model_name: the `model-index` name (default: the folder name, unless the card has one).
+        selected_from: when the model was chosen by `ame-hf tune` among this many candidates on
+            this data. The figure is then labelled as the validation score used for the selection,
+            which overestimates performance on new data, not as an independent evaluation.
+    """
     from huggingface_hub import EvalResult, ModelCard
 
     readme = Path(directory) / "README.md"
     card = ModelCard.load(readme) if readme.is_file() else ModelCard("---\n---\n")
     value = results[0][1]
-    card.data.eval_results = [EvalResult(task_type=task, dataset_type=dataset, dataset_name=dataset,
-                                         metric_type=metric, metric_value=value)]
+    selection = selected_from is not None
+    card.data.eval_results = [EvalResult(
+        task_type=task, dataset_type=dataset, dataset_name=dataset, metric_type=metric, metric_value=value,
+        dataset_split="validation" if selection else None,
+        metric_name=f"{metric} (validation score used for selection)" if selection else None)]
     if model_name or not card.data.model_name:
         card.data.model_name = model_name or Path(directory).name
+    if selection and "model-selection" not in (card.data.tags or []):
+        card.data.tags = [*(card.data.tags or []), "model-selection"]
     table = "\n".join(f"| {label} | {val:.4f} |" for label, val in results)
-    section = (f"\n## Evaluation results\n\n{metric} on `{dataset}` ({task}):\n\n| model | {metric} |\n|---|---|\n"
-               f"{table}\n")
-    text = str(card)
-    marker = "\n## Evaluation results\n"
+    if selection:
+        marker = _SELECTION_HEADING
+        section = (f"\n{marker}\n\nThis model was **selected by `ame-hf tune`** from {selected_from} candidates "
+                   f"(the uniform soup, each single ingredient and AME variants), as the best {metric} on "
+                   f"`{dataset}` ({task}). The figures below are the **validation scores used for the "
+                   f"selection**, not an independent evaluation: the best of {selected_from} on one data set "
+                   f"overestimates what to expect on new data. Evaluate on held-out data for that "
+                   f"(`ame-hf evaluate MODEL --data test.jsonl --update-card DIR`).\n\n"
+                   f"| candidate | {metric} (validation) |\n|---|---|\n{table}\n")
+        before = ("\n## How to use", "\n## Ingredients", "\n## Reproduce")
+    else:
+        marker = "## Evaluation results"
+        section = (f"\n{marker}\n\n{metric} on `{dataset}` ({task}):\n\n| model | {metric} |\n|---|---|\n"
+                   f"{table}\n")
+        before = ("\n## Reproduce",)
+    ModelCard(_put_section(str(card), marker, section, before)).save(readme)
+
+
+_SELECTION_HEADING = "## Selection by `ame-hf tune`"
+
+
+def _put_section(text: str, heading: str, section: str, before: Sequence[str]) -> str:
+    """Replace the section under `heading`, or insert it before the first of `before` found (else at the end)."""
+    marker = f"\n{heading}\n"
     if marker in text:
         start = text.index(marker)
         end = text.find("\n## ", start + len(marker))
-        text = text[:start] + section + (text[end:] if end != -1 else "")
-    else:
-        repro = text.find("\n## Reproduce")
-        text = text[:repro] + section + text[repro:] if repro != -1 else text + section
-    ModelCard(text).save(readme)
+        return text[:start] + section + (text[end:] if end != -1 else "")
+    for anchor in before:
+        at = text.find(anchor)
+        if at != -1:
+            return text[:at] + section + text[at:]
+    return text + section

@@ -58,7 +58,8 @@ def merge(
         threads: torch intra-op threads on the CPU during the merge (default 1: element-wise work on
             blocks gains little from threads and stalls badly when another process shares the cores;
             use several processes with `torchrun` to use more cores).
-        command: the command line to record in the card (the CLI passes it, tokens removed).
+        command: the command line as typed (the CLI passes it, tokens removed). Accepted for existing
+            callers; the card's Reproduce command is built from the resolved result instead.
 
     Returns:
         A `MergeResult` with the output path, resolved config, ingredients and order.

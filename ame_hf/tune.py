@@ -13,11 +13,11 @@ from typing import Any, Callable, Sequence
 
 from .config import AmeConfig
 from .errors import InvalidConfigError
-from .evaluation import Dataset, evaluate_model, load_data, update_card
+from .evaluation import Dataset, evaluate_model, load_data, read_model_config, task_for_models, update_card
 from .merging import merge
+from .output import check_output_dir, make_staging_dir, publish
 from .records import MergeResult
 from .resolve import local_inputs, resolve_refs
-from .output import check_output_dir, make_staging_dir, publish
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def tune(
     out_dir: str | os.PathLike,
     *,
     data: str | os.PathLike | Dataset,
-    task: str,
+    task: str | None = None,
     metric: str = "accuracy",
     budget: int = 12,
     grid: Sequence[AmeConfig] | None = None,
@@ -88,19 +88,27 @@ def tune(
     """Pick the best of {soup, each ingredient, `budget` AME variants} on validation data.
 
     By construction the result is never worse on this validation data than the soup or the best
-    single ingredient. The card of the output lists every candidate's score.
+    single ingredient. The card of the output lists every candidate's score, labelled as the
+    validation scores used for the selection.
+
+    Args:
+        task: `text-classification` or `image-classification`; None infers it from the
+            ingredients' architectures. Checked against every ingredient before any merge.
 
     >>> tune(["org/a", "org/b"], "best", data="val.jsonl", task="text-classification")  # doctest: +SKIP
     """
     if budget < 0:
         raise InvalidConfigError(f"--budget must be >= 0, got {budget}")
-    dataset = data if isinstance(data, Dataset) else load_data(data, task)
     out = Path(out_dir)
     check_output_dir(out, overwrite, inputs=local_inputs(ingredients))
     resolved = resolve_refs([os.fspath(r) for r in ingredients], token=token)
     check_output_dir(out, overwrite, inputs=[i.path for i in resolved])
+    # Before any merge: a task the ingredients cannot do would only fail after the first one.
+    task = task_for_models([(i.display_name, read_model_config(i.path, i.display_name)) for i in resolved], task)
+    dataset = data if isinstance(data, Dataset) else load_data(data, task)
     refs = [i.pinned_ref if i.repo_id else str(i.path) for i in resolved]
     configs = [AmeConfig.soup()] + list(grid if grid is not None else default_grid())[:budget]
+    total = len(resolved) + len(configs)
     scratch = make_staging_dir(out)
     candidates: list[Candidate] = []
     best_dir: Path | None = None
@@ -110,7 +118,9 @@ def tune(
             candidates.append(Candidate(f"ingredient {i}: {ing.display_name}", score, ingredient=i))
             _say(log, candidates[-1])
         for n, cfg in enumerate(configs):
-            target = scratch / f"cand{n}"
+            # Named like the output: the card's "How to use" names the merge's folder.
+            target = scratch / f"cand{n}" / out.absolute().name
+            target.parent.mkdir()
             result = merge(refs, target, cfg, token=token, progress=False)
             score = evaluate_model(str(result.path), dataset, task, metric)
             candidates.append(Candidate(_label(cfg), score, config=result.config))
@@ -127,27 +137,30 @@ def tune(
             assert best_dir is not None
             final = best_dir
         else:
-            final = _ingredient_output(scratch / "ingredient", resolved[best.ingredient], refs)
+            final = _ingredient_output(scratch / "ingredient", resolved[best.ingredient], refs, total)
         ranked = sorted(candidates, key=lambda c: c.rank_key, reverse=True)
         update_card(final, [(f"selected: {best.label}", best.score)] + [(c.label, c.score) for c in ranked],
-                    task=task, dataset=dataset.name, metric=metric, model_name=out.absolute().name)
+                    task=task, dataset=dataset.name, metric=metric, model_name=out.absolute().name,
+                    selected_from=total)
         publish(final, out, overwrite)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return TuneResult(path=out, best=best, candidates=ranked)
 
 
-def _ingredient_output(target: Path, ingredient: Any, refs: list[str]) -> Path:
+def _ingredient_output(target: Path, ingredient: Any, refs: list[str], candidates: int) -> Path:
     """When a single ingredient wins, the output is a copy of it, with a card saying so."""
     from huggingface_hub import ModelCard, ModelCardData
 
     shutil.copytree(ingredient.path, target, ignore=shutil.ignore_patterns("README.md", "*.py", ".*"))
     data = ModelCardData(base_model=[ingredient.repo_id] if ingredient.repo_id else None,
                          tags=["ame-hf", "model-selection"], library_name="transformers")
+    revision = f"`{ingredient.sha}`" if ingredient.sha else "local directory"
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n# Selected ingredient\n\n"
-                     f"`ame-hf tune` found no merge better on validation than the ingredient "
-                     f"**{ingredient.display_name}** ({ingredient.sha or 'local directory'}); "
-                     f"this is a copy of it.\n\nCandidates merged from: {', '.join(refs)}\n")
+                     f"This model was **selected by `ame-hf tune`** from {candidates} candidates (the soup, "
+                     f"each single ingredient and AME merges): no merge scored better on the validation data "
+                     f"than the ingredient **{ingredient.display_name}** ({revision}), so this is an "
+                     f"unchanged copy of it.\n\nCandidates merged from: {', '.join(refs)}\n")
     card.save(target / "README.md")
     return target
 

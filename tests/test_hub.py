@@ -85,10 +85,16 @@ def test_merge_push_download_round_trip(repos, hub_token, tmp_path, capsys):
     for sha in (shas["a-main"], shas["b"], shas["a-v2"]):
         assert sha in card.text
     for needle in ("arXiv 2508.14832".replace(" ", ":"), "Lee & Ngo", "`Adam`", "betas", "relative: 0.005",
-                   "shuffle / seed | True / 3", "epoch 1:", "ame-hf merge org/hub-a org/hub-b", "torch ",
+                   "shuffle / seed | True / 3", "epoch 1:", "torch ",
                    "safetensors ", "ame_hf_version"):
         assert needle in card.text, needle
     assert hub_token not in card.text and "--token" not in card.text
+    # Reproduce names resolved shas (never the branch v2) and no push option.
+    command = next(line for line in card.text.splitlines() if line.startswith("ame-hf merge org/"))
+    assert command.startswith(f"ame-hf merge org/hub-a@{shas['a-main']} org/hub-b@{shas['b']} "
+                              f"org/hub-a@{shas['a-v2']} --out merged "), command
+    assert "--shuffle" in command and "--seed 3" in command
+    assert not any(opt in command for opt in ("@v2", "--push", "--repo-id", "--token", "--quiet")), command
     with safe_open(out / "model.safetensors", "pt") as f:
         assert f.metadata()["ame_optimizer"] == "adam"
     yaml_text = (out / "ame_config.yaml").read_text()
