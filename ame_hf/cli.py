@@ -119,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_push(m, required=False)
     m.add_argument("--eval-data", dest="data", help="evaluate the merge (and its ingredients) on this data "
                                                   "and record the result in the card")
-    m.add_argument("--task", default="text-classification",
-                   choices=["text-classification", "image-classification"], help="task of --eval-data")
+    m.add_argument("--task", default=None, choices=["text-classification", "image-classification"],
+                   help="task of --eval-data (default: from the ingredients' architecture)")
     m.add_argument("--metric", default="accuracy", help="metric of --eval-data (default accuracy)")
     _add_token(m)
     _add_common(m)
@@ -206,6 +206,10 @@ def _run_from_args(args: argparse.Namespace) -> tuple[list[str], str, dict[str, 
     if args.config:
         data = load_yaml_mapping(Path(args.config))
         base = Path(args.config).parent
+        if data.get("selected_by") == "tune":
+            raise InvalidConfigError(
+                f"{args.config} belongs to a `tune` output that is a copy of the ingredient "
+                f"{data.get('selected_ingredient')}, not a merge: there is no merge to reproduce; use that ingredient")
         data.pop("resolved", None)
         data.pop("ame_hf_version", None)
         file_refs = data.pop("ingredients", None)
@@ -240,6 +244,13 @@ def cmd_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
     pivot_refs = [str(pivot)] if isinstance(pivot, str) and pivot.lower() not in ("mean", "first") else []
     # Before torch and the Hub client load: a bad path or --out fails in a fraction of a second.
     check_output_dir(Path(out), args.overwrite, inputs=local_inputs([*refs, *pivot_refs]))
+    if args.data:
+        # The evaluation must be possible before the merge starts, not found impossible after it.
+        from .evaluation import load_data, task_for_models
+        from .resolve import model_config
+
+        args.task = task_for_models([(r, model_config(r, token=args.token)) for r in refs], args.task)
+        load_data(args.data, args.task)
     from .config import AmeConfig
     from .merging import merge
 

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import yaml
+
 from .config import AmeConfig
 from .errors import InvalidConfigError
 from .evaluation import Dataset, evaluate_model, load_data, read_model_config, task_for_models, update_card
 from .merging import merge
-from .output import check_output_dir, make_staging_dir, publish
+from .output import RUN_FILE, check_output_dir, make_staging_dir, publish
 from .records import MergeResult
 from .resolve import local_inputs, resolve_refs
 
@@ -162,6 +164,12 @@ def _ingredient_output(target: Path, ingredient: Any, refs: list[str], candidate
                      f"than the ingredient **{ingredient.display_name}** ({revision}), so this is an "
                      f"unchanged copy of it.\n\nCandidates merged from: {', '.join(refs)}\n")
     card.save(target / "README.md")
+    # Marks the copy as ame-hf's own output (so `--overwrite` may replace it and `push` takes it);
+    # it is no merge recipe, and `merge --config` says so.
+    (target / RUN_FILE).write_text(
+        "# ame-hf tune selected a single ingredient: this output is an unchanged copy of it, not a merge.\n"
+        + yaml.safe_dump({"selected_by": "tune", "selected_ingredient": ingredient.pinned_ref,
+                          "candidates": candidates}, sort_keys=False), encoding="utf-8")
     return target
 
 

@@ -96,3 +96,36 @@ def test_ties_go_to_the_soup_then_ame_then_an_ingredient():
     assert max(cands, key=lambda c: c.rank_key).label == "soup"
     assert max(cands[:2], key=lambda c: c.rank_key).label == "adam"
     assert max(cands[3:] + cands[:1], key=lambda c: c.rank_key).label == "ingredient 0"  # higher score wins
+
+
+def test_merge_eval_data_with_a_task_that_does_not_fit_fails_before_the_merge(tmp_path, capsys):
+    from factories import make_finetunes
+
+    llamas = make_finetunes(tmp_path / "llamas", n=2)  # causal LMs: no text-classification head
+    val = tmp_path / "val.jsonl"
+    val.write_text('{"text": "a", "label": 0}\n')
+    out = tmp_path / "out"
+    capsys.readouterr()
+    code = main(["merge", *map(str, llamas), "--out", str(out), "--eval-data", str(val), "--task",
+                 "text-classification", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "text-classification" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".ame-tmp-*"))  # no merge was written
+    capsys.readouterr()
+    assert main(["merge", *map(str, llamas), "--out", str(out), "--eval-data", str(val), "--quiet"]) == 1
+    assert "task" in capsys.readouterr().err and not out.exists()  # nothing to infer from a causal LM either
+
+
+def test_a_tune_output_that_copies_an_ingredient_is_ame_hfs_own(classifiers, tmp_path, capsys):
+    """It may be replaced by `--overwrite` and pushed, and `merge --config` explains it is no merge."""
+    from ame_hf.output import check_output_dir
+    from ame_hf.records import Ingredient
+    from ame_hf.tune import _ingredient_output
+
+    experts, _ = classifiers
+    copy = _ingredient_output(tmp_path / "copy", Ingredient(ref=str(experts[0]), path=experts[0]), ["a", "b"], 5)
+    check_output_dir(copy, overwrite=True)  # a previous ame-hf output: may be replaced
+    capsys.readouterr()
+    assert main(["merge", "--config", str(copy / "ame_config.yaml"), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a merge" in err and str(experts[0]) in err, err
