@@ -1,14 +1,26 @@
 """ame-hf: fuse fine-tuned Hugging Face checkpoints into one model by Amortized Model Ensembling.
 
-Public names are imported lazily so that `import ame_hf` and `ame-hf --help` stay fast.
+Public names are imported lazily so that `import ame_hf` and `ame-hf --help` stay fast; the
+`TYPE_CHECKING` block below gives type checkers and IDEs their real signatures.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .api import check, evaluate, from_pretrained, push_to_hub
+    from .checkpoint import Checkpoint
+    from .compatibility import CompatibilityReport
+    from .config import AmeConfig
+    from .errors import (AmeError, CheckpointError, HubError, IncompatibleCheckpointsError, IngredientNotFoundError,
+                         InvalidConfigError, OutputError, PushError, UnknownOptimizerError, UnsupportedOptimizerError)
+    from .merging import merge
+    from .records import Evaluation, Ingredient, MergeResult, PushInfo
+    from .tuning import TuneResult, tune
 
 _LAZY = {
     "AmeConfig": "config",
@@ -16,6 +28,7 @@ _LAZY = {
     "Checkpoint": "checkpoint",
     "CheckpointError": "errors",
     "CompatibilityReport": "compatibility",
+    "Evaluation": "records",
     "HubError": "errors",
     "IncompatibleCheckpointsError": "errors",
     "Ingredient": "records",
@@ -24,11 +37,16 @@ _LAZY = {
     "MergeResult": "records",
     "OutputError": "errors",
     "PushError": "errors",
+    "PushInfo": "records",
+    "TuneResult": "tuning",
     "UnknownOptimizerError": "errors",
+    "UnsupportedOptimizerError": "errors",
     "check": "api",
+    "evaluate": "api",
     "from_pretrained": "api",
     "merge": "merging",
     "push_to_hub": "api",
+    "tune": "tuning",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])

@@ -36,40 +36,40 @@ def hub_errors(what: str, repo_id: str, revision: str | None = None) -> Iterator
     except hf_errors.GatedRepoError as err:
         raise HubError(
             f"{what}: {repo_id} is gated; accept its conditions on its Hub page, then pass a token "
-            "with access (--token or HF_TOKEN)"
+            "with access (--token or HF_TOKEN)", repo_id=repo_id
         ) from err
     except hf_errors.RevisionNotFoundError as err:
         raise IngredientNotFoundError(
-            f"{what}: revision {revision!r} does not exist in {repo_id}; check the branch, tag or commit"
+            f"{what}: revision {revision!r} does not exist in {repo_id}; check the branch, tag or commit", ref=repo_id
         ) from err
     except hf_errors.RepositoryNotFoundError as err:
         raise IngredientNotFoundError(
             f"{what}: repository {repo_id} not found on {endpoint()} (check the name; for a private "
-            "repo pass --token or set HF_TOKEN)"
+            "repo pass --token or set HF_TOKEN)", ref=repo_id
         ) from err
     except (hf_errors.OfflineModeIsEnabled, hf_errors.LocalEntryNotFoundError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
         hint = ("HF_HUB_OFFLINE is set and it is not in the local cache; unset HF_HUB_OFFLINE"
                 if offline else f"cannot reach {endpoint()}; check your connection or HF_ENDPOINT")
-        raise HubError(f"{what}: {repo_id}: {hint}") from err
+        raise HubError(f"{what}: {repo_id}: {hint}", repo_id=repo_id) from err
     except hf_errors.EntryNotFoundError as err:
-        raise IngredientNotFoundError(f"{what}: a file is missing in {repo_id} ({first_line(err)})") from err
+        raise IngredientNotFoundError(f"{what}: a file is missing in {repo_id} ({first_line(err)})", ref=repo_id) from err
     except hf_errors.HfHubHTTPError as err:
         status = getattr(getattr(err, "response", None), "status_code", None)
         if status == 401:
             raise HubError(
                 f"{what}: the Hub refused the token (401 Unauthorized); check --token / HF_TOKEN "
-                "or log in again with `hf auth login`"
+                "or log in again with `hf auth login`", repo_id=repo_id
             ) from err
         if status == 403:
             raise HubError(
                 f"{what}: the token may not access {repo_id} (403 Forbidden); use a token with "
-                "write access to that namespace"
+                "write access to that namespace", repo_id=repo_id
             ) from err
-        raise HubError(f"{what}: the Hub answered {status} for {repo_id} ({first_line(err)})") from err
+        raise HubError(f"{what}: the Hub answered {status} for {repo_id} ({first_line(err)})", repo_id=repo_id) from err
     except _transport_errors() as err:
         raise HubError(f"{what}: cannot reach {endpoint()} ({type(err).__name__}: {first_line(err)}); "
-                       "check your connection or HF_ENDPOINT") from err
+                       "check your connection or HF_ENDPOINT", repo_id=repo_id) from err
 
 
 @functools.lru_cache(maxsize=None)

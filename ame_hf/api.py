@@ -13,9 +13,10 @@ from .compatibility import CompatibilityReport, check_compatibility
 from .config import AmeConfig
 from .errors import InvalidConfigError
 from .checkpoint import Checkpoint
+from .evaluation import evaluate_model, load_data, read_model_config, task_for_models
 from .merging import merge
 from .push import push_folder
-from .records import MergeResult
+from .records import Evaluation, MergeResult
 from .resolve import resolve_refs
 
 
@@ -29,6 +30,40 @@ def check(ingredients: Sequence[str | os.PathLike], *, token: str | None = None,
     resolved = resolve_refs([os.fspath(r) for r in ingredients], token=token)
     return check_compatibility([Checkpoint(i.path, name=i.ref) for i in resolved],
                                allow_dtype_mismatch=dtype != "auto")
+
+
+def evaluate(
+    models: Sequence[str | os.PathLike],
+    *,
+    data: str | os.PathLike,
+    task: str | None = None,
+    metric: str = "accuracy",
+    token: str | None = None,
+) -> Evaluation:
+    """Score models (merge outputs, local directories or Hub repo IDs) on local labelled data, offline.
+
+    Args:
+        models: what to evaluate, in the order the scores are returned.
+        data: JSONL/CSV with `text` (or `image`) and `label` columns, or an image folder `root/<label>/`.
+        task: `text-classification` or `image-classification`; default: from the models' architecture.
+        metric: a bundled offline metric (`accuracy`, `f1`), or a local `evaluate` metric folder.
+        token: Hub token for private or gated repos.
+
+    Returns:
+        An `Evaluation` with the task used and `[(model, score)]`.
+
+    Raises:
+        InvalidConfigError: a task the models cannot do (before any model is run), unreadable data.
+
+    >>> evaluate(["merged", "org/model-a"], data="val.jsonl").scores  # doctest: +SKIP
+    [('merged', 0.91), ('org/model-a', 0.87)]
+    """
+    refs = [os.fspath(m) for m in models]
+    resolved = resolve_refs(refs, token=token)
+    task = task_for_models([(r, read_model_config(i.path, r)) for r, i in zip(refs, resolved)], task)
+    dataset = load_data(data, task)
+    return Evaluation(task=task, metric=metric, dataset=dataset.name,
+                      scores=[(r, evaluate_model(str(i.path), dataset, task, metric)) for r, i in zip(refs, resolved)])
 
 
 def from_pretrained(

@@ -1,12 +1,12 @@
-"""The model card (README.md) and `ame_config.yaml` of a merge output.
+"""Every model card ame-hf writes: a merge's (from `model_cards/ame_model_card.md`), the evaluation or
+selection section added to it, and the card of a `tune` output that is a copy of one ingredient.
 
-Rendered from `model_cards/ame_model_card.md` with `huggingface_hub.ModelCard`; no network calls.
+Rendered with `huggingface_hub.ModelCard`; no network calls.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import json
 import logging
 import shlex
@@ -15,19 +15,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .config import AmeConfig
-from .optimizers import full_hyperparameters, optimizer_class
+from .optimizers import optimizer_class, reported_hyperparameters
+from .recipe import run_yaml, versions
+
+from .records import Ingredient, MergeResult
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
 
     from .checkpoint import Checkpoint
-    from .records import MergeResult
 
 logger = logging.getLogger(__name__)
 
 TAGS = ["ame-hf", "merge", "model-ensembling"]
 TEMPLATE = "ame_model_card.md"
-VERSIONED = ("ame-hf", "torch", "transformers", "huggingface_hub", "safetensors", "accelerate")
 
 # Architecture suffix -> (transformers Auto class, pipeline tag). Suffixes cover most models without
 # importing transformers (about a second) into every merge; see `_auto_class` for the rest.
@@ -49,21 +50,8 @@ _CONDITIONAL_GENERATION = [
     ("MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES", "AutoModelForSpeechSeq2Seq", "automatic-speech-recognition"),
     ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "AutoModelForImageTextToText", "image-text-to-text"),
 ]
-# Optimizer arguments that choose an implementation (same values, other kernels), not the update:
-# they say nothing about the merge, so the card and `resolved.hyperparameters` leave them out.
-IMPLEMENTATION_SWITCHES = frozenset({"foreach", "fused", "capturable", "differentiable"})
 # The placeholder output folder of the Reproduce command.
 REPRODUCE_OUT = "merged"
-
-
-def versions() -> dict[str, str]:
-    out = {}
-    for name in VERSIONED:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def _auto_class(config: dict[str, Any]) -> tuple[str, str | None]:
@@ -107,35 +95,6 @@ def ingredient_card_data(path: Path) -> dict[str, Any]:
     except Exception as err:  # a broken card of an ingredient must not break the merge
         logger.info("ignoring unreadable card %s: %s", readme, err)
         return {}
-
-
-def run_dict(result: "MergeResult") -> dict[str, Any]:
-    """The content of `ame_config.yaml`: run keys, AmeConfig fields, then what was resolved."""
-    cfg = result.config.to_dict()
-    pivot = result.pivot
-    if hasattr(pivot, "recipe_ref"):
-        cfg["pivot"] = pivot.recipe_ref(result.path)
-    lr_for_defaults = result.config.lr if result.config.lr is not None else 1e-3
-    return {
-        "ingredients": [i.recipe_ref(result.path) for i in result.ingredients],
-        **cfg,
-        "ame_hf_version": versions()["ame-hf"],
-        "resolved": {
-            "order": result.order,
-            "optimizer_class": optimizer_class(result.config.optimizer).__name__,
-            "hyperparameters": _hyperparameters(result, lr_for_defaults),
-            "ingredients": [
-                {"ref": i.ref, "repo_id": i.repo_id, "revision": i.revision, "sha": i.sha}
-                for i in result.ingredients
-            ],
-        },
-    }
-
-
-def _hyperparameters(result: "MergeResult", lr: float) -> dict[str, Any]:
-    params = full_hyperparameters(result.config.optimizer, result.config.optimizer_args, lr)
-    params.pop("lr", None)  # shown separately: it may be relative and per tensor
-    return {k: v for k, v in params.items() if k not in IMPLEMENTATION_SWITCHES}
 
 
 def reproduce_command(result: "MergeResult", out: str = REPRODUCE_OUT) -> str:
@@ -201,18 +160,6 @@ def _usage(result: "MergeResult", checkpoints: Sequence["Checkpoint"], pipeline:
             "pipeline": (pipeline or tag) if preprocessor else None}
 
 
-def run_yaml(result: "MergeResult") -> str:
-    import yaml
-
-    header = ("# ame-hf merge configuration: `ame-hf merge --config ame_config.yaml --out DIR` reproduces\n"
-              "# the same weights. The `resolved` section is informational and ignored when read back.\n")
-    return header + yaml.safe_dump(run_dict(result), sort_keys=False)
-
-
-def write_run_file(path: Path, result: "MergeResult") -> None:
-    path.write_text(run_yaml(result), encoding="utf-8")
-
-
 def render_card(result: "MergeResult", checkpoints: Sequence["Checkpoint"], *, command: str | None = None,
                 evaluation: str | None = None, model_name: str | None = None) -> "ModelCard":
     """Render the model card of a merge (metadata + body). Never contacts the Hub.
@@ -264,7 +211,7 @@ def render_card(result: "MergeResult", checkpoints: Sequence["Checkpoint"], *, c
         ingredients=ingredients,
         pivot=pivot_text,
         optimizer_class=optimizer_class(cfg.optimizer).__name__,
-        hyperparameters=_hyperparameters(result, cfg.lr or 1e-3),
+        hyperparameters=reported_hyperparameters(cfg.optimizer, cfg.optimizer_args),
         lr_text=lr_text,
         config=cfg,
         output_dtype=output_dtype_text(result, checkpoints),
@@ -275,3 +222,81 @@ def render_card(result: "MergeResult", checkpoints: Sequence["Checkpoint"], *, c
         versions=versions(),
         evaluation=evaluation,
     )
+
+
+def update_card(directory: str | os.PathLike, results: Sequence[tuple[str, float]], *, task: str,
+                dataset: str, metric: str, model_name: str | None = None,
+                selected_from: int | None = None) -> None:
+    """Add evaluation results to the card's `model-index` and as a section of its body.
+
+    Args:
+        directory: the model folder whose README.md is updated (created if missing).
+        results: `[(label, value)]`; the first is the model itself.
+        task, dataset, metric: what was measured.
+        model_name: the `model-index` name (default: the folder name, unless the card has one).
+        selected_from: when the model was chosen by `ame-hf tune` among this many candidates on
+            this data. The figure is then labelled as the validation score used for the selection,
+            which overestimates performance on new data, not as an independent evaluation.
+    """
+    from huggingface_hub import EvalResult, ModelCard
+
+    readme = Path(directory) / "README.md"
+    card = ModelCard.load(readme) if readme.is_file() else ModelCard("---\n---\n")
+    value = results[0][1]
+    selection = selected_from is not None
+    card.data.eval_results = [EvalResult(
+        task_type=task, dataset_type=dataset, dataset_name=dataset, metric_type=metric, metric_value=value,
+        dataset_split="validation" if selection else None,
+        metric_name=f"{metric} (validation score used for selection)" if selection else None)]
+    if model_name or not card.data.model_name:
+        card.data.model_name = model_name or Path(directory).name
+    if selection and "model-selection" not in (card.data.tags or []):
+        card.data.tags = [*(card.data.tags or []), "model-selection"]
+    table = "\n".join(f"| {label} | {val:.4f} |" for label, val in results)
+    if selection:
+        marker = _SELECTION_HEADING
+        section = (f"\n{marker}\n\nThis model was **selected by `ame-hf tune`** from {selected_from} candidates "
+                   f"(the uniform soup, each single ingredient and AME variants), as the best {metric} on "
+                   f"`{dataset}` ({task}). The figures below are the **validation scores used for the "
+                   f"selection**, not an independent evaluation: the best of {selected_from} on one data set "
+                   f"overestimates what to expect on new data. Evaluate on held-out data for that "
+                   f"(`ame-hf evaluate MODEL --data test.jsonl --update-card DIR`).\n\n"
+                   f"| candidate | {metric} (validation) |\n|---|---|\n{table}\n")
+        before = ("\n## How to use", "\n## Ingredients", "\n## Reproduce")
+    else:
+        marker = "## Evaluation results"
+        section = (f"\n{marker}\n\n{metric} on `{dataset}` ({task}):\n\n| model | {metric} |\n|---|---|\n"
+                   f"{table}\n")
+        before = ("\n## Reproduce",)
+    ModelCard(_put_section(str(card), marker, section, before)).save(readme)
+
+
+_SELECTION_HEADING = "## Selection by `ame-hf tune`"
+
+
+def _put_section(text: str, heading: str, section: str, before: Sequence[str]) -> str:
+    """Replace the section under `heading`, or insert it before the first of `before` found (else at the end)."""
+    marker = f"\n{heading}\n"
+    if marker in text:
+        start = text.index(marker)
+        end = text.find("\n## ", start + len(marker))
+        return text[:start] + section + (text[end:] if end != -1 else "")
+    for anchor in before:
+        at = text.find(anchor)
+        if at != -1:
+            return text[:at] + section + text[at:]
+    return text + section
+
+
+def selection_card(ingredient: Ingredient, refs: Sequence[str], candidates: int) -> "ModelCard":
+    """The card of a `tune` output that is an unchanged copy of the ingredient it selected."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(base_model=[ingredient.repo_id] if ingredient.repo_id else None,
+                         tags=["ame-hf", "model-selection"], library_name="transformers")
+    revision = f"`{ingredient.sha}`" if ingredient.sha else "local directory"
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n# Selected ingredient\n\n"
+                     f"This model was **selected by `ame-hf tune`** from {candidates} candidates (the soup, "
+                     f"each single ingredient and AME merges): no merge scored better on the validation data "
+                     f"than the ingredient **{ingredient.display_name}** ({revision}), so this is an "
+                     f"unchanged copy of it.\n\nCandidates merged from: {', '.join(refs)}\n")

@@ -59,7 +59,8 @@ def _safe_shard_name(name: Any, index_file: Path) -> str:
     # Shard names come from a downloaded file: never let one point outside the directory.
     if (not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..")
             or name.startswith("..") or os.path.isabs(name)):
-        raise CheckpointError(f"{index_file} names an invalid shard file {name!r}; the index is corrupt or unsafe")
+        raise CheckpointError(f"{index_file} names an invalid shard file {name!r}; the index is corrupt or unsafe",
+                              path=index_file.parent)
     return name
 
 
@@ -79,26 +80,26 @@ class Checkpoint:
         self.path = Path(path)
         self.name = name or str(path)
         if not self.path.is_dir():
-            raise IngredientNotFoundError(f"{self.name}: no such directory {self.path}")
+            raise IngredientNotFoundError(f"{self.name}: no such directory {self.path}", ref=self.name)
         self.config = self._read_config()
         self._bin: dict[str, torch.Tensor] | None = None
         self.tensors: dict[str, TensorInfo] = self._scan()
         if not self.tensors:
-            raise CheckpointError(f"{self.name}: the weights contain no tensors")
+            raise CheckpointError(f"{self.name}: the weights contain no tensors", path=self.path)
 
     # -- discovery ----------------------------------------------------------------------------
     def _read_config(self) -> dict[str, Any]:
         file = self.path / "config.json"
         if not file.is_file():
             raise CheckpointError(
-                f"{self.name}: no config.json in {self.path}; ame-hf merges transformers model directories"
+                f"{self.name}: no config.json in {self.path}; ame-hf merges transformers model directories", path=self.path
             )
         try:
             config = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{self.name}: config.json is not valid JSON ({err})") from None
+            raise CheckpointError(f"{self.name}: config.json is not valid JSON ({err})", path=self.path) from err
         if not isinstance(config, dict):
-            raise CheckpointError(f"{self.name}: config.json must hold a JSON object")
+            raise CheckpointError(f"{self.name}: config.json must hold a JSON object", path=self.path)
         return config
 
     def _weight_files(self) -> tuple[str, list[str]]:
@@ -111,19 +112,19 @@ class Checkpoint:
                     if not isinstance(weight_map, dict):
                         raise TypeError("weight_map is not an object")
                 except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise CheckpointError(f"{self.name}: {index} is not a valid index ({err})") from None
+                    raise CheckpointError(f"{self.name}: {index} is not a valid index ({err})", path=self.path) from err
                 files = sorted({_safe_shard_name(f, index_file) for f in weight_map.values()})
                 for f in files:
                     if not (self.path / f).is_file():
                         raise CheckpointError(
-                            f"{self.name}: {index} names shard {f!r}, which is missing; re-download the checkpoint"
+                            f"{self.name}: {index} names shard {f!r}, which is missing; re-download the checkpoint", path=self.path
                         )
                 return kind, files
             if (self.path / single).is_file():
                 return kind, [single]
         raise CheckpointError(
             f"{self.name}: no weights found in {self.path} (expected {SAFE_SINGLE}, {SAFE_INDEX}, "
-            f"{BIN_SINGLE} or {BIN_INDEX})"
+            f"{BIN_SINGLE} or {BIN_INDEX})", path=self.path
         )
 
     def _scan(self) -> dict[str, TensorInfo]:
@@ -150,16 +151,16 @@ class Checkpoint:
                         sl = handle.get_slice(key)
                         dtype = _DTYPES.get(sl.get_dtype())
                         if dtype is None:
-                            raise CheckpointError(f"{self.name}: tensor {key!r} has unsupported dtype {sl.get_dtype()}")
+                            raise CheckpointError(f"{self.name}: tensor {key!r} has unsupported dtype {sl.get_dtype()}", path=self.path, tensor=key)
                         if key in tensors:
-                            raise CheckpointError(f"{self.name}: tensor {key!r} appears in two shards")
+                            raise CheckpointError(f"{self.name}: tensor {key!r} appears in two shards", path=self.path, tensor=key)
                         tensors[key] = TensorInfo(file=f, shape=tuple(sl.get_shape()), dtype=dtype, offset=offsets[key])
             except CheckpointError:
                 raise
             except Exception as err:  # safetensors raises its own error types for corrupt files
                 raise CheckpointError(
-                    f"{self.name}: {f} is not a valid safetensors file ({err}); re-download or re-save it"
-                ) from None
+                    f"{self.name}: {f} is not a valid safetensors file ({err}); re-download or re-save it", path=self.path
+                ) from err
         return tensors
 
     def _load_bin(self, file: str) -> dict[str, torch.Tensor]:
@@ -167,9 +168,9 @@ class Checkpoint:
             # weights_only: a pickle from the Hub must never run code.
             state = torch.load(self.path / file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:
-            raise CheckpointError(f"{self.name}: cannot load {file} safely ({str(err).splitlines()[0]})") from None
+            raise CheckpointError(f"{self.name}: cannot load {file} safely ({str(err).splitlines()[0]})", path=self.path) from err
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise CheckpointError(f"{self.name}: {file} does not hold a flat state dict of tensors")
+            raise CheckpointError(f"{self.name}: {file} does not hold a flat state dict of tensors", path=self.path)
         return state
 
     # -- access -------------------------------------------------------------------------------
@@ -207,7 +208,7 @@ class Checkpoint:
                     t = handle.get_slice(name)[rows[0]:rows[1]]
                 return t.to(dtype, copy=True)
         except Exception as err:
-            raise CheckpointError(f"{self.name}: cannot read tensor {name!r} from {info.file} ({err})") from None
+            raise CheckpointError(f"{self.name}: cannot read tensor {name!r} from {info.file} ({err})", path=self.path, tensor=name) from err
 
     def _read_at(self, name: str, info: TensorInfo, rows: tuple[int, int] | None, dtype: torch.dtype) -> torch.Tensor:
         """Read the bytes at the tensor's offset straight into a fresh tensor: one copy out of the
@@ -229,7 +230,7 @@ class Checkpoint:
                         raise OSError(f"file ends {len(buffer) - done} bytes early")
                     done += n
         except OSError as err:
-            raise CheckpointError(f"{self.name}: cannot read tensor {name!r} from {info.file} ({err})") from None
+            raise CheckpointError(f"{self.name}: cannot read tensor {name!r} from {info.file} ({err})", path=self.path, tensor=name) from err
         return out if dtype == info.dtype else out.to(dtype)
 
     def __repr__(self) -> str:

@@ -6,6 +6,7 @@ Every `AmeError` becomes one line on stderr and a non-zero exit; `--debug` shows
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -14,13 +15,21 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+# Only modules that import neither torch nor transformers load here (errors must be instant, README
+# "Failure behaviour"); the commands import the heavy ones (merging, api, tune, ...) when they run.
+from . import __version__
+from .card import update_card
+from .config import OUTPUT_DTYPES, AmeConfig
+from .errors import AmeError, InvalidConfigError
+from .evaluation import TASKS, load_data, task_for_models
+from .output import check_output_dir
+from .push import upload_output
+from .recipe import read_recipe
+from .resolve import local_inputs, model_config
+
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-
-# CLI option (dest) -> AmeConfig field, for options that may also come from --config YAML.
-CONFIG_OPTIONS = ("optimizer", "lr", "relative_lr", "optimizer_args", "schedule", "epochs", "batch_size",
-                  "pivot", "seed", "shuffle", "dtype", "compute_dtype", "max_shard_size", "allow_nonfinite")
 
 
 class UsageError(Exception):
@@ -48,6 +57,20 @@ def _whole(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a whole number, e.g. 3") from None
 
 
+def _config_fields() -> list[Any]:
+    return list(dataclasses.fields(AmeConfig))
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    """One option per `AmeConfig` field, from the field's own metadata: the one source of truth."""
+    kinds: dict[str, dict[str, Any]] = {"number": {"type": _number}, "whole": {"type": _whole}, "text": {},
+                                        "flag": {"action": "store_true", "default": None}}
+    for f in _config_fields():
+        cli = f.metadata["cli"]
+        kwargs = {"choices": list(cli)} if isinstance(cli, tuple) else dict(kinds[cli])
+        p.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"], **kwargs)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
     p.add_argument("--debug", action="store_true", help="show the full traceback of errors")
@@ -69,7 +92,7 @@ def _add_push(p: argparse.ArgumentParser, required: bool) -> None:
 def _add_eval(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--data", required=required,
                    help="labelled data: JSONL/CSV with text|image and label columns, or an image folder")
-    p.add_argument("--task", default=None, choices=["text-classification", "image-classification"],
+    p.add_argument("--task", default=None, choices=list(TASKS),
                    help="pipeline task (default: from the model's architecture, e.g. *ForSequenceClassification "
                         "-> text-classification)")
     p.add_argument("--metric", default="accuracy",
@@ -77,8 +100,6 @@ def _add_eval(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = _Parser(
         prog="ame-hf",
         description="Fuse fine-tuned checkpoints into one model by Amortized Model Ensembling (AME).",
@@ -91,26 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("refs", nargs="*", metavar="REF", help="ingredient: local directory or org/name[@revision]")
     m.add_argument("--out", help="output directory (created; must be empty unless --overwrite)")
     m.add_argument("--config", help="YAML file with the same options (e.g. a previous ame_config.yaml)")
-    m.add_argument("--optimizer", help="torch.optim optimizer: adam (default), adamw, sgd, adagrad, adadelta, "
-                                       "rmsprop, adamax, nadam, radam, asgd, rprop")
-    m.add_argument("--lr", type=_number, help="plain torch.optim learning rate")
-    m.add_argument("--relative-lr", type=_number,
-                   help="learning rate as a multiple of each tensor's RMS(ingredient - pivot) "
-                        "(default 0.005 for adaptive optimizers when --lr is not given)")
-    m.add_argument("--optimizer-args", help='other optimizer arguments as JSON, e.g. \'{"betas": [0.9, 0.99]}\'')
-    m.add_argument("--schedule", choices=["constant", "harmonic"],
-                   help="learning-rate schedule (default: harmonic for sgd/asgd, else constant)")
-    m.add_argument("--epochs", type=_whole, help="ensembling epochs (default 1)")
-    m.add_argument("--batch-size", type=_whole, help="ingredients per pseudogradient (default 1)")
-    m.add_argument("--pivot", help="starting point: mean (default), first, an ingredient index, or a checkpoint REF")
-    m.add_argument("--seed", type=_whole, help="seed of --shuffle (default 0)")
-    m.add_argument("--shuffle", action="store_true", default=None, help="shuffle the ingredient order every epoch")
-    m.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="output dtype (default auto: the ingredients')")
-    m.add_argument("--compute-dtype", choices=["float32", "float64"], help="compute dtype (default float32)")
-    m.add_argument("--max-shard-size", help="largest output shard, e.g. 5GB (default), 500MB")
-    m.add_argument("--allow-nonfinite", action="store_true", default=None,
-                   help="merge ingredients that contain NaN/Inf instead of refusing them")
+    _add_config_options(m)
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     m.add_argument("--device", help="compute device, e.g. cpu, cuda, cuda:1 (default: chosen by accelerate)")
     m.add_argument("--threads", type=_whole, help="torch threads on the CPU (default 1; for more cores run "
@@ -119,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_push(m, required=False)
     m.add_argument("--eval-data", dest="data", help="evaluate the merge (and its ingredients) on this data "
                                                   "and record the result in the card")
-    m.add_argument("--task", default=None, choices=["text-classification", "image-classification"],
+    m.add_argument("--task", default=None, choices=list(TASKS),
                    help="task of --eval-data (default: from the ingredients' architecture)")
     m.add_argument("--metric", default="accuracy", help="metric of --eval-data (default accuracy)")
     _add_token(m)
@@ -128,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check", help="report whether checkpoints can be merged (exit 0) or not (exit 1)")
     c.add_argument("refs", nargs="+", metavar="REF")
-    c.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    c.add_argument("--dtype", default="auto", choices=list(OUTPUT_DTYPES),
                    help="the output dtype you will merge with (dtype differences are then notes)")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_token(c)
@@ -193,35 +195,14 @@ def redacted_command(argv: Sequence[str]) -> str:
 def _run_from_args(args: argparse.Namespace) -> tuple[list[str], str, dict[str, Any]]:
     """(refs, out, AmeConfig values) from --config YAML overridden by explicit options.
 
-    Imports no torch: a typo in a path or an option fails at once. Relative paths in the YAML are
-    relative to the YAML file's directory.
+    Imports no torch: a typo in a path or an option fails at once.
     """
-    from .config import load_yaml_mapping
-    from .errors import InvalidConfigError
-    from .resolve import rebase_ref
 
-    values: dict[str, Any] = {}
-    refs: list[str] = list(args.refs)
-    out = args.out
+    refs, out, values = list(args.refs), args.out, {}
     if args.config:
-        data = load_yaml_mapping(Path(args.config))
-        base = Path(args.config).parent
-        if data.get("selected_by") == "tune":
-            raise InvalidConfigError(
-                f"{args.config} belongs to a `tune` output that is a copy of the ingredient "
-                f"{data.get('selected_ingredient')}, not a merge: there is no merge to reproduce; use that ingredient")
-        data.pop("resolved", None)
-        data.pop("ame_hf_version", None)
-        file_refs = data.pop("ingredients", None)
-        if file_refs is not None and not (isinstance(file_refs, list) and all(isinstance(r, str) for r in file_refs)):
-            raise InvalidConfigError(f"{args.config}: ingredients must be a list of references")
-        refs = refs or [rebase_ref(r, base) for r in file_refs or []]
-        if isinstance(data.get("pivot"), str) and data["pivot"].lower() not in ("mean", "first"):
-            data["pivot"] = rebase_ref(data["pivot"], base)
-        file_out = data.pop("out", None)
-        out = out or (rebase_ref(file_out, base) if isinstance(file_out, str) else file_out)
-        values.update(data)
-    for key in CONFIG_OPTIONS:
+        recipe = read_recipe(args.config)
+        refs, out, values = refs or recipe.refs, out or recipe.out, dict(recipe.values)
+    for key in (f.name for f in _config_fields()):
         value = getattr(args, key)
         if value is not None:
             values[key] = value
@@ -233,9 +214,6 @@ def _run_from_args(args: argparse.Namespace) -> tuple[list[str], str, dict[str, 
 
 
 def cmd_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .errors import InvalidConfigError
-    from .resolve import local_inputs
-    from .output import check_output_dir
 
     if args.push and not args.repo_id:
         raise InvalidConfigError("--push needs --repo-id ORG/NAME")
@@ -246,12 +224,9 @@ def cmd_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
     check_output_dir(Path(out), args.overwrite, inputs=local_inputs([*refs, *pivot_refs]))
     if args.data:
         # The evaluation must be possible before the merge starts, not found impossible after it.
-        from .evaluation import load_data, task_for_models
-        from .resolve import model_config
 
         args.task = task_for_models([(r, model_config(r, token=args.token)) for r in refs], args.task)
         load_data(args.data, args.task)
-    from .config import AmeConfig
     from .merging import merge
 
     result = merge(refs, out, AmeConfig.from_dict(values), token=args.token, overwrite=args.overwrite,
@@ -262,7 +237,6 @@ def cmd_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.data:
         rows = _evaluate_rows([str(result.path)] + [str(i.path) for i in result.ingredients], args,
                               labels=["merged"] + [i.display_name for i in result.ingredients])
-        from .evaluation import update_card
 
         update_card(result.path, rows, task=args.task, dataset=Path(args.data).stem, metric=args.metric)
         print(_table(rows, args.metric))
@@ -272,7 +246,6 @@ def cmd_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def cmd_check(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .resolve import local_inputs
 
     local_inputs(args.refs)  # a typo in a path fails before torch loads
     from .api import check
@@ -288,7 +261,6 @@ def cmd_push(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _push(folder: Path, args: argparse.Namespace) -> None:
-    from .push import upload_output
 
     info = upload_output(folder, args.repo_id, token=args.token, private=args.private, revision=args.revision,
                          create_pr=args.create_pr, commit_message=args.commit_message)
@@ -300,15 +272,11 @@ def _push(folder: Path, args: argparse.Namespace) -> None:
 
 def _evaluate_rows(models: Sequence[str], args: argparse.Namespace,
                    labels: Sequence[str] | None = None) -> list[tuple[str, float]]:
-    from .evaluation import evaluate_model, load_data
-    from .resolve import resolve_ref
+    from .api import evaluate
 
-    data = load_data(args.data, args.task)
-    rows = []
-    for i, model in enumerate(models):
-        path = resolve_ref(model, token=getattr(args, "token", None)).path
-        rows.append(((labels or models)[i], evaluate_model(str(path), data, args.task, args.metric)))
-    return rows
+    result = evaluate(models, data=args.data, task=args.task, metric=args.metric, token=getattr(args, "token", None))
+    args.task = result.task
+    return [((labels or models)[i], score) for i, (_, score) in enumerate(result.scores)]
 
 
 def _table(rows: Sequence[tuple[str, float]], metric: str) -> str:
@@ -319,24 +287,16 @@ def _table(rows: Sequence[tuple[str, float]], metric: str) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .evaluation import read_model_config, task_for_models
-    from .resolve import resolve_refs
-
-    # The task (given or inferred) must fit every model before the first one is evaluated.
-    resolved = resolve_refs(args.models, token=args.token)
-    args.task = task_for_models([(m, read_model_config(i.path, m)) for m, i in zip(args.models, resolved)], args.task)
-    rows = _evaluate_rows(args.models, args)
+    rows = _evaluate_rows(args.models, args)  # the task (given or inferred) fits every model, or nothing runs
     print(_table(rows, args.metric))
     if args.update_card:
-        from .evaluation import update_card
-
         update_card(args.update_card, rows, task=args.task, dataset=Path(args.data).stem, metric=args.metric)
         _say(args, f"updated the model card in {args.update_card}")
     return 0
 
 
 def cmd_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .tune import tune
+    from .tuning import tune
 
     result = tune(args.refs, args.out, data=args.data, task=args.task, metric=args.metric, budget=args.budget,
                   token=args.token, overwrite=args.overwrite, progress=not args.quiet,
@@ -353,10 +313,9 @@ def cmd_space(args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
         import gradio  # noqa: F401  (only the Space needs it)
     except ImportError as err:
-        from .errors import InvalidConfigError
-
+    
         raise InvalidConfigError(f"the Space needs gradio ({err}); install it with "
-                                 "`pip install \"gradio[oauth]==6.31.0\"`") from None
+                                 "`pip install \"gradio[oauth]==6.31.0\"`") from err
     launch(port=args.port)
     return 0
 
@@ -415,8 +374,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("ame-hf: interrupted; nothing was written to the output", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:
-        from .errors import AmeError
-
         if args.debug:
             raise
         if isinstance(err, AmeError):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import InvalidConfigError
+from .optimizers import OPTIMIZERS
 
 # Adaptive optimizers (Adam and friends) move each weight by about `lr` per step, whatever the
 # distance to the ingredients, so the default learning rate is relative: `DEFAULT_RELATIVE_LR`
@@ -56,6 +57,13 @@ def parse_size(size: str | int) -> int:
     if value <= 0:
         raise InvalidConfigError(f"size must be positive, got {size!r}")
     return value
+
+
+def _option(default: Any, cli: str | tuple[str, ...], help: str) -> Any:
+    """A field of `AmeConfig` with its command-line form (the CLI builds `merge`'s options from these)."""
+    if callable(default):
+        return field(default_factory=default, metadata={"cli": cli, "help": help})
+    return field(default=default, metadata={"cli": cli, "help": help})
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -100,20 +108,30 @@ class AmeConfig:
     'adamw'
     """
 
-    optimizer: str = DEFAULT_OPTIMIZER
-    lr: float | None = None
-    relative_lr: float | None = None
-    optimizer_args: Mapping[str, Any] = field(default_factory=dict)
-    schedule: str | None = None
-    epochs: int = 1
-    batch_size: int = 1
-    pivot: str | int = DEFAULT_PIVOT
-    shuffle: bool = False
-    seed: int = 0
-    dtype: str = "auto"
-    compute_dtype: str = "float32"
-    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE
-    allow_nonfinite: bool = False
+    # Each field's metadata is its command-line option (`ame-hf merge --<name>`): `cli` says how it is
+    # parsed (number, whole, flag, text, or a tuple of choices) and `help` what it means.
+    optimizer: str = _option(DEFAULT_OPTIMIZER, "text", "torch.optim optimizer: " + ", ".join(
+        sorted(OPTIMIZERS, key=lambda k: (k != DEFAULT_OPTIMIZER, k))) + f" (default {DEFAULT_OPTIMIZER})")
+    lr: float | None = _option(None, "number", "plain torch.optim learning rate")
+    relative_lr: float | None = _option(None, "number", "learning rate as a multiple of each tensor's "
+                                        f"RMS(ingredient - pivot) (default {DEFAULT_RELATIVE_LR} for adaptive "
+                                        "optimizers when --lr is not given)")
+    optimizer_args: Mapping[str, Any] = _option(dict, "text", "other optimizer arguments as JSON, "
+                                                'e.g. \'{"betas": [0.9, 0.99]}\'')
+    schedule: str | None = _option(None, SCHEDULES, "learning-rate schedule (default: harmonic for sgd/asgd, "
+                                   "else constant)")
+    epochs: int = _option(1, "whole", "ensembling epochs (default 1)")
+    batch_size: int = _option(1, "whole", "ingredients per pseudogradient (default 1)")
+    pivot: str | int = _option(DEFAULT_PIVOT, "text", "starting point: mean (default), first, an ingredient "
+                               "index, or a checkpoint REF")
+    shuffle: bool = _option(False, "flag", "shuffle the ingredient order every epoch")
+    seed: int = _option(0, "whole", "seed of --shuffle (default 0)")
+    dtype: str = _option("auto", OUTPUT_DTYPES, "output dtype (default auto: the ingredients')")
+    compute_dtype: str = _option("float32", COMPUTE_DTYPES, "compute dtype (default float32)")
+    max_shard_size: str | int = _option(DEFAULT_MAX_SHARD_SIZE, "text", "largest output shard, e.g. 5GB "
+                                        "(default), 500MB")
+    allow_nonfinite: bool = _option(False, "flag", "merge ingredients that contain NaN/Inf instead of "
+                                    "refusing them")
 
     def __post_init__(self) -> None:
         from .optimizers import validate_optimizer_args
@@ -249,7 +267,7 @@ def parse_optimizer_args(text: str) -> dict[str, Any]:
         raise InvalidConfigError(
             f"--optimizer-args is not valid JSON ({err.msg} at column {err.colno}); "
             'example: \'{"betas": [0.9, 0.99]}\''
-        ) from None
+        ) from err
     if not isinstance(value, dict):
         raise InvalidConfigError('--optimizer-args must be a JSON object, e.g. \'{"betas": [0.9, 0.99]}\'')
     return value
@@ -269,14 +287,14 @@ def load_yaml_mapping(text_or_path: str | os.PathLike) -> dict[str, Any]:
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
-            raise InvalidConfigError(f"cannot read config file {path}: {err}") from None
+            raise InvalidConfigError(f"cannot read config file {path}: {err}") from err
         source = str(path)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         at = f" (line {where.line + 1})" if where is not None else ""
-        raise InvalidConfigError(f"{source} is not valid YAML{at}: {getattr(err, 'problem', err)}") from None
+        raise InvalidConfigError(f"{source} is not valid YAML{at}: {getattr(err, 'problem', err)}") from err
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -5,7 +5,8 @@ Each class also inherits from the built-in it resembles, so callers can catch ei
 
     AmeError
     ├── InvalidConfigError (ValueError)         bad option, YAML or optimizer argument
-    │   └── UnknownOptimizerError               optimizer name not in the registry (or refused)
+    │   ├── UnknownOptimizerError               no optimizer of that name
+    │   └── UnsupportedOptimizerError           a torch.optim optimizer AME cannot drive (LBFGS, ...)
     ├── IngredientNotFoundError (FileNotFoundError)
     │                                           local path, repo, revision or file that does not exist
     ├── CheckpointError (ValueError)            unreadable, corrupt or unsafe weights / config
@@ -30,6 +31,7 @@ __all__ = [
     "OutputError",
     "PushError",
     "UnknownOptimizerError",
+    "UnsupportedOptimizerError",
 ]
 
 
@@ -42,15 +44,35 @@ class InvalidConfigError(AmeError, ValueError):
 
 
 class UnknownOptimizerError(InvalidConfigError):
-    """The optimizer name is unknown, or names an optimizer AME cannot drive (LBFGS)."""
+    """No optimizer has that name; the message lists the valid ones."""
+
+
+class UnsupportedOptimizerError(InvalidConfigError):
+    """A real `torch.optim` optimizer that AME cannot drive: it needs a closure (LBFGS) or couples
+    elements across a tensor (Adafactor, Muon)."""
 
 
 class IngredientNotFoundError(AmeError, FileNotFoundError):
-    """A local directory, Hub repo, revision or file does not exist."""
+    """A local directory, Hub repo, revision or file does not exist.
+
+    `ref` is the reference as the user gave it (`org/name@rev`, `./path`), when known.
+    """
+
+    def __init__(self, message: str, *, ref: str | None = None) -> None:
+        super().__init__(message)
+        self.ref = ref
 
 
 class CheckpointError(AmeError, ValueError):
-    """A checkpoint's weights or config cannot be read safely."""
+    """A checkpoint's weights or config cannot be read safely.
+
+    `path` is the checkpoint's directory (or file) and `tensor` the tensor's name, when known.
+    """
+
+    def __init__(self, message: str, *, path: Any = None, tensor: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.tensor = tensor
 
 
 class IncompatibleCheckpointsError(AmeError, ValueError):
@@ -65,11 +87,19 @@ class IncompatibleCheckpointsError(AmeError, ValueError):
 
 
 class OutputError(AmeError, OSError):
-    """The output directory cannot be written (exists, not writable, disk full, ...)."""
+    """The output directory cannot be written (exists, not writable, disk full, ...); `path` is `--out`."""
+
+    def __init__(self, message: str, *, path: Any = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class HubError(AmeError, OSError):
-    """The Hub could not be reached, refused the token, or refused the request."""
+    """The Hub could not be reached, refused the token, or refused the request; `repo_id`, when known."""
+
+    def __init__(self, message: str, *, repo_id: str | None = None) -> None:
+        super().__init__(message)
+        self.repo_id = repo_id
 
 
 class PushError(HubError):

@@ -103,7 +103,7 @@ def read_model_config(path: str | os.PathLike, name: str) -> dict[str, Any]:
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{name}: cannot read {file} ({type(err).__name__})") from None
+        raise CheckpointError(f"{name}: cannot read {file} ({type(err).__name__})") from err
     if not isinstance(config, dict):
         raise CheckpointError(f"{name}: {file} must hold a JSON object")
     return config
@@ -170,7 +170,7 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
                 return list(csv.DictReader(f))
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as err:
-        raise InvalidConfigError(f"--data {path} cannot be read as {'CSV' if path.suffix == '.csv' else 'JSONL'}: {err}") from None
+        raise InvalidConfigError(f"--data {path} cannot be read as {'CSV' if path.suffix == '.csv' else 'JSONL'}: {err}") from err
 
 
 def load_metric(name: str):
@@ -185,7 +185,7 @@ def load_metric(name: str):
         raise InvalidConfigError(
             f"cannot load metric {name!r} ({type(err).__name__}); bundled offline metrics: accuracy, f1, "
             "or give a local evaluate metric folder"
-        ) from None
+        ) from err
 
 
 def _label_id(label: Any, label2id: dict[str, int]) -> int:
@@ -209,7 +209,7 @@ def predict(model: Any, data: Dataset, task: str, batch_size: int = 32) -> list[
     try:
         pipe = pipeline(task, **kwargs)
     except Exception as err:
-        raise CheckpointError(f"cannot build a {task} pipeline for {model} ({type(err).__name__}: {err})") from None
+        raise CheckpointError(f"cannot build a {task} pipeline for {model} ({type(err).__name__}: {err})") from err
     label2id = {str(k): int(v) for k, v in (pipe.model.config.label2id or {}).items()}
     outputs = pipe(list(data.inputs), batch_size=batch_size, top_k=1)
     preds = []
@@ -229,67 +229,3 @@ def evaluate_model(model: Any, data: Dataset, task: str, metric: str = "accuracy
     references = [_label_id(label, label2id) for label in data.labels]
     result = load_metric(metric).compute(predictions=predictions, references=references)
     return float(result.get(metric, next(iter(result.values()))))
-
-
-def update_card(directory: str | os.PathLike, results: Sequence[tuple[str, float]], *, task: str,
-                dataset: str, metric: str, model_name: str | None = None,
-                selected_from: int | None = None) -> None:
-    """Add evaluation results to the card's `model-index` and as a section of its body.
-
-    Args:
-        directory: the model folder whose README.md is updated (created if missing).
-        results: `[(label, value)]`; the first is the model itself.
-        task, dataset, metric: what was measured.
-        model_name: the `model-index` name (default: the folder name, unless the card has one).
-        selected_from: when the model was chosen by `ame-hf tune` among this many candidates on
-            this data. The figure is then labelled as the validation score used for the selection,
-            which overestimates performance on new data, not as an independent evaluation.
-    """
-    from huggingface_hub import EvalResult, ModelCard
-
-    readme = Path(directory) / "README.md"
-    card = ModelCard.load(readme) if readme.is_file() else ModelCard("---\n---\n")
-    value = results[0][1]
-    selection = selected_from is not None
-    card.data.eval_results = [EvalResult(
-        task_type=task, dataset_type=dataset, dataset_name=dataset, metric_type=metric, metric_value=value,
-        dataset_split="validation" if selection else None,
-        metric_name=f"{metric} (validation score used for selection)" if selection else None)]
-    if model_name or not card.data.model_name:
-        card.data.model_name = model_name or Path(directory).name
-    if selection and "model-selection" not in (card.data.tags or []):
-        card.data.tags = [*(card.data.tags or []), "model-selection"]
-    table = "\n".join(f"| {label} | {val:.4f} |" for label, val in results)
-    if selection:
-        marker = _SELECTION_HEADING
-        section = (f"\n{marker}\n\nThis model was **selected by `ame-hf tune`** from {selected_from} candidates "
-                   f"(the uniform soup, each single ingredient and AME variants), as the best {metric} on "
-                   f"`{dataset}` ({task}). The figures below are the **validation scores used for the "
-                   f"selection**, not an independent evaluation: the best of {selected_from} on one data set "
-                   f"overestimates what to expect on new data. Evaluate on held-out data for that "
-                   f"(`ame-hf evaluate MODEL --data test.jsonl --update-card DIR`).\n\n"
-                   f"| candidate | {metric} (validation) |\n|---|---|\n{table}\n")
-        before = ("\n## How to use", "\n## Ingredients", "\n## Reproduce")
-    else:
-        marker = "## Evaluation results"
-        section = (f"\n{marker}\n\n{metric} on `{dataset}` ({task}):\n\n| model | {metric} |\n|---|---|\n"
-                   f"{table}\n")
-        before = ("\n## Reproduce",)
-    ModelCard(_put_section(str(card), marker, section, before)).save(readme)
-
-
-_SELECTION_HEADING = "## Selection by `ame-hf tune`"
-
-
-def _put_section(text: str, heading: str, section: str, before: Sequence[str]) -> str:
-    """Replace the section under `heading`, or insert it before the first of `before` found (else at the end)."""
-    marker = f"\n{heading}\n"
-    if marker in text:
-        start = text.index(marker)
-        end = text.find("\n## ", start + len(marker))
-        return text[:start] + section + (text[end:] if end != -1 else "")
-    for anchor in before:
-        at = text.find(anchor)
-        if at != -1:
-            return text[:at] + section + text[at:]
-    return text + section

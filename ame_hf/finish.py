@@ -9,8 +9,9 @@ import logging
 import shutil
 from pathlib import Path
 
-from .card import render_card, write_run_file
+from .card import render_card
 from .checkpoint import Checkpoint
+from .recipe import write_run_file
 from .records import MergeResult
 from .resolve import SIDE_PATTERNS
 

@@ -6,11 +6,12 @@ Only optimizers that update each element on its own are valid: AME then streams 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
+from .errors import InvalidConfigError, UnknownOptimizerError, UnsupportedOptimizerError
 
-from .errors import InvalidConfigError, UnknownOptimizerError
+if TYPE_CHECKING:
+    import torch
 
 # name -> torch.optim class name. Every one of these updates each element independently,
 # which is what makes tensor-by-tensor (and slice-by-slice) streaming exact.
@@ -48,11 +49,23 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     """Return the `torch.optim` class for a case-insensitive optimizer name.
 
     Raises:
-        UnknownOptimizerError: the name is unknown or refused; the message lists the valid names.
+        UnknownOptimizerError, UnsupportedOptimizerError: as `check_optimizer_name`.
+    """
+    import torch
+
+    return getattr(torch.optim, OPTIMIZERS[check_optimizer_name(name)])
+
+
+def check_optimizer_name(name: str) -> str:
+    """The registry key of a case-insensitive optimizer name; needs no torch.
+
+    Raises:
+        UnsupportedOptimizerError: a `torch.optim` optimizer AME cannot drive (LBFGS, ...), with why.
+        UnknownOptimizerError: no optimizer of that name; the message lists the valid names.
     """
     key = str(name).strip().lower()
     if key in REFUSED:
-        raise UnknownOptimizerError(
+        raise UnsupportedOptimizerError(
             f"optimizer {name!r} cannot be used for AME: {REFUSED[key]}. "
             f"Choose one of: {', '.join(sorted(OPTIMIZERS))}"
         )
@@ -60,7 +73,7 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
         raise UnknownOptimizerError(
             f"unknown optimizer {name!r}; choose one of: {', '.join(sorted(OPTIMIZERS))}"
         )
-    return getattr(torch.optim, OPTIMIZERS[key])
+    return key
 
 
 def validate_optimizer_args(name: str, args: Mapping[str, Any]) -> dict[str, Any]:
@@ -71,6 +84,11 @@ def validate_optimizer_args(name: str, args: Mapping[str, Any]) -> dict[str, Any
     Raises:
         InvalidConfigError: an unknown or invalid argument; the message lists the valid ones.
     """
+    if not args:
+        check_optimizer_name(name)  # nothing to build: no torch import for a plain config
+        return {}
+    import torch
+
     cls = optimizer_class(name)
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in _RESERVED]
     clean: dict[str, Any] = {}
@@ -87,12 +105,14 @@ def validate_optimizer_args(name: str, args: Mapping[str, Any]) -> dict[str, Any
     try:
         cls([torch.zeros(1)], lr=1e-3, **clean)
     except (TypeError, ValueError) as err:
-        raise InvalidConfigError(f"invalid arguments for {cls.__name__}: {err}") from None
+        raise InvalidConfigError(f"invalid arguments for {cls.__name__}: {err}") from err
     return clean
 
 
 def full_hyperparameters(name: str, args: Mapping[str, Any], lr: float) -> dict[str, Any]:
     """Every hyperparameter the optimizer really runs with (its defaults filled in), for the card."""
+    import torch
+
     cls = optimizer_class(name)
     opt = cls([torch.zeros(1)], lr=lr, **dict(args))
     group = dict(opt.param_groups[0])
@@ -103,3 +123,16 @@ def full_hyperparameters(name: str, args: Mapping[str, Any], lr: float) -> dict[
             value = value.item()
         out[key] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+# Arguments that choose an implementation (same values, other kernels), not the update: they say
+# nothing about the merge, so the card and `resolved.hyperparameters` leave them out.
+IMPLEMENTATION_SWITCHES = frozenset({"foreach", "fused", "capturable", "differentiable"})
+
+
+def reported_hyperparameters(name: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    """The hyperparameters to report for a run: every one the optimizer runs with, less the learning
+    rate (reported on its own: it may be relative and per tensor) and implementation switches."""
+    params = full_hyperparameters(name, args, 1e-3)
+    params.pop("lr", None)
+    return {k: v for k, v in params.items() if k not in IMPLEMENTATION_SWITCHES}

@@ -56,30 +56,30 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool, *, inputs: Iterabl
     if real == Path(real.anchor) or real == home or cwd.is_relative_to(real):
         what = ("the filesystem root" if real == Path(real.anchor) else "your home directory" if real == home
                 else "the current directory" if real == cwd else "a parent of the current directory")
-        raise OutputError(f"--out {out} is {what}; give a new or empty directory for the merge, e.g. --out merged")
+        raise OutputError(f"--out {out} is {what}; give a new or empty directory for the merge, e.g. --out merged", path=out)
     for source in inputs:
         if _related(real, _real(source)):
             where = ("is" if real == _real(source) else
                      "lies inside" if real.is_relative_to(_real(source)) else "contains")
             raise OutputError(f"--out {out} {where} the input {source}; ame-hf never writes over its inputs: "
-                              "choose another --out")
+                              "choose another --out", path=out)
     if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} exists and is not a directory; choose another path")
+        raise OutputError(f"--out {out} exists and is not a directory; choose another path", path=out)
     if out.is_dir() and any(out.iterdir()):
         if not (out / RUN_FILE).is_file():
             raise OutputError(f"--out {out} is not empty and is not an ame-hf output (no {RUN_FILE}); "
-                              "ame-hf replaces only its own outputs: choose a new or empty directory")
+                              "ame-hf replaces only its own outputs: choose a new or empty directory", path=out)
         if not overwrite:
             raise OutputError(f"--out {out} holds a previous ame-hf output; pass --overwrite to replace it, "
-                              "or choose another path")
+                              "or choose another path", path=out)
     parent = out.absolute().parent
     if not parent.is_dir():
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise OutputError(f"cannot create the parent of --out {out}: {err.strerror}") from None
+            raise OutputError(f"cannot create the parent of --out {out}: {err.strerror}", path=out) from err
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"--out {out}: directory {parent} is not writable; choose another path")
+        raise OutputError(f"--out {out}: directory {parent} is not writable; choose another path", path=out)
 
 
 def _umask() -> int:
@@ -97,7 +97,7 @@ def make_staging_dir(out: str | os.PathLike) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-{out.name}-", dir=out.parent))
         staging.chmod(0o777 & ~_umask())
     except OSError as err:
-        raise OutputError(f"cannot write beside --out {out}: {err.strerror}") from None
+        raise OutputError(f"cannot write beside --out {out}: {err.strerror}", path=out) from err
     return staging
 
 
@@ -133,7 +133,7 @@ def staging_cleanup(staging: Path, out: str | os.PathLike, *, owner: bool = True
         if owner:
             shutil.rmtree(staging, ignore_errors=True)
         if isinstance(err, OSError) and not isinstance(err, OutputError):
-            raise OutputError(describe_os_error(err, Path(out))) from err
+            raise OutputError(describe_os_error(err, Path(out)), path=out) from err
         raise
 
 
@@ -144,7 +144,7 @@ def publish(staging: Path, out: str | os.PathLike, overwrite: bool) -> None:
     if out.exists():
         if any(out.iterdir()) and not (overwrite and (out / RUN_FILE).is_file()):
             raise OutputError(f"--out {out} was filled by something else during the merge; the merge is not "
-                              "published and nothing was replaced")
+                              "published and nothing was replaced", path=out)
         old = out.parent / f"{STAGING_PREFIX}{os.getpid()}-{out.name}-old"
         os.rename(out, old)
     try:

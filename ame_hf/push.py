@@ -52,14 +52,14 @@ def upload_output(
     if not (folder / "ame_config.yaml").is_file():
         raise InvalidConfigError(f"{folder} is not an ame-hf merge output (no ame_config.yaml)")
     if offline():
-        raise PushError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it and retry with `{retry}`")
+        raise PushError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it and retry with `{retry}`", repo_id=repo_id)
     api = HfApi(token=token)
     try:
         with hub_errors(f"push to {repo_id}", repo_id, revision):
             from huggingface_hub import get_token
 
             if not (token or get_token()):
-                raise HubError(f"push to {repo_id}: no Hub token; pass --token, set HF_TOKEN or run `hf auth login`")
+                raise HubError(f"push to {repo_id}: no Hub token; pass --token, set HF_TOKEN or run `hf auth login`", repo_id=repo_id)
             url = api.create_repo(repo_id, private=private, exist_ok=True)
             if revision and revision != "main":
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -69,7 +69,7 @@ def upload_output(
                 commit_message=commit_message or "Upload AME merge (ame-hf)",
             )
     except HubError as err:
-        raise PushError(f"{err} — the output in {folder} is intact; retry with `{retry}`") from None
+        raise PushError(f"{err} — the output in {folder} is intact; retry with `{retry}`", repo_id=repo_id) from err
     changed = bool(getattr(info, "pr_url", None)) or info.oid != head
     return PushInfo(url=str(getattr(info, "pr_url", None) or getattr(url, "url", None) or url),
                     commit=info.oid, changed=changed)

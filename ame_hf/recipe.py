@@ -4,11 +4,21 @@ form (`ame_config.yaml`) is written into every output and read back by `merge --
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
-from .config import AmeConfig
-from .records import Ingredient
+import yaml
+
+from .config import INFO_KEYS, AmeConfig, load_yaml_mapping
+from .errors import InvalidConfigError
+from .optimizers import optimizer_class, reported_hyperparameters
+from .records import Ingredient, MergeResult
+from .resolve import rebase_ref
+
+VERSIONED = ("ame-hf", "torch", "transformers", "huggingface_hub", "safetensors", "accelerate")
 
 
 def recipe_digest(config: AmeConfig, ingredients: Sequence[Ingredient], pivot: Any) -> str:
@@ -17,3 +27,90 @@ def recipe_digest(config: AmeConfig, ingredients: Sequence[Ingredient], pivot: A
                           "pivot": pivot.identity if isinstance(pivot, Ingredient) else pivot},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name in VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def run_dict(result: MergeResult) -> dict[str, Any]:
+    """The content of `ame_config.yaml`: run keys, AmeConfig fields, then what was resolved."""
+    cfg = result.config.to_dict()
+    pivot = result.pivot
+    if hasattr(pivot, "recipe_ref"):
+        cfg["pivot"] = pivot.recipe_ref(result.path)
+    return {
+        "ingredients": [i.recipe_ref(result.path) for i in result.ingredients],
+        **cfg,
+        "ame_hf_version": versions()["ame-hf"],
+        "resolved": {
+            "order": result.order,
+            "optimizer_class": optimizer_class(result.config.optimizer).__name__,
+            "hyperparameters": reported_hyperparameters(result.config.optimizer, result.config.optimizer_args),
+            "ingredients": [
+                {"ref": i.ref, "repo_id": i.repo_id, "revision": i.revision, "sha": i.sha}
+                for i in result.ingredients
+            ],
+        },
+    }
+
+
+def run_yaml(result: MergeResult) -> str:
+    """The text of `ame_config.yaml`."""
+    header = ("# ame-hf merge configuration: `ame-hf merge --config ame_config.yaml --out DIR` reproduces\n"
+              "# the same weights. The `resolved` section is informational and ignored when read back.\n")
+    return header + yaml.safe_dump(run_dict(result), sort_keys=False)
+
+
+def write_run_file(path: Path, result: MergeResult) -> None:
+    path.write_text(run_yaml(result), encoding="utf-8")
+
+
+def write_selection_file(path: Path, ingredient: Ingredient, candidates: int) -> None:
+    """The `ame_config.yaml` of a `tune` output that copies one ingredient: it marks the folder as
+    ame-hf's own, and `read_recipe` refuses it with a line saying there is no merge to reproduce."""
+    path.write_text(
+        "# ame-hf tune selected a single ingredient: this output is an unchanged copy of it, not a merge.\n"
+        + yaml.safe_dump({"selected_by": "tune", "selected_ingredient": ingredient.pinned_ref,
+                          "candidates": candidates}, sort_keys=False), encoding="utf-8")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """What a `--config` YAML file asks for: ingredient references, the output, and `AmeConfig` values."""
+
+    refs: list[str]
+    out: str | None
+    values: dict[str, Any]
+
+
+def read_recipe(path: str | Path) -> Recipe:
+    """Read a YAML recipe (e.g. a merge's `ame_config.yaml`). Relative local paths in it are relative to
+    the file's own directory, so `--config merged/ame_config.yaml` works from anywhere.
+
+    Raises:
+        InvalidConfigError: unreadable YAML, a malformed `ingredients` list, or a `tune` copy of an ingredient.
+    """
+    path = Path(path)
+    data = load_yaml_mapping(path)
+    base = path.parent
+    if data.get("selected_by") == "tune":
+        raise InvalidConfigError(
+            f"{path} belongs to a `tune` output that is a copy of the ingredient "
+            f"{data.get('selected_ingredient')}, not a merge: there is no merge to reproduce; use that ingredient")
+    for key in INFO_KEYS:
+        data.pop(key, None)
+    refs = data.pop("ingredients", None) or []
+    if not (isinstance(refs, list) and all(isinstance(r, str) for r in refs)):
+        raise InvalidConfigError(f"{path}: ingredients must be a list of references")
+    if isinstance(data.get("pivot"), str) and data["pivot"].lower() not in ("mean", "first"):
+        data["pivot"] = rebase_ref(data["pivot"], base)
+    out = data.pop("out", None)
+    return Recipe(refs=[rebase_ref(r, base) for r in refs], out=rebase_ref(out, base) if isinstance(out, str) else out,
+                  values=data)

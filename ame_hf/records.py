@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from .compatibility import CompatibilityReport
     from .config import AmeConfig
 
-__all__ = ["Ingredient", "MergeResult", "PushInfo"]
+__all__ = ["Evaluation", "Ingredient", "MergeResult", "PushInfo"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,3 +85,13 @@ class PushInfo:
     url: str
     commit: str | None
     changed: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class Evaluation:
+    """Scores of models on one labelled data set: `scores` is `[(model, value)]` in the given order."""
+
+    task: str
+    metric: str
+    dataset: str
+    scores: list[tuple[str, float]]

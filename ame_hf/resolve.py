@@ -94,10 +94,10 @@ def local_path(ref: str | os.PathLike) -> Path | None:
     if local.is_dir():
         return local
     if local.exists():
-        raise IngredientNotFoundError(f"{text}: is a file; give the model directory that contains it")
+        raise IngredientNotFoundError(f"{text}: is a file; give the model directory that contains it", ref=text)
     first = Path(text.split("/", 1)[0]).expanduser()
     if looks_like_path(text) or ("/" in text and first.is_dir()):
-        raise IngredientNotFoundError(f"{text}: no such local directory{_close_matches(local)}")
+        raise IngredientNotFoundError(f"{text}: no such local directory{_close_matches(local)}", ref=text)
     return None
 
 
@@ -154,9 +154,9 @@ def model_config(ref: str | os.PathLike, *, token: str | None = None) -> dict:
     try:
         config = json.loads((local / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{text}: no readable config.json ({type(err).__name__}: {err})") from err
+        raise CheckpointError(f"{text}: no readable config.json ({type(err).__name__}: {err})", path=local) from err
     if not isinstance(config, dict):
-        raise CheckpointError(f"{text}: config.json must hold a JSON object")
+        raise CheckpointError(f"{text}: config.json must hold a JSON object", path=local)
     return config
 
 
@@ -168,7 +168,7 @@ def _plan(text: str, token: str | None) -> Ingredient | tuple[str, str, str | No
     repo_id, revision = split_ref(text)
     if not is_repo_id(repo_id) or (revision is not None and not revision):
         raise IngredientNotFoundError(
-            f"{text}: no such local directory (and not a Hub repo ID of the form org/name[@revision])"
+            f"{text}: no such local directory (and not a Hub repo ID of the form org/name[@revision])", ref=text
         )
     if offline():
         return text, repo_id, revision, None, []
@@ -194,7 +194,7 @@ def _download(ref: str, repo_id: str, revision: str | None, sha: str | None, pat
             cached = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir, revision=revision)
             if not isinstance(cached, str):
                 raise HubError(f"{ref}: {repo_id} is not in the local cache and HF_HUB_OFFLINE is set; "
-                               "unset HF_HUB_OFFLINE to download it")
+                               "unset HF_HUB_OFFLINE to download it", repo_id=repo_id)
             path = Path(cached).parent
             return Ingredient(ref=ref, path=path, repo_id=repo_id, revision=revision,
                               sha=path.name if _SHA.match(path.name) else None)

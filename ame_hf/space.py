@@ -204,7 +204,7 @@ def _shown_as_gradio_errors() -> Iterator[None]:
     try:
         yield
     except AmeError as err:
-        raise gr.Error(one_line(err), print_exception=False) from None
+        raise gr.Error(one_line(err), print_exception=False) from err
 
 
 def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:

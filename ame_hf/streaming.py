@@ -51,7 +51,7 @@ class TensorMerger:
                 and not bool(torch.isfinite(t).all())):
             raise CheckpointError(
                 f"{ckpt.name}: tensor {name!r} contains NaN or Inf; fix that checkpoint, or pass "
-                "--allow-nonfinite to merge it anyway"
+                "--allow-nonfinite to merge it anyway", path=ckpt.path, tensor=name
             )
         return t
 

@@ -9,19 +9,42 @@ import ame_hf
 from ame_hf import AmeConfig, InvalidConfigError
 from factories import make_finetunes
 
-PUBLIC = [
+# The public API as it stood before the redesign: it may only grow (names added on purpose, below).
+PUBLIC_BEFORE_REDESIGN = [
     "AmeConfig", "AmeError", "Checkpoint", "CheckpointError", "CompatibilityReport", "HubError",
     "IncompatibleCheckpointsError", "Ingredient", "IngredientNotFoundError", "InvalidConfigError", "MergeResult",
     "OutputError", "PushError", "UnknownOptimizerError", "__version__", "check", "from_pretrained", "merge",
     "push_to_hub",
 ]
+ADDED = ["Evaluation", "PushInfo", "TuneResult", "UnsupportedOptimizerError", "evaluate", "tune"]
 
 
-def test_public_names_are_pinned():
-    assert ame_hf.__all__ == sorted(PUBLIC)
+def test_public_names_are_pinned_and_only_grow():
+    assert set(PUBLIC_BEFORE_REDESIGN) <= set(ame_hf.__all__)
+    assert ame_hf.__all__ == sorted(PUBLIC_BEFORE_REDESIGN + ADDED)
     for name in ame_hf.__all__:
         assert getattr(ame_hf, name) is not None
-    assert callable(ame_hf.merge) and callable(ame_hf.check)  # functions, not the modules of the same job
+    # Functions, not the modules of the same job.
+    assert all(callable(getattr(ame_hf, n)) for n in ("merge", "check", "tune", "evaluate", "from_pretrained"))
+    import importlib
+
+    for module in ("merging", "tuning"):  # importing a module must not shadow its package's function
+        importlib.import_module(f"ame_hf.{module}")
+
+    assert ame_hf.merge.__module__ == "ame_hf.merging" and ame_hf.tune.__module__ == "ame_hf.tuning"
+
+
+def test_type_checkers_see_the_same_names():
+    """The TYPE_CHECKING imports of ame_hf/__init__.py name exactly the public API, and py.typed ships."""
+    import ast
+    from pathlib import Path
+
+    init = Path(ame_hf.__file__)
+    tree = ast.parse(init.read_text())
+    guarded = next(n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING")
+    names = sorted(a.asname or a.name for node in guarded.body for a in node.names)
+    assert names == sorted(set(ame_hf.__all__) - {"__version__"})
+    assert (init.parent / "py.typed").is_file()
 
 
 def test_config_is_validated_comparable_and_round_trips(tmp_path):

@@ -150,7 +150,7 @@ def test_hub_card_metadata_round_trip(hub, hub_token, tmp_path):
 
 def _tune_with_scores(monkeypatch, experts, val, out, winner):
     """`tune` with real merges but scores fixed by candidate, so the winner is known."""
-    import ame_hf.tune as tune_module
+    import ame_hf.tuning as tune_module
 
     def fake_score(model, data, task, metric="accuracy"):
         return 0.9 if winner(str(model)) else 0.5
@@ -219,7 +219,7 @@ def test_evaluate_infers_the_task_or_says_why_not(llamas, tmp_path, capsys):
 
 
 def test_tune_refuses_a_task_that_does_not_fit_before_any_merge(llamas, berts, tmp_path, monkeypatch, capsys):
-    import ame_hf.tune as tune_module
+    import ame_hf.tuning as tune_module
 
     def no_merge(*args, **kwargs):
         raise AssertionError("merged before checking the task")

@@ -89,7 +89,7 @@ def test_bad_data_is_one_clear_line(classifiers, tmp_path, capsys):
 
 def test_ties_go_to_the_soup_then_ame_then_an_ingredient():
     from ame_hf import AmeConfig
-    from ame_hf.tune import Candidate
+    from ame_hf.tuning import Candidate
 
     cands = [Candidate("ingredient 0", 0.9, ingredient=0), Candidate("adam", 0.9, config=AmeConfig()),
              Candidate("soup", 0.9, config=AmeConfig.soup()), Candidate("ingredient 1", 0.8, ingredient=1)]
@@ -120,7 +120,7 @@ def test_a_tune_output_that_copies_an_ingredient_is_ame_hfs_own(classifiers, tmp
     """It may be replaced by `--overwrite` and pushed, and `merge --config` explains it is no merge."""
     from ame_hf.output import check_output_dir
     from ame_hf.records import Ingredient
-    from ame_hf.tune import _ingredient_output
+    from ame_hf.tuning import _ingredient_output
 
     experts, _ = classifiers
     copy = _ingredient_output(tmp_path / "copy", Ingredient(ref=str(experts[0]), path=experts[0]), ["a", "b"], 5)

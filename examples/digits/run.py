@@ -34,7 +34,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 import ame_hf  # noqa: E402
 from ame_hf.evaluation import Dataset, evaluate_model, load_data  # noqa: E402
-from ame_hf.tune import default_grid, tune  # noqa: E402
+from ame_hf.tuning import default_grid, tune  # noqa: E402
 
 if TYPE_CHECKING:
     from transformers import ViTImageProcessor

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import yaml
-
 from .config import AmeConfig
 from .errors import InvalidConfigError
-from .evaluation import Dataset, evaluate_model, load_data, read_model_config, task_for_models, update_card
+from .card import selection_card, update_card
+from .evaluation import Dataset, evaluate_model, load_data, read_model_config, task_for_models
 from .merging import merge
 from .output import RUN_FILE, check_output_dir, make_staging_dir, publish
+from .recipe import write_selection_file
 from .records import MergeResult
 from .resolve import local_inputs, resolve_refs
 
@@ -151,25 +151,12 @@ def tune(
 
 
 def _ingredient_output(target: Path, ingredient: Any, refs: list[str], candidates: int) -> Path:
-    """When a single ingredient wins, the output is a copy of it, with a card saying so."""
-    from huggingface_hub import ModelCard, ModelCardData
-
+    """When a single ingredient wins, the output is a copy of it, with a card and a marker saying so."""
     shutil.copytree(ingredient.path, target, ignore=shutil.ignore_patterns("README.md", "*.py", ".*"))
-    data = ModelCardData(base_model=[ingredient.repo_id] if ingredient.repo_id else None,
-                         tags=["ame-hf", "model-selection"], library_name="transformers")
-    revision = f"`{ingredient.sha}`" if ingredient.sha else "local directory"
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n# Selected ingredient\n\n"
-                     f"This model was **selected by `ame-hf tune`** from {candidates} candidates (the soup, "
-                     f"each single ingredient and AME merges): no merge scored better on the validation data "
-                     f"than the ingredient **{ingredient.display_name}** ({revision}), so this is an "
-                     f"unchanged copy of it.\n\nCandidates merged from: {', '.join(refs)}\n")
-    card.save(target / "README.md")
+    selection_card(ingredient, refs, candidates).save(target / "README.md")
     # Marks the copy as ame-hf's own output (so `--overwrite` may replace it and `push` takes it);
     # it is no merge recipe, and `merge --config` says so.
-    (target / RUN_FILE).write_text(
-        "# ame-hf tune selected a single ingredient: this output is an unchanged copy of it, not a merge.\n"
-        + yaml.safe_dump({"selected_by": "tune", "selected_ingredient": ingredient.pinned_ref,
-                          "candidates": candidates}, sort_keys=False), encoding="utf-8")
+    write_selection_file(target / RUN_FILE, ingredient, candidates)
     return target
 
 
