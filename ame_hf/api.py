@@ -46,7 +46,7 @@ def evaluate(
         models: what to evaluate, in the order the scores are returned.
         data: JSONL/CSV with `text` (or `image`) and `label` columns, or an image folder `root/<label>/`.
         task: `text-classification` or `image-classification`; default: from the models' architecture.
-        metric: a bundled offline metric (`accuracy`, `f1`), or a local `evaluate` metric folder.
+        metric: a bundled offline metric (`accuracy`, `macro_f1`), or a local `evaluate` metric folder.
         token: Hub token for private or gated repos.
 
     Returns:

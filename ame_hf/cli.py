@@ -96,7 +96,7 @@ def _add_eval(p: argparse.ArgumentParser, required: bool) -> None:
                    help="pipeline task (default: from the model's architecture, e.g. *ForSequenceClassification "
                         "-> text-classification)")
     p.add_argument("--metric", default="accuracy",
-                   help="evaluate metric: accuracy or f1 (bundled, offline), or a local metric folder")
+                   help="evaluate metric: accuracy or macro_f1 (bundled, offline), or a local metric folder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -350,7 +350,9 @@ def _setup_logging(args: argparse.Namespace) -> None:
     logger.propagate = False
     logger.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     if getattr(args, "quiet", False):
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

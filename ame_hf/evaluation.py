@@ -24,7 +24,7 @@ _BUNDLED_METRICS = Path(__file__).parent / "metrics"
 
 
 @dataclass(frozen=True)
-class Dataset:
+class LabelledData:
     """Labelled examples: `inputs` (texts or image paths) and `labels` (ints or label names)."""
 
     name: str
@@ -131,7 +131,7 @@ def task_for_models(models: Sequence[tuple[str, dict[str, Any]]], task: str | No
     return task
 
 
-def load_data(path: str | os.PathLike, task: str) -> Dataset:
+def load_data(path: str | os.PathLike, task: str) -> LabelledData:
     """Read a JSONL/CSV file (`text` or `image`, and `label` columns) or an image folder
     (`root/<label>/<image>`).
 
@@ -154,13 +154,13 @@ def load_data(path: str | os.PathLike, task: str) -> Dataset:
                     labels.append(label_dir.name)
         if not inputs:
             raise InvalidConfigError(f"--data {path}: no images found in {path}/<label>/ folders")
-        return Dataset(path.name, inputs, labels)
+        return LabelledData(path.name, inputs, labels)
     rows = _read_rows(path)
     column = "text" if task == "text-classification" else "image"
     if not rows or column not in rows[0] or "label" not in rows[0]:
         raise InvalidConfigError(f"--data {path}: every row needs `{column}` and `label` fields")
     inputs = [r[column] if column == "text" else str((path.parent / r[column]).resolve()) for r in rows]
-    return Dataset(path.stem, inputs, [r["label"] for r in rows])
+    return LabelledData(path.stem, inputs, [r["label"] for r in rows])
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
@@ -174,7 +174,7 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def load_metric(name: str):
-    """A bundled offline metric (`accuracy`, `f1`), a local metric folder, or `evaluate.load(name)`."""
+    """A bundled offline metric (`accuracy`, `macro_f1`), a local metric folder, or `evaluate.load(name)`."""
     import evaluate
 
     bundled = _BUNDLED_METRICS / name
@@ -183,7 +183,7 @@ def load_metric(name: str):
         return evaluate.load(target)
     except Exception as err:
         raise InvalidConfigError(
-            f"cannot load metric {name!r} ({type(err).__name__}); bundled offline metrics: accuracy, f1, "
+            f"cannot load metric {name!r} ({type(err).__name__}); bundled offline metrics: accuracy, macro_f1, "
             "or give a local evaluate metric folder"
         ) from err
 
@@ -199,7 +199,7 @@ def _label_id(label: Any, label2id: dict[str, int]) -> int:
     raise InvalidConfigError(f"label {text!r} is not one of the model's labels {sorted(label2id)}")
 
 
-def predict(model: Any, data: Dataset, task: str, batch_size: int = 32) -> list[int]:
+def predict(model: Any, data: LabelledData, task: str, batch_size: int = 32) -> list[int]:
     """Class ids predicted by a transformers pipeline for every example."""
     from transformers import pipeline
 
@@ -219,7 +219,7 @@ def predict(model: Any, data: Dataset, task: str, batch_size: int = 32) -> list[
     return preds
 
 
-def evaluate_model(model: Any, data: Dataset, task: str, metric: str = "accuracy") -> float:
+def evaluate_model(model: Any, data: LabelledData, task: str, metric: str = "accuracy") -> float:
     """The metric's main value for one model (a directory or a loaded transformers model)."""
     from transformers import AutoConfig
 

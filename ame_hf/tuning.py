@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 from .config import AmeConfig
 from .errors import InvalidConfigError
 from .card import selection_card, update_card
-from .evaluation import Dataset, evaluate_model, load_data, read_model_config, task_for_models
+from .evaluation import LabelledData, evaluate_model, load_data, read_model_config, task_for_models
 from .merging import merge
 from .output import RUN_FILE, check_output_dir, make_staging_dir, publish
 from .recipe import write_selection_file
@@ -77,7 +77,7 @@ def tune(
     ingredients: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     *,
-    data: str | os.PathLike | Dataset,
+    data: str | os.PathLike | LabelledData,
     task: str | None = None,
     metric: str = "accuracy",
     budget: int = 12,
@@ -107,7 +107,7 @@ def tune(
     check_output_dir(out, overwrite, inputs=[i.path for i in resolved])
     # Before any merge: a task the ingredients cannot do would only fail after the first one.
     task = task_for_models([(i.display_name, read_model_config(i.path, i.display_name)) for i in resolved], task)
-    dataset = data if isinstance(data, Dataset) else load_data(data, task)
+    dataset = data if isinstance(data, LabelledData) else load_data(data, task)
     refs = [i.pinned_ref if i.repo_id else str(i.path) for i in resolved]
     configs = [AmeConfig.soup()] + list(grid if grid is not None else default_grid())[:budget]
     total = len(resolved) + len(configs)

@@ -27,7 +27,7 @@ def _scores(text):
 def test_bundled_metrics_work_offline(monkeypatch):
     monkeypatch.setenv("HF_EVALUATE_OFFLINE", "1")
     assert load_metric("accuracy").compute(predictions=[0, 1, 2, 2], references=[0, 1, 1, 2]) == {"accuracy": 0.75}
-    f1 = load_metric("f1").compute(predictions=[0, 0, 1], references=[0, 1, 1])["f1"]
+    f1 = load_metric("macro_f1").compute(predictions=[0, 0, 1], references=[0, 1, 1])["macro_f1"]
     assert f1 == pytest.approx((2 / 3 + 2 / 3) / 2)
     with pytest.raises(InvalidConfigError, match="no-such-metric"):
         load_metric("no-such-metric")
@@ -54,9 +54,9 @@ def test_merge_with_eval_data_records_model_index(classifiers, tmp_path, capsys)
     experts, val = classifiers
     out = tmp_path / "m"
     assert main(["merge", *map(str, experts), "--out", str(out), "--optimizer", "sgd", "--eval-data", str(val),
-                 "--metric", "f1", "--quiet"]) == 0
+                 "--metric", "macro_f1", "--quiet"]) == 0
     card = ModelCard.load(out / "README.md")
-    assert card.data.eval_results[0].metric_type == "f1"
+    assert card.data.eval_results[0].metric_type == "macro_f1"
     assert "merged" in capsys.readouterr().out
 
 

@@ -33,7 +33,7 @@ from transformers import ViTConfig, ViTForImageClassification  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import ame_hf  # noqa: E402
-from ame_hf.evaluation import Dataset, evaluate_model, load_data  # noqa: E402
+from ame_hf.evaluation import LabelledData, evaluate_model, load_data  # noqa: E402
 from ame_hf.tuning import default_grid, tune  # noqa: E402
 
 if TYPE_CHECKING:
@@ -274,8 +274,8 @@ class SeedRun:
     """Everything for one seed: the base, then for each N and fine-tuning the experts, every merge,
     tune, and the evaluation of each model. Collects result rows and notes for the report."""
 
-    def __init__(self, seed: int, plan: Plan, splits: dict[str, Split], pixels: Pixels, val: Dataset,
-                 test: Dataset, out: Path, phases: Phases) -> None:
+    def __init__(self, seed: int, plan: Plan, splits: dict[str, Split], pixels: Pixels, val: LabelledData,
+                 test: LabelledData, out: Path, phases: Phases) -> None:
         self.seed, self.plan, self.splits, self.pixels = seed, plan, splits, pixels
         self.val, self.test, self.work, self.phases = val, test, out / f"seed{seed}", phases
         sets = {"val": splits["val"], "clean": splits["test"], **corrupt(splits["test"])}
