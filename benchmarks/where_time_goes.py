@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         ("`import torch`", median_of(args.runs, lambda: wall([py, "-c", "import torch"]))),
         ("`import torch` + `import torch._dynamo`",
          median_of(args.runs, lambda: wall([py, "-c", "import torch, torch._dynamo"]))),
-        ("`import ame_hf.cli, ame_hf.merger` + `import torch._dynamo` (all a merge imports)",
-         median_of(args.runs, lambda: wall([py, "-c", "import ame_hf.cli, ame_hf.merger, torch._dynamo"]))),
+        ("`import ame_hf.cli, ame_hf.merging` + `import torch._dynamo` (all a merge imports)",
+         median_of(args.runs, lambda: wall([py, "-c", "import ame_hf.cli, ame_hf.merging, torch._dynamo"]))),
     ]
     for label, opts in JOBS.items():
         cmd = [py, "-m", "ame_hf", "merge", *map(str, inputs), "--out", str(out), "--overwrite", "--quiet",
