@@ -9,27 +9,29 @@ import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
-from .compatibility import CompatibilityReport, check_compatibility
+from .compatibility import CompatibilityReport
 from .config import AmeConfig
 from .errors import InvalidConfigError
-from .checkpoint import Checkpoint
 from .evaluation import evaluate_model, load_data, read_model_config, task_for_models
 from .merging import merge
 from .push import push_folder
 from .records import Evaluation, MergeResult
-from .resolve import resolve_refs
+from .fetch import resolve_refs
+from .inputs import check_inputs
 
 
-def check(ingredients: Sequence[str | os.PathLike], *, token: str | None = None,
-          dtype: str = "auto") -> CompatibilityReport:
-    """Resolve the ingredients and report whether they can be merged (never raises for a mismatch).
+def check(ingredients: Sequence[str | os.PathLike], *, token: str | None = None, dtype: str = "auto",
+          pivot: str | os.PathLike | None = None, variant: str | None = None) -> CompatibilityReport:
+    """Report whether the ingredients (and a pivot checkpoint) can be merged; never raises for a mismatch.
+
+    For Hub repos only their config, tokenizer and side files and their safetensors headers are read
+    (range requests): no weight is downloaded (except for `.bin`-only repos, which have no header).
 
     >>> report = check(["org/model-a", "org/model-b"])  # doctest: +SKIP
-    >>> report.ok, report.errors                        # doctest: +SKIP
+    >>> report.ok, report.errors, report.notes          # doctest: +SKIP
     """
-    resolved = resolve_refs([os.fspath(r) for r in ingredients], token=token)
-    return check_compatibility([Checkpoint(i.path, name=i.ref) for i in resolved],
-                               allow_dtype_mismatch=dtype != "auto")
+    return check_inputs([os.fspath(r) for r in ingredients], pivot_ref=os.fspath(pivot) if pivot else None,
+                        variant=variant, token=token, allow_dtype_mismatch=dtype != "auto").report
 
 
 def evaluate(

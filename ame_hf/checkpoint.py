@@ -26,12 +26,58 @@ SAFE_INDEX = "model.safetensors.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
+
+def with_variant(file: str, variant: str | None) -> str:
+    """transformers' variant naming: `model.safetensors` -> `model.fp16.safetensors`,
+    `model.safetensors.index.json` -> `model.safetensors.index.fp16.json`."""
+    if not variant:
+        return file
+    stem, dot, suffix = file.rpartition(".")
+    return f"{stem}.{variant}{dot}{suffix}"
+
+
+def weight_layout(files: set[str], variant: str | None = None) -> tuple[str, str | None, str | None]:
+    """Which weight files a model's file list holds: (`safetensors` | `bin`, index file or None,
+    single file or None). Safetensors first; `.bin` only when there is none.
+
+    Raises:
+        CheckpointError: no weights under these names (naming the variants that do exist, if any).
+    """
+    for kind, single, index in (("safetensors", SAFE_SINGLE, SAFE_INDEX), ("bin", BIN_SINGLE, BIN_INDEX)):
+        if with_variant(index, variant) in files:
+            return kind, with_variant(index, variant), None
+        if with_variant(single, variant) in files:
+            return kind, None, with_variant(single, variant)
+    wanted = f" of variant {variant!r}" if variant else ""
+    others = sorted({f.split(".")[1] for f in files if f.count(".") >= 2 and f.startswith(("model.", "pytorch_model."))
+                     and f.endswith((".safetensors", ".bin")) and "-of-" not in f})
+    hint = f"; this model has the variant(s) {', '.join(others)}: pass --variant NAME" if others else ""
+    raise CheckpointError(f"no weights{wanted} found (expected {with_variant(SAFE_SINGLE, variant)}, "
+                          f"{with_variant(SAFE_INDEX, variant)}, {with_variant(BIN_SINGLE, variant)} or "
+                          f"{with_variant(BIN_INDEX, variant)}){hint}")
+
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def dtype_from_name(name: str) -> torch.dtype | None:
+    """The torch dtype of a safetensors dtype name (`F32`, `BF16`, ...); None for FP8 and other quantized ones."""
+    return _DTYPES.get(name)
+
+
+def index_shards(index_file: Path, name: str) -> list[str]:
+    """The shard files a `*.index.json` names (validated: none may point outside its directory)."""
+    try:
+        weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{name}: {index_file.name} is not a valid index ({err})", path=index_file.parent) from err
+    return sorted({_safe_shard_name(f, index_file) for f in weight_map.values()})
 
 
 @dataclass(frozen=True)
@@ -76,56 +122,80 @@ class Checkpoint:
     >>> ckpt.names()[:2], ckpt.read("lm_head.weight").shape  # doctest: +SKIP
     """
 
-    def __init__(self, path: str | os.PathLike, name: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, name: str | None = None, *, variant: str | None = None) -> None:
         self.path = Path(path)
         self.name = name or str(path)
+        self.variant = variant
         if not self.path.is_dir():
             raise IngredientNotFoundError(f"{self.name}: no such directory {self.path}", ref=self.name)
         self.config = self._read_config()
         self._bin: dict[str, torch.Tensor] | None = None
+        # Tensors in dtypes torch cannot hold here (FP8 and other quantized formats): name -> dtype.
+        self.unsupported: dict[str, str] = {}
         self.tensors: dict[str, TensorInfo] = self._scan()
-        if not self.tensors:
+        self.stored: dict[str, str] = {n: n for n in self.tensors}  # name -> name in the file
+        if not self.tensors and not self.unsupported:
             raise CheckpointError(f"{self.name}: the weights contain no tensors", path=self.path)
+
+    @classmethod
+    def from_header(cls, name: str, config: dict[str, Any], tensors: dict[str, TensorInfo],
+                    unsupported: dict[str, str] | None = None, path: Path | None = None) -> "Checkpoint":
+        """A checkpoint known only by its config and safetensors headers (read from the Hub with range
+        requests): enough to check it, not to read it."""
+        ckpt = cls.__new__(cls)
+        ckpt.path, ckpt.name, ckpt.variant, ckpt.config = path, name, None, config
+        ckpt._bin, ckpt.unsupported, ckpt.tensors = None, dict(unsupported or {}), dict(tensors)
+        ckpt.stored = {n: n for n in tensors}
+        ckpt.format, ckpt.files = "safetensors", sorted({t.file for t in tensors.values()})
+        return ckpt
+
+    def renamed(self, names: dict[str, str]) -> "Checkpoint":
+        """The same files seen under other tensor names: `names` maps a new name to a stored one."""
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view.tensors = {new: self.tensors[old] for new, old in names.items()}
+        view.stored = {new: self.stored[old] for new, old in names.items()}
+        return view
 
     # -- discovery ----------------------------------------------------------------------------
     def _read_config(self) -> dict[str, Any]:
-        file = self.path / "config.json"
+        return self.read_config(self.path, self.name)
+
+    @staticmethod
+    def read_config(path: Path, name: str) -> dict[str, Any]:
+        """A model directory's `config.json` as a dict.
+
+        Raises:
+            CheckpointError: missing, not JSON, or not a JSON object.
+        """
+        file = path / "config.json"
         if not file.is_file():
-            raise CheckpointError(
-                f"{self.name}: no config.json in {self.path}; ame-hf merges transformers model directories", path=self.path
-            )
+            raise CheckpointError(f"{name}: no config.json in {path}; ame-hf merges transformers model directories",
+                                  path=path)
         try:
             config = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{self.name}: config.json is not valid JSON ({err})", path=self.path) from err
+            raise CheckpointError(f"{name}: config.json is not valid JSON ({err})", path=path) from err
         if not isinstance(config, dict):
-            raise CheckpointError(f"{self.name}: config.json must hold a JSON object", path=self.path)
+            raise CheckpointError(f"{name}: config.json must hold a JSON object", path=path)
         return config
 
     def _weight_files(self) -> tuple[str, list[str]]:
         """("safetensors" | "bin", [file names])."""
-        for kind, single, index in (("safetensors", SAFE_SINGLE, SAFE_INDEX), ("bin", BIN_SINGLE, BIN_INDEX)):
-            if (self.path / index).is_file():
-                index_file = self.path / index
-                try:
-                    weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-                    if not isinstance(weight_map, dict):
-                        raise TypeError("weight_map is not an object")
-                except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise CheckpointError(f"{self.name}: {index} is not a valid index ({err})", path=self.path) from err
-                files = sorted({_safe_shard_name(f, index_file) for f in weight_map.values()})
-                for f in files:
-                    if not (self.path / f).is_file():
-                        raise CheckpointError(
-                            f"{self.name}: {index} names shard {f!r}, which is missing; re-download the checkpoint", path=self.path
-                        )
-                return kind, files
-            if (self.path / single).is_file():
-                return kind, [single]
-        raise CheckpointError(
-            f"{self.name}: no weights found in {self.path} (expected {SAFE_SINGLE}, {SAFE_INDEX}, "
-            f"{BIN_SINGLE} or {BIN_INDEX})", path=self.path
-        )
+        try:
+            kind, index, single = weight_layout({p.name for p in self.path.iterdir()}, self.variant)
+        except CheckpointError as err:
+            raise CheckpointError(f"{self.name}: {err} in {self.path}", path=self.path) from err
+        if index is not None:
+            files = index_shards(self.path / index, self.name)
+            for f in files:
+                if not (self.path / f).is_file():
+                    raise CheckpointError(
+                        f"{self.name}: {index} names shard {f!r}, which is missing; re-download the checkpoint", path=self.path
+                    )
+            return kind, files
+        assert single is not None
+        return kind, [single]
 
     def _scan(self) -> dict[str, TensorInfo]:
         kind, files = self._weight_files()
@@ -151,7 +221,8 @@ class Checkpoint:
                         sl = handle.get_slice(key)
                         dtype = _DTYPES.get(sl.get_dtype())
                         if dtype is None:
-                            raise CheckpointError(f"{self.name}: tensor {key!r} has unsupported dtype {sl.get_dtype()}", path=self.path, tensor=key)
+                            self.unsupported[key] = sl.get_dtype()
+                            continue
                         if key in tensors:
                             raise CheckpointError(f"{self.name}: tensor {key!r} appears in two shards", path=self.path, tensor=key)
                         tensors[key] = TensorInfo(file=f, shape=tuple(sl.get_shape()), dtype=dtype, offset=offsets[key])
@@ -190,8 +261,11 @@ class Checkpoint:
         """
         info = self.tensors[name]
         dtype = dtype or info.dtype
+        if self.path is None:
+            raise CheckpointError(f"{self.name}: only its headers were read; download it to read {name!r}",
+                                  tensor=name)
         if self._bin is not None:
-            t = self._bin[name]
+            t = self._bin[self.stored[name]]
             t = t if rows is None or not info.shape else t[rows[0]:rows[1]]
             return t.to(dtype, copy=True)
         if _LITTLE_ENDIAN and info.offset >= 0:
@@ -203,9 +277,9 @@ class Checkpoint:
             # resident memory stays bounded by the slice, not by everything read so far.
             with safe_open(self.path / info.file, framework="pt") as handle:
                 if rows is None or not info.shape:
-                    t = handle.get_tensor(name)
+                    t = handle.get_tensor(self.stored[name])
                 else:
-                    t = handle.get_slice(name)[rows[0]:rows[1]]
+                    t = handle.get_slice(self.stored[name])[rows[0]:rows[1]]
                 return t.to(dtype, copy=True)
         except Exception as err:
             raise CheckpointError(f"{self.name}: cannot read tensor {name!r} from {info.file} ({err})", path=self.path, tensor=name) from err

@@ -1,28 +1,25 @@
 """Compatibility report: can these checkpoints be merged, and if not, every reason why.
 
-Compares configs (shape-defining fields are errors, names and labels are notes), tensor names,
-shapes and dtypes. `merge` runs the same check first and refuses with the same report.
+Reads only configs, tensor names/shapes/dtypes (a safetensors header is enough) and tokenizer files.
+Reconciles the layouts transformers reconciles on load (`reconcile`); tensor shapes decide errors,
+other config differences are notes; quantized weights and remote-code architectures are refused.
+`merge` runs the same check first and refuses with the same report.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .checkpoint import DTYPE_NAMES, Checkpoint
+from .reconcile import Layout, Renaming, UnknownArchitecture, model_layout, rename
+from .vocabulary import compare_tokenizers, read_tokenizer
 
-# Config keys that never change the weights' layout: differences are only notes.
-NOTE_KEYS = {
-    "_name_or_path", "name_or_path", "transformers_version", "id2label", "label2id", "torch_dtype",
-    "dtype", "finetuning_task", "problem_type", "task_specific_params", "_commit_hash", "auto_map",
-    "use_cache", "output_attentions", "output_hidden_states", "return_dict", "tie_word_embeddings",
-}
-# Config keys that decide shapes or the architecture: differences are errors.
-_SHAPE_KEY = re.compile(
-    r"(^model_type$|^architectures$|size|^n_|^num_|layers|heads|_dim$|^dim$|^d_|vocab|experts|"
-    r"^max_position_embeddings$|^n_positions$|^type_vocab_size$|^patch|^image_size$|^num_channels$)"
-)
+# Config keys whose difference means another architecture: errors. Any other difference is a note,
+# since the tensors' shapes (compared one by one) decide whether weights can be averaged.
+ARCHITECTURE_KEYS = ("model_type",)
+# Config keys that say nothing about the model (bookkeeping): differences are not even notes.
+QUIET_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "_commit_hash", "torch_dtype", "dtype"}
 _MAX_LISTED = 20
 
 
@@ -33,6 +30,12 @@ class CompatibilityReport:
     names: list[str]
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # What the merge then uses: every ingredient (and the pivot) seen under the output's tensor names,
+    # and which ingredient's config and layout the output takes.
+    checkpoints: list[Checkpoint] = field(default_factory=list, repr=False, compare=False)
+    pivot: Checkpoint | None = field(default=None, repr=False, compare=False)
+    source: int = 0
+    config_keys: list[str] = field(default_factory=list)  # config keys that differ (said with the errors)
 
     @property
     def ok(self) -> bool:
@@ -44,7 +47,8 @@ class CompatibilityReport:
             return f"compatible: {len(self.names)} checkpoints can be merged" + (
                 f" ({len(self.notes)} note(s))" if self.notes else "")
         more = f" (and {len(self.errors) - 1} more difference(s); run `ame-hf check` for all)" if len(self.errors) > 1 else ""
-        return f"incompatible checkpoints: {self.errors[0]}{more}"
+        keys = f"; their configs differ in {', '.join(self.config_keys[:6])}" if self.config_keys else ""
+        return f"incompatible checkpoints: {self.errors[0]}{more}{keys}"
 
     def format(self) -> str:
         """The full report, one finding a line."""
@@ -55,10 +59,6 @@ class CompatibilityReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "checkpoints": self.names, "errors": self.errors, "notes": self.notes}
-
-
-def is_shape_key(key: str) -> bool:
-    return key not in NOTE_KEYS and bool(_SHAPE_KEY.search(key))
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -80,50 +80,166 @@ def _listed(items: Sequence[str]) -> str:
 def check_compatibility(
     checkpoints: Sequence[Checkpoint],
     *,
+    pivot: Checkpoint | None = None,
     allow_dtype_mismatch: bool = False,
 ) -> CompatibilityReport:
-    """Compare every checkpoint with the first one.
+    """Compare every ingredient with the first one (after reconciling their layouts), and the pivot.
 
     Args:
-        checkpoints: the ingredients (and the pivot checkpoint, if any).
+        checkpoints: the ingredients (opened, or known from their headers).
+        pivot: another checkpoint to start from (e.g. the base model), if any.
         allow_dtype_mismatch: dtype differences become notes (an explicit output dtype was chosen).
 
     >>> report = check_compatibility([Checkpoint("a"), Checkpoint("b")])  # doctest: +SKIP
     >>> print(report.format())                                            # doctest: +SKIP
     """
-    report = CompatibilityReport(names=[c.name for c in checkpoints])
+    everything = [*checkpoints, *([pivot] if pivot else [])]
+    report = CompatibilityReport(names=[c.name for c in everything])
     if not checkpoints:
         report.errors.append("no checkpoints given")
         return report
-    ref = checkpoints[0]
+    for ckpt in everything:
+        report.errors += _refusals(ckpt)
+    if report.errors:
+        return report
+    views, pivot_view, report.source = _reconcile(list(checkpoints), pivot, report)
+    if report.errors:
+        return report
+    report.checkpoints, report.pivot = views, pivot_view
+    _compare_configs([*views, *([pivot_view] if pivot_view else [])], report)
+    ref = views[0]
+    for other in views[1:]:
+        _compare_tensors(ref, other, report, allow_dtype_mismatch)
+    if pivot_view is not None:
+        _compare_pivot(ref, pivot_view, report)
+    paths = [c.path for c in everything]
+    report.notes += compare_tokenizers([c.name for c in everything], [read_tokenizer(p) for p in paths])
+    return report
+
+
+def _refusals(ckpt: Checkpoint) -> list[str]:
+    """Quantized weights and architectures only the repo's own code defines: refused, one line each."""
+    out = []
+    quant = ckpt.config.get("quantization_config")
+    if isinstance(quant, dict) or ckpt.unsupported:
+        method = (quant or {}).get("quant_method") or (quant or {}).get("quant_type") if isinstance(quant, dict) else None
+        dtypes = sorted(set(ckpt.unsupported.values()))
+        what = (f"quantized with {method or 'an unnamed method'} (quantization_config)" if isinstance(quant, dict)
+                else f"holds {', '.join(dtypes)} tensors (quantized or FP8)")
+        out.append(f"{ckpt.name} is {what}; AME averages full-precision weights: merge the unquantized "
+                   "originals (e.g. the fine-tune's float16/bfloat16 release), then quantize the merge")
+    if ckpt.config.get("auto_map") is not None:
+        try:
+            model_layout({**ckpt.config, "architectures": ckpt.config.get("architectures") or []})
+        except UnknownArchitecture as err:
+            out.append(f"{ckpt.name}: {err}: it needs the repo's own code (auto_map), which ame-hf never runs; "
+                       "merge checkpoints of an architecture transformers has")
+        except Exception:  # noqa: BLE001  a known type whose class cannot be built here: not remote code
+            pass
+    return out
+
+
+def _reconcile(checkpoints: list[Checkpoint], pivot: Checkpoint | None,
+               report: CompatibilityReport) -> tuple[list[Checkpoint], Checkpoint | None, int]:
+    """The ingredients and the pivot under the output's tensor names, and the index of the ingredient whose
+    layout (and config) the output takes: the one that explains every ingredient's tensors best."""
+    names = [frozenset(c.tensors) for c in checkpoints]
+    archs = [tuple(c.config.get("architectures") or ()) for c in checkpoints]
+    same = len(set(names)) == 1 and len(set(archs)) == 1 and (pivot is None or frozenset(pivot.tensors) == names[0])
+    if same or not all(archs):
+        return checkpoints, pivot, 0  # nothing to reconcile (or nothing to reconcile it with)
+    layouts: dict[tuple[str, ...], Layout] = {}
+    for i, ckpt in enumerate(checkpoints):
+        try:
+            layouts.setdefault(archs[i], model_layout(ckpt.config))
+        except Exception as err:  # noqa: BLE001  transformers cannot build it: compare names as stored
+            report.notes.append(f"{ckpt.name}: cannot build {archs[i][0]} to reconcile its layout ({err}); "
+                                "tensor names are compared as stored")
+            return checkpoints, pivot, 0
+    cost = {a: sum(len(r.unexpected) + len(r.missing) for r in (rename(c.tensors, layout) for c in checkpoints))
+            for a, layout in layouts.items()}
+    source = min(range(len(checkpoints)), key=lambda i: (cost[archs[i]], i))
+    layout = layouts[archs[source]]
+    views = [_view(c, rename(c.tensors, layout), layout, report, unexpected_ok=False) for c in checkpoints]
+    pivot_view = _view(pivot, rename(pivot.tensors, layout), layout, report, unexpected_ok=True) if pivot else None
+    return views, pivot_view, source
+
+
+def _view(ckpt: Checkpoint, renaming: Renaming, layout: Layout, report: CompatibilityReport, *,
+          unexpected_ok: bool) -> Checkpoint:
+    """`ckpt` under the layout's names; what was reconciled becomes a note."""
+    if renaming.is_identity and not renaming.unexpected:
+        return ckpt
+    moved = [s for n, s in renaming.names.items() if n != s]
+    if moved:
+        report.notes.append(f"{ckpt.name}: {len(moved)} tensor name(s) taken with/without the base-model prefix "
+                            f"{layout.prefix!r} (as {layout.architecture} stores them), e.g. {moved[0]!r}")
+    for stored, why in sorted(renaming.dropped.items()):
+        report.notes.append(f"{ckpt.name}: stored tensor {stored!r} is not used ({why})")
+    names = dict(renaming.names)
+    if unexpected_ok and renaming.unexpected:
+        report.notes.append(f"{ckpt.name}: tensor(s) {_listed(renaming.unexpected)} are not part of "
+                            f"{layout.architecture} and are not used")
+    else:
+        names.update({u: u for u in renaming.unexpected})  # compared below: an extra tensor is an error
+    return ckpt.renamed(names)
+
+
+def _compare_configs(views: Sequence[Checkpoint], report: CompatibilityReport) -> None:
+    ref = views[0]
     ref_config = _flatten(ref.config)
-    for other in checkpoints[1:]:
+    for other in views[1:]:
         config = _flatten(other.config)
         for key in sorted(set(ref_config) | set(config)):
             a, b = ref_config.get(key, "<missing>"), config.get(key, "<missing>")
-            if a == b:
+            leaf = key.rsplit(".", 1)[-1]
+            if a == b or leaf in QUIET_KEYS:
                 continue
             line = f"config {key}: {ref.name} has {a!r}, {other.name} has {b!r}"
-            leaf = key.rsplit(".", 1)[-1]
-            (report.errors if is_shape_key(leaf) else report.notes).append(line)
-        missing = sorted(set(ref.tensors) - set(other.tensors))
-        extra = sorted(set(other.tensors) - set(ref.tensors))
-        if missing:
-            report.errors.append(f"{other.name} is missing tensor(s) {_listed(missing)} (present in {ref.name})")
-        if extra:
-            report.errors.append(f"{other.name} has extra tensor(s) {_listed(extra)} (absent from {ref.name})")
-        for name in sorted(set(ref.tensors) & set(other.tensors)):
-            a_info, b_info = ref.tensors[name], other.tensors[name]
-            if a_info.shape != b_info.shape:
-                report.errors.append(
-                    f"tensor {name!r}: shape {list(a_info.shape)} in {ref.name}, {list(b_info.shape)} in {other.name}"
-                )
-            elif a_info.dtype != b_info.dtype:
-                floating = a_info.dtype.is_floating_point and b_info.dtype.is_floating_point
-                line = (f"tensor {name!r}: dtype {DTYPE_NAMES[a_info.dtype]} in {ref.name}, "
-                        f"{DTYPE_NAMES[b_info.dtype]} in {other.name}")
-                if floating and allow_dtype_mismatch:
-                    report.notes.append(line)
-                else:
-                    report.errors.append(line + ("; choose the output dtype with --dtype" if floating else ""))
-    return report
+            if key not in report.config_keys:
+                report.config_keys.append(key)
+            (report.errors if leaf in ARCHITECTURE_KEYS else report.notes).append(line)
+
+
+def _compare_tensors(ref: Checkpoint, other: Checkpoint, report: CompatibilityReport,
+                     allow_dtype_mismatch: bool) -> None:
+    missing = sorted(set(ref.tensors) - set(other.tensors))
+    extra = sorted(set(other.tensors) - set(ref.tensors))
+    if missing:
+        report.errors.append(f"{other.name} is missing tensor(s) {_listed(missing)} (present in {ref.name})")
+    if extra:
+        report.errors.append(f"{other.name} has extra tensor(s) {_listed(extra)} (absent from {ref.name})")
+    for name in sorted(set(ref.tensors) & set(other.tensors)):
+        a_info, b_info = ref.tensors[name], other.tensors[name]
+        if a_info.shape != b_info.shape:
+            report.errors.append(
+                f"tensor {name!r}: shape {list(a_info.shape)} in {ref.name}, {list(b_info.shape)} in {other.name}"
+            )
+        elif a_info.dtype != b_info.dtype:
+            floating = a_info.dtype.is_floating_point and b_info.dtype.is_floating_point
+            line = (f"tensor {name!r}: dtype {DTYPE_NAMES[a_info.dtype]} in {ref.name}, "
+                    f"{DTYPE_NAMES[b_info.dtype]} in {other.name}")
+            if floating and allow_dtype_mismatch:
+                report.notes.append(line)
+            else:
+                report.errors.append(line + ("; choose the output dtype with --dtype" if floating else ""))
+
+
+def _compare_pivot(ref: Checkpoint, pivot: Checkpoint, report: CompatibilityReport) -> None:
+    """The pivot may lack tensors (a base without the fine-tunes' head): those start from the mean."""
+    lacking = sorted(set(ref.tensors) - set(pivot.tensors))
+    if lacking:
+        report.notes.append(f"pivot {pivot.name} lacks tensor(s) {_listed(lacking)}: they start from the mean "
+                            "of the ingredients")
+    for name in sorted(set(ref.tensors) & set(pivot.tensors)):
+        if ref.tensors[name].shape != pivot.tensors[name].shape:
+            report.errors.append(f"tensor {name!r}: shape {list(ref.tensors[name].shape)} in {ref.name}, "
+                                 f"{list(pivot.tensors[name].shape)} in the pivot {pivot.name}")
+    extra = sorted(set(pivot.tensors) - set(ref.tensors))
+    if extra:
+        report.notes.append(f"pivot {pivot.name} has tensor(s) {_listed(extra)} the ingredients lack: not used")
+
+
+def _listed(items: Sequence[str]) -> str:
+    shown = ", ".join(repr(i) for i in items[:_MAX_LISTED])
+    return shown + (f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")

@@ -23,6 +23,7 @@ from .optimizers import OPTIMIZERS
 DEFAULT_OPTIMIZER = "adam"
 DEFAULT_RELATIVE_LR = 0.005
 DEFAULT_PIVOT = "mean"
+DEFAULT_TOKENIZER_SOURCE = "pivot"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 SCHEDULES = ("constant", "harmonic")
@@ -132,6 +133,11 @@ class AmeConfig:
                                         "(default), 500MB")
     allow_nonfinite: bool = _option(False, "flag", "merge ingredients that contain NaN/Inf instead of "
                                     "refusing them")
+    variant: str | None = _option(None, "text", "read the weights variant NAME (model.NAME.safetensors, "
+                                  "transformers' variant naming), e.g. fp16")
+    tokenizer_source: str | int = _option(DEFAULT_TOKENIZER_SOURCE, "text", "where the tokenizer, chat template "
+                                          "and processor files come from: pivot (default: the pivot checkpoint or "
+                                          "ingredient, else the first), first, an ingredient index, or a REF")
 
     def __post_init__(self) -> None:
         from .optimizers import validate_optimizer_args
@@ -165,6 +171,10 @@ class AmeConfig:
         if not isinstance(self.allow_nonfinite, bool):
             raise InvalidConfigError(f"allow_nonfinite must be true or false, got {self.allow_nonfinite!r}")
         set_("pivot", normalize_pivot(self.pivot))
+        set_("tokenizer_source", normalize_source(self.tokenizer_source))
+        if self.variant is not None and (not isinstance(self.variant, str) or not self.variant.strip()
+                                         or "/" in self.variant or "." in self.variant):
+            raise InvalidConfigError(f"variant must be a plain name such as fp16, got {self.variant!r}")
         if self.dtype not in OUTPUT_DTYPES:
             raise InvalidConfigError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(OUTPUT_DTYPES)}")
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -192,6 +202,12 @@ class AmeConfig:
     def pivot_refs(self) -> list[str]:
         """`[the pivot's checkpoint reference]` when the pivot is another checkpoint, else `[]`."""
         return [self.pivot] if isinstance(self.pivot, str) and self.pivot not in ("mean", "first") else []
+
+    @property
+    def tokenizer_refs(self) -> list[str]:
+        """`[the tokenizer source's reference]` when it is another checkpoint, else `[]`."""
+        return [self.tokenizer_source] if isinstance(self.tokenizer_source, str) and self.tokenizer_source not in (
+            "pivot", "first") else []
 
     @property
     def is_soup(self) -> bool:
@@ -257,6 +273,21 @@ def normalize_pivot(pivot: Any) -> str | int:
     if text.lstrip("-").isdigit():
         return normalize_pivot(int(text))
     return text.lower() if text.lower() in ("mean", "first") else text
+
+
+def normalize_source(source: Any) -> str | int:
+    """`pivot`, `first`, a non-negative ingredient index, or a checkpoint reference (kept as a string)."""
+    if isinstance(source, bool) or source is None:
+        raise InvalidConfigError(f"invalid tokenizer_source {source!r}; use pivot, first, an index or a REF")
+    if isinstance(source, int) or str(source).strip().lstrip("-").isdigit():
+        index = int(source)
+        if index < 0:
+            raise InvalidConfigError(f"tokenizer_source index must be >= 0, got {index}")
+        return index
+    text = str(source).strip()
+    if not text:
+        raise InvalidConfigError("tokenizer_source must not be empty; use pivot, first, an index or a REF")
+    return text.lower() if text.lower() in ("pivot", "first") else text
 
 
 def parse_optimizer_args(text: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ Each class also inherits from the built-in it resembles, so callers can catch ei
     ├── IncompatibleCheckpointsError (ValueError)
     │                                           ingredients that cannot be merged (carries the report)
     ├── OutputError (OSError)                   --out exists, is not writable, disk full, ...
+    │   └── InsufficientSpaceError              not enough free space for the download
     └── HubError (OSError)                      authentication, network and push failures
         └── PushError                           the upload failed; the local output is intact
 """
@@ -27,6 +28,7 @@ __all__ = [
     "HubError",
     "IncompatibleCheckpointsError",
     "IngredientNotFoundError",
+    "InsufficientSpaceError",
     "InvalidConfigError",
     "OutputError",
     "PushError",
@@ -92,6 +94,10 @@ class OutputError(AmeError, OSError):
     def __init__(self, message: str, *, path: Any = None) -> None:
         super().__init__(message)
         self.path = path
+
+
+class InsufficientSpaceError(OutputError):
+    """The disk lacks the space for the download (or the output); `path` is where it would go."""
 
 
 class HubError(AmeError, OSError):

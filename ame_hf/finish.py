@@ -1,27 +1,42 @@
-"""The finish step of a merge: beside the weights, the config, tokenizer, processor and generation
-files of the source model, `ame_config.yaml` and the model card, all written into the staging directory."""
+"""The finish step of a merge: beside the weights, the source model's config and every side file and
+folder (never weights or code), the tokenizer, chat template and processor files of the tokenizer
+source, `ame_config.yaml` and the model card, all written into the staging directory."""
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
 from .card import render_card
 from .checkpoint import Checkpoint
+from .fetch import is_light
+from .output import RUN_FILE, STAGING_PREFIX
 from .recipe import write_run_file
 from .records import MergeResult
-from .resolve import SIDE_PATTERNS
+from .vocabulary import is_tokenizer_file
 
 logger = logging.getLogger(__name__)
 
+# Written by ame-hf itself, or bookkeeping of a tool: never copied from a source model.
+OWN_FILES = {"config.json", "README.md", RUN_FILE}
+_WEIGHT_INDEXES = ("model.safetensors.index", "pytorch_model.bin.index")
+
 
 def finish(staging: Path, result: MergeResult, checkpoints: list[Checkpoint], pivot: Checkpoint | None,
-           command: str | None) -> None:
-    """Config, tokenizer and generation files from the pivot (or first ingredient), ame_config.yaml, card."""
-    source = pivot or checkpoints[result.pivot if isinstance(result.pivot, int) else 0]
+           command: str | None, *, source: Checkpoint, tokenizer_dir: Path | None) -> None:
+    """Write everything but the weights.
+
+    Args:
+        staging: the staging directory of the output.
+        result: the merge's record (config, ingredients, order, pivot).
+        checkpoints: the ingredients; `pivot` the pivot checkpoint, if any (for the card).
+        command: the command as typed (kept for the card's callers).
+        source: the checkpoint whose config and side files the output takes.
+        tokenizer_dir: where the tokenizer, chat template and processor files come from.
+    """
     config = dict(source.config)
     if config.pop("auto_map", None) is not None:
         logger.warning("%s: config.json has auto_map (remote code); it is not copied and never run", source.name)
@@ -29,10 +44,29 @@ def finish(staging: Path, result: MergeResult, checkpoints: list[Checkpoint], pi
     if result.config.dtype != "auto":
         config["dtype"] = result.config.dtype
     (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    for file in sorted(source.path.iterdir()):
-        if file.name == "config.json" or not file.is_file() or file.suffix in (".py", ".bin", ".safetensors"):
-            continue
-        if any(fnmatch.fnmatch(file.name, p) for p in SIDE_PATTERNS):
-            shutil.copyfile(file, staging / file.name)
-    write_run_file(staging / "ame_config.yaml", result)
+    copy_side_files(source.path, staging, skip_tokenizer=tokenizer_dir is not None)
+    if tokenizer_dir is not None:
+        for file in sorted(tokenizer_dir.iterdir()):
+            if file.is_file() and is_tokenizer_file(file.name):
+                shutil.copyfile(file, staging / file.name)
+    write_run_file(staging / RUN_FILE, result)
     render_card(result, checkpoints, command=command).save(staging / "README.md")
+
+
+def copy_side_files(source: Path, target: Path, *, skip_tokenizer: bool = False) -> list[str]:
+    """Copy every file and folder of a model directory that is neither weights nor code (so a
+    sentence-transformers model keeps `modules.json`, `1_Pooling/`, ...). Returns what was copied."""
+    copied = []
+    for root, dirs, files in os.walk(source):
+        here = Path(root)
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", STAGING_PREFIX)) and d != "__pycache__")
+        for name in sorted(files):
+            rel = (here / name).relative_to(source)
+            top = len(rel.parts) == 1
+            if (name.startswith(".") or not is_light(name) or (top and name in OWN_FILES)
+                    or (top and name.startswith(_WEIGHT_INDEXES)) or (top and skip_tokenizer and is_tokenizer_file(name))):
+                continue
+            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(here / name, target / rel)
+            copied.append(rel.as_posix())
+    return copied

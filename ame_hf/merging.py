@@ -11,18 +11,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
-from .checkpoint import Checkpoint
-from .compatibility import check_compatibility
 from .config import AmeConfig, parse_size
 from .devices import barrier, cpu_threads, main_process_first, process_setup, share_path
 from .engine import ingredient_order
 from .errors import IncompatibleCheckpointsError, InvalidConfigError
 from .finish import finish
+from .inputs import check_inputs, config_source, open_inputs, tokenizer_dir
 from .output import check_output_dir, make_staging_dir, publish, staging_cleanup
 from .plan import assign_to_processes, output_dtype, plan_shards
 from .recipe import recipe_digest
 from .records import Ingredient, MergeResult
-from .resolve import local_inputs, resolve_refs
+from .resolve import local_inputs
 from .streaming import ProgressCallback, TensorMerger, stream_tensors
 from .writer import create_shard_files, write_index
 
@@ -83,21 +82,21 @@ def merge(
     check_output_dir(out, overwrite, inputs=local_inputs([*refs, *config.pivot_refs]))
     setup = process_setup(device)
     with cpu_threads(setup.device, threads):
-        with main_process_first(setup):
-            resolved = resolve_refs(refs, token=token)
-            pivot: Ingredient | None = resolve_refs(config.pivot_refs, token=token)[0] if config.pivot_refs else None
-        # Again with every input's real directory (a Hub ingredient's is in the cache).
-        check_output_dir(out, overwrite, inputs=[i.path for i in [*resolved, *([pivot] if pivot else [])]])
-        checkpoints = [Checkpoint(i.path, name=i.ref) for i in resolved]
-        pivot_ckpt = Checkpoint(pivot.path, name=pivot.ref) if pivot else None
-        report = check_compatibility(checkpoints + ([pivot_ckpt] if pivot_ckpt else []),
-                                     allow_dtype_mismatch=config.dtype != "auto")
-        if not report.ok:
-            raise IncompatibleCheckpointsError(report.summary(), report=report)
+        with main_process_first(setup):  # the main process downloads; the others find it in the cache
+            checked = check_inputs(refs, pivot_ref=next(iter(config.pivot_refs), None), variant=config.variant,
+                                   token=token, allow_dtype_mismatch=config.dtype != "auto")
+            if not checked.report.ok:
+                raise IncompatibleCheckpointsError(checked.report.summary(), report=checked.report)
+            # Again with every input's real directory (a Hub ingredient's is in the cache), before the download.
+            check_output_dir(out, overwrite, inputs=[i.path for i in checked.lights])
+            inputs = open_inputs(checked, variant=config.variant, token=token,
+                                 allow_dtype_mismatch=config.dtype != "auto")
+        report, checkpoints, pivot_ckpt = inputs.report, inputs.checkpoints, inputs.pivot_checkpoint
         for note in report.notes:
             logger.info("note: %s", note)
+        pivot = inputs.pivot
         order = ingredient_order(len(refs), config.epochs, shuffle=config.shuffle, seed=config.seed)
-        result = MergeResult(path=out, config=config, ingredients=resolved, order=order, report=report,
+        result = MergeResult(path=out, config=config, ingredients=inputs.ingredients, order=order, report=report,
                              pivot=pivot or (0 if config.pivot == "first" else config.pivot), device=str(setup.device))
         tensors = {n: checkpoints[0].info(n) for n in checkpoints[0].names()}
         plan = plan_shards([(n, i.shape, output_dtype(config, i.dtype)) for n, i in tensors.items()],
@@ -115,7 +114,11 @@ def merge(
             barrier(setup)
             if setup.is_main:
                 write_index(staging, plan)
-                finish(staging, result, checkpoints, pivot_ckpt, command)
+                source = config_source(inputs, result.pivot if isinstance(result.pivot, int) else "mean")
+                tokens = tokenizer_dir(inputs, result.pivot if isinstance(result.pivot, int) else "mean",
+                                       config.tokenizer_source, token=token)
+                finish(staging, result, checkpoints, pivot_ckpt, command, source=source,
+                       tokenizer_dir=None if tokens == source.path else tokens)
                 publish(staging, out, overwrite)
             barrier(setup)
     return dataclasses.replace(result, seconds=time.perf_counter() - started)
@@ -141,6 +144,9 @@ def _validate_counts(refs: Sequence[str], config: AmeConfig) -> None:
         raise InvalidConfigError(
             f"pivot index {config.pivot} is out of range for {len(refs)} ingredients (use 0..{len(refs) - 1})"
         )
+    if isinstance(config.tokenizer_source, int) and config.tokenizer_source >= len(refs):
+        raise InvalidConfigError(f"tokenizer_source index {config.tokenizer_source} is out of range for "
+                                 f"{len(refs)} ingredients (use 0..{len(refs) - 1})")
     if config.batch_size > len(refs):
         raise InvalidConfigError(
             f"batch_size {config.batch_size} is larger than the number of ingredients ({len(refs)})"

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from .compatibility import CompatibilityReport
     from .config import AmeConfig
 
-__all__ = ["Evaluation", "Ingredient", "MergeResult", "PushInfo"]
+__all__ = ["Evaluation", "HubSource", "Ingredient", "MergeResult", "PushInfo"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +51,24 @@ class Ingredient:
     @property
     def display_name(self) -> str:
         return self.repo_id or str(self.ref)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HubSource:
+    """A Hub reference checked but not downloaded yet: its repo, the commit it resolved to, and its files.
+
+    Attributes:
+        ref: the reference as the user gave it.
+        repo_id, revision: as in `Ingredient`.
+        sha: the resolved 40-character commit sha (None offline: the cache decides).
+        files: file name -> size in bytes (None when the Hub did not say), at that commit.
+    """
+
+    ref: str
+    repo_id: str
+    revision: str | None = None
+    sha: str | None = None
+    files: dict[str, int | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,32 +1,21 @@
-"""Resolve ingredient references to local directories: an existing directory as it is, a Hub repo ID
-(`org/name[@revision]`) downloaded at its resolved commit sha. Every reference is checked before any
-download; a local typo fails without network, torch or the Hub client."""
+"""Resolve ingredient references: an existing local directory as it is, a Hub repo ID
+(`org/name[@revision]`) pinned to its commit sha with its file list, before anything is downloaded
+(`fetch` downloads). A local typo fails without network, torch or the Hub client."""
 
 from __future__ import annotations
 
 import difflib
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Sequence
 
 from ._hub_errors import hub_errors, offline
-from .errors import HubError, IngredientNotFoundError
-from .records import Ingredient
+from .errors import IngredientNotFoundError
+from .records import HubSource, Ingredient
 
 logger = logging.getLogger(__name__)
 
-# What a merge needs from a model repo. `.bin` weights only when the repo has no safetensors.
-WEIGHT_PATTERNS = ["*.safetensors", "model.safetensors.index.json"]
-BIN_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
-SIDE_PATTERNS = [
-    "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "vocab*",
-    "merges.txt", "added_tokens.json", "*.model", "preprocessor_config.json", "processor_config.json",
-    "chat_template*", "image_processor*", "feature_extractor*",
-]
-
-_SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
 def is_repo_id(text: str) -> bool:
@@ -53,30 +42,10 @@ def looks_like_path(ref: str) -> bool:
     )
 
 
-def resolve_ref(ref: str | os.PathLike, *, token: str | None = None, cache_dir: str | None = None) -> Ingredient:
-    """Turn a reference into a local directory: an existing directory, or a Hub repo downloaded.
-
-    Args:
-        ref: a local directory, or `org/name` with an optional `@revision` (branch, tag or sha).
-        token: a Hub token; default `HF_TOKEN` or the login cache.
-        cache_dir: the Hub cache (default: `HF_HOME`'s).
-
-    Raises:
-        IngredientNotFoundError: no such directory, repository or revision.
-        HubError: the Hub refused the token, the repo is gated, or the Hub is unreachable.
-
-    >>> resolve_ref("./my-finetune").path          # doctest: +SKIP
-    >>> resolve_ref("org/model@v1").sha            # doctest: +SKIP
-    """
-    return resolve_refs([ref], token=token, cache_dir=cache_dir)[0]
-
-
-def resolve_refs(refs: Sequence[str | os.PathLike], *, token: str | None = None,
-                 cache_dir: str | None = None) -> list[Ingredient]:
-    """Resolve several references: every one is checked (local path, repo, revision, access)
-    before anything is downloaded, so a typo in the last one fails at once."""
-    planned = [_plan(os.fspath(ref), token) for ref in refs]
-    return [p if isinstance(p, Ingredient) else _download(*p, token=token, cache_dir=cache_dir) for p in planned]
+def plan_refs(refs: Sequence[str | os.PathLike], *, token: str | None = None) -> list[Ingredient | HubSource]:
+    """Check every reference before anything is downloaded (so a typo in the last one fails at once):
+    a local directory becomes an `Ingredient`, a Hub repo ID a `HubSource` pinned to its commit sha."""
+    return [_plan(os.fspath(ref), token) for ref in refs]
 
 
 def local_path(ref: str | os.PathLike) -> Path | None:
@@ -137,7 +106,7 @@ def model_config(ref: str | os.PathLike, *, token: str | None = None) -> dict:
     fetched from the Hub (for checks that must fail before the download of a merge).
 
     Raises:
-        IngredientNotFoundError, HubError: as `resolve_ref`; CheckpointError: no readable config.json.
+        IngredientNotFoundError, HubError: as `plan_refs`; CheckpointError: no readable config.json.
     """
     import json
 
@@ -160,8 +129,7 @@ def model_config(ref: str | os.PathLike, *, token: str | None = None) -> dict:
     return config
 
 
-def _plan(text: str, token: str | None) -> Ingredient | tuple[str, str, str | None, str | None, list[str]]:
-    """A local Ingredient, or (ref, repo_id, revision, sha, patterns) of a Hub repo to download."""
+def _plan(text: str, token: str | None) -> Ingredient | HubSource:
     local = local_path(text)
     if local is not None:
         return Ingredient(ref=text, path=local)
@@ -171,39 +139,12 @@ def _plan(text: str, token: str | None) -> Ingredient | tuple[str, str, str | No
             f"{text}: no such local directory (and not a Hub repo ID of the form org/name[@revision])", ref=text
         )
     if offline():
-        return text, repo_id, revision, None, []
+        return HubSource(ref=text, repo_id=repo_id, revision=revision)
     from huggingface_hub import HfApi
 
     with hub_errors(text, repo_id, revision):
-        info = HfApi().model_info(repo_id, revision=revision, token=token, files_metadata=False)
-    files = [s.rfilename for s in (info.siblings or [])]
-    has_safetensors = any(f.endswith(".safetensors") for f in files)
-    # README.md only to read the ingredient's license and pipeline tag for our card.
-    patterns = (WEIGHT_PATTERNS if has_safetensors else BIN_PATTERNS) + SIDE_PATTERNS + ["README.md"]
-    return text, repo_id, revision, info.sha, patterns
+        info = HfApi().model_info(repo_id, revision=revision, token=token, files_metadata=True)
+    files = {s.rfilename: s.size for s in (info.siblings or [])}
+    return HubSource(ref=text, repo_id=repo_id, revision=revision, sha=info.sha, files=files)
 
 
-def _download(ref: str, repo_id: str, revision: str | None, sha: str | None, patterns: list[str], *,
-              token: str | None, cache_dir: str | None) -> Ingredient:
-    from huggingface_hub import hf_hub_download, snapshot_download, try_to_load_from_cache
-
-    with hub_errors(ref, repo_id, revision):
-        if sha is None:
-            # Offline: no API call possible. The cache maps the revision to a snapshot folder named
-            # by its sha; we downloaded only some files, so ask for the folder, not a full snapshot.
-            cached = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir, revision=revision)
-            if not isinstance(cached, str):
-                raise HubError(f"{ref}: {repo_id} is not in the local cache and HF_HUB_OFFLINE is set; "
-                               "unset HF_HUB_OFFLINE to download it", repo_id=repo_id)
-            path = Path(cached).parent
-            return Ingredient(ref=ref, path=path, repo_id=repo_id, revision=revision,
-                              sha=path.name if _SHA.match(path.name) else None)
-        logger.info("downloading %s@%s", repo_id, sha)
-        # Download the resolved sha, not the branch: what we record is exactly what we merge.
-        path = Path(snapshot_download(repo_id, revision=sha, allow_patterns=patterns, token=token,
-                                      cache_dir=cache_dir))
-        if not _SHA.match(revision or "main"):
-            # Let the client note in its cache which commit the branch or tag named, so that
-            # HF_HUB_OFFLINE=1 later finds `org/name[@branch]`: config.json, already there, is not fetched again.
-            hf_hub_download(repo_id, "config.json", revision=revision or "main", token=token, cache_dir=cache_dir)
-    return Ingredient(ref=ref, path=path, repo_id=repo_id, revision=revision, sha=sha)

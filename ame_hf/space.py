@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from tqdm import tqdm
+
+from .fetch import format_size
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -67,10 +68,6 @@ def _blank_to_none(value: Any) -> Any:
     return value.strip() if isinstance(value, str) else value
 
 
-def _size(nbytes: float) -> str:
-    return tqdm.format_sizeof(nbytes, "B")
-
-
 def _refuse_local_paths(refs: list[str]) -> None:
     # On a public Space a local path would read the server's disk, e.g. another visitor's private
     # download in the shared Hub cache; Hub references are always checked against the Hub's access rules.
@@ -82,7 +79,7 @@ def _refuse_local_paths(refs: list[str]) -> None:
                 f"{ref}: local paths are disabled in this app; give Hub repo IDs (org/name[@revision])")
 
 
-def _weights_size(folder: Path) -> int:
+def _weightsformat_size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
 
 
@@ -124,7 +121,7 @@ def run_merge(ingredients: str | None, options: dict[str, Any], work_dir: Path, 
 
     def on_bytes(done: int, total: int) -> None:
         if progress is not None and total:
-            progress(done / total, f"Merging: {_size(done)} of {_size(total)}")
+            progress(done / total, f"Merging: {format_size(done)} of {format_size(total)}")
 
     if progress is not None:
         progress(0.0, "Downloading and checking the ingredients")
@@ -152,14 +149,14 @@ def summary_markdown(result: MergeResult) -> str:
     out_size = sum(f.stat().st_size for f in result.path.iterdir() if f.is_file())
     lines = [
         (f"Merged **{len(result.ingredients)}** checkpoints with **{cfg.optimizer}** ({lr}, {cfg.schedule} "
-         f"schedule, {cfg.epochs} epoch(s)) in **{result.seconds:.1f} s**: {_size(out_size)} written."),
+         f"schedule, {cfg.epochs} epoch(s)) in **{result.seconds:.1f} s**: {format_size(out_size)} written."),
         "",
         "| # | ingredient | commit sha | weights |",
         "|---|---|---|---|",
     ]
     for i, ing in enumerate(result.ingredients):
         sha = f"`{ing.sha}`" if ing.sha else "local directory"
-        lines.append(f"| {i} | {ing.display_name} | {sha} | {_size(_weights_size(ing.path))} |")
+        lines.append(f"| {i} | {ing.display_name} | {sha} | {format_size(_weightsformat_size(ing.path))} |")
     return "\n".join(lines)
 
 

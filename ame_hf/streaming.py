@@ -90,11 +90,12 @@ class TensorMerger:
             pending.result()
 
     def _pivot_block(self, name: str, rows: Rows) -> torch.Tensor | None:
-        """The pivot's values for a block; None for `mean` (computed from the ingredients)."""
+        """The pivot's values for a block; None for `mean` (computed from the ingredients), and for a
+        tensor the pivot checkpoint lacks (a base model without the fine-tunes' head)."""
         if self.pivot == "mean":
             return None
         source = self.checkpoints[self.pivot] if isinstance(self.pivot, int) else self.pivot
-        return self._read(source, name, rows)
+        return self._read(source, name, rows) if name in source.tensors else None
 
     def _mean_block(self, load: Callable[[int], torch.Tensor]) -> torch.Tensor:
         total = load(0).double()

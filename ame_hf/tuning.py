@@ -19,7 +19,8 @@ from .merging import merge
 from .output import RUN_FILE, check_output_dir, make_staging_dir, publish
 from .recipe import write_selection_file
 from .records import MergeResult
-from .resolve import local_inputs, resolve_refs
+from .fetch import resolve_refs
+from .resolve import local_inputs
 
 logger = logging.getLogger(__name__)
 

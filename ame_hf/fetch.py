@@ -1,0 +1,168 @@
+"""Fetch Hub ingredients in the order a merge needs them: first the light files (config, tokenizer,
+side files) and the safetensors headers (range requests), enough to check; the weights only after the
+check passed, with their size announced and the cache's free space checked first."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import re
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+from ._hub_errors import hub_errors
+from .checkpoint import Checkpoint, TensorInfo, dtype_from_name, index_shards, weight_layout
+from .errors import CheckpointError, HubError, InsufficientSpaceError
+from .records import HubSource, Ingredient
+from .resolve import plan_refs
+
+logger = logging.getLogger(__name__)
+
+# Weights (and other binary model formats); code is never fetched. Everything else of a repo is light.
+WEIGHT_PATTERNS = ["*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "*.onnx",
+                   "*.onnx_data", "*.tflite", "*.ot", "*.npz"]
+CODE_PATTERNS = ["*.py", "*.pyc", "*.so", "*.dll", "*.dylib", ".gitattributes"]
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+def fetch_light(source: HubSource, *, token: str | None = None) -> Ingredient:
+    """Download everything of `source` but weights and code (config, tokenizer, index, side files)."""
+    from huggingface_hub import hf_hub_download, snapshot_download, try_to_load_from_cache
+
+    with hub_errors(source.ref, source.repo_id, source.revision):
+        if source.sha is None:
+            # Offline: no API call possible. The cache maps the revision to a snapshot folder named by
+            # its sha; only some files were downloaded, so ask for the folder, not a full snapshot.
+            cached = try_to_load_from_cache(source.repo_id, "config.json", revision=source.revision)
+            if not isinstance(cached, str):
+                raise HubError(f"{source.ref}: {source.repo_id} is not in the local cache and HF_HUB_OFFLINE is "
+                               "set; unset HF_HUB_OFFLINE to download it", repo_id=source.repo_id)
+            path = Path(cached).parent
+            return Ingredient(ref=source.ref, path=path, repo_id=source.repo_id, revision=source.revision,
+                              sha=path.name if _SHA.match(path.name) else None)
+        # The resolved sha, not the branch: what we record is exactly what we merge.
+        path = Path(snapshot_download(source.repo_id, revision=source.sha, token=token,
+                                      ignore_patterns=WEIGHT_PATTERNS + CODE_PATTERNS))
+        if not _SHA.match(source.revision or "main"):
+            # Let the client note in its cache which commit the branch or tag named, so that
+            # HF_HUB_OFFLINE=1 later finds `org/name[@branch]` (config.json is there: not fetched again).
+            hf_hub_download(source.repo_id, "config.json", revision=source.revision or "main", token=token)
+    return Ingredient(ref=source.ref, path=path, repo_id=source.repo_id, revision=source.revision, sha=source.sha)
+
+
+def weight_files(source: HubSource, light: Ingredient, variant: str | None = None) -> list[str]:
+    """The weight files of `source` a merge reads (safetensors first; `.bin` only when there is none)."""
+    _, index, single = weight_layout(set(source.files) or {p.name for p in light.path.iterdir()}, variant)
+    if index is None:
+        return [single] if single else []
+    # The index came with the light files: it names the shards.
+    return [index, *index_shards(light.path / index, light.ref)]
+
+
+def header_checkpoint(source: HubSource, light: Ingredient, *, variant: str | None = None,
+                      token: str | None = None) -> Checkpoint | None:
+    """`source` known from its config and safetensors headers, read with range requests (a few kB per
+    file), without its weights; None for `.bin` weights, which have no header to read."""
+    from huggingface_hub import HfApi
+
+    files = [f for f in weight_files(source, light, variant) if not f.endswith(".json")]
+    if not files or not all(f.endswith(".safetensors") for f in files):
+        return None
+    config = Checkpoint.read_config(light.path, light.ref)
+    tensors: dict[str, TensorInfo] = {}
+    unsupported: dict[str, str] = {}
+    api = HfApi(token=token)
+    for file in files:
+        with hub_errors(source.ref, source.repo_id, source.revision):
+            meta = api.parse_safetensors_file_metadata(source.repo_id, file, revision=source.sha)
+        for key, info in meta.tensors.items():
+            dtype = dtype_from_name(info.dtype)
+            if dtype is None:
+                unsupported[key] = info.dtype
+            else:
+                tensors[key] = TensorInfo(file=file, shape=tuple(info.shape), dtype=dtype)
+    return Checkpoint.from_header(light.ref, config, tensors, unsupported, path=light.path)
+
+
+def download_size(sources: Sequence[HubSource], lights: Sequence[Ingredient], variant: str | None = None) -> int:
+    """Bytes of weights still to download (files already in the cache count 0)."""
+    total = 0
+    for source, light in zip(sources, lights):
+        for file in weight_files(source, light, variant):
+            if not (light.path / file).exists():
+                total += source.files.get(file) or 0
+    return total
+
+
+def check_disk_space(needed: int, where: Path) -> None:
+    """Refuse, before downloading, a download the cache's disk cannot hold (with 5 % to spare)."""
+    free = shutil.disk_usage(_existing(where)).free
+    if needed and needed * 1.05 > free:
+        raise InsufficientSpaceError(
+            f"the ingredients' weights need {format_size(needed)} in {where} but only {format_size(free)} is free there; "
+            "free some space, or set HF_HOME / HF_HUB_CACHE to a larger disk", path=where)
+
+
+def fetch_weights(source: HubSource, light: Ingredient, *, variant: str | None = None,
+                  token: str | None = None) -> Ingredient:
+    """Download `source`'s weights (at its sha) into the snapshot that holds its light files."""
+    from huggingface_hub import snapshot_download
+
+    if source.sha is None:
+        return light  # offline: the cache holds what it holds
+    files = weight_files(source, light, variant)
+    logger.info("downloading %s@%s", source.repo_id, source.sha)
+    with hub_errors(source.ref, source.repo_id, source.revision):
+        path = Path(snapshot_download(source.repo_id, revision=source.sha, token=token, allow_patterns=files))
+    return replace(light, path=path)
+
+
+def resolve_refs(refs: Sequence[str | os.PathLike], *, token: str | None = None,
+                 variant: str | None = None) -> list[Ingredient]:
+    """Every reference as a local directory with its weights (Hub repos downloaded at their sha)."""
+    out = []
+    for source in plan_refs(refs, token=token):
+        if isinstance(source, Ingredient):
+            out.append(source)
+            continue
+        light = fetch_light(source, token=token)
+        try:
+            out.append(fetch_weights(source, light, variant=variant, token=token))
+        except CheckpointError as err:
+            raise CheckpointError(f"{source.ref}: {err}", path=light.path) from err
+    return out
+
+
+def resolve_ref(ref: str | os.PathLike, *, token: str | None = None) -> Ingredient:
+    """One reference as `resolve_refs` resolves it.
+
+    >>> resolve_ref("./my-finetune").path          # doctest: +SKIP
+    >>> resolve_ref("org/model@v1").sha            # doctest: +SKIP
+    """
+    return resolve_refs([ref], token=token)[0]
+
+
+def hub_cache() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def is_light(name: str) -> bool:
+    return not any(fnmatch.fnmatch(name, p) for p in WEIGHT_PATTERNS + CODE_PATTERNS)
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def format_size(nbytes: float) -> str:
+    """`1.23MB`, as tqdm writes sizes."""
+    from tqdm import tqdm
+
+    return tqdm.format_sizeof(nbytes, "B")

@@ -1,0 +1,137 @@
+"""Reconcile stored tensor names with the layout `save_pretrained` writes, as transformers does on load:
+tied aliases, the base-model prefix, and buffers or keys the class ignores, all read from the model class
+itself (built on the meta device, no weights), never from per-architecture tables."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Layout:
+    """What one transformers model class stores.
+
+    Attributes:
+        architecture: the class name (`GPT2LMHeadModel`).
+        keys: the tensor names `save_pretrained` writes (tied aliases left out).
+        tied: alias -> the name it is tied to (only ties this config makes).
+        prefix: `base_model_prefix` (`transformer`, `model`, `bert`, ...), or "".
+        ignored: regular expressions of stored names the class drops on load, and its buffers.
+    """
+
+    architecture: str
+    keys: frozenset[str]
+    tied: dict[str, str]
+    prefix: str
+    ignored: tuple[str, ...]
+
+
+class UnknownArchitecture(Exception):
+    """The config names a model type or class transformers does not have (remote code)."""
+
+
+def model_layout(config: dict[str, Any]) -> Layout:
+    """The layout of the config's first architecture, from the class built on the meta device.
+
+    Raises:
+        UnknownArchitecture: transformers has no such model type or class (it would need the repo's own
+            code, which ame-hf never runs).
+    """
+    return _layout(json.dumps(config, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=32)
+def _layout(config_json: str) -> Layout:
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    config = json.loads(config_json)
+    model_type = config.get("model_type")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise UnknownArchitecture(f"model_type {model_type!r} is not part of transformers")
+    names = config.get("architectures") or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None:
+        raise UnknownArchitecture(f"architecture {names[0] if names else None!r} is not part of transformers")
+    settings = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version", "auto_map")}
+    cfg = AutoConfig.for_model(model_type, **settings)
+    with torch.device("meta"):
+        model = cls(cfg)
+    tied = dict(model.get_expanded_tied_weights_keys(all_submodels=True) or {})
+    state = set(model.state_dict())
+    buffers = {name for name, _ in model.named_buffers()}
+    ignored = [*(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []),
+               *(re.escape(b) + "$" for b in buffers)]
+    return Layout(architecture=cls.__name__, keys=frozenset(state - set(tied)), tied=tied,
+                  prefix=getattr(cls, "base_model_prefix", "") or "", ignored=tuple(ignored))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Renaming:
+    """How one checkpoint's stored names map onto a layout.
+
+    Attributes:
+        names: layout name -> stored name, for every tensor the checkpoint provides.
+        dropped: stored names the layout does not keep (tied aliases, ignored buffers), with why.
+        unexpected: stored names that fit nowhere in the layout.
+        missing: layout names the checkpoint does not provide.
+    """
+
+    names: dict[str, str]
+    dropped: dict[str, str]
+    unexpected: list[str]
+    missing: list[str]
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.dropped and all(k == v for k, v in self.names.items())
+
+
+def rename(stored: Iterable[str], layout: Layout) -> Renaming:
+    """Map stored tensor names onto `layout` the way transformers' loading does.
+
+    A name is kept if the layout has it; else with the base-model prefix added or removed (a `GPT2Model`
+    checkpoint next to a `GPT2LMHeadModel`); a tied alias is dropped when its target is stored too, and
+    stands for its target otherwise; buffers and keys the class ignores on load are dropped.
+    """
+    stored = list(stored)
+    names: dict[str, str] = {}
+    dropped: dict[str, str] = {}
+    unexpected: list[str] = []
+    prefix = layout.prefix + "." if layout.prefix else ""
+    candidates = {s: _candidates(s, prefix) for s in stored}
+    resolved = {s: next((c for c in candidates[s] if c in layout.keys or c in layout.tied), None) for s in stored}
+    present = {r for r in resolved.values() if r in layout.keys}
+    for s in stored:
+        target = resolved[s]
+        if target in layout.keys:
+            names.setdefault(target, s)
+        elif target in layout.tied:
+            source = layout.tied[target]
+            if source in present or source in names:
+                dropped[s] = f"tied to {source}"
+            else:
+                names[source] = s
+        elif any(re.search(p, s) for p in layout.ignored):
+            dropped[s] = f"ignored by {layout.architecture} on load"
+        else:
+            unexpected.append(s)
+    missing = sorted(layout.keys - set(names))
+    return Renaming(names=names, dropped=dropped, unexpected=sorted(unexpected), missing=missing)
+
+
+def _candidates(name: str, prefix: str) -> list[str]:
+    out = [name]
+    if prefix:
+        out.append(name[len(prefix):] if name.startswith(prefix) else prefix + name)
+    return out
