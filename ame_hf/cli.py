@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("refs", nargs="+", metavar="REF")
     c.add_argument("--dtype", default="auto", choices=list(OUTPUT_DTYPES),
                    help="the output dtype you will merge with (dtype differences are then notes)")
+    c.add_argument("--pivot", help="also check this checkpoint REF as the pivot (e.g. the base model)")
+    c.add_argument("--variant", help="read the weights variant NAME (model.NAME.safetensors)")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_token(c)
     _add_common(c)
@@ -246,11 +248,10 @@ def cmd_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def cmd_check(args: argparse.Namespace, argv: Sequence[str]) -> int:
-
-    local_inputs(args.refs)  # a typo in a path fails before torch loads
+    local_inputs([*args.refs, *([args.pivot] if args.pivot else [])])  # a typo in a path fails before torch loads
     from .api import check
 
-    report = check(args.refs, token=args.token, dtype=args.dtype)
+    report = check(args.refs, token=args.token, dtype=args.dtype, pivot=args.pivot, variant=args.variant)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
     return 0 if report.ok else EXIT_ERROR
 

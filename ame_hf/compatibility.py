@@ -119,20 +119,30 @@ def check_compatibility(
 
 def _refusals(ckpt: Checkpoint) -> list[str]:
     """Quantized weights and architectures only the repo's own code defines: refused, one line each."""
+    out = config_refusals(ckpt.name, ckpt.config)
+    if ckpt.unsupported and not out:
+        dtypes = ", ".join(sorted(set(ckpt.unsupported.values())))
+        out.append(f"{ckpt.name} holds {dtypes} tensors (quantized or FP8); {_QUANTIZED_HINT}")
+    return out
+
+
+_QUANTIZED_HINT = ("AME averages full-precision weights: merge the unquantized originals (e.g. the fine-tune's "
+                   "float16/bfloat16 release), then quantize the merge")
+
+
+def config_refusals(name: str, config: dict[str, Any]) -> list[str]:
+    """What `config.json` alone refuses (so nothing else need be read): quantized weights, and an
+    architecture only the repo's own code defines."""
     out = []
-    quant = ckpt.config.get("quantization_config")
-    if isinstance(quant, dict) or ckpt.unsupported:
-        method = (quant or {}).get("quant_method") or (quant or {}).get("quant_type") if isinstance(quant, dict) else None
-        dtypes = sorted(set(ckpt.unsupported.values()))
-        what = (f"quantized with {method or 'an unnamed method'} (quantization_config)" if isinstance(quant, dict)
-                else f"holds {', '.join(dtypes)} tensors (quantized or FP8)")
-        out.append(f"{ckpt.name} is {what}; AME averages full-precision weights: merge the unquantized "
-                   "originals (e.g. the fine-tune's float16/bfloat16 release), then quantize the merge")
-    if ckpt.config.get("auto_map") is not None:
+    quant = config.get("quantization_config")
+    if isinstance(quant, dict):
+        method = quant.get("quant_method") or quant.get("quant_type") or "an unnamed method"
+        out.append(f"{name} is quantized with {method} (quantization_config); {_QUANTIZED_HINT}")
+    if config.get("auto_map") is not None:
         try:
-            model_layout({**ckpt.config, "architectures": ckpt.config.get("architectures") or []})
+            model_layout({**config, "architectures": config.get("architectures") or []})
         except UnknownArchitecture as err:
-            out.append(f"{ckpt.name}: {err}: it needs the repo's own code (auto_map), which ame-hf never runs; "
+            out.append(f"{name}: {err}: it needs the repo's own code (auto_map), which ame-hf never runs; "
                        "merge checkpoints of an architecture transformers has")
         except Exception:  # noqa: BLE001  a known type whose class cannot be built here: not remote code
             pass
@@ -145,20 +155,25 @@ def _reconcile(checkpoints: list[Checkpoint], pivot: Checkpoint | None,
     layout (and config) the output takes: the one that explains every ingredient's tensors best."""
     names = [frozenset(c.tensors) for c in checkpoints]
     archs = [tuple(c.config.get("architectures") or ()) for c in checkpoints]
+    # A config without `architectures` (some older saves) takes those of an ingredient of its model type.
+    known = {c.config.get("model_type"): a for c, a in zip(checkpoints, archs) if a}
+    archs = [a or known.get(c.config.get("model_type"), ()) for c, a in zip(checkpoints, archs)]
     same = len(set(names)) == 1 and len(set(archs)) == 1 and (pivot is None or frozenset(pivot.tensors) == names[0])
     if same or not all(archs):
         return checkpoints, pivot, 0  # nothing to reconcile (or nothing to reconcile it with)
     layouts: dict[tuple[str, ...], Layout] = {}
     for i, ckpt in enumerate(checkpoints):
         try:
-            layouts.setdefault(archs[i], model_layout(ckpt.config))
+            layouts.setdefault(archs[i], model_layout({**ckpt.config, "architectures": list(archs[i])}))
         except Exception as err:  # noqa: BLE001  transformers cannot build it: compare names as stored
             report.notes.append(f"{ckpt.name}: cannot build {archs[i][0]} to reconcile its layout ({err}); "
                                 "tensor names are compared as stored")
             return checkpoints, pivot, 0
     cost = {a: sum(len(r.unexpected) + len(r.missing) for r in (rename(c.tensors, layout) for c in checkpoints))
             for a, layout in layouts.items()}
-    source = min(range(len(checkpoints)), key=lambda i: (cost[archs[i]], i))
+    # Fewest names left unexplained; on a tie the richer class (a head over its bare base model).
+    source = min(range(len(checkpoints)), key=lambda i: (
+        cost[archs[i]], -len(layouts[archs[i]].keys | set(layouts[archs[i]].tied)), i))
     layout = layouts[archs[source]]
     views = [_view(c, rename(c.tensors, layout), layout, report, unexpected_ok=False) for c in checkpoints]
     pivot_view = _view(pivot, rename(pivot.tensors, layout), layout, report, unexpected_ok=True) if pivot else None

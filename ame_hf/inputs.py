@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .checkpoint import Checkpoint
-from .compatibility import CompatibilityReport, check_compatibility
+from .compatibility import CompatibilityReport, check_compatibility, config_refusals
 from .errors import CheckpointError, IncompatibleCheckpointsError
 from .fetch import (check_disk_space, download_size, fetch_light, fetch_weights, format_size, header_checkpoint,
                     hub_cache)
@@ -49,6 +49,11 @@ def check_inputs(refs: Sequence[str], *, pivot_ref: str | None = None, variant: 
     their weights are downloaded to check them (and listed in `downloaded_to_check`)."""
     sources = plan_refs([*refs, *([pivot_ref] if pivot_ref else [])], token=token)
     lights = [s if isinstance(s, Ingredient) else fetch_light(s, token=token) for s in sources]
+    refused = [line for s, light in zip(sources, lights)
+               for line in config_refusals(s.ref, Checkpoint.read_config(light.path, s.ref))]
+    if refused:  # config.json alone says no: not even the headers are read
+        return CheckedInputs(sources=sources, lights=lights, n_ingredients=len(refs), downloaded_to_check=[],
+                             report=CompatibilityReport(names=[s.ref for s in sources], errors=refused))
     checkpoints, fetched = [], []
     for source, light in zip(sources, lights):
         ckpt = None
