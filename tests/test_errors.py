@@ -1,4 +1,4 @@
-"""Errors end to end (ame_hf/errors.py and how the CLI reports them): the catalogue
+"""Errors end to end (ame_hf/errors.py and how the CLI reports them): the exception tree, and the catalogue
 of bad inputs (DESIGN §6), where every case exits non-zero with one clear line naming the culprit, no
 traceback, and nothing at --out."""
 
@@ -16,9 +16,32 @@ import torch
 from huggingface_hub import HfApi
 from safetensors.torch import load_file, save_file
 
+import ame_hf.errors as errors
 from ame_hf.cli import main
 from factories import assert_one_error_line, cli_error_line, make_finetunes
 
+
+# The tree drawn in errors.py's docstring: each class, its ame-hf parent and the built-in it also is.
+TREE = {
+    "InvalidConfigError": ("AmeError", ValueError),
+    "UnknownOptimizerError": ("InvalidConfigError", ValueError),
+    "UnsupportedOptimizerError": ("InvalidConfigError", ValueError),
+    "IngredientNotFoundError": ("AmeError", FileNotFoundError),
+    "CheckpointError": ("AmeError", ValueError),
+    "IncompatibleCheckpointsError": ("AmeError", ValueError),
+    "OutputError": ("AmeError", OSError),
+    "HubError": ("AmeError", OSError),
+    "PushError": ("HubError", OSError),
+}
+
+
+def test_every_error_is_also_the_builtin_it_resembles():
+    """So callers may catch either: an unreachable Hub (HubError) is caught by `except OSError`, too."""
+    assert sorted(errors.__all__) == sorted(["AmeError", *TREE])
+    for name, (parent, builtin) in TREE.items():
+        cls = getattr(errors, name)
+        assert cls.__bases__[0] is getattr(errors, parent) and issubclass(cls, builtin), name
+        assert name in errors.__doc__, f"{name} is missing from the tree in errors.py's docstring"
 
 
 @pytest.fixture(scope="module")

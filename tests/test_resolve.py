@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from ame_hf.errors import HubError, IngredientNotFoundError
+from ame_hf.errors import IngredientNotFoundError
 from ame_hf.resolve import resolve_ref
 from factories import assert_one_error_line, cli_error_line
 
@@ -44,15 +44,36 @@ def test_hub_errors_are_one_clear_line_and_fast(repos, hub, tmp_path, capsys):
         resolve_ref("org/does-not-exist")
 
 
+# Resolving in a child process whose HF_ENDPOINT is the unreachable one (huggingface_hub reads it at import).
+_RESOLVE = """
+import sys
+from ame_hf.resolve import resolve_ref
+try:
+    resolve_ref(sys.argv[1])
+except OSError as err:  # what a caller of the Python API may catch
+    print(type(err).__name__, err, sep="\\n")
+"""
+
+
 def test_unreachable_endpoint_fails_fast(tmp_path):
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2"}
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "ame_hf", "merge", "org/a", "org/b", "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, env=env, timeout=120)
     elapsed = time.perf_counter() - started
-    assert_one_error_line(proc.returncode, proc.stderr, "cannot reach http://127.0.0.1:9", exit_code=1)
+    assert_one_error_line(proc.returncode, proc.stderr, "org/a", "cannot reach http://127.0.0.1:9", "HF_ENDPOINT",
+                          exit_code=1)
     assert elapsed < 20, f"took {elapsed:.1f}s"  # a bound on hanging, not a speed measurement
-    assert issubclass(HubError, OSError)  # so callers catching OSError also catch it
+    assert not (tmp_path / "o").exists()
+    # Through the Python API the same failure is a HubError, so callers catching OSError also catch it.
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _RESOLVE, "org/a"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    elapsed = time.perf_counter() - started
+    assert proc.returncode == 0, proc.stderr
+    kind, message = proc.stdout.splitlines()[:2]
+    assert kind == "HubError" and "cannot reach http://127.0.0.1:9" in message, proc.stdout
+    assert elapsed < 20, f"took {elapsed:.1f}s"
 
 
 def test_offline_mode_uses_the_cache(repos, tmp_path):
