@@ -4,15 +4,19 @@ in an ingredient never copied or run."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 from huggingface_hub import ModelCard, snapshot_download
 from safetensors import safe_open
 
+import ame_hf
 from ame_hf import AmeConfig, merge
 from ame_hf.cli import main
 from ame_hf.errors import InvalidConfigError
@@ -63,6 +67,10 @@ def test_merge_push_download_round_trip(repos, hub_token, tmp_path, capsys):
     assert f"org/hub-a@{shas['a-main']}" in yaml_text and hub_token not in yaml_text
 
 
+# A date (2024-05-31) or a time of day (13:05:59): what a clock would leave in an output.
+_CLOCK = re.compile(r"\b\d{4}-\d{2}-\d{2}\b|\b\d{1,2}:\d{2}:\d{2}\b")
+
+
 def test_three_runs_and_yaml_reproduction_are_identical(tmp_path):
     paths = make_finetunes(tmp_path / "ft", n=4)
     cfg = AmeConfig(optimizer="nadam", relative_lr=0.05, shuffle=True, seed=11, epochs=2, batch_size=2)
@@ -72,7 +80,15 @@ def test_three_runs_and_yaml_reproduction_are_identical(tmp_path):
                  "--quiet"]) == 0
     assert weights_sha256(tmp_path / "yaml") == hashes[0]
     # The card has versions but no clock: the weights never depend on time.
-    assert "ame_hf" in (tmp_path / "run0" / "model.safetensors").read_bytes()[:4096].decode("latin-1")
+    cards = [(tmp_path / f"run{i}" / "README.md").read_text().replace(f"run{i}", "RUN") for i in range(3)]
+    assert f"ame-hf {ame_hf.__version__}" in cards[0] and f"torch {torch.__version__}" in cards[0]
+    assert cards[0] == cards[1] == cards[2]  # three runs at three moments: nothing in the card tells them apart
+    with safe_open(tmp_path / "run0" / "model.safetensors", "pt") as f:
+        stamp = f.metadata()
+    assert stamp["ame_hf"] == ame_hf.__version__  # the weights carry the version too ...
+    today = datetime.date.today().isoformat()
+    for text in (cards[0], (tmp_path / "run0" / "ame_config.yaml").read_text(), json.dumps(stamp)):
+        assert today not in text and not _CLOCK.search(text), _CLOCK.search(text)  # ... and no time either
 
 
 def _torchrun(*args, nproc=2):
