@@ -1,10 +1,12 @@
 """Reading checkpoints (ame_hf/checkpoint.py): both read paths give the stored values, a file cut short after
-it was opened is an error rather than short data, and fuzzed safetensors and index files give a CheckpointError or AmeError, never a crash."""
+it was opened is an error rather than short data, `.bin` pickles are loaded without running code, and fuzzed
+safetensors and index files give a CheckpointError or AmeError, never a crash."""
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,27 @@ def test_file_truncated_after_opening_is_a_checkpoint_error(tmp_path):
         ckpt.read(name)
     with pytest.raises(CheckpointError, match="ends 8 bytes early"):
         ckpt.read(name, rows=(0, ckpt.info(name).shape[0]))
+
+
+class _RunsCode:
+    """A pickle that would create `marker` when unpickled by a loader that runs code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_bin_pickle_that_would_run_code_is_refused(tmp_path):
+    path = make_finetunes(tmp_path / "ft", n=1)[0]
+    (path / "model.safetensors").unlink()
+    marker = tmp_path / "code-ran"
+    with open(path / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"lm_head.weight": _RunsCode(marker)}, f)
+    with pytest.raises(CheckpointError, match="cannot load pytorch_model.bin safely"):
+        Checkpoint(path).names()
+    assert not marker.exists()
 
 
 # -- fuzzing -------------------------------------------------------------------------------------
