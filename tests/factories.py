@@ -1,13 +1,23 @@
-"""Tiny model checkpoints for the tests, built from configs and saved with `save_pretrained`.
+"""The tests' shared helpers, all in this one module: what they build and how they check a failure.
 
-"Fine-tunes" are one base model plus a seeded perturbation per ingredient; nothing is downloaded.
+- Tiny model checkpoints built from configs and saved with `save_pretrained` ("fine-tunes" are one base
+  model plus a seeded perturbation per ingredient; nothing is downloaded), tiny text classifiers for
+  evaluate / tune, and `make_big_checkpoints` (one large tensor, for memory and interruption tests).
+- Running the CLI (`run_cli` in this process, `start_cli` as a child) and the one check of "a failure is
+  exactly one clear error line": `assert_one_error_line` (or `cli_error_line`, which runs and checks).
+
+Fixtures built from these live in conftest.py.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
+import sys
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -80,6 +90,24 @@ def save_base(root: Path, kind: str = "llama", seed: int = 0, dtype: torch.dtype
     return root
 
 
+def make_big_checkpoints(root: Path, n: int = 3, rows: int = 60_000, cols: int = 256) -> list[Path]:
+    """`n` checkpoints `root/big{i}` of one `rows x cols` float32 tensor (`embed.weight`, seeded by i) and a
+    `norm.weight`, with a minimal llama config.json. The default is 61 MB each: long enough to interrupt a
+    merge mid-write; 400_000 rows (391 MiB) make whole-tensor processing show in a memory measurement."""
+    from safetensors.torch import save_file
+
+    paths = []
+    for i in range(n):
+        d = root / f"big{i}"
+        d.mkdir(parents=True)
+        gen = torch.Generator().manual_seed(i)
+        save_file({"embed.weight": torch.randn(rows, cols, generator=gen), "norm.weight": torch.ones(cols)},
+                  d / "model.safetensors", metadata={"format": "pt"})
+        (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": cols, "vocab_size": rows}))
+        paths.append(d)
+    return paths
+
+
 def load_state(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a saved model directory (single or sharded safetensors)."""
     from safetensors.torch import load_file
@@ -132,8 +160,6 @@ def color_examples(n: int, seed: int, label_weights=(1.0, 1.0, 1.0)):
 def make_text_classifiers(root: Path, n: int = 3, steps: int = 60) -> tuple[list[Path], Path]:
     """`n` tiny BERT classifiers fine-tuned from one base on label-skewed data, and a balanced
     validation JSONL file. Returns (expert directories, validation file)."""
-    import json
-
     from transformers import BertForSequenceClassification
 
     tokenizer = tiny_tokenizer()
@@ -166,3 +192,70 @@ def make_text_classifiers(root: Path, n: int = 3, steps: int = 60) -> tuple[list
     val = root / "val.jsonl"
     val.write_text("".join(json.dumps({"text": t, "label": COLORS[l]}) + "\n" for t, l in color_examples(90, seed=99)))
     return paths, val
+
+
+# -- running the CLI and checking its errors ----------------------------------------------------
+
+def run_cli(capsys: Any, *args: Any) -> tuple[int, str, str]:
+    """Run `ame-hf ARGS` in this process: (exit code, stdout, stderr) of this run only."""
+    from ame_hf.cli import main
+
+    capsys.readouterr()  # drop what building the fixtures printed
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def score_table(text: str) -> dict[str, float]:
+    """The `label  score` rows of a table printed by `ame-hf evaluate` / `ame-hf tune` (after its two header lines)."""
+    rows = {}
+    for line in text.splitlines()[2:]:
+        label, _, value = line.rpartition(" ")
+        rows[label.strip()] = float(value)
+    return rows
+
+
+def assert_one_error_line(code: int, err: str, *needles: str, exit_code: int | None = None) -> str:
+    """The check that a failure is exactly one clear line: a non-zero exit status (`exit_code` when given),
+    no traceback, and one line on stderr, starting `ame-hf: error: ` and holding every needle. Returns it.
+
+    Download progress bars (of ingredients fetched before the failure) and `INFO: ` log lines are not
+    error output, so they are not counted.
+    """
+    lines = [line for line in err.replace("\r", "\n").splitlines()
+             if line.strip() and "%|" not in line and not line.startswith("INFO: ")]
+    assert (code != 0 if exit_code is None else code == exit_code), f"exit status {code}: {err}"
+    assert "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("ame-hf: error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def cli_error_line(capsys: Any, *args: Any, needles: Sequence[str] = (), exit_code: int | None = None,
+                   max_seconds: float | None = None) -> str:
+    """Run `ame-hf ARGS` in this process, `assert_one_error_line` on it, and return the line; with
+    `max_seconds`, also that the failure came within that time (a bound on hanging, not a benchmark)."""
+    started = time.perf_counter()
+    code, _, err = run_cli(capsys, *args)
+    elapsed = time.perf_counter() - started
+    line = assert_one_error_line(code, err, *needles, exit_code=exit_code)
+    if max_seconds is not None:
+        assert elapsed < max_seconds, f"took {elapsed:.1f}s"
+    return line
+
+
+def start_cli(*args: Any, **popen_kwargs: Any) -> subprocess.Popen:
+    """`python -m ame_hf ARGS` started as a child process (stdout and stderr piped, as text), to interrupt."""
+    return subprocess.Popen([sys.executable, "-m", "ame_hf", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen_kwargs)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 60.0) -> None:
+    """Poll `predicate` until it is true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not reached")

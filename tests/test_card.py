@@ -1,10 +1,9 @@
-"""The model card as a Hub user reads it: How to use, a Reproduce command that really reproduces,
-the real output dtype, no optimizer implementation switches, honest `tune` cards, metadata that
-survives `ModelCard.load`; and `--task` inferred from the model's architecture."""
+"""The model card (ame_hf/card.py) as a Hub user reads it: How to use, a Reproduce command that really
+reproduces, the real output dtype, no optimizer implementation switches, honest `tune` cards, metadata
+(base_model, license) that survives `ModelCard.load`."""
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 
@@ -16,24 +15,9 @@ from huggingface_hub import HfApi, ModelCard
 from ame_hf import merge
 from ame_hf.card import _auto_class, reproduce_command
 from ame_hf.cli import main
-from ame_hf.errors import InvalidConfigError
-from ame_hf.evaluation import check_task_fits, infer_task
-from factories import make_finetunes, make_text_classifiers
+from factories import make_finetunes
 
 SHA = re.compile(r"@[0-9a-f]{40}$")
-
-
-@pytest.fixture(scope="module")
-def llamas(tmp_path_factory):
-    return make_finetunes(tmp_path_factory.mktemp("card-llamas"), n=3)
-
-
-@pytest.fixture(scope="module")
-def berts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("card-berts")
-    val = root / "val.jsonl"
-    val.write_text("".join(json.dumps({"text": "red cat", "label": 0}) + "\n" for _ in range(3)))
-    return make_finetunes(root, n=2, kind="bert"), val
 
 
 def card_of(path) -> ModelCard:
@@ -148,6 +132,22 @@ def test_hub_card_metadata_round_trip(hub, hub_token, tmp_path):
     assert ModelCard.load(tmp_path / "again.md").data.to_dict() == data
 
 
+def test_license_only_when_ingredients_agree(repos, tmp_path):
+    result = merge(["org/hub-a", "org/hub-b"], tmp_path / "m", progress=False)
+    assert ModelCard.load(result.path / "README.md").data.license == "apache-2.0"
+    local = make_finetunes(tmp_path / "local", n=1)[0]  # no card, so no licence to agree on
+    result = merge(["org/hub-a", str(local)], tmp_path / "m2", progress=False)
+    card = ModelCard.load(result.path / "README.md")
+    assert card.data.license is None and card.data.base_model == ["org/hub-a"]
+
+
+def test_pivot_base_model_from_hub_is_in_base_model(repos, tmp_path):
+    result = merge(["org/hub-a", "org/hub-b"], tmp_path / "m", pivot="org/hub-a@v2", progress=False)
+    card = ModelCard.load(result.path / "README.md")
+    assert card.data.base_model == ["org/hub-a", "org/hub-b"]  # pivot repo already listed
+    assert repos["shas"]["a-v2"] in card.text
+
+
 def _tune_with_scores(monkeypatch, experts, val, out, winner):
     """`tune` with real merges but scores fixed by candidate, so the winner is known."""
     import ame_hf.tuning as tune_module
@@ -188,50 +188,3 @@ def test_tune_single_ingredient_card_says_it_was_selected(berts, tmp_path, monke
     data = card.data.to_dict()
     assert "model-selection" in data["tags"] and data["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.9
     assert card.data.eval_results[0].dataset_split == "validation"
-
-
-def test_infer_task_and_check_task_fits():
-    assert infer_task({"architectures": ["BertForSequenceClassification"]}) == "text-classification"
-    assert infer_task({"architectures": ["ViTForImageClassification"]}) == "image-classification"
-    assert infer_task({"architectures": ["LlamaForCausalLM"]}) is None and infer_task({}) is None
-    check_task_fits({"architectures": ["BertForSequenceClassification"]}, "text-classification", "m")
-    with pytest.raises(InvalidConfigError, match="org/m is a LlamaForCausalLM, which cannot do text-classification"):
-        check_task_fits({"architectures": ["LlamaForCausalLM"]}, "text-classification", "org/m")
-    with pytest.raises(InvalidConfigError, match="image-classification"):
-        check_task_fits({"architectures": ["BertForSequenceClassification"]}, "image-classification", "m")
-    with pytest.raises(InvalidConfigError, match="unknown task"):
-        check_task_fits({}, "summarization", "m")
-
-
-def test_evaluate_infers_the_task_or_says_why_not(llamas, tmp_path, capsys):
-    experts, val = make_text_classifiers(tmp_path / "cls", n=1, steps=3)
-    capsys.readouterr()
-    assert main(["evaluate", str(experts[0]), "--data", str(val), "--quiet"]) == 0
-    assert "accuracy" in capsys.readouterr().out
-    code = main(["evaluate", str(llamas[0]), "--data", str(val)])
-    err = capsys.readouterr().err
-    assert code == 1 and err.count("\n") == 1, err
-    assert "cannot infer --task" in err and str(llamas[0]) in err and "LlamaForCausalLM" in err
-    assert "text-classification" in err and "image-classification" in err
-    code = main(["evaluate", str(experts[0]), "--data", str(val), "--task", "image-classification"])
-    err = capsys.readouterr().err
-    assert code == 1 and err.count("\n") == 1 and "cannot do image-classification" in err, err
-
-
-def test_tune_refuses_a_task_that_does_not_fit_before_any_merge(llamas, berts, tmp_path, monkeypatch, capsys):
-    import ame_hf.tuning as tune_module
-
-    def no_merge(*args, **kwargs):
-        raise AssertionError("merged before checking the task")
-
-    monkeypatch.setattr(tune_module, "merge", no_merge)
-    _, val = berts
-    capsys.readouterr()
-    code = main(["tune", *map(str, llamas), "--out", str(tmp_path / "o"), "--data", str(val)])
-    err = capsys.readouterr().err
-    assert code == 1 and err.count("\n") == 1 and "cannot infer --task" in err, err
-    code = main(["tune", *map(str, llamas), "--out", str(tmp_path / "o"), "--data", str(val),
-                 "--task", "text-classification"])
-    err = capsys.readouterr().err
-    assert code == 1 and "LlamaForCausalLM, which cannot do text-classification" in err, err
-    assert not (tmp_path / "o").exists()

@@ -1,10 +1,13 @@
-"""The `ame-hf merge/check/push` command line on local directories: outputs, config round trip,
-formats (sharded, .bin, integer buffers) and one-line errors."""
+"""The `ame-hf merge/check/push` command line (ame_hf/cli.py) on local directories: outputs, config round trip,
+formats (sharded, .bin, integer buffers), one-line errors, and a Hub token that never leaks."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,36 +15,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ame_hf.cli import main
-from factories import load_state, make_finetunes, weights_sha256
-
-
-@pytest.fixture(scope="module")
-def llamas(tmp_path_factory):
-    return make_finetunes(tmp_path_factory.mktemp("llamas"), n=3)
-
-
-def run(capsys, *args):
-    capsys.readouterr()  # drop what building the fixtures printed
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code != 0
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("ame-hf: error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+from factories import assert_one_error_line, load_state, make_finetunes, run_cli, weights_sha256
+from hub_server import HubServer
 
 
 def test_merge_output_loads_with_from_pretrained(llamas, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "merged"
-    code, _, _ = run(capsys, "merge", *llamas, "--out", out, "--optimizer", "adamw", "--lr", "1e-3", "--quiet")
+    code, _, _ = run_cli(capsys, "merge", *llamas, "--out", out, "--optimizer", "adamw", "--lr", "1e-3", "--quiet")
     assert code == 0
     model = AutoModelForCausalLM.from_pretrained(out)
     state = load_state(out)
@@ -57,17 +39,17 @@ def test_merge_output_loads_with_from_pretrained(llamas, tmp_path, capsys):
 
 def test_config_round_trip_gives_identical_bytes(llamas, tmp_path, capsys):
     first = tmp_path / "first"
-    code, _, _ = run(capsys, "merge", *llamas, "--out", first, "--optimizer", "rmsprop", "--relative-lr", "0.1",
+    code, _, _ = run_cli(capsys, "merge", *llamas, "--out", first, "--optimizer", "rmsprop", "--relative-lr", "0.1",
                      "--shuffle", "--seed", "5", "--epochs", "2", "--optimizer-args", '{"alpha": 0.9}', "--quiet")
     assert code == 0
     again = tmp_path / "again"
-    code, _, _ = run(capsys, "merge", "--config", first / "ame_config.yaml", "--out", again, "--quiet")
+    code, _, _ = run_cli(capsys, "merge", "--config", first / "ame_config.yaml", "--out", again, "--quiet")
     assert code == 0
     assert weights_sha256(first) == weights_sha256(again)
     assert (first / "ame_config.yaml").read_text() == (again / "ame_config.yaml").read_text()
     # A different seed really changes the bytes (the round trip is not vacuous).
     other = tmp_path / "other"
-    assert run(capsys, "merge", "--config", first / "ame_config.yaml", "--seed", "6", "--out", other, "--quiet")[0] == 0
+    assert run_cli(capsys, "merge", "--config", first / "ame_config.yaml", "--seed", "6", "--out", other, "--quiet")[0] == 0
     assert weights_sha256(first) != weights_sha256(other)
 
 
@@ -75,7 +57,7 @@ def test_sharded_inputs_and_outputs(tmp_path, capsys):
     paths = make_finetunes(tmp_path / "ft", n=2, max_shard_size="10KB")
     assert (paths[0] / "model.safetensors.index.json").is_file()
     out = tmp_path / "out"
-    code, _, _ = run(capsys, "merge", *paths, "--out", out, "--max-shard-size", "12KB", "--optimizer", "sgd", "--quiet")
+    code, _, _ = run_cli(capsys, "merge", *paths, "--out", out, "--max-shard-size", "12KB", "--optimizer", "sgd", "--quiet")
     assert code == 0
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -94,7 +76,7 @@ def test_bin_ingredients_are_read_with_weights_only(tmp_path, capsys):
         torch.save(load_file(p / "model.safetensors"), p / "pytorch_model.bin")
         (p / "model.safetensors").unlink()
     out = tmp_path / "out"
-    assert run(capsys, "merge", *paths, "--out", out, "--optimizer", "sgd", "--quiet")[0] == 0
+    assert run_cli(capsys, "merge", *paths, "--out", out, "--optimizer", "sgd", "--quiet")[0] == 0
     assert (out / "model.safetensors").is_file()
 
 
@@ -109,67 +91,67 @@ def test_integer_tensors_are_copied_when_equal_and_refused_when_different(tmp_pa
     for p in paths:
         _add_int_buffer(p, 3)
     out = tmp_path / "out"
-    assert run(capsys, "merge", *paths, "--out", out, "--quiet")[0] == 0
+    assert run_cli(capsys, "merge", *paths, "--out", out, "--quiet")[0] == 0
     assert torch.equal(load_state(out)["step_counter"], torch.tensor([3, 7]))
     _add_int_buffer(paths[1], 4)
-    code, _, err = run(capsys, "merge", *paths, "--out", tmp_path / "bad", "--quiet")
-    assert_one_line_error(code, err, "step_counter", "differs")
+    code, _, err = run_cli(capsys, "merge", *paths, "--out", tmp_path / "bad", "--quiet")
+    assert_one_error_line(code, err, "step_counter", "differs")
     assert not (tmp_path / "bad").exists()
 
 
 def test_mixed_dtypes_refused_under_auto_and_merged_with_explicit_dtype(tmp_path, capsys):
     a = make_finetunes(tmp_path / "a", n=1)[0]
     b = make_finetunes(tmp_path / "b", n=1, dtype=torch.bfloat16, names=["bf"])[0]
-    code, _, err = run(capsys, "merge", a, b, "--out", tmp_path / "o1", "--quiet")
-    assert_one_line_error(code, err, "dtype", "--dtype")
-    assert run(capsys, "merge", a, b, "--out", tmp_path / "o2", "--dtype", "bfloat16", "--quiet")[0] == 0
+    code, _, err = run_cli(capsys, "merge", a, b, "--out", tmp_path / "o1", "--quiet")
+    assert_one_error_line(code, err, "dtype", "--dtype")
+    assert run_cli(capsys, "merge", a, b, "--out", tmp_path / "o2", "--dtype", "bfloat16", "--quiet")[0] == 0
     assert all(v.dtype == torch.bfloat16 for v in load_state(tmp_path / "o2").values())
 
 
 def test_unknown_optimizer_lists_valid_names(llamas, tmp_path, capsys):
-    code, _, err = run(capsys, "merge", *llamas, "--out", tmp_path / "o", "--optimizer", "adamz")
-    assert_one_line_error(code, err, "adamz", "adamw", "sgd")
-    code, _, err = run(capsys, "merge", *llamas, "--out", tmp_path / "o", "--optimizer", "LBFGS")
-    assert_one_line_error(code, err, "LBFGS", "closure")
+    code, _, err = run_cli(capsys, "merge", *llamas, "--out", tmp_path / "o", "--optimizer", "adamz")
+    assert_one_error_line(code, err, "adamz", "adamw", "sgd")
+    code, _, err = run_cli(capsys, "merge", *llamas, "--out", tmp_path / "o", "--optimizer", "LBFGS")
+    assert_one_error_line(code, err, "LBFGS", "closure")
 
 
 def test_bad_optimizer_argument(llamas, tmp_path, capsys):
-    code, _, err = run(capsys, "merge", *llamas, "--out", tmp_path / "o", "--optimizer-args", '{"betaz": 1}')
-    assert_one_line_error(code, err, "betaz", "betas")
+    code, _, err = run_cli(capsys, "merge", *llamas, "--out", tmp_path / "o", "--optimizer-args", '{"betaz": 1}')
+    assert_one_error_line(code, err, "betaz", "betas")
 
 
 def test_missing_directory(llamas, tmp_path, capsys):
-    code, _, err = run(capsys, "merge", llamas[0], "./no/such/dir", "--out", tmp_path / "o")
-    assert_one_line_error(code, err, "./no/such/dir")
+    code, _, err = run_cli(capsys, "merge", llamas[0], "./no/such/dir", "--out", tmp_path / "o")
+    assert_one_error_line(code, err, "./no/such/dir")
     assert not (tmp_path / "o").exists()
 
 
 def test_different_tensor_names_and_shapes_are_reported(tmp_path, capsys):
     a = make_finetunes(tmp_path / "a", n=1)[0]
     wide = make_finetunes(tmp_path / "w", n=1, intermediate_size=48)[0]
-    code, _, err = run(capsys, "merge", a, wide, "--out", tmp_path / "o")
-    assert_one_line_error(code, err, "intermediate_size")
-    code, out, _ = run(capsys, "check", a, wide)
+    code, _, err = run_cli(capsys, "merge", a, wide, "--out", tmp_path / "o")
+    assert_one_error_line(code, err, "intermediate_size")
+    code, out, _ = run_cli(capsys, "check", a, wide)
     assert code == 1 and "mlp.up_proj.weight" in out and "[32, 16]" in out and "[48, 16]" in out
     renamed = tmp_path / "renamed"
     shutil.copytree(a, renamed)
     state = load_file(renamed / "model.safetensors")
     state["lm_head.extra"] = state.pop("lm_head.weight")
     save_file(state, renamed / "model.safetensors", metadata={"format": "pt"})
-    code, out, _ = run(capsys, "check", a, renamed)
+    code, out, _ = run_cli(capsys, "check", a, renamed)
     assert code == 1 and "missing tensor(s) 'lm_head.weight'" in out and "extra tensor(s) 'lm_head.extra'" in out
-    code, out, _ = run(capsys, "check", a, make_finetunes(tmp_path / "c", n=1, seed=3)[0])
+    code, out, _ = run_cli(capsys, "check", a, make_finetunes(tmp_path / "c", n=1, seed=3)[0])
     assert code == 0 and out.startswith("OK")
 
 
 def test_non_empty_out_needs_overwrite(llamas, tmp_path, capsys):
     out = tmp_path / "o"
-    assert run(capsys, "merge", *llamas, "--out", out, "--quiet")[0] == 0
+    assert run_cli(capsys, "merge", *llamas, "--out", out, "--quiet")[0] == 0
     before = (out / "model.safetensors").read_bytes()
-    code, _, err = run(capsys, "merge", *llamas, "--out", out, "--quiet", "--optimizer", "sgd")
-    assert_one_line_error(code, err, "previous ame-hf output", "--overwrite")
+    code, _, err = run_cli(capsys, "merge", *llamas, "--out", out, "--quiet", "--optimizer", "sgd")
+    assert_one_error_line(code, err, "previous ame-hf output", "--overwrite")
     assert (out / "model.safetensors").read_bytes() == before
-    assert run(capsys, "merge", *llamas, "--out", out, "--overwrite", "--quiet", "--optimizer", "sgd")[0] == 0
+    assert run_cli(capsys, "merge", *llamas, "--out", out, "--overwrite", "--quiet", "--optimizer", "sgd")[0] == 0
     assert (out / "model.safetensors").read_bytes() != before
 
 
@@ -178,3 +160,31 @@ def test_debug_shows_traceback(llamas, tmp_path):
 
     with pytest.raises(UnknownOptimizerError):
         main(["merge", *map(str, llamas), "--out", str(tmp_path / "o"), "--optimizer", "nope", "--debug"])
+
+
+CANARY = "hf_canary_5a7c0ffee0123456789"
+
+
+def test_token_never_leaks(tmp_path):
+    server = HubServer(tmp_path / "hub", tokens={CANARY: {"user"}}).start()
+    try:
+        paths = make_finetunes(tmp_path / "ft", n=2)
+        env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HOME": str(tmp_path / "home")}
+        outputs = []
+        for i, (token_args, extra_env) in enumerate([(["--token", CANARY], {}), ([], {"HF_TOKEN": CANARY})]):
+            out = tmp_path / f"out{i}"
+            proc = subprocess.run([sys.executable, "-m", "ame_hf", "merge", *map(str, paths), "--out", str(out),
+                                   "--push", "--repo-id", f"user/secret{i}", "--debug", *token_args],
+                                  capture_output=True, text=True, env={**env, **extra_env})
+            assert proc.returncode == 0, proc.stderr
+            outputs += [proc.stdout, proc.stderr]
+            outputs += [f.read_bytes().decode("latin-1") for f in out.rglob("*") if f.is_file()]
+            # A failing push with --debug shows a traceback: it must not carry the token either.
+            fail = subprocess.run([sys.executable, "-m", "ame_hf", "push", str(out), "--repo-id", "other/x",
+                                   "--debug", *token_args], capture_output=True, text=True, env={**env, **extra_env})
+            assert fail.returncode != 0 and "Traceback" in fail.stderr
+            outputs += [fail.stdout, fail.stderr]
+        outputs += [f.read_bytes().decode("latin-1") for f in (tmp_path / "home").rglob("*") if f.is_file()]
+        assert all(CANARY not in text for text in outputs)
+    finally:
+        server.stop()

@@ -1,13 +1,16 @@
 """`--out` never destroys or alters a user's files (ame_hf/output.py): each refused case leaves every file
-byte for byte as it was; staging directories, permissions and the atomic move into place."""
+byte for byte as it was; staging directories, permissions, the atomic move into place, and merges
+interrupted by SIGINT (cleaned up) or SIGKILL (the previous output kept; the next run cleans up)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ import pytest
 from ame_hf import merge
 from ame_hf.cli import main
 from ame_hf.errors import OutputError
-from factories import make_finetunes
+from factories import cli_error_line, make_finetunes, start_cli, wait_for
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -35,14 +38,7 @@ def workspace(tmp_path, monkeypatch):
 
 
 def _refused(capsys, args, *needles):
-    capsys.readouterr()
-    code = main(["merge", *map(str, args), "--quiet"])
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 1 and len(lines) == 1 and lines[0].startswith("ame-hf: error: "), err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+    return cli_error_line(capsys, "merge", *args, "--quiet", needles=needles, exit_code=1)
 
 
 @pytest.mark.parametrize("target,needle", [
@@ -120,9 +116,8 @@ def test_tune_applies_the_same_rules(workspace, capsys):
     data = work / "val.jsonl"
     data.write_text('{"text": "a", "label": 0}\n')
     for target in (".", str(models[1])):
-        capsys.readouterr()
-        code = main(["tune", *map(str, models), "--out", target, "--data", str(data), "--overwrite", "--quiet"])
-        assert code == 1 and "--out" in capsys.readouterr().err
+        cli_error_line(capsys, "tune", *models, "--out", target, "--data", data, "--overwrite", "--quiet",
+                       needles=("--out",), exit_code=1)
     assert snapshot(work) == {**before, "val.jsonl": hashlib.sha256(data.read_bytes()).hexdigest()}
 
 
@@ -148,3 +143,42 @@ def test_staging_left_by_a_dead_process_is_removed_by_a_later_run_in_the_same_pa
     merge(models, work / "unrelated-name", optimizer="sgd", progress=False)
     assert not stale.exists()
     assert alive.exists()  # a process that still runs keeps its staging directory
+
+
+# -- interrupted merges --------------------------------------------------------------------------
+
+def _staging(parent: Path):
+    return list(parent.glob(".ame-tmp-*"))
+
+
+def test_sigint_mid_merge_cleans_up_and_rerun_succeeds(big_ingredients, tmp_path):
+    out = tmp_path / "out"
+    proc = start_cli("merge", *big_ingredients, "--out", out, "--optimizer", "adam", "--lr", "1e-3", "--epochs", "3",
+                     "--quiet")
+    wait_for(lambda: any((s / "model.safetensors").exists() for s in _staging(tmp_path)))
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not out.exists() and not _staging(tmp_path)
+    assert main(["merge", *map(str, big_ingredients), "--out", str(out), "--optimizer", "sgd", "--quiet"]) == 0
+
+
+def test_sigkill_mid_merge_keeps_previous_output(big_ingredients, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ame_config.yaml").write_text("# a previous ame-hf output\n")
+    (out / "previous.txt").write_text("previous")
+    proc = start_cli("merge", *big_ingredients, "--out", out, "--overwrite", "--optimizer", "adam", "--lr", "1e-3",
+                     "--epochs", "3", "--quiet")
+    wait_for(lambda: any((s / "model.safetensors").exists() for s in _staging(tmp_path)))
+    time.sleep(0.3)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert (out / "previous.txt").read_text() == "previous" and len(list(out.iterdir())) == 2
+    assert _staging(tmp_path)  # a killed process cannot clean up ...
+    assert main(["merge", *map(str, big_ingredients), "--out", str(out), "--overwrite", "--optimizer", "sgd",
+                 "--quiet"]) == 0
+    assert not _staging(tmp_path)  # ... but the next run removes what dead runs left
+    assert (out / "model.safetensors").is_file() and not (out / "previous.txt").exists()

@@ -1,10 +1,10 @@
-"""The catalogue of bad inputs (DESIGN §6): every case exits non-zero with one clear line naming
-the culprit, no traceback, and nothing at --out."""
+"""Errors end to end (ame_hf/errors.py and how the CLI reports them): the exception tree, and the catalogue
+of bad inputs (DESIGN §6), where every case exits non-zero with one clear line naming the culprit, no
+traceback, and nothing at --out."""
 
 from __future__ import annotations
 
 import json
-import os
 import resource
 import shutil
 import subprocess
@@ -16,8 +16,32 @@ import torch
 from huggingface_hub import HfApi
 from safetensors.torch import load_file, save_file
 
+import ame_hf.errors as errors
 from ame_hf.cli import main
-from factories import make_finetunes
+from factories import assert_one_error_line, cli_error_line, make_finetunes
+
+
+# The tree drawn in errors.py's docstring: each class, its ame-hf parent and the built-in it also is.
+TREE = {
+    "InvalidConfigError": ("AmeError", ValueError),
+    "UnknownOptimizerError": ("InvalidConfigError", ValueError),
+    "UnsupportedOptimizerError": ("InvalidConfigError", ValueError),
+    "IngredientNotFoundError": ("AmeError", FileNotFoundError),
+    "CheckpointError": ("AmeError", ValueError),
+    "IncompatibleCheckpointsError": ("AmeError", ValueError),
+    "OutputError": ("AmeError", OSError),
+    "HubError": ("AmeError", OSError),
+    "PushError": ("HubError", OSError),
+}
+
+
+def test_every_error_is_also_the_builtin_it_resembles():
+    """So callers may catch either: an unreachable Hub (HubError) is caught by `except OSError`, too."""
+    assert sorted(errors.__all__) == sorted(["AmeError", *TREE])
+    for name, (parent, builtin) in TREE.items():
+        cls = getattr(errors, name)
+        assert cls.__bases__[0] is getattr(errors, parent) and issubclass(cls, builtin), name
+        assert name in errors.__doc__, f"{name} is missing from the tree in errors.py's docstring"
 
 
 @pytest.fixture(scope="module")
@@ -149,34 +173,21 @@ CASES = [
 @pytest.mark.parametrize("case_id,argv,needles", CASES, ids=[c[0] for c in CASES])
 def test_bad_merge_input(world, tmp_path, capsys, case_id, argv, needles):
     out = tmp_path / "out"
-    args = ["merge", *map(str, argv(world))]
-    args += ["--out", str(out)]
-    capsys.readouterr()
-    code = main(args)
-    err = capsys.readouterr().err
-    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line
-             and not line.startswith("INFO: ")]
-    assert code == 1, err
-    assert len(lines) == 1 and lines[0].startswith("ame-hf: error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+    cli_error_line(capsys, "merge", *argv(world), "--out", out, needles=needles, exit_code=1)
     assert not out.exists()
     assert not list(tmp_path.glob(".ame-tmp-*"))
 
 
 def test_out_not_empty(world, capsys):
-    code = main(["merge", str(world["a"]), str(world["b"]), "--out", str(world["nonempty"])])
-    assert code == 1 and "not empty" in capsys.readouterr().err
+    cli_error_line(capsys, "merge", world["a"], world["b"], "--out", world["nonempty"], needles=("not empty",),
+                   exit_code=1)
     assert (world["nonempty"] / "keep").read_text() == "keep"
 
 
 @pytest.mark.parametrize("target", ["parent_file", "proc"])
 def test_out_not_writable(world, capsys, target):
     out = world["parent_file"] / "sub" if target == "parent_file" else Path("/proc/ame-hf-out")
-    code = main(["merge", str(world["a"]), str(world["b"]), "--out", str(out)])
-    err = capsys.readouterr().err
-    assert code == 1 and err.count("\n") == 1 and str(out) in err, err
+    cli_error_line(capsys, "merge", world["a"], world["b"], "--out", out, needles=(str(out),), exit_code=1)
     assert not out.exists()
 
 
@@ -189,8 +200,8 @@ def test_disk_full_leaves_nothing(world, tmp_path):
 
     proc = subprocess.run([sys.executable, "-m", "ame_hf", "merge", str(world["a"]), str(world["b"]),
                            "--out", str(out), "--quiet"], capture_output=True, text=True, preexec_fn=small_files)
-    assert proc.returncode == 1, proc.stderr
-    assert proc.stderr.count("\n") == 1 and "not enough space" in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert_one_error_line(proc.returncode, proc.stderr, "not enough space", exit_code=1)
     assert not out.exists() and not list(tmp_path.glob(".ame-tmp-*"))
 
 
@@ -209,40 +220,18 @@ def test_allow_nonfinite_merges_nan(world, tmp_path, capsys):
 def test_push_failures(world, hub_token, tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["merge", str(world["a"]), str(world["b"]), "--out", str(out), "--quiet"]) == 0
-    capsys.readouterr()
-    assert main(["push", str(out), "--repo-id", "org/fail-push"]) == 1
-    err = capsys.readouterr().err
-    assert "no Hub token" in err and f"ame-hf push {out} --repo-id org/fail-push" in err
-    assert main(["push", str(out), "--repo-id", "other/fail-push", "--token", "hf_read_token"]) == 1
-    err = capsys.readouterr().err
-    assert "403" in err and "hf_read_token" not in err
-    assert main(["push", str(world["a"]), "--repo-id", "org/fail-push", "--token", hub_token]) == 1
-    assert "not an ame-hf merge output" in capsys.readouterr().err
+    cli_error_line(capsys, "push", out, "--repo-id", "org/fail-push", exit_code=1,
+                   needles=("no Hub token", f"ame-hf push {out} --repo-id org/fail-push"))
+    line = cli_error_line(capsys, "push", out, "--repo-id", "other/fail-push", "--token", "hf_read_token",
+                          needles=("403",), exit_code=1)
+    assert "hf_read_token" not in line
+    cli_error_line(capsys, "push", world["a"], "--repo-id", "org/fail-push", "--token", hub_token,
+                   needles=("not an ame-hf merge output",), exit_code=1)
     assert (out / "model.safetensors").is_file()
 
 
 def test_check_bad_input_is_one_line(world, capsys):
-    assert main(["check", str(world["a"]), str(world["corrupt"])]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not a valid safetensors" in err
-
-
-def test_file_truncated_after_opening_is_a_checkpoint_error(tmp_path):
-    """Reads go straight to offsets from the header: a file cut short after it was validated
-    (e.g. replaced during a merge) must give CheckpointError, never short data."""
-    from ame_hf.checkpoint import Checkpoint
-    from ame_hf.errors import CheckpointError
-
-    path = make_finetunes(tmp_path / "ft", n=1)[0]
-    ckpt = Checkpoint(path)
-    name = max(ckpt.names(), key=lambda n: ckpt.info(n).offset)  # the last tensor in the file
-    assert torch.equal(ckpt.read(name), load_file(path / "model.safetensors")[name])
-    file = path / "model.safetensors"
-    os.truncate(file, file.stat().st_size - 8)
-    with pytest.raises(CheckpointError, match=r"cannot read tensor .* ends 8 bytes early"):
-        ckpt.read(name)
-    with pytest.raises(CheckpointError, match="ends 8 bytes early"):
-        ckpt.read(name, rows=(0, ckpt.info(name).shape[0]))
+    cli_error_line(capsys, "check", world["a"], world["corrupt"], needles=("not a valid safetensors",), exit_code=1)
 
 
 def test_typo_in_a_local_path_is_not_sent_to_the_hub(world, tmp_path, monkeypatch, capsys):
@@ -254,11 +243,8 @@ def test_typo_in_a_local_path_is_not_sent_to_the_hub(world, tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     for command in (["merge", "ame-demo/expert-count", "ame-demo/expert-cont", "--out", "m"],
                     ["check", "ame-demo/expert-count", "ame-demo/expert-cont"]):
-        capsys.readouterr()
-        assert main(command) == 1
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1, err
-        assert "ame-demo/expert-cont: no such local directory (did you mean ame-demo/expert-count?)" in err, err
+        cli_error_line(capsys, *command, exit_code=1,
+                       needles=("ame-demo/expert-cont: no such local directory (did you mean ame-demo/expert-count?)",))
     assert not (tmp_path / "m").exists()
 
 
@@ -268,12 +254,9 @@ def test_typo_in_a_local_path_is_not_sent_to_the_hub(world, tmp_path, monkeypatc
     ("--epochs", "two", ["--epochs", "'two'", "whole number"]),
 ])
 def test_bad_option_value_is_one_line_with_the_valid_values(world, tmp_path, capsys, option, value, needles):
-    capsys.readouterr()
-    code = main(["merge", str(world["a"]), str(world["b"]), "--out", str(tmp_path / "o"), option, value])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and err.startswith("ame-hf: error: argument "), err
-    for needle in [*needles, "see `ame-hf merge --help`"]:
-        assert needle in err, err
+    line = cli_error_line(capsys, "merge", world["a"], world["b"], "--out", tmp_path / "o", option, value,
+                          needles=[*needles, "see `ame-hf merge --help`"], exit_code=2)
+    assert line.startswith("ame-hf: error: argument "), line
 
 
 @pytest.mark.parametrize("argv", [
@@ -290,19 +273,3 @@ def test_user_errors_are_found_before_torch_is_imported(world, tmp_path, argv):
     proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode in (1, 2) and proc.stderr.startswith("ame-hf: error: "), proc.stderr
     assert proc.stdout.split() == ["False", "False"], proc.stdout
-
-
-def test_relative_paths_in_a_config_yaml_are_relative_to_the_yaml(world, tmp_path, monkeypatch):
-    from factories import weights_sha256
-
-    first = tmp_path / "runs" / "first"
-    assert main(["merge", str(world["a"]), str(world["b"]), "--out", str(first), "--quiet"]) == 0
-    import yaml
-
-    recorded = yaml.safe_load((first / "ame_config.yaml").read_text())["ingredients"]
-    assert recorded == [os.path.relpath(world[k], first) for k in "ab"]  # relative to the output
-    monkeypatch.chdir(first)  # as the YAML's own comment suggests
-    assert main(["merge", "--config", "ame_config.yaml", "--out", "../again", "--quiet"]) == 0
-    monkeypatch.chdir(tmp_path)
-    assert main(["merge", "--config", str(first / "ame_config.yaml"), "--out", "third", "--quiet"]) == 0
-    assert weights_sha256(first) == weights_sha256(tmp_path / "runs" / "again") == weights_sha256(tmp_path / "third")

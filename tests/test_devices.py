@@ -1,5 +1,5 @@
-"""The CUDA path: same results as the CPU (to rounding), fused kernels, bounded GPU memory, and a
-clear refusal of more processes than GPUs.
+"""Devices (ame_hf/devices.py), the CUDA path: same results as the CPU (to rounding), fused kernels, bounded
+GPU memory, and a clear refusal of more processes than GPUs.
 
 These tests need a CUDA GPU. CI has none, so there they are reported as skipped (never as passed);
 they were run on a lent H200 machine (see the README, "Scale").
@@ -7,34 +7,24 @@ they were run on a lent H200 machine (see the README, "Scale").
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import ame_hf
 import ame_hf.plan as plan
 from ame_hf.config import AmeConfig
 from ame_hf.engine import device_defaults
-from factories import make_finetunes
+from factories import load_state, make_big_checkpoints, make_finetunes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
 
 
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(Path(path).glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
 def _mean(paths) -> dict[str, torch.Tensor]:
-    states = [_weights(p) for p in paths]
+    states = [load_state(p) for p in paths]
     return {k: sum(s[k].double() for s in states) / len(states) for k in states[0]}
 
 
@@ -52,8 +42,8 @@ def test_default_device_is_the_gpu(tmp_path):
 
 def test_soup_on_gpu_equals_cpu_and_the_mean(tmp_path, small_slices):
     paths = make_finetunes(tmp_path / "ft", n=4)
-    gpu = _weights(ame_hf.merge(paths, tmp_path / "gpu", optimizer="sgd", device="cuda", progress=False).path)
-    cpu = _weights(ame_hf.merge(paths, tmp_path / "cpu", optimizer="sgd", device="cpu", progress=False).path)
+    gpu = load_state(ame_hf.merge(paths, tmp_path / "gpu", optimizer="sgd", device="cuda", progress=False).path)
+    cpu = load_state(ame_hf.merge(paths, tmp_path / "cpu", optimizer="sgd", device="cpu", progress=False).path)
     mean = _mean(paths)
     assert gpu.keys() == cpu.keys() == mean.keys()
     for name in mean:
@@ -66,8 +56,8 @@ def test_soup_on_gpu_equals_cpu_and_the_mean(tmp_path, small_slices):
 def test_optimizers_on_gpu_match_cpu(tmp_path, small_slices, optimizer):
     paths = make_finetunes(tmp_path / "ft", n=3)
     opts = dict(optimizer=optimizer, epochs=2, shuffle=True, seed=3, progress=False)
-    gpu = _weights(ame_hf.merge(paths, tmp_path / "gpu", device="cuda", **opts).path)
-    cpu = _weights(ame_hf.merge(paths, tmp_path / "cpu", device="cpu", **opts).path)
+    gpu = load_state(ame_hf.merge(paths, tmp_path / "gpu", device="cuda", **opts).path)
+    cpu = load_state(ame_hf.merge(paths, tmp_path / "cpu", device="cpu", **opts).path)
     mean = _mean(paths)
     moved = 0.0
     for name in cpu:
@@ -78,7 +68,7 @@ def test_optimizers_on_gpu_match_cpu(tmp_path, small_slices, optimizer):
 
 def test_bf16_ingredients_on_gpu(tmp_path, small_slices):
     paths = make_finetunes(tmp_path / "ft", n=3, dtype=torch.bfloat16)
-    gpu = _weights(ame_hf.merge(paths, tmp_path / "gpu", optimizer="sgd", device="cuda", progress=False).path)
+    gpu = load_state(ame_hf.merge(paths, tmp_path / "gpu", optimizer="sgd", device="cuda", progress=False).path)
     mean = _mean(paths)
     for name, value in gpu.items():
         assert value.dtype == torch.bfloat16
@@ -100,7 +90,7 @@ def test_cli_merge_on_cuda(tmp_path, capsys):
 
     paths = make_finetunes(tmp_path / "ft", n=2)
     assert main(["merge", *map(str, paths), "--out", str(tmp_path / "out"), "--device", "cuda:0", "--quiet"]) == 0
-    loaded = _weights(tmp_path / "out")
+    loaded = load_state(tmp_path / "out")
     mean = _mean(paths)
     assert max(float((loaded[k].double() - mean[k]).abs().max()) for k in mean) < 1e-3  # default AME stays near
 
@@ -108,15 +98,7 @@ def test_cli_merge_on_cuda(tmp_path, capsys):
 def test_gpu_memory_is_bounded_by_a_slice(tmp_path, monkeypatch):
     monkeypatch.setattr(plan, "BLOCK_ELEMENTS", 1 << 18)  # GPU slices of 4 Mi elements (16 MiB)
     rows, cols = 400_000, 256  # one 391 MiB float32 tensor
-    paths = []
-    for i in range(3):
-        d = tmp_path / f"big{i}"
-        d.mkdir()
-        gen = torch.Generator().manual_seed(i)
-        save_file({"embed.weight": torch.randn(rows, cols, generator=gen)}, d / "model.safetensors",
-                  metadata={"format": "pt"})
-        (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": cols, "vocab_size": rows}))
-        paths.append(d)
+    paths = make_big_checkpoints(tmp_path, 3, rows=rows, cols=cols)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()

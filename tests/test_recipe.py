@@ -1,0 +1,32 @@
+"""Merge recipes (ame_hf/recipe.py): a merge's `ame_config.yaml` given to `merge --config` reproduces it, from
+pinned Hub revisions or from local paths, which are read relative to the YAML file wherever it is run from."""
+
+from __future__ import annotations
+
+import os
+
+import yaml
+
+from ame_hf import merge
+from ame_hf.cli import main
+from factories import weights_sha256
+
+
+def test_reproduce_from_pinned_config(repos, tmp_path, capsys):
+    first = merge(["org/hub-a@v2", "org/hub-b"], tmp_path / "first", optimizer="adagrad", lr=0.01, progress=False)
+    assert main(["merge", "--config", str(first.path / "ame_config.yaml"), "--out", str(tmp_path / "again"),
+                 "--quiet"]) == 0
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (first.path / "model.safetensors").read_bytes()
+
+
+def test_relative_paths_in_a_config_yaml_are_relative_to_the_yaml(llamas, tmp_path, monkeypatch):
+    a, b = llamas[:2]
+    first = tmp_path / "runs" / "first"
+    assert main(["merge", str(a), str(b), "--out", str(first), "--quiet"]) == 0
+    recorded = yaml.safe_load((first / "ame_config.yaml").read_text())["ingredients"]
+    assert recorded == [os.path.relpath(p, first) for p in (a, b)]  # relative to the output
+    monkeypatch.chdir(first)  # as the YAML's own comment suggests
+    assert main(["merge", "--config", "ame_config.yaml", "--out", "../again", "--quiet"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["merge", "--config", str(first / "ame_config.yaml"), "--out", "third", "--quiet"]) == 0
+    assert weights_sha256(first) == weights_sha256(tmp_path / "runs" / "again") == weights_sha256(tmp_path / "third")
