@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from .compatibility import CompatibilityReport
     from .config import AmeConfig
     from .errors import (AmeError, CheckpointError, HubError, IncompatibleCheckpointsError, IngredientNotFoundError,
-                         InvalidConfigError, OutputError, PushError, UnknownOptimizerError, UnsupportedOptimizerError)
+                         InsufficientSpaceError, InvalidConfigError, OutputError, PushError, UnknownOptimizerError,
+                         UnsupportedOptimizerError)
     from .merging import merge
     from .records import Evaluation, Ingredient, MergeResult, PushInfo
     from .tuning import TuneResult, tune
@@ -33,6 +34,7 @@ _LAZY = {
     "IncompatibleCheckpointsError": "errors",
     "Ingredient": "records",
     "IngredientNotFoundError": "errors",
+    "InsufficientSpaceError": "errors",
     "InvalidConfigError": "errors",
     "MergeResult": "records",
     "OutputError": "errors",

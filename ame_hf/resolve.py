@@ -140,10 +140,12 @@ def _plan(text: str, token: str | None) -> Ingredient | HubSource:
         )
     if offline():
         return HubSource(ref=text, repo_id=repo_id, revision=revision)
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants
 
     with hub_errors(text, repo_id, revision):
-        info = HfApi().model_info(repo_id, revision=revision, token=token, files_metadata=True)
+        # Bounded like the client's own metadata calls: an endpoint that accepts but never answers must fail.
+        info = HfApi().model_info(repo_id, revision=revision, token=token, files_metadata=True,
+                                  timeout=constants.HF_HUB_ETAG_TIMEOUT)
     files = {s.rfilename: s.size for s in (info.siblings or [])}
     return HubSource(ref=text, repo_id=repo_id, revision=revision, sha=info.sha, files=files)
 

@@ -30,6 +30,7 @@ TREE = {
     "CheckpointError": ("AmeError", ValueError),
     "IncompatibleCheckpointsError": ("AmeError", ValueError),
     "OutputError": ("AmeError", OSError),
+    "InsufficientSpaceError": ("OutputError", OSError),
     "HubError": ("AmeError", OSError),
     "PushError": ("HubError", OSError),
 }

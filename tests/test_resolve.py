@@ -76,6 +76,43 @@ def test_unreachable_endpoint_fails_fast(tmp_path):
     assert elapsed < 20, f"took {elapsed:.1f}s"
 
 
+def test_an_endpoint_that_never_answers_fails_within_the_client_timeout(tmp_path):
+    """A server that accepts connections and then says nothing (a hung proxy) must not hang a merge."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held = []
+    stop = threading.Event()
+
+    def accept_and_say_nothing():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    threading.Thread(target=accept_and_say_nothing, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    env = {**os.environ, "HF_ENDPOINT": url, "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
+    try:
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "ame_hf", "merge", "org/a", "org/b", "--out", str(tmp_path / "o")],
+                              capture_output=True, text=True, env=env, timeout=120)
+        elapsed = time.perf_counter() - started
+    finally:
+        stop.set()
+        for conn in held:
+            conn.close()
+        listener.close()
+    assert_one_error_line(proc.returncode, proc.stderr, "org/a", f"cannot reach {url}", exit_code=1)
+    assert elapsed < 30, f"took {elapsed:.1f}s"  # a bound on hanging (2 s timeout), not a speed measurement
+    assert not (tmp_path / "o").exists()
+
+
 def test_offline_mode_uses_the_cache(repos, tmp_path):
     from ame_hf import merge
 
