@@ -79,7 +79,7 @@ def _refuse_local_paths(refs: list[str]) -> None:
                 f"{ref}: local paths are disabled in this app; give Hub repo IDs (org/name[@revision])")
 
 
-def _weightsformat_size(folder: Path) -> int:
+def _weights_size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
 
 
@@ -116,8 +116,7 @@ def run_merge(ingredients: str | None, options: dict[str, Any], work_dir: Path, 
     values = {key: _blank_to_none(value) for key, value in options.items()}
     config = ame_hf.AmeConfig.from_dict({key: value for key, value in values.items() if value is not None})
     if not allow_local_paths:
-        pivot = config.pivot
-        _refuse_local_paths(refs + ([pivot] if isinstance(pivot, str) and pivot not in ("mean", "first") else []))
+        _refuse_local_paths(refs + config.pivot_refs + config.tokenizer_refs)
 
     def on_bytes(done: int, total: int) -> None:
         if progress is not None and total:
@@ -156,7 +155,7 @@ def summary_markdown(result: MergeResult) -> str:
     ]
     for i, ing in enumerate(result.ingredients):
         sha = f"`{ing.sha}`" if ing.sha else "local directory"
-        lines.append(f"| {i} | {ing.display_name} | {sha} | {format_size(_weightsformat_size(ing.path))} |")
+        lines.append(f"| {i} | {ing.display_name} | {sha} | {format_size(_weights_size(ing.path))} |")
     return "\n".join(lines)
 
 
@@ -223,11 +222,11 @@ def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
             return run_check(ingredients, dtype, user_token(token, oauth_token), allow_local_paths=local)
 
     def merge(ingredients: str, optimizer: str, lr: str, relative_lr: str, epochs: float, pivot: str,
-              seed: float, shuffle: bool, dtype: str, token: str, previous: str | None,
+              seed: float, shuffle: bool, dtype: str, tokenizer_source: str, token: str, previous: str | None,
               oauth_token: gr.OAuthToken | None = None,
               progress: gr.Progress = gr.Progress()) -> tuple[str, str, str, str]:
         options = {"optimizer": optimizer, "lr": lr, "relative_lr": relative_lr, "epochs": epochs, "pivot": pivot,
-                   "seed": seed, "shuffle": bool(shuffle), "dtype": dtype}
+                   "seed": seed, "shuffle": bool(shuffle), "dtype": dtype, "tokenizer_source": tokenizer_source}
         # A fresh directory per run: a failed merge leaves the previous result (and its Push) intact.
         work_dir = Path(tempfile.mkdtemp(prefix="ame-hf-space-"))
         try:
@@ -281,7 +280,11 @@ def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
                 with gr.Row():
                     seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="seed")
                     shuffle = gr.Checkbox(False, label="Shuffle every epoch", elem_id="shuffle")
-                dtype = gr.Dropdown(list(OUTPUT_DTYPES), value="auto", label="Output dtype", elem_id="dtype")
+                with gr.Row():
+                    dtype = gr.Dropdown(list(OUTPUT_DTYPES), value="auto", label="Output dtype", elem_id="dtype")
+                    tokenizer_source = gr.Dropdown(["pivot", "first"], value="pivot", label="Tokenizer source",
+                                                   allow_custom_value=True, elem_id="tokenizer-source",
+                                                   info="tokenizer + chat template: pivot, first, an index, a repo ID")
         summary = gr.Markdown(label="Summary", elem_id="summary")
         with gr.Tab("Model card"):
             card = gr.Markdown(label="Model card", elem_id="card", container=True, min_height=80, max_height=520)
@@ -305,7 +308,8 @@ def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
 
         check_button.click(check, [ingredients, dtype, token], report, api_name="check")
         merge_button.click(
-            merge, [ingredients, optimizer, lr, relative_lr, epochs, pivot, seed, shuffle, dtype, token, output_folder],
+            merge, [ingredients, optimizer, lr, relative_lr, epochs, pivot, seed, shuffle, dtype, tokenizer_source, token,
+                    output_folder],
             [card, config_yaml, summary, output_folder], api_name="merge",
         )
         push_button.click(push, [repo_id, private, token, output_folder], push_status, api_name="push")

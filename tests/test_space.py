@@ -248,10 +248,29 @@ def test_merge_progress_comes_from_the_merge(tmp_path):
 
 def test_local_paths_are_refused_when_asked(tmp_path):
     from ame_hf import InvalidConfigError
-    from ame_hf.space import run_check
+    from ame_hf.space import run_check, run_merge
 
     with pytest.raises(InvalidConfigError, match="local paths are disabled"):
         run_check(f"{tmp_path}\norg/space-a", allow_local_paths=False)
+    with pytest.raises(InvalidConfigError, match="local paths are disabled"):  # a tokenizer source too
+        run_merge("org/space-a\norg/space-b", {"tokenizer_source": str(tmp_path)}, tmp_path / "run",
+                  allow_local_paths=False)
+
+
+def test_the_tokenizer_source_of_the_form_reaches_the_merge(tmp_path):
+    import json
+
+    from ame_hf.space import run_merge
+    from factories import tiny_tokenizer
+
+    a, b = make_finetunes(tmp_path / "models", n=2, kind="bert", vocab_size=len(tiny_tokenizer()))
+    for folder, pad in ((a, "[PAD]"), (b, "[SEP]")):
+        tok = tiny_tokenizer()
+        tok.pad_token = pad
+        tok.save_pretrained(folder)
+    view = run_merge(f"{a}\n{b}", {"optimizer": "sgd", "tokenizer_source": "1"}, tmp_path / "run")
+    assert json.loads((view.folder / "tokenizer_config.json").read_text())["pad_token"] == "[SEP]"
+    assert "tokenizer_source: 1" in view.config_yaml
 
 
 def test_sign_in_and_local_paths_follow_the_environment(monkeypatch, tmp_path):
