@@ -21,16 +21,20 @@ from .inputs import check_inputs
 
 
 def check(ingredients: Sequence[str | os.PathLike], *, token: str | None = None, dtype: str = "auto",
-          pivot: str | os.PathLike | None = None, variant: str | None = None) -> CompatibilityReport:
+          pivot: str | os.PathLike | None = None, variant: str | None = None,
+          base: str | os.PathLike | None = None) -> CompatibilityReport:
     """Report whether the ingredients (and a pivot checkpoint) can be merged; never raises for a mismatch.
 
     For Hub repos only their config, tokenizer and side files and their safetensors headers are read
     (range requests): no weight is downloaded (except for `.bin`-only repos, which have no header).
+    PEFT adapters count as the full models they make of their `base` (default: their own).
 
     >>> report = check(["org/model-a", "org/model-b"])  # doctest: +SKIP
     >>> report.ok, report.errors, report.notes          # doctest: +SKIP
     """
-    return check_inputs([os.fspath(r) for r in ingredients], pivot_ref=os.fspath(pivot) if pivot else None,
+    pivot_ref = os.fspath(pivot) if pivot else None
+    return check_inputs([os.fspath(r) for r in ingredients], pivot_ref=None if pivot_ref == "base" else pivot_ref,
+                        pivot_is_base=pivot_ref == "base", base_ref=os.fspath(base) if base else None,
                         variant=variant, token=token, allow_dtype_mismatch=dtype != "auto").report
 
 

@@ -181,14 +181,17 @@ def render_card(result: "MergeResult", checkpoints: Sequence["Checkpoint"], *, c
     ingredient_cards = [ingredient_card_data(i.path) for i in result.ingredients]
     base_model = [i.repo_id for i in result.ingredients if i.repo_id]
     pivot = result.pivot
-    if getattr(pivot, "repo_id", None) and pivot.repo_id not in base_model:
-        base_model.append(pivot.repo_id)
+    for other in (pivot, result.base):  # a Hub pivot, and the base model of PEFT adapters
+        if getattr(other, "repo_id", None) and other.repo_id not in base_model:
+            base_model.append(other.repo_id)
     base_model = list(dict.fromkeys(base_model))  # keep the user's order, drop repeats
     pipeline = _agreed([c.get("pipeline_tag") for c in ingredient_cards]) or _agreed(
         [_pipeline_from_architectures(c.config) for c in checkpoints])
     data = ModelCardData(
         base_model=base_model or None,
-        library_name=_agreed([c.get("library_name") for c in ingredient_cards]) or "transformers",
+        # A merge of PEFT adapters is a full transformers model, whatever the adapters' cards say.
+        library_name=_agreed([c.get("library_name") for c in ingredient_cards if c.get("library_name") != "peft"])
+        or "transformers",
         license=_agreed([c.get("license") for c in ingredient_cards]),
         pipeline_tag=pipeline,
         tags=TAGS,

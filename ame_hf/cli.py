@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 # "Failure behaviour"); the commands import the heavy ones (merging, api, tune, ...) when they run.
 from . import __version__
 from .card import update_card
-from .config import OUTPUT_DTYPES, AmeConfig
+from .config import OUTPUT_DTYPES, PIVOT_WORDS, AmeConfig
 from .errors import AmeError, InvalidConfigError
 from .evaluation import TASKS, load_data, task_for_models
 from .output import check_output_dir
@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="auto", choices=list(OUTPUT_DTYPES),
                    help="the output dtype you will merge with (dtype differences are then notes)")
     c.add_argument("--pivot", help="also check this checkpoint REF as the pivot (e.g. the base model)")
+    c.add_argument("--base", help="the base model of the PEFT adapters (default: each adapter's own)")
     c.add_argument("--variant", help="read the weights variant NAME (model.NAME.safetensors)")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_token(c)
@@ -221,7 +222,8 @@ def cmd_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise InvalidConfigError("--push needs --repo-id ORG/NAME")
     refs, out, values = _run_from_args(args)
     pivot = values.get("pivot")
-    pivot_refs = [str(pivot)] if isinstance(pivot, str) and pivot.lower() not in ("mean", "first") else []
+    pivot_refs = [str(pivot)] if isinstance(pivot, str) and pivot.lower() not in PIVOT_WORDS else []
+    pivot_refs += [values["base"]] if isinstance(values.get("base"), str) else []
     # Before torch and the Hub client load: a bad path or --out fails in a fraction of a second.
     check_output_dir(Path(out), args.overwrite, inputs=local_inputs([*refs, *pivot_refs]))
     if args.data:
@@ -248,10 +250,11 @@ def cmd_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def cmd_check(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    local_inputs([*args.refs, *([args.pivot] if args.pivot else [])])  # a typo in a path fails before torch loads
+    local_inputs([*args.refs, *[r for r in (args.pivot, args.base) if r and r not in PIVOT_WORDS]])  # before torch
     from .api import check
 
-    report = check(args.refs, token=args.token, dtype=args.dtype, pivot=args.pivot, variant=args.variant)
+    report = check(args.refs, token=args.token, dtype=args.dtype, pivot=args.pivot, variant=args.variant,
+                   base=args.base)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
     return 0 if report.ok else EXIT_ERROR
 

@@ -24,6 +24,8 @@ DEFAULT_OPTIMIZER = "adam"
 DEFAULT_RELATIVE_LR = 0.005
 DEFAULT_PIVOT = "mean"
 DEFAULT_TOKENIZER_SOURCE = "pivot"
+# Pivot keywords (anything else that is no index is a checkpoint reference).
+PIVOT_WORDS = ("mean", "first", "base")
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 SCHEDULES = ("constant", "harmonic")
@@ -123,8 +125,8 @@ class AmeConfig:
                                    "else constant)")
     epochs: int = _option(1, "whole", "ensembling epochs (default 1)")
     batch_size: int = _option(1, "whole", "ingredients per pseudogradient (default 1)")
-    pivot: str | int = _option(DEFAULT_PIVOT, "text", "starting point: mean (default), first, an ingredient "
-                               "index, or a checkpoint REF")
+    pivot: str | int = _option(DEFAULT_PIVOT, "text", "starting point: mean (default), first, base (the "
+                               "adapters' base model), an ingredient index, or a checkpoint REF")
     shuffle: bool = _option(False, "flag", "shuffle the ingredient order every epoch")
     seed: int = _option(0, "whole", "seed of --shuffle (default 0)")
     dtype: str = _option("auto", OUTPUT_DTYPES, "output dtype (default auto: the ingredients')")
@@ -133,6 +135,8 @@ class AmeConfig:
                                         "(default), 500MB")
     allow_nonfinite: bool = _option(False, "flag", "merge ingredients that contain NaN/Inf instead of "
                                     "refusing them")
+    base: str | None = _option(None, "text", "the base model of the PEFT adapters among the ingredients "
+                               "(default: each adapter's base_model_name_or_path); --pivot base starts from it")
     variant: str | None = _option(None, "text", "read the weights variant NAME (model.NAME.safetensors, "
                                   "transformers' variant naming), e.g. fp16")
     tokenizer_source: str | int = _option(DEFAULT_TOKENIZER_SOURCE, "text", "where the tokenizer, chat template "
@@ -201,7 +205,7 @@ class AmeConfig:
     @property
     def pivot_refs(self) -> list[str]:
         """`[the pivot's checkpoint reference]` when the pivot is another checkpoint, else `[]`."""
-        return [self.pivot] if isinstance(self.pivot, str) and self.pivot not in ("mean", "first") else []
+        return [self.pivot] if isinstance(self.pivot, str) and self.pivot not in PIVOT_WORDS else []
 
     @property
     def tokenizer_refs(self) -> list[str]:
@@ -272,7 +276,7 @@ def normalize_pivot(pivot: Any) -> str | int:
         raise InvalidConfigError("pivot must not be empty; use mean, first, an index or a checkpoint")
     if text.lstrip("-").isdigit():
         return normalize_pivot(int(text))
-    return text.lower() if text.lower() in ("mean", "first") else text
+    return text.lower() if text.lower() in PIVOT_WORDS else text
 
 
 def normalize_source(source: Any) -> str | int:

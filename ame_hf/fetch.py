@@ -26,6 +26,8 @@ WEIGHT_PATTERNS = ["*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", 
                    "*.onnx_data", "*.tflite", "*.ot", "*.npz"]
 CODE_PATTERNS = ["*.py", "*.pyc", "*.so", "*.dll", "*.dylib", ".gitattributes"]
 _SHA = re.compile(r"^[0-9a-f]{40}$")
+# The small file every model (or PEFT adapter) repo has: it locates a snapshot in the cache.
+ANCHORS = ("config.json", "adapter_config.json")
 
 
 def fetch_light(source: HubSource, *, token: str | None = None) -> Ingredient:
@@ -36,8 +38,9 @@ def fetch_light(source: HubSource, *, token: str | None = None) -> Ingredient:
         if source.sha is None:
             # Offline: no API call possible. The cache maps the revision to a snapshot folder named by
             # its sha; only some files were downloaded, so ask for the folder, not a full snapshot.
-            cached = try_to_load_from_cache(source.repo_id, "config.json", revision=source.revision)
-            if not isinstance(cached, str):
+            found = [try_to_load_from_cache(source.repo_id, f, revision=source.revision) for f in ANCHORS]
+            cached = next((c for c in found if isinstance(c, str)), None)
+            if cached is None:
                 raise HubError(f"{source.ref}: {source.repo_id} is not in the local cache and HF_HUB_OFFLINE is "
                                "set; unset HF_HUB_OFFLINE to download it", repo_id=source.repo_id)
             path = Path(cached).parent
@@ -46,10 +49,11 @@ def fetch_light(source: HubSource, *, token: str | None = None) -> Ingredient:
         # The resolved sha, not the branch: what we record is exactly what we merge.
         path = Path(snapshot_download(source.repo_id, revision=source.sha, token=token,
                                       ignore_patterns=WEIGHT_PATTERNS + CODE_PATTERNS))
-        if not _SHA.match(source.revision or "main"):
+        anchor = next((f for f in ANCHORS if f in source.files), None)
+        if anchor and not _SHA.match(source.revision or "main"):
             # Let the client note in its cache which commit the branch or tag named, so that
-            # HF_HUB_OFFLINE=1 later finds `org/name[@branch]` (config.json is there: not fetched again).
-            hf_hub_download(source.repo_id, "config.json", revision=source.revision or "main", token=token)
+            # HF_HUB_OFFLINE=1 later finds `org/name[@branch]` (the file is there: not fetched again).
+            hf_hub_download(source.repo_id, anchor, revision=source.revision or "main", token=token)
     return Ingredient(ref=source.ref, path=path, repo_id=source.repo_id, revision=source.revision, sha=source.sha)
 
 
@@ -107,13 +111,13 @@ def check_disk_space(needed: int, where: Path) -> None:
 
 
 def fetch_weights(source: HubSource, light: Ingredient, *, variant: str | None = None,
-                  token: str | None = None) -> Ingredient:
-    """Download `source`'s weights (at its sha) into the snapshot that holds its light files."""
+                  files: list[str] | None = None, token: str | None = None) -> Ingredient:
+    """Download `source`'s weights (at its sha; or the given `files`) into the snapshot that holds its light files."""
     from huggingface_hub import snapshot_download
 
     if source.sha is None:
         return light  # offline: the cache holds what it holds
-    files = weight_files(source, light, variant)
+    files = files if files is not None else weight_files(source, light, variant)
     logger.info("downloading %s@%s", source.repo_id, source.sha)
     with hub_errors(source.ref, source.repo_id, source.revision):
         path = Path(snapshot_download(source.repo_id, revision=source.sha, token=token, allow_patterns=files))

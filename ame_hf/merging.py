@@ -79,16 +79,18 @@ def merge(
     refs = [os.fspath(r) for r in ingredients]
     _validate_counts(refs, config)
     out = Path(out_dir)
-    check_output_dir(out, overwrite, inputs=local_inputs([*refs, *config.pivot_refs]))
+    extra = [*config.pivot_refs, *([config.base] if config.base else []), *config.tokenizer_refs]
+    check_output_dir(out, overwrite, inputs=local_inputs([*refs, *extra]))
     setup = process_setup(device)
     with cpu_threads(setup.device, threads):
         with main_process_first(setup):  # the main process downloads; the others find it in the cache
-            checked = check_inputs(refs, pivot_ref=next(iter(config.pivot_refs), None), variant=config.variant,
-                                   token=token, allow_dtype_mismatch=config.dtype != "auto")
+            checked = check_inputs(refs, pivot_ref=next(iter(config.pivot_refs), None), base_ref=config.base,
+                                   pivot_is_base=config.pivot == "base", variant=config.variant, token=token,
+                                   allow_dtype_mismatch=config.dtype != "auto")
             if not checked.report.ok:
                 raise IncompatibleCheckpointsError(checked.report.summary(), report=checked.report)
             # Again with every input's real directory (a Hub ingredient's is in the cache), before the download.
-            check_output_dir(out, overwrite, inputs=[i.path for i in checked.lights])
+            check_output_dir(out, overwrite, inputs=checked.paths)
             inputs = open_inputs(checked, variant=config.variant, token=token,
                                  allow_dtype_mismatch=config.dtype != "auto")
         report, checkpoints, pivot_ckpt = inputs.report, inputs.checkpoints, inputs.pivot_checkpoint
@@ -97,6 +99,7 @@ def merge(
         pivot = inputs.pivot
         order = ingredient_order(len(refs), config.epochs, shuffle=config.shuffle, seed=config.seed)
         result = MergeResult(path=out, config=config, ingredients=inputs.ingredients, order=order, report=report,
+                             base=inputs.base,
                              pivot=pivot or (0 if config.pivot == "first" else config.pivot), device=str(setup.device))
         tensors = {n: checkpoints[0].info(n) for n in checkpoints[0].names()}
         plan = plan_shards([(n, i.shape, output_dtype(config, i.dtype)) for n, i in tensors.items()],

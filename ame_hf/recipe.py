@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from .config import INFO_KEYS, AmeConfig, load_yaml_mapping
+from .config import INFO_KEYS, PIVOT_WORDS, AmeConfig, load_yaml_mapping
 from .errors import InvalidConfigError
 from .optimizers import optimizer_class, reported_hyperparameters
 from .records import Ingredient, MergeResult
@@ -57,6 +57,8 @@ def run_dict(result: MergeResult) -> dict[str, Any]:
                 {"ref": i.ref, "repo_id": i.repo_id, "revision": i.revision, "sha": i.sha}
                 for i in result.ingredients
             ],
+            **({"base": {"ref": result.base.ref, "repo_id": result.base.repo_id, "revision": result.base.revision,
+                         "sha": result.base.sha}} if result.base else {}),
         },
     }
 
@@ -109,8 +111,11 @@ def read_recipe(path: str | Path) -> Recipe:
     refs = data.pop("ingredients", None) or []
     if not (isinstance(refs, list) and all(isinstance(r, str) for r in refs)):
         raise InvalidConfigError(f"{path}: ingredients must be a list of references")
-    if isinstance(data.get("pivot"), str) and data["pivot"].lower() not in ("mean", "first"):
+    if isinstance(data.get("pivot"), str) and data["pivot"].lower() not in PIVOT_WORDS:
         data["pivot"] = rebase_ref(data["pivot"], base)
+    for key in ("base", "tokenizer_source"):
+        if isinstance(data.get(key), str) and data[key].lower() not in ("pivot", "first"):
+            data[key] = rebase_ref(data[key], base)
     out = data.pop("out", None)
     return Recipe(refs=[rebase_ref(r, base) for r in refs], out=rebase_ref(out, base) if isinstance(out, str) else out,
                   values=data)

@@ -84,6 +84,7 @@ class MergeResult:
         seconds: wall time of the merge.
         report: the compatibility report the merge was checked with.
         device: the device the optimizer ran on (e.g. `cpu`, `cuda:0`).
+        base: the base model of the PEFT adapters among the ingredients, if any.
     """
 
     path: Path
@@ -94,6 +95,7 @@ class MergeResult:
     seconds: float = 0.0
     report: CompatibilityReport | None = field(default=None, compare=False, repr=False)
     device: str = field(default="cpu", compare=False)
+    base: Ingredient | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

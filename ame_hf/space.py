@@ -275,7 +275,7 @@ def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
                                              info="× RMS(ingredient − pivot)", elem_id="relative-lr")
                 with gr.Row():
                     epochs = gr.Number(1, label="Epochs", precision=0, minimum=1, elem_id="epochs")
-                    pivot = gr.Dropdown(["mean", "first"], value="mean", label="Pivot", allow_custom_value=True,
+                    pivot = gr.Dropdown(["mean", "first", "base"], value="mean", label="Pivot", allow_custom_value=True,
                                         info="mean, first, an index, or a repo ID", elem_id="pivot")
                 with gr.Row():
                     seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="seed")

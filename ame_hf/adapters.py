@@ -1,0 +1,204 @@
+"""PEFT LoRA adapters as ingredients: a view over the base checkpoint whose tensors read as
+`W_base + delta`, the delta computed per block of rows from the adapter's factors with PEFT's scaling
+(`alpha / r`, rsLoRA `alpha / sqrt(r)`, rank/alpha patterns, `fan_in_fan_out`, embedding LoRA);
+`modules_to_save` and stored base layers replace the base's tensor. Never a whole merged model."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import Checkpoint, TensorInfo
+from .errors import CheckpointError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_FILES = ADAPTER_WEIGHTS  # what a Hub adapter repo adds to its light files
+_PREFIX = "base_model.model."
+# What ame-hf computes itself: a low-rank additive update. Every other PEFT method is refused by name.
+SUPPORTED = ("LORA",)
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
+
+
+def read_adapter_config(path: Path, name: str) -> dict[str, Any]:
+    """The adapter's `adapter_config.json`, with what ame-hf cannot merge refused in one line.
+
+    Raises:
+        CheckpointError: unreadable, another PEFT method (DoRA, VeRA, IA3, LoHa, LoKr, ...), or
+            options that are no low-rank additive update.
+    """
+    try:
+        config = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{name}: {ADAPTER_CONFIG} is not valid JSON ({err})", path=path) from err
+    kind = str(config.get("peft_type", "")).upper()
+    if kind not in SUPPORTED:
+        raise CheckpointError(f"{name} is a {kind or 'unknown'} PEFT adapter; ame-hf merges LoRA adapters (a "
+                              "low-rank additive update): merge_and_unload it with peft first", path=path)
+    for option, what in (("use_dora", "DoRA"), ("use_qalora", "QA-LoRA")):
+        if config.get(option):
+            raise CheckpointError(f"{name} is a {what} adapter ({option}); ame-hf merges plain LoRA adapters: "
+                                  "merge_and_unload it with peft first", path=path)
+    if config.get("layer_replication"):
+        raise CheckpointError(f"{name} replicates layers (layer_replication): its model is not the base's", path=path)
+    return config
+
+
+def adapter_base(config: dict[str, Any]) -> str | None:
+    """The base model reference an adapter names: `base_model_name_or_path[@revision]`."""
+    base = config.get("base_model_name_or_path")
+    if not base:
+        return None
+    return f"{base}@{config['revision']}" if config.get("revision") else str(base)
+
+
+@dataclass(frozen=True)
+class _Lora:
+    a: torch.Tensor          # [r, in] (Linear) or [r, num_embeddings] (Embedding)
+    b: torch.Tensor          # [out, r] (Linear) or [dim, r] (Embedding)
+    scaling: float
+    rows_from_a: bool        # rows of W index A's columns (embedding, fan_in_fan_out), else B's rows
+    bias: torch.Tensor | None = None
+
+
+class AdapterCheckpoint(Checkpoint):
+    """A LoRA adapter seen as the full model it makes of its base: same tensor names and shapes as the
+    base, each read block is the base's block plus the adapter's low-rank delta for those rows.
+
+    Args:
+        adapter: the adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
+        base: the base checkpoint (opened, or known from its headers for a check).
+        name: the adapter as the user named it.
+    """
+
+    def __init__(self, adapter: Path, base: Checkpoint, name: str) -> None:  # noqa: D107 (not Checkpoint's)
+        self.adapter_path, self.base, self.name = Path(adapter), base, name
+        self.adapter_config = read_adapter_config(self.adapter_path, name)
+        self.path, self.variant, self.config = base.path, base.variant, base.config
+        self.format, self.files, self.unsupported = base.format, base.files, dict(base.unsupported)
+        self._bin = None
+        raw = _load_adapter_tensors(self.adapter_path, name)
+        self.replaced: dict[str, torch.Tensor] = {}
+        self.loras: dict[str, _Lora] = {}
+        self._collect(raw)
+        self.tensors = dict(base.tensors)
+        for key, value in self.replaced.items():
+            if key not in base.tensors:
+                raise CheckpointError(f"{name}: adapter tensor {key!r} has no counterpart in the base {base.name}",
+                                      path=self.adapter_path, tensor=key)
+            self.tensors[key] = TensorInfo(file="", shape=tuple(value.shape), dtype=base.tensors[key].dtype)
+        for key in self.loras:
+            if key not in base.tensors:
+                raise CheckpointError(f"{name}: the adapter targets {key!r}, which the base {base.name} lacks",
+                                      path=self.adapter_path, tensor=key)
+        self.stored = {n: n for n in self.tensors}
+
+    # -- what the adapter holds ---------------------------------------------------------------
+    def _collect(self, raw: dict[str, torch.Tensor]) -> None:
+        cfg = self.adapter_config
+        factors: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in raw.items():
+            name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+            match = re.match(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B)$",
+                             name)
+            if match:
+                factors.setdefault(match.group(1), {})[match.group(2)] = value
+            elif "lora_magnitude_vector" in name or ".lora_" in name:
+                raise CheckpointError(f"{self.name}: adapter tensor {key!r} is not a LoRA factor ame-hf knows",
+                                      path=self.adapter_path, tensor=key)
+            else:  # modules_to_save, trained biases, or a stored base layer: they replace the base's tensor
+                self.replaced[name.replace(".base_layer.", ".")] = value
+        for module, parts in factors.items():
+            embedding = "lora_embedding_A" in parts
+            a = parts.get("lora_embedding_A" if embedding else "lora_A.weight")
+            b = parts.get("lora_embedding_B" if embedding else "lora_B.weight")
+            if a is None or b is None:
+                raise CheckpointError(f"{self.name}: module {module!r} has only one LoRA factor", path=self.adapter_path)
+            rank = a.shape[0]
+            alpha = _pattern(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8))
+            scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+            self.loras[f"{module}.weight"] = _Lora(a=a, b=b, scaling=scaling,
+                                                   rows_from_a=embedding or bool(cfg.get("fan_in_fan_out")))
+            if "lora_B.bias" in parts:
+                self.loras[f"{module}.bias"] = _Lora(a=a, b=b, scaling=scaling, rows_from_a=False,
+                                                     bias=parts["lora_B.bias"])
+
+    def describe(self) -> str:
+        """One line for `check`: type, rank, alpha and the modules it targets."""
+        cfg = self.adapter_config
+        targets = sorted({k.rsplit(".", 2)[-2] for k in self.loras if k.endswith(".weight")})
+        ranks = sorted({lora.a.shape[0] for lora in self.loras.values()})
+        extra = f", modules_to_save {sorted(cfg.get('modules_to_save') or [])}" if cfg.get("modules_to_save") else ""
+        return (f"{self.name} is a LoRA adapter (rank {'/'.join(map(str, ranks)) or '?'}, alpha "
+                f"{cfg.get('lora_alpha')}{', rsLoRA' if cfg.get('use_rslora') else ''}, targets "
+                f"{', '.join(targets) or 'none'}{extra}) on the base {self.base.name}")
+
+    # -- reading ------------------------------------------------------------------------------
+    def read(self, name: str, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        stored = self.stored[name]
+        info = self.tensors[name]
+        dtype = dtype or info.dtype
+        if stored in self.replaced:
+            value = self.replaced[stored]
+            value = value if rows is None or not info.shape else value[rows[0]:rows[1]]
+            out = value.to(dtype, copy=True)
+        else:
+            out = self.base.read(self.base.stored[stored], rows, dtype=dtype)
+        lora = self.loras.get(stored)
+        if lora is not None:
+            out += self._delta(lora, rows).to(dtype)
+        return out
+
+    @staticmethod
+    def _delta(lora: _Lora, rows: tuple[int, int] | None) -> torch.Tensor:
+        """The rows `[start, stop)` of `scaling * (B @ A)` (transposed where PEFT transposes it)."""
+        if lora.bias is not None:
+            bias = lora.bias.float()
+            return (bias if rows is None else bias[rows[0]:rows[1]]) * lora.scaling
+        a, b = lora.a.float(), lora.b.float()
+        if lora.rows_from_a:  # W = (B @ A).T: its rows are A's columns
+            a_rows = a if rows is None else a[:, rows[0]:rows[1]]
+            return (a_rows.T @ b.T) * lora.scaling
+        b_rows = b if rows is None else b[rows[0]:rows[1]]
+        return (b_rows @ a) * lora.scaling
+
+    def __repr__(self) -> str:
+        return f"AdapterCheckpoint({self.name!r} on {self.base.name!r}, {len(self.loras)} LoRA tensor(s))"
+
+
+def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's per-module override: the pattern that matches the end of the module's name."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def _load_adapter_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+    safetensors_file, bin_file = (path / f for f in ADAPTER_WEIGHTS)
+    try:
+        if safetensors_file.is_file():
+            from safetensors.torch import load_file
+
+            return load_file(safetensors_file)
+        if bin_file.is_file():
+            # weights_only: a pickle from the Hub must never run code.
+            state = torch.load(bin_file, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
+                return state
+            raise CheckpointError(f"{name}: {bin_file.name} does not hold a flat state dict of tensors", path=path)
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"{name}: cannot read the adapter weights safely ({str(err).splitlines()[0]})",
+                              path=path) from err
+    raise CheckpointError(f"{name}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}) in {path}", path=path)
