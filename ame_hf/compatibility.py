@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from .checkpoint import DTYPE_NAMES, Checkpoint
 from .reconcile import Layout, Renaming, UnknownArchitecture, model_layout, rename
-from .vocabulary import compare_tokenizers, read_tokenizer
+from .vocabulary import VocabularyPlan, compare_tokenizers, plan_vocabulary, read_tokenizer, token_ids
 
 # Config keys whose difference means another architecture: errors. Any other difference is a note,
 # since the tensors' shapes (compared one by one) decide whether weights can be averaged.
@@ -36,6 +36,9 @@ class CompatibilityReport:
     pivot: Checkpoint | None = field(default=None, repr=False, compare=False)
     source: int = 0
     config_keys: list[str] = field(default_factory=list)  # config keys that differ (said with the errors)
+    # When vocabularies differ: how token-indexed rows are matched, and which tensors are token-indexed.
+    vocab: VocabularyPlan | None = field(default=None, repr=False, compare=False)
+    vocab_keys: frozenset[str] = frozenset()
 
     @property
     def ok(self) -> bool:
@@ -82,6 +85,7 @@ def check_compatibility(
     *,
     pivot: Checkpoint | None = None,
     allow_dtype_mismatch: bool = False,
+    tokenizer_source: str | int = "auto",
 ) -> CompatibilityReport:
     """Compare every ingredient with the first one (after reconciling their layouts), and the pivot.
 
@@ -89,6 +93,8 @@ def check_compatibility(
         checkpoints: the ingredients (opened, or known from their headers).
         pivot: another checkpoint to start from (e.g. the base model), if any.
         allow_dtype_mismatch: dtype differences become notes (an explicit output dtype was chosen).
+        tokenizer_source: whose vocabulary the output keeps when vocabularies differ (`auto` and `union`:
+            the union; `first`, `pivot` or an index: that ingredient's).
 
     >>> report = check_compatibility([Checkpoint("a"), Checkpoint("b")])  # doctest: +SKIP
     >>> print(report.format())                                            # doctest: +SKIP
@@ -106,6 +112,8 @@ def check_compatibility(
     if report.errors:
         return report
     report.checkpoints, report.pivot = views, pivot_view
+    tokenizers = [_tokenizer_of(c) for c in views]
+    _vocabulary(views, tokenizers, report, tokenizer_source)
     _compare_configs([*views, *([pivot_view] if pivot_view else [])], report)
     ref = views[0]
     for other in views[1:]:
@@ -200,6 +208,51 @@ def _view(ckpt: Checkpoint, renaming: Renaming, layout: Layout, report: Compatib
     return ckpt.renamed(names)
 
 
+def _tokenizer_of(ckpt: Checkpoint) -> Any:
+    """A checkpoint's tokenizer; an adapter without one of its own uses its base's."""
+    own = read_tokenizer(getattr(ckpt, "adapter_path", ckpt.path))
+    return own if own.files or not hasattr(ckpt, "adapter_path") else read_tokenizer(ckpt.path)
+
+
+def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: CompatibilityReport,
+                source: str | int) -> None:
+    """When the ingredients' vocabularies differ (tokens, or rows of the embeddings), plan to match the rows
+    of every token-indexed tensor by token string (a note), or say why that cannot be done (an error)."""
+    sizes = [c.config.get("vocab_size") for c in views]
+    maps = [token_ids(t) for t in tokenizers]
+    if len(set(sizes)) <= 1 and all(m == maps[0] for m in maps):
+        return
+    try:
+        layout = model_layout(views[0].config)
+    except Exception as err:  # noqa: BLE001  no class to say which tensors are token-indexed
+        report.errors.append(f"the vocabularies differ (vocab_size {sizes}) and {views[0].name}'s architecture "
+                             f"cannot be built to find its token-indexed tensors ({err})")
+        return
+    keys = frozenset(k for k in layout.vocab_keys if all(k in c.tensors for c in views))
+    if not keys:
+        return
+    name = sorted(keys)[0]
+    counts = [c.tensors[name].shape[0] for c in views]
+    union = source in ("auto", "union")
+    index = 0 if union or source in ("first", "pivot") else source
+    if not isinstance(index, int):
+        report.errors.append(f"the vocabularies differ: --tokenizer-source must be union, first or an ingredient "
+                             f"index (not {source!r}), so that every row comes from an ingredient")
+        return
+    try:
+        plan = plan_vocabulary([c.name for c in views], tokenizers, counts, source=index, union=union)
+    except ValueError as err:
+        report.errors.append(str(err))
+        return
+    report.vocab, report.vocab_keys = plan, keys
+    added = ", ".join(repr(t) for t, _ in plan.new_tokens[:8]) + (" ..." if len(plan.new_tokens) > 8 else "")
+    report.notes.append(
+        f"the vocabularies differ (rows {counts}): rows of {', '.join(sorted(keys))} are matched by token; the output "
+        + (f"has the union of {plan.size} tokens ({len(plan.new_tokens)} new: {added})" if union
+           else f"keeps the {plan.size} tokens of {views[index].name}")
+        + "; each row is merged over the ingredients that have its token")
+
+
 def _compare_configs(views: Sequence[Checkpoint], report: CompatibilityReport) -> None:
     ref = views[0]
     ref_config = _flatten(ref.config)
@@ -226,7 +279,8 @@ def _compare_tensors(ref: Checkpoint, other: Checkpoint, report: CompatibilityRe
         report.errors.append(f"{other.name} has extra tensor(s) {_listed(extra)} (absent from {ref.name})")
     for name in sorted(set(ref.tensors) & set(other.tensors)):
         a_info, b_info = ref.tensors[name], other.tensors[name]
-        if a_info.shape != b_info.shape:
+        by_token = name in report.vocab_keys  # rows matched by token: only the other dims must agree
+        if (a_info.shape[1:] != b_info.shape[1:]) if by_token else (a_info.shape != b_info.shape):
             report.errors.append(
                 f"tensor {name!r}: shape {list(a_info.shape)} in {ref.name}, {list(b_info.shape)} in {other.name}"
             )
@@ -246,7 +300,11 @@ def _compare_pivot(ref: Checkpoint, pivot: Checkpoint, report: CompatibilityRepo
     if lacking:
         report.notes.append(f"pivot {pivot.name} lacks tensor(s) {_listed(lacking)}: they start from the mean "
                             "of the ingredients")
-    for name in sorted(set(ref.tensors) & set(pivot.tensors)):
+    by_token = sorted(report.vocab_keys & set(pivot.tensors)) if report.vocab else []
+    if by_token:
+        report.notes.append(f"pivot {pivot.name}: its token-indexed rows ({', '.join(by_token)}) are not used; "
+                            "each row starts from the mean of the ingredients that have its token")
+    for name in sorted(set(ref.tensors) & set(pivot.tensors) - set(by_token)):
         if ref.tensors[name].shape != pivot.tensors[name].shape:
             report.errors.append(f"tensor {name!r}: shape {list(ref.tensors[name].shape)} in {ref.name}, "
                                  f"{list(pivot.tensors[name].shape)} in the pivot {pivot.name}")

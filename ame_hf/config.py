@@ -23,7 +23,9 @@ from .optimizers import OPTIMIZERS
 DEFAULT_OPTIMIZER = "adam"
 DEFAULT_RELATIVE_LR = 0.005
 DEFAULT_PIVOT = "mean"
-DEFAULT_TOKENIZER_SOURCE = "pivot"
+DEFAULT_TOKENIZER_SOURCE = "auto"
+# Tokenizer-source keywords (anything else that is no index is a checkpoint reference).
+SOURCE_WORDS = ("auto", "union", "pivot", "first")
 # Pivot keywords (anything else that is no index is a checkpoint reference).
 PIVOT_WORDS = ("mean", "first", "base")
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -140,8 +142,10 @@ class AmeConfig:
     variant: str | None = _option(None, "text", "read the weights variant NAME (model.NAME.safetensors, "
                                   "transformers' variant naming), e.g. fp16")
     tokenizer_source: str | int = _option(DEFAULT_TOKENIZER_SOURCE, "text", "where the tokenizer, chat template "
-                                          "and processor files come from: pivot (default: the pivot checkpoint or "
-                                          "ingredient, else the first), first, an ingredient index, or a REF")
+                                          "and processor files come from: auto (default: the pivot's, or the first "
+                                          "ingredient's; union when vocabularies differ), union (the source's tokens, "
+                                          "then every token the others added), pivot, first, an ingredient index, "
+                                          "or a REF")
 
     def __post_init__(self) -> None:
         from .optimizers import validate_optimizer_args
@@ -211,7 +215,7 @@ class AmeConfig:
     def tokenizer_refs(self) -> list[str]:
         """`[the tokenizer source's reference]` when it is another checkpoint, else `[]`."""
         return [self.tokenizer_source] if isinstance(self.tokenizer_source, str) and self.tokenizer_source not in (
-            "pivot", "first") else []
+            SOURCE_WORDS) else []
 
     @property
     def is_soup(self) -> bool:
@@ -280,9 +284,9 @@ def normalize_pivot(pivot: Any) -> str | int:
 
 
 def normalize_source(source: Any) -> str | int:
-    """`pivot`, `first`, a non-negative ingredient index, or a checkpoint reference (kept as a string)."""
+    """`auto`, `union`, `pivot`, `first`, a non-negative ingredient index, or a checkpoint reference."""
     if isinstance(source, bool) or source is None:
-        raise InvalidConfigError(f"invalid tokenizer_source {source!r}; use pivot, first, an index or a REF")
+        raise InvalidConfigError(f"invalid tokenizer_source {source!r}; use auto, union, pivot, first, an index or a REF")
     if isinstance(source, int) or str(source).strip().lstrip("-").isdigit():
         index = int(source)
         if index < 0:
@@ -291,7 +295,7 @@ def normalize_source(source: Any) -> str | int:
     text = str(source).strip()
     if not text:
         raise InvalidConfigError("tokenizer_source must not be empty; use pivot, first, an index or a REF")
-    return text.lower() if text.lower() in ("pivot", "first") else text
+    return text.lower() if text.lower() in SOURCE_WORDS else text
 
 
 def parse_optimizer_args(text: str) -> dict[str, Any]:

@@ -12,11 +12,12 @@ from pathlib import Path
 
 from .card import render_card
 from .checkpoint import Checkpoint
+from .errors import CheckpointError
 from .fetch import is_light
 from .output import RUN_FILE, STAGING_PREFIX
 from .recipe import write_run_file
 from .records import MergeResult
-from .vocabulary import is_tokenizer_file
+from .vocabulary import VocabularyPlan, is_tokenizer_file
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,8 @@ _WEIGHT_INDEXES = ("model.safetensors.index", "pytorch_model.bin.index")
 
 
 def finish(staging: Path, result: MergeResult, checkpoints: list[Checkpoint], pivot: Checkpoint | None,
-           command: str | None, *, source: Checkpoint, tokenizer_dir: Path | None) -> None:
+           command: str | None, *, source: Checkpoint, tokenizer_dir: Path | None,
+           vocab: VocabularyPlan | None = None) -> None:
     """Write everything but the weights.
 
     Args:
@@ -36,6 +38,8 @@ def finish(staging: Path, result: MergeResult, checkpoints: list[Checkpoint], pi
         command: the command as typed (kept for the card's callers).
         source: the checkpoint whose config and side files the output takes.
         tokenizer_dir: where the tokenizer, chat template and processor files come from.
+        vocab: when vocabularies differ, the plan the token-indexed rows were merged with: the config's
+            `vocab_size` follows it, and a union's new tokens are added to the saved tokenizer.
     """
     config = dict(source.config)
     if config.pop("auto_map", None) is not None:
@@ -43,14 +47,38 @@ def finish(staging: Path, result: MergeResult, checkpoints: list[Checkpoint], pi
     config.pop("_name_or_path", None)
     if result.config.dtype != "auto":
         config["dtype"] = result.config.dtype
+    if vocab is not None:
+        config["vocab_size"] = vocab.size
     (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     copy_side_files(source.path, staging, skip_tokenizer=tokenizer_dir is not None)
     if tokenizer_dir is not None:
         for file in sorted(tokenizer_dir.iterdir()):
             if file.is_file() and is_tokenizer_file(file.name):
                 shutil.copyfile(file, staging / file.name)
+    if vocab is not None and vocab.new_tokens:
+        save_union_tokenizer(tokenizer_dir or source.path, staging, vocab)
     write_run_file(staging / RUN_FILE, result)
     render_card(result, checkpoints, command=command).save(staging / "README.md")
+
+
+def save_union_tokenizer(source: Path, staging: Path, vocab: VocabularyPlan) -> None:
+    """The source tokenizer with the union's new tokens added (special ones as special), saved over the
+    copied files; every token must then encode to the id of its row.
+
+    Raises:
+        CheckpointError: the tokenizer does not give the new tokens the ids of their rows.
+    """
+    from transformers import AddedToken, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)  # a tokenizer is data: no repo code is run
+    first = len(tokenizer)
+    tokenizer.add_tokens([AddedToken(t, special=special, normalized=not special) for t, special in vocab.new_tokens])
+    expected = list(range(vocab.size - len(vocab.new_tokens), vocab.size))
+    got = tokenizer.convert_tokens_to_ids([t for t, _ in vocab.new_tokens])
+    if got != expected:
+        raise CheckpointError(f"the tokenizer of {source} gives the new tokens ids {got[:3]}..., not their rows "
+                              f"{expected[:3]}... ({first} tokens before them); choose another --tokenizer-source")
+    tokenizer.save_pretrained(staging)
 
 
 def copy_side_files(source: Path, target: Path, *, skip_tokenizer: bool = False) -> list[str]:

@@ -63,7 +63,7 @@ class Inputs:
 
 def check_inputs(refs: Sequence[str], *, pivot_ref: str | None = None, base_ref: str | None = None,
                  pivot_is_base: bool = False, variant: str | None = None, token: str | None = None,
-                 allow_dtype_mismatch: bool = False) -> CheckedInputs:
+                 allow_dtype_mismatch: bool = False, tokenizer_source: str | int = "auto") -> CheckedInputs:
     """The compatibility report of `refs` (and a pivot checkpoint), reading for Hub repos only their
     config, tokenizer and side files and their safetensors headers. `.bin`-only repos have no header:
     their weights are downloaded to check them (and listed in `downloaded_to_check`). A PEFT adapter
@@ -82,7 +82,8 @@ def check_inputs(refs: Sequence[str], *, pivot_ref: str | None = None, base_ref:
     base_ckpt = _header_or_open(base, variant, token, fetched) if base else None
     ckpts = [_header_or_open(e, variant, token, fetched, base_ckpt) for e in entries]
     pivot_ckpt = _header_or_open(pivot, variant, token, fetched) if pivot else (base_ckpt if pivot_is_base else None)
-    report = check_compatibility(ckpts, pivot=pivot_ckpt, allow_dtype_mismatch=allow_dtype_mismatch)
+    report = check_compatibility(ckpts, pivot=pivot_ckpt, allow_dtype_mismatch=allow_dtype_mismatch,
+                                 tokenizer_source=tokenizer_source)
     report.notes[:0] = [c.describe() for c in ckpts if isinstance(c, AdapterCheckpoint)]
     report.notes += [f"{ref} has .bin weights (no header to read): downloaded to check it" for ref in fetched]
     return CheckedInputs(entries=entries, pivot=pivot, base=base, pivot_is_base=pivot_is_base, report=report,
@@ -90,7 +91,7 @@ def check_inputs(refs: Sequence[str], *, pivot_ref: str | None = None, base_ref:
 
 
 def open_inputs(checked: CheckedInputs, *, variant: str | None = None, token: str | None = None,
-                allow_dtype_mismatch: bool = False) -> Inputs:
+                allow_dtype_mismatch: bool = False, tokenizer_source: str | int = "auto") -> Inputs:
     """After the check passed: download what is missing (announced, disk checked first) and open it all."""
     if not checked.report.ok:
         raise IncompatibleCheckpointsError(checked.report.summary(), report=checked.report)
@@ -106,7 +107,8 @@ def open_inputs(checked: CheckedInputs, *, variant: str | None = None, token: st
     ckpts = [_open(e, variant, base_ckpt) for e in checked.entries]
     pivot_ckpt = (_open(checked.pivot, variant, None) if checked.pivot else
                   base_ckpt if checked.pivot_is_base else None)
-    report = check_compatibility(ckpts, pivot=pivot_ckpt, allow_dtype_mismatch=allow_dtype_mismatch)
+    report = check_compatibility(ckpts, pivot=pivot_ckpt, allow_dtype_mismatch=allow_dtype_mismatch,
+                                 tokenizer_source=tokenizer_source)
     if not report.ok:  # the weights say otherwise than their headers did: refuse all the same
         raise IncompatibleCheckpointsError(report.summary(), report=report)
     pivot = checked.pivot or (checked.base if checked.pivot_is_base else None)
@@ -184,7 +186,7 @@ def config_source(inputs: Inputs, pivot: str | int) -> Checkpoint:
 def tokenizer_dir(inputs: Inputs, pivot: str | int, source: str | int, *, token: str | None = None) -> Path:
     """Where the output's tokenizer, chat template and processor files come from (`--tokenizer-source`).
     An adapter's own folder counts when it holds a tokenizer; else its base's."""
-    if source == "pivot":
+    if source in ("auto", "union", "pivot"):
         if inputs.pivot is not None:
             return inputs.pivot.path
         source = pivot if isinstance(pivot, int) else 0

@@ -86,13 +86,13 @@ def merge(
         with main_process_first(setup):  # the main process downloads; the others find it in the cache
             checked = check_inputs(refs, pivot_ref=next(iter(config.pivot_refs), None), base_ref=config.base,
                                    pivot_is_base=config.pivot == "base", variant=config.variant, token=token,
-                                   allow_dtype_mismatch=config.dtype != "auto")
+                                   allow_dtype_mismatch=config.dtype != "auto", tokenizer_source=config.tokenizer_source)
             if not checked.report.ok:
                 raise IncompatibleCheckpointsError(checked.report.summary(), report=checked.report)
             # Again with every input's real directory (a Hub ingredient's is in the cache), before the download.
             check_output_dir(out, overwrite, inputs=checked.paths)
             inputs = open_inputs(checked, variant=config.variant, token=token,
-                                 allow_dtype_mismatch=config.dtype != "auto")
+                                 allow_dtype_mismatch=config.dtype != "auto", tokenizer_source=config.tokenizer_source)
         report, checkpoints, pivot_ckpt = inputs.report, inputs.checkpoints, inputs.pivot_checkpoint
         for note in report.notes:
             logger.info("note: %s", note)
@@ -102,7 +102,9 @@ def merge(
                              base=inputs.base,
                              pivot=pivot or (0 if config.pivot == "first" else config.pivot), device=str(setup.device))
         tensors = {n: checkpoints[0].info(n) for n in checkpoints[0].names()}
-        plan = plan_shards([(n, i.shape, output_dtype(config, i.dtype)) for n, i in tensors.items()],
+        shapes = {n: (report.vocab.size, *i.shape[1:]) if report.vocab and n in report.vocab_keys else i.shape
+                  for n, i in tensors.items()}
+        plan = plan_shards([(n, shapes[n], output_dtype(config, i.dtype)) for n, i in tensors.items()],
                            parse_size(config.max_shard_size), _stamp(result))
         staging = share_path(setup, make_staging_dir(out) if setup.is_main else None)
         with staging_cleanup(staging, out, owner=setup.is_main):
@@ -112,16 +114,18 @@ def merge(
             mine = assign_to_processes({n: i.nbytes for n, i in tensors.items()}, setup.world)[setup.rank]
             logger.log(logging.INFO if setup.world > 1 else logging.DEBUG, "process %d of %d on %s: %d tensor(s), %.1f MB",
                        setup.rank + 1, setup.world, setup.device, len(mine), sum(tensors[n].nbytes for n in mine) / 1e6)
-            merger = TensorMerger(checkpoints, pivot_ckpt or result.pivot, config, order, setup.device)
+            merger = TensorMerger(checkpoints, pivot_ckpt or result.pivot, config, order, setup.device,
+                                  vocab=report.vocab, vocab_keys=report.vocab_keys)
             stream_tensors(merger, mine, staging, plan, show=progress and setup.is_main, callback=callback)
             barrier(setup)
             if setup.is_main:
                 write_index(staging, plan)
                 source = config_source(inputs, result.pivot if isinstance(result.pivot, int) else "mean")
+                # With differing vocabularies the output keeps the plan's source tokenizer (or its union).
                 tokens = tokenizer_dir(inputs, result.pivot if isinstance(result.pivot, int) else "mean",
-                                       config.tokenizer_source, token=token)
+                                       report.vocab.source if report.vocab else config.tokenizer_source, token=token)
                 finish(staging, result, checkpoints, pivot_ckpt, command, source=source,
-                       tokenizer_dir=None if tokens == source.path else tokens)
+                       tokenizer_dir=None if tokens == source.path else tokens, vocab=report.vocab)
                 publish(staging, out, overwrite)
             barrier(setup)
     return dataclasses.replace(result, seconds=time.perf_counter() - started)

@@ -24,6 +24,7 @@ class Layout:
         tied: alias -> the name it is tied to (only ties this config makes).
         prefix: `base_model_prefix` (`transformer`, `model`, `bert`, ...), or "".
         ignored: regular expressions of stored names the class drops on load, and its buffers.
+        vocab_keys: the stored tensors indexed by token (input and output embeddings, an output bias).
     """
 
     architecture: str
@@ -31,6 +32,7 @@ class Layout:
     tied: dict[str, str]
     prefix: str
     ignored: tuple[str, ...]
+    vocab_keys: frozenset[str] = frozenset()
 
 
 class UnknownArchitecture(Exception):
@@ -72,8 +74,13 @@ def _layout(config_json: str) -> Layout:
     buffers = {name for name, _ in model.named_buffers()}
     ignored = [*(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []),
                *(re.escape(b) + "$" for b in buffers)]
-    return Layout(architecture=cls.__name__, keys=frozenset(state - set(tied)), tied=tied,
-                  prefix=getattr(cls, "base_model_prefix", "") or "", ignored=tuple(ignored))
+    keys = frozenset(state - set(tied))
+    embeddings = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    vocab_params = {id(getattr(m, attr)) for m in embeddings for attr in ("weight", "bias")
+                    if getattr(m, attr, None) is not None}
+    vocab = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in vocab_params} & keys
+    return Layout(architecture=cls.__name__, keys=keys, tied=tied, prefix=getattr(cls, "base_model_prefix", "") or "",
+                  ignored=tuple(ignored), vocab_keys=frozenset(vocab))
 
 
 @dataclass(frozen=True, kw_only=True)

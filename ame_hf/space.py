@@ -282,8 +282,8 @@ def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
                     shuffle = gr.Checkbox(False, label="Shuffle every epoch", elem_id="shuffle")
                 with gr.Row():
                     dtype = gr.Dropdown(list(OUTPUT_DTYPES), value="auto", label="Output dtype", elem_id="dtype")
-                    tokenizer_source = gr.Dropdown(["pivot", "first"], value="pivot", label="Tokenizer source",
-                                                   allow_custom_value=True, elem_id="tokenizer-source",
+                    tokenizer_source = gr.Dropdown(["auto", "union", "pivot", "first"], value="auto",
+                                                   label="Tokenizer source", allow_custom_value=True, elem_id="tokenizer-source",
                                                    info="tokenizer + chat template: pivot, first, an index, a repo ID")
         summary = gr.Markdown(label="Summary", elem_id="summary")
         with gr.Tab("Model card"):

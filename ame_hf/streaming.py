@@ -16,6 +16,7 @@ from .config import AmeConfig
 from .engine import ame_block, relative_lr_value, spread_sum
 from .errors import CheckpointError, IncompatibleCheckpointsError
 from .plan import Rows, ShardPlan, tensor_blocks
+from .vocabulary import VocabularyPlan
 from .writer import write_rows
 
 ProgressCallback = Callable[[int, int], None]
@@ -30,8 +31,10 @@ class TensorMerger:
     """
 
     def __init__(self, checkpoints: list[Checkpoint], pivot: Any, config: AmeConfig,
-                 order: list[list[int]], device: torch.device, io: ThreadPoolExecutor | None = None) -> None:
+                 order: list[list[int]], device: torch.device, io: ThreadPoolExecutor | None = None, *,
+                 vocab: VocabularyPlan | None = None, vocab_keys: frozenset[str] = frozenset()) -> None:
         self.checkpoints = checkpoints
+        self.vocab, self.vocab_keys = vocab, vocab_keys
         self.pivot = pivot  # "mean", an ingredient index, or a Checkpoint
         self.config = config
         self.order = order
@@ -105,6 +108,9 @@ class TensorMerger:
 
     def run(self, name: str, out_dir: Path, plan: ShardPlan, advance: Callable[[int], None]) -> None:
         info = self.checkpoints[0].info(name)
+        if self.vocab is not None and name in self.vocab_keys:
+            merge_token_rows(self, name, out_dir, plan, advance)
+            return
         if not info.dtype.is_floating_point:
             self._copy_exact(name, out_dir, plan)
             advance(info.nbytes)
@@ -151,6 +157,73 @@ class TensorMerger:
                     "integer buffers must be equal in all ingredients"
                 )
         self._write(out_dir, plan, name, 0, first)
+
+
+def merge_token_rows(merger: TensorMerger, name: str, out_dir: Path, plan: ShardPlan,
+                     advance: Callable[[int], None]) -> None:
+    """A token-indexed tensor whose rows are matched by token (DESIGN §3, Vocabulary): the output rows
+    owned by the same ingredients form a group, and each group runs AME over exactly its owners, in
+    their order, block by block of rows; so the soup of a row is the mean over the ingredients that
+    have its token. The pivot of a row: the pivot ingredient's row if it has the token, else the mean
+    of the owners (a pivot checkpoint with another vocabulary: the mean too)."""
+    vocab = merger.vocab
+    assert vocab is not None
+    info = merger.checkpoints[0].info(name)
+    shape = (vocab.size, *info.shape[1:])
+    per_block = max(1, (tensor_blocks(shape, merger.device)[0] or (0, vocab.size))[1])
+    groups = [(owners, rows[k:k + per_block]) for owners, rows in vocab.groups() for k in range(0, len(rows), per_block)]
+    lr = merger.config.lr
+    if merger.config.relative_lr is not None:
+        squared, count = 0.0, 0
+        for owners, rows in groups:
+            blocks = _gather_owners(merger, name, owners, rows)
+            _, dist = spread_sum(lambda j: blocks[owners[j]].clone(), len(owners), _row_pivot(merger, owners, rows, blocks))
+            squared, count = squared + dist, count + len(owners) * len(rows) * math.prod(shape[1:])
+        lr = relative_lr_value(merger.config.relative_lr, squared, count)
+    row_bytes = info.nbytes // max(1, info.shape[0])
+    for owners, rows in groups:
+        blocks = _gather_owners(merger, name, owners, rows)
+        order = [[i for i in epoch if i in owners] for epoch in merger.order]
+        pivot = _row_pivot(merger, owners, rows, blocks)
+        if pivot is None:
+            mean = sum(blocks[i].double() for i in owners) / len(owners)
+            pivot = mean.to(merger.compute_dtype)
+        merged = pivot if lr == 0.0 else ame_block(lambda j: blocks[j].clone(), pivot, merger.config, order, lr)
+        merged = merged.cpu()
+        for start, stop in _runs(rows):
+            offset = rows.index(start)
+            merger._write(out_dir, plan, name, start, merged[offset:offset + stop - start])
+        advance(row_bytes * len(rows))
+
+
+def _gather_owners(merger: TensorMerger, name: str, owners: Sequence[int], rows: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Each owner's rows for output `rows` (read as runs of consecutive rows), in the compute dtype."""
+    assert merger.vocab is not None
+    out = {}
+    for i in owners:
+        source = [merger.vocab.rows[i][r] for r in rows]
+        parts = [merger._read(merger.checkpoints[i], name, run) for run in _runs(source)]
+        out[i] = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return out
+
+
+def _row_pivot(merger: TensorMerger, owners: Sequence[int], rows: Sequence[int],
+               blocks: dict[int, torch.Tensor]) -> torch.Tensor | None:
+    """The pivot ingredient's rows when it owns them; None (the mean of the owners) otherwise."""
+    if isinstance(merger.pivot, int) and merger.pivot in owners:
+        return blocks[merger.pivot].clone()
+    return None
+
+
+def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:
+    """Consecutive runs of `indices` as [start, stop) ranges, in order."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
 
 
 def stream_tensors(merger: TensorMerger, names: Sequence[str], staging: Path, plan: ShardPlan, *, show: bool,

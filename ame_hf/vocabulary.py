@@ -41,6 +41,7 @@ class TokenizerFiles:
     added: dict[str, int] = field(default_factory=dict)
     special: dict[str, Any] = field(default_factory=dict)
     chat_template: str | None = None
+    special_added: frozenset[str] = frozenset()  # added tokens marked special in tokenizer.json
 
 
 def read_tokenizer(path: str | os.PathLike | None) -> TokenizerFiles:
@@ -70,7 +71,10 @@ def read_tokenizer(path: str | os.PathLike | None) -> TokenizerFiles:
         template = _json(root / "chat_template.json").get("chat_template")
     elif isinstance(config.get("chat_template"), (str, list)):
         template = json.dumps(config["chat_template"]) if isinstance(config["chat_template"], list) else config["chat_template"]
-    return TokenizerFiles(files=files, vocab=vocab, added=added, special=special, chat_template=template)
+    special_added = frozenset(t["content"] for t in tok.get("added_tokens", [])
+                              if isinstance(t, dict) and t.get("special") and "content" in t)
+    return TokenizerFiles(files=files, vocab=vocab, added=added, special=special, chat_template=template,
+                          special_added=special_added)
 
 
 def compare_tokenizers(names: Sequence[str], tokenizers: Sequence[TokenizerFiles]) -> list[str]:
@@ -117,3 +121,82 @@ def _token_text(value: Any) -> Any:
     if isinstance(value, list):
         return [_token_text(v) for v in value]
     return value
+
+
+def token_ids(tokenizer: TokenizerFiles) -> dict[str, int] | None:
+    """Every token of a tokenizer (base vocabulary and added tokens) -> its id; None without a tokenizer."""
+    if tokenizer.vocab is None and not tokenizer.added:
+        return None
+    return {**(tokenizer.vocab or {}), **tokenizer.added}
+
+
+@dataclass(frozen=True, kw_only=True)
+class VocabularyPlan:
+    """How the rows of token-indexed tensors are matched across ingredients (by token string).
+
+    Attributes:
+        size: rows of the output's token-indexed tensors (its `vocab_size`).
+        rows: per ingredient, output row -> that ingredient's row, or -1 where it lacks the token.
+        new_tokens: tokens the output has beyond the source tokenizer, in order (`union`), with
+            whether each is special.
+        source: the ingredient whose tokenizer (and ids) the output keeps.
+        union: True for `--tokenizer-source union`.
+    """
+
+    size: int
+    rows: list[list[int]]
+    new_tokens: list[tuple[str, bool]]
+    source: int
+    union: bool
+
+    def groups(self) -> list[tuple[tuple[int, ...], list[int]]]:
+        """Output rows grouped by the ingredients that own them: [(owners, output rows)], owners in order."""
+        by_owners: dict[tuple[int, ...], list[int]] = {}
+        for row in range(self.size):
+            owners = tuple(i for i, rows in enumerate(self.rows) if rows[row] >= 0)
+            by_owners.setdefault(owners, []).append(row)
+        return sorted(by_owners.items(), key=lambda kv: kv[1][0])
+
+
+def plan_vocabulary(names: Sequence[str], tokenizers: Sequence[TokenizerFiles], row_counts: Sequence[int], *,
+                    source: int, union: bool) -> VocabularyPlan:
+    """Match token-indexed rows by token string.
+
+    With `union`, the source's rows keep their ids, then every token another ingredient added follows, in
+    ingredient order; else the output has exactly the source tokenizer's rows. A row beyond a tokenizer's
+    length (padding) is matched by its index among such rows.
+
+    Raises:
+        ValueError: an ingredient has no tokenizer (its rows cannot be mapped), naming it; or the source
+            has padding rows a union would collide with.
+    """
+    maps = []
+    for name, tok, count in zip(names, tokenizers, row_counts):
+        ids = token_ids(tok)
+        if ids is None:
+            raise ValueError(f"{name} has no tokenizer, and the vocabularies differ: its embedding rows cannot be "
+                             "matched by token; add its tokenizer files, or merge ingredients of one vocabulary")
+        by_row: dict[int, object] = {i: t for t, i in ids.items() if 0 <= i < count}
+        maps.append({by_row.get(r, ("#row", r)): r for r in range(count)})
+    keys = sorted(maps[source], key=maps[source].get)
+    new_tokens: list[tuple[str, bool]] = []
+    if union:
+        if any(isinstance(k, tuple) for k in keys) and any(k not in maps[source] for m in maps for k in m):
+            raise ValueError(f"{names[source]} has embedding rows beyond its tokenizer: new tokens would collide "
+                             "with them; choose --tokenizer-source of an ingredient without such rows")
+        seen = set(keys)
+        for i, m in enumerate(maps):
+            for key in sorted(m, key=m.get):
+                if key not in seen and isinstance(key, str):
+                    seen.add(key)
+                    keys.append(key)
+                    new_tokens.append((key, key in _specials(tokenizers[i])))
+    rows = [[m.get(k, -1) for k in keys] for m in maps]
+    return VocabularyPlan(size=len(keys), rows=rows, new_tokens=new_tokens, source=source, union=union)
+
+
+def _specials(tokenizer: TokenizerFiles) -> set[str]:
+    out: set[str] = set()
+    for value in tokenizer.special.values():
+        out.update(value if isinstance(value, list) else [value])
+    return out | set(tokenizer.special_added)

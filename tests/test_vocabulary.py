@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -62,3 +64,112 @@ def test_a_tokenizer_source_index_out_of_range_is_one_line(two_tokenizers, tmp_p
     capsys.readouterr()
     assert main(["merge", str(a), str(b), "--out", str(tmp_path / "o"), "--tokenizer-source", "5"]) == 1
     assert "tokenizer_source index 5 is out of range" in capsys.readouterr().err
+
+
+# -- extended vocabularies: rows matched by token string --------------------------------------------
+
+
+@pytest.fixture()
+def extended(tmp_path):
+    """Three fine-tunes of one tiny Llama: one as is, two that added tokens (in other orders, so the same
+    token has other ids), each with its tokenizer."""
+    import torch
+    from transformers import AddedToken
+
+    from factories import build_base
+
+    base_tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    plans = [[], ["<|im_start|>", "<x>"], ["<x>", "<pad2>", "<|im_start|>"]]
+    folders = []
+    for i, added in enumerate(plans):
+        model = build_base("llama", vocab_size=len(base_tok))
+        tok = tiny_tokenizer()
+        tok.add_tokens([AddedToken(t, special=t.startswith("<|")) for t in added])
+        model.resize_token_embeddings(len(tok))
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+        folder = tmp_path / f"ft{i}"
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        folders.append(folder)
+    return folders
+
+
+def _rows(folder):
+    from safetensors.torch import load_file
+
+    state = load_file(folder / "model.safetensors")
+    return state["model.embed_tokens.weight"].double(), state["lm_head.weight"].double()
+
+
+def test_union_soup_row_is_the_mean_over_the_ingredients_that_have_the_token(extended, tmp_path):
+    out = tmp_path / "union"
+    assert main(["merge", *map(str, extended), "--out", str(out), "--quiet", "--optimizer", "sgd"]) == 0
+    tok = AutoTokenizer.from_pretrained(out)
+    toks = [AutoTokenizer.from_pretrained(f) for f in extended]
+    embed, head = _rows(out)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == embed.shape[0] == len(tok) == 18
+    inputs = [_rows(f) for f in extended]
+    for token, row in tok.get_vocab().items():
+        assert tok.convert_tokens_to_ids(token) == row
+        owners = [i for i, t in enumerate(toks) if token in t.get_vocab()]
+        assert owners, token
+        for k, out_rows in enumerate((embed, head)):
+            expected = sum(inputs[i][k][toks[i].convert_tokens_to_ids(token)] for i in owners) / len(owners)
+            assert torch.allclose(out_rows[row], expected, atol=1e-6), (token, owners)
+    # the source's tokens keep their ids; the others' new tokens follow, in ingredient order
+    assert [tok.convert_ids_to_tokens(i) for i in range(15, 18)] == ["<|im_start|>", "<x>", "<pad2>"]
+    assert tok.convert_tokens_to_ids("red") == toks[0].convert_tokens_to_ids("red")
+    assert tok.added_tokens_decoder[15].special and not tok.added_tokens_decoder[17].special
+
+
+def test_tokenizer_source_index_keeps_that_vocabulary_exactly(extended, tmp_path):
+    out = tmp_path / "exact"
+    assert main(["merge", *map(str, extended), "--out", str(out), "--quiet", "--optimizer", "sgd",
+                 "--tokenizer-source", "2"]) == 0
+    tok, source = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(extended[2])
+    assert tok.get_vocab() == source.get_vocab()
+    embed, _ = _rows(out)
+    assert embed.shape[0] == len(source)
+    pad2 = source.convert_tokens_to_ids("<pad2>")  # only ft2 has it: its row, unchanged
+    assert torch.allclose(embed[pad2], _rows(extended[2])[0][pad2], atol=1e-6)
+
+
+def test_a_differing_vocabulary_without_a_tokenizer_is_refused(extended, tmp_path, capsys):
+    for f in extended[1].iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "added_tokens")):
+            f.unlink()
+    capsys.readouterr()
+    assert main(["merge", *map(str, extended), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{extended[1]} has no tokenizer" in err, err
+
+
+def test_adam_on_extended_vocabularies_runs_and_keeps_shared_rows_near_the_soup(extended, tmp_path):
+    soup = tmp_path / "soup"
+    adam = tmp_path / "adam"
+    assert main(["merge", *map(str, extended), "--out", str(soup), "--quiet", "--optimizer", "sgd"]) == 0
+    assert main(["merge", *map(str, extended), "--out", str(adam), "--quiet"]) == 0
+    a, s = _rows(adam)[0], _rows(soup)[0]
+    assert a.shape == s.shape and not torch.equal(a, s)
+    assert float((a - s).abs().max()) < 0.05  # the default is a small step from the soup
+
+
+def test_extended_vocabularies_are_bit_identical_over_two_processes(extended, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from factories import weights_sha256
+
+    common = ["--relative-lr", "0.1", "--shuffle", "--epochs", "2", "--max-shard-size", "8KB", "--device", "cpu",
+              "--quiet"]
+    assert main(["merge", *map(str, extended), "--out", str(tmp_path / "one"), *common]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ame_hf",
+           "merge", *map(str, extended), "--out", str(tmp_path / "two"), *common]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(weights_sha256(tmp_path / "one")) > 2 and weights_sha256(tmp_path / "one") == weights_sha256(tmp_path / "two")
