@@ -13,7 +13,8 @@ from typing import Any, Sequence
 
 from .checkpoint import DTYPE_NAMES, Checkpoint
 from .reconcile import Layout, Renaming, UnknownArchitecture, model_layout, rename
-from .vocabulary import VocabularyPlan, compare_tokenizers, plan_vocabulary, read_tokenizer, token_ids
+from .vocabulary import (TokenizerFiles, VocabularyPlan, compare_tokenizers, plan_vocabulary, read_tokenizer,
+                         token_ids)
 
 # Config keys whose difference means another architecture: errors. Any other difference is a note,
 # since the tensors' shapes (compared one by one) decide whether weights can be averaged.
@@ -85,7 +86,7 @@ def check_compatibility(
     *,
     pivot: Checkpoint | None = None,
     allow_dtype_mismatch: bool = False,
-    tokenizer_source: str | int = "auto",
+    tokenizer_source: str | int | TokenizerFiles = "auto",
 ) -> CompatibilityReport:
     """Compare every ingredient with the first one (after reconciling their layouts), and the pivot.
 
@@ -94,7 +95,8 @@ def check_compatibility(
         pivot: another checkpoint to start from (e.g. the base model), if any.
         allow_dtype_mismatch: dtype differences become notes (an explicit output dtype was chosen).
         tokenizer_source: whose vocabulary the output keeps when vocabularies differ (`auto` and `union`:
-            the union; `first`, `pivot` or an index: that ingredient's).
+            the union; `first`, `pivot` or an index: that ingredient's; the `TokenizerFiles` of another
+            checkpoint: its vocabulary, every row merged from the ingredients that have its token).
 
     >>> report = check_compatibility([Checkpoint("a"), Checkpoint("b")])  # doctest: +SKIP
     >>> print(report.format())                                            # doctest: +SKIP
@@ -215,7 +217,7 @@ def _tokenizer_of(ckpt: Checkpoint) -> Any:
 
 
 def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: CompatibilityReport,
-                source: str | int) -> None:
+                source: str | int | TokenizerFiles) -> None:
     """When the ingredients' vocabularies differ (tokens, or rows of the embeddings), plan to match the rows
     of every token-indexed tensor by token string (a note), or say why that cannot be done (an error)."""
     sizes = [c.config.get("vocab_size") for c in views]
@@ -234,22 +236,33 @@ def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: 
     name = sorted(keys)[0]
     counts = [c.tensors[name].shape[0] for c in views]
     union = source in ("auto", "union")
-    index = 0 if union or source in ("first", "pivot") else source
-    if not isinstance(index, int):
-        report.errors.append(f"the vocabularies differ: --tokenizer-source must be union, first or an ingredient "
-                             f"index (not {source!r}), so that every row comes from an ingredient")
-        return
+    names = [c.name for c in views]
+    index: int | None = 0 if union or source in ("first", "pivot") else source if isinstance(source, int) else None
+    if index is None:  # another checkpoint's tokenizer: its vocabulary exactly, every row from the ingredients
+        if not isinstance(source, TokenizerFiles) or token_ids(source) is None:
+            report.errors.append(f"the vocabularies differ and --tokenizer-source {source!r} holds no tokenizer")
+            return
+        names, tokenizers = [*names, "the tokenizer source"], [*tokenizers, source]
+        counts, index = [*counts, len(token_ids(source) or {})], len(views)
     try:
-        plan = plan_vocabulary([c.name for c in views], tokenizers, counts, source=index, union=union)
+        plan = plan_vocabulary(names, tokenizers, counts, source=index, union=union)
     except ValueError as err:
         report.errors.append(str(err))
         return
+    if index == len(views):  # drop the tokenizer-only source: every row must come from an ingredient
+        orphans = [r for r in range(plan.size) if all(rows[r] < 0 for rows in plan.rows[:-1])]
+        if orphans:
+            report.errors.append(f"--tokenizer-source has {len(orphans)} token(s) no ingredient has; choose "
+                                 "union, first or an ingredient index")
+            return
+        plan = VocabularyPlan(size=plan.size, rows=plan.rows[:-1], new_tokens=[], source=0, union=False,
+                              tokenizer=source)
     report.vocab, report.vocab_keys = plan, keys
     added = ", ".join(repr(t) for t, _ in plan.new_tokens[:8]) + (" ..." if len(plan.new_tokens) > 8 else "")
     report.notes.append(
         f"the vocabularies differ (rows {counts}): rows of {', '.join(sorted(keys))} are matched by token; the output "
         + (f"has the union of {plan.size} tokens ({len(plan.new_tokens)} new: {added})" if union
-           else f"keeps the {plan.size} tokens of {views[index].name}")
+           else f"keeps the {plan.size} tokens of {views[index].name if index < len(views) else 'the tokenizer source'}")
         + "; each row is merged over the ingredients that have its token")
 
 

@@ -17,7 +17,8 @@ from .fetch import (check_disk_space, download_size, fetch_light, fetch_weights,
                     hub_cache)
 from .records import HubSource, Ingredient
 from .resolve import plan_refs
-from .vocabulary import is_tokenizer_file
+from .config import SOURCE_WORDS
+from .vocabulary import is_tokenizer_file, read_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def check_inputs(refs: Sequence[str], *, pivot_ref: str | None = None, base_ref:
     ckpts = [_header_or_open(e, variant, token, fetched, base_ckpt) for e in entries]
     pivot_ckpt = _header_or_open(pivot, variant, token, fetched) if pivot else (base_ckpt if pivot_is_base else None)
     report = check_compatibility(ckpts, pivot=pivot_ckpt, allow_dtype_mismatch=allow_dtype_mismatch,
-                                 tokenizer_source=tokenizer_source)
+                                 tokenizer_source=_tokenizer_setting(tokenizer_source, token))
     report.notes[:0] = [c.describe() for c in ckpts if isinstance(c, AdapterCheckpoint)]
     report.notes += [f"{ref} has .bin weights (no header to read): downloaded to check it" for ref in fetched]
     return CheckedInputs(entries=entries, pivot=pivot, base=base, pivot_is_base=pivot_is_base, report=report,
@@ -108,13 +109,21 @@ def open_inputs(checked: CheckedInputs, *, variant: str | None = None, token: st
     pivot_ckpt = (_open(checked.pivot, variant, None) if checked.pivot else
                   base_ckpt if checked.pivot_is_base else None)
     report = check_compatibility(ckpts, pivot=pivot_ckpt, allow_dtype_mismatch=allow_dtype_mismatch,
-                                 tokenizer_source=tokenizer_source)
+                                 tokenizer_source=_tokenizer_setting(tokenizer_source, token))
     if not report.ok:  # the weights say otherwise than their headers did: refuse all the same
         raise IncompatibleCheckpointsError(report.summary(), report=report)
     pivot = checked.pivot or (checked.base if checked.pivot_is_base else None)
     return Inputs(ingredients=[e.light for e in checked.entries], pivot=pivot.light if pivot else None,
                   base=checked.base.light if checked.base else None, checkpoints=report.checkpoints,
                   pivot_checkpoint=report.pivot, report=report)
+
+
+def _tokenizer_setting(source: str | int, token: str | None) -> str | int | Any:
+    """`--tokenizer-source` for the check: a keyword or index as is, another checkpoint as its tokenizer."""
+    if isinstance(source, int) or source in SOURCE_WORDS:
+        return source
+    planned = plan_refs([source], token=token)[0]
+    return read_tokenizer((planned if isinstance(planned, Ingredient) else fetch_light(planned, token=token)).path)
 
 
 def _entry(source: Ingredient | HubSource, token: str | None) -> _Entry:

@@ -123,7 +123,8 @@ def merge(
                 source = config_source(inputs, result.pivot if isinstance(result.pivot, int) else "mean")
                 # With differing vocabularies the output keeps the plan's source tokenizer (or its union).
                 tokens = tokenizer_dir(inputs, result.pivot if isinstance(result.pivot, int) else "mean",
-                                       report.vocab.source if report.vocab else config.tokenizer_source, token=token)
+                                       report.vocab.source if report.vocab and report.vocab.tokenizer is None
+                                       else config.tokenizer_source, token=token)
                 finish(staging, result, checkpoints, pivot_ckpt, command, source=source,
                        tokenizer_dir=None if tokens == source.path else tokens, vocab=report.vocab)
                 publish(staging, out, overwrite)

@@ -141,6 +141,7 @@ class VocabularyPlan:
             whether each is special.
         source: the ingredient whose tokenizer (and ids) the output keeps.
         union: True for `--tokenizer-source union`.
+        tokenizer: the tokenizer of another checkpoint whose vocabulary the output keeps, if any.
     """
 
     size: int
@@ -148,6 +149,7 @@ class VocabularyPlan:
     new_tokens: list[tuple[str, bool]]
     source: int
     union: bool
+    tokenizer: TokenizerFiles | None = None
 
     def groups(self) -> list[tuple[tuple[int, ...], list[int]]]:
         """Output rows grouped by the ingredients that own them: [(owners, output rows)], owners in order."""

@@ -173,3 +173,20 @@ def test_extended_vocabularies_are_bit_identical_over_two_processes(extended, tm
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(weights_sha256(tmp_path / "one")) > 2 and weights_sha256(tmp_path / "one") == weights_sha256(tmp_path / "two")
+
+
+def test_a_tokenizer_source_ref_keeps_its_vocabulary_with_rows_from_the_ingredients(extended, tmp_path):
+    only = tmp_path / "tokenizer-of-ft2"
+    only.mkdir()
+    for f in extended[2].iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            (only / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "ref"
+    assert main(["merge", *map(str, extended), "--out", str(out), "--quiet", "--optimizer", "sgd",
+                 "--tokenizer-source", str(only)]) == 0
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.get_vocab() == AutoTokenizer.from_pretrained(extended[2]).get_vocab()
+    # the same rows as with --tokenizer-source 2: the tokenizer is ft2's
+    assert main(["merge", *map(str, extended), "--out", str(tmp_path / "idx"), "--quiet", "--optimizer", "sgd",
+                 "--tokenizer-source", "2"]) == 0
+    assert torch.equal(_rows(out)[0], _rows(tmp_path / "idx")[0])
