@@ -184,8 +184,11 @@ def next_commands(out: str | Path = "ame-demo") -> list[str]:
     merged, experts = root / "merged-ame", [root / f"expert-{task}" for task in TASKS]
     generate = ("from transformers import pipeline; "
                 f"print(pipeline('text-generation', model={str(merged)!r})('<count> 3 4 5')[0]['generated_text'])")
+    # Double quotes around the Python (it holds only single quotes) read better than shlex's '"'"' escapes;
+    # a path with a double quote, `$` or a backquote falls back to shlex.
+    plain = not any(c in generate for c in '"$`\\')
     return [
-        shlex.join(["python", "-c", generate]),
+        f'python -c "{generate}"' if plain else shlex.join(["python", "-c", generate]),
         shlex.join(["ame-hf", "merge", str(experts[0]), str(experts[1]), "--out", str(root / "merged-2"),
                     "--overwrite"]),
         shlex.join(["ame-hf", "check", *map(str, experts)]),
