@@ -85,7 +85,7 @@ class AdapterCheckpoint(Checkpoint):
         self.adapter_config = read_adapter_config(self.adapter_path, name)
         self.path, self.variant, self.config = base.path, base.variant, base.config
         self.format, self.files, self.unsupported = base.format, base.files, dict(base.unsupported)
-        self._bin = None
+        self._bin, self.reads = None, base.reads  # reading an adapter's block reads its base's
         raw = _load_adapter_tensors(self.adapter_path, name)
         self.replaced: dict[str, torch.Tensor] = {}
         self.loras: dict[str, _Lora] = {}

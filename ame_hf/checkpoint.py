@@ -110,6 +110,17 @@ def _safe_shard_name(name: Any, index_file: Path) -> str:
     return name
 
 
+class ReadCount:
+    """Bytes of tensor data read from a checkpoint's files (shared by its renamed views), so that the
+    read-once property of a merge can be measured and tested."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def add(self, nbytes: int) -> None:
+        self.bytes += nbytes
+
+
 class Checkpoint:
     """Lazy view over the weights of one model directory.
 
@@ -126,6 +137,7 @@ class Checkpoint:
         self.path = Path(path)
         self.name = name or str(path)
         self.variant = variant
+        self.reads = ReadCount()
         if not self.path.is_dir():
             raise IngredientNotFoundError(f"{self.name}: no such directory {self.path}", ref=self.name)
         self.config = self._read_config()
@@ -146,6 +158,7 @@ class Checkpoint:
         ckpt.path, ckpt.name, ckpt.variant, ckpt.config = path, name, None, config
         ckpt._bin, ckpt.unsupported, ckpt.tensors = None, dict(unsupported or {}), dict(tensors)
         ckpt.stored = {n: n for n in tensors}
+        ckpt.reads = ReadCount()
         ckpt.format, ckpt.files = "safetensors", sorted({t.file for t in tensors.values()})
         return ckpt
 
@@ -264,6 +277,8 @@ class Checkpoint:
         if self.path is None:
             raise CheckpointError(f"{self.name}: only its headers were read; download it to read {name!r}",
                                   tensor=name)
+        self.reads.add(info.nbytes * (rows[1] - rows[0]) // info.shape[0] if rows is not None and info.shape
+                       else info.nbytes)
         if self._bin is not None:
             t = self._bin[self.stored[name]]
             t = t if rows is None or not info.shape else t[rows[0]:rows[1]]

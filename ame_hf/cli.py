@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(m)
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     m.add_argument("--device", help="compute device, e.g. cpu, cuda, cuda:1 (default: chosen by accelerate)")
+    m.add_argument("--max-memory", help="memory for one tensor's ingredient blocks, so each input byte is read once "
+                                       "(default 256MiB; a larger tensor is read again for each pass)")
     m.add_argument("--threads", type=_whole, help="torch threads on the CPU (default 1; for more cores run "
                                                 "several processes with torchrun)")
     m.add_argument("--push", action="store_true", help="push the output to the Hub (needs --repo-id)")
@@ -235,7 +237,7 @@ def cmd_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     result = merge(refs, out, AmeConfig.from_dict(values), token=args.token, overwrite=args.overwrite,
                    progress=not args.quiet, device=args.device, threads=args.threads,
-                   command=redacted_command(argv))
+                   command=redacted_command(argv), max_memory=args.max_memory)
     _say(args, f"merged {len(result.ingredients)} checkpoints with {result.config.optimizer} "
                f"in {result.seconds:.1f}s -> {result.path}")
     if args.data:

@@ -22,7 +22,7 @@ from .plan import assign_to_processes, output_dtype, plan_shards
 from .recipe import recipe_digest
 from .records import Ingredient, MergeResult
 from .resolve import local_inputs
-from .streaming import ProgressCallback, TensorMerger, stream_tensors
+from .streaming import DEFAULT_MAX_MEMORY, ProgressCallback, TensorMerger, stream_tensors
 from .writer import create_shard_files, write_index
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ def merge(
     device: str | None = None,
     threads: int | None = None,
     command: str | None = None,
+    max_memory: str | int | None = None,
     **options: Any,
 ) -> MergeResult:
     """Merge checkpoints with AME and write a `from_pretrained`-loadable model to `out_dir`.
@@ -57,6 +58,8 @@ def merge(
         threads: torch intra-op threads on the CPU during the merge (default 1: element-wise work on
             blocks gains little from threads and stalls badly when another process shares the cores;
             use several processes with `torchrun` to use more cores).
+        max_memory: how much of one tensor's ingredient blocks may be kept in memory so that each input
+            byte is read once (`256MiB` by default; a larger tensor is read again for each pass).
         command: the command line as typed (the CLI passes it, tokens removed). Accepted for existing
             callers; the card's Reproduce command is built from the resolved result instead.
 
@@ -115,7 +118,8 @@ def merge(
             logger.log(logging.INFO if setup.world > 1 else logging.DEBUG, "process %d of %d on %s: %d tensor(s), %.1f MB",
                        setup.rank + 1, setup.world, setup.device, len(mine), sum(tensors[n].nbytes for n in mine) / 1e6)
             merger = TensorMerger(checkpoints, pivot_ckpt or result.pivot, config, order, setup.device,
-                                  vocab=report.vocab, vocab_keys=report.vocab_keys)
+                                  vocab=report.vocab, vocab_keys=report.vocab_keys,
+                                  max_memory=DEFAULT_MAX_MEMORY if max_memory is None else parse_size(max_memory))
             stream_tensors(merger, mine, staging, plan, show=progress and setup.is_main, callback=callback)
             barrier(setup)
             if setup.is_main:
@@ -129,7 +133,8 @@ def merge(
                        tokenizer_dir=None if tokens == source.path else tokens, vocab=report.vocab)
                 publish(staging, out, overwrite)
             barrier(setup)
-    return dataclasses.replace(result, seconds=time.perf_counter() - started)
+    read = sum({id(c.reads): c.reads.bytes for c in [*checkpoints, *([pivot_ckpt] if pivot_ckpt else [])]}.values())
+    return dataclasses.replace(result, seconds=time.perf_counter() - started, bytes_read=read)
 
 
 def _stamp(result: MergeResult) -> dict[str, str]:

@@ -85,6 +85,7 @@ class MergeResult:
         report: the compatibility report the merge was checked with.
         device: the device the optimizer ran on (e.g. `cpu`, `cuda:0`).
         base: the base model of the PEFT adapters among the ingredients, if any.
+        bytes_read: tensor bytes this process read from the inputs (each once, within `max_memory`).
     """
 
     path: Path
@@ -96,6 +97,7 @@ class MergeResult:
     report: CompatibilityReport | None = field(default=None, compare=False, repr=False)
     device: str = field(default="cpu", compare=False)
     base: Ingredient | None = None
+    bytes_read: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, kw_only=True)

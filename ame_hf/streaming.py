@@ -3,6 +3,8 @@ engine, write the result in place, with one I/O thread overlapping reads, comput
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +21,12 @@ from .plan import Rows, ShardPlan, tensor_blocks
 from .vocabulary import VocabularyPlan
 from .writer import write_rows
 
+logger = logging.getLogger(__name__)
+
 ProgressCallback = Callable[[int, int], None]
+# Ingredient blocks of one tensor kept in memory so that each input byte is read once (for the spread,
+# the mean pivot and every step and epoch); a tensor whose N copies exceed it is read again instead.
+DEFAULT_MAX_MEMORY = 256 * 2**20
 
 
 class TensorMerger:
@@ -32,8 +39,10 @@ class TensorMerger:
 
     def __init__(self, checkpoints: list[Checkpoint], pivot: Any, config: AmeConfig,
                  order: list[list[int]], device: torch.device, io: ThreadPoolExecutor | None = None, *,
-                 vocab: VocabularyPlan | None = None, vocab_keys: frozenset[str] = frozenset()) -> None:
+                 vocab: VocabularyPlan | None = None, vocab_keys: frozenset[str] = frozenset(),
+                 max_memory: int = DEFAULT_MAX_MEMORY) -> None:
         self.checkpoints = checkpoints
+        self.max_memory = max_memory
         self.vocab, self.vocab_keys = vocab, vocab_keys
         self.pivot = pivot  # "mean", an ingredient index, or a Checkpoint
         self.config = config
@@ -79,6 +88,20 @@ class TensorMerger:
 
         return load
 
+    def _kept_loader(self, kept: dict[tuple[Rows, int], torch.Tensor], name: str, rows: Rows,
+                     expected: Sequence[int] = ()) -> Callable[[int], torch.Tensor]:
+        """`_loader`, but each block is read once and kept: later passes get a copy (the engine updates
+        what it loads in place), so the arithmetic and the bytes written are the same."""
+        fresh = list(dict.fromkeys(i for i in expected if (rows, i) not in kept))
+        read = self._loader(name, rows, fresh)
+
+        def load(i: int) -> torch.Tensor:
+            if (rows, i) not in kept:
+                kept[(rows, i)] = read(i)
+            return kept[(rows, i)].clone()
+
+        return load
+
     def _write(self, out_dir: Path, plan: ShardPlan, name: str, row: int, values: torch.Tensor) -> None:
         if self.io is None:
             write_rows(out_dir, plan, name, row, values)
@@ -119,10 +142,18 @@ class TensorMerger:
         n = len(self.checkpoints)
         lr = self.config.lr
         cached_pivot = None
+        kept: dict[tuple[Rows, int], torch.Tensor] | None = None
+        if n * info.numel * self.compute_dtype.itemsize <= self.max_memory:
+            kept = {}  # every ingredient's blocks of this tensor, each read once
+        else:
+            logger.debug("%s: %d copies of %.1f MB exceed --max-memory: its blocks are read again for each pass",
+                         name, n, info.numel * self.compute_dtype.itemsize / 1e6)
+        loader = functools.partial(self._kept_loader, kept, name) if kept is not None else functools.partial(
+            self._loader, name)
         if self.config.relative_lr is not None:
             squared = 0.0
             for rows in blocks:
-                s1, dist = spread_sum(self._loader(name, rows, range(n)), n, self._pivot_block(name, rows))
+                s1, dist = spread_sum(loader(rows, range(n)), n, self._pivot_block(name, rows))
                 squared += dist
                 if len(blocks) == 1 and self.pivot == "mean":
                     cached_pivot = (s1 / n).to(self.compute_dtype)
@@ -132,7 +163,7 @@ class TensorMerger:
             pivot = cached_pivot if cached_pivot is not None else self._pivot_block(name, rows)
             mean_pass = pivot is None and not self.soup
             reads = [*(range(n) if mean_pass else ()), *(self._ame_reads if lr != 0.0 else ())]
-            load = self._loader(name, rows, reads)
+            load = loader(rows, reads)
             if pivot is None and self.soup:
                 # The soup's first step (SGD, lr 1) replaces w by the first ingredient whatever the
                 # pivot; from zeros that step is exact, so the mean pass would only cost a read.

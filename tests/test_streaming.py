@@ -58,3 +58,20 @@ def test_peak_memory_is_bounded_by_a_slice(tmp_path, optimizer):
     # slice buffers are kept for reuse, one block is read ahead and one written behind), far below
     # one copy.
     assert peak - base < 0.5 * tensor_mib, f"peak {peak:.0f} MiB vs baseline {base:.0f} MiB"
+
+
+def test_each_input_byte_is_read_once_within_max_memory(tmp_path):
+    """The default merge (Adam, relative lr: spread, mean pivot and steps) and 3 epochs read every
+    ingredient byte once; with too little memory they read again, and write the same bytes."""
+    from ame_hf import merge
+    from factories import load_state, make_finetunes, weights_sha256
+
+    paths = make_finetunes(tmp_path / "ft", n=3)
+    inputs = sum(t.numel() * t.element_size() for p in paths for t in load_state(p).values())
+    once = merge(paths, tmp_path / "once", epochs=3, shuffle=True, progress=False)
+    assert once.bytes_read == inputs
+    again = merge(paths, tmp_path / "again", epochs=3, shuffle=True, progress=False, max_memory=1024)
+    assert again.bytes_read > 3 * inputs  # spread, mean pivot, 3 epochs: a pass each
+    assert weights_sha256(once.path) == weights_sha256(again.path)
+    soup = merge(paths, tmp_path / "soup", optimizer="sgd", progress=False)
+    assert soup.bytes_read == inputs
