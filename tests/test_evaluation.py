@@ -68,8 +68,10 @@ def test_merge_eval_data_with_a_task_that_does_not_fit_fails_before_the_merge(tm
     assert_one_error_line(code, capsys.readouterr().err, "text-classification", exit_code=1)
     assert not out.exists() and not list(tmp_path.glob(".ame-tmp-*"))  # no merge was written
     capsys.readouterr()
-    assert main(["merge", *map(str, llamas), "--out", str(out), "--eval-data", str(val), "--quiet"]) == 1
-    assert "task" in capsys.readouterr().err and not out.exists()  # nothing to infer from a causal LM either
+    # Inferred: text-generation (a causal LM), which scores text with the tokenizer these folders lack.
+    code = main(["merge", *map(str, llamas), "--out", str(out), "--eval-data", str(val), "--quiet"])
+    assert_one_error_line(code, capsys.readouterr().err, "no tokenizer files", "text-generation", exit_code=1)
+    assert not out.exists()
 
 
 def test_infer_task_and_check_task_fits():
