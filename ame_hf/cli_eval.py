@@ -150,7 +150,7 @@ def table(rows: Sequence[tuple[str, float]], metric: str) -> str:
     head = f"{metric} ({'higher' if higher_is_better(base) else 'lower'} is better)"
     width = max(len("model"), *(len(label) for label, _ in rows))
     ppl = base == "loss"
-    lines = [f"{'model':{width}s}  {head}" + ("  perplexity" if ppl else ""),
+    lines = [f"{'model':{width}s}  " + (f"{'perplexity':>10s}  " if ppl else "") + head,
              "-" * (width + 2 + max(len(head), 8) + (12 if ppl else 0))]
     # The score is the last field of a row (tests and scripts read it so); perplexity comes before it.
     lines += [f"{label:{width}s}  " + (f"{perplexity(value):10.3f}  " if ppl else "") + f"{value:.4f}"
