@@ -21,6 +21,7 @@ if TYPE_CHECKING:
                          UnsupportedOptimizerError)
     from .merging import merge
     from .records import Evaluation, Ingredient, MergeResult, PushInfo
+    from .selection import GreedySoupResult, greedy_soup
     from .tuning import TuneResult, tune
 
 _LAZY = {
@@ -30,6 +31,7 @@ _LAZY = {
     "CheckpointError": "errors",
     "CompatibilityReport": "compatibility",
     "Evaluation": "records",
+    "GreedySoupResult": "selection",
     "HubError": "errors",
     "IncompatibleCheckpointsError": "errors",
     "Ingredient": "records",
@@ -46,6 +48,7 @@ _LAZY = {
     "check": "api",
     "evaluate": "api",
     "from_pretrained": "api",
+    "greedy_soup": "selection",
     "merge": "merging",
     "push_to_hub": "api",
     "tune": "tuning",

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from .compatibility import CompatibilityReport
 from .config import AmeConfig
 from .errors import InvalidConfigError
-from .evaluation import evaluate_model, load_data, read_model_config, task_for_models
+from .evaluation import check_scorable, default_metric, evaluate_model, load_data, read_model_config, task_for_models
 from .merging import merge
 from .push import push_folder
 from .records import Evaluation, MergeResult
@@ -43,20 +43,32 @@ def evaluate(
     *,
     data: str | os.PathLike,
     task: str | None = None,
-    metric: str = "accuracy",
+    metric: str | None = None,
     token: str | None = None,
+    max_length: int | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    progress: bool = False,
 ) -> Evaluation:
-    """Score models (merge outputs, local directories or Hub repo IDs) on local labelled data, offline.
+    """Score models (merge outputs, local directories or Hub repo IDs) on local data, offline.
 
     Args:
         models: what to evaluate, in the order the scores are returned.
-        data: JSONL/CSV with `text` (or `image`) and `label` columns, or an image folder `root/<label>/`.
-        task: `text-classification` or `image-classification`; default: from the models' architecture.
-        metric: a bundled offline metric (`accuracy`, `macro_f1`), or a local `evaluate` metric folder.
+        data: JSONL/CSV with `text` (or `image`) and `label` columns, or an image folder `root/<label>/`;
+            for text-generation a `.txt` file (one document per line) or JSONL with a `text` field.
+        task: `text-classification`, `image-classification` or `text-generation`; default: from the
+            models' architecture (`*ForCausalLM` / `*LMHeadModel` -> text-generation).
+        metric: a bundled offline metric (`accuracy`, the default, or `macro_f1`) or a local `evaluate`
+            metric folder; for text-generation `loss` (the default: mean NLL per token, lower is better)
+            or `perplexity`. `evaluation.higher_is_better(metric)` says which way is better.
         token: Hub token for private or gated repos.
+        max_length: text-generation: truncate each document to this many tokens (default: the model's limit).
+        batch_size: examples per forward pass.
+        device: where the models run (text-generation default: the GPU when there is one).
+        progress: a progress bar over the batches (text-generation).
 
     Returns:
-        An `Evaluation` with the task used and `[(model, score)]`.
+        An `Evaluation` with the task and metric used and `[(model, score)]`.
 
     Raises:
         InvalidConfigError: a task the models cannot do (before any model is run), unreadable data.
@@ -67,9 +79,12 @@ def evaluate(
     refs = [os.fspath(m) for m in models]
     resolved = resolve_refs(refs, token=token)
     task = task_for_models([(r, read_model_config(i.path, r)) for r, i in zip(refs, resolved)], task)
+    metric = default_metric(task, metric)
+    check_scorable([i.path for i in resolved], task)
     dataset = load_data(data, task)
-    return Evaluation(task=task, metric=metric, dataset=dataset.name,
-                      scores=[(r, evaluate_model(str(i.path), dataset, task, metric)) for r, i in zip(refs, resolved)])
+    return Evaluation(task=task, metric=metric, dataset=dataset.name, scores=[
+        (r, evaluate_model(str(i.path), dataset, task, metric, max_length=max_length, batch_size=batch_size,
+                           device=device, progress=progress)) for r, i in zip(refs, resolved)])
 
 
 def from_pretrained(

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .config import AmeConfig
+from .evaluation import higher_is_better
+from .lm_evaluation import perplexity
 from .optimizers import optimizer_class, reported_hyperparameters
 from .recipe import run_yaml, versions
 
@@ -131,6 +133,8 @@ def reproduce_command(result: "MergeResult", out: str = REPRODUCE_OUT) -> str:
             args += [flag, result.pivot.pinned_ref]
         elif name == "optimizer_args":
             args += [flag, json.dumps(dict(value))]
+        elif name == "order" and isinstance(value, list):
+            args += [flag, ",".join(map(str, value))]
         elif isinstance(value, bool):
             args.append(flag)  # store_true flags; the default is False
         else:
@@ -227,51 +231,85 @@ def render_card(result: "MergeResult", checkpoints: Sequence["Checkpoint"], *, c
     )
 
 
+def _value(metric: str, value: float) -> str:
+    # A loss is read more easily beside its perplexity.
+    return f"{value:.4f} (perplexity {perplexity(value):.2f})" if metric == "loss" else f"{value:.4f}"
+
+
+def _results(task: str, dataset: str, metric: str, value: float, split: str | None, name: str | None) -> list[Any]:
+    from huggingface_hub import EvalResult
+
+    rows = [(metric, value)] + ([("perplexity", perplexity(value))] if metric == "loss" else [])
+    return [EvalResult(task_type=task, dataset_type=dataset, dataset_name=dataset, metric_type=m, metric_value=v,
+                       dataset_split=split, metric_name=f"{m} ({name})" if name else None) for m, v in rows]
+
+
 def update_card(directory: str | os.PathLike, results: Sequence[tuple[str, float]], *, task: str,
                 dataset: str, metric: str, model_name: str | None = None,
-                selected_from: int | None = None) -> None:
+                selected_from: int | None = None, selected_by: str = "`ame-hf tune`",
+                test_results: Sequence[tuple[str, float]] | None = None, test_dataset: str | None = None) -> None:
     """Add evaluation results to the card's `model-index` and as a section of its body.
 
     Args:
         directory: the model folder whose README.md is updated (created if missing).
         results: `[(label, value)]`; the first is the model itself.
-        task, dataset, metric: what was measured.
+        task, dataset, metric: what was measured (a `loss` is shown with its perplexity).
         model_name: the `model-index` name (default: the folder name, unless the card has one).
-        selected_from: when the model was chosen by `ame-hf tune` among this many candidates on
-            this data. The figure is then labelled as the validation score used for the selection,
-            which overestimates performance on new data, not as an independent evaluation.
+        selected_from: when the model was chosen among this many candidates on this data (by
+            `selected_by`). Without `test_results` the figure is then labelled as the validation score
+            used for the selection, which overestimates performance on new data.
+        selected_by: what chose the model, as Markdown (`` `ame-hf tune` ``, "the greedy soup").
+        test_results: `[(label, value)]` on `test_dataset`, data that played no part in the choice; the
+            first is the model itself, and that is the figure put into the `model-index`.
+        test_dataset: the name of the held-out data.
     """
-    from huggingface_hub import EvalResult, ModelCard
+    from huggingface_hub import ModelCard
 
     readme = Path(directory) / "README.md"
     card = ModelCard.load(readme) if readme.is_file() else ModelCard("---\n---\n")
-    value = results[0][1]
     selection = selected_from is not None
-    card.data.eval_results = [EvalResult(
-        task_type=task, dataset_type=dataset, dataset_name=dataset, metric_type=metric, metric_value=value,
-        dataset_split="validation" if selection else None,
-        metric_name=f"{metric} (validation score used for selection)" if selection else None)]
+    if test_results:
+        card.data.eval_results = _results(task, test_dataset or "test", metric, test_results[0][1], "test",
+                                          "held-out data, not used for the selection" if selection else None)
+    else:
+        card.data.eval_results = _results(task, dataset, metric, results[0][1], "validation" if selection else None,
+                                          "validation score used for selection" if selection else None)
     if model_name or not card.data.model_name:
         card.data.model_name = model_name or Path(directory).name
     if selection and "model-selection" not in (card.data.tags or []):
         card.data.tags = [*(card.data.tags or []), "model-selection"]
-    table = "\n".join(f"| {label} | {val:.4f} |" for label, val in results)
+    table = "\n".join(f"| {label} | {_value(metric, val)} |" for label, val in results)
+    better = "higher" if higher_is_better(metric) else "lower"
     if selection:
         marker = _SELECTION_HEADING
-        section = (f"\n{marker}\n\nThis model was **selected by `ame-hf tune`** from {selected_from} candidates "
-                   f"(the uniform soup, each single ingredient and AME variants), as the best {metric} on "
-                   f"`{dataset}` ({task}). The figures below are the **validation scores used for the "
-                   f"selection**, not an independent evaluation: the best of {selected_from} on one data set "
-                   f"overestimates what to expect on new data. Evaluate on held-out data for that "
-                   f"(`ame-hf evaluate MODEL --data test.jsonl --update-card DIR`).\n\n"
+        held_out = (f"Scored on `{test_dataset}`, data that played **no part in the choice** (this is the figure "
+                    f"in the model-index):\n\n| model | {metric} (test) |\n|---|---|\n"
+                    + "\n".join(f"| {label} | {_value(metric, val)} |" for label, val in test_results) + "\n\n"
+                    if test_results else
+                    f"The figures below are the **validation scores used for the selection**, not an independent "
+                    f"evaluation: the best of {selected_from} on one data set overestimates what to expect on new "
+                    f"data. Evaluate on held-out data for that (`--test-data`, or `ame-hf evaluate MODEL --data "
+                    f"test.jsonl --update-card DIR`).\n\n")
+        section = (f"\n{marker}\n\nThis model was **selected by {selected_by}** from {selected_from} candidates "
+                   f"as the best {metric} ({better} is better) on `{dataset}` ({task}). {held_out}"
                    f"| candidate | {metric} (validation) |\n|---|---|\n{table}\n")
         before = ("\n## How to use", "\n## Ingredients", "\n## Reproduce")
     else:
         marker = "## Evaluation results"
-        section = (f"\n{marker}\n\n{metric} on `{dataset}` ({task}):\n\n| model | {metric} |\n|---|---|\n"
-                   f"{table}\n")
+        section = (f"\n{marker}\n\n{metric} on `{dataset}` ({task}; {better} is better):\n\n| model | {metric} |"
+                   f"\n|---|---|\n{table}\n")
         before = ("\n## Reproduce",)
     ModelCard(_put_section(str(card), marker, section, before)).save(readme)
+
+
+def add_card_section(directory: str | os.PathLike, heading: str, body: str) -> None:
+    """Put a Markdown section (replacing one of the same heading) before the card's "How to use"."""
+    from huggingface_hub import ModelCard
+
+    readme = Path(directory) / "README.md"
+    card = ModelCard.load(readme) if readme.is_file() else ModelCard("---\n---\n")
+    section = f"\n{heading}\n\n{body.strip()}\n"
+    ModelCard(_put_section(str(card), heading, section, ("\n## How to use", "\n## Ingredients"))).save(readme)
 
 
 _SELECTION_HEADING = "## Selection by `ame-hf tune`"
@@ -291,15 +329,16 @@ def _put_section(text: str, heading: str, section: str, before: Sequence[str]) -
     return text + section
 
 
-def selection_card(ingredient: Ingredient, refs: Sequence[str], candidates: int) -> "ModelCard":
-    """The card of a `tune` output that is an unchanged copy of the ingredient it selected."""
+def selection_card(ingredient: Ingredient, refs: Sequence[str], candidates: int,
+                   by: str = "`ame-hf tune`") -> "ModelCard":
+    """The card of a `tune` (or greedy soup) output that is an unchanged copy of the ingredient it selected."""
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(base_model=[ingredient.repo_id] if ingredient.repo_id else None,
                          tags=["ame-hf", "model-selection"], library_name="transformers")
     revision = f"`{ingredient.sha}`" if ingredient.sha else "local directory"
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n# Selected ingredient\n\n"
-                     f"This model was **selected by `ame-hf tune`** from {candidates} candidates (the soup, "
-                     f"each single ingredient and AME merges): no merge scored better on the validation data "
+                     f"This model was **selected by {by}** from {candidates} candidates: no merge "
+                     f"scored better on the validation data "
                      f"than the ingredient **{ingredient.display_name}** ({revision}), so this is an "
                      f"unchanged copy of it.\n\nCandidates merged from: {', '.join(refs)}\n")

@@ -18,14 +18,14 @@ from typing import Any, Callable, Sequence
 # Only modules that import neither torch nor transformers load here (errors must be instant, README
 # "Failure behaviour"); the commands import the heavy ones (merging, api, tune, ...) when they run.
 from . import __version__
-from .card import update_card
+from .cli_eval import (add_evaluate_parser, add_merge_options, add_tune_parser, check_before_merge, evaluate_merge,
+                       merge_greedy)
 from .config import OUTPUT_DTYPES, PIVOT_WORDS, AmeConfig
 from .errors import AmeError, InvalidConfigError
-from .evaluation import TASKS, load_data, task_for_models
 from .output import check_output_dir
 from .push import upload_output
 from .recipe import read_recipe
-from .resolve import local_inputs, model_config
+from .resolve import local_inputs
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -89,16 +89,6 @@ def _add_push(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--commit-message", default=None, help="commit message")
 
 
-def _add_eval(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--data", required=required,
-                   help="labelled data: JSONL/CSV with text|image and label columns, or an image folder")
-    p.add_argument("--task", default=None, choices=list(TASKS),
-                   help="pipeline task (default: from the model's architecture, e.g. *ForSequenceClassification "
-                        "-> text-classification)")
-    p.add_argument("--metric", default="accuracy",
-                   help="evaluate metric: accuracy or macro_f1 (bundled, offline), or a local metric folder")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ame-hf",
@@ -121,11 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "several processes with torchrun)")
     m.add_argument("--push", action="store_true", help="push the output to the Hub (needs --repo-id)")
     _add_push(m, required=False)
-    m.add_argument("--eval-data", dest="data", help="evaluate the merge (and its ingredients) on this data "
-                                                  "and record the result in the card")
-    m.add_argument("--task", default=None, choices=list(TASKS),
-                   help="task of --eval-data (default: from the ingredients' architecture)")
-    m.add_argument("--metric", default="accuracy", help="metric of --eval-data (default accuracy)")
+    add_merge_options(m)
     _add_token(m)
     _add_common(m)
     m.set_defaults(func=cmd_merge)
@@ -149,24 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_push)
 
-    e = sub.add_parser("evaluate", help="evaluate models on local labelled data (offline)")
-    e.add_argument("models", nargs="+", metavar="MODEL", help="model directory or org/name[@revision]")
-    _add_eval(e, required=True)
-    e.add_argument("--update-card", metavar="DIR",
-                   help="write the first model's result into DIR's model card (model-index)")
-    _add_token(e)
-    _add_common(e)
-    e.set_defaults(func=cmd_evaluate)
-
-    t = sub.add_parser("tune", help="pick the best of soup, ingredients and AME variants on validation data")
-    t.add_argument("refs", nargs="+", metavar="REF")
-    t.add_argument("--out", required=True, help="output directory for the chosen model")
-    _add_eval(t, required=True)
-    t.add_argument("--budget", type=_whole, default=12, help="number of AME variants to try (default 12)")
-    t.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    _add_token(t)
-    _add_common(t)
-    t.set_defaults(func=cmd_tune)
+    add_evaluate_parser(sub, _add_token, _add_common)
+    add_tune_parser(sub, _add_token, _add_common)
 
     s = sub.add_parser("space", help="run the Gradio app (the Hugging Face Space) locally")
     s.add_argument("--port", type=_whole, default=None, help="port (default: Gradio's 7860 or GRADIO_SERVER_PORT)")
@@ -228,11 +198,12 @@ def cmd_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
     pivot_refs += [values["base"]] if isinstance(values.get("base"), str) else []
     # Before torch and the Hub client load: a bad path or --out fails in a fraction of a second.
     check_output_dir(Path(out), args.overwrite, inputs=local_inputs([*refs, *pivot_refs]))
-    if args.data:
-        # The evaluation must be possible before the merge starts, not found impossible after it.
-
-        args.task = task_for_models([(r, model_config(r, token=args.token)) for r in refs], args.task)
-        load_data(args.data, args.task)
+    check_before_merge(args, refs, values)
+    if args.greedy_soup:
+        folder = merge_greedy(args, refs, out, values)
+        if args.push:
+            _push(folder, args)
+        return 0
     from .merging import merge
 
     result = merge(refs, out, AmeConfig.from_dict(values), token=args.token, overwrite=args.overwrite,
@@ -241,11 +212,7 @@ def cmd_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
     _say(args, f"merged {len(result.ingredients)} checkpoints with {result.config.optimizer} "
                f"in {result.seconds:.1f}s -> {result.path}")
     if args.data:
-        rows = _evaluate_rows([str(result.path)] + [str(i.path) for i in result.ingredients], args,
-                              labels=["merged"] + [i.display_name for i in result.ingredients])
-
-        update_card(result.path, rows, task=args.task, dataset=Path(args.data).stem, metric=args.metric)
-        print(_table(rows, args.metric))
+        evaluate_merge(args, result)
     if args.push:
         _push(result.path, args)
     return 0
@@ -274,43 +241,6 @@ def _push(folder: Path, args: argparse.Namespace) -> None:
         print(f"pushed to {info.url}")
     else:
         print(f"nothing changed: {args.repo_id} already holds exactly this output (commit {info.commit}); {info.url}")
-
-
-def _evaluate_rows(models: Sequence[str], args: argparse.Namespace,
-                   labels: Sequence[str] | None = None) -> list[tuple[str, float]]:
-    from .api import evaluate
-
-    result = evaluate(models, data=args.data, task=args.task, metric=args.metric, token=getattr(args, "token", None))
-    args.task = result.task
-    return [((labels or models)[i], score) for i, (_, score) in enumerate(result.scores)]
-
-
-def _table(rows: Sequence[tuple[str, float]], metric: str) -> str:
-    width = max(len("model"), *(len(label) for label, _ in rows))
-    lines = [f"{'model':{width}s}  {metric}", "-" * (width + 2 + max(len(metric), 8))]
-    lines += [f"{label:{width}s}  {value:.4f}" for label, value in rows]
-    return "\n".join(lines)
-
-
-def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    rows = _evaluate_rows(args.models, args)  # the task (given or inferred) fits every model, or nothing runs
-    print(_table(rows, args.metric))
-    if args.update_card:
-        update_card(args.update_card, rows, task=args.task, dataset=Path(args.data).stem, metric=args.metric)
-        _say(args, f"updated the model card in {args.update_card}")
-    return 0
-
-
-def cmd_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .tuning import tune
-
-    result = tune(args.refs, args.out, data=args.data, task=args.task, metric=args.metric, budget=args.budget,
-                  token=args.token, overwrite=args.overwrite, progress=not args.quiet,
-                  log=None if args.quiet else (lambda line: print(line, file=sys.stderr)))
-    print(_table([(c.label, c.score) for c in result.candidates], args.metric))
-    print(f"selected: {result.best.label} (validation {args.metric} {result.best.score:.4f}, from "
-          f"{len(result.candidates)} candidates) -> {result.path}")
-    return 0
 
 
 def cmd_space(args: argparse.Namespace, argv: Sequence[str]) -> int:

@@ -23,6 +23,8 @@ from .optimizers import OPTIMIZERS
 DEFAULT_OPTIMIZER = "adam"
 DEFAULT_RELATIVE_LR = 0.005
 DEFAULT_PIVOT = "mean"
+DEFAULT_ORDER = "given"
+ORDERS = ("given", "reverse")
 DEFAULT_TOKENIZER_SOURCE = "auto"
 # Tokenizer-source keywords (anything else that is no index is a checkpoint reference).
 SOURCE_WORDS = ("auto", "union", "pivot", "first")
@@ -102,7 +104,9 @@ class AmeConfig:
         epochs: ensembling epochs (passes over all ingredients).
         batch_size: ingredients averaged into one pseudogradient.
         pivot: `mean`, `first`, an ingredient index, or a reference to another checkpoint.
-        shuffle: shuffle the ingredient order every epoch from `seed`.
+        order: the ingredient order of every epoch: `given`, `reverse`, or a permutation of the
+            ingredient indices (`[2, 0, 1]`, or the text `"2,0,1"`).
+        shuffle: shuffle the ingredient order every epoch from `seed` (a permutation of `order`).
         seed: the seed of the shuffle.
         dtype: output dtype; `auto` keeps each tensor's ingredient dtype.
         compute_dtype: `float32` or `float64`.
@@ -129,6 +133,8 @@ class AmeConfig:
     batch_size: int = _option(1, "whole", "ingredients per pseudogradient (default 1)")
     pivot: str | int = _option(DEFAULT_PIVOT, "text", "starting point: mean (default), first, base (the "
                                "adapters' base model), an ingredient index, or a checkpoint REF")
+    order: str | list[int] = _option(DEFAULT_ORDER, "text", "ingredient order of every epoch: given (default), "
+                                     "reverse, or indices such as 2,0,1 (--shuffle then permutes this order)")
     shuffle: bool = _option(False, "flag", "shuffle the ingredient order every epoch")
     seed: int = _option(0, "whole", "seed of --shuffle (default 0)")
     dtype: str = _option("auto", OUTPUT_DTYPES, "output dtype (default auto: the ingredients')")
@@ -179,6 +185,7 @@ class AmeConfig:
         if not isinstance(self.allow_nonfinite, bool):
             raise InvalidConfigError(f"allow_nonfinite must be true or false, got {self.allow_nonfinite!r}")
         set_("pivot", normalize_pivot(self.pivot))
+        set_("order", normalize_order(self.order))
         set_("tokenizer_source", normalize_source(self.tokenizer_source))
         if self.variant is not None and (not isinstance(self.variant, str) or not self.variant.strip()
                                          or "/" in self.variant or "." in self.variant):
@@ -281,6 +288,48 @@ def normalize_pivot(pivot: Any) -> str | int:
     if text.lstrip("-").isdigit():
         return normalize_pivot(int(text))
     return text.lower() if text.lower() in PIVOT_WORDS else text
+
+
+def normalize_order(order: Any) -> str | list[int]:
+    """`given`, `reverse`, or a list of distinct non-negative indices (from a list or text `2,0,1`).
+
+    Whether a list is a permutation of the ingredients is checked by `order_indices`, once N is known.
+
+    >>> normalize_order("2, 0, 1"), normalize_order("Reverse")
+    ([2, 0, 1], 'reverse')
+    """
+    if isinstance(order, str) and order.strip().lower() in ORDERS:
+        return order.strip().lower()
+    if isinstance(order, str):
+        parts = [p.strip() for p in order.replace("[", "").replace("]", "").split(",")]
+        if not all(p.isdigit() for p in parts):
+            raise InvalidConfigError(f"invalid order {order!r}; use given, reverse or indices such as 2,0,1")
+        order = [int(p) for p in parts]
+    if not isinstance(order, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                       for i in order):
+        raise InvalidConfigError(f"invalid order {order!r}; use given, reverse or indices such as 2,0,1")
+    if len(set(order)) != len(order) or not order:
+        raise InvalidConfigError(f"order {list(order)} must list each ingredient index once")
+    return list(order)
+
+
+def order_indices(order: str | list[int], n: int) -> list[int]:
+    """The ingredient indices of one epoch (before any shuffle) for `n` ingredients.
+
+    Raises:
+        InvalidConfigError: a list of indices that is not a permutation of 0..n-1.
+
+    >>> order_indices("reverse", 3), order_indices([1, 2, 0], 3)
+    ([2, 1, 0], [1, 2, 0])
+    """
+    if order == "given":
+        return list(range(n))
+    if order == "reverse":
+        return list(range(n - 1, -1, -1))
+    if sorted(order) != list(range(n)):
+        raise InvalidConfigError(f"order {','.join(map(str, order))} is not a permutation of the {n} ingredient "
+                                 f"indices 0..{n - 1}")
+    return list(order)
 
 
 def normalize_source(source: Any) -> str | int:

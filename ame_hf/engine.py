@@ -12,26 +12,32 @@ from typing import Callable, Sequence
 
 import torch
 
-from .config import AmeConfig
+from .config import AmeConfig, order_indices
 from .optimizers import optimizer_class
 
 Loader = Callable[[int], torch.Tensor]
 
 
-def ingredient_order(n: int, epochs: int, *, shuffle: bool = False, seed: int = 0) -> list[list[int]]:
-    """The order of ingredient indices in each epoch: as given, or shuffled per epoch from `seed`.
+def ingredient_order(n: int, epochs: int, *, shuffle: bool = False, seed: int = 0,
+                     order: str | Sequence[int] = "given") -> list[list[int]]:
+    """The order of ingredient indices in each epoch: `order` (given, reverse or a permutation), and with
+    `shuffle` that order permuted per epoch from `seed`.
 
-    The permutation of epoch `e` depends only on (seed, e), so it is reproducible and recorded.
+    The shuffle permutes the *positions* of `order` with a permutation that depends only on (seed, epoch),
+    so `given` + shuffle is today's shuffle, and any combination is reproducible and recorded.
 
     >>> ingredient_order(3, 2)
     [[0, 1, 2], [0, 1, 2]]
+    >>> ingredient_order(3, 1, order="reverse")
+    [[2, 1, 0]]
     """
+    base = order_indices(order if isinstance(order, str) else list(order), n)
     orders = []
     for epoch in range(1, epochs + 1):
-        order = list(range(n))
+        order_ = list(base)
         if shuffle:
-            random.Random(f"ame-hf:{seed}:{epoch}").shuffle(order)
-        orders.append(order)
+            random.Random(f"ame-hf:{seed}:{epoch}").shuffle(order_)
+        orders.append(order_)
     return orders
 
 

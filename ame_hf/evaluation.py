@@ -1,5 +1,5 @@
-"""Evaluate models on local labelled data with transformers pipelines and `evaluate` metrics,
-and write the results into a model card's `model-index`. Works offline."""
+"""Evaluate models on local data: classifiers through transformers pipelines and `evaluate` metrics,
+causal LMs by their per-token loss (`lm_evaluation`); which way each metric is better. Works offline."""
 
 from __future__ import annotations
 
@@ -12,13 +12,21 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import CheckpointError, InvalidConfigError
+from .lm_evaluation import TextData, check_tokenizer, load_texts, mean_token_nll, perplexity
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("text-classification", "image-classification")
-# Task -> the architecture suffix of the models whose pipeline can do it.
-_TASK_ARCHITECTURES = {"text-classification": "ForSequenceClassification",
-                       "image-classification": "ForImageClassification"}
+TASKS = ("text-classification", "image-classification", "text-generation")
+# Task -> the architecture suffixes of the models that can do it.
+_TASK_ARCHITECTURES = {"text-classification": ("ForSequenceClassification",),
+                       "image-classification": ("ForImageClassification",),
+                       "text-generation": ("ForCausalLM", "LMHeadModel")}
+# The metric of each task when none is given.
+DEFAULT_METRICS = {"text-classification": "accuracy", "image-classification": "accuracy", "text-generation": "loss"}
+# Metrics for which a lower value is better; any other metric is better higher (accuracy, F1, ...).
+LOWER_IS_BETTER = ("loss", "perplexity", "nll", "mse", "mae", "rmse", "wer", "cer", "ter")
+# What text-generation can report: the mean per-token NLL, or its exp.
+LM_METRICS = ("loss", "perplexity")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 _BUNDLED_METRICS = Path(__file__).parent / "metrics"
 
@@ -47,18 +55,57 @@ def infer_task(model_config: dict[str, Any]) -> str | None:
 
     Returns:
         `text-classification` for `*ForSequenceClassification`, `image-classification` for
-        `*ForImageClassification`, or None when the architecture does neither.
+        `*ForImageClassification`, `text-generation` for `*ForCausalLM` / `*LMHeadModel`, or None.
 
     >>> infer_task({"architectures": ["BertForSequenceClassification"]})
     'text-classification'
-    >>> infer_task({"architectures": ["LlamaForCausalLM"]}) is None
+    >>> infer_task({"architectures": ["LlamaForCausalLM"]})
+    'text-generation'
+    >>> infer_task({"architectures": ["BertModel"]}) is None
     True
     """
     for arch in _architectures(model_config):
-        for task, suffix in _TASK_ARCHITECTURES.items():
-            if arch.endswith(suffix):
+        for task, suffixes in _TASK_ARCHITECTURES.items():
+            if arch.endswith(suffixes):
                 return task
     return None
+
+
+def default_metric(task: str, metric: str | None = None) -> str:
+    """`metric`, or the task's default (`accuracy` for classification, `loss` for text-generation).
+
+    Raises:
+        InvalidConfigError: text-generation with a metric other than `loss` or `perplexity`.
+
+    >>> default_metric("text-generation"), default_metric("text-classification", "macro_f1")
+    ('loss', 'macro_f1')
+    """
+    if metric is None:
+        return DEFAULT_METRICS.get(task, "accuracy")
+    if task == "text-generation" and metric not in LM_METRICS:
+        raise InvalidConfigError(f"--metric {metric} does not apply to text-generation; use one of: "
+                                 f"{', '.join(LM_METRICS)}")
+    return metric
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of `metric` is better (`accuracy`: yes; `loss`, `perplexity`: no).
+
+    >>> higher_is_better("accuracy"), higher_is_better("loss")
+    (True, False)
+    """
+    name = Path(str(metric)).name.lower()
+    return not (name in LOWER_IS_BETTER or name.endswith(("_loss", "_error")))
+
+
+def is_better(a: float, b: float, metric: str) -> bool:
+    """True when score `a` is strictly better than `b` for `metric` (direction-aware)."""
+    return a > b if higher_is_better(metric) else a < b
+
+
+def sort_key(score: float, metric: str) -> float:
+    """A key under which larger is better for any metric (the score, or minus a loss)."""
+    return score if higher_is_better(metric) else -score
 
 
 def check_task_fits(model_config: dict[str, Any], task: str, name: str) -> None:
@@ -81,16 +128,16 @@ def check_task_fits(model_config: dict[str, Any], task: str, name: str) -> None:
     if task not in TASKS:
         raise InvalidConfigError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
     archs = _architectures(model_config)
-    suffix = _TASK_ARCHITECTURES[task]
-    if archs and not any(a.endswith(suffix) for a in archs):
+    suffixes = _TASK_ARCHITECTURES[task]
+    if archs and not any(a.endswith(suffixes) for a in archs):
         raise InvalidConfigError(
-            f"{name} is a {', '.join(archs)}, which cannot do {task} (that needs a *{suffix} model); "
-            f"evaluation supports: {_task_list()}"
+            f"{name} is a {', '.join(archs)}, which cannot do {task} (that needs a "
+            f"{' or '.join('*' + s for s in suffixes)} model); evaluation supports: {_task_list()}"
         )
 
 
 def _task_list() -> str:
-    return ", ".join(f"{task} (*{suffix})" for task, suffix in _TASK_ARCHITECTURES.items())
+    return ", ".join(f"{task} ({'/'.join('*' + s for s in suffixes)})" for task, suffixes in _TASK_ARCHITECTURES.items())
 
 
 def read_model_config(path: str | os.PathLike, name: str) -> dict[str, Any]:
@@ -131,15 +178,28 @@ def task_for_models(models: Sequence[tuple[str, dict[str, Any]]], task: str | No
     return task
 
 
-def load_data(path: str | os.PathLike, task: str) -> LabelledData:
+def check_scorable(paths: Sequence[str | os.PathLike], task: str) -> None:
+    """Before any work: for text-generation, every local model folder must hold its tokenizer.
+
+    Raises:
+        InvalidConfigError: a local folder without tokenizer files.
+    """
+    if task == "text-generation":
+        for path in paths:
+            check_tokenizer(path)
+
+
+def load_data(path: str | os.PathLike, task: str) -> LabelledData | TextData:
     """Read a JSONL/CSV file (`text` or `image`, and `label` columns) or an image folder
-    (`root/<label>/<image>`).
+    (`root/<label>/<image>`); for text-generation, a `.txt` file (one document per line) or JSONL (`text`).
 
     Raises:
         InvalidConfigError: the file is missing, unreadable or lacks the needed columns.
     """
     if task not in TASKS:
         raise InvalidConfigError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+    if task == "text-generation":
+        return load_texts(path)
     path = Path(path)
     if not path.exists():
         raise InvalidConfigError(f"--data {path} does not exist")
@@ -199,11 +259,11 @@ def _label_id(label: Any, label2id: dict[str, int]) -> int:
     raise InvalidConfigError(f"label {text!r} is not one of the model's labels {sorted(label2id)}")
 
 
-def predict(model: Any, data: LabelledData, task: str, batch_size: int = 32) -> list[int]:
-    """Class ids predicted by a transformers pipeline for every example."""
+def predict(model: Any, data: LabelledData, task: str, batch_size: int = 32, device: str | None = None) -> list[int]:
+    """Class ids predicted by a transformers pipeline for every example (on the CPU unless `device`)."""
     from transformers import pipeline
 
-    kwargs: dict[str, Any] = {"model": model, "device": "cpu"}
+    kwargs: dict[str, Any] = {"model": model, "device": device or "cpu"}
     if isinstance(model, (str, os.PathLike)):
         kwargs["model"] = str(model)
     try:
@@ -219,11 +279,34 @@ def predict(model: Any, data: LabelledData, task: str, batch_size: int = 32) -> 
     return preds
 
 
-def evaluate_model(model: Any, data: LabelledData, task: str, metric: str = "accuracy") -> float:
-    """The metric's main value for one model (a directory or a loaded transformers model)."""
+def evaluate_model(model: Any, data: LabelledData | TextData, task: str, metric: str | None = None, *,
+                   max_length: int | None = None, batch_size: int | None = None, device: str | None = None,
+                   progress: bool = False) -> float:
+    """The metric's main value for one model (a directory or a loaded transformers model).
+
+    Args:
+        model: a model directory or a loaded transformers model.
+        data: from `load_data` for this task.
+        task: one of `TASKS`.
+        metric: default `default_metric(task)`; for text-generation `loss` (mean NLL per token) or `perplexity`.
+        max_length: text-generation: truncate documents to this many tokens.
+        batch_size: examples per forward pass (default 32 for pipelines, 8 documents for text-generation).
+        device: where the model runs (text-generation default: CUDA when available; pipelines: the CPU).
+        progress: text-generation: a progress bar over the batches.
+
+    Returns:
+        The score (see `higher_is_better(metric)` for its direction).
+    """
     from transformers import AutoConfig
 
-    predictions = predict(model, data, task)
+    metric = default_metric(task, metric)
+    if task == "text-generation":
+        if not isinstance(data, TextData):
+            raise InvalidConfigError("text-generation needs text documents (load_data(path, 'text-generation'))")
+        loss, _ = mean_token_nll(model, data, max_length=max_length, batch_size=batch_size or 8, device=device,
+                                 progress=progress)
+        return perplexity(loss) if metric == "perplexity" else loss
+    predictions = predict(model, data, task, batch_size=batch_size or 32, device=device)
     config = model.config if hasattr(model, "config") else AutoConfig.from_pretrained(str(model))
     label2id = {str(k): int(v) for k, v in (config.label2id or {}).items()}
     references = [_label_id(label, label2id) for label in data.labels]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
-from .config import AmeConfig, parse_size
+from .config import AmeConfig, order_indices, parse_size
 from .devices import barrier, cpu_threads, main_process_first, process_setup, share_path
 from .engine import ingredient_order
 from .errors import IncompatibleCheckpointsError, InvalidConfigError
@@ -100,7 +100,8 @@ def merge(
         for note in report.notes:
             logger.info("note: %s", note)
         pivot = inputs.pivot
-        order = ingredient_order(len(refs), config.epochs, shuffle=config.shuffle, seed=config.seed)
+        order = ingredient_order(len(refs), config.epochs, shuffle=config.shuffle, seed=config.seed,
+                                 order=config.order)
         result = MergeResult(path=out, config=config, ingredients=inputs.ingredients, order=order, report=report,
                              base=inputs.base,
                              pivot=pivot or (0 if config.pivot == "first" else config.pivot), device=str(setup.device))
@@ -157,6 +158,7 @@ def _validate_counts(refs: Sequence[str], config: AmeConfig) -> None:
         raise InvalidConfigError(
             f"pivot index {config.pivot} is out of range for {len(refs)} ingredients (use 0..{len(refs) - 1})"
         )
+    order_indices(config.order, len(refs))  # a permutation of these ingredients, before any download
     if isinstance(config.tokenizer_source, int) and config.tokenizer_source >= len(refs):
         raise InvalidConfigError(f"tokenizer_source index {config.tokenizer_source} is out of range for "
                                  f"{len(refs)} ingredients (use 0..{len(refs) - 1})")

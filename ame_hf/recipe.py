@@ -23,7 +23,10 @@ VERSIONED = ("ame-hf", "torch", "transformers", "huggingface_hub", "safetensors"
 
 def recipe_digest(config: AmeConfig, ingredients: Sequence[Ingredient], pivot: Any) -> str:
     """A short hash of everything that determines the weights (stamped into every shard)."""
-    payload = json.dumps({"config": config.to_dict(), "ingredients": [i.identity for i in ingredients],
+    values = config.to_dict()
+    if values.get("order") == "given":
+        values.pop("order")  # the default of a later option: stamps of earlier merges stay the same
+    payload = json.dumps({"config": values, "ingredients": [i.identity for i in ingredients],
                           "pivot": pivot.identity if isinstance(pivot, Ingredient) else pivot},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

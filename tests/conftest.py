@@ -115,6 +115,14 @@ def classifiers(tmp_path_factory) -> tuple[list[Path], Path]:
 
 
 @pytest.fixture(scope="session")
+def lm_experts(tmp_path_factory) -> tuple[list[Path], Path, Path]:
+    """The demo's three tiny GPT-2 experts (with tokenizers), a validation and a test `.txt` file."""
+    from factories import make_lm_experts
+
+    return make_lm_experts(tmp_path_factory.mktemp("lm"))
+
+
+@pytest.fixture(scope="session")
 def big_ingredients(tmp_path_factory) -> list[Path]:
     """Three checkpoints of one 60_000 x 256 tensor (61 MB each): a merge of them can be interrupted mid-write."""
     from factories import make_big_checkpoints

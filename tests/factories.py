@@ -194,6 +194,28 @@ def make_text_classifiers(root: Path, n: int = 3, steps: int = 60) -> tuple[list
     return paths, val
 
 
+# -- tiny causal LMs with text (for text-generation evaluate / tune) ------------------------------
+
+def make_lm_data(path: Path, per_task: int, seed: int, tasks: Sequence[str] | None = None) -> Path:
+    """A `.txt` file of the demo's synthetic sequences (one document per line), `per_task` of each task."""
+    from ame_hf.demo import TASKS, TOKEN_WORDS, make_batch
+
+    gen = torch.Generator().manual_seed(seed)
+    lines = [" ".join(TOKEN_WORDS[i] for i in row.tolist())
+             for task in (tasks or TASKS) for row in make_batch(task, per_task, gen)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def make_lm_experts(root: Path, steps: int = 20) -> tuple[list[Path], Path, Path]:
+    """The demo's tiny GPT-2 experts (one per synthetic task, with their tokenizer) and validation and test
+    text files: (expert directories, val.txt, test.txt)."""
+    from ame_hf.demo import build_experts
+
+    experts = build_experts(root, steps=steps)
+    return experts, make_lm_data(root / "val.txt", 10, seed=1), make_lm_data(root / "test.txt", 10, seed=2)
+
+
 # -- running the CLI and checking its errors ----------------------------------------------------
 
 def run_cli(capsys: Any, *args: Any) -> tuple[int, str, str]:
@@ -208,10 +230,15 @@ def run_cli(capsys: Any, *args: Any) -> tuple[int, str, str]:
 
 def score_table(text: str) -> dict[str, float]:
     """The `label  score` rows of a table printed by `ame-hf evaluate` / `ame-hf tune` (after its two header lines)."""
+    import re
+
     rows = {}
     for line in text.splitlines()[2:]:
-        label, _, value = line.rpartition(" ")
-        rows[label.strip()] = float(value)
+        if not line.strip():
+            break  # a second table (held-out scores) follows
+        # Columns are two or more spaces apart (labels have single spaces); the score is the last one.
+        parts = re.split(r"\s{2,}", line.strip())
+        rows[parts[0]] = float(parts[-1])
     return rows
 
 

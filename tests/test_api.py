@@ -16,8 +16,8 @@ PUBLIC_BEFORE_REDESIGN = [
     "OutputError", "PushError", "UnknownOptimizerError", "__version__", "check", "from_pretrained", "merge",
     "push_to_hub",
 ]
-ADDED = ["Evaluation", "InsufficientSpaceError", "PushInfo", "TuneResult", "UnsupportedOptimizerError", "evaluate",
-         "tune"]
+ADDED = ["Evaluation", "GreedySoupResult", "InsufficientSpaceError", "PushInfo", "TuneResult",
+         "UnsupportedOptimizerError", "evaluate", "greedy_soup", "tune"]
 
 
 def test_public_names_are_pinned_and_only_grow():

@@ -152,7 +152,7 @@ def _tune_with_scores(monkeypatch, experts, val, out, winner):
     """`tune` with real merges but scores fixed by candidate, so the winner is known."""
     import ame_hf.tuning as tune_module
 
-    def fake_score(model, data, task, metric="accuracy"):
+    def fake_score(model, data, task, metric=None, **kwargs):
         return 0.9 if winner(str(model)) else 0.5
 
     monkeypatch.setattr(tune_module, "evaluate_model", fake_score)
@@ -165,7 +165,7 @@ def test_tune_ame_winner_card_says_it_was_selected(berts, tmp_path, monkeypatch)
     result = _tune_with_scores(monkeypatch, experts, val, out, winner=lambda path: "cand1" in path)
     assert result.best.config is not None and not result.best.config.is_soup
     card = ModelCard.load(out / "README.md")
-    assert "selected by `ame-hf tune`** from 5 candidates" in card.text  # 2 ingredients + soup + budget 2
+    assert "selected by `ame-hf tune`** from 6 candidates" in card.text  # 2 ingredients, soups, budget 2
     assert "validation scores used for the selection" in card.text and "not an independent evaluation" in card.text
     assert "## Evaluation results" not in card.text
     assert 'from_pretrained("best")' in card.text  # the How to use names the output, not a scratch folder
@@ -183,7 +183,7 @@ def test_tune_single_ingredient_card_says_it_was_selected(berts, tmp_path, monke
     result = _tune_with_scores(monkeypatch, experts, val, out, winner=lambda path: path == str(experts[1]))
     assert result.best.ingredient == 1
     card = ModelCard.load(out / "README.md")
-    assert "selected by `ame-hf tune`** from 5 candidates" in card.text
+    assert "selected by `ame-hf tune`** from 6 candidates" in card.text
     assert "validation scores used for the selection" in card.text
     data = card.data.to_dict()
     assert "model-selection" in data["tags"] and data["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.9

@@ -135,3 +135,43 @@ def test_explicit_output_dtype_and_float64_compute(finetunes, tmp_path):
     assert {v.dtype for v in out.values()} == {torch.float16}
     mean = independent_mean(finetunes)
     assert max_abs_diff(out, {k: v.half() for k, v in mean.items()}) == 0
+
+
+def test_ingredient_order_given_reverse_a_permutation_and_shuffled():
+    """`order` is the order of every epoch; `shuffle` permutes its positions per epoch (given + shuffle is the
+    shuffle of before), so reverse + shuffle is the reversal of given + shuffle, element by element."""
+    from ame_hf.errors import InvalidConfigError
+
+    assert ingredient_order(3, 2, order="reverse") == [[2, 1, 0], [2, 1, 0]]
+    assert ingredient_order(3, 1, order=[1, 2, 0]) == [[1, 2, 0]]
+    shuffled = ingredient_order(5, 3, shuffle=True, seed=4)
+    assert shuffled == ingredient_order(5, 3, shuffle=True, seed=4, order="given")
+    assert ingredient_order(5, 3, shuffle=True, seed=4, order="reverse") == [[4 - i for i in e] for e in shuffled]
+    with pytest.raises(InvalidConfigError, match="not a permutation"):
+        ingredient_order(3, 1, order=[0, 1])
+    with pytest.raises(InvalidConfigError, match="each ingredient index once"):
+        AmeConfig(order="0,0,1")
+    assert AmeConfig(order="2, 0, 1").order == [2, 0, 1] and AmeConfig(order="REVERSE").order == "reverse"
+
+
+def test_merge_order_reverse_is_recorded_and_reproduced(llamas, tmp_path, capsys):
+    """`merge --order 2,0,1` runs in that order, records it in ame_config.yaml and the card's Reproduce
+    command, and `--config` of that file gives the same bytes; the reversed order differs from the given."""
+    import yaml
+    from huggingface_hub import ModelCard
+
+    from ame_hf.cli import main
+
+    out = tmp_path / "perm"
+    assert main(["merge", *map(str, llamas), "--out", str(out), "--order", "2,0,1", "--quiet"]) == 0
+    run = yaml.safe_load((out / "ame_config.yaml").read_text())
+    assert run["order"] == [2, 0, 1] and run["resolved"]["order"] == [[2, 0, 1]]
+    assert "--order 2,0,1" in ModelCard.load(out / "README.md").text
+    assert main(["merge", "--config", str(out / "ame_config.yaml"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    assert weights_sha256(tmp_path / "again") == weights_sha256(out)
+    rev = merge(llamas, tmp_path / "rev", order="reverse", progress=False)
+    given = merge(llamas, tmp_path / "given", progress=False)
+    assert rev.order == [[2, 1, 0]] and weights_sha256(rev.path) != weights_sha256(given.path)
+    capsys.readouterr()
+    assert main(["merge", *map(str, llamas), "--out", str(tmp_path / "bad"), "--order", "0,1"]) == 1
+    assert "not a permutation of the 3 ingredient indices" in capsys.readouterr().err

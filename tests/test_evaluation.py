@@ -68,14 +68,19 @@ def test_merge_eval_data_with_a_task_that_does_not_fit_fails_before_the_merge(tm
     assert_one_error_line(code, capsys.readouterr().err, "text-classification", exit_code=1)
     assert not out.exists() and not list(tmp_path.glob(".ame-tmp-*"))  # no merge was written
     capsys.readouterr()
-    assert main(["merge", *map(str, llamas), "--out", str(out), "--eval-data", str(val), "--quiet"]) == 1
-    assert "task" in capsys.readouterr().err and not out.exists()  # nothing to infer from a causal LM either
+    # Inferred: text-generation (a causal LM), which scores text with the tokenizer these folders lack.
+    code = main(["merge", *map(str, llamas), "--out", str(out), "--eval-data", str(val), "--quiet"])
+    assert_one_error_line(code, capsys.readouterr().err, "no tokenizer files", "text-generation", exit_code=1)
+    assert not out.exists()
 
 
 def test_infer_task_and_check_task_fits():
     assert infer_task({"architectures": ["BertForSequenceClassification"]}) == "text-classification"
     assert infer_task({"architectures": ["ViTForImageClassification"]}) == "image-classification"
-    assert infer_task({"architectures": ["LlamaForCausalLM"]}) is None and infer_task({}) is None
+    assert infer_task({"architectures": ["LlamaForCausalLM"]}) == "text-generation"
+    assert infer_task({"architectures": ["GPT2LMHeadModel"]}) == "text-generation"
+    assert infer_task({"architectures": ["BertModel"]}) is None and infer_task({}) is None
+    check_task_fits({"architectures": ["GPT2LMHeadModel"]}, "text-generation", "m")
     check_task_fits({"architectures": ["BertForSequenceClassification"]}, "text-classification", "m")
     with pytest.raises(InvalidConfigError, match="org/m is a LlamaForCausalLM, which cannot do text-classification"):
         check_task_fits({"architectures": ["LlamaForCausalLM"]}, "text-classification", "org/m")
@@ -90,8 +95,86 @@ def test_evaluate_infers_the_task_or_says_why_not(llamas, tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(experts[0]), "--data", str(val), "--quiet"]) == 0
     assert "accuracy" in capsys.readouterr().out
-    code = main(["evaluate", str(llamas[0]), "--data", str(val)])
-    assert_one_error_line(code, capsys.readouterr().err, "cannot infer --task", str(llamas[0]), "LlamaForCausalLM",
-                          "text-classification", "image-classification", exit_code=1)
+    code = main(["evaluate", str(llamas[0]), "--data", str(val)])  # text-generation, but no tokenizer to read text
+    assert_one_error_line(code, capsys.readouterr().err, str(llamas[0]), "no tokenizer files", exit_code=1)
+    headless = tmp_path / "headless"
+    headless.mkdir()
+    (headless / "config.json").write_text('{"architectures": ["BertModel"], "model_type": "bert"}')
+    code = main(["evaluate", str(headless), "--data", str(val)])
+    assert_one_error_line(code, capsys.readouterr().err, "cannot infer --task", "BertModel", "text-classification",
+                          "image-classification", "text-generation", exit_code=1)
     code = main(["evaluate", str(experts[0]), "--data", str(val), "--task", "image-classification"])
     assert_one_error_line(code, capsys.readouterr().err, "cannot do image-classification", exit_code=1)
+
+
+# -- text-generation: causal LMs scored by their mean per-token loss ----------------------------
+
+def test_lm_loss_is_the_token_weighted_mean_whatever_the_batching(lm_experts):
+    """Padding never counts: the loss of batches of 1 and of 7 (padded) documents is the same, and equals a
+    direct per-token cross-entropy over every document; perplexity is its exp; --max-length truncates."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ame_hf.lm_evaluation import mean_token_nll
+
+    experts, val, _ = lm_experts
+    data = load_data(val, "text-generation")
+    one, n1 = mean_token_nll(str(experts[0]), data, batch_size=1, device="cpu")
+    seven, n7 = mean_token_nll(str(experts[0]), data, batch_size=7, device="cpu")
+    model, tok = AutoModelForCausalLM.from_pretrained(experts[0]), AutoTokenizer.from_pretrained(experts[0])
+    total = count = 0
+    with torch.no_grad():
+        for text in data.texts:
+            ids = torch.tensor([tok(text)["input_ids"]])
+            logits = model(input_ids=ids).logits[0, :-1]
+            total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+    assert n1 == n7 == count and one == pytest.approx(total / count, rel=1e-5) and seven == pytest.approx(one, rel=1e-5)
+    assert evaluate_model(str(experts[0]), data, "text-generation", "perplexity") == pytest.approx(math.exp(one), rel=1e-5)
+    _, short = mean_token_nll(str(experts[0]), data, max_length=5, device="cpu")
+    assert short == 4 * len(data)
+
+
+def test_text_data_from_txt_and_jsonl_and_bad_files(tmp_path):
+    txt = tmp_path / "docs.txt"
+    txt.write_text("first doc\n\nsecond doc\n")
+    assert load_data(txt, "text-generation").texts == ["first doc", "second doc"]
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text('{"text": "a b"}\n{"text": "c"}\n')
+    assert load_data(jsonl, "text-generation").texts == ["a b", "c"]
+    jsonl.write_text('{"sentence": "a b"}\n')
+    with pytest.raises(InvalidConfigError, match="`text` field"):
+        load_data(jsonl, "text-generation")
+    with pytest.raises(InvalidConfigError, match="does not exist"):
+        load_data(tmp_path / "nope.txt", "text-generation")
+
+
+def test_metric_direction_and_defaults():
+    from ame_hf.evaluation import default_metric, higher_is_better, is_better
+
+    assert higher_is_better("accuracy") and higher_is_better("macro_f1")
+    assert not higher_is_better("loss") and not higher_is_better("perplexity") and not higher_is_better("eval_loss")
+    assert is_better(1.0, 2.0, "loss") and is_better(0.9, 0.8, "accuracy") and not is_better(1.0, 1.0, "loss")
+    assert default_metric("text-generation") == "loss" and default_metric("image-classification") == "accuracy"
+    with pytest.raises(InvalidConfigError, match="does not apply to text-generation"):
+        default_metric("text-generation", "accuracy")
+
+
+def test_evaluate_and_merge_eval_data_on_causal_lms(lm_experts, tmp_path, capsys):
+    """`ame-hf evaluate` infers text-generation from GPT2LMHeadModel and prints loss with perplexity (lower is
+    better); `merge --eval-data` records the loss and its perplexity in the model-index."""
+    experts, val, _ = lm_experts
+    capsys.readouterr()
+    assert main(["evaluate", *map(str, experts), "--data", str(val), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "loss (lower is better)" in out and "perplexity" in out
+    scores = score_table(out)
+    data = load_data(val, "text-generation")
+    assert scores[str(experts[1])] == pytest.approx(evaluate_model(str(experts[1]), data, "text-generation"), abs=1e-4)
+    merged = tmp_path / "m"
+    assert main(["merge", *map(str, experts), "--out", str(merged), "--eval-data", str(val), "--quiet"]) == 0
+    card = ModelCard.load(merged / "README.md")
+    assert [r.metric_type for r in card.data.eval_results] == ["loss", "perplexity"]
+    assert card.data.eval_results[0].task_type == "text-generation" and "lower is better" in card.text

@@ -1,6 +1,8 @@
-"""`tune` (ame_hf/tuning.py) offline on tiny text classifiers: the selection rule (the best validation score
-wins; ties go to the soup, then AME, then an ingredient), the written output is the selected candidate, an
-ingredient copy is ame-hf's own output, and a task that does not fit is refused before any merge."""
+"""`tune` (ame_hf/tuning.py) and the selection rules (ame_hf/selection.py) offline on tiny text classifiers and
+the demo's tiny GPT-2s: the best validation score wins, direction-aware (a loss picks the minimum; ties go to
+the soup, then the greedy soup, then AME, then an ingredient), the written output is the selected candidate,
+the greedy soup keeps exactly the ingredients that do not make it worse, held-out `--test-data` goes into the
+card, the default budget explores, and a task that does not fit is refused before any merge."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ def test_tune_never_loses_to_soup_or_ingredients(classifiers, tmp_path, capsys):
     printed = capsys.readouterr().out
     table, selected = printed.split("\nselected: ")
     scores = score_table(table)
-    assert len(scores) == 3 + 1 + 3  # ingredients, soup, budget
+    assert len(scores) == 3 + 2 + 3  # ingredients, soup and greedy soup, budget
     label = selected.split(" (validation ")[0]
     # The selection rule: the candidate named on the `selected:` line has the best score of all candidates,
     # so it is never worse than the soup or any single ingredient.
@@ -31,6 +33,10 @@ def test_tune_never_loses_to_soup_or_ingredients(classifiers, tmp_path, capsys):
     # The written model is that candidate: the ingredient itself, or what a fresh merge with its config gives.
     if label.startswith("ingredient "):
         expected = load_state(experts[int(label.split()[1].rstrip(":"))])
+    elif label.startswith("greedy soup"):
+        kept = [int(k) for k in label.split("kept ")[1].rstrip(")").split(", ")]
+        expected = load_state(experts[kept[0]] if len(kept) == 1 else
+                              merge([experts[k] for k in kept], tmp_path / "fresh", AmeConfig.soup(), progress=False).path)
     else:
         configs = {tuning._label(cfg): cfg for cfg in [AmeConfig.soup(), *tuning.default_grid()[:3]]}
         expected = load_state(merge(experts, tmp_path / "fresh", configs[label], progress=False).path)
@@ -49,10 +55,10 @@ def test_an_ame_winner_is_written_as_its_merge(berts, tmp_path, monkeypatch):
     """With scores fixed by candidate (the third merge wins), the output holds exactly that merge's weights."""
     experts, val = berts
     monkeypatch.setattr(tuning, "evaluate_model",
-                        lambda model, data, task, metric="accuracy": 0.9 if "cand2" in str(model) else 0.5)
+                        lambda model, data, task, metric=None, **kw: 0.9 if "cand2" in str(model) else 0.5)
     result = tuning.tune(experts, tmp_path / "best", data=val, budget=2, progress=False)
     soup, *grid = [AmeConfig.soup(), *tuning.default_grid()[:2]]
-    assert len(result.candidates) == 2 + 3 and result.best.score == max(c.score for c in result.candidates) == 0.9
+    assert len(result.candidates) == 2 + 4 and result.best.score == max(c.score for c in result.candidates) == 0.9
     assert result.best.label == tuning._label(grid[1]) and result.best.config is not None
     written = load_state(result.path)
     expected = load_state(merge(experts, tmp_path / "fresh", grid[1], progress=False).path)
@@ -61,24 +67,61 @@ def test_an_ame_winner_is_written_as_its_merge(berts, tmp_path, monkeypatch):
     assert not all(torch.equal(written[k], other[k]) for k in other)
 
 
-def test_ties_go_to_the_soup_then_ame_then_an_ingredient():
-    from ame_hf.tuning import Candidate
+def test_ties_go_to_the_soup_then_greedy_then_ame_then_an_ingredient():
+    from ame_hf.selection import Candidate, best_candidate
 
+    greedy = Candidate("greedy", 0.9, config=AmeConfig.soup(), kept=[0, 1])
     cands = [Candidate("ingredient 0", 0.9, ingredient=0), Candidate("adam", 0.9, config=AmeConfig()),
-             Candidate("soup", 0.9, config=AmeConfig.soup()), Candidate("ingredient 1", 0.8, ingredient=1)]
-    assert max(cands, key=lambda c: c.rank_key).label == "soup"
-    assert max(cands[:2], key=lambda c: c.rank_key).label == "adam"
-    assert max(cands[3:] + cands[:1], key=lambda c: c.rank_key).label == "ingredient 0"  # higher score wins
+             greedy, Candidate("soup", 0.9, config=AmeConfig.soup()), Candidate("ingredient 1", 0.8, ingredient=1)]
+    assert best_candidate(cands, "accuracy").label == "soup"
+    assert best_candidate(cands[:3], "accuracy").label == "greedy"
+    assert best_candidate(cands[:2], "accuracy").label == "adam"
+    assert best_candidate(cands[4:] + cands[:1], "accuracy").label == "ingredient 0"  # higher score wins
+    # A greedy soup that kept one ingredient is that ingredient: the tie goes to the ingredient's own row.
+    one = Candidate("greedy soup (kept 0)", 0.9, ingredient=0, kept=[0])
+    assert best_candidate([cands[0], one], "accuracy").label == "ingredient 0"
+
+
+def test_a_loss_metric_picks_the_minimum_and_accuracy_the_maximum():
+    from ame_hf.selection import Candidate, best_candidate, ranked
+
+    cands = [Candidate("a", 2.0, ingredient=0), Candidate("b", 1.5, ingredient=1), Candidate("c", 3.0, ingredient=2)]
+    assert best_candidate(cands, "loss").label == "b" and best_candidate(cands, "perplexity").label == "b"
+    assert best_candidate(cands, "accuracy").label == "c"
+    assert [c.label for c in ranked(cands, "loss")] == ["b", "a", "c"]
+    assert [c.label for c in ranked(cands, "accuracy")] == ["c", "a", "b"]
+
+
+def _fixed_scores(monkeypatch, scores):
+    """Validation scores fixed by model folder: `scores(path) -> float` for ingredients and merges alike."""
+    monkeypatch.setattr(tuning, "evaluate_model", lambda model, data, task, metric=None, **kw: scores(str(model)))
+
+
+@pytest.mark.parametrize("metric, best_value, other", [("accuracy", 0.99, 0.5), ("loss", 0.1, 2.0)])
+def test_an_ingredient_that_is_best_is_picked_whatever_the_direction(berts, tmp_path, monkeypatch, metric,
+                                                                      best_value, other):
+    """Ingredient 1 scores best (highest accuracy, lowest loss) and every merge worse: the output is it, byte for byte."""
+    experts, val = berts
+    _fixed_scores(monkeypatch, lambda path: best_value if path == str(experts[1]) else other)
+    result = tuning.tune(experts, tmp_path / "best", data=val, metric=metric, budget=2, progress=False)
+    assert result.best.ingredient == 1 and result.best.label.startswith("ingredient 1") and result.metric == metric
+    assert result.candidates[0] is result.best
+    written, expected = load_state(result.path), load_state(experts[1])
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in expected)
+    # The opposite direction turns the same scores around: now a merge (worse for the first metric) wins.
+    flipped = "loss" if metric == "accuracy" else "accuracy"
+    again = tuning.tune(experts, tmp_path / "flip", data=val, metric=flipped, budget=2, progress=False)
+    assert again.best.ingredient != 1 and again.best.score == other
 
 
 def test_a_tune_output_that_copies_an_ingredient_is_ame_hfs_own(classifiers, tmp_path, capsys):
     """It may be replaced by `--overwrite` and pushed, and `merge --config` explains it is no merge."""
     from ame_hf.output import check_output_dir
     from ame_hf.records import Ingredient
-    from ame_hf.tuning import _ingredient_output
+    from ame_hf.selection import copy_ingredient
 
     experts, _ = classifiers
-    copy = _ingredient_output(tmp_path / "copy", Ingredient(ref=str(experts[0]), path=experts[0]), ["a", "b"], 5)
+    copy = copy_ingredient(tmp_path / "copy", Ingredient(ref=str(experts[0]), path=experts[0]), ["a", "b"], 5)
     check_output_dir(copy, overwrite=True)  # a previous ame-hf output: may be replaced
     capsys.readouterr()
     code = main(["merge", "--config", str(copy / "ame_config.yaml"), "--out", str(tmp_path / "o")])
@@ -90,12 +133,121 @@ def test_tune_refuses_a_task_that_does_not_fit_before_any_merge(llamas, berts, t
         raise AssertionError("merged before checking the task")
 
     monkeypatch.setattr(tuning, "merge", no_merge)
-    _, val = berts
+    bert_dirs, val = berts
     capsys.readouterr()
+    # Inferred text-generation: these causal LMs have no tokenizer to score text with.
     code = main(["tune", *map(str, llamas), "--out", str(tmp_path / "o"), "--data", str(val)])
-    assert_one_error_line(code, capsys.readouterr().err, "cannot infer --task", exit_code=1)
+    assert_one_error_line(code, capsys.readouterr().err, "no tokenizer files", "text-generation", exit_code=1)
     code = main(["tune", *map(str, llamas), "--out", str(tmp_path / "o"), "--data", str(val),
                  "--task", "text-classification"])
     err = capsys.readouterr().err
     assert code == 1 and "LlamaForCausalLM, which cannot do text-classification" in err, err
+    code = main(["tune", *map(str, bert_dirs), "--out", str(tmp_path / "o"), "--data", str(val),
+                 "--task", "text-generation"])
+    assert_one_error_line(code, capsys.readouterr().err, "BertForSequenceClassification, which cannot do "
+                          "text-generation", exit_code=1)
     assert not (tmp_path / "o").exists()
+
+
+# -- the greedy soup -----------------------------------------------------------------------------
+
+def _distance_scores(experts, target):
+    """A validation "loss" whose effect we control: the distance of a model's weights to `target`."""
+    def score(path: str) -> float:
+        state = load_state(path)
+        return float(sum(((state[k].double() - target[k]) ** 2).sum() for k in target) ** 0.5)
+    return score
+
+
+def test_greedy_soup_keeps_exactly_the_ingredients_that_do_not_make_it_worse(lm_experts, tmp_path, monkeypatch):
+    """Scored by distance to the mean of ingredients 0 and 2: the sorted walk keeps 0 and 2 (the soup of the two
+    is the target), and rejects 1. The output is the real soup of 0 and 2 with its ame_config.yaml and card."""
+    import ame_hf.selection as selection
+
+    experts, val, _ = lm_experts
+    states = [load_state(e) for e in experts]
+    target = {k: (states[0][k].double() + states[2][k].double()) / 2 for k in states[0] if states[0][k].is_floating_point()}
+    score = _distance_scores(experts, target)
+    monkeypatch.setattr(selection, "evaluate_model", lambda model, data, task, metric=None, **kw: score(str(model)))
+    result = selection.greedy_soup(experts, tmp_path / "greedy", data=val, metric="loss")
+    assert result.kept == [0, 2]
+    assert [(i, ok) for i, _, ok in result.steps][1:] == [(2 if result.steps[0][0] == 0 else 0, True), (1, False)]
+    assert result.score == pytest.approx(0.0, abs=1e-5) and len(result.ingredient_scores) == 3
+    written = load_state(result.path)
+    expected = load_state(merge([experts[0], experts[2]], tmp_path / "fresh", AmeConfig.soup(), progress=False).path)
+    assert all(torch.equal(written[k], expected[k]) for k in expected)
+    run = AmeConfig.from_yaml(result.path / "ame_config.yaml")
+    assert run.is_soup and len(__import__("yaml").safe_load((result.path / "ame_config.yaml").read_text())["ingredients"]) == 2
+    card = ModelCard.load(result.path / "README.md")
+    assert "## Greedy soup" in card.text and "kept **2 of 3**" in card.text and "rejected (worse)" in card.text
+    assert "selected by the greedy soup" in card.text and "lower is better" in card.text
+
+
+def test_greedy_soup_with_accuracy_rejects_what_lowers_it_and_can_keep_one(lm_experts, tmp_path, monkeypatch):
+    """Higher is better now: the score is minus the distance to ingredient 1 alone, so every soup is worse than
+    ingredient 1 and only it is kept; with a loss the same numbers keep every soup that lowers them."""
+    from ame_hf.selection import run_greedy_soup
+
+    experts, val, _ = lm_experts
+    target = {k: v.double() for k, v in load_state(experts[1]).items() if v.is_floating_point()}
+    score = _distance_scores(experts, target)
+    refs = [str(e) for e in experts]
+    scores = [-score(r) for r in refs]
+    trace = run_greedy_soup(refs, scores, lambda p: -score(str(p)), "accuracy", tmp_path / "s1", "m")
+    assert trace.kept == [1] and [ok for _, _, ok in trace.steps] == [True, False, False] and trace.path is None
+    assert not any((tmp_path / "s1").rglob("*.safetensors"))  # rejected trials are not kept on disk
+    # As a loss the same numbers rank the other way: the walk starts from the lowest (the farthest from
+    # ingredient 1), and each soup raises the number, so it is rejected.
+    trace = run_greedy_soup(refs, scores, lambda p: -score(str(p)), "loss", tmp_path / "s2", "m")
+    lowest = min(range(3), key=lambda i: scores[i])
+    assert lowest != 1 and trace.kept == [lowest] and [ok for _, _, ok in trace.steps] == [True, False, False]
+
+
+def test_merge_greedy_soup_cli_refuses_weight_options_and_needs_eval_data(lm_experts, tmp_path, capsys):
+    experts, val, _ = lm_experts
+    code = main(["merge", *map(str, experts), "--out", str(tmp_path / "g"), "--greedy-soup"])
+    assert_one_error_line(code, capsys.readouterr().err, "--greedy-soup needs --eval-data", exit_code=1)
+    code = main(["merge", *map(str, experts), "--out", str(tmp_path / "g"), "--greedy-soup", "--eval-data", str(val),
+                 "--optimizer", "adam"])
+    assert_one_error_line(code, capsys.readouterr().err, "drop --optimizer", exit_code=1)
+    assert not (tmp_path / "g").exists()
+
+
+# -- tune on causal LMs, with held-out test data -------------------------------------------------
+
+def test_tune_text_generation_with_test_data(lm_experts, tmp_path, capsys):
+    """The real thing on the demo's GPT-2s: loss is minimised, the greedy soup is a candidate, the time per
+    candidate is announced, and the card's model-index holds the held-out test loss of the selected model."""
+    experts, val, test = lm_experts
+    out = tmp_path / "best"
+    code = main(["tune", *map(str, experts), "--out", str(out), "--data", str(val), "--test-data", str(test),
+                 "--budget", "2", "--max-length", "12"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "s per candidate" in captured.err
+    table, selected = captured.out.split("\nselected: ")
+    assert "loss (lower is better)" in table and "perplexity" in table
+    scores = score_table(table)
+    assert len(scores) == 3 + 2 + 2 and any(k.startswith("greedy soup (kept") for k in scores)
+    label = selected.split(" (validation ")[0]
+    assert scores[label] == min(scores.values()), (label, scores)
+    card = ModelCard.load(out / "README.md")
+    results = card.data.eval_results
+    assert results[0].dataset_split == "test" and results[0].metric_type == "loss" and results[0].dataset_name == "test"
+    assert results[1].metric_type == "perplexity" and "not used for the selection" in results[0].metric_name
+    assert f"from {3 + 2 + 2} candidates" in card.text and "no part in the choice" in card.text
+    data = load_data(test, "text-generation")
+    assert evaluate_model(str(out), data, "text-generation", max_length=12) == pytest.approx(results[0].metric_value, abs=1e-6)
+
+
+def test_the_default_budget_explores():
+    """The first 12 candidates span optimizers, steps up to relative lr 1, pivots, orders and epochs."""
+    grid = tuning.default_grid()[:tuning.DEFAULT_BUDGET]
+    assert {c.optimizer for c in grid} == {"adam", "adagrad", "rmsprop", "sgd"}
+    assert any(c.optimizer == "sgd" and c.optimizer_args.get("momentum") for c in grid)
+    rel = [c.relative_lr for c in grid if c.relative_lr is not None]
+    assert min(rel) <= 0.02 and max(rel) == 1.0
+    assert {c.pivot for c in grid} == {"mean", "first"} and {c.epochs for c in grid} == {1, 3}
+    assert {c.order for c in grid if not c.shuffle} == {"given", "reverse"} and any(c.shuffle for c in grid)
+    labels = [tuning._label(c) for c in tuning.default_grid()]
+    assert len(set(labels)) == len(labels) and not any(c.is_soup for c in tuning.default_grid())

@@ -34,7 +34,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 import ame_hf  # noqa: E402
 from ame_hf.evaluation import LabelledData, evaluate_model, load_data  # noqa: E402
-from ame_hf.tuning import default_grid, tune  # noqa: E402
+from ame_hf.tuning import DEFAULT_BUDGET, default_grid, tune  # noqa: E402
 
 if TYPE_CHECKING:
     from transformers import ViTImageProcessor
@@ -75,7 +75,7 @@ class Plan:
     # Two fine-tunings of the experts: step sizes 10x apart give expert sets whose spread differs
     # about 4x, the setting in which an absolute AME learning rate should stop transferring.
     regimes: dict[str, float] = field(default_factory=lambda: {"gentle": 3e-4, "strong": 3e-3})
-    budget: int = 10
+    budget: int = DEFAULT_BUDGET  # tune's default: the 12 exploring candidates
     optimizers: tuple[str, ...] = ("adam", "adagrad", "rmsprop")
     relative: tuple[float, ...] = (0.005, 0.02, 0.1)
     absolute: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
@@ -532,7 +532,7 @@ def report(rows: list[dict[str, Any]], notes: list[dict[str, Any]], plan: Plan, 
             f"{statistics.mean(nt['spread'][f'{r} {n}'][key] for nt in notes):.2g}" for r, n in cells) + " |")
 
     lines += ["", "## What `tune` picked", "",
-              f"Budget {plan.budget}: the soup, each expert and the first {plan.budget} settings of "
+              f"Budget {plan.budget}: the soup, the greedy soup, each expert and the first {plan.budget} settings of "
               "`default_grid()`, scored on the validation digits.", "",
               "| seed | fine-tuning | " + " | ".join(f"N={n}" for n in plan.ns) + " |",
               "|---" * (2 + len(plan.ns)) + "|"]

@@ -1,0 +1,187 @@
+"""The command line of evaluation and selection: `ame-hf evaluate`, `ame-hf tune` and `merge`'s
+`--eval-data` / `--greedy-soup` options and their printed tables. Argument parsing and printing only."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .card import update_card
+from .config import AmeConfig
+from .errors import InvalidConfigError
+from .evaluation import TASKS, check_scorable, default_metric, higher_is_better, load_data, task_for_models
+from .lm_evaluation import perplexity
+from .resolve import model_config
+
+DEFAULT_BUDGET = 12  # tuning.DEFAULT_BUDGET (not imported: it loads torch)
+
+
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a whole number, e.g. 3") from None
+
+
+def add_task_options(p: argparse.ArgumentParser, *, test_data: bool) -> None:
+    """`--task`, `--metric`, `--max-length`, `--eval-batch-size` (and `--test-data`) of any evaluating command."""
+    p.add_argument("--task", default=None, choices=list(TASKS),
+                   help="task (default: from the model's architecture: *ForSequenceClassification -> "
+                        "text-classification, *ForImageClassification -> image-classification, *ForCausalLM / "
+                        "*LMHeadModel -> text-generation)")
+    p.add_argument("--metric", default=None,
+                   help="accuracy (default) or macro_f1 (bundled, offline), or a local evaluate metric folder; "
+                        "text-generation: loss (default: mean NLL per token, lower is better) or perplexity")
+    p.add_argument("--max-length", type=_whole, default=None,
+                   help="text-generation: truncate documents to this many tokens (default: the model's limit)")
+    p.add_argument("--eval-batch-size", type=_whole, default=None,
+                   help="examples per forward pass (default 32; text-generation 8 documents)")
+    if test_data:
+        p.add_argument("--test-data", default=None,
+                       help="held-out data, used for no choice: scores the selected model, the soup and the best "
+                            "ingredient, and that goes into the card's model-index")
+
+
+_DATA_HELP = ("data: JSONL/CSV with text|image and label columns, or an image folder; text-generation: a .txt "
+              "file (one document per line) or JSONL with a text field")
+
+
+def add_evaluate_parser(sub: Any, add_token: Any, add_common: Any) -> argparse.ArgumentParser:
+    e = sub.add_parser("evaluate", help="evaluate models on local data (offline)")
+    e.add_argument("models", nargs="+", metavar="MODEL", help="model directory or org/name[@revision]")
+    e.add_argument("--data", required=True, help=_DATA_HELP)
+    add_task_options(e, test_data=False)
+    e.add_argument("--update-card", metavar="DIR",
+                   help="write the first model's result into DIR's model card (model-index)")
+    add_token(e)
+    add_common(e)
+    e.set_defaults(func=cmd_evaluate)
+    return e
+
+
+def add_tune_parser(sub: Any, add_token: Any, add_common: Any) -> argparse.ArgumentParser:
+    t = sub.add_parser("tune", help="pick the best of soup, greedy soup, ingredients and AME variants on "
+                                    "validation data")
+    t.add_argument("refs", nargs="+", metavar="REF")
+    t.add_argument("--out", required=True, help="output directory for the chosen model")
+    t.add_argument("--data", required=True, help="validation " + _DATA_HELP)
+    add_task_options(t, test_data=True)
+    t.add_argument("--budget", type=_whole, default=DEFAULT_BUDGET,
+                   help=f"number of AME variants to try (default {DEFAULT_BUDGET}; each is a merge and an evaluation)")
+    t.add_argument("--device", help="where merges and evaluations run (default: GPU when there is one)")
+    t.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_token(t)
+    add_common(t)
+    t.set_defaults(func=cmd_tune)
+    return t
+
+
+def add_merge_options(m: argparse.ArgumentParser) -> None:
+    """`merge --eval-data ...` and `merge --greedy-soup`."""
+    m.add_argument("--eval-data", dest="data", help="evaluate the merge (and its ingredients) on this data "
+                                                  "and record the result in the card")
+    m.add_argument("--greedy-soup", action="store_true",
+                   help="instead of AME: the greedy soup (ingredients by --eval-data score, each kept if the soup "
+                        "does not get worse), written as the soup of the kept ones")
+    add_task_options(m, test_data=True)
+
+
+def check_before_merge(args: argparse.Namespace, refs: Sequence[str], values: dict[str, Any]) -> None:
+    """The evaluation must be possible before the merge starts, not found impossible after it."""
+    if args.greedy_soup and not args.data:
+        raise InvalidConfigError("--greedy-soup needs --eval-data (validation data to choose the ingredients by)")
+    if args.test_data and not args.greedy_soup:
+        raise InvalidConfigError("--test-data goes with --greedy-soup (or `ame-hf tune`); to score a merge on more "
+                                 "data, use `ame-hf evaluate`")
+    if args.greedy_soup:
+        from .selection import WEIGHT_FIELDS  # no torch: config and card only
+
+        given = [k for k in values if k in WEIGHT_FIELDS]
+        if given:
+            raise InvalidConfigError(f"the greedy soup is a uniform soup of the ingredients it keeps; drop "
+                                     f"{', '.join('--' + k.replace('_', '-') for k in given)}")
+    if args.data:
+        args.task = task_for_models([(r, model_config(r, token=args.token)) for r in refs], args.task)
+        args.metric = default_metric(args.task, args.metric)
+        for path in (args.data, args.test_data):
+            if path:
+                load_data(path, args.task)
+        check_scorable(refs, args.task)
+
+
+def merge_greedy(args: argparse.Namespace, refs: Sequence[str], out: str, values: dict[str, Any]) -> Path:
+    from .selection import greedy_soup
+
+    result = greedy_soup(refs, out, data=args.data, test_data=args.test_data, task=args.task, metric=args.metric,
+                         config=AmeConfig.from_dict(values), max_length=args.max_length,
+                         batch_size=args.eval_batch_size, device=args.device, token=args.token,
+                         overwrite=args.overwrite, log=None if args.quiet else _err)
+    rows = [(f"ingredient {i}: {r}", s) for i, (r, s) in enumerate(zip(refs, result.ingredient_scores))]
+    print(table([("greedy soup", result.score)] + rows, args.metric))
+    print(f"greedy soup kept ingredients {', '.join(map(str, result.kept))} of {len(refs)} -> {result.path}")
+    if result.test_scores:
+        print(table(list(result.test_scores.items()), f"{args.metric} (test)"))
+    return result.path
+
+
+def evaluate_merge(args: argparse.Namespace, result: Any) -> None:
+    rows = _evaluate_rows([str(result.path)] + [str(i.path) for i in result.ingredients], args,
+                          labels=["merged"] + [i.display_name for i in result.ingredients])
+    update_card(result.path, rows, task=args.task, dataset=Path(args.data).stem, metric=args.metric)
+    print(table(rows, args.metric))
+
+
+def _evaluate_rows(models: Sequence[str], args: argparse.Namespace,
+                   labels: Sequence[str] | None = None) -> list[tuple[str, float]]:
+    from .api import evaluate
+
+    result = evaluate(models, data=args.data, task=args.task, metric=args.metric, token=getattr(args, "token", None),
+                      max_length=args.max_length, batch_size=args.eval_batch_size,
+                      device=getattr(args, "device", None), progress=not args.quiet)
+    args.task, args.metric = result.task, result.metric
+    return [((labels or models)[i], score) for i, (_, score) in enumerate(result.scores)]
+
+
+def table(rows: Sequence[tuple[str, float]], metric: str) -> str:
+    """`label  score` rows under a header naming the metric and its direction (a loss with its perplexity)."""
+    base = metric.split(" ")[0]
+    head = f"{metric} ({'higher' if higher_is_better(base) else 'lower'} is better)"
+    width = max(len("model"), *(len(label) for label, _ in rows))
+    ppl = base == "loss"
+    lines = [f"{'model':{width}s}  " + (f"{'perplexity':>10s}  " if ppl else "") + head,
+             "-" * (width + 2 + max(len(head), 8) + (12 if ppl else 0))]
+    # The score is the last field of a row (tests and scripts read it so); perplexity comes before it.
+    lines += [f"{label:{width}s}  " + (f"{perplexity(value):10.3f}  " if ppl else "") + f"{value:.4f}"
+              for label, value in rows]
+    return "\n".join(lines)
+
+
+def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    rows = _evaluate_rows(args.models, args)  # the task (given or inferred) fits every model, or nothing runs
+    print(table(rows, args.metric))
+    if args.update_card:
+        update_card(args.update_card, rows, task=args.task, dataset=Path(args.data).stem, metric=args.metric)
+        if not args.quiet:
+            _err(f"updated the model card in {args.update_card}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .tuning import tune
+
+    result = tune(args.refs, args.out, data=args.data, test_data=args.test_data, task=args.task, metric=args.metric,
+                  budget=args.budget, max_length=args.max_length, batch_size=args.eval_batch_size, device=args.device,
+                  token=args.token, overwrite=args.overwrite, progress=not args.quiet,
+                  log=None if args.quiet else _err)
+    print(table([(c.label, c.score) for c in result.candidates], result.metric))
+    if result.test_scores:
+        print("\n" + table(list(result.test_scores.items()), f"{result.metric} (test, not used for the choice)"))
+    print(f"selected: {result.best.label} (validation {result.metric} {result.best.score:.4f}, from "
+          f"{len(result.candidates)} candidates) -> {result.path}")
+    return 0
+
+
+def _err(line: str) -> None:
+    print(line, file=sys.stderr)

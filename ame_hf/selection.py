@@ -1,0 +1,290 @@
+"""Choosing between models on validation data: candidates ranked by a direction-aware metric, the greedy
+soup (Wortsman et al. 2022), and the output that is a copy of a selected ingredient."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .card import add_card_section, selection_card, update_card
+from .config import AmeConfig
+from .errors import InvalidConfigError
+from .evaluation import (TextData, LabelledData, check_scorable, default_metric, evaluate_model, is_better, load_data,
+                         read_model_config, sort_key, task_for_models)
+from .merging import merge
+from .output import RUN_FILE, check_output_dir, make_staging_dir, publish
+from .recipe import write_selection_file
+from .records import Ingredient
+from .fetch import resolve_refs
+from .resolve import local_inputs
+
+logger = logging.getLogger(__name__)
+
+# AmeConfig fields that decide the weights of an AME run; the greedy soup fixes them (it is a soup).
+WEIGHT_FIELDS = ("optimizer", "lr", "relative_lr", "optimizer_args", "schedule", "epochs", "batch_size", "pivot",
+                 "order", "shuffle", "seed")
+
+
+@dataclass
+class Candidate:
+    """One model that selection chooses between, and its validation score.
+
+    Attributes:
+        label: how tables name it.
+        score: its validation score.
+        config: the AME config it was merged with (None for a single ingredient).
+        ingredient: the ingredient index, for a single ingredient.
+        kept: for the greedy soup, the ingredient indices it averages.
+    """
+
+    label: str
+    score: float
+    config: AmeConfig | None = None
+    ingredient: int | None = None
+    kept: list[int] | None = None
+
+    def rank_key(self, metric: str = "accuracy") -> tuple[float, int]:
+        """Larger is better: the direction-aware score, then the kind.
+
+        Ties go to the soup, then the greedy soup, then AME, then a single ingredient: a merge uses
+        the experts, and a tie on a small validation set says nothing in favour of one of them.
+        """
+        if self.kept is not None:
+            kind = 2 if self.config is not None else 0  # a greedy soup of one is that ingredient
+        elif self.config is None:
+            kind = 0
+        else:
+            kind = 3 if self.config.is_soup else 1
+        return (sort_key(self.score, metric), kind)
+
+
+def best_candidate(candidates: Sequence[Candidate], metric: str) -> Candidate:
+    """The best candidate for `metric` (highest accuracy, lowest loss, ...); among equals, by kind, then
+    the first (grid order).
+
+    >>> best_candidate([Candidate("a", 2.0), Candidate("b", 1.5)], "loss").label
+    'b'
+    """
+    if not candidates:
+        raise InvalidConfigError("nothing to select from")
+    return max(candidates, key=lambda c: c.rank_key(metric))
+
+
+def ranked(candidates: Sequence[Candidate], metric: str) -> list[Candidate]:
+    """Best first (stable: equals keep their order)."""
+    return sorted(candidates, key=lambda c: c.rank_key(metric), reverse=True)
+
+
+@dataclass
+class GreedySoup:
+    """The trace of a greedy soup: which ingredients it kept, each step, and where its merge is.
+
+    Attributes:
+        kept: the ingredient indices averaged, in the user's order.
+        score: the validation score of the kept soup (of the single best ingredient when only it is kept).
+        steps: `(ingredient, validation score of the soup with it, kept?)` in the order tried; the
+            first step is the best ingredient alone.
+        path: the merge of the kept ingredients (None when only one ingredient is kept).
+    """
+
+    kept: list[int]
+    score: float
+    steps: list[tuple[int, float, bool]] = field(default_factory=list)
+    path: Path | None = None
+
+
+def soup_config(config: AmeConfig | None = None) -> AmeConfig:
+    """The uniform soup, keeping `config`'s output options (dtype, shard size, variant, ...).
+
+    Raises:
+        InvalidConfigError: `config` sets an option that decides the weights (the greedy soup is a soup).
+    """
+    if config is None:
+        return AmeConfig.soup()
+    default = AmeConfig()
+    changed = [f for f in WEIGHT_FIELDS if getattr(config, f) != getattr(default, f)]
+    if changed:
+        raise InvalidConfigError(f"the greedy soup is a uniform soup of the ingredients it keeps; drop "
+                                 f"{', '.join('--' + f.replace('_', '-') for f in changed)}")
+    return AmeConfig.soup(**{f.name: getattr(config, f.name) for f in dataclasses.fields(AmeConfig)
+                             if f.name not in WEIGHT_FIELDS})
+
+
+def run_greedy_soup(refs: Sequence[str], scores: Sequence[float], score: Callable[[Path], float], metric: str,
+                    scratch: Path, name: str, *, config: AmeConfig | None = None, token: str | None = None,
+                    log: Callable[[str], None] | None = None) -> GreedySoup:
+    """The greedy soup: ingredients sorted by validation score (best first); each is added to the running
+    uniform soup only if the soup's validation score does not get worse (Wortsman et al. 2022, Recipe 1).
+
+    Args:
+        refs: the ingredients (pinned references or local paths).
+        scores: each ingredient's validation score (evaluated once, by the caller).
+        score: the validation score of a merged model folder.
+        metric: the metric of the scores (its direction decides "worse").
+        scratch: a folder for the trial merges; only the kept soup stays there.
+        name: the folder name of each merge (the card's "How to use" names it).
+        config: output options for the merges (see `soup_config`).
+
+    Returns:
+        A `GreedySoup`.
+    """
+    cfg = soup_config(config)
+    order = sorted(range(len(refs)), key=lambda i: -sort_key(scores[i], metric))  # stable: ties by index
+    kept, best = [order[0]], scores[order[0]]
+    trace = GreedySoup(kept=kept, score=best, steps=[(order[0], best, True)])
+    for n, i in enumerate(order[1:]):
+        trial = sorted(kept + [i])
+        target = scratch / f"greedy{n}" / name
+        target.parent.mkdir(parents=True)
+        merge([refs[k] for k in trial], target, cfg, token=token, progress=False)
+        value = score(target)
+        keep = not is_better(best, value, metric)  # "does not get worse": equal is kept
+        trace.steps.append((i, value, keep))
+        if log:
+            log(f"{value:8.4f}  greedy soup + ingredient {i}: {'kept' if keep else 'rejected'}")
+        if keep:
+            if trace.path is not None:
+                shutil.rmtree(trace.path.parent, ignore_errors=True)
+            kept, best, trace.path = trial, value, target
+        else:
+            shutil.rmtree(target.parent, ignore_errors=True)
+    trace.kept, trace.score = kept, best
+    return trace
+
+
+def greedy_label(kept: Sequence[int]) -> str:
+    return f"greedy soup (kept {', '.join(map(str, kept))})"
+
+
+def greedy_section(trace: GreedySoup, names: Sequence[str], metric: str) -> str:
+    """The card section that says which ingredients the greedy soup kept, and why."""
+    rows = "\n".join(f"| {k + 1} | {i}: {names[i]} | {v:.4f} | {'kept' if ok else 'rejected (worse)'} |"
+                     for k, (i, v, ok) in enumerate(trace.steps))
+    return (f"A **greedy soup** (Wortsman et al. 2022, *Model soups*): the ingredients sorted by validation "
+            f"{metric}, each added to the running uniform soup only if the validation {metric} does not get "
+            f"worse. It kept **{len(trace.kept)} of {len(names)}**: "
+            f"{', '.join(f'{i} ({names[i]})' for i in trace.kept)}.\n\n"
+            f"| step | ingredient added | {metric} of the soup with it (validation) | |\n|---|---|---|---|\n{rows}\n")
+
+
+def copy_ingredient(target: Path, ingredient: Ingredient, refs: Sequence[str], candidates: int,
+                    by: str = "`ame-hf tune`") -> Path:
+    """When a single ingredient is selected, the output is a copy of it, with a card and a marker saying so.
+
+    The marker (`ame_config.yaml`) makes the copy ame-hf's own output (so `--overwrite` may replace it and
+    `push` takes it); it is no merge recipe, and `merge --config` says so.
+    """
+    shutil.copytree(ingredient.path, target, ignore=shutil.ignore_patterns("README.md", "*.py", ".*"))
+    selection_card(ingredient, list(refs), candidates, by=by).save(target / "README.md")
+    write_selection_file(target / RUN_FILE, ingredient, candidates)
+    return target
+
+
+@dataclass(frozen=True)
+class GreedySoupResult:
+    """What `greedy_soup` wrote: the output, the kept ingredient indices, the trace, and held-out scores.
+
+    Attributes:
+        path: the output folder.
+        kept: the ingredient indices averaged (in the user's order).
+        score: validation score of the output.
+        steps: `(ingredient, validation score with it, kept?)` in the order tried.
+        ingredient_scores: each ingredient's validation score.
+        test_scores: `{"greedy soup": ..., "best ingredient": ...}` on `test_data` (empty without it).
+    """
+
+    path: Path
+    kept: list[int]
+    score: float
+    steps: list[tuple[int, float, bool]]
+    ingredient_scores: list[float]
+    test_scores: dict[str, float]
+
+
+def greedy_soup(
+    ingredients: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    data: str | os.PathLike | LabelledData | TextData,
+    test_data: str | os.PathLike | LabelledData | TextData | None = None,
+    task: str | None = None,
+    metric: str | None = None,
+    config: AmeConfig | None = None,
+    max_length: int | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    token: str | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> GreedySoupResult:
+    """Write the greedy soup of the ingredients on validation `data` (`ame-hf merge --greedy-soup`).
+
+    Each ingredient is evaluated once; each trial soup is a real merge (SGD, lr 1, harmonic) of the
+    ingredients kept so far plus one, and only the kept soup stays on disk. The output is that merge,
+    with its `ame_config.yaml` (listing the kept ingredients) and a card naming them; when no soup beats
+    the best single ingredient, it is a marked copy of that ingredient.
+
+    Args:
+        ingredients: local directories and/or Hub repo IDs.
+        out_dir: the output folder.
+        data: validation data (for the task; see `ame_hf.evaluate`).
+        test_data: held-out data: scores the output and the best ingredient, into the card's model-index.
+        task: default: from the ingredients' architecture.
+        metric: default: `accuracy`, or `loss` for text-generation (lower is better).
+        config: output options only (dtype, max_shard_size, variant, ...).
+        max_length, batch_size, device: of the evaluation (see `evaluation.evaluate_model`).
+        token: Hub token.
+        overwrite: replace a previous ame-hf output.
+        log: called with one line per step.
+
+    Returns:
+        A `GreedySoupResult`.
+
+    >>> greedy_soup(["org/a", "org/b", "org/c"], "greedy", data="val.jsonl").kept  # doctest: +SKIP
+    [0, 2]
+    """
+    out = Path(out_dir)
+    soup_config(config)  # a weight option is refused before anything is downloaded
+    check_output_dir(out, overwrite, inputs=local_inputs(ingredients))
+    resolved = resolve_refs([os.fspath(r) for r in ingredients], token=token)
+    check_output_dir(out, overwrite, inputs=[i.path for i in resolved])
+    task = task_for_models([(i.display_name, read_model_config(i.path, i.display_name)) for i in resolved], task)
+    metric = default_metric(task, metric)
+    check_scorable([i.path for i in resolved], task)
+    val = data if isinstance(data, (LabelledData, TextData)) else load_data(data, task)
+    test = test_data if test_data is None or isinstance(test_data, (LabelledData, TextData)) else load_data(test_data, task)
+    evaluate = lambda path, d: evaluate_model(str(path), d, task, metric, max_length=max_length,  # noqa: E731
+                                              batch_size=batch_size, device=device)
+    refs = [i.pinned_ref if i.repo_id else str(i.path) for i in resolved]
+    names = [i.display_name for i in resolved]
+    scores = [evaluate(i.path, val) for i in resolved]
+    scratch = make_staging_dir(out)
+    try:
+        trace = run_greedy_soup(refs, scores, lambda p: evaluate(p, val), metric, scratch, out.absolute().name,
+                                config=config, token=token, log=log)
+        best = trace.steps[0][0]
+        if trace.path is None:
+            final = copy_ingredient(scratch / "ingredient", resolved[best], refs, len(refs), by="the greedy soup")
+        else:
+            final = trace.path
+        tests = {}
+        if test is not None:
+            tests = {"greedy soup": evaluate(final, test), "best ingredient": evaluate(resolved[best].path, test)}
+        label = greedy_label(trace.kept)
+        rows = [(label, trace.score)] + [(f"ingredient {i}: {names[i]}", s) for i, s in enumerate(scores)]
+        update_card(final, rows, task=task, dataset=val.name, metric=metric, model_name=out.absolute().name,
+                    selected_from=len(trace.steps), selected_by="the greedy soup",
+                    test_results=[(label, tests["greedy soup"]), (f"best ingredient: {names[best]}",
+                                                                  tests["best ingredient"])] if tests else None,
+                    test_dataset=test.name if test is not None else None)
+        add_card_section(final, "## Greedy soup", greedy_section(trace, names, metric))
+        publish(final, out, overwrite)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return GreedySoupResult(path=out, kept=trace.kept, score=trace.score, steps=trace.steps,
+                            ingredient_scores=scores, test_scores=tests)
