@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     m.add_argument("--device", help="compute device, e.g. cpu, cuda, cuda:1 (default: chosen by accelerate)")
     m.add_argument("--max-memory", help="memory for one tensor's ingredient blocks, so each input byte is read once "
-                                       "(default 256MiB; a larger tensor is read again for each pass)")
+                                       "(default 128MiB; a larger tensor is read again for each pass)")
     m.add_argument("--threads", type=_whole, help="torch threads on the CPU (default 1; for more cores run "
                                                 "several processes with torchrun)")
     m.add_argument("--push", action="store_true", help="push the output to the Hub (needs --repo-id)")

@@ -59,7 +59,7 @@ def merge(
             blocks gains little from threads and stalls badly when another process shares the cores;
             use several processes with `torchrun` to use more cores).
         max_memory: how much of one tensor's ingredient blocks may be kept in memory so that each input
-            byte is read once (`256MiB` by default; a larger tensor is read again for each pass).
+            byte is read once (`128MiB` by default; a larger tensor is read again for each pass).
         command: the command line as typed (the CLI passes it, tokens removed). Accepted for existing
             callers; the card's Reproduce command is built from the resolved result instead.
 

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int], None]
 # Ingredient blocks of one tensor kept in memory so that each input byte is read once (for the spread,
 # the mean pivot and every step and epoch); a tensor whose N copies exceed it is read again instead.
-DEFAULT_MAX_MEMORY = 256 * 2**20
+DEFAULT_MAX_MEMORY = 128 * 2**20
 
 
 class TensorMerger:
@@ -143,7 +143,11 @@ class TensorMerger:
         lr = self.config.lr
         cached_pivot = None
         kept: dict[tuple[Rows, int], torch.Tensor] | None = None
-        if n * info.numel * self.compute_dtype.itemsize <= self.max_memory:
+        passes = ((self.config.relative_lr is not None) + (self.pivot == "mean" and not self.soup)
+                  + (len(self.order) if lr != 0.0 else 0))
+        if passes <= 1:
+            pass  # one pass reads each block once anyway (the soup): keeping them would only cost memory
+        elif n * info.numel * self.compute_dtype.itemsize <= self.max_memory:
             kept = {}  # every ingredient's blocks of this tensor, each read once
         else:
             logger.debug("%s: %d copies of %.1f MB exceed --max-memory: its blocks are read again for each pass",
