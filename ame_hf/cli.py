@@ -100,10 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge checkpoints with AME",
                        description="Merge checkpoints (local directories or Hub repo IDs org/name[@revision]) with AME.")
     m.add_argument("refs", nargs="*", metavar="REF", help="ingredient: local directory or org/name[@revision]")
-    m.add_argument("--out", help="output directory (created; must be empty unless --overwrite)")
+    m.add_argument("--out", help="output directory: new or empty (with --overwrite: a previous ame-hf output)")
     m.add_argument("--config", help="YAML file with the same options (e.g. a previous ame_config.yaml)")
     _add_config_options(m)
-    m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    m.add_argument("--overwrite", action="store_true",
+                   help="replace a previous ame-hf output at --out (never an input, the cwd or a folder of yours)")
     m.add_argument("--device", help="compute device, e.g. cpu, cuda, cuda:1 (default: chosen by accelerate)")
     m.add_argument("--max-memory", help="memory for one tensor's ingredient blocks, so each input byte is read once "
                                        "(default 128MiB; a larger tensor is read again for each pass)")

@@ -71,7 +71,8 @@ def add_tune_parser(sub: Any, add_token: Any, add_common: Any) -> argparse.Argum
     t.add_argument("--budget", type=_whole, default=DEFAULT_BUDGET,
                    help=f"number of AME variants to try (default {DEFAULT_BUDGET}; each is a merge and an evaluation)")
     t.add_argument("--device", help="where merges and evaluations run (default: GPU when there is one)")
-    t.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a previous ame-hf output at --out (never an input, the cwd or a folder of yours)")
     add_token(t)
     add_common(t)
     t.set_defaults(func=cmd_tune)
