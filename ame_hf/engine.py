@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 from .config import AmeConfig, order_indices
-from .optimizers import optimizer_class
+from .optimizers import new_optimizer, optimizer_class, take_step
 
 Loader = Callable[[int], torch.Tensor]
 
@@ -96,8 +96,8 @@ def ame_block(
     w = pivot.clone()
     if w.numel() == 0:
         return w
-    optimizer = optimizer_class(config.optimizer)([w], lr=lr, **device_defaults(config, w.device),
-                                                  **dict(config.optimizer_args))
+    optimizer = new_optimizer(optimizer_class(config.optimizer), [w], lr=lr, **device_defaults(config, w.device),
+                              **dict(config.optimizer_args))
     group = optimizer.param_groups[0]
     lrs = iter(step_lrs(order, config.batch_size, lr, config.schedule or "constant"))
     grad = torch.empty_like(w)  # one buffer for every step: no allocation per ingredient
@@ -105,7 +105,7 @@ def ame_block(
         for batch in batches(epoch_order, config.batch_size):
             w.grad = pseudogradient(w, batch_mean(load, batch), out=grad)
             group["lr"] = next(lrs)
-            optimizer.step()
+            take_step(optimizer)
     w.grad = None
     return w
 
@@ -130,7 +130,7 @@ def _fused_supported(cls: type, device_type: str) -> bool:
     try:
         p = torch.zeros(1, device=device_type, requires_grad=True)
         p.grad = torch.ones_like(p)
-        cls([p], lr=1e-3, fused=True).step()
+        take_step(new_optimizer(cls, [p], lr=1e-3, fused=True))
     except (RuntimeError, ValueError, TypeError):
         return False
     return True

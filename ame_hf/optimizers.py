@@ -5,8 +5,11 @@ Only optimizers that update each element on its own are valid: AME then streams 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
-from typing import TYPE_CHECKING, Any, Mapping
+import sys
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from .errors import InvalidConfigError, UnknownOptimizerError, UnsupportedOptimizerError
 
@@ -56,6 +59,67 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     return getattr(torch.optim, OPTIMIZERS[check_optimizer_name(name)])
 
 
+def new_optimizer(cls: type[torch.optim.Optimizer], params: Any, **kwargs: Any) -> torch.optim.Optimizer:
+    """`cls(params, **kwargs)`, without the import of `torch._dynamo` it would otherwise trigger.
+
+    torch.optim marks `add_param_group` (which `__init__` calls) as not to be compiled, and does so by
+    importing `torch._dynamo` on its first call: 1.9 s here, as long as a whole 4 x 134M soup. Nothing in
+    a merge is compiled, so while `torch._dynamo` is not loaded the mark is lent the plain function for
+    the duration of the call, and taken back after it. Once `torch._dynamo` is loaded (the user compiles
+    something), this is the plain call.
+    """
+    with _dynamo_mark_lent():
+        return cls(params, **kwargs)
+
+
+def take_step(optimizer: torch.optim.Optimizer) -> None:
+    """`optimizer.step()`: the class's own update, the same arithmetic.
+
+    `Optimizer.step` is wrapped by torch for profiling hooks and for torch.compile (a wrapper that
+    imports `torch._dynamo` on every call, and turns gradients off). While `torch._dynamo` is not loaded
+    and no step hook is registered, this calls the class's own `step` under `torch.no_grad()` (AME
+    refuses `differentiable`), else the wrapped one.
+    """
+    import torch
+
+    if "torch._dynamo" in sys.modules or _has_step_hooks(optimizer):
+        optimizer.step()
+        return
+    with torch.no_grad():
+        _own_step(type(optimizer))(optimizer)
+
+
+@functools.lru_cache(maxsize=None)
+def _own_step(cls: type) -> Any:
+    return inspect.unwrap(cls.step)
+
+
+def _has_step_hooks(optimizer: Any) -> bool:
+    from torch.optim import optimizer as module
+
+    return bool(getattr(optimizer, "_optimizer_step_pre_hooks", None) or getattr(optimizer, "_optimizer_step_post_hooks", None)
+                or getattr(module, "_global_optimizer_pre_hooks", None) or getattr(module, "_global_optimizer_post_hooks", None))
+
+
+@contextlib.contextmanager
+def _dynamo_mark_lent() -> Iterator[None]:
+    from torch.optim import Optimizer
+
+    own = inspect.unwrap(Optimizer.add_param_group)
+    # torch's lazy `_disable_dynamo` wrapper uses `fn.__dynamo_disable` when set, else imports torch._dynamo.
+    if "torch._dynamo" in sys.modules or own is Optimizer.add_param_group or hasattr(own, _MARK):
+        yield
+        return
+    setattr(own, _MARK, own)
+    try:
+        yield
+    finally:
+        delattr(own, _MARK)
+
+
+_MARK = "__dynamo_disable"
+
+
 def check_optimizer_name(name: str) -> str:
     """The registry key of a case-insensitive optimizer name; needs no torch.
 
@@ -103,7 +167,7 @@ def validate_optimizer_args(name: str, args: Mapping[str, Any]) -> dict[str, Any
             )
         clean[key] = tuple(value) if isinstance(value, list) else value
     try:
-        cls([torch.zeros(1)], lr=1e-3, **clean)
+        new_optimizer(cls, [torch.zeros(1)], lr=1e-3, **clean)
     except (TypeError, ValueError) as err:
         raise InvalidConfigError(f"invalid arguments for {cls.__name__}: {err}") from err
     return clean
@@ -114,7 +178,7 @@ def full_hyperparameters(name: str, args: Mapping[str, Any], lr: float) -> dict[
     import torch
 
     cls = optimizer_class(name)
-    opt = cls([torch.zeros(1)], lr=lr, **dict(args))
+    opt = new_optimizer(cls, [torch.zeros(1)], lr=lr, **dict(args))
     group = dict(opt.param_groups[0])
     group.pop("params")
     out = {}

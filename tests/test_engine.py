@@ -175,3 +175,59 @@ def test_merge_order_reverse_is_recorded_and_reproduced(llamas, tmp_path, capsys
     capsys.readouterr()
     assert main(["merge", *map(str, llamas), "--out", str(tmp_path / "bad"), "--order", "0,1"]) == 1
     assert "not a permutation of the 3 ingredient indices" in capsys.readouterr().err
+
+
+STEP_SCRIPT = r"""
+import inspect, json, sys
+import torch
+from torch.optim import Optimizer
+from ame_hf.optimizers import OPTIMIZERS, new_optimizer, optimizer_class, take_step
+
+def run(name, kwargs, stepper, build):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(257, generator=g)
+    opt = build(optimizer_class(name), [w], lr=0.05, **kwargs)
+    for t in range(4):
+        w.grad = w - torch.randn(257, generator=g)
+        opt.param_groups[0]["lr"] = 0.05 / (t + 1)
+        stepper(opt)
+    return w.detach().clone()
+
+cases = [(n, {}) for n in sorted(OPTIMIZERS)] + [(n, {"fused": True}) for n in ("adam", "adamw", "sgd", "adagrad")]
+cases += [("sgd", {"momentum": 0.9, "nesterov": True}), ("adam", {"amsgrad": True, "weight_decay": 0.1})]
+mine = [run(n, kw, take_step, new_optimizer) for n, kw in cases]
+print(json.dumps({"dynamo_after_take_step": "torch._dynamo" in sys.modules,
+                  "mark_left": hasattr(inspect.unwrap(Optimizer.add_param_group), "__dynamo_disable")}))
+theirs = [run(n, kw, lambda o: o.step(), lambda c, p, **k: c(p, **k)) for n, kw in cases]
+print(json.dumps({"dynamo_after_step": "torch._dynamo" in sys.modules,
+                  "equal": [bool(torch.equal(a, b)) for a, b in zip(mine, theirs)],
+                  "cases": [f"{n} {kw}" for n, kw in cases]}))
+"""
+
+
+def test_take_step_is_optimizer_step_bit_for_bit_without_importing_dynamo():
+    # torch.optim imports torch._dynamo (~2 s) on an optimizer's first add_param_group and on every step();
+    # take_step/new_optimizer skip only that, so every optimizer's result must be bit-identical to step().
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", STEP_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    first, second = (json.loads(line) for line in proc.stdout.splitlines()[-2:])
+    assert first == {"dynamo_after_take_step": False, "mark_left": False}
+    assert second["dynamo_after_step"] is True  # the reference really took torch's own path
+    assert all(second["equal"]), [c for c, ok in zip(second["cases"], second["equal"]) if not ok]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_merge_does_not_import_torch_dynamo(finetunes, tmp_path, optimizer):
+    import subprocess
+    import sys
+
+    code = ("import sys; from ame_hf.cli import main; rc = main(sys.argv[1:]); "
+            "print('dynamo' if 'torch._dynamo' in sys.modules else 'no dynamo'); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, "merge", *map(str, finetunes), "--out", str(tmp_path / "out"),
+                           "--optimizer", optimizer, "--quiet"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-2:] == ["no", "dynamo"]
