@@ -97,8 +97,9 @@ def _own_step(cls: type) -> Any:
 def _has_step_hooks(optimizer: Any) -> bool:
     from torch.optim import optimizer as module
 
-    return bool(getattr(optimizer, "_optimizer_step_pre_hooks", None) or getattr(optimizer, "_optimizer_step_post_hooks", None)
-                or getattr(module, "_global_optimizer_pre_hooks", None) or getattr(module, "_global_optimizer_post_hooks", None))
+    hooks = (getattr(optimizer, "_optimizer_step_pre_hooks", None), getattr(optimizer, "_optimizer_step_post_hooks", None),
+             getattr(module, "_global_optimizer_pre_hooks", None), getattr(module, "_global_optimizer_post_hooks", None))
+    return any(hooks)
 
 
 @contextlib.contextmanager
