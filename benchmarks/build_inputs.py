@@ -20,6 +20,9 @@ MODELS = {
                   num_attention_heads=12, num_key_value_heads=12, tie_word_embeddings=False),
     "large": dict(hidden_size=1536, num_hidden_layers=16, intermediate_size=4096, vocab_size=32000,
                   num_attention_heads=12, num_key_value_heads=12, tie_word_embeddings=False),
+    # 1.1B parameters (TinyLlama's shape: grouped-query attention), built in bf16: the throughput row.
+    "1b": dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, vocab_size=32000,
+               num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False),
     # Only for smoke tests of the harness itself (`run.py --smoke`).
     "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vocab_size=512,
                  num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
