@@ -137,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_push)
 
-    _add_config_options(add_evaluate_parser(sub, _add_token, _add_common), only=("base",))  # merge's own --base
-    add_tune_parser(sub, _add_token, _add_common)
+    for evaluating in (add_evaluate_parser(sub, _add_token, _add_common), add_tune_parser(sub, _add_token, _add_common)):
+        _add_config_options(evaluating, only=("base",))  # PEFT adapters among the models: merge's own --base
 
     s = sub.add_parser("space", help="run the Gradio app (the Hugging Face Space) locally")
     s.add_argument("--port", type=_whole, default=None, help="port (default: Gradio's 7860 or GRADIO_SERVER_PORT)")

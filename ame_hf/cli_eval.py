@@ -174,8 +174,8 @@ def cmd_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .tuning import tune
 
     result = tune(args.refs, args.out, data=args.data, test_data=args.test_data, task=args.task, metric=args.metric,
-                  budget=args.budget, max_length=args.max_length, batch_size=args.eval_batch_size, device=args.device,
-                  token=args.token, overwrite=args.overwrite, progress=not args.quiet,
+                  base=args.base, budget=args.budget, max_length=args.max_length, batch_size=args.eval_batch_size,
+                  device=args.device, token=args.token, overwrite=args.overwrite, progress=not args.quiet,
                   log=None if args.quiet else _err)
     print(table([(c.label, c.score) for c in result.candidates], result.metric))
     if result.test_scores:
