@@ -12,12 +12,12 @@ from typing import Any, Sequence
 from .compatibility import CompatibilityReport
 from .config import AmeConfig
 from .errors import InvalidConfigError
-from .evaluation import check_scorable, default_metric, evaluate_model, load_data, read_model_config, task_for_models
+from .evaluation import check_scorable, default_metric, evaluate_model, load_data, task_for_models
+from .full_models import FullModels, resolve_models
+from .inputs import check_inputs
 from .merging import merge
 from .push import push_folder
 from .records import Evaluation, MergeResult
-from .fetch import resolve_refs
-from .inputs import check_inputs
 
 
 def check(ingredients: Sequence[str | os.PathLike], *, token: str | None = None, dtype: str = "auto",
@@ -44,6 +44,7 @@ def evaluate(
     data: str | os.PathLike,
     task: str | None = None,
     metric: str | None = None,
+    base: str | os.PathLike | None = None,
     token: str | None = None,
     max_length: int | None = None,
     batch_size: int | None = None,
@@ -51,6 +52,9 @@ def evaluate(
     progress: bool = False,
 ) -> Evaluation:
     """Score models (merge outputs, local directories or Hub repo IDs) on local data, offline.
+
+    A PEFT LoRA adapter is scored as the full model it makes of its base (what peft's `merge_and_unload()`
+    gives): ame-hf's merge writes it into a temporary folder (under TMPDIR), removed once it is scored.
 
     Args:
         models: what to evaluate, in the order the scores are returned.
@@ -61,6 +65,7 @@ def evaluate(
         metric: a bundled offline metric (`accuracy`, the default, or `macro_f1`) or a local `evaluate`
             metric folder; for text-generation `loss` (the default: mean NLL per token, lower is better)
             or `perplexity`. `evaluation.higher_is_better(metric)` says which way is better.
+        base: the base model of the adapters among `models` (default: each adapter's `base_model_name_or_path`).
         token: Hub token for private or gated repos.
         max_length: text-generation: truncate each document to this many tokens (default: the model's limit).
         batch_size: examples per forward pass.
@@ -72,19 +77,23 @@ def evaluate(
 
     Raises:
         InvalidConfigError: a task the models cannot do (before any model is run), unreadable data.
+        IncompatibleCheckpointsError: an adapter whose base is not named or does not fit (before any model is run).
 
     >>> evaluate(["merged", "org/model-a"], data="val.jsonl").scores  # doctest: +SKIP
     [('merged', 0.91), ('org/model-a', 0.87)]
+    >>> evaluate(["./lora"], data="val.jsonl", base="org/base-model").scores  # doctest: +SKIP
+    [('./lora', 0.84)]
     """
     refs = [os.fspath(m) for m in models]
-    resolved = resolve_refs(refs, token=token)
-    task = task_for_models([(r, read_model_config(i.path, r)) for r, i in zip(refs, resolved)], task)
+    resolved = resolve_models(refs, base=base, token=token)
+    task = task_for_models([(r, m.config) for r, m in zip(refs, resolved)], task)
     metric = default_metric(task, metric)
-    check_scorable([i.path for i in resolved], task)
+    check_scorable([m.tokenizer for m in resolved], task)
     dataset = load_data(data, task)
-    return Evaluation(task=task, metric=metric, dataset=dataset.name, scores=[
-        (r, evaluate_model(str(i.path), dataset, task, metric, max_length=max_length, batch_size=batch_size,
-                           device=device, progress=progress)) for r, i in zip(refs, resolved)])
+    with FullModels(resolved, token=token, device=device) as full:
+        scores = full.score_each(lambda path: evaluate_model(str(path), dataset, task, metric, max_length=max_length,
+                                                             batch_size=batch_size, device=device, progress=progress))
+    return Evaluation(task=task, metric=metric, dataset=dataset.name, scores=list(zip(refs, scores)))
 
 
 def from_pretrained(

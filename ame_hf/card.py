@@ -330,15 +330,19 @@ def _put_section(text: str, heading: str, section: str, before: Sequence[str]) -
 
 
 def selection_card(ingredient: Ingredient, refs: Sequence[str], candidates: int,
-                   by: str = "`ame-hf tune`") -> "ModelCard":
-    """The card of a `tune` (or greedy soup) output that is an unchanged copy of the ingredient it selected."""
+                   by: str = "`ame-hf tune`", base: Ingredient | None = None) -> "ModelCard":
+    """The card of a `tune` (or greedy soup) output that is the ingredient it selected: an unchanged copy of
+    it, or for a PEFT adapter (with its `base`) the full model the adapter makes of that base."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    data = ModelCardData(base_model=[ingredient.repo_id] if ingredient.repo_id else None,
-                         tags=["ame-hf", "model-selection"], library_name="transformers")
-    revision = f"`{ingredient.sha}`" if ingredient.sha else "local directory"
+    repos = [r for r in (ingredient.repo_id, base.repo_id if base else None) if r]
+    data = ModelCardData(base_model=repos or None, tags=["ame-hf", "model-selection"], library_name="transformers")
+    revision = lambda i: f"`{i.sha}`" if i.sha else "local directory"  # noqa: E731
+    what = (f"so this is that LoRA adapter merged into its base **{base.display_name}** ({revision(base)}): the "
+            "full model `W_base + scaling * B @ A`, the weights peft's `merge_and_unload()` gives, written by "
+            "ame-hf's merge" if base else "so this is an unchanged copy of it")
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n# Selected ingredient\n\n"
                      f"This model was **selected by {by}** from {candidates} candidates: no merge "
                      f"scored better on the validation data "
-                     f"than the ingredient **{ingredient.display_name}** ({revision}), so this is an "
-                     f"unchanged copy of it.\n\nCandidates merged from: {', '.join(refs)}\n")
+                     f"than the ingredient **{ingredient.display_name}** ({revision(ingredient)}), {what}."
+                     f"\n\nCandidates merged from: {', '.join(refs)}\n")

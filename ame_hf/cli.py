@@ -61,11 +61,12 @@ def _config_fields() -> list[Any]:
     return list(dataclasses.fields(AmeConfig))
 
 
-def _add_config_options(p: argparse.ArgumentParser) -> None:
-    """One option per `AmeConfig` field, from the field's own metadata: the one source of truth."""
+def _add_config_options(p: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
+    """One option per `AmeConfig` field (or per field named in `only`), from the field's own metadata: the
+    one source of truth."""
     kinds: dict[str, dict[str, Any]] = {"number": {"type": _number}, "whole": {"type": _whole}, "text": {},
                                         "flag": {"action": "store_true", "default": None}}
-    for f in _config_fields():
+    for f in (f for f in _config_fields() if only is None or f.name in only):
         cli = f.metadata["cli"]
         kwargs = {"choices": list(cli)} if isinstance(cli, tuple) else dict(kinds[cli])
         p.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"], **kwargs)
@@ -136,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_push)
 
-    add_evaluate_parser(sub, _add_token, _add_common)
-    add_tune_parser(sub, _add_token, _add_common)
+    for evaluating in (add_evaluate_parser(sub, _add_token, _add_common), add_tune_parser(sub, _add_token, _add_common)):
+        _add_config_options(evaluating, only=("base",))  # PEFT adapters among the models: merge's own --base
 
     s = sub.add_parser("space", help="run the Gradio app (the Hugging Face Space) locally")
     s.add_argument("--port", type=_whole, default=None, help="port (default: Gradio's 7860 or GRADIO_SERVER_PORT)")

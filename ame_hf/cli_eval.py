@@ -129,16 +129,17 @@ def merge_greedy(args: argparse.Namespace, refs: Sequence[str], out: str, values
 
 def evaluate_merge(args: argparse.Namespace, result: Any) -> None:
     rows = _evaluate_rows([str(result.path)] + [str(i.path) for i in result.ingredients], args,
-                          labels=["merged"] + [i.display_name for i in result.ingredients])
+                          labels=["merged"] + [i.display_name for i in result.ingredients], base=result.config.base)
     update_card(result.path, rows, task=args.task, dataset=Path(args.data).stem, metric=args.metric)
     print(table(rows, args.metric))
 
 
-def _evaluate_rows(models: Sequence[str], args: argparse.Namespace,
-                   labels: Sequence[str] | None = None) -> list[tuple[str, float]]:
+def _evaluate_rows(models: Sequence[str], args: argparse.Namespace, labels: Sequence[str] | None = None,
+                   base: str | None = None) -> list[tuple[str, float]]:
     from .api import evaluate
 
-    result = evaluate(models, data=args.data, task=args.task, metric=args.metric, token=getattr(args, "token", None),
+    result = evaluate(models, data=args.data, task=args.task, metric=args.metric,
+                      base=base or getattr(args, "base", None), token=getattr(args, "token", None),
                       max_length=args.max_length, batch_size=args.eval_batch_size,
                       device=getattr(args, "device", None), progress=not args.quiet)
     args.task, args.metric = result.task, result.metric
@@ -173,8 +174,8 @@ def cmd_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .tuning import tune
 
     result = tune(args.refs, args.out, data=args.data, test_data=args.test_data, task=args.task, metric=args.metric,
-                  budget=args.budget, max_length=args.max_length, batch_size=args.eval_batch_size, device=args.device,
-                  token=args.token, overwrite=args.overwrite, progress=not args.quiet,
+                  base=args.base, budget=args.budget, max_length=args.max_length, batch_size=args.eval_batch_size,
+                  device=args.device, token=args.token, overwrite=args.overwrite, progress=not args.quiet,
                   log=None if args.quiet else _err)
     print(table([(c.label, c.score) for c in result.candidates], result.metric))
     if result.test_scores:

@@ -144,7 +144,7 @@ class AmeConfig:
     allow_nonfinite: bool = _option(False, "flag", "merge ingredients that contain NaN/Inf instead of "
                                     "refusing them")
     base: str | None = _option(None, "text", "the base model of the PEFT adapters among the ingredients "
-                               "(default: each adapter's base_model_name_or_path); --pivot base starts from it")
+                               "(default: each adapter's base_model_name_or_path)")
     variant: str | None = _option(None, "text", "read the weights variant NAME (model.NAME.safetensors, "
                                   "transformers' variant naming), e.g. fp16")
     tokenizer_source: str | int = _option(DEFAULT_TOKENIZER_SOURCE, "text", "where the tokenizer, chat template "

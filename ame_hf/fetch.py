@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ._hub_errors import hub_errors
+from .adapters import ADAPTER_FILES, is_adapter_dir
 from .checkpoint import Checkpoint, TensorInfo, dtype_from_name, index_shards, weight_layout
 from .errors import CheckpointError, HubError, InsufficientSpaceError
 from .records import HubSource, Ingredient
@@ -126,15 +127,17 @@ def fetch_weights(source: HubSource, light: Ingredient, *, variant: str | None =
 
 def resolve_refs(refs: Sequence[str | os.PathLike], *, token: str | None = None,
                  variant: str | None = None) -> list[Ingredient]:
-    """Every reference as a local directory with its weights (Hub repos downloaded at their sha)."""
+    """Every reference as a local directory with its weights (Hub repos downloaded at their sha; a PEFT
+    adapter with its own files, not its base's)."""
     out = []
     for source in plan_refs(refs, token=token):
         if isinstance(source, Ingredient):
             out.append(source)
             continue
         light = fetch_light(source, token=token)
+        files = list(ADAPTER_FILES) if is_adapter_dir(light.path) else None
         try:
-            out.append(fetch_weights(source, light, variant=variant, token=token))
+            out.append(fetch_weights(source, light, variant=variant, files=files, token=token))
         except CheckpointError as err:
             raise CheckpointError(f"{source.ref}: {err}", path=light.path) from err
     return out

@@ -81,7 +81,34 @@ def merge(
         raise InvalidConfigError(f"invalid merge option: {err}") from err
     refs = [os.fspath(r) for r in ingredients]
     _validate_counts(refs, config)
-    out = Path(out_dir)
+    return _merge(refs, Path(out_dir), config, started, token=token, overwrite=overwrite, progress=progress,
+                  callback=callback, device=device, threads=threads, command=command, max_memory=max_memory)
+
+
+def materialize(ingredient: str | os.PathLike, out_dir: str | os.PathLike, *, base: str | os.PathLike | None = None,
+                token: str | None = None, device: str | None = None, progress: bool = False) -> MergeResult:
+    """One ingredient written as the full model it stands for, by the merge engine: the soup of one.
+
+    For a PEFT adapter that is `W_base + delta` over its base (`base`, else the adapter's own
+    `base_model_name_or_path`), the weights peft's `merge_and_unload()` gives, read block by block as in
+    any merge. `evaluate` and `tune` score an adapter so (and `tune` writes it so when it selects it).
+
+    Raises:
+        as `merge`; an adapter without a resolvable base: IncompatibleCheckpointsError, one line.
+
+    >>> materialize("./lora", "full", base="org/base-model").path  # doctest: +SKIP
+    PosixPath('full')
+    """
+    config = AmeConfig.soup(base=os.fspath(base) if base else None).resolved()
+    return _merge([os.fspath(ingredient)], Path(out_dir), config, time.perf_counter(), token=token, device=device,
+                  progress=progress)
+
+
+def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, token: str | None = None,
+           overwrite: bool = False, progress: bool = True, callback: ProgressCallback | None = None,
+           device: str | None = None, threads: int | None = None, command: str | None = None,
+           max_memory: str | int | None = None) -> MergeResult:
+    """`merge` once its config is resolved and the ingredients counted."""
     extra = [*config.pivot_refs, *([config.base] if config.base else []), *config.tokenizer_refs]
     check_output_dir(out, overwrite, inputs=local_inputs([*refs, *extra]))
     setup = process_setup(device)

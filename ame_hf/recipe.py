@@ -77,12 +77,15 @@ def write_run_file(path: Path, result: MergeResult) -> None:
     path.write_text(run_yaml(result), encoding="utf-8")
 
 
-def write_selection_file(path: Path, ingredient: Ingredient, candidates: int) -> None:
-    """The `ame_config.yaml` of a `tune` output that copies one ingredient: it marks the folder as
-    ame-hf's own, and `read_recipe` refuses it with a line saying there is no merge to reproduce."""
+def write_selection_file(path: Path, ingredient: Ingredient, candidates: int, base: Ingredient | None = None) -> None:
+    """The `ame_config.yaml` of a `tune` output that is one ingredient (a PEFT adapter: merged into its
+    `base`): it marks the folder as ame-hf's own, and `read_recipe` refuses it with a line saying there is
+    no merge to reproduce."""
+    what = "that adapter merged into its base" if base else "an unchanged copy of it"
     path.write_text(
-        "# ame-hf tune selected a single ingredient: this output is an unchanged copy of it, not a merge.\n"
+        f"# ame-hf tune selected a single ingredient: this output is {what}, not a merge.\n"
         + yaml.safe_dump({"selected_by": "tune", "selected_ingredient": ingredient.pinned_ref,
+                          **({"selected_base": base.pinned_ref} if base else {}),
                           "candidates": candidates}, sort_keys=False), encoding="utf-8")
 
 
@@ -106,9 +109,10 @@ def read_recipe(path: str | Path) -> Recipe:
     data = load_yaml_mapping(path)
     base = path.parent
     if data.get("selected_by") == "tune":
+        adapter = f" (a PEFT adapter, merged into its base {data['selected_base']})" if data.get("selected_base") else ""
         raise InvalidConfigError(
             f"{path} belongs to a `tune` output that is a copy of the ingredient "
-            f"{data.get('selected_ingredient')}, not a merge: there is no merge to reproduce; use that ingredient")
+            f"{data.get('selected_ingredient')}{adapter}, not a merge: there is no merge to reproduce; use that ingredient")
     for key in INFO_KEYS:
         data.pop(key, None)
     refs = data.pop("ingredients", None) or []

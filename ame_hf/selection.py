@@ -15,12 +15,12 @@ from .card import add_card_section, selection_card, update_card
 from .config import AmeConfig
 from .errors import InvalidConfigError
 from .evaluation import (TextData, LabelledData, check_scorable, default_metric, evaluate_model, is_better, load_data,
-                         read_model_config, sort_key, task_for_models)
+                         sort_key, task_for_models)
+from .full_models import FullModels, input_paths, resolve_models
 from .merging import merge
 from .output import RUN_FILE, check_output_dir, make_staging_dir, publish
 from .recipe import write_selection_file
 from .records import Ingredient
-from .fetch import resolve_refs
 from .resolve import local_inputs
 
 logger = logging.getLogger(__name__)
@@ -173,16 +173,29 @@ def greedy_section(trace: GreedySoup, names: Sequence[str], metric: str) -> str:
 
 
 def copy_ingredient(target: Path, ingredient: Ingredient, refs: Sequence[str], candidates: int,
-                    by: str = "`ame-hf tune`") -> Path:
+                    by: str = "`ame-hf tune`", *, full: Path | None = None, base: Ingredient | None = None) -> Path:
     """When a single ingredient is selected, the output is a copy of it, with a card and a marker saying so.
 
+    For a PEFT adapter it is the full model the adapter makes of its `base`: `full`, the folder
+    `FullModels.hand_over` gave (ame-hf's own merge, moved into place), never the adapter's own files.
     The marker (`ame_config.yaml`) makes the copy ame-hf's own output (so `--overwrite` may replace it and
     `push` takes it); it is no merge recipe, and `merge --config` says so.
     """
-    shutil.copytree(ingredient.path, target, ignore=shutil.ignore_patterns("README.md", "*.py", ".*"))
-    selection_card(ingredient, list(refs), candidates, by=by).save(target / "README.md")
-    write_selection_file(target / RUN_FILE, ingredient, candidates)
+    if full is not None:
+        shutil.move(full, target)
+    else:
+        shutil.copytree(ingredient.path, target, ignore=shutil.ignore_patterns("README.md", "*.py", ".*"))
+    selection_card(ingredient, list(refs), candidates, by=by, base=base).save(target / "README.md")
+    write_selection_file(target / RUN_FILE, ingredient, candidates, base=base)
     return target
+
+
+def write_selected(target: Path, models: FullModels, index: int, refs: Sequence[str], candidates: int,
+                   by: str = "`ame-hf tune`") -> Path:
+    """`copy_ingredient` of model `index`: a full checkpoint copied, an adapter's full model moved into place."""
+    model = models.models[index]
+    return copy_ingredient(target, model.ingredient, refs, candidates, by, full=models.hand_over(index),
+                           base=model.base)
 
 
 @dataclass(frozen=True)
@@ -250,31 +263,36 @@ def greedy_soup(
     """
     out = Path(out_dir)
     soup_config(config)  # a weight option is refused before anything is downloaded
-    check_output_dir(out, overwrite, inputs=local_inputs(ingredients))
-    resolved = resolve_refs([os.fspath(r) for r in ingredients], token=token)
-    check_output_dir(out, overwrite, inputs=[i.path for i in resolved])
-    task = task_for_models([(i.display_name, read_model_config(i.path, i.display_name)) for i in resolved], task)
+    base = config.base if config is not None else None
+    check_output_dir(out, overwrite, inputs=local_inputs([*ingredients, *([base] if base else [])]))
+    models = resolve_models([os.fspath(r) for r in ingredients], base=base, token=token)
+    resolved = [m.ingredient for m in models]
+    check_output_dir(out, overwrite, inputs=input_paths(models))
+    task = task_for_models([(m.name, m.config) for m in models], task)
     metric = default_metric(task, metric)
-    check_scorable([i.path for i in resolved], task)
+    check_scorable([m.tokenizer for m in models], task)
     val = data if isinstance(data, (LabelledData, TextData)) else load_data(data, task)
     test = test_data if test_data is None or isinstance(test_data, (LabelledData, TextData)) else load_data(test_data, task)
     evaluate = lambda path, d: evaluate_model(str(path), d, task, metric, max_length=max_length,  # noqa: E731
                                               batch_size=batch_size, device=device)
     refs = [i.pinned_ref if i.repo_id else str(i.path) for i in resolved]
     names = [i.display_name for i in resolved]
-    scores = [evaluate(i.path, val) for i in resolved]
     scratch = make_staging_dir(out)
     try:
+        full = FullModels(models, scratch / "ingredients", token=token, device=device)
+        scores = full.score_each(lambda p: evaluate(p, val), metric)
         trace = run_greedy_soup(refs, scores, lambda p: evaluate(p, val), metric, scratch, out.absolute().name,
                                 config=config, token=token, log=log)
         best = trace.steps[0][0]
-        if trace.path is None:
-            final = copy_ingredient(scratch / "ingredient", resolved[best], refs, len(refs), by="the greedy soup")
-        else:
-            final = trace.path
         tests = {}
         if test is not None:
-            tests = {"greedy soup": evaluate(final, test), "best ingredient": evaluate(resolved[best].path, test)}
+            tests["best ingredient"] = evaluate(full.path(best), test)
+        if trace.path is None:
+            final = write_selected(scratch / "ingredient", full, best, refs, len(refs), by="the greedy soup")
+        else:
+            final = trace.path
+        if test is not None:
+            tests = {"greedy soup": evaluate(final, test), **tests}
         label = greedy_label(trace.kept)
         rows = [(label, trace.score)] + [(f"ingredient {i}: {names[i]}", s) for i, s in enumerate(scores)]
         update_card(final, rows, task=task, dataset=val.name, metric=metric, model_name=out.absolute().name,

@@ -3,6 +3,7 @@ each on validation data as it is made, and write the best with the search table 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -15,14 +16,14 @@ from typing import Callable, Sequence
 from .card import add_card_section, update_card
 from .config import AmeConfig
 from .errors import InvalidConfigError
-from .evaluation import (LabelledData, TextData, check_scorable, default_metric, evaluate_model, load_data, read_model_config,
+from .evaluation import (LabelledData, TextData, check_scorable, default_metric, evaluate_model, load_data,
                          task_for_models)
-from .fetch import resolve_refs
+from .full_models import FullModels, input_paths, resolve_models
 from .merging import merge
 from .output import check_output_dir, make_staging_dir, publish
 from .resolve import local_inputs
-from .selection import (Candidate, best_candidate, copy_ingredient, greedy_label, greedy_section, ranked,
-                        run_greedy_soup)
+from .selection import (Candidate, best_candidate, greedy_label, greedy_section, ranked, run_greedy_soup,
+                        write_selected)
 
 __all__ = ["Candidate", "TuneResult", "default_grid", "tune"]
 
@@ -113,6 +114,7 @@ def tune(
     test_data: str | os.PathLike | LabelledData | TextData | None = None,
     task: str | None = None,
     metric: str | None = None,
+    base: str | os.PathLike | None = None,
     budget: int = DEFAULT_BUDGET,
     grid: Sequence[AmeConfig] | None = None,
     max_length: int | None = None,
@@ -131,6 +133,9 @@ def tune(
     the validation scores used for the selection; with `test_data`, the model-index holds the selected
     model's score on that held-out data instead (the soup's and the best ingredient's beside it).
 
+    PEFT LoRA adapters are ingredients as in `merge`: each is scored as the full model it makes of its base,
+    and when one is selected the output is that full model (not the adapter's files).
+
     Args:
         ingredients: local directories and/or Hub repo IDs.
         out_dir: the output folder.
@@ -139,6 +144,8 @@ def tune(
         task: `text-classification`, `image-classification` or `text-generation`; None infers it from
             the ingredients' architectures. Checked against every ingredient before any merge.
         metric: default `accuracy`, or `loss` (mean NLL per token, lower is better) for text-generation.
+        base: the base model of the PEFT adapters among the ingredients (merge's `--base`; default: each
+            adapter's `base_model_name_or_path`), for every merge and evaluation.
         budget: how many of `grid` (default `default_grid()`) to try.
         max_length, batch_size, device: of the evaluation and (device) of the merges.
         log: called with one line per candidate, and the time estimate after the first merge.
@@ -151,13 +158,15 @@ def tune(
     if budget < 0:
         raise InvalidConfigError(f"--budget must be >= 0, got {budget}")
     out = Path(out_dir)
-    check_output_dir(out, overwrite, inputs=local_inputs(ingredients))
-    resolved = resolve_refs([os.fspath(r) for r in ingredients], token=token)
-    check_output_dir(out, overwrite, inputs=[i.path for i in resolved])
+    base = os.fspath(base) if base else None
+    check_output_dir(out, overwrite, inputs=local_inputs([*ingredients, *([base] if base else [])]))
+    models = resolve_models([os.fspath(r) for r in ingredients], base=base, token=token)
+    resolved = [m.ingredient for m in models]
+    check_output_dir(out, overwrite, inputs=input_paths(models))
     # Before any merge: a task the ingredients cannot do would only fail after the first one.
-    task = task_for_models([(i.display_name, read_model_config(i.path, i.display_name)) for i in resolved], task)
+    task = task_for_models([(m.name, m.config) for m in models], task)
     metric = default_metric(task, metric)
-    check_scorable([i.path for i in resolved], task)
+    check_scorable([m.tokenizer for m in models], task)
     val = data if isinstance(data, (LabelledData, TextData)) else load_data(data, task)
     test = test_data if test_data is None or isinstance(test_data, (LabelledData, TextData)) else load_data(test_data, task)
     score = lambda path, d=val: evaluate_model(str(path), d, task, metric, max_length=max_length,  # noqa: E731
@@ -165,6 +174,8 @@ def tune(
     refs = [i.pinned_ref if i.repo_id else str(i.path) for i in resolved]
     names = [i.display_name for i in resolved]
     configs = [AmeConfig.soup()] + list(grid if grid is not None else default_grid())[:budget]
+    if base:  # the adapters' base, for every merge (the greedy soup's too)
+        configs = [dataclasses.replace(cfg, base=base) for cfg in configs]
     total = len(resolved) + 1 + len(configs)  # + the greedy soup
     name = out.absolute().name  # named like the output: the card's "How to use" names the merge's folder
     scratch = make_staging_dir(out)
@@ -187,7 +198,8 @@ def tune(
             shutil.rmtree(folder.parent, ignore_errors=True)
 
     try:
-        scores = [score(ing.path) for ing in resolved]
+        full = FullModels(models, scratch / "ingredients", token=token, device=device)
+        scores = full.score_each(score, metric)  # each once; the best adapter's full model stays written
         for i, s in enumerate(scores):
             consider(Candidate(f"ingredient {i}: {names[i]}", s, ingredient=i), None)
         for n, cfg in enumerate(configs):
@@ -204,24 +216,26 @@ def tune(
                 if log:
                     log(f"about {per:.1f}s per candidate (merge + evaluation): {len(configs) - 1} AME variants and "
                         f"the greedy soup ({len(refs) - 1} merges) left, about {per * (len(configs) + len(refs) - 2):.0f}s")
-                trace = run_greedy_soup(refs, scores, score, metric, scratch / "greedy", name, token=token, log=log)
+                trace = run_greedy_soup(refs, scores, score, metric, scratch / "greedy", name, token=token, log=log,
+                                        config=AmeConfig(base=base) if base else None)
                 kept = Candidate(greedy_label(trace.kept), trace.score, config=AmeConfig.soup(), kept=trace.kept)
                 if trace.path is None:  # only the best ingredient kept: the greedy soup is that ingredient
                     kept.config, kept.ingredient = None, trace.kept[0]
                 if test is not None:
-                    tests["greedy soup"] = score(trace.path or resolved[trace.kept[0]].path, test)
+                    tests["greedy soup"] = score(trace.path or full.path(trace.kept[0]), test)
                 consider(kept, trace.path)
         best = best_candidate(candidates, metric)  # among equals: by kind, then grid order
+        order = ranked(candidates, metric)
+        val_best = best_candidate([c for c in candidates if c.config is None and c.kept is None], metric)
+        if test is not None:  # before an adapter's full model may move into the output
+            tests["best ingredient"] = score(full.path(val_best.ingredient), test)
         if id(best) in kept_dir:
             final = kept_dir[id(best)]
         else:
-            index = best.ingredient if best.ingredient is not None else best.kept[0]
-            final = copy_ingredient(scratch / "ingredient", resolved[index], refs, total)
-        order = ranked(candidates, metric)
-        val_best = best_candidate([c for c in candidates if c.config is None and c.kept is None], metric)
+            final = write_selected(scratch / "ingredient", full, best.ingredient if best.ingredient is not None
+                                   else best.kept[0], refs, total)
         test_rows = None
         if test is not None:
-            tests["best ingredient"] = score(resolved[val_best.ingredient].path, test)
             tests["selected"] = score(final, test)
             test_rows = [(f"selected: {best.label}", tests["selected"]), ("soup", tests["soup"]),
                          (greedy_label(trace.kept), tests["greedy soup"]),

@@ -9,7 +9,8 @@ namespaces). "hf_read_token" is a valid token that may write nowhere. The server
 test should use repo names of its own.
 
 Checkpoints that several test modules use are session fixtures here too (built once with tests/factories.py;
-tests only read them): `llamas`, `finetunes`, `berts`, `classifiers`, `big_ingredients`, and `repos` on the Hub.
+tests only read them): `llamas`, `finetunes`, `berts`, `classifiers`, `lm_adapters`, `big_ingredients`, and `repos`
+on the Hub.
 """
 
 from __future__ import annotations
@@ -120,6 +121,15 @@ def lm_experts(tmp_path_factory) -> tuple[list[Path], Path, Path]:
     from factories import make_lm_experts
 
     return make_lm_experts(tmp_path_factory.mktemp("lm"))
+
+
+@pytest.fixture(scope="session")
+def lm_adapters(tmp_path_factory) -> dict:
+    """A tiny llama base with a tokenizer, two LoRA adapters of it, a full fine-tune, peft's merge_and_unload()
+    of each adapter and a validation `.txt` (`factories.make_lm_adapters`)."""
+    from factories import make_lm_adapters
+
+    return make_lm_adapters(tmp_path_factory.mktemp("lm-adapters"))
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,8 @@
 
 - Tiny model checkpoints built from configs and saved with `save_pretrained` ("fine-tunes" are one base
   model plus a seeded perturbation per ingredient; nothing is downloaded), tiny text classifiers for
-  evaluate / tune, and `make_big_checkpoints` (one large tensor, for memory and interruption tests).
+  evaluate / tune, PEFT LoRA adapters built with peft (and peft's own `merge_and_unload()` of them, the
+  reference), and `make_big_checkpoints` (one large tensor, for memory and interruption tests).
 - Running the CLI (`run_cli` in this process, `start_cli` as a child) and the one check of "a failure is
   exactly one clear error line": `assert_one_error_line` (or `cli_error_line`, which runs and checks).
 
@@ -214,6 +215,66 @@ def make_lm_experts(root: Path, steps: int = 20) -> tuple[list[Path], Path, Path
 
     experts = build_experts(root, steps=steps)
     return experts, make_lm_data(root / "val.txt", 10, seed=1), make_lm_data(root / "test.txt", 10, seed=2)
+
+
+# -- PEFT LoRA adapters of a tiny causal LM (for adapters as ingredients) -------------------------
+
+LM_LORAS = [
+    dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+    dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["up_proj", "down_proj", "k_proj"]),
+]
+
+
+def make_lora_adapter(base_dir: Path, out: Path, options: dict[str, Any], seed: int,
+                      base_name: str | None = "", scale: float = 0.05) -> Path:
+    """A PEFT LoRA adapter of the causal LM in `base_dir`, saved by peft with every trained tensor moved by
+    seeded noise of std `scale` (LoRA B starts at zero). Its config names `base_name` as its base (default:
+    `base_dir`; None: no base at all)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(**options))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    model.save_pretrained(out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(base_dir) if base_name == "" else base_name
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def peft_merged(base_dir: Path, adapter_dir: Path, out: Path) -> Path:
+    """The independent reference: peft's own `merge_and_unload()` of the adapter, saved as a full model
+    (with the base's tokenizer, when it has one)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(out)
+    if (Path(base_dir) / "tokenizer.json").is_file():
+        AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
+    return out
+
+
+def make_lm_adapters(root: Path) -> dict[str, Any]:
+    """A tiny llama base with a tokenizer, two LoRA adapters of it (`LM_LORAS`), a full fine-tune of the same
+    base (with the tokenizer), peft's `merge_and_unload()` of each adapter, and a validation `.txt` of the
+    tokenizer's words: {"base", "adapters", "full", "references", "val"}."""
+    tokenizer = tiny_tokenizer()
+    base = root / "base"
+    build_base("llama").save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    # Moved far enough (std 0.3) that each adapter's loss is clearly not the base's.
+    adapters = [make_lora_adapter(base, root / f"lora{i}", options, seed=i, scale=0.3)
+                for i, options in enumerate(LM_LORAS)]
+    full = make_finetunes(root / "full", n=1, scale=0.05)[0]
+    tokenizer.save_pretrained(full)
+    references = [peft_merged(base, a, root / f"peft{i}") for i, a in enumerate(adapters)]
+    val = root / "val.txt"
+    val.write_text("".join(f"{text}\n" for text, _ in color_examples(12, seed=5)), encoding="utf-8")
+    return {"base": base, "adapters": adapters, "full": full, "references": references, "val": val}
 
 
 # -- running the CLI and checking its errors ----------------------------------------------------

@@ -8,12 +8,12 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 from ame_hf import AmeConfig, check, merge
 from ame_hf.cli import main
-from factories import build_base, make_finetunes
+from factories import build_base, make_finetunes, make_lora_adapter, peft_merged
 from test_engine import reference_ame
 
 LORAS = [
@@ -25,36 +25,14 @@ LORAS = [
 ]
 
 
-def make_adapter(base_dir, out, options, seed):
-    base = build_base("llama").__class__.from_pretrained(base_dir)
-    model = get_peft_model(base, LoraConfig(**options))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:  # LoRA B starts at zero: give every trained tensor a value
-                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    model.save_pretrained(out)
-    config = json.loads((out / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = str(base_dir)
-    (out / "adapter_config.json").write_text(json.dumps(config))
-    return out
-
-
-def merged_with_peft(base_dir, adapter_dir, out):
-    """The independent reference: peft's own merge_and_unload, saved as a full model."""
-    base = build_base("llama").__class__.from_pretrained(base_dir)
-    PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def mix(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     base = root / "base"
     build_base("llama").save_pretrained(base)
-    adapters = [make_adapter(base, root / f"lora{i}", options, seed=i) for i, options in enumerate(LORAS)]
+    adapters = [make_lora_adapter(base, root / f"lora{i}", options, seed=i) for i, options in enumerate(LORAS)]
     full = make_finetunes(root / "full", n=1)[0]  # a full fine-tune of the same base
-    references = [merged_with_peft(base, a, root / f"peft{i}") for i, a in enumerate(adapters)]
+    references = [peft_merged(base, a, root / f"peft{i}") for i, a in enumerate(adapters)]
     return {"base": base, "adapters": adapters, "full": full, "references": [*references, full]}
 
 
@@ -129,7 +107,7 @@ def test_check_reports_adapters_as_such(mix, capsys):
 def test_adapters_of_different_bases_are_refused_in_one_line(mix, tmp_path, capsys):
     other = tmp_path / "other-base"
     build_base("llama", seed=7).save_pretrained(other)
-    stray = make_adapter(other, tmp_path / "stray", LORAS[1], seed=9)
+    stray = make_lora_adapter(other, tmp_path / "stray", LORAS[1], seed=9)
     capsys.readouterr()
     assert main(["merge", str(mix["adapters"][0]), str(stray), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err

@@ -1,8 +1,11 @@
 """Evaluation (ame_hf/evaluation.py) offline on tiny text classifiers: bundled metrics, `ame-hf evaluate`
-and `merge --eval-data` (scores in the card's model-index), bad data, and `--task` inferred from the
-model's architecture or refused with the reason."""
+and `merge --eval-data` (scores in the card's model-index), bad data, `--task` inferred from the
+model's architecture or refused with the reason, and PEFT adapters scored as their merge into their base
+(checked against peft's `merge_and_unload()`)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
@@ -10,7 +13,8 @@ from huggingface_hub import ModelCard
 from ame_hf.cli import main
 from ame_hf.errors import InvalidConfigError
 from ame_hf.evaluation import check_task_fits, evaluate_model, infer_task, load_data, load_metric
-from factories import assert_one_error_line, make_finetunes, make_text_classifiers, score_table
+from factories import (LM_LORAS, assert_one_error_line, cli_error_line, make_finetunes, make_lora_adapter,
+                       make_text_classifiers, run_cli, score_table)
 
 
 def test_bundled_metrics_work_offline(monkeypatch):
@@ -178,3 +182,83 @@ def test_evaluate_and_merge_eval_data_on_causal_lms(lm_experts, tmp_path, capsys
     card = ModelCard.load(merged / "README.md")
     assert [r.metric_type for r in card.data.eval_results] == ["loss", "perplexity"]
     assert card.data.eval_results[0].task_type == "text-generation" and "lower is better" in card.text
+
+
+# -- PEFT LoRA adapters: scored as the full model they make of their base -----------------------
+
+def test_an_adapter_scores_what_peft_merge_and_unload_scores(lm_adapters, tmp_path, monkeypatch, capsys):
+    """`evaluate` of an adapter equals `evaluate` of peft's merge_and_unload() model saved to a folder; the full
+    model ame-hf wrote to score it is gone afterwards, and `ame-hf evaluate --base` does the same."""
+    import tempfile
+
+    from ame_hf import evaluate
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    adapters, references, val = lm_adapters["adapters"], lm_adapters["references"], lm_adapters["val"]
+    result = evaluate([*adapters, *references, lm_adapters["base"]], data=val)
+    assert result.task == "text-generation" and result.metric == "loss"
+    scores = [s for _, s in result.scores]
+    for i in range(len(adapters)):
+        assert scores[i] == pytest.approx(scores[len(adapters) + i], abs=1e-6)
+        assert abs(scores[i] - scores[-1]) > 1e-2  # not the base's score: the adapter counts
+    assert not list(scratch.iterdir())  # the adapters' full models were removed
+    code, out, err = run_cli(capsys, "evaluate", adapters[0], "--base", lm_adapters["base"], "--data", val, "--quiet")
+    assert code == 0, err
+    assert score_table(out)[str(adapters[0])] == pytest.approx(scores[0], abs=1e-4)
+    assert not list(scratch.iterdir())
+
+
+def test_evaluate_removes_an_adapters_full_model_also_on_error(lm_adapters, tmp_path, monkeypatch):
+    import tempfile
+
+    import ame_hf.api as api
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    seen = []
+
+    def fail(model, *args, **kwargs):
+        seen.append(Path(model))
+        assert (Path(model) / "model.safetensors").is_file()  # a full model was written to be scored
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(api, "evaluate_model", fail)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        api.evaluate([lm_adapters["adapters"][0]], data=lm_adapters["val"])
+    assert seen and not seen[0].exists() and not list(scratch.iterdir())
+
+
+def test_an_adapter_without_a_base_is_one_line_before_any_evaluation(lm_adapters, tmp_path, monkeypatch, capsys):
+    import ame_hf.api as api
+
+    orphan = make_lora_adapter(lm_adapters["base"], tmp_path / "orphan", LM_LORAS[0], seed=3, base_name=None)
+    monkeypatch.setattr(api, "evaluate_model", lambda *a, **k: pytest.fail("evaluated before the base was known"))
+    cli_error_line(capsys, "evaluate", lm_adapters["full"], orphan, "--data", lm_adapters["val"],
+                   needles=[str(orphan), "names no base model", "--base"], exit_code=1)
+
+
+def test_a_hub_adapter_is_evaluated_by_repo_id(lm_adapters, hub, hub_token, tmp_path):
+    """A Hub adapter brings its own files, not weights (`resolve_refs`), and its base is fetched as a merge
+    fetches it: the score is that of peft's merge of the local copy."""
+    import json
+
+    from huggingface_hub import HfApi
+
+    from ame_hf import evaluate
+
+    api = HfApi(token=hub_token)
+    api.create_repo("org/eval-lora-base", exist_ok=True)
+    api.upload_folder(repo_id="org/eval-lora-base", folder_path=lm_adapters["base"])
+    folder = tmp_path / "up"
+    folder.mkdir()
+    config = json.loads((lm_adapters["adapters"][1] / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/eval-lora-base"}))
+    (folder / "adapter_model.safetensors").write_bytes((lm_adapters["adapters"][1] / "adapter_model.safetensors").read_bytes())
+    api.create_repo("org/eval-lora", exist_ok=True)
+    api.upload_folder(repo_id="org/eval-lora", folder_path=folder)
+    result = evaluate(["org/eval-lora", lm_adapters["references"][1]], data=lm_adapters["val"], token=hub_token)
+    assert result.scores[0][0] == "org/eval-lora"
+    assert result.scores[0][1] == pytest.approx(result.scores[1][1], abs=1e-6)

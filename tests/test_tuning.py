@@ -2,9 +2,12 @@
 the demo's tiny GPT-2s: the best validation score wins, direction-aware (a loss picks the minimum; ties go to
 the soup, then the greedy soup, then AME, then an ingredient), the written output is the selected candidate,
 the greedy soup keeps exactly the ingredients that do not make it worse, held-out `--test-data` goes into the
-card, the default budget explores, and a task that does not fit is refused before any merge."""
+card, the default budget explores, a task that does not fit is refused before any merge, and PEFT adapters are
+ingredients (`--base`): scored once each as their merge into their base, written as that full model when selected."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ import ame_hf.tuning as tuning
 from ame_hf import AmeConfig, merge
 from ame_hf.cli import main
 from ame_hf.evaluation import evaluate_model, load_data
-from factories import assert_one_error_line, load_state, score_table
+from factories import LM_LORAS, assert_one_error_line, cli_error_line, load_state, make_lora_adapter, score_table
 
 
 def test_tune_never_loses_to_soup_or_ingredients(classifiers, tmp_path, capsys):
@@ -251,3 +254,79 @@ def test_the_default_budget_explores():
     assert {c.order for c in grid if not c.shuffle} == {"given", "reverse"} and any(c.shuffle for c in grid)
     labels = [tuning._label(c) for c in tuning.default_grid()]
     assert len(set(labels)) == len(labels) and not any(c.is_soup for c in tuning.default_grid())
+
+
+# -- PEFT LoRA adapters as ingredients -----------------------------------------------------------
+
+def test_a_selected_adapter_is_written_as_its_full_merge_and_each_ingredient_scored_once(lm_adapters, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """Scored by closeness to adapter 1's merge_and_unload() weights, adapter 1 is best and every merge worse:
+    the output is the full model (loadable by transformers, no adapter files) with exactly those weights. Each
+    ingredient is evaluated once on the validation data; the greedy soup selects the same way."""
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    import ame_hf.selection as selection
+
+    adapters, full, val = lm_adapters["adapters"], lm_adapters["full"], lm_adapters["val"]
+    reference = load_state(lm_adapters["references"][1])
+    distance = _distance_scores(None, {k: v.double() for k, v in reference.items()})
+    calls = []
+
+    def score(model, data, task, metric=None, **kw):
+        calls.append((str(model), data.name))
+        return distance(str(model))  # a "loss": adapter 1 alone is 0
+
+    monkeypatch.setattr(tuning, "evaluate_model", score)
+    ingredients = [adapters[0], adapters[1], full]
+    test = tmp_path / "test.txt"
+    test.write_text(val.read_text())
+    result = tuning.tune(ingredients, tmp_path / "best", data=val, test_data=test, budget=1, progress=False)
+    assert result.best.ingredient == 1 and result.best.label.startswith("ingredient 1")
+    assert len(result.candidates) == 3 + 2 + 1 and result.test_scores["best ingredient"] == pytest.approx(0, abs=1e-6)
+    validation = [path for path, name in calls if name == "val"]
+    assert len(validation) == 3 + 1 + 2 + 1  # ingredients, soup, greedy soup trials, AME: each evaluated once
+    assert [Path(p).name for p in validation[:2]] == ["model0", "model1"] and validation[2] == str(full)
+    assert not any("/ingredients/" in p or p == str(full) for p in validation[3:])
+    out = result.path
+    assert not (out / "adapter_config.json").exists() and not (out / "adapter_model.safetensors").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    for name, value in model.state_dict().items():
+        assert torch.allclose(value, reference[name], atol=1e-6), name
+    card = ModelCard.load(out / "README.md")
+    assert "merged into its base" in card.text and "merge_and_unload" in card.text
+    marker = yaml.safe_load((out / "ame_config.yaml").read_text())
+    assert marker["selected_ingredient"] == str(adapters[1]) and marker["selected_base"] == str(lm_adapters["base"])
+    cli_error_line(capsys, "merge", "--config", out / "ame_config.yaml", "--out", tmp_path / "o",
+                   needles=["not a merge", "PEFT adapter"], exit_code=1)
+    assert not list(tmp_path.glob(".ame-tmp-*"))
+    # The greedy soup (merge --greedy-soup's Python side): no soup beats adapter 1, so it is written the same way.
+    monkeypatch.setattr(selection, "evaluate_model", score)
+    greedy = selection.greedy_soup(ingredients, tmp_path / "greedy", data=val)
+    assert greedy.kept == [1] and not (greedy.path / "adapter_config.json").exists()
+    written = load_state(greedy.path)
+    assert all(torch.allclose(written[k], reference[k], atol=1e-6) for k in reference)
+
+
+def test_tune_cli_over_adapters_with_base(lm_adapters, tmp_path, capsys):
+    """Adapters that name no base: `ame-hf tune` says so in one line before any work, and with `--base` it
+    scores and merges them (soup, greedy soup, AME) for real; the output scores what the table says."""
+    base, val = lm_adapters["base"], lm_adapters["val"]
+    orphans = [make_lora_adapter(base, tmp_path / f"orphan{i}", o, seed=i, base_name=None, scale=0.3)
+               for i, o in enumerate(LM_LORAS)]
+    refs = [*orphans, lm_adapters["full"]]
+    cli_error_line(capsys, "tune", *refs, "--out", tmp_path / "o", "--data", val,
+                   needles=[str(orphans[0]), "names no base model", "--base"], exit_code=1)
+    assert not (tmp_path / "o").exists()
+    code = main(["tune", *map(str, refs), "--out", str(tmp_path / "o"), "--data", str(val), "--budget", "1",
+                 "--base", str(base), "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    table, selected = captured.out.split("\nselected: ")
+    scores = score_table(table)
+    assert len(scores) == 3 + 2 + 1
+    label = selected.split(" (validation ")[0]
+    assert scores[label] == min(scores.values())
+    data = load_data(val, "text-generation")
+    assert evaluate_model(str(tmp_path / "o"), data, "text-generation") == pytest.approx(scores[label], abs=1e-4)
+    assert not (tmp_path / "o" / "adapter_config.json").exists()
