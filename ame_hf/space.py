@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 
 from .fetch import format_size
+from .space_select import card_markdown, parse_ingredients, refuse_local_paths
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -56,27 +57,11 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-def parse_ingredients(text: str | None) -> list[str]:
-    """One reference a line (`org/name`, `org/name@revision`); blank lines are ignored."""
-    return [line.strip() for line in (text or "").splitlines() if line.strip()]
-
-
 def _blank_to_none(value: Any) -> Any:
     """Empty text boxes mean "the default"; anything else goes to `AmeConfig`, which validates it."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     return value.strip() if isinstance(value, str) else value
-
-
-def _refuse_local_paths(refs: list[str]) -> None:
-    # On a public Space a local path would read the server's disk, e.g. another visitor's private
-    # download in the shared Hub cache; Hub references are always checked against the Hub's access rules.
-    from .errors import InvalidConfigError
-
-    for ref in refs:
-        if ref.startswith(("/", ".", "~")) or Path(ref).expanduser().exists():
-            raise InvalidConfigError(
-                f"{ref}: local paths are disabled in this app; give Hub repo IDs (org/name[@revision])")
 
 
 def _weights_size(folder: Path) -> int:
@@ -90,7 +75,7 @@ def run_check(ingredients: str | None, dtype: str = "auto", token: str | None = 
 
     refs = parse_ingredients(ingredients)
     if not allow_local_paths:
-        _refuse_local_paths(refs)
+        refuse_local_paths(refs)
     return ame_hf.check(refs, token=token, dtype=dtype or "auto").format()
 
 
@@ -116,7 +101,7 @@ def run_merge(ingredients: str | None, options: dict[str, Any], work_dir: Path, 
     values = {key: _blank_to_none(value) for key, value in options.items()}
     config = ame_hf.AmeConfig.from_dict({key: value for key, value in values.items() if value is not None})
     if not allow_local_paths:
-        _refuse_local_paths(refs + config.pivot_refs + config.tokenizer_refs)
+        refuse_local_paths(refs + config.pivot_refs + config.tokenizer_refs)
 
     def on_bytes(done: int, total: int) -> None:
         if progress is not None and total:
@@ -131,15 +116,6 @@ def run_merge(ingredients: str | None, options: dict[str, Any], work_dir: Path, 
         config_yaml=(result.path / "ame_config.yaml").read_text(encoding="utf-8"),
         summary_markdown=summary_markdown(result),
     )
-
-
-def card_markdown(readme: str) -> str:
-    """A model card for display: its YAML metadata as a code block (Markdown would render it as text)."""
-    if readme.startswith("---\n"):
-        meta, sep, body = readme[4:].partition("\n---\n")
-        if sep:
-            return f"```yaml\n{meta.strip()}\n```\n\n{body.lstrip()}"
-    return readme
 
 
 def summary_markdown(result: MergeResult) -> str:
