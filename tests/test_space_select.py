@@ -95,3 +95,110 @@ def test_tune_writes_what_ame_hf_tune_selects(classifiers, test_file, tmp_path):
     fractions = [f for f, _ in calls]
     assert calls[0][0] == 0.0 and fractions == sorted(fractions) and fractions[-1] == 1.0
     assert any(direct.best.label in desc for _, desc in calls)
+
+
+def test_the_form_reaches_tune_with_the_librarys_defaults(monkeypatch, tmp_path):
+    """Blank boxes are the library's defaults: task inferred, the task's metric, DEFAULT_BUDGET, no test data."""
+    import gradio as gr
+
+    from ame_hf.space import build_app
+    from ame_hf.space_select import run_tune
+    from ame_hf.tuning import DEFAULT_BUDGET
+
+    seen = {}
+
+    def fake_tune(refs, out, **kwargs):
+        seen.update(kwargs, refs=refs, out=out)
+        raise ame_hf.InvalidConfigError("stop here")
+
+    monkeypatch.setattr(ame_hf, "tune", fake_tune)
+    data = tmp_path / "val.jsonl"
+    data.write_text('{"text": "red", "label": 0}\n')
+    with pytest.raises(ame_hf.InvalidConfigError, match="stop here"):
+        run_tune(" org/a\n\norg/b@v1 ", str(data), None, tmp_path, task="auto", metric="", budget=None, max_length=0)
+    assert seen["refs"] == ["org/a", "org/b@v1"] and seen["out"] == tmp_path / "merged"
+    assert (seen["task"], seen["metric"], seen["budget"], seen["max_length"], seen["test_data"]) == (
+        None, None, DEFAULT_BUDGET, None, None)
+    demo = build_app()
+    budget = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "budget")
+    assert isinstance(budget, gr.Number) and budget.value == DEFAULT_BUDGET
+
+
+def test_a_tuned_model_replaces_the_merge_and_is_pushed_by_push(classifiers, hub, hub_token, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    from ame_hf.space import build_app
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the app's per-run work directories
+    experts, val = classifiers
+    demo = build_app()
+    _, _, _, previous = handler(demo, "merge")("\n".join(map(str, experts[:2])), "sgd", "", "", 1, "mean", 0, False,
+                                               "auto", "auto", "", None)
+    summary, candidates, card, config_yaml, folder = handler(demo, "tune")(
+        "\n".join(map(str, experts)), str(val), None, "auto", "", 0, None, "", previous)
+    assert not Path(previous).parent.exists(), "the merge's work directory outlived the tune that replaced it"
+    assert Path(folder).name == "merged" and (Path(folder) / "model.safetensors").is_file()
+    assert "Selected **" in summary and "played no part" not in summary  # no test data, no test table
+    assert len(markdown_rows(candidates)) == len(experts) + 2
+
+    status = handler(demo, "push")("org/space-tuned", False, hub_token, folder)
+    assert status.startswith("Pushed to") and "org/space-tuned" in status
+    api = HfApi(endpoint=hub.url, token=hub_token)
+    files = {s.rfilename for s in api.model_info("org/space-tuned").siblings}
+    assert {"README.md", "ame_config.yaml", "config.json", "model.safetensors"} <= files, files
+    readme = Path(api.hf_hub_download("org/space-tuned", "README.md")).read_text(encoding="utf-8")
+    assert "ame-hf tune" in readme and summary.split("**")[1] in readme
+
+
+def _one_line_error(fn, *args) -> str:
+    import gradio as gr
+
+    with pytest.raises(gr.Error) as err:
+        fn(*args)
+    message = str(err.value.message)
+    assert message and "\n" not in message, message
+    return message
+
+
+def test_mistakes_are_one_gradio_error_line_and_keep_the_previous_result(classifiers, tmp_path, monkeypatch):
+    from ame_hf.space import build_app, one_line
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    experts, val = classifiers
+    refs = "\n".join(map(str, experts))
+    evaluate, tune = handler(build_app(), "evaluate"), handler(build_app(), "tune")
+    assert "upload the data" in _one_line_error(evaluate, refs, None, "auto", "", None, "")
+    assert "give at least one model" in _one_line_error(evaluate, " \n", str(val), "auto", "", None, "")
+    assert "max length must be a whole number >= 0" in _one_line_error(evaluate, refs, str(val), "auto", "", 2.5, "")
+    # A task the models cannot do: the library's own one-line message, before any model runs.
+    with pytest.raises(ame_hf.InvalidConfigError) as direct:
+        ame_hf.evaluate(experts, data=val, task="text-generation")
+    assert _one_line_error(evaluate, refs, str(val), "text-generation", "", None, "") == one_line(direct.value)
+
+    previous = tmp_path / "old" / "merged"
+    previous.mkdir(parents=True)
+    assert "budget must be a whole number >= 0" in _one_line_error(
+        tune, refs, str(val), None, "auto", "", -1, None, "", str(previous))
+    assert "upload the validation data" in _one_line_error(tune, refs, None, None, "auto", "", 1, None, "", str(previous))
+    assert previous.is_dir() and not list((tmp_path / "tmp").iterdir()), "a failed tune must change nothing"
+
+
+def test_on_a_public_space_the_data_and_metric_cannot_read_the_servers_disk(classifiers, tmp_path):
+    from ame_hf.space import build_app
+
+    experts, val = classifiers
+    app = build_app(allow_local_paths=False)
+    evaluate, tune = handler(app, "evaluate"), handler(app, "tune")
+    assert "local paths are disabled" in _one_line_error(evaluate, str(experts[0]), str(val), "auto", "", None, "")
+    assert "local paths are disabled" in _one_line_error(
+        tune, f"org/a\n{experts[1]}", str(val), None, "auto", "", 0, None, "", None)
+    # Image data names files, which would be read from the server; a metric other than the offline ones
+    # would run a script from the Hub or the server's disk.
+    images = tmp_path / "images.jsonl"
+    images.write_text(json.dumps({"image": "/etc/hostname", "label": 0}) + "\n")
+    assert "image files named in the data" in _one_line_error(evaluate, "org/a", str(images), "auto", "", None, "")
+    assert "image files named in the data" in _one_line_error(
+        tune, "org/a\norg/b", str(val), str(images), "image-classification", "", 0, None, "", None)
+    message = _one_line_error(evaluate, "org/a", str(val), "auto", "someone/metric", None, "")
+    assert "not available in this app" in message and "accuracy" in message and "macro_f1" in message
