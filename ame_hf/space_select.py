@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from .tuning import TuneResult
 
 __all__ = ["TuneView", "card_markdown", "evaluation_markdown", "parse_ingredients", "refuse_local_paths",
-           "run_evaluate", "run_tune", "scores_markdown"]
+           "run_evaluate", "run_tune", "scores_markdown", "tune_summary"]
 
 # The task box's choices: "auto" lets the models' architecture decide, as `--task` left out does.
 TASK_CHOICES = ("auto", *TASKS)
