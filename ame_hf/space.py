@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 
 from .fetch import format_size
+from .space_select import (TASK_CHOICES, card_markdown, evaluation_markdown, parse_ingredients, refuse_local_paths,
+                           run_evaluate, run_tune)
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -30,8 +32,12 @@ Fuse fine-tuned checkpoints of one architecture into one model, **without any da
 pseudogradients `w − x_i` to a real `torch.optim` optimizer (Lee & Ngo, 2025,
 [arXiv:2508.14832](https://arxiv.org/abs/2508.14832)). SGD with the harmonic schedule is exactly the uniform
 soup. **Check** reports whether the ingredients can be merged; **Merge** runs
-[ame-hf](https://github.com/ame-hf/ame-hf) and shows the model card; **Push** uploads the result with its card.
+[ame-hf](https://github.com/ame-hf/ame-hf) and shows the model card; **Evaluate** scores models on data you
+upload; **Tune** picks the best of the soup, the greedy soup, each ingredient and AME variants on your validation
+data; **Push** uploads the latest Merge or Tune result with its card.
 """
+# What the data uploads take (`ame_hf.evaluate`'s formats); the suffix decides how a file is read.
+DATA_TYPES = [".jsonl", ".json", ".csv", ".txt"]
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # Progress callback of `run_merge`: (fraction done, description).
 Progress = Callable[[float, str], None]
@@ -56,27 +62,11 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-def parse_ingredients(text: str | None) -> list[str]:
-    """One reference a line (`org/name`, `org/name@revision`); blank lines are ignored."""
-    return [line.strip() for line in (text or "").splitlines() if line.strip()]
-
-
 def _blank_to_none(value: Any) -> Any:
     """Empty text boxes mean "the default"; anything else goes to `AmeConfig`, which validates it."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     return value.strip() if isinstance(value, str) else value
-
-
-def _refuse_local_paths(refs: list[str]) -> None:
-    # On a public Space a local path would read the server's disk, e.g. another visitor's private
-    # download in the shared Hub cache; Hub references are always checked against the Hub's access rules.
-    from .errors import InvalidConfigError
-
-    for ref in refs:
-        if ref.startswith(("/", ".", "~")) or Path(ref).expanduser().exists():
-            raise InvalidConfigError(
-                f"{ref}: local paths are disabled in this app; give Hub repo IDs (org/name[@revision])")
 
 
 def _weights_size(folder: Path) -> int:
@@ -90,7 +80,7 @@ def run_check(ingredients: str | None, dtype: str = "auto", token: str | None = 
 
     refs = parse_ingredients(ingredients)
     if not allow_local_paths:
-        _refuse_local_paths(refs)
+        refuse_local_paths(refs)
     return ame_hf.check(refs, token=token, dtype=dtype or "auto").format()
 
 
@@ -116,7 +106,7 @@ def run_merge(ingredients: str | None, options: dict[str, Any], work_dir: Path, 
     values = {key: _blank_to_none(value) for key, value in options.items()}
     config = ame_hf.AmeConfig.from_dict({key: value for key, value in values.items() if value is not None})
     if not allow_local_paths:
-        _refuse_local_paths(refs + config.pivot_refs + config.tokenizer_refs)
+        refuse_local_paths(refs + config.pivot_refs + config.tokenizer_refs)
 
     def on_bytes(done: int, total: int) -> None:
         if progress is not None and total:
@@ -131,15 +121,6 @@ def run_merge(ingredients: str | None, options: dict[str, Any], work_dir: Path, 
         config_yaml=(result.path / "ame_config.yaml").read_text(encoding="utf-8"),
         summary_markdown=summary_markdown(result),
     )
-
-
-def card_markdown(readme: str) -> str:
-    """A model card for display: its YAML metadata as a code block (Markdown would render it as text)."""
-    if readme.startswith("---\n"):
-        meta, sep, body = readme[4:].partition("\n---\n")
-        if sep:
-            return f"```yaml\n{meta.strip()}\n```\n\n{body.lstrip()}"
-    return readme
 
 
 def summary_markdown(result: MergeResult) -> str:
@@ -160,11 +141,11 @@ def summary_markdown(result: MergeResult) -> str:
 
 
 def run_push(folder: str | Path | None, repo_id: str | None, private: bool = False, token: str | None = None) -> str:
-    """Upload a merge output with its card; returns the repo (or pull request) URL."""
+    """Upload a merge (or tune) output with its card; returns the repo (or pull request) URL."""
     import ame_hf
 
     if not folder or not (Path(folder) / "ame_config.yaml").is_file():
-        raise ame_hf.InvalidConfigError("nothing to push yet: run Merge first")
+        raise ame_hf.InvalidConfigError("nothing to push yet: run Merge or Tune first")
     # An unticked box leaves the Hub's default (and an existing repo's visibility) alone.
     return ame_hf.push_to_hub(folder, (repo_id or "").strip(), token=token, private=True if private else None)
 
@@ -173,6 +154,22 @@ def _remove_work_dir(folder: str | None) -> None:
     """Delete a session's merge output (`folder` is `<work dir>/merged`)."""
     if folder:
         shutil.rmtree(Path(folder).parent, ignore_errors=True)
+
+
+def _in_fresh_work_dir(run: Callable[[Path], Any], previous: str | None) -> Any:
+    """`run(work_dir)` in a new directory; on success the previous output (`previous`) is deleted.
+
+    A fresh directory per run: a failed merge or tune leaves the previous result (and its Push) intact.
+    """
+    work_dir = Path(tempfile.mkdtemp(prefix="ame-hf-space-"))
+    try:
+        with _shown_as_gradio_errors():
+            view = run(work_dir)
+    except BaseException:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+    _remove_work_dir(previous)
+    return view
 
 
 def _import_gradio() -> Any:
@@ -201,7 +198,7 @@ def _shown_as_gradio_errors() -> Iterator[None]:
 
 
 def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
-    """The Space's `gr.Blocks`, with API endpoints `check`, `merge` and `push`.
+    """The Space's `gr.Blocks`, with API endpoints `check`, `merge`, `evaluate`, `tune` and `push`.
 
     Args:
         allow_local_paths: accept local directories as ingredients (default: everywhere but on Spaces,
@@ -210,8 +207,21 @@ def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
     _import_gradio()
     from .config import DEFAULT_OPTIMIZER, OUTPUT_DTYPES
     from .optimizers import OPTIMIZERS
+    from .tuning import DEFAULT_BUDGET
 
     local = not on_spaces() if allow_local_paths is None else allow_local_paths
+
+    def selection_options(prefix: str) -> tuple[gr.Dropdown, gr.Textbox, gr.Number]:
+        """Task, metric and max length: what `evaluate` and `tune` share."""
+        with gr.Column():
+            task = gr.Dropdown(list(TASK_CHOICES), value="auto", label="Task", elem_id=f"{prefix}-task",
+                               info="auto: from the models' architecture")
+            metric = gr.Textbox("", label="Metric", placeholder="default", elem_id=f"{prefix}-metric",
+                                info="blank: accuracy; loss for text-generation; or macro_f1, perplexity")
+            # 0, not None: a browser shows and sends an empty number box as 0.
+            max_length = gr.Number(0, label="Max length", precision=0, minimum=0, elem_id=f"{prefix}-max-length",
+                                   info="text-generation: tokens per document; 0: the model's limit")
+        return task, metric, max_length
 
     def user_token(token: str | None, oauth_token: gr.OAuthToken | None) -> str | None:
         # The pasted token wins over the sign-in; neither is ever shown, logged or stored.
@@ -227,18 +237,28 @@ def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
               progress: gr.Progress = gr.Progress()) -> tuple[str, str, str, str]:
         options = {"optimizer": optimizer, "lr": lr, "relative_lr": relative_lr, "epochs": epochs, "pivot": pivot,
                    "seed": seed, "shuffle": bool(shuffle), "dtype": dtype, "tokenizer_source": tokenizer_source}
-        # A fresh directory per run: a failed merge leaves the previous result (and its Push) intact.
-        work_dir = Path(tempfile.mkdtemp(prefix="ame-hf-space-"))
-        try:
-            with _shown_as_gradio_errors():
-                view = run_merge(ingredients, options, work_dir, user_token(token, oauth_token),
-                                 progress=lambda fraction, desc: progress(fraction, desc=desc),
-                                 allow_local_paths=local)
-        except BaseException:
-            shutil.rmtree(work_dir, ignore_errors=True)
-            raise
-        _remove_work_dir(previous)
+        view = _in_fresh_work_dir(lambda work_dir: run_merge(
+            ingredients, options, work_dir, user_token(token, oauth_token),
+            progress=lambda fraction, desc: progress(fraction, desc=desc), allow_local_paths=local), previous)
         return view.card_markdown, view.config_yaml, view.summary_markdown, str(view.folder)
+
+    # Defaults of None make the uploads optional for gradio_client too (it then gets the one-line error).
+    def evaluate(models: str, data: str | None = None, task: str = "auto", metric: str = "",
+                 max_length: float | None = None, token: str = "", oauth_token: gr.OAuthToken | None = None) -> str:
+        with _shown_as_gradio_errors():
+            result = run_evaluate(models, data, task, metric, max_length, user_token(token, oauth_token),
+                                  allow_local_paths=local)
+        return evaluation_markdown(result)
+
+    def tune(ingredients: str, data: str | None = None, test_data: str | None = None, task: str = "auto",
+             metric: str = "", budget: float | None = DEFAULT_BUDGET, max_length: float | None = None, token: str = "",
+             previous: str | None = None, oauth_token: gr.OAuthToken | None = None,
+             progress: gr.Progress = gr.Progress()) -> tuple[str, str, str, str, str]:
+        view = _in_fresh_work_dir(lambda work_dir: run_tune(
+            ingredients, data, test_data, work_dir, user_token(token, oauth_token), task=task, metric=metric,
+            budget=budget, max_length=max_length, progress=lambda fraction, desc: progress(fraction, desc=desc),
+            allow_local_paths=local), previous)
+        return view.summary_markdown, view.candidates_markdown, view.card_markdown, view.config_yaml, str(view.folder)
 
     def push(repo_id: str, private: bool, token: str, folder: str | None,
              oauth_token: gr.OAuthToken | None = None) -> str:
@@ -253,46 +273,85 @@ def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
 
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
-        # The merge output of this session; deleted with the session.
+        # The latest merge or tune output of this session (what Push uploads); deleted with the session.
         output_folder = gr.State(None, delete_callback=_remove_work_dir)
-        with gr.Row():
-            with gr.Column(scale=3):
-                ingredients = gr.Textbox(
-                    "", label="Ingredients", lines=4, elem_id="ingredients",
-                    placeholder="org/finetune-a\norg/finetune-b@v1\norg/finetune-c",
-                    info="Hub repo IDs, one a line; `@revision` (branch, tag or commit) is allowed",
-                )
+        with gr.Tabs():
+            with gr.Tab("Merge", id="merge-tab"):
                 with gr.Row():
-                    check_button = gr.Button("Check", elem_id="check-button")
-                    merge_button = gr.Button("Merge", variant="primary", elem_id="merge-button")
-                report = gr.Textbox(label="Compatibility report", lines=3, interactive=False, elem_id="report")
-            with gr.Column(scale=2):
-                optimizer = gr.Dropdown(sorted(OPTIMIZERS), value=DEFAULT_OPTIMIZER, label="Optimizer",
-                                        elem_id="optimizer")
+                    with gr.Column(scale=3):
+                        ingredients = gr.Textbox(
+                            "", label="Ingredients", lines=4, elem_id="ingredients",
+                            placeholder="org/finetune-a\norg/finetune-b@v1\norg/finetune-c",
+                            info="Hub repo IDs, one a line; `@revision` (branch, tag or commit) is allowed",
+                        )
+                        with gr.Row():
+                            check_button = gr.Button("Check", elem_id="check-button")
+                            merge_button = gr.Button("Merge", variant="primary", elem_id="merge-button")
+                        report = gr.Textbox(label="Compatibility report", lines=3, interactive=False, elem_id="report")
+                    with gr.Column(scale=2):
+                        optimizer = gr.Dropdown(sorted(OPTIMIZERS), value=DEFAULT_OPTIMIZER, label="Optimizer",
+                                                elem_id="optimizer")
+                        with gr.Row():
+                            lr = gr.Textbox("", label="lr", placeholder="default", info="blank = default", elem_id="lr")
+                            relative_lr = gr.Textbox("", label="Relative lr", placeholder="default",
+                                                     info="× RMS(ingredient − pivot)", elem_id="relative-lr")
+                        with gr.Row():
+                            epochs = gr.Number(1, label="Epochs", precision=0, minimum=1, elem_id="epochs")
+                            pivot = gr.Dropdown(["mean", "first", "base"], value="mean", label="Pivot",
+                                                allow_custom_value=True, info="mean, first, an index, or a repo ID",
+                                                elem_id="pivot")
+                        with gr.Row():
+                            seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="seed")
+                            shuffle = gr.Checkbox(False, label="Shuffle every epoch", elem_id="shuffle")
+                        with gr.Row():
+                            dtype = gr.Dropdown(list(OUTPUT_DTYPES), value="auto", label="Output dtype",
+                                                elem_id="dtype")
+                            tokenizer_source = gr.Dropdown(["auto", "union", "pivot", "first"], value="auto",
+                                                           label="Tokenizer source", allow_custom_value=True,
+                                                           elem_id="tokenizer-source",
+                                                           info="tokenizer + chat template: pivot, first, an "
+                                                                "index, a repo ID")
+                summary = gr.Markdown(label="Summary", elem_id="summary")
+                with gr.Tab("Model card"):
+                    card = gr.Markdown(label="Model card", elem_id="card", container=True, min_height=80,
+                                       max_height=520)
+                with gr.Tab("ame_config.yaml"):
+                    config_yaml = gr.Code(language="yaml", label="ame_config.yaml", interactive=False, max_lines=24,
+                                          elem_id="config")
+            with gr.Tab("Evaluate", id="evaluate-tab"):
+                eval_models = gr.Textbox("", label="Models", lines=4, elem_id="eval-models",
+                                         placeholder="your-name/merged-model\norg/finetune-a",
+                                         info="Hub repo IDs, one a line, scored in one table")
                 with gr.Row():
-                    lr = gr.Textbox("", label="lr", placeholder="default", info="blank = default", elem_id="lr")
-                    relative_lr = gr.Textbox("", label="Relative lr", placeholder="default",
-                                             info="× RMS(ingredient − pivot)", elem_id="relative-lr")
+                    eval_data = gr.File(label="Data", file_types=DATA_TYPES, elem_id="eval-data")
+                    eval_task, eval_metric, eval_max_length = selection_options("eval")
+                evaluate_button = gr.Button("Evaluate", variant="primary", elem_id="evaluate-button")
+                scores = gr.Markdown(label="Scores", elem_id="scores")
+            with gr.Tab("Tune", id="tune-tab"):
+                tune_ingredients = gr.Textbox("", label="Ingredients", lines=4, elem_id="tune-ingredients",
+                                              placeholder="org/finetune-a\norg/finetune-b\norg/finetune-c",
+                                              info="Hub repo IDs, one a line; Push uploads the selected model")
                 with gr.Row():
-                    epochs = gr.Number(1, label="Epochs", precision=0, minimum=1, elem_id="epochs")
-                    pivot = gr.Dropdown(["mean", "first", "base"], value="mean", label="Pivot", allow_custom_value=True,
-                                        info="mean, first, an index, or a repo ID", elem_id="pivot")
+                    tune_data = gr.File(label="Validation data (the choice)", file_types=DATA_TYPES,
+                                        elem_id="tune-data")
+                    tune_test_data = gr.File(label="Test data (optional, not used to choose)", file_types=DATA_TYPES,
+                                             elem_id="tune-test-data")
                 with gr.Row():
-                    seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="seed")
-                    shuffle = gr.Checkbox(False, label="Shuffle every epoch", elem_id="shuffle")
-                with gr.Row():
-                    dtype = gr.Dropdown(list(OUTPUT_DTYPES), value="auto", label="Output dtype", elem_id="dtype")
-                    tokenizer_source = gr.Dropdown(["auto", "union", "pivot", "first"], value="auto",
-                                                   label="Tokenizer source", allow_custom_value=True, elem_id="tokenizer-source",
-                                                   info="tokenizer + chat template: pivot, first, an index, a repo ID")
-        summary = gr.Markdown(label="Summary", elem_id="summary")
-        with gr.Tab("Model card"):
-            card = gr.Markdown(label="Model card", elem_id="card", container=True, min_height=80, max_height=520)
-        with gr.Tab("ame_config.yaml"):
-            config_yaml = gr.Code(language="yaml", label="ame_config.yaml", interactive=False, max_lines=24,
-                                  elem_id="config")
+                    tune_task, tune_metric, tune_max_length = selection_options("tune")
+                    budget = gr.Number(DEFAULT_BUDGET, label="Budget", precision=0, minimum=0, elem_id="budget",
+                                       info="AME variants to try, besides soup, greedy soup and ingredients")
+                tune_button = gr.Button("Tune", variant="primary", elem_id="tune-button")
+                tune_summary = gr.Markdown(label="Selected", elem_id="tune-summary")
+                with gr.Tab("Candidates"):
+                    candidates = gr.Markdown(label="Candidates", elem_id="candidates")
+                with gr.Tab("Model card"):
+                    tune_card = gr.Markdown(label="Model card", elem_id="tune-card", container=True, min_height=80,
+                                            max_height=520)
+                with gr.Tab("ame_config.yaml"):
+                    tune_config = gr.Code(language="yaml", label="ame_config.yaml", interactive=False, max_lines=24,
+                                          elem_id="tune-config")
         with gr.Group():
-            gr.Markdown("### Push to the Hub")
+            gr.Markdown("### Push to the Hub\nUploads the latest Merge or Tune result with its model card.")
             with gr.Row():
                 repo_id = gr.Textbox("", label="Target repo ID", placeholder="your-name/merged-model",
                                      elem_id="repo-id")
@@ -311,6 +370,13 @@ def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
             merge, [ingredients, optimizer, lr, relative_lr, epochs, pivot, seed, shuffle, dtype, tokenizer_source, token,
                     output_folder],
             [card, config_yaml, summary, output_folder], api_name="merge",
+        )
+        evaluate_button.click(evaluate, [eval_models, eval_data, eval_task, eval_metric, eval_max_length, token],
+                              scores, api_name="evaluate")
+        tune_button.click(
+            tune, [tune_ingredients, tune_data, tune_test_data, tune_task, tune_metric, budget, tune_max_length, token,
+                   output_folder],
+            [tune_summary, candidates, tune_card, tune_config, output_folder], api_name="tune",
         )
         push_button.click(push, [repo_id, private, token, output_folder], push_status, api_name="push")
     return demo

@@ -6,6 +6,7 @@
   reference), and `make_big_checkpoints` (one large tensor, for memory and interruption tests).
 - Running the CLI (`run_cli` in this process, `start_cli` as a child) and the one check of "a failure is
   exactly one clear error line": `assert_one_error_line` (or `cli_error_line`, which runs and checks).
+- Reading the scores back from printed tables: `score_table` (the CLI's), `markdown_rows` (the Space's).
 
 Fixtures built from these live in conftest.py.
 """
@@ -300,6 +301,19 @@ def score_table(text: str) -> dict[str, float]:
         # Columns are two or more spaces apart (labels have single spaces); the score is the last one.
         parts = re.split(r"\s{2,}", line.strip())
         rows[parts[0]] = float(parts[-1])
+    return rows
+
+
+def markdown_rows(markdown: str) -> list[tuple[str, float]]:
+    """`(label, score)` of each body row of the Space's Markdown score tables: the label without its rank
+    (`1. `), the first number after it."""
+    import re
+
+    rows = []
+    for line in markdown.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if line.startswith("| ") and len(cells) >= 2 and re.fullmatch(r"-?\d+\.\d+", cells[1]):
+            rows.append((re.sub(r"^\d+\. ", "", cells[0]).replace("\\|", "|"), float(cells[1])))
     return rows
 
 

@@ -1,5 +1,5 @@
 """The Hugging Face Space (examples/space/app.py) served for real against the tests' Hub, driven in headless
-Chromium (Playwright) and through gradio_client's `check`, `merge` and `push` endpoints."""
+Chromium (Playwright) and through gradio_client's `check`, `merge`, `evaluate`, `tune` and `push` endpoints."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import pytest
 
-from factories import make_finetunes
+from factories import make_finetunes, markdown_rows
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser
@@ -33,6 +33,7 @@ START_TIMEOUT = 120.0  # importing gradio and torch on a slow 2-core machine
 UI_TIMEOUT = 120_000  # ms; a merge downloads both ingredients from the local Hub first
 SHA = re.compile(r"\b[0-9a-f]{40}\b")
 INGREDIENTS = ["org/space-a", "org/space-b"]
+CLASSIFIERS = ["org/space-cls-a", "org/space-cls-b", "org/space-cls-c"]
 
 
 def _free_port() -> int:
@@ -59,6 +60,19 @@ def ingredients(hub, hub_token, tmp_path_factory) -> dict[str, str]:
         api.create_repo(repo_id, exist_ok=True)
         shas[repo_id] = api.upload_folder(repo_id=repo_id, folder_path=folder).oid
     return shas
+
+
+@pytest.fixture(scope="module")
+def classifier_repos(hub, hub_token, classifiers) -> tuple[list[str], Path]:
+    """The tiny trained text classifiers (with their tokenizer) on the test Hub, and their validation file."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.url, token=hub_token)
+    experts, val = classifiers
+    for repo_id, folder in zip(CLASSIFIERS, experts):
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=folder)
+    return CLASSIFIERS, val
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +219,7 @@ def test_gradio_client_check_merge_push(space_url, ingredients, hub, hub_token, 
     client = Client(space_url, verbose=False, download_files=False)
     try:
         assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {
-            "/check", "/merge", "/push"}
+            "/check", "/merge", "/evaluate", "/tune", "/push"}
         refs = "\n".join(ingredients)
         assert client.predict(ingredients=refs, api_name="/check").startswith("OK  compatible")
 
@@ -303,3 +317,67 @@ def test_sign_in_and_local_paths_follow_the_environment(monkeypatch, tmp_path):
         handler(demo, "check")("\n".join(map(str, local)), "auto", "")
     with pytest.raises(gr.Error, match="sign in with Hugging Face"):
         handler(demo, "push")("user/merged", False, "", str(tmp_path))
+
+
+def test_gradio_client_evaluate_tune_push(space_url, classifier_repos, hub, hub_token, tmp_path, monkeypatch):
+    """Evaluate and Tune on uploaded data score as the library does, and Push uploads the tuned model."""
+    import ame_hf
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+    from huggingface_hub import HfApi
+
+    repos, val = classifier_repos
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    client = Client(space_url, verbose=False, download_files=False)
+    try:
+        scores = client.predict(models="\n".join(repos), data=handle_file(str(val)), api_name="/evaluate")
+        direct = ame_hf.evaluate(repos, data=val)  # the same Hub, from this process
+        assert "accuracy (higher is better)" in scores
+        assert markdown_rows(scores) == [(ref, round(value, 4)) for ref, value in
+                                         sorted(direct.scores, key=lambda row: -row[1])]
+        with pytest.raises(AppError, match="upload the data"):
+            client.predict(models=repos[0], api_name="/evaluate")
+
+        summary, candidates, card, config_yaml = client.predict(
+            ingredients="\n".join(repos), data=handle_file(str(val)), test_data=handle_file(str(val)), budget=1,
+            api_name="/tune")
+        picked = ame_hf.tune(repos, tmp_path / "best", data=val, budget=1, progress=False)
+        assert markdown_rows(candidates) == [(c.label, round(c.score, 4)) for c in picked.candidates]
+        assert f"Selected **{picked.best.label}**" in summary and "played no part in the choice" in summary
+        assert "model-index" in card and config_yaml.startswith("# ame-hf")
+
+        status = client.predict(repo_id="org/space-api-tuned", token=hub_token, api_name="/push")
+        assert status.startswith("Pushed to") and hub_token not in status
+    finally:
+        client.close()
+    api = HfApi(endpoint=hub.url, token=hub_token)
+    readme = Path(api.hf_hub_download("org/space-api-tuned", "README.md")).read_text(encoding="utf-8")
+    assert "ame-hf tune" in readme and picked.best.label in readme
+
+
+def test_browser_evaluate_and_tune(browser, space_url, classifier_repos):
+    """The Evaluate and Tune tabs in the browser: upload the data, run, read the tables."""
+    from playwright.sync_api import expect
+
+    repos, val = classifier_repos
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(UI_TIMEOUT)
+    page.goto(space_url)
+    page.get_by_role("tab", name="Evaluate").click()
+    page.locator("#eval-models textarea").fill("\n".join(repos))
+    page.locator("#eval-data input[type=file]").set_input_files(str(val))
+    expect(page.locator("#eval-data")).to_contain_text(val.name, timeout=UI_TIMEOUT)
+    page.locator("#evaluate-button").click()
+    scores = page.locator("#scores")
+    expect(scores).to_contain_text("accuracy (higher is better)", timeout=UI_TIMEOUT)
+    assert all(repo in scores.inner_text() for repo in repos)
+
+    page.get_by_role("tab", name="Tune").click()
+    page.locator("#tune-ingredients textarea").fill("\n".join(repos))
+    page.locator("#tune-data input[type=file]").set_input_files(str(val))
+    expect(page.locator("#tune-data")).to_contain_text(val.name, timeout=UI_TIMEOUT)
+    page.locator("#budget input").fill("0")
+    page.locator("#tune-button").click()
+    expect(page.locator("#tune-summary")).to_contain_text("Selected", timeout=UI_TIMEOUT)
+    expect(page.locator("#candidates")).to_contain_text("soup", timeout=UI_TIMEOUT)
+    page.close()

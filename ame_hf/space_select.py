@@ -1,0 +1,229 @@
+"""The Space's validation-driven parts without Gradio: Evaluate and Tune (`ame_hf.evaluate`, `ame_hf.tune`) and
+their Markdown, with the form rules every part of the Space shares (reference lists, the local-path rule)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from .errors import InvalidConfigError
+from .evaluation import LM_METRICS, TASKS, higher_is_better, load_data
+from .lm_evaluation import perplexity
+
+if TYPE_CHECKING:
+    from .records import Evaluation
+    from .tuning import TuneResult
+
+__all__ = ["TuneView", "card_markdown", "evaluation_markdown", "parse_ingredients", "refuse_local_paths",
+           "run_evaluate", "run_tune", "scores_markdown", "tune_summary"]
+
+# The task box's choices: "auto" lets the models' architecture decide, as `--task` left out does.
+TASK_CHOICES = ("auto", *TASKS)
+# Progress callback: (fraction done, description).
+Progress = Callable[[float, str], None]
+
+
+def parse_ingredients(text: str | None) -> list[str]:
+    """One reference a line (`org/name`, `org/name@revision`); blank lines are ignored."""
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
+def refuse_local_paths(refs: Sequence[str]) -> None:
+    """Refuse anything that names the server's disk instead of a Hub repo.
+
+    On a public Space a local path would read the server's disk, e.g. another visitor's private download in
+    the shared Hub cache; Hub references are always checked against the Hub's access rules.
+    """
+    for ref in refs:
+        if ref.startswith(("/", ".", "~")) or Path(ref).expanduser().exists():
+            raise InvalidConfigError(
+                f"{ref}: local paths are disabled in this app; give Hub repo IDs (org/name[@revision])")
+
+
+def card_markdown(readme: str) -> str:
+    """A model card for display: its YAML metadata as a code block (Markdown would render it as text)."""
+    if readme.startswith("---\n"):
+        meta, sep, body = readme[4:].partition("\n---\n")
+        if sep:
+            return f"```yaml\n{meta.strip()}\n```\n\n{body.lstrip()}"
+    return readme
+
+
+def _offline_metrics() -> set[str]:
+    # The metrics that run no code from outside ame-hf: those it ships, and the language model's own loss.
+    # Any other name goes to `evaluate.load`, which runs a metric script from the Hub or a local folder.
+    bundled = {p.name for p in resources.files("ame_hf.metrics").iterdir() if p.is_dir() and not p.name.startswith("_")}
+    return bundled | set(LM_METRICS)
+
+
+def _whole(value: Any, what: str, default: int | None, minimum: int) -> int | None:
+    """A number box's value as a whole number (blank: `default`); gradio_client may send any JSON."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number.is_integer() or number < minimum:
+        raise InvalidConfigError(f"{what} must be a whole number >= {minimum}, got {value!r}")
+    return int(number)
+
+
+def _selection_inputs(task: str | None, metric: str | None, max_length: Any, data: Sequence[Any],
+                      allow_local_paths: bool) -> tuple[str | None, str | None, int | None]:
+    """The form's task, metric and max length as `evaluate`/`tune` take them; the data files checked."""
+    task = None if not task or task == "auto" else task
+    if task is not None and task not in TASKS:
+        raise InvalidConfigError(f"unknown task {task!r}; choose one of: {', '.join(TASK_CHOICES)}")
+    metric = (metric or "").strip() or None
+    length = _whole(max_length, "max length", None, 0) or None  # 0: the model's limit
+    if not allow_local_paths:
+        if metric is not None and metric not in _offline_metrics():
+            raise InvalidConfigError(f"metric {metric!r} is not available in this app; choose one of: "
+                                     f"{', '.join(sorted(_offline_metrics()))} (blank: the task's default)")
+        if task in (None, "image-classification"):
+            for file in filter(None, data):
+                _refuse_server_images(file)
+    return task, metric, length
+
+
+def _refuse_server_images(file: str | Path) -> None:
+    # An uploaded JSONL/CSV of image-classification names image files, which would be read from the server.
+    try:
+        load_data(file, "image-classification")
+    except InvalidConfigError:
+        return  # no `image` column: text data
+    raise InvalidConfigError(f"{Path(file).name}: image files named in the data are on the server's disk; "
+                             "local paths are disabled in this app (text-classification and text-generation work)")
+
+
+def _refs(text: str | None, what: str, allow_local_paths: bool) -> list[str]:
+    refs = parse_ingredients(text)
+    if not refs:
+        raise InvalidConfigError(f"give at least one {what}: a Hub repo ID (org/name[@revision]) per line")
+    if not allow_local_paths:
+        refuse_local_paths(refs)
+    return refs
+
+
+def run_evaluate(models: str | None, data: str | Path | None, task: str | None = "auto", metric: str | None = None,
+                 max_length: Any = None, token: str | None = None, *, allow_local_paths: bool = True) -> Evaluation:
+    """Score the models (one a line) on the uploaded data with `ame_hf.evaluate`.
+
+    Blank boxes mean the default: `task` "auto" (from the models' architecture), the task's metric, and (blank
+    or 0) the model's length limit.
+
+    Raises:
+        AmeError: no models or data, a local path where they are disabled, a task or metric that does not fit.
+    """
+    import ame_hf
+
+    refs = _refs(models, "model", allow_local_paths)
+    if not data:
+        raise InvalidConfigError("upload the data to score on (JSONL/CSV with text and label; .txt for "
+                                 "text-generation)")
+    task, metric, length = _selection_inputs(task, metric, max_length, [data], allow_local_paths)
+    return ame_hf.evaluate(refs, data=data, task=task, metric=metric, token=token, max_length=length)
+
+
+def scores_markdown(rows: Sequence[tuple[str, float]], metric: str, what: str = "model") -> str:
+    """`rows` as a Markdown table whose header names the metric and its direction (a loss with its perplexity).
+
+    >>> print(scores_markdown([("soup", 0.91), ("ingredient 0", 0.87)], "accuracy"))
+    | model | accuracy (higher is better) |
+    |---|---|
+    | soup | 0.9100 |
+    | ingredient 0 | 0.8700 |
+    >>> print(scores_markdown([("soup", 2.0)], "loss").splitlines()[-1])
+    | soup | 2.0000 | 7.389 |
+    """
+    ppl = metric == "loss"
+    head = f"{metric} ({'higher' if higher_is_better(metric) else 'lower'} is better)"
+    lines = [f"| {what} | {head} |" + (" perplexity |" if ppl else ""), "|---|---|" + ("---|" if ppl else "")]
+    lines += [f"| {_cell(label)} | {value:.4f} |" + (f" {perplexity(value):.3f} |" if ppl else "")
+              for label, value in rows]
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def evaluation_markdown(result: Evaluation) -> str:
+    """The scores best first (direction-aware; equals keep the given order), on which data and metric."""
+    sign = 1 if higher_is_better(result.metric) else -1
+    rows = sorted(result.scores, key=lambda row: -sign * row[1])
+    return (f"**{result.task}** on `{result.dataset}`, best first:\n\n"
+            + scores_markdown([(f"{i + 1}. {ref}", value) for i, (ref, value) in enumerate(rows)], result.metric))
+
+
+@dataclass(frozen=True)
+class TuneView:
+    """What the app shows after `tune`; `folder` (the selected model) is what Push uploads, as after a merge."""
+
+    folder: Path
+    result: TuneResult
+    card_markdown: str
+    config_yaml: str
+    candidates_markdown: str
+    summary_markdown: str
+
+
+def run_tune(ingredients: str | None, data: str | Path | None, test_data: str | Path | None, work_dir: Path,
+             token: str | None = None, *, task: str | None = "auto", metric: str | None = None,
+             budget: Any = None, max_length: Any = None, progress: Progress | None = None,
+             allow_local_paths: bool = True) -> TuneView:
+    """Select with `ame_hf.tune` into `work_dir/merged` and render the candidates, the choice and the card.
+
+    Blank boxes mean the default: `task` "auto", the task's metric, `budget` the library's `DEFAULT_BUDGET`.
+
+    Raises:
+        AmeError: as `run_evaluate`, a budget below 0, and whatever `tune` refuses (ingredients that do not merge).
+    """
+    import ame_hf
+    from .tuning import DEFAULT_BUDGET
+
+    refs = _refs(ingredients, "ingredient", allow_local_paths)
+    if not data:
+        raise InvalidConfigError("upload the validation data to select on (JSONL/CSV with text and label; .txt for "
+                                 "text-generation)")
+    task, metric, length = _selection_inputs(task, metric, max_length, [data, test_data], allow_local_paths)
+    budget = _whole(budget, "budget", DEFAULT_BUDGET, 0)
+    # tune logs a line per ingredient, soup, greedy-soup step and variant (and one time estimate): enough to
+    # move a bar; capped, since it is a display only.
+    steps = 2 * len(refs) + 2 + budget
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if progress is not None:
+            progress(min(len(lines) / steps, 1.0), line.strip())
+
+    if progress is not None:
+        progress(0.0, "Downloading the ingredients and scoring them on the validation data")
+    result = ame_hf.tune(refs, work_dir / "merged", data=data, test_data=test_data or None, task=task, metric=metric,
+                         budget=budget, max_length=length, token=token, progress=False, log=log)
+    return TuneView(
+        folder=result.path,
+        result=result,
+        card_markdown=card_markdown((result.path / "README.md").read_text(encoding="utf-8")),
+        config_yaml=(result.path / "ame_config.yaml").read_text(encoding="utf-8"),
+        candidates_markdown=scores_markdown([(f"{i + 1}. {c.label}", c.score) for i, c in enumerate(result.candidates)],
+                                            result.metric, "candidate (validation)"),
+        summary_markdown=tune_summary(result),
+    )
+
+
+def tune_summary(result: TuneResult) -> str:
+    """The selected candidate, from how many, and the held-out scores when there were test data."""
+    better = "higher" if higher_is_better(result.metric) else "lower"
+    text = (f"Selected **{_cell(result.best.label)}**: validation {result.metric} **{result.best.score:.4f}** "
+            f"({better} is better), the best of {len(result.candidates)} candidates. Validation scores chose it, "
+            "so they overestimate what to expect on new data.")
+    if result.test_scores:
+        text += ("\n\nOn the test data, which played no part in the choice:\n\n"
+                 + scores_markdown(sorted(result.test_scores.items(), key=lambda row: row[0] != "selected"),
+                                   result.metric, "test"))
+    return text

@@ -1,0 +1,204 @@
+"""The Space's Evaluate and Tune parts (ame_hf/space_select.py and their wiring in ame_hf/space.py) on tiny
+classifiers and causal LMs: the same scores and choice as `ame_hf.evaluate` / `ame_hf.tune`, best first in the
+metric's direction, the selected model written into the session's work directory and pushed by the merge's Push,
+and every mistake one Gradio error line."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import ame_hf
+from factories import COLORS, color_examples, load_state, markdown_rows
+
+
+def handler(demo, api_name: str):
+    return next(d.fn for d in demo.fns.values() if d.api_name == api_name)
+
+
+@pytest.fixture(scope="module")
+def test_file(tmp_path_factory) -> Path:
+    """Held-out examples of the classifiers' task, drawn apart from the validation file."""
+    path = tmp_path_factory.mktemp("space-select") / "test.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "label": COLORS[l]}) + "\n" for t, l in color_examples(60, seed=7)))
+    return path
+
+
+def test_evaluate_gives_ame_hf_evaluates_scores_best_first(classifiers):
+    from ame_hf.space_select import evaluation_markdown, run_evaluate
+
+    experts, val = classifiers
+    result = run_evaluate("\n".join(map(str, experts)) + "\n\n", str(val), "auto", " ", None)
+    assert result == ame_hf.evaluate(experts, data=val)
+    assert (result.task, result.metric) == ("text-classification", "accuracy")
+    table = evaluation_markdown(result)
+    assert "| model | accuracy (higher is better) |" in table
+    rows = markdown_rows(table)
+    expected = sorted(((str(p), s) for p, s in result.scores), key=lambda row: -row[1])
+    assert rows == [(ref, round(score, 4)) for ref, score in expected]
+    assert rows[0][1] > rows[-1][1], "the scores must differ for the order to mean anything"
+
+    f1 = run_evaluate("\n".join(map(str, experts)), str(val), "text-classification", "macro_f1")
+    assert f1.metric == "macro_f1" and f1 == ame_hf.evaluate(experts, data=val, metric="macro_f1")
+
+
+def test_evaluate_a_language_model_ranks_the_lowest_loss_first(lm_experts):
+    from ame_hf.lm_evaluation import perplexity
+    from ame_hf.space_select import evaluation_markdown, run_evaluate
+
+    experts, val, _ = lm_experts
+    result = run_evaluate("\n".join(map(str, experts)), str(val), "text-generation", "", 16)
+    assert result == ame_hf.evaluate(experts, data=val, task="text-generation", max_length=16)
+    table = evaluation_markdown(result)
+    assert "| model | loss (lower is better) | perplexity |" in table
+    best_ref, best = min(result.scores, key=lambda row: row[1])
+    assert markdown_rows(table)[0] == (str(best_ref), round(best, 4))
+    assert f"| {best:.4f} | {perplexity(best):.3f} |" in table
+
+
+def test_tune_writes_what_ame_hf_tune_selects(classifiers, test_file, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from ame_hf.evaluation import evaluate_model, load_data
+    from ame_hf.space_select import run_tune
+
+    experts, val = classifiers
+    calls: list[tuple[float, str]] = []
+    view = run_tune("\n".join(map(str, experts)), str(val), str(test_file), tmp_path / "space", budget=2,
+                    progress=lambda fraction, desc: calls.append((fraction, desc)))
+    direct = ame_hf.tune(experts, tmp_path / "direct" / "merged", data=val, test_data=test_file, budget=2, progress=False)
+
+    assert view.folder == tmp_path / "space" / "merged"
+    assert (view.result.best.label, view.result.best.score) == (direct.best.label, direct.best.score)
+    assert [(c.label, c.score) for c in view.result.candidates] == [(c.label, c.score) for c in direct.candidates]
+    assert view.result.test_scores == direct.test_scores and set(direct.test_scores) >= {"selected", "soup"}
+    # The written model is the one tune writes, loads, and scores what the table says.
+    written, expected = load_state(view.folder), load_state(direct.path)
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in expected)
+    assert AutoModelForSequenceClassification.from_pretrained(view.folder).config.num_labels == len(COLORS)
+    score = evaluate_model(str(view.folder), load_data(val, "text-classification"), "text-classification")
+    assert score == pytest.approx(direct.best.score, abs=1e-6)
+
+    rows = markdown_rows(view.candidates_markdown)
+    assert "| candidate (validation) | accuracy (higher is better) |" in view.candidates_markdown
+    assert rows == [(c.label, round(c.score, 4)) for c in direct.candidates]
+    assert len(rows) == len(experts) + 2 + 2  # ingredients, soup, greedy soup, budget
+    assert f"Selected **{direct.best.label}**" in view.summary_markdown
+    assert markdown_rows(view.summary_markdown.split("played no part in the choice")[1])[0] == (
+        "selected", round(direct.test_scores["selected"], 4))
+    assert view.card_markdown.startswith("```yaml\n") and "model-index" in view.card_markdown
+    assert view.config_yaml == (direct.path / "ame_config.yaml").read_text(encoding="utf-8")
+    fractions = [f for f, _ in calls]
+    assert calls[0][0] == 0.0 and fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert any(direct.best.label in desc for _, desc in calls)
+
+
+def test_the_form_reaches_tune_with_the_librarys_defaults(monkeypatch, tmp_path):
+    """Blank boxes are the library's defaults: task inferred, the task's metric, DEFAULT_BUDGET, no test data."""
+    import gradio as gr
+
+    from ame_hf.space import build_app
+    from ame_hf.space_select import run_tune
+    from ame_hf.tuning import DEFAULT_BUDGET
+
+    seen = {}
+
+    def fake_tune(refs, out, **kwargs):
+        seen.update(kwargs, refs=refs, out=out)
+        raise ame_hf.InvalidConfigError("stop here")
+
+    monkeypatch.setattr(ame_hf, "tune", fake_tune)
+    data = tmp_path / "val.jsonl"
+    data.write_text('{"text": "red", "label": 0}\n')
+    with pytest.raises(ame_hf.InvalidConfigError, match="stop here"):
+        run_tune(" org/a\n\norg/b@v1 ", str(data), None, tmp_path, task="auto", metric="", budget=None, max_length=0)
+    assert seen["refs"] == ["org/a", "org/b@v1"] and seen["out"] == tmp_path / "merged"
+    assert (seen["task"], seen["metric"], seen["budget"], seen["max_length"], seen["test_data"]) == (
+        None, None, DEFAULT_BUDGET, None, None)
+    demo = build_app()
+    budget = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "budget")
+    assert isinstance(budget, gr.Number) and budget.value == DEFAULT_BUDGET
+
+
+def test_a_tuned_model_replaces_the_merge_and_is_pushed_by_push(classifiers, hub, hub_token, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    from ame_hf.space import build_app
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the app's per-run work directories
+    experts, val = classifiers
+    demo = build_app()
+    _, _, _, previous = handler(demo, "merge")("\n".join(map(str, experts[:2])), "sgd", "", "", 1, "mean", 0, False,
+                                               "auto", "auto", "", None)
+    summary, candidates, card, config_yaml, folder = handler(demo, "tune")(
+        "\n".join(map(str, experts)), str(val), None, "auto", "", 0, None, "", previous)
+    assert not Path(previous).parent.exists(), "the merge's work directory outlived the tune that replaced it"
+    assert Path(folder).name == "merged" and (Path(folder) / "model.safetensors").is_file()
+    assert "Selected **" in summary and "played no part" not in summary  # no test data, no test table
+    assert len(markdown_rows(candidates)) == len(experts) + 2
+
+    status = handler(demo, "push")("org/space-tuned", False, hub_token, folder)
+    assert status.startswith("Pushed to") and "org/space-tuned" in status
+    api = HfApi(endpoint=hub.url, token=hub_token)
+    files = {s.rfilename for s in api.model_info("org/space-tuned").siblings}
+    assert {"README.md", "ame_config.yaml", "config.json", "model.safetensors"} <= files, files
+    readme = Path(api.hf_hub_download("org/space-tuned", "README.md")).read_text(encoding="utf-8")
+    assert "ame-hf tune" in readme and summary.split("**")[1] in readme
+
+
+def _one_line_error(fn, *args) -> str:
+    import gradio as gr
+
+    with pytest.raises(gr.Error) as err:
+        fn(*args)
+    message = str(err.value.message)
+    assert message and "\n" not in message, message
+    return message
+
+
+def test_mistakes_are_one_gradio_error_line_and_keep_the_previous_result(classifiers, tmp_path, monkeypatch):
+    from ame_hf.space import build_app, one_line
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    experts, val = classifiers
+    refs = "\n".join(map(str, experts))
+    evaluate, tune = handler(build_app(), "evaluate"), handler(build_app(), "tune")
+    assert "upload the data" in _one_line_error(evaluate, refs, None, "auto", "", None, "")
+    assert "give at least one model" in _one_line_error(evaluate, " \n", str(val), "auto", "", None, "")
+    assert "max length must be a whole number >= 0" in _one_line_error(evaluate, refs, str(val), "auto", "", 2.5, "")
+    # A task the models cannot do: the library's own one-line message, before any model runs.
+    with pytest.raises(ame_hf.InvalidConfigError) as direct:
+        ame_hf.evaluate(experts, data=val, task="text-generation")
+    assert _one_line_error(evaluate, refs, str(val), "text-generation", "", None, "") == one_line(direct.value)
+
+    previous = tmp_path / "old" / "merged"
+    previous.mkdir(parents=True)
+    assert "budget must be a whole number >= 0" in _one_line_error(
+        tune, refs, str(val), None, "auto", "", -1, None, "", str(previous))
+    assert "upload the validation data" in _one_line_error(tune, refs, None, None, "auto", "", 1, None, "", str(previous))
+    assert previous.is_dir() and not list((tmp_path / "tmp").iterdir()), "a failed tune must change nothing"
+
+
+def test_on_a_public_space_the_data_and_metric_cannot_read_the_servers_disk(classifiers, tmp_path):
+    from ame_hf.space import build_app
+
+    experts, val = classifiers
+    app = build_app(allow_local_paths=False)
+    evaluate, tune = handler(app, "evaluate"), handler(app, "tune")
+    assert "local paths are disabled" in _one_line_error(evaluate, str(experts[0]), str(val), "auto", "", None, "")
+    assert "local paths are disabled" in _one_line_error(
+        tune, f"org/a\n{experts[1]}", str(val), None, "auto", "", 0, None, "", None)
+    # Image data names files, which would be read from the server; a metric other than the offline ones
+    # would run a script from the Hub or the server's disk.
+    images = tmp_path / "images.jsonl"
+    images.write_text(json.dumps({"image": "/etc/hostname", "label": 0}) + "\n")
+    assert "image files named in the data" in _one_line_error(evaluate, "org/a", str(images), "auto", "", None, "")
+    assert "image files named in the data" in _one_line_error(
+        tune, "org/a\norg/b", str(val), str(images), "image-classification", "", 0, None, "", None)
+    message = _one_line_error(evaluate, "org/a", str(val), "auto", "someone/metric", None, "")
+    assert "not available in this app" in message and "accuracy" in message and "macro_f1" in message
