@@ -67,12 +67,14 @@ def pseudogradient(w: torch.Tensor, target: torch.Tensor, out: torch.Tensor | No
 
 
 def batch_mean(load: Loader, batch: Sequence[int]) -> torch.Tensor:
-    """Mean of the ingredients in `batch`, loading one at a time (each load is a fresh tensor)."""
-    total = load(batch[0])
-    for i in batch[1:]:
+    """Mean of the ingredients in `batch`, loading one at a time; what `load` returns is not modified
+    (one ingredient: it is the mean)."""
+    if len(batch) == 1:
+        return load(batch[0])
+    total = load(batch[0]) + load(batch[1])  # the same sums as in place, into a tensor of our own
+    for i in batch[2:]:
         total += load(i)
-    if len(batch) > 1:
-        total /= len(batch)
+    total /= len(batch)
     return total
 
 
@@ -82,18 +84,22 @@ def ame_block(
     config: AmeConfig,
     order: Sequence[Sequence[int]],
     lr: float,
+    *,
+    own_pivot: bool = False,
 ) -> torch.Tensor:
     """Run AME on one tensor (or slice) and return the merged values in the pivot's dtype.
 
     Args:
-        load: `load(i)` returns ingredient `i`'s values for this block, as a fresh tensor in the
-            compute dtype (it is modified in place).
-        pivot: the starting point, in the compute dtype (not modified).
+        load: `load(i)` returns ingredient `i`'s values for this block in the compute dtype; the engine
+            never modifies it (a loader may hand out the same kept tensor to several passes).
+        pivot: the starting point, in the compute dtype.
         config: a resolved `AmeConfig` (optimizer, its arguments, schedule, batch size).
         order: the ingredient indices of each epoch (from `ingredient_order`).
         lr: the base learning rate of this tensor (absolute, or relative_lr * RMS spread).
+        own_pivot: the caller hands `pivot` over (a fresh tensor it does not use again): it becomes the
+            weights in place, without a copy. Otherwise it is not modified.
     """
-    w = pivot.clone()
+    w = pivot if own_pivot else pivot.clone()
     if w.numel() == 0:
         return w
     optimizer = new_optimizer(optimizer_class(config.optimizer), [w], lr=lr, **device_defaults(config, w.device),
@@ -145,10 +151,12 @@ def spread_sum(load: Loader, n: int, pivot: torch.Tensor | None) -> tuple[torch.
     s1: torch.Tensor | None = None
     s2 = 0.0
     for i in range(n):
-        x = load(i).double()
-        s1 = x.clone() if s1 is None else s1.add_(x)
+        loaded = load(i)
+        x = loaded.double()
         s2 += float(torch.dot(x.reshape(-1), x.reshape(-1)))
-        del x
+        # The first float64 copy becomes the sum (a float64 block is the loader's own: copied).
+        s1 = (x.clone() if x is loaded else x) if s1 is None else s1.add_(x)
+        del x, loaded
     assert s1 is not None
     p = s1 / n if pivot is None else pivot.double()
     dist = s2 - 2.0 * float(torch.dot(p.reshape(-1), s1.reshape(-1))) + n * float(torch.dot(p.reshape(-1), p.reshape(-1)))

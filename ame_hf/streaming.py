@@ -90,15 +90,15 @@ class TensorMerger:
 
     def _kept_loader(self, kept: dict[tuple[Rows, int], torch.Tensor], name: str, rows: Rows,
                      expected: Sequence[int] = ()) -> Callable[[int], torch.Tensor]:
-        """`_loader`, but each block is read once and kept: later passes get a copy (the engine updates
-        what it loads in place), so the arithmetic and the bytes written are the same."""
+        """`_loader`, but each block is read once and kept for the later passes (the engine never
+        modifies what it loads), so the arithmetic and the bytes written are the same."""
         fresh = list(dict.fromkeys(i for i in expected if (rows, i) not in kept))
         read = self._loader(name, rows, fresh)
 
         def load(i: int) -> torch.Tensor:
             if (rows, i) not in kept:
                 kept[(rows, i)] = read(i)
-            return kept[(rows, i)].clone()
+            return kept[(rows, i)]
 
         return load
 
@@ -124,7 +124,7 @@ class TensorMerger:
         return self._read(source, name, rows) if name in source.tensors else None
 
     def _mean_block(self, load: Callable[[int], torch.Tensor]) -> torch.Tensor:
-        total = load(0).double()
+        total = load(0).to(torch.float64, copy=True)  # what the loader returns is not ours to modify
         for i in range(1, len(self.checkpoints)):
             total.add_(load(i))  # accumulates in float64 without a float64 copy of each ingredient
         return total.div_(len(self.checkpoints)).to(self.compute_dtype)
@@ -175,7 +175,8 @@ class TensorMerger:
             elif pivot is None:
                 pivot = self._mean_block(load)
             # lr 0 (relative lr of identical ingredients): every optimizer would stay at the pivot.
-            merged = pivot if lr == 0.0 else ame_block(load, pivot, self.config, self.order, lr)
+            # Every pivot here is a fresh tensor of this block alone: the engine may step it in place.
+            merged = pivot if lr == 0.0 else ame_block(load, pivot, self.config, self.order, lr, own_pivot=True)
             self._write(out_dir, plan, name, rows[0] if rows else 0, merged.cpu())
             advance(info.nbytes * (rows[1] - rows[0]) // info.shape[0] if rows else info.nbytes)
 
