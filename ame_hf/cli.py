@@ -201,6 +201,9 @@ def cmd_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
     # Before torch and the Hub client load: a bad path or --out fails in a fraction of a second.
     check_output_dir(Path(out), args.overwrite, inputs=local_inputs([*refs, *pivot_refs]))
     check_before_merge(args, refs, values)
+    from .devices import keep_freed_memory
+
+    keep_freed_memory()
     if args.greedy_soup:
         folder = merge_greedy(args, refs, out, values)
         if args.push:

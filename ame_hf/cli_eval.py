@@ -171,8 +171,10 @@ def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def cmd_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .devices import keep_freed_memory
     from .tuning import tune
 
+    keep_freed_memory()  # a process of ours: every candidate's merge reuses the freed blocks
     result = tune(args.refs, args.out, data=args.data, test_data=args.test_data, task=args.task, metric=args.metric,
                   base=args.base, budget=args.budget, max_length=args.max_length, batch_size=args.eval_batch_size,
                   device=args.device, token=args.token, overwrite=args.overwrite, progress=not args.quiet,

@@ -188,3 +188,19 @@ def test_token_never_leaks(tmp_path):
         assert all(CANARY not in text for text in outputs)
     finally:
         server.stop()
+
+
+def test_keep_freed_memory_takes_effect_on_glibc_and_merges_the_same_bytes(finetunes, tmp_path):
+    # The CLI tunes glibc's malloc (ame_hf.devices.keep_freed_memory); that must not change one output byte.
+    from ame_hf import AmeConfig, merge
+    from factories import weights_sha256
+
+    code = "from ame_hf.devices import keep_freed_memory; print(keep_freed_memory())"
+    took = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    if sys.platform.startswith("linux") and os.path.exists("/lib/x86_64-linux-gnu/libc.so.6"):
+        assert took == "True"
+    cli = subprocess.run([sys.executable, "-m", "ame_hf", "merge", *map(str, finetunes), "--out", str(tmp_path / "cli"),
+                          "--quiet"], capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    api = merge(finetunes, tmp_path / "api", AmeConfig(), progress=False)
+    assert weights_sha256(tmp_path / "cli") == weights_sha256(api.path)
