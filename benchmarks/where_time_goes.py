@@ -4,9 +4,10 @@
     python benchmarks/where_time_goes.py --runs 5
 
 Each figure is the median of `--runs` fresh processes:
-- `import torch`, and `import torch` + `import torch._dynamo` (torch.optim imports the latter at the
-  first `step()` of any optimizer);
-- the whole `ame-hf merge` process (soup and AME-Adam, as in run.py);
+- `import torch`, and all a merge imports before it streams (ame-hf builds and steps torch.optim
+  optimizers without the 1.9 s import of `torch._dynamo` torch.optim would trigger);
+- the plain script (the floor of run.py), and the whole `ame-hf merge` process (soup, AME-Adam and
+  the default merge, as in run.py);
 - the same merge run a second time inside one process (imports done, optimizer classes warm): the
   merge work alone.
 Writes the table to stdout and to benchmarks/PROFILE.md.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,7 +32,8 @@ from build_inputs import copy_dir  # noqa: E402
 from run import CHILD_ENV, environment, prewarm  # noqa: E402
 
 CHILD_ENV_FULL = {**os.environ, **CHILD_ENV}
-JOBS = {"soup": ["--optimizer", "sgd"], "AME-Adam (lr 1e-4)": ["--optimizer", "adam", "--lr", "1e-4"]}
+JOBS = {"soup": ["--optimizer", "sgd"], "AME-Adam (lr 1e-4)": ["--optimizer", "adam", "--lr", "1e-4"],
+        "default (adam, relative lr 0.005)": []}
 
 _WARM = """
 import json, sys, time
@@ -73,16 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     rows = [
         ("`import torch`", median_of(args.runs, lambda: wall([py, "-c", "import torch"]))),
-        ("`import torch` + `import torch._dynamo`",
-         median_of(args.runs, lambda: wall([py, "-c", "import torch, torch._dynamo"]))),
-        ("`import ame_hf.cli, ame_hf.merging` + `import torch._dynamo` (all a merge imports)",
-         median_of(args.runs, lambda: wall([py, "-c", "import ame_hf.cli, ame_hf.merging, torch._dynamo"]))),
+        ("`import ame_hf.cli, ame_hf.merging` (what a merge imports before it streams)",
+         median_of(args.runs, lambda: wall([py, "-c", "import ame_hf.cli, ame_hf.merging"]))),
+        ("plain script (`plain_average.py`, the floor): whole process",
+         median_of(args.runs, lambda: wall([py, str(HERE / "plain_average.py"), *map(str, inputs), "--out",
+                                            str(args.work / "outputs" / "where_time_goes_plain")], inputs))),
     ]
     for label, opts in JOBS.items():
         cmd = [py, "-m", "ame_hf", "merge", *map(str, inputs), "--out", str(out), "--overwrite", "--quiet",
                "--device", "cpu", *opts]
         rows.append((f"`ame-hf merge`, {label}: whole process", median_of(args.runs, lambda: wall(cmd, inputs))))
-        api = {"optimizer": opts[1], **({"lr": float(opts[3])} if len(opts) > 2 else {})}
+        api = {"optimizer": opts[1], **({"lr": float(opts[3])} if len(opts) > 2 else {})} if opts else {}
         warm = [py, "-c", _WARM, *map(str, inputs), str(out), json.dumps(api)]
         rows.append(("the same merge, second run in one process (the merge work alone)",
                      median_of(args.runs, lambda: warm_seconds(warm, inputs))))
@@ -95,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     (HERE / "PROFILE.md").write_text(text)
+    for folder in (out, args.work / "outputs" / "where_time_goes_plain"):
+        shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 
