@@ -150,8 +150,8 @@ class TensorMerger:
         elif n * info.numel * self.compute_dtype.itemsize <= self.max_memory:
             kept = {}  # every ingredient's blocks of this tensor, each read once
         else:
-            logger.debug("%s: %d copies of %.1f MB exceed --max-memory: its blocks are read again for each pass",
-                         name, n, info.numel * self.compute_dtype.itemsize / 1e6)
+            logger.debug("%s: %d copies of %.1f MB exceed --max-memory: kept one block at a time, so the "
+                         "learning-rate spread reads it once more", name, n, info.numel * self.compute_dtype.itemsize / 1e6)
         loader = functools.partial(self._kept_loader, kept, name) if kept is not None else functools.partial(
             self._loader, name)
         if self.config.relative_lr is not None:
@@ -167,7 +167,11 @@ class TensorMerger:
             pivot = cached_pivot if cached_pivot is not None else self._pivot_block(name, rows)
             mean_pass = pivot is None and not self.soup
             reads = [*(range(n) if mean_pass else ()), *(self._ame_reads if lr != 0.0 else ())]
-            load = loader(rows, reads)
+            block_bytes = n * math.prod(self._block_shape(info.shape, rows)) * self.compute_dtype.itemsize
+            if kept is None and len(reads) > len(set(reads)) and block_bytes <= self.max_memory:
+                load = self._kept_loader({}, name, rows, reads)  # this block's mean and steps: one read
+            else:
+                load = loader(rows, reads)
             if pivot is None and self.soup:
                 # The soup's first step (SGD, lr 1) replaces w by the first ingredient whatever the
                 # pivot; from zeros that step is exact, so the mean pass would only cost a read.
@@ -178,6 +182,9 @@ class TensorMerger:
             # Every pivot here is a fresh tensor of this block alone: the engine may step it in place.
             merged = pivot if lr == 0.0 else ame_block(load, pivot, self.config, self.order, lr, own_pivot=True)
             self._write(out_dir, plan, name, rows[0] if rows else 0, merged.cpu())
+            if kept is not None:  # this block is done: its kept copies are not needed again
+                for i in range(n):
+                    kept.pop((rows, i), None)
             advance(info.nbytes * (rows[1] - rows[0]) // info.shape[0] if rows else info.nbytes)
 
     @staticmethod

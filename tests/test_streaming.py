@@ -75,3 +75,21 @@ def test_each_input_byte_is_read_once_within_max_memory(tmp_path):
     assert weights_sha256(once.path) == weights_sha256(again.path)
     soup = merge(paths, tmp_path / "soup", optimizer="sgd", progress=False)
     assert soup.bytes_read == inputs
+
+
+def test_a_tensor_too_big_to_keep_is_kept_one_block_at_a_time(tmp_path):
+    """8 MiB tensors x 3 exceed a 16 MiB --max-memory, their 4 MiB blocks x 3 do not: the spread reads the
+    tensor once, the mean pivot and the steps share one more read per block; the bytes are the same."""
+    from ame_hf import merge
+    from factories import load_state, make_big_checkpoints, weights_sha256
+
+    paths = make_big_checkpoints(tmp_path / "big", n=3, rows=8192, cols=256)
+    embed = 3 * 8192 * 256 * 4
+    norm = 3 * 256 * 4
+    whole = merge(paths, tmp_path / "whole", progress=False)
+    assert whole.bytes_read == embed + norm
+    blocks = merge(paths, tmp_path / "blocks", progress=False, max_memory=16 * 2**20)
+    assert blocks.bytes_read == 2 * embed + norm
+    tiny = merge(paths, tmp_path / "tiny", progress=False, max_memory=1024)
+    assert tiny.bytes_read == 3 * embed + norm  # spread, mean pivot, steps: a pass each (norm: equal in all, lr 0)
+    assert weights_sha256(whole.path) == weights_sha256(blocks.path) == weights_sha256(tiny.path)
