@@ -211,6 +211,10 @@ def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
 
     local = not on_spaces() if allow_local_paths is None else allow_local_paths
 
+    def base_box(prefix: str) -> gr.Textbox:
+        return gr.Textbox("", label="Base model (for LoRA adapters)", placeholder="org/base-model",
+                          info="blank: each adapter's own base_model_name_or_path", elem_id=f"{prefix}-base")
+
     def selection_options(prefix: str) -> tuple[gr.Dropdown, gr.Textbox, gr.Number]:
         """Task, metric and max length: what `evaluate` and `tune` share."""
         with gr.Column():
@@ -244,19 +248,20 @@ def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
 
     # Defaults of None make the uploads optional for gradio_client too (it then gets the one-line error).
     def evaluate(models: str, data: str | None = None, task: str = "auto", metric: str = "",
-                 max_length: float | None = None, token: str = "", oauth_token: gr.OAuthToken | None = None) -> str:
+                 max_length: float | None = None, token: str = "", base: str = "",
+                 oauth_token: gr.OAuthToken | None = None) -> str:
         with _shown_as_gradio_errors():
-            result = run_evaluate(models, data, task, metric, max_length, user_token(token, oauth_token),
+            result = run_evaluate(models, data, task, metric, max_length, user_token(token, oauth_token), base=base,
                                   allow_local_paths=local)
         return evaluation_markdown(result)
 
     def tune(ingredients: str, data: str | None = None, test_data: str | None = None, task: str = "auto",
              metric: str = "", budget: float | None = DEFAULT_BUDGET, max_length: float | None = None, token: str = "",
-             previous: str | None = None, oauth_token: gr.OAuthToken | None = None,
+             previous: str | None = None, base: str = "", oauth_token: gr.OAuthToken | None = None,
              progress: gr.Progress = gr.Progress()) -> tuple[str, str, str, str, str]:
         view = _in_fresh_work_dir(lambda work_dir: run_tune(
             ingredients, data, test_data, work_dir, user_token(token, oauth_token), task=task, metric=metric,
-            budget=budget, max_length=max_length, progress=lambda fraction, desc: progress(fraction, desc=desc),
+            budget=budget, max_length=max_length, base=base, progress=lambda fraction, desc: progress(fraction, desc=desc),
             allow_local_paths=local), previous)
         return view.summary_markdown, view.candidates_markdown, view.card_markdown, view.config_yaml, str(view.folder)
 
@@ -325,6 +330,7 @@ def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
                 with gr.Row():
                     eval_data = gr.File(label="Data", file_types=DATA_TYPES, elem_id="eval-data")
                     eval_task, eval_metric, eval_max_length = selection_options("eval")
+                eval_base = base_box("eval")
                 evaluate_button = gr.Button("Evaluate", variant="primary", elem_id="evaluate-button")
                 scores = gr.Markdown(label="Scores", elem_id="scores")
             with gr.Tab("Tune", id="tune-tab"):
@@ -340,6 +346,7 @@ def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
                     tune_task, tune_metric, tune_max_length = selection_options("tune")
                     budget = gr.Number(DEFAULT_BUDGET, label="Budget", precision=0, minimum=0, elem_id="budget",
                                        info="AME variants to try, besides soup, greedy soup and ingredients")
+                tune_base = base_box("tune")
                 tune_button = gr.Button("Tune", variant="primary", elem_id="tune-button")
                 tune_summary = gr.Markdown(label="Selected", elem_id="tune-summary")
                 with gr.Tab("Candidates"):
@@ -371,11 +378,11 @@ def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
                     output_folder],
             [card, config_yaml, summary, output_folder], api_name="merge",
         )
-        evaluate_button.click(evaluate, [eval_models, eval_data, eval_task, eval_metric, eval_max_length, token],
-                              scores, api_name="evaluate")
+        evaluate_button.click(evaluate, [eval_models, eval_data, eval_task, eval_metric, eval_max_length, token,
+                                         eval_base], scores, api_name="evaluate")
         tune_button.click(
             tune, [tune_ingredients, tune_data, tune_test_data, tune_task, tune_metric, budget, tune_max_length, token,
-                   output_folder],
+                   output_folder, tune_base],
             [tune_summary, candidates, tune_card, tune_config, output_folder], api_name="tune",
         )
         push_button.click(push, [repo_id, private, token, output_folder], push_status, api_name="push")

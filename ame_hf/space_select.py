@@ -108,8 +108,17 @@ def _refs(text: str | None, what: str, allow_local_paths: bool) -> list[str]:
     return refs
 
 
+def _base(text: str | None, allow_local_paths: bool) -> str | None:
+    """The form's base model for LoRA adapters (blank: each adapter's own `base_model_name_or_path`)."""
+    base = (text or "").strip() or None
+    if base is not None and not allow_local_paths:
+        refuse_local_paths([base])
+    return base
+
+
 def run_evaluate(models: str | None, data: str | Path | None, task: str | None = "auto", metric: str | None = None,
-                 max_length: Any = None, token: str | None = None, *, allow_local_paths: bool = True) -> Evaluation:
+                 max_length: Any = None, token: str | None = None, *, base: str | None = None,
+                 allow_local_paths: bool = True) -> Evaluation:
     """Score the models (one a line) on the uploaded data with `ame_hf.evaluate`.
 
     Blank boxes mean the default: `task` "auto" (from the models' architecture), the task's metric, and (blank
@@ -125,7 +134,8 @@ def run_evaluate(models: str | None, data: str | Path | None, task: str | None =
         raise InvalidConfigError("upload the data to score on (JSONL/CSV with text and label; .txt for "
                                  "text-generation)")
     task, metric, length = _selection_inputs(task, metric, max_length, [data], allow_local_paths)
-    return ame_hf.evaluate(refs, data=data, task=task, metric=metric, token=token, max_length=length)
+    return ame_hf.evaluate(refs, data=data, task=task, metric=metric, token=token, max_length=length,
+                           base=_base(base, allow_local_paths))
 
 
 def scores_markdown(rows: Sequence[tuple[str, float]], metric: str, what: str = "model") -> str:
@@ -173,7 +183,7 @@ class TuneView:
 
 def run_tune(ingredients: str | None, data: str | Path | None, test_data: str | Path | None, work_dir: Path,
              token: str | None = None, *, task: str | None = "auto", metric: str | None = None,
-             budget: Any = None, max_length: Any = None, progress: Progress | None = None,
+             budget: Any = None, max_length: Any = None, base: str | None = None, progress: Progress | None = None,
              allow_local_paths: bool = True) -> TuneView:
     """Select with `ame_hf.tune` into `work_dir/merged` and render the candidates, the choice and the card.
 
@@ -191,6 +201,7 @@ def run_tune(ingredients: str | None, data: str | Path | None, test_data: str | 
                                  "text-generation)")
     task, metric, length = _selection_inputs(task, metric, max_length, [data, test_data], allow_local_paths)
     budget = _whole(budget, "budget", DEFAULT_BUDGET, 0)
+    base = _base(base, allow_local_paths)
     # tune logs a line per ingredient, soup, greedy-soup step and variant (and one time estimate): enough to
     # move a bar; capped, since it is a display only.
     steps = 2 * len(refs) + 2 + budget
@@ -204,7 +215,7 @@ def run_tune(ingredients: str | None, data: str | Path | None, test_data: str | 
     if progress is not None:
         progress(0.0, "Downloading the ingredients and scoring them on the validation data")
     result = ame_hf.tune(refs, work_dir / "merged", data=data, test_data=test_data or None, task=task, metric=metric,
-                         budget=budget, max_length=length, token=token, progress=False, log=log)
+                         budget=budget, max_length=length, base=base, token=token, progress=False, log=log)
     return TuneView(
         folder=result.path,
         result=result,

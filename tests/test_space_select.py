@@ -202,3 +202,23 @@ def test_on_a_public_space_the_data_and_metric_cannot_read_the_servers_disk(clas
         tune, "org/a\norg/b", str(val), str(images), "image-classification", "", 0, None, "", None)
     message = _one_line_error(evaluate, "org/a", str(val), "auto", "someone/metric", None, "")
     assert "not available in this app" in message and "accuracy" in message and "macro_f1" in message
+
+
+def test_the_base_box_reaches_evaluate_and_tune_for_adapters(lm_adapters, tmp_path):
+    """An adapter that names no base is scored and tuned with the form's Base box, as the library does with
+    `base=`; without it, one error line; on a public Space a local base is refused like any local path."""
+    from ame_hf.errors import AmeError
+    from ame_hf.space_select import run_evaluate, run_tune
+    from factories import LM_LORAS, make_lora_adapter
+
+    base, val = lm_adapters["base"], lm_adapters["val"]
+    orphan = make_lora_adapter(base, tmp_path / "orphan", LM_LORAS[0], seed=3, scale=0.3, base_name=None)
+    with pytest.raises(AmeError):
+        run_evaluate(str(orphan), val)
+    got = run_evaluate(str(orphan), val, base=f"  {base}  ")
+    want = ame_hf.evaluate([orphan], data=val, base=base)
+    assert got.scores[0][1] == pytest.approx(want.scores[0][1], abs=1e-6)
+    with pytest.raises(AmeError, match="local paths are disabled"):
+        run_evaluate("org/model", val, base=str(base), allow_local_paths=False)
+    view = run_tune(f"{orphan}\n{lm_adapters['full']}", val, None, tmp_path / "work", budget=0, base=str(base))
+    assert (view.folder / "config.json").is_file() and not (view.folder / "adapter_config.json").exists()
