@@ -119,3 +119,19 @@ def test_more_processes_than_gpus_is_refused(tmp_path):
     assert "launched 2 processes on this machine but it has 1 CUDA device(s)" in proc.stderr
     assert "--device cpu" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_lm_scoring_on_the_gpu_equals_the_cpu(lm_experts):
+    """text-generation scoring (`evaluate`, `tune`) runs on the GPU by default when there is one: same
+    per-token loss as on the CPU (to float rounding), same token count."""
+    from ame_hf.evaluation import load_data
+    from ame_hf.lm_evaluation import mean_token_nll
+
+    experts, val, _ = lm_experts
+    data = load_data(val, "text-generation")
+    cpu, n_cpu = mean_token_nll(str(experts[0]), data, batch_size=4, device="cpu")
+    gpu, n_gpu = mean_token_nll(str(experts[0]), data, batch_size=4)  # the default device: CUDA here
+    assert n_gpu == n_cpu
+    assert abs(gpu - cpu) <= 1e-4 * max(1.0, abs(cpu))
+    scored = ame_hf.evaluate([experts[0]], data=val, task="text-generation", device="cuda")
+    assert abs(scored.scores[0][1] - cpu) <= 1e-4 * max(1.0, abs(cpu))
