@@ -211,6 +211,15 @@ def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
 
     local = not on_spaces() if allow_local_paths is None else allow_local_paths
 
+    def result_tabs(card_id: str, config_id: str) -> tuple[gr.Markdown, gr.Code]:
+        """A result's model card and `ame_config.yaml`, a tab each."""
+        with gr.Tab("Model card"):
+            card = gr.Markdown(label="Model card", elem_id=card_id, container=True, min_height=80, max_height=520)
+        with gr.Tab("ame_config.yaml"):
+            config = gr.Code(language="yaml", label="ame_config.yaml", interactive=False, max_lines=24,
+                             elem_id=config_id)
+        return card, config
+
     def base_box(prefix: str) -> gr.Textbox:
         return gr.Textbox("", label="Base model (for LoRA adapters)", placeholder="org/base-model",
                           info="blank: each adapter's own base_model_name_or_path", elem_id=f"{prefix}-base")
@@ -317,12 +326,7 @@ def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
                                                            info="tokenizer + chat template: pivot, first, an "
                                                                 "index, a repo ID")
                 summary = gr.Markdown(label="Summary", elem_id="summary")
-                with gr.Tab("Model card"):
-                    card = gr.Markdown(label="Model card", elem_id="card", container=True, min_height=80,
-                                       max_height=520)
-                with gr.Tab("ame_config.yaml"):
-                    config_yaml = gr.Code(language="yaml", label="ame_config.yaml", interactive=False, max_lines=24,
-                                          elem_id="config")
+                card, config_yaml = result_tabs("card", "config")
             with gr.Tab("Evaluate", id="evaluate-tab"):
                 eval_models = gr.Textbox("", label="Models", lines=4, elem_id="eval-models",
                                          placeholder="your-name/merged-model\norg/finetune-a",
@@ -351,12 +355,7 @@ def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
                 tune_summary = gr.Markdown(label="Selected", elem_id="tune-summary")
                 with gr.Tab("Candidates"):
                     candidates = gr.Markdown(label="Candidates", elem_id="candidates")
-                with gr.Tab("Model card"):
-                    tune_card = gr.Markdown(label="Model card", elem_id="tune-card", container=True, min_height=80,
-                                            max_height=520)
-                with gr.Tab("ame_config.yaml"):
-                    tune_config = gr.Code(language="yaml", label="ame_config.yaml", interactive=False, max_lines=24,
-                                          elem_id="tune-config")
+                tune_card, tune_config = result_tabs("tune-card", "tune-config")
         with gr.Group():
             gr.Markdown("### Push to the Hub\nUploads the latest Merge or Tune result with its model card.")
             with gr.Row():
