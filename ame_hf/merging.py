@@ -4,8 +4,8 @@ behind the CLI, the Python API and the Space (DESIGN §3). Each stage is a modul
 from __future__ import annotations
 
 import dataclasses
-import logging
 import importlib
+import logging
 import os
 import threading
 import time
