@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -348,9 +349,13 @@ def cli_error_line(capsys: Any, *args: Any, needles: Sequence[str] = (), exit_co
 
 
 def start_cli(*args: Any, **popen_kwargs: Any) -> subprocess.Popen:
-    """`python -m ame_hf ARGS` started as a child process (stdout and stderr piped, as text), to interrupt."""
+    """`python -m ame_hf ARGS` started as a child process (stdout and stderr piped, as text), to interrupt.
+
+    The child gets the default Ctrl-C handling even when the tests run in a background job of a shell
+    (`cmd &`), which starts them with SIGINT ignored: Python then never turns SIGINT into KeyboardInterrupt."""
     return subprocess.Popen([sys.executable, "-m", "ame_hf", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **popen_kwargs)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen_kwargs)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 60.0) -> None:
