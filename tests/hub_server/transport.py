@@ -184,11 +184,12 @@ class BaseHandler(BaseHTTPRequestHandler):
             self.send_header(key, value)
         self.send_header("Content-Length", str(length))
         self.send_header("X-Request-Id", uuid.uuid4().hex[:16])
-        self.end_headers()
-        self._headers_sent = True
-        # Recorded before the body goes out, so a client that has read the answer always finds its record.
+        # Recorded before the headers go out (end_headers sends them): a client that has its answer, a HEAD's
+        # included (it has no body to wait for), always finds the record.
         bytes_sent = 0 if self.command == "HEAD" else length
         self.hub.requests.append(RequestRecord(self.command, self.path, status, bytes_sent))
+        self.end_headers()
+        self._headers_sent = True
 
     def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None,
               content_type: str = "application/json; charset=utf-8") -> None:
