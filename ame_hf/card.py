@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shlex
 from importlib import resources
 from pathlib import Path

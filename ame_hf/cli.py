@@ -9,7 +9,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import shlex
 import sys
 from pathlib import Path

@@ -324,8 +324,3 @@ def _compare_pivot(ref: Checkpoint, pivot: Checkpoint, report: CompatibilityRepo
     extra = sorted(set(pivot.tensors) - set(ref.tensors))
     if extra:
         report.notes.append(f"pivot {pivot.name} has tensor(s) {_listed(extra)} the ingredients lack: not used")
-
-
-def _listed(items: Sequence[str]) -> str:
-    shown = ", ".join(repr(i) for i in items[:_MAX_LISTED])
-    return shown + (f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")

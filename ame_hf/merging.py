@@ -22,7 +22,7 @@ from .inputs import check_inputs, config_source, open_inputs, tokenizer_dir
 from .output import check_output_dir, make_staging_dir, publish, staging_cleanup
 from .plan import assign_to_processes, output_dtype, plan_shards
 from .recipe import recipe_digest
-from .records import Ingredient, MergeResult
+from .records import MergeResult
 from .resolve import local_inputs
 from .streaming import DEFAULT_MAX_MEMORY, ProgressCallback, TensorMerger, stream_tensors
 from .writer import create_shard_files, write_index
