@@ -16,7 +16,7 @@ from .config import AmeConfig
 from .errors import InvalidConfigError
 from .evaluation import (TextData, LabelledData, check_scorable, default_metric, evaluate_model, is_better, load_data,
                          sort_key, task_for_models)
-from .full_models import FullModels, input_paths, resolve_models
+from .full_models import FullModels, ResolvedModel, input_paths, resolve_models
 from .merging import merge
 from .output import RUN_FILE, check_output_dir, make_staging_dir, publish
 from .recipe import write_selection_file
@@ -199,6 +199,47 @@ def write_selected(target: Path, models: FullModels, index: int, refs: Sequence[
 
 
 @dataclass(frozen=True)
+class Selection:
+    """What choosing between models starts from, checked before any merge or evaluation.
+
+    Attributes:
+        models: the resolved models (`full_models.resolve_models`).
+        task, metric: as given or inferred (the metric knows its direction).
+        val, test: the validation data, and held-out data (None without it).
+        refs: each ingredient as merges take it (a pinned Hub reference or a local path).
+        names: each ingredient as tables name it.
+    """
+
+    models: list[ResolvedModel]
+    task: str
+    metric: str
+    val: LabelledData | TextData
+    test: LabelledData | TextData | None
+    refs: list[str]
+    names: list[str]
+
+
+def start_selection(ingredients: Sequence[str | os.PathLike], out: Path, overwrite: bool, *,
+                    data: str | os.PathLike | LabelledData | TextData,
+                    test_data: str | os.PathLike | LabelledData | TextData | None, task: str | None,
+                    metric: str | None, base: str | None, token: str | None) -> Selection:
+    """`--out` checked (before and after resolving), every model resolved (adapters against their base),
+    the task every model can do, its metric, and the data loaded: what `tune` and `greedy_soup` share."""
+    check_output_dir(out, overwrite, inputs=local_inputs([*ingredients, *([base] if base else [])]))
+    models = resolve_models([os.fspath(r) for r in ingredients], base=base, token=token)
+    check_output_dir(out, overwrite, inputs=input_paths(models))
+    # Before any merge: a task the ingredients cannot do would only fail after the first one.
+    task = task_for_models([(m.name, m.config) for m in models], task)
+    check_scorable([m.tokenizer for m in models], task)
+    load = lambda d: d if isinstance(d, (LabelledData, TextData)) else load_data(d, task)  # noqa: E731
+    resolved = [m.ingredient for m in models]
+    return Selection(models=models, task=task, metric=default_metric(task, metric), val=load(data),
+                     test=None if test_data is None else load(test_data),
+                     refs=[i.pinned_ref if i.repo_id else str(i.path) for i in resolved],
+                     names=[i.display_name for i in resolved])
+
+
+@dataclass(frozen=True)
 class GreedySoupResult:
     """What `greedy_soup` wrote: the output, the kept ingredient indices, the trace, and held-out scores.
 
@@ -263,36 +304,27 @@ def greedy_soup(
     """
     out = Path(out_dir)
     soup_config(config)  # a weight option is refused before anything is downloaded
-    base = config.base if config is not None else None
-    check_output_dir(out, overwrite, inputs=local_inputs([*ingredients, *([base] if base else [])]))
-    models = resolve_models([os.fspath(r) for r in ingredients], base=base, token=token)
-    resolved = [m.ingredient for m in models]
-    check_output_dir(out, overwrite, inputs=input_paths(models))
-    task = task_for_models([(m.name, m.config) for m in models], task)
-    metric = default_metric(task, metric)
-    check_scorable([m.tokenizer for m in models], task)
-    val = data if isinstance(data, (LabelledData, TextData)) else load_data(data, task)
-    test = test_data if test_data is None or isinstance(test_data, (LabelledData, TextData)) else load_data(test_data, task)
+    sel = start_selection(ingredients, out, overwrite, data=data, test_data=test_data, task=task, metric=metric,
+                          base=config.base if config is not None else None, token=token)
+    task, metric, val, test, refs, names = sel.task, sel.metric, sel.val, sel.test, sel.refs, sel.names
     evaluate = lambda path, d: evaluate_model(str(path), d, task, metric, max_length=max_length,  # noqa: E731
                                               batch_size=batch_size, device=device)
-    refs = [i.pinned_ref if i.repo_id else str(i.path) for i in resolved]
-    names = [i.display_name for i in resolved]
     scratch = make_staging_dir(out)
     try:
-        full = FullModels(models, scratch / "ingredients", token=token, device=device)
+        full = FullModels(sel.models, scratch / "ingredients", token=token, device=device)
         scores = full.score_each(lambda p: evaluate(p, val), metric)
         trace = run_greedy_soup(refs, scores, lambda p: evaluate(p, val), metric, scratch, out.absolute().name,
                                 config=config, token=token, log=log)
         best = trace.steps[0][0]
         tests = {}
-        if test is not None:
+        if test is not None:  # the best ingredient's, before an adapter's full model moves into the output
             tests["best ingredient"] = evaluate(full.path(best), test)
         if trace.path is None:
             final = write_selected(scratch / "ingredient", full, best, refs, len(refs), by="the greedy soup")
         else:
             final = trace.path
-        if test is not None:
-            tests = {"greedy soup": evaluate(final, test), **tests}
+        if test is not None:  # only the best ingredient kept: it is the greedy soup, already scored
+            tests = {"greedy soup": tests["best ingredient"] if trace.path is None else evaluate(final, test), **tests}
         label = greedy_label(trace.kept)
         rows = [(label, trace.score)] + [(f"ingredient {i}: {names[i]}", s) for i, s in enumerate(scores)]
         update_card(final, rows, task=task, dataset=val.name, metric=metric, model_name=out.absolute().name,

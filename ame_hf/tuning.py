@@ -16,14 +16,12 @@ from typing import Callable, Sequence
 from .card import add_card_section, update_card
 from .config import AmeConfig
 from .errors import InvalidConfigError
-from .evaluation import (LabelledData, TextData, check_scorable, default_metric, evaluate_model, load_data,
-                         task_for_models)
-from .full_models import FullModels, input_paths, resolve_models
+from .evaluation import LabelledData, TextData, evaluate_model
+from .full_models import FullModels
 from .merging import merge
-from .output import check_output_dir, make_staging_dir, publish
-from .resolve import local_inputs
+from .output import make_staging_dir, publish
 from .selection import (Candidate, best_candidate, greedy_label, greedy_section, ranked, run_greedy_soup,
-                        write_selected)
+                        start_selection, write_selected)
 
 __all__ = ["Candidate", "TuneResult", "default_grid", "tune"]
 
@@ -159,28 +157,25 @@ def tune(
         raise InvalidConfigError(f"--budget must be >= 0, got {budget}")
     out = Path(out_dir)
     base = os.fspath(base) if base else None
-    check_output_dir(out, overwrite, inputs=local_inputs([*ingredients, *([base] if base else [])]))
-    models = resolve_models([os.fspath(r) for r in ingredients], base=base, token=token)
-    resolved = [m.ingredient for m in models]
-    check_output_dir(out, overwrite, inputs=input_paths(models))
-    # Before any merge: a task the ingredients cannot do would only fail after the first one.
-    task = task_for_models([(m.name, m.config) for m in models], task)
-    metric = default_metric(task, metric)
-    check_scorable([m.tokenizer for m in models], task)
-    val = data if isinstance(data, (LabelledData, TextData)) else load_data(data, task)
-    test = test_data if test_data is None or isinstance(test_data, (LabelledData, TextData)) else load_data(test_data, task)
+    sel = start_selection(ingredients, out, overwrite, data=data, test_data=test_data, task=task, metric=metric,
+                          base=base, token=token)
+    task, metric, val, test, refs, names = sel.task, sel.metric, sel.val, sel.test, sel.refs, sel.names
     score = lambda path, d=val: evaluate_model(str(path), d, task, metric, max_length=max_length,  # noqa: E731
                                                batch_size=batch_size, device=device, progress=progress)
-    refs = [i.pinned_ref if i.repo_id else str(i.path) for i in resolved]
-    names = [i.display_name for i in resolved]
     configs = [AmeConfig.soup()] + list(grid if grid is not None else default_grid())[:budget]
     if base:  # the adapters' base, for every merge (the greedy soup's too)
         configs = [dataclasses.replace(cfg, base=base) for cfg in configs]
-    total = len(resolved) + 1 + len(configs)  # + the greedy soup
+    total = len(refs) + 1 + len(configs)  # + the greedy soup
     name = out.absolute().name  # named like the output: the card's "How to use" names the merge's folder
     scratch = make_staging_dir(out)
     candidates: list[Candidate] = []
     tests: dict[str, float] = {}
+    tested: dict[tuple, float] = {}  # each model scored on the test data once: ("ingredient", i), ("soup",), ...
+
+    def test_score(key: tuple, path: Callable[[], Path]) -> float:
+        if key not in tested:
+            tested[key] = score(path(), test)
+        return tested[key]
     kept_dir: dict[int, Path] = {}  # id(candidate) -> its folder, for the best one only
     trace = None
 
@@ -198,7 +193,7 @@ def tune(
             shutil.rmtree(folder.parent, ignore_errors=True)
 
     try:
-        full = FullModels(models, scratch / "ingredients", token=token, device=device)
+        full = FullModels(sel.models, scratch / "ingredients", token=token, device=device)
         scores = full.score_each(score, metric)  # each once; the best adapter's full model stays written
         for i, s in enumerate(scores):
             consider(Candidate(f"ingredient {i}: {names[i]}", s, ingredient=i), None)
@@ -209,7 +204,7 @@ def tune(
             result = merge(refs, target, cfg, token=token, progress=False, device=device)
             value = score(result.path)
             if test is not None and n == 0:
-                tests["soup"] = score(result.path, test)
+                tests["soup"] = test_score(("soup",), lambda: result.path)
             consider(Candidate(_label(cfg), value, config=result.config), target)
             if n == 0:
                 per = time.perf_counter() - started
@@ -222,13 +217,13 @@ def tune(
                 if trace.path is None:  # only the best ingredient kept: the greedy soup is that ingredient
                     kept.config, kept.ingredient = None, trace.kept[0]
                 if test is not None:
-                    tests["greedy soup"] = score(trace.path or full.path(trace.kept[0]), test)
+                    tests["greedy soup"] = test_score(_key(kept), lambda: trace.path or full.path(trace.kept[0]))
                 consider(kept, trace.path)
         best = best_candidate(candidates, metric)  # among equals: by kind, then grid order
         order = ranked(candidates, metric)
         val_best = best_candidate([c for c in candidates if c.config is None and c.kept is None], metric)
         if test is not None:  # before an adapter's full model may move into the output
-            tests["best ingredient"] = score(full.path(val_best.ingredient), test)
+            tests["best ingredient"] = test_score(_key(val_best), lambda: full.path(val_best.ingredient))
         if id(best) in kept_dir:
             final = kept_dir[id(best)]
         else:
@@ -236,7 +231,7 @@ def tune(
                                    else best.kept[0], refs, total)
         test_rows = None
         if test is not None:
-            tests["selected"] = score(final, test)
+            tests["selected"] = test_score(_key(best), lambda: final)
             test_rows = [(f"selected: {best.label}", tests["selected"]), ("soup", tests["soup"]),
                          (greedy_label(trace.kept), tests["greedy soup"]),
                          (f"best ingredient (validation): {val_best.label}", tests["best ingredient"])]
@@ -249,6 +244,17 @@ def tune(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return TuneResult(path=out, best=best, candidates=order, metric=metric, test_scores=tests)
+
+
+def _key(cand: Candidate) -> tuple:
+    """Which model a candidate is, for scoring each on the test data once: an ingredient (a greedy soup of
+    one included), the soup, the greedy soup, or an AME variant (by its config)."""
+    if cand.ingredient is not None:
+        return ("ingredient", cand.ingredient)
+    if cand.kept is not None:
+        return ("greedy",)
+    assert cand.config is not None
+    return ("soup",) if cand.config.is_soup else ("config", id(cand))
 
 
 def _say(log: Callable[[str], None] | None, cand: Candidate) -> None:

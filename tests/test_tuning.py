@@ -117,6 +117,26 @@ def test_an_ingredient_that_is_best_is_picked_whatever_the_direction(berts, tmp_
     assert again.best.ingredient != 1 and again.best.score == other
 
 
+def test_each_model_is_scored_on_the_test_data_once(berts, tmp_path, monkeypatch):
+    """Ingredient 1 is best on validation, kept alone by the greedy soup and selected: it is the greedy soup,
+    the best ingredient and the selection at once, so the test data scores two models (it and the soup)."""
+    experts, val = berts
+    test = load_data(val, "text-classification")
+    on_test: list[str] = []
+
+    def score(model, data, task, metric=None, **kw):
+        if data is test:
+            on_test.append(str(model))
+        return 0.99 if str(model) == str(experts[1]) else 0.5
+
+    monkeypatch.setattr(tuning, "evaluate_model", score)
+    result = tuning.tune(experts, tmp_path / "best", data=val, test_data=test, budget=1, progress=False)
+    assert result.best.ingredient == 1
+    assert sorted(result.test_scores) == ["best ingredient", "greedy soup", "selected", "soup"]
+    assert len(on_test) == 2 and on_test.count(str(experts[1])) == 1, on_test
+    assert result.test_scores["selected"] == result.test_scores["greedy soup"] == 0.99
+
+
 def test_a_tune_output_that_copies_an_ingredient_is_ame_hfs_own(classifiers, tmp_path, capsys):
     """It may be replaced by `--overwrite` and pushed, and `merge --config` explains it is no merge."""
     from ame_hf.output import check_output_dir
