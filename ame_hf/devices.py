@@ -130,7 +130,7 @@ def keep_freed_memory(limit: int = 256 * 2**20) -> bool:
     """Let glibc keep freed memory (up to `limit` bytes) for the next block instead of returning it.
 
     By default glibc serves blocks of a few MiB with fresh `mmap`s and trims what is freed, so every
-    block read or computed faults in new zeroed pages: a third of a merge's system time. For a process
+    block read or computed faults in new zeroed pages (system time, not merge work). For a process
     that is only ame-hf (the CLI calls this; the Python API leaves the user's process alone); the
     arithmetic is untouched. Returns whether it took effect (glibc only).
     """

@@ -169,7 +169,7 @@ def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, tok
     return dataclasses.replace(result, seconds=time.perf_counter() - started, bytes_read=read)
 
 
-# What only the finish imports (the card: huggingface_hub's repocard and its HTTP stack, jinja2): 0.2-0.4 s.
+# What only the finish imports (the card: huggingface_hub's repocard and its HTTP stack, jinja2).
 FINISH_IMPORTS = ("huggingface_hub.repocard", "jinja2")
 
 
