@@ -56,6 +56,8 @@ def run_dict(result: MergeResult) -> dict[str, Any]:
     pivot = result.pivot
     if hasattr(pivot, "recipe_ref"):
         cfg["pivot"] = pivot.recipe_ref(result.path)
+    if result.base is not None and cfg.get("base"):  # like the ingredients: pinned, or relative to the output
+        cfg["base"] = result.base.recipe_ref(result.path)
     return {
         "ingredients": [i.recipe_ref(result.path) for i in result.ingredients],
         **cfg,

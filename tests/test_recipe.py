@@ -30,3 +30,22 @@ def test_relative_paths_in_a_config_yaml_are_relative_to_the_yaml(llamas, tmp_pa
     monkeypatch.chdir(tmp_path)
     assert main(["merge", "--config", str(first / "ame_config.yaml"), "--out", "third", "--quiet"]) == 0
     assert weights_sha256(first) == weights_sha256(tmp_path / "runs" / "again") == weights_sha256(tmp_path / "third")
+
+
+def test_a_relative_base_is_recorded_relative_to_the_output(lm_adapters, tmp_path, monkeypatch):
+    """`--base` given relative to the cwd is recorded like the ingredients (relative to the output), so the
+    recipe finds the base again wherever it is run from."""
+    base = lm_adapters["base"]
+    monkeypatch.chdir(base.parent)
+    first = tmp_path / "runs" / "first"
+    assert main(["merge", *map(str, lm_adapters["adapters"]), "--base", base.name, "--out", str(first),
+                 "--optimizer", "sgd", "--quiet"]) == 0
+    assert yaml.safe_load((first / "ame_config.yaml").read_text())["base"] == os.path.relpath(base, first)
+    monkeypatch.chdir(tmp_path)
+    assert main(["merge", "--config", str(first / "ame_config.yaml"), "--out", "again", "--quiet"]) == 0
+    import torch
+    from factories import load_state
+
+    # The same weights (the header's stamp hashes the references as written, so the files differ there).
+    again, before = load_state(tmp_path / "again"), load_state(first)
+    assert again.keys() == before.keys() and all(torch.equal(again[k], before[k]) for k in before)
