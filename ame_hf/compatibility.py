@@ -114,16 +114,15 @@ def check_compatibility(
     if report.errors:
         return report
     report.checkpoints, report.pivot = views, pivot_view
-    tokenizers = [_tokenizer_of(c) for c in views]
-    _vocabulary(views, tokenizers, report, tokenizer_source)
+    tokenizers = [_tokenizer_of(c) for c in everything]  # read once: the vocabulary plan and the notes
+    _vocabulary(views, tokenizers[:len(views)], report, tokenizer_source)
     _compare_configs([*views, *([pivot_view] if pivot_view else [])], report)
     ref = views[0]
     for other in views[1:]:
         _compare_tensors(ref, other, report, allow_dtype_mismatch)
     if pivot_view is not None:
         _compare_pivot(ref, pivot_view, report)
-    paths = [c.path for c in everything]
-    report.notes += compare_tokenizers([c.name for c in everything], [read_tokenizer(p) for p in paths])
+    report.notes += compare_tokenizers([c.name for c in everything], tokenizers)
     return report
 
 

@@ -40,6 +40,19 @@ def test_check_notes_tokenizer_differences_by_file_and_field(two_tokenizers):
     assert any("chat template" in n and f"only in {b}" in n for n in report.notes), report.notes
 
 
+def test_one_compatibility_check_reads_each_tokenizer_once(two_tokenizers, monkeypatch):
+    """The vocabulary plan and the tokenizer notes share one read of each ingredient's tokenizer files."""
+    import ame_hf.compatibility as compatibility
+    from ame_hf.checkpoint import Checkpoint
+
+    reads = []
+    real = compatibility.read_tokenizer
+    monkeypatch.setattr(compatibility, "read_tokenizer", lambda path: reads.append(path) or real(path))
+    report = compatibility.check_compatibility([Checkpoint(p) for p in two_tokenizers])
+    assert any("chat template" in n for n in report.notes), report.notes
+    assert sorted(map(str, reads)) == sorted(map(str, two_tokenizers))
+
+
 @pytest.mark.parametrize("source,expected", [(None, "a"), ("first", "a"), ("1", "b"), ("ref", "b")])
 def test_tokenizer_source_decides_the_output_tokenizer(two_tokenizers, tmp_path, source, expected):
     a, b = two_tokenizers
