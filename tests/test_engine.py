@@ -64,7 +64,7 @@ def reference_ame(paths, config: AmeConfig, pivot_path=None):
         lrs = [cfg.lr] * len(names)
     opt = optimizer_class(cfg.optimizer)([{"params": [p], "lr": lr} for p, lr in zip(params, lrs)],
                                          **dict(cfg.optimizer_args))
-    order = ingredient_order(len(paths), cfg.epochs, shuffle=cfg.shuffle, seed=cfg.seed)
+    order = ingredient_order(len(paths), cfg.epochs, shuffle=cfg.shuffle, seed=cfg.seed, order=cfg.order)
     factors = iter(step_lrs(order, cfg.batch_size, 1.0, cfg.schedule))
     for epoch in order:
         for b in range(0, len(epoch), cfg.batch_size):
@@ -93,6 +93,9 @@ def test_streaming_equals_whole_model_reference(finetunes, tmp_path, name):
     dict(optimizer="adam", relative_lr=0.1, pivot="first", shuffle=True, seed=3, epochs=2),
     dict(optimizer="sgd", lr=0.7, schedule="constant", optimizer_args={"momentum": 0.9, "nesterov": True}),
     dict(optimizer="adamw", lr=0.01, batch_size=2, optimizer_args={"betas": [0.8, 0.99], "weight_decay": 0.1}),
+    dict(optimizer="adam", lr=0.05, order="reverse"),
+    dict(optimizer="adam", lr=0.05, order=[2, 0, 3, 1], epochs=2),
+    dict(optimizer="rmsprop", lr=0.05, order=[1, 3, 2, 0], shuffle=True, seed=5, epochs=2),
 ])
 def test_streaming_equals_reference_with_options(finetunes, tmp_path, options):
     cfg = AmeConfig(**options)
