@@ -165,16 +165,13 @@ def _usage(result: "MergeResult", checkpoints: Sequence["Checkpoint"], pipeline:
             "pipeline": (pipeline or tag) if preprocessor else None}
 
 
-def render_card(result: "MergeResult", checkpoints: Sequence["Checkpoint"], *, command: str | None = None,
+def render_card(result: "MergeResult", checkpoints: Sequence["Checkpoint"], *,
                 evaluation: str | None = None, model_name: str | None = None) -> "ModelCard":
     """Render the model card of a merge (metadata + body). Never contacts the Hub.
 
     Args:
         result: the merge's `MergeResult`.
         checkpoints: the opened ingredients, in the user's order.
-        command: the command line as typed. Not shown: the card's Reproduce command is built from
-            the resolved result (`reproduce_command`), since the typed one may name tags, branches and
-            local-only options. Kept so that existing callers still work.
         evaluation: Markdown for an Evaluation section, if any.
         model_name: the card's title.
 

@@ -9,7 +9,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import shlex
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -152,22 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def redacted_command(argv: Sequence[str]) -> str:
-    """The command line for the card: `ame-hf ...` with any token removed."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg == "--token":
-            skip = True
-            continue
-        if arg.startswith("--token="):
-            continue
-        out.append(arg)
-    return shlex.join(["ame-hf", *out])
-
-
 def _run_from_args(args: argparse.Namespace) -> tuple[list[str], str, dict[str, Any]]:
     """(refs, out, AmeConfig values) from --config YAML overridden by explicit options.
 
@@ -212,7 +195,7 @@ def cmd_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     result = merge(refs, out, AmeConfig.from_dict(values), token=args.token, overwrite=args.overwrite,
                    progress=not args.quiet, device=args.device, threads=args.threads,
-                   command=redacted_command(argv), max_memory=args.max_memory)
+                   max_memory=args.max_memory)
     _say(args, f"merged {len(result.ingredients)} checkpoints with {result.config.optimizer} "
                f"in {result.seconds:.1f}s -> {result.path}")
     if args.data:

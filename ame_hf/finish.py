@@ -26,16 +26,14 @@ OWN_FILES = {"config.json", "README.md", RUN_FILE}
 _WEIGHT_INDEXES = ("model.safetensors.index", "pytorch_model.bin.index")
 
 
-def finish(staging: Path, result: MergeResult, checkpoints: list[Checkpoint], pivot: Checkpoint | None,
-           command: str | None, *, source: Checkpoint, tokenizer_dir: Path | None,
-           vocab: VocabularyPlan | None = None) -> None:
+def finish(staging: Path, result: MergeResult, checkpoints: list[Checkpoint], *, source: Checkpoint,
+           tokenizer_dir: Path | None, vocab: VocabularyPlan | None = None) -> None:
     """Write everything but the weights.
 
     Args:
         staging: the staging directory of the output.
         result: the merge's record (config, ingredients, order, pivot).
-        checkpoints: the ingredients; `pivot` the pivot checkpoint, if any (for the card).
-        command: the command as typed (kept for the card's callers).
+        checkpoints: the ingredients (for the card).
         source: the checkpoint whose config and side files the output takes.
         tokenizer_dir: where the tokenizer, chat template and processor files come from.
         vocab: when vocabularies differ, the plan the token-indexed rows were merged with: the config's
@@ -58,7 +56,7 @@ def finish(staging: Path, result: MergeResult, checkpoints: list[Checkpoint], pi
     if vocab is not None and vocab.new_tokens:
         save_union_tokenizer(tokenizer_dir or source.path, staging, vocab)
     write_run_file(staging / RUN_FILE, result)
-    render_card(result, checkpoints, command=command).save(staging / "README.md")
+    render_card(result, checkpoints).save(staging / "README.md")
 
 
 def save_union_tokenizer(source: Path, staging: Path, vocab: VocabularyPlan) -> None:

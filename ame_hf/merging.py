@@ -41,7 +41,6 @@ def merge(
     callback: ProgressCallback | None = None,
     device: str | None = None,
     threads: int | None = None,
-    command: str | None = None,
     max_memory: str | int | None = None,
     **options: Any,
 ) -> MergeResult:
@@ -62,8 +61,6 @@ def merge(
             use several processes with `torchrun` to use more cores).
         max_memory: how much of one tensor's ingredient blocks may be kept in memory so that each input
             byte is read once (`128MiB` by default; a larger tensor is read again for each pass).
-        command: the command line as typed (the CLI passes it, tokens removed). Accepted for existing
-            callers; the card's Reproduce command is built from the resolved result instead.
 
     Returns:
         A `MergeResult` with the output path, resolved config, ingredients and order.
@@ -84,7 +81,7 @@ def merge(
     refs = [os.fspath(r) for r in ingredients]
     _validate_counts(refs, config)
     return _merge(refs, Path(out_dir), config, started, token=token, overwrite=overwrite, progress=progress,
-                  callback=callback, device=device, threads=threads, command=command, max_memory=max_memory)
+                  callback=callback, device=device, threads=threads, max_memory=max_memory)
 
 
 def materialize(ingredient: str | os.PathLike, out_dir: str | os.PathLike, *, base: str | os.PathLike | None = None,
@@ -108,7 +105,7 @@ def materialize(ingredient: str | os.PathLike, out_dir: str | os.PathLike, *, ba
 
 def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, token: str | None = None,
            overwrite: bool = False, progress: bool = True, callback: ProgressCallback | None = None,
-           device: str | None = None, threads: int | None = None, command: str | None = None,
+           device: str | None = None, threads: int | None = None,
            max_memory: str | int | None = None) -> MergeResult:
     """`merge` once its config is resolved and the ingredients counted."""
     extra = [*config.pivot_refs, *([config.base] if config.base else []), *config.tokenizer_refs]
@@ -161,7 +158,7 @@ def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, tok
                 tokens = tokenizer_dir(inputs, result.pivot if isinstance(result.pivot, int) else "mean",
                                        report.vocab.source if report.vocab and report.vocab.tokenizer is None
                                        else config.tokenizer_source, token=token)
-                finish(staging, result, checkpoints, pivot_ckpt, command, source=source,
+                finish(staging, result, checkpoints, source=source,
                        tokenizer_dir=None if tokens == source.path else tokens, vocab=report.vocab)
                 publish(staging, out, overwrite)
             barrier(setup)
