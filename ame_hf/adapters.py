@@ -80,12 +80,12 @@ class AdapterCheckpoint(Checkpoint):
         name: the adapter as the user named it.
     """
 
-    def __init__(self, adapter: Path, base: Checkpoint, name: str) -> None:  # noqa: D107 (not Checkpoint's)
-        self.adapter_path, self.base, self.name = Path(adapter), base, name
-        self.adapter_config = read_adapter_config(self.adapter_path, name)
-        self.path, self.variant, self.config = base.path, base.variant, base.config
-        self.format, self.files, self.unsupported = base.format, base.files, dict(base.unsupported)
-        self._bin, self.reads = None, base.reads  # reading an adapter's block reads its base's
+    def __init__(self, adapter: Path, base: Checkpoint, name: str, *,  # noqa: D107 (not Checkpoint's)
+                 adapter_config: dict[str, Any] | None = None) -> None:
+        self.adapter_path, self.name = Path(adapter), name
+        self.adapter_config = adapter_config if adapter_config is not None else read_adapter_config(
+            self.adapter_path, name)
+        self._take_base(base)
         raw = _load_adapter_tensors(self.adapter_path, name)
         self.replaced: dict[str, torch.Tensor] = {}
         self.loras: dict[str, _Lora] = {}
@@ -101,6 +101,20 @@ class AdapterCheckpoint(Checkpoint):
                 raise CheckpointError(f"{name}: the adapter targets {key!r}, which the base {base.name} lacks",
                                       path=self.adapter_path, tensor=key)
         self.stored = {n: n for n in self.tensors}
+
+    def _take_base(self, base: Checkpoint) -> None:
+        self.base, self.header_only = base, base.header_only
+        self.path, self.variant, self.config = base.path, base.variant, base.config
+        self.format, self.files, self.unsupported = base.format, base.files, dict(base.unsupported)
+        self._bin, self.reads = None, base.reads  # reading an adapter's block reads its base's
+
+    def with_base(self, base: Checkpoint) -> "AdapterCheckpoint":
+        """The same adapter (its factors as loaded) over `base`: the checked base, now opened from its files."""
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view._take_base(base)
+        view.tensors = {n: (i if n in self.replaced else base.tensors[n]) for n, i in self.tensors.items()}
+        return view
 
     # -- what the adapter holds ---------------------------------------------------------------
     def _collect(self, raw: dict[str, torch.Tensor]) -> None:

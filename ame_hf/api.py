@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .compatibility import CompatibilityReport
-from .config import AmeConfig
+from .config import AmeConfig, normalize_pivot
 from .errors import InvalidConfigError
 from .evaluation import check_scorable, default_metric, evaluate_model, load_data, task_for_models
-from .full_models import FullModels, resolve_models
+from .full_models import FullModels, fetch_models, resolve_models
 from .inputs import check_inputs
 from .merging import merge
 from .push import push_folder
@@ -32,10 +32,9 @@ def check(ingredients: Sequence[str | os.PathLike], *, token: str | None = None,
     >>> report = check(["org/model-a", "org/model-b"])  # doctest: +SKIP
     >>> report.ok, report.errors, report.notes          # doctest: +SKIP
     """
-    pivot_ref = os.fspath(pivot) if pivot else None
-    return check_inputs([os.fspath(r) for r in ingredients], pivot_ref=None if pivot_ref == "base" else pivot_ref,
-                        pivot_is_base=pivot_ref == "base", base_ref=os.fspath(base) if base else None,
-                        variant=variant, token=token, allow_dtype_mismatch=dtype != "auto").report
+    return check_inputs([os.fspath(r) for r in ingredients], pivot=normalize_pivot(os.fspath(pivot)) if pivot else "mean",
+                        base=os.fspath(base) if base else None, variant=variant, token=token,
+                        allow_dtype_mismatch=dtype != "auto").report
 
 
 def evaluate(
@@ -85,11 +84,12 @@ def evaluate(
     [('./lora', 0.84)]
     """
     refs = [os.fspath(m) for m in models]
-    resolved = resolve_models(refs, base=base, token=token)
+    resolved = resolve_models(refs, base=base, token=token)  # light files only: every check before a download
     task = task_for_models([(r, m.config) for r, m in zip(refs, resolved)], task)
     metric = default_metric(task, metric)
-    check_scorable([m.tokenizer for m in resolved], task)
     dataset = load_data(data, task)
+    check_scorable([m.tokenizer for m in resolved], task)
+    fetch_models(resolved)
     with FullModels(resolved, token=token, device=device) as full:
         scores = full.score_each(lambda path: evaluate_model(str(path), dataset, task, metric, max_length=max_length,
                                                              batch_size=batch_size, device=device, progress=progress))

@@ -1,13 +1,14 @@
 """`Checkpoint`: a lazy, read-only view over one model directory's weights and config.
 
-Files are validated with `safetensors.safe_open`; tensors (or slices of rows) are then read with
-one positioned read each into a fresh tensor; `.bin` only via `weights_only`.
+Each safetensors header is read and validated once (`read_header`); tensors (or slices of rows) are then
+read with one positioned read each into a fresh tensor; `.bin` only via `weights_only`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import struct
 import sys
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ._model_files import read_config
 from .errors import CheckpointError, IngredientNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -133,14 +135,17 @@ class Checkpoint:
     >>> ckpt.names()[:2], ckpt.read("lm_head.weight").shape  # doctest: +SKIP
     """
 
-    def __init__(self, path: str | os.PathLike, name: str | None = None, *, variant: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, name: str | None = None, *, variant: str | None = None,
+                 config: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
         self.name = name or str(path)
         self.variant = variant
         self.reads = ReadCount()
+        self.header_only = False
         if not self.path.is_dir():
             raise IngredientNotFoundError(f"{self.name}: no such directory {self.path}", ref=self.name)
-        self.config = self._read_config()
+        # The input stage passes the config it already read: each config.json is parsed once a run.
+        self.config = config if config is not None else read_config(self.path, self.name)
         self._bin: dict[str, torch.Tensor] | None = None
         # Tensors in dtypes torch cannot hold here (FP8 and other quantized formats): name -> dtype.
         self.unsupported: dict[str, str] = {}
@@ -156,6 +161,7 @@ class Checkpoint:
         requests): enough to check it, not to read it."""
         ckpt = cls.__new__(cls)
         ckpt.path, ckpt.name, ckpt.variant, ckpt.config = path, name, None, config
+        ckpt.header_only = True
         ckpt._bin, ckpt.unsupported, ckpt.tensors = None, dict(unsupported or {}), dict(tensors)
         ckpt.stored = {n: n for n in tensors}
         ckpt.reads = ReadCount()
@@ -171,28 +177,6 @@ class Checkpoint:
         return view
 
     # -- discovery ----------------------------------------------------------------------------
-    def _read_config(self) -> dict[str, Any]:
-        return self.read_config(self.path, self.name)
-
-    @staticmethod
-    def read_config(path: Path, name: str) -> dict[str, Any]:
-        """A model directory's `config.json` as a dict.
-
-        Raises:
-            CheckpointError: missing, not JSON, or not a JSON object.
-        """
-        file = path / "config.json"
-        if not file.is_file():
-            raise CheckpointError(f"{name}: no config.json in {path}; ame-hf merges transformers model directories",
-                                  path=path)
-        try:
-            config = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{name}: config.json is not valid JSON ({err})", path=path) from err
-        if not isinstance(config, dict):
-            raise CheckpointError(f"{name}: config.json must hold a JSON object", path=path)
-        return config
-
     def _weight_files(self) -> tuple[str, list[str]]:
         """("safetensors" | "bin", [file names])."""
         try:
@@ -222,30 +206,30 @@ class Checkpoint:
             for key, t in self._bin.items():
                 tensors[key] = TensorInfo(file="", shape=tuple(t.shape), dtype=t.dtype)
             return tensors
-        from safetensors import safe_open
-
         for f in files:
-            try:
-                # safe_open validates the whole header (offsets, sizes, file length); the offsets
-                # themselves are not exposed, so `_data_offsets` reads them from the same header.
-                with safe_open(self.path / f, framework="pt") as handle:
-                    offsets = _data_offsets(self.path / f)
-                    for key in handle.keys():
-                        sl = handle.get_slice(key)
-                        dtype = _DTYPES.get(sl.get_dtype())
-                        if dtype is None:
-                            self.unsupported[key] = sl.get_dtype()
-                            continue
-                        if key in tensors:
-                            raise CheckpointError(f"{self.name}: tensor {key!r} appears in two shards", path=self.path, tensor=key)
-                        tensors[key] = TensorInfo(file=f, shape=tuple(sl.get_shape()), dtype=dtype, offset=offsets[key])
-            except CheckpointError:
-                raise
-            except Exception as err:  # safetensors raises its own error types for corrupt files
-                raise CheckpointError(
-                    f"{self.name}: {f} is not a valid safetensors file ({err}); re-download or re-save it", path=self.path
-                ) from err
+            for key, (dtype_name, shape, offset) in read_header(self.path / f, self.name).items():
+                dtype = _DTYPES.get(dtype_name)
+                if dtype is None:
+                    self.unsupported[key] = dtype_name
+                    continue
+                if key in tensors:
+                    raise CheckpointError(f"{self.name}: tensor {key!r} appears in two shards", path=self.path, tensor=key)
+                tensors[key] = TensorInfo(file=f, shape=shape, dtype=dtype, offset=offset)
         return tensors
+
+    def same_tensors(self, checked: "Checkpoint") -> None:
+        """After a download: the files hold exactly the tensors (names, shapes, dtypes) whose headers were checked.
+
+        Raises:
+            CheckpointError: they differ (the repo changed under the same commit, or the cache is corrupt).
+        """
+        mine = {n: (i.shape, i.dtype) for n, i in self.tensors.items()}
+        theirs = {n: (i.shape, i.dtype) for n, i in checked.tensors.items()}
+        if mine != theirs or self.unsupported != checked.unsupported:
+            differ = sorted(set(mine) ^ set(theirs) | {n for n in set(mine) & set(theirs) if mine[n] != theirs[n]})
+            raise CheckpointError(f"{self.name}: the downloaded weights differ from the headers that were checked "
+                                  f"(e.g. {differ[:1] or sorted(self.unsupported)[:1]}); delete it from the Hub cache "
+                                  "and run again", path=self.path)
 
     def _load_bin(self, file: str) -> dict[str, torch.Tensor]:
         try:
@@ -331,10 +315,61 @@ class Checkpoint:
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
-def _data_offsets(file: Path) -> dict[str, int]:
-    """Absolute byte offset of every tensor's data in a safetensors file (header already
-    validated by safe_open)."""
-    with open(file, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    return {k: 8 + size + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+# Bytes per element of every safetensors dtype (also those torch cannot average here), to validate a header.
+_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+               "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "C64": 8}
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit
+
+
+def read_header(file: Path, name: str) -> dict[str, tuple[str, tuple[int, ...], int]]:
+    """Every tensor of a safetensors file as (dtype name, shape, absolute byte offset of its data), from one
+    read and one parse of its header, validated as safetensors validates it (offsets contiguous, sizes
+    matching shapes and dtypes, the file exactly as long as the header says).
+
+    Raises:
+        CheckpointError: not a valid safetensors file (naming `name` and the file).
+    """
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{name}: {file.name} is not a valid safetensors file ({why}); re-download or "
+                               "re-save it", path=file.parent)
+
+    try:
+        with open(file, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise bad("shorter than its 8-byte header length")
+            (size,) = struct.unpack("<Q", prefix)
+            if size > _MAX_HEADER:
+                raise bad(f"header of {size} bytes")
+            raw = f.read(size)
+            length = os.fstat(f.fileno()).st_size
+        header = json.loads(raw) if len(raw) == size else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise bad(str(err)) from err
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    out: dict[str, tuple[str, tuple[int, ...], int]] = {}
+    spans = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise bad(f"tensor {key!r} has no dtype, shape and data_offsets") from None
+        if (dtype not in _ITEM_BYTES or not all(isinstance(d, int) and d >= 0 for d in shape)
+                or not (isinstance(begin, int) and isinstance(end, int))):
+            raise bad(f"tensor {key!r} has dtype {dtype!r}, shape {list(shape)}")
+        numel = math.prod(shape)
+        if end - begin != numel * _ITEM_BYTES[dtype]:
+            raise bad(f"tensor {key!r} spans {end - begin} bytes, not the {numel * _ITEM_BYTES[dtype]} its shape needs")
+        spans.append((begin, end))
+        out[key] = (dtype, shape, 8 + size + begin)
+    position = 0
+    for begin, end in sorted(spans):
+        if begin != position:
+            raise bad("its tensors' data overlap or leave gaps")
+        position = end
+    if 8 + size + position != length:
+        raise bad(f"{length} bytes where its header describes {8 + size + position}")
+    return out

@@ -87,6 +87,7 @@ def check_compatibility(
     pivot: Checkpoint | None = None,
     allow_dtype_mismatch: bool = False,
     tokenizer_source: str | int | TokenizerFiles = "auto",
+    tokenizers: Sequence[TokenizerFiles] | None = None,
 ) -> CompatibilityReport:
     """Compare every ingredient with the first one (after reconciling their layouts), and the pivot.
 
@@ -97,6 +98,8 @@ def check_compatibility(
         tokenizer_source: whose vocabulary the output keeps when vocabularies differ (`auto` and `union`:
             the union; `first`, `pivot` or an index: that ingredient's; the `TokenizerFiles` of another
             checkpoint: its vocabulary, every row merged from the ingredients that have its token).
+        tokenizers: each checkpoint's tokenizer files (the ingredients', then the pivot's), as the input stage
+            read them (an adapter without its own: its base's); default: read from each checkpoint's folder.
 
     >>> report = check_compatibility([Checkpoint("a"), Checkpoint("b")])  # doctest: +SKIP
     >>> print(report.format())                                            # doctest: +SKIP
@@ -114,7 +117,8 @@ def check_compatibility(
     if report.errors:
         return report
     report.checkpoints, report.pivot = views, pivot_view
-    tokenizers = [_tokenizer_of(c) for c in everything]  # read once: the vocabulary plan and the notes
+    if tokenizers is None:  # read once: the vocabulary plan and the notes
+        tokenizers = [read_tokenizer(c.path) for c in everything]
     _vocabulary(views, tokenizers[:len(views)], report, tokenizer_source)
     _compare_configs([*views, *([pivot_view] if pivot_view else [])], report)
     ref = views[0]
@@ -207,12 +211,6 @@ def _view(ckpt: Checkpoint, renaming: Renaming, layout: Layout, report: Compatib
     else:
         names.update({u: u for u in renaming.unexpected})  # compared below: an extra tensor is an error
     return ckpt.renamed(names)
-
-
-def _tokenizer_of(ckpt: Checkpoint) -> Any:
-    """A checkpoint's tokenizer; an adapter without one of its own uses its base's."""
-    own = read_tokenizer(getattr(ckpt, "adapter_path", ckpt.path))
-    return own if own.files or not hasattr(ckpt, "adapter_path") else read_tokenizer(ckpt.path)
 
 
 def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: CompatibilityReport,

@@ -140,22 +140,6 @@ def _task_list() -> str:
     return ", ".join(f"{task} ({'/'.join('*' + s for s in suffixes)})" for task, suffixes in _TASK_ARCHITECTURES.items())
 
 
-def read_model_config(path: str | os.PathLike, name: str) -> dict[str, Any]:
-    """The `config.json` of a local model directory as a dict.
-
-    Raises:
-        CheckpointError: no readable `config.json` in `path`.
-    """
-    file = Path(path) / "config.json"
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{name}: cannot read {file} ({type(err).__name__})") from err
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{name}: {file} must hold a JSON object")
-    return config
-
-
 def task_for_models(models: Sequence[tuple[str, dict[str, Any]]], task: str | None) -> str:
     """The task to evaluate `models` (`[(name, config)]`) on: `task` checked against every one, or,
     when None, inferred from their architectures (they must agree).

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import os
 import re
 import shutil
 from dataclasses import replace
@@ -14,11 +13,9 @@ from pathlib import Path
 from typing import Sequence
 
 from ._hub_errors import hub_errors
-from .adapters import ADAPTER_FILES, is_adapter_dir
 from .checkpoint import Checkpoint, TensorInfo, dtype_from_name, index_shards, weight_layout
-from .errors import CheckpointError, HubError, InsufficientSpaceError
+from .errors import HubError, InsufficientSpaceError
 from .records import HubSource, Ingredient
-from .resolve import plan_refs
 
 logger = logging.getLogger(__name__)
 
@@ -67,16 +64,15 @@ def weight_files(source: HubSource, light: Ingredient, variant: str | None = Non
     return [index, *index_shards(light.path / index, light.ref)]
 
 
-def header_checkpoint(source: HubSource, light: Ingredient, *, variant: str | None = None,
+def header_checkpoint(source: HubSource, light: Ingredient, config: dict, *, variant: str | None = None,
                       token: str | None = None) -> Checkpoint | None:
-    """`source` known from its config and safetensors headers, read with range requests (a few kB per
+    """`source` known from its `config` and safetensors headers, read with range requests (a few kB per
     file), without its weights; None for `.bin` weights, which have no header to read."""
     from huggingface_hub import HfApi
 
     files = [f for f in weight_files(source, light, variant) if not f.endswith(".json")]
     if not files or not all(f.endswith(".safetensors") for f in files):
         return None
-    config = Checkpoint.read_config(light.path, light.ref)
     tensors: dict[str, TensorInfo] = {}
     unsupported: dict[str, str] = {}
     api = HfApi(token=token)
@@ -123,33 +119,6 @@ def fetch_weights(source: HubSource, light: Ingredient, *, variant: str | None =
     with hub_errors(source.ref, source.repo_id, source.revision):
         path = Path(snapshot_download(source.repo_id, revision=source.sha, token=token, allow_patterns=files))
     return replace(light, path=path)
-
-
-def resolve_refs(refs: Sequence[str | os.PathLike], *, token: str | None = None,
-                 variant: str | None = None) -> list[Ingredient]:
-    """Every reference as a local directory with its weights (Hub repos downloaded at their sha; a PEFT
-    adapter with its own files, not its base's)."""
-    out = []
-    for source in plan_refs(refs, token=token):
-        if isinstance(source, Ingredient):
-            out.append(source)
-            continue
-        light = fetch_light(source, token=token)
-        files = list(ADAPTER_FILES) if is_adapter_dir(light.path) else None
-        try:
-            out.append(fetch_weights(source, light, variant=variant, files=files, token=token))
-        except CheckpointError as err:
-            raise CheckpointError(f"{source.ref}: {err}", path=light.path) from err
-    return out
-
-
-def resolve_ref(ref: str | os.PathLike, *, token: str | None = None) -> Ingredient:
-    """One reference as `resolve_refs` resolves it.
-
-    >>> resolve_ref("./my-finetune").path          # doctest: +SKIP
-    >>> resolve_ref("org/model@v1").sha            # doctest: +SKIP
-    """
-    return resolve_refs([ref], token=token)[0]
 
 
 def hub_cache() -> Path:

@@ -8,37 +8,38 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .adapters import is_adapter_dir
-from .errors import IncompatibleCheckpointsError
-from .evaluation import read_model_config, sort_key
-from .fetch import resolve_refs
-from .inputs import check_inputs
+from .evaluation import sort_key
+from .inputs import Entry, InputStage
 from .merging import materialize
 from .records import Ingredient
-from .vocabulary import is_tokenizer_file
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ResolvedModel:
-    """One model reference, resolved and ready to be scored.
+    """One model reference, resolved by the input stage and ready to be scored once its weights are fetched.
 
     Attributes:
-        ingredient: the resolved reference (a checkpoint with its weights, or an adapter's own files).
+        ingredient: the resolved reference (its folder: light files first, then its weights; an adapter's own files).
         config: its `config.json` (an adapter's: its base's).
         tokenizer: the folder with its tokenizer files (an adapter without any: its base's).
-        base: an adapter's base model (its config and tokenizer files); None for a full checkpoint.
+        base: an adapter's base model; None for a full checkpoint.
+        entry: the input stage's record of it (and `base_entry` of its base).
+        stage: the `InputStage` that resolved it (its merges and downloads share it).
     """
 
     ingredient: Ingredient
     config: dict[str, Any]
     tokenizer: Path
     base: Ingredient | None = None
+    entry: Entry = field(repr=False, compare=False)
+    base_entry: Entry | None = field(default=None, repr=False, compare=False)
+    stage: InputStage = field(repr=False, compare=False)
 
     @property
     def is_adapter(self) -> bool:
@@ -50,29 +51,44 @@ class ResolvedModel:
 
 
 def resolve_models(refs: Sequence[str | os.PathLike], *, base: str | os.PathLike | None = None,
-                   token: str | None = None) -> list[ResolvedModel]:
-    """Every reference resolved (`fetch.resolve_refs`); each PEFT adapter checked as a merge checks it, with
-    its base (`base`, else its own `base_model_name_or_path`), before anything is evaluated.
+                   token: str | None = None, stage: InputStage | None = None) -> list[ResolvedModel]:
+    """Every reference resolved by the input stage, without any model's weights: configs and tokenizers read
+    from the light files, each PEFT adapter checked as a merge checks it against its base (`base`, else its own
+    `base_model_name_or_path`). `fetch_models` downloads the weights once the caller's own checks passed.
+
+    Args:
+        refs: local folders and/or Hub repo IDs.
+        base: the base model of the adapters among them.
+        token: Hub token (when no `stage` is given).
+        stage: the run's `InputStage` (default: a new one).
+
+    Returns:
+        One `ResolvedModel` per reference, in order.
 
     Raises:
-        IngredientNotFoundError, HubError, CheckpointError: as `resolve_refs`; IncompatibleCheckpointsError:
-            an adapter whose base is not named or does not fit it (the merge's one line).
+        IngredientNotFoundError, HubError, CheckpointError: a reference that cannot be resolved or read;
+        IncompatibleCheckpointsError: an adapter whose base is not named or does not fit it (the merge's one line).
     """
+    stage = stage or InputStage(token=token)
     out = []
-    for ingredient in resolve_refs(refs, token=token):
-        if not is_adapter_dir(ingredient.path):
-            out.append(ResolvedModel(ingredient=ingredient, tokenizer=ingredient.path,
-                                     config=read_model_config(ingredient.path, ingredient.display_name)))
+    for entry in stage.entries(refs):
+        if entry.adapter is None:
+            out.append(ResolvedModel(ingredient=entry.light, tokenizer=entry.light.path, config=stage.config(entry),
+                                     entry=entry, stage=stage))
             continue
-        checked = check_inputs([ingredient.pinned_ref], base_ref=os.fspath(base) if base else None, token=token)
-        if not checked.report.ok:
-            raise IncompatibleCheckpointsError(checked.report.summary(), report=checked.report)
+        checked = stage.check([entry.ref], base=os.fspath(base) if base else None)
+        checked.raise_for_errors()
         assert checked.base is not None  # an adapter that passed the check has one
-        own = any(is_tokenizer_file(p.name) for p in ingredient.path.iterdir())
-        out.append(ResolvedModel(ingredient=ingredient, base=checked.base.light,
-                                 tokenizer=ingredient.path if own else checked.base.light.path,
-                                 config=read_model_config(checked.base.light.path, ingredient.display_name)))
+        out.append(ResolvedModel(ingredient=entry.light, base=checked.base.light, entry=entry, stage=stage,
+                                 base_entry=checked.base, tokenizer=stage.tokenizer_dir(entry, checked.base),
+                                 config=stage.config(checked.base)))
     return out
+
+
+def fetch_models(models: Sequence[ResolvedModel]) -> None:
+    """Download the weights of every Hub model (an adapter's base too): announced, the disk checked first."""
+    for stage in {id(m.stage): m.stage for m in models}.values():
+        stage.fetch([e for m in models if m.stage is stage for e in (m.entry, m.base_entry) if e is not None])
 
 
 def input_paths(models: Sequence[ResolvedModel]) -> list[Path]:
@@ -116,8 +132,8 @@ class FullModels:
             logger.info("writing %s merged into its base %s, to evaluate it", model.name, model.base.display_name)
             folder = self.scratch / f"model{i}"
             # The base the check resolved (pinned for a Hub one): the model scored is the one checked.
-            materialize(model.ingredient.pinned_ref, folder, base=model.base.pinned_ref, token=self.token,
-                        device=self.device)
+            materialize(model.entry.ref, folder, base=model.base_entry.ref, token=self.token, device=self.device,
+                        stage=model.stage)
             self._written[i] = folder
         return self._written[i]
 

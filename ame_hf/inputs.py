@@ -1,210 +1,397 @@
-"""The inputs of a merge, checked before their weights are downloaded: every reference planned, the
-light files and safetensors headers of Hub repos fetched, the compatibility report made from those;
-then, once it passed, the weights fetched (their size announced, the disk checked) and opened."""
+"""The input stage of every run (`merge`, `check`, `evaluate`, `tune`, the greedy soup, the Space): each reference
+resolved once (one `model_info` per Hub repo and revision), its light files fetched once, each config, adapter
+config, tokenizer and safetensors header parsed once; the compatibility report built once from those, before any
+weight is downloaded; then the weights fetched (size announced, disk checked) and the checked views upgraded."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from ._model_files import read_config
 from .adapters import ADAPTER_FILES, AdapterCheckpoint, adapter_base, is_adapter_dir, read_adapter_config
 from .checkpoint import Checkpoint
 from .compatibility import CompatibilityReport, check_compatibility, config_refusals
+from .config import PIVOT_WORDS, SOURCE_WORDS
 from .errors import CheckpointError, IncompatibleCheckpointsError
-from .fetch import (check_disk_space, download_size, fetch_light, fetch_weights, format_size, header_checkpoint,
-                    hub_cache)
+from .fetch import check_disk_space, download_size, fetch_light, fetch_weights, format_size, header_checkpoint, hub_cache
 from .records import HubSource, Ingredient
-from .resolve import plan_refs
-from .config import SOURCE_WORDS
-from .vocabulary import is_tokenizer_file, read_tokenizer
+from .resolve import local_inputs, plan_refs, split_ref
+from .vocabulary import TokenizerFiles, read_tokenizer
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(kw_only=True)
-class _Entry:
-    """One input as the check sees it: where it comes from, its light files, its role."""
+@dataclass(kw_only=True, eq=False)
+class Entry:
+    """One reference of a run as the input stage knows it.
+
+    Attributes:
+        source: where it comes from: a local `Ingredient`, or a `HubSource` pinned to its commit.
+        light: its local folder (a Hub one's snapshot in the cache: light files first, weights once fetched).
+        adapter: the `adapter_config.json` of a PEFT adapter, else None.
+        weights: True once its weights are in `light.path` (always for a local folder).
+    """
 
     source: Ingredient | HubSource
     light: Ingredient
-    adapter: dict[str, Any] | None = None  # adapter_config.json of a PEFT adapter
+    adapter: dict[str, Any] | None = None
+    weights: bool = False
+
+    @property
+    def ref(self) -> str:
+        return self.source.ref
+
+    @property
+    def remote(self) -> bool:
+        """A Hub reference whose weights the stage downloads (offline, the cache holds what it holds)."""
+        return isinstance(self.source, HubSource) and self.source.sha is not None
 
 
-@dataclass(kw_only=True)
-class CheckedInputs:
-    """What `check_inputs` saw: the ingredients, the pivot and the adapters' base (if any), and the report."""
+class InputStage:
+    """Every input of one run, each read once: the stage caches what it resolved, fetched and parsed, so the
+    check, the download, the merge, the finish and the card (and every merge of a `tune`) share it.
 
-    entries: list[_Entry]
-    pivot: _Entry | None
-    base: _Entry | None
+    Args:
+        token: Hub token for private or gated repos.
+        variant: the weights variant to read (`model.NAME.safetensors`).
+
+    >>> stage = InputStage()                                        # doctest: +SKIP
+    >>> inputs = stage.check(["org/a", "org/b"])                     # doctest: +SKIP
+    >>> inputs.report.ok, inputs.open().checkpoints                  # doctest: +SKIP
+    """
+
+    def __init__(self, *, token: str | None = None, variant: str | None = None) -> None:
+        self.token, self.variant = token, variant
+        self._sources: dict[tuple[str, str | None], Ingredient | HubSource] = {}
+        self._lights: dict[tuple[str, str | None], Ingredient] = {}
+        self._entries: dict[str, Entry] = {}
+        self._configs: dict[int, dict[str, Any]] = {}
+        self._tokenizers: dict[Path, TokenizerFiles] = {}
+        self._checked: dict[tuple[int, int], Checkpoint] = {}
+        self._opened: dict[int, Checkpoint] = {}
+        self._entry_of: dict[int, Entry] = {}  # id of a checkpoint the check opened from headers -> its entry
+        self._reports: dict[tuple, Inputs] = {}
+        self.downloaded_to_check: list[str] = []
+
+    # -- references and their light files ----------------------------------------------------
+    def entries(self, refs: Sequence[str | os.PathLike]) -> list[Entry]:
+        """Every reference resolved, a local typo failing before anything is asked of the Hub."""
+        texts = [os.fspath(r) for r in refs]
+        local_inputs(texts)
+        return [self.entry(t) for t in texts]
+
+    def entry(self, ref: str | os.PathLike) -> Entry:
+        """One reference: a local folder as it is, a Hub repo pinned to its commit (one `model_info` per repo and
+        revision) with its light files fetched (once per commit); an adapter's config read and checked."""
+        text = os.fspath(ref)
+        if text not in self._entries:
+            source = self._source(text)
+            if isinstance(source, Ingredient):
+                light = source
+            else:
+                key = (source.repo_id, source.sha or source.revision)
+                if key not in self._lights:
+                    self._lights[key] = fetch_light(source, token=self.token)
+                light = replace(self._lights[key], ref=text)
+            adapter = read_adapter_config(light.path, text) if is_adapter_dir(light.path) else None
+            self._entries[text] = Entry(source=source, light=light, adapter=adapter,
+                                        weights=not isinstance(source, HubSource))
+        return self._entries[text]
+
+    def _source(self, text: str) -> Ingredient | HubSource:
+        key = split_ref(text)
+        if key not in self._sources or isinstance(self._sources[key], Ingredient):
+            # `org/a@<sha>` of a commit this run already resolved (a pinned reference of `tune`'s merges): known.
+            known = [s for s in self._sources.values() if isinstance(s, HubSource) and s.sha
+                     and (s.repo_id, s.sha) == key]
+            self._sources[key] = replace(known[0], revision=key[1]) if known else plan_refs([text], token=self.token)[0]
+        source = self._sources[key]
+        return source if isinstance(source, Ingredient) else replace(source, ref=text)
+
+    def config(self, entry: Entry) -> dict[str, Any]:
+        """The entry's `config.json`, parsed once (an adapter has none: its base's counts)."""
+        if id(entry) not in self._configs:
+            self._configs[id(entry)] = read_config(entry.light.path, entry.ref)
+        return self._configs[id(entry)]
+
+    def tokenizer(self, folder: Path) -> TokenizerFiles:
+        """The tokenizer files of a folder, read once."""
+        if folder not in self._tokenizers:
+            self._tokenizers[folder] = read_tokenizer(folder)
+        return self._tokenizers[folder]
+
+    def tokenizer_dir(self, entry: Entry, base: Entry | None) -> Path:
+        """The folder a model's tokenizer comes from: its own; for an adapter without any, its base's."""
+        if entry.adapter is not None and base is not None and not self.tokenizer(entry.light.path).files:
+            return base.light.path
+        return entry.light.path
+
+    # -- checking ------------------------------------------------------------------------------
+    def check(self, refs: Sequence[str | os.PathLike], *, pivot: str | int = "mean", base: str | None = None,
+              tokenizer_source: str | int = "auto", allow_dtype_mismatch: bool = False) -> "Inputs":
+        """The compatibility report of `refs` (with a pivot checkpoint and the adapters' base), made once from
+        configs, tokenizer files and safetensors headers: no Hub weight is downloaded (but `.bin`-only repos,
+        which have no header, and adapters, which are small).
+
+        Args:
+            refs: the ingredients.
+            pivot: `mean`, `first`, `base`, an ingredient index, or another checkpoint's reference.
+            base: the base model of the PEFT adapters (default: each adapter's `base_model_name_or_path`).
+            tokenizer_source: `auto`, `union`, `pivot`, `first`, an ingredient index, or a reference.
+            allow_dtype_mismatch: dtype differences are notes (an output dtype was chosen).
+
+        Returns:
+            `Inputs`, whose `report` says whether they can be merged; `Inputs.open()` then downloads and opens.
+        """
+        key = (tuple(os.fspath(r) for r in refs), pivot, base, tokenizer_source, allow_dtype_mismatch)
+        if key not in self._reports:
+            self._reports[key] = self._check(list(key[0]), pivot, base, tokenizer_source, allow_dtype_mismatch)
+        return self._reports[key]
+
+    def _check(self, refs: list[str], pivot: str | int, base_ref: str | None, tokenizer_source: str | int,
+               allow_dtype_mismatch: bool) -> "Inputs":
+        pivot_ref = pivot if isinstance(pivot, str) and pivot not in PIVOT_WORDS else None
+        source_ref = tokenizer_source if isinstance(tokenizer_source, str) and tokenizer_source not in SOURCE_WORDS \
+            else None
+        local_inputs([*refs, *[r for r in (pivot_ref, base_ref, source_ref) if r]])  # every typo before the Hub
+        entries = self.entries(refs)
+        pivot_entry = self.entry(pivot_ref) if pivot_ref else None
+        base, errors = self._base(entries, base_ref, pivot == "base")
+        inputs = Inputs(stage=self, entries=entries, pivot=pivot_entry, base=base, pivot_is_base=pivot == "base",
+                        report=CompatibilityReport(names=[e.ref for e in entries]),
+                        tokenizer_source=self.entry(source_ref) if source_ref else tokenizer_source,
+                        pivot_index=pivot if isinstance(pivot, int) else 0)
+        models = [e for e in [*entries, *([pivot_entry] if pivot_entry else []), *([base] if base else [])]
+                  if e.adapter is None]
+        errors += [line for e in models for line in config_refusals(e.ref, self.config(e))]
+        if errors:  # config.json alone says no: not even the headers are read
+            inputs.report.errors = errors
+            return inputs
+        base_ckpt = self._checkpoint(base) if base else None
+        ckpts = [self._checkpoint(e, base_ckpt) for e in entries]
+        pivot_ckpt = self._checkpoint(pivot_entry) if pivot_entry else (base_ckpt if pivot == "base" else None)
+        every = [*entries, *([pivot_entry] if pivot_entry else [base] if pivot == "base" and base else [])]
+        inputs.report = check_compatibility(
+            ckpts, pivot=pivot_ckpt, allow_dtype_mismatch=allow_dtype_mismatch,
+            tokenizer_source=inputs.vocabulary_source(),
+            tokenizers=[self.tokenizer(self.tokenizer_dir(e, base)) for e in every])
+        inputs.report.notes[:0] = [c.describe() for c in ckpts if isinstance(c, AdapterCheckpoint)]
+        inputs.report.notes += [f"{ref} has .bin weights (no header to read): downloaded to check it"
+                                for ref in dict.fromkeys(self.downloaded_to_check) if ref in inputs.report.names]
+        inputs.checked = [*ckpts, *([pivot_ckpt] if pivot_ckpt is not None else [])]
+        return inputs
+
+    def _base(self, entries: list[Entry], base_ref: str | None, pivot_is_base: bool) -> tuple[Entry | None, list[str]]:
+        """The one base model every adapter is a fine-tune of (`--base`, else the adapters' own), or errors."""
+        adapters = [e for e in entries if e.adapter is not None]
+        wanted = {e.ref: base_ref or adapter_base(e.adapter) for e in adapters}
+        if not adapters and not base_ref:
+            return None, (['--pivot base (pivot="base") needs PEFT adapters among the ingredients, or --base REF '
+                           "(base=)"] if pivot_is_base else [])
+        missing = [ref for ref, b in wanted.items() if not b]
+        if missing:
+            return None, [f"{', '.join(missing)}: adapter_config.json names no base model; pass --base REF (base= "
+                          "in Python)"]
+        bases = self.entries(list(dict.fromkeys(wanted.values() or [base_ref])))
+        if len({b.light.identity for b in bases}) > 1:
+            named = "; ".join(f"{a} -> {wanted[a]}" for a in wanted)
+            return None, [f"the adapters name different base models ({named}); they must share one: pass --base REF "
+                          "(base= in Python)"]
+        return bases[0], []
+
+    def _checkpoint(self, entry: Entry, base: Checkpoint | None = None) -> Checkpoint:
+        """For the check: a Hub model from its headers (a `.bin` one downloaded), a local one opened, an
+        adapter (small: downloaded) over its base. Each once."""
+        key = (id(entry), id(base))
+        if key in self._checked:
+            return self._checked[key]
+        if entry.adapter is not None:
+            if entry.remote and not entry.weights:
+                entry.light = fetch_weights(entry.source, entry.light, files=list(ADAPTER_FILES), token=self.token)
+                entry.weights = True
+            assert base is not None
+            ckpt: Checkpoint = AdapterCheckpoint(entry.light.path, base, entry.ref, adapter_config=entry.adapter)
+        elif entry.remote and not entry.weights:
+            try:
+                header = header_checkpoint(entry.source, entry.light, self.config(entry), variant=self.variant,
+                                           token=self.token)
+            except CheckpointError as err:
+                raise CheckpointError(f"{entry.ref}: {err}", path=getattr(err, "path", None)) from err
+            if header is None:  # `.bin` weights have no header: downloaded to be checked
+                self.downloaded_to_check.append(entry.ref)
+                self.fetch([entry])
+            ckpt = header or self._open(entry)
+            self._entry_of[id(ckpt)] = entry
+        else:
+            ckpt = self._open(entry)
+        self._checked[key] = ckpt
+        return ckpt
+
+    def _open(self, entry: Entry) -> Checkpoint:
+        return Checkpoint(entry.light.path, name=entry.ref, variant=self.variant, config=self.config(entry))
+
+    # -- downloading and opening ---------------------------------------------------------------
+    def fetch(self, entries: Sequence[Entry]) -> None:
+        """Download the weights of the Hub entries that lack them: their size announced, the disk checked first."""
+        remote = [e for e in dict.fromkeys(entries) if e.remote and not e.weights and e.adapter is None]
+        needed = download_size([e.source for e in remote], [e.light for e in remote], self.variant)
+        if needed:
+            logger.info("downloading %s of weights from %d repo(s)", format_size(needed), len(remote))
+            check_disk_space(needed, hub_cache())
+        for e in remote:
+            e.light = fetch_weights(e.source, e.light, variant=self.variant, token=self.token)
+            e.weights = True
+
+    def opened(self, checked: Checkpoint) -> Checkpoint:
+        """A checked checkpoint readable: one known from its headers opened from its downloaded files (which must
+        hold exactly the tensors checked), an adapter over its opened base; others as they are."""
+        key = id(checked)
+        if key not in self._opened:
+            if isinstance(checked, AdapterCheckpoint):
+                self._opened[key] = checked.with_base(self.opened(checked.base))
+            elif checked.header_only:
+                real = self._open(self._entry_of[key])
+                real.same_tensors(checked)
+                self._opened[key] = real
+            else:
+                self._opened[key] = checked
+        return self._opened[key]
+
+
+@dataclass(kw_only=True, eq=False)
+class Inputs:
+    """The checked inputs of one run: what the check read and said, carried on to the download, the engine, the
+    finish and the card.
+
+    Attributes:
+        stage: the `InputStage` that read them (and caches them).
+        entries: the ingredients, in the user's order.
+        pivot: another checkpoint to start from, if the pivot is one.
+        base: the base model of the PEFT adapters, if any.
+        pivot_is_base: the pivot is `base`.
+        pivot_index: the ingredient the pivot keyword names (`first`: 0, an index: it; else 0).
+        tokenizer_source: the tokenizer-source keyword or index, or the `Entry` of another checkpoint.
+        report: the compatibility report (made once; its views are upgraded by `open`).
+        checked: the checkpoints the check saw (ingredients, then the pivot's).
+    """
+
+    stage: InputStage
+    entries: list[Entry]
+    pivot: Entry | None
+    base: Entry | None
     pivot_is_base: bool
+    pivot_index: int
+    tokenizer_source: str | int | Entry
     report: CompatibilityReport
-    downloaded_to_check: list[str]
+    checked: list[Checkpoint] = field(default_factory=list)
 
     @property
     def paths(self) -> list[Path]:
-        """Every input's local directory (a Hub one's is in the cache): what `--out` may never touch."""
-        return [e.light.path for e in [*self.entries, *([self.pivot] if self.pivot else []),
-                                       *([self.base] if self.base else [])]]
+        """Every input's local folder (a Hub one's is in the cache): what `--out` may never touch."""
+        every = [*self.entries, *([self.pivot] if self.pivot else []), *([self.base] if self.base else [])]
+        source = [self.tokenizer_source] if isinstance(self.tokenizer_source, Entry) else []
+        return [e.light.path for e in [*every, *source]]
 
+    @property
+    def ingredients(self) -> list[Ingredient]:
+        return [e.light for e in self.entries]
 
-@dataclass(kw_only=True)
-class Inputs:
-    """The opened inputs of a merge, under the output's tensor names (from the compatibility report)."""
+    @property
+    def checkpoints(self) -> list[Checkpoint]:
+        """The ingredients under the output's tensor names (readable once `open` ran)."""
+        return self.report.checkpoints
 
-    ingredients: list[Ingredient]
-    pivot: Ingredient | None
-    base: Ingredient | None
-    checkpoints: list[Checkpoint]
-    pivot_checkpoint: Checkpoint | None
-    report: CompatibilityReport
+    @property
+    def pivot_checkpoint(self) -> Checkpoint | None:
+        return self.report.pivot
 
+    @property
+    def pivot_ingredient(self) -> Ingredient | None:
+        """The pivot checkpoint as recorded: another checkpoint, or the base (`base`)."""
+        chosen = self.pivot or (self.base if self.pivot_is_base else None)
+        return chosen.light if chosen else None
 
-def check_inputs(refs: Sequence[str], *, pivot_ref: str | None = None, base_ref: str | None = None,
-                 pivot_is_base: bool = False, variant: str | None = None, token: str | None = None,
-                 allow_dtype_mismatch: bool = False, tokenizer_source: str | int = "auto") -> CheckedInputs:
-    """The compatibility report of `refs` (and a pivot checkpoint), reading for Hub repos only their
-    config, tokenizer and side files and their safetensors headers. `.bin`-only repos have no header:
-    their weights are downloaded to check them (and listed in `downloaded_to_check`). A PEFT adapter
-    counts as the full model it makes of its base (`base_ref`, else its `base_model_name_or_path`)."""
-    entries = [_entry(s, token) for s in plan_refs([*refs, *([pivot_ref] if pivot_ref else [])], token=token)]
-    pivot = entries.pop() if pivot_ref else None
-    base, errors = _base(entries, base_ref, pivot_is_base, token)
-    models = [e for e in [*entries, *([pivot] if pivot else []), *([base] if base else [])] if e.adapter is None]
-    errors += [line for e in models for line in config_refusals(e.source.ref, Checkpoint.read_config(e.light.path,
-                                                                                                     e.source.ref))]
-    names = [e.source.ref for e in entries]
-    if errors:  # config.json alone says no: not even the headers are read
-        return CheckedInputs(entries=entries, pivot=pivot, base=base, pivot_is_base=pivot_is_base,
-                             downloaded_to_check=[], report=CompatibilityReport(names=names, errors=errors))
-    fetched: list[str] = []
-    base_ckpt = _header_or_open(base, variant, token, fetched) if base else None
-    ckpts = [_header_or_open(e, variant, token, fetched, base_ckpt) for e in entries]
-    pivot_ckpt = _header_or_open(pivot, variant, token, fetched) if pivot else (base_ckpt if pivot_is_base else None)
-    report = check_compatibility(ckpts, pivot=pivot_ckpt, allow_dtype_mismatch=allow_dtype_mismatch,
-                                 tokenizer_source=_tokenizer_setting(tokenizer_source, token))
-    report.notes[:0] = [c.describe() for c in ckpts if isinstance(c, AdapterCheckpoint)]
-    report.notes += [f"{ref} has .bin weights (no header to read): downloaded to check it" for ref in fetched]
-    return CheckedInputs(entries=entries, pivot=pivot, base=base, pivot_is_base=pivot_is_base, report=report,
-                         downloaded_to_check=fetched)
+    def raise_for_errors(self) -> None:
+        """Refuse inputs the check found incompatible.
 
+        Raises:
+            IncompatibleCheckpointsError: the report has errors (with its one-line summary).
+        """
+        if not self.report.ok:
+            raise IncompatibleCheckpointsError(self.report.summary(), report=self.report)
 
-def open_inputs(checked: CheckedInputs, *, variant: str | None = None, token: str | None = None,
-                allow_dtype_mismatch: bool = False, tokenizer_source: str | int = "auto") -> Inputs:
-    """After the check passed: download what is missing (announced, disk checked first) and open it all."""
-    if not checked.report.ok:
-        raise IncompatibleCheckpointsError(checked.report.summary(), report=checked.report)
-    every = [*checked.entries, *([checked.pivot] if checked.pivot else []), *([checked.base] if checked.base else [])]
-    remote = [e for e in every if isinstance(e.source, HubSource) and e.adapter is None]
-    needed = download_size([e.source for e in remote], [e.light for e in remote], variant)
-    if needed:
-        logger.info("downloading %s of weights from %d repo(s)", format_size(needed), len(remote))
-        check_disk_space(needed, hub_cache())
-    for e in remote:
-        e.light = fetch_weights(e.source, e.light, variant=variant, token=token)
-    base_ckpt = Checkpoint(checked.base.light.path, name=checked.base.source.ref, variant=variant) if checked.base else None
-    ckpts = [_open(e, variant, base_ckpt) for e in checked.entries]
-    pivot_ckpt = (_open(checked.pivot, variant, None) if checked.pivot else
-                  base_ckpt if checked.pivot_is_base else None)
-    report = check_compatibility(ckpts, pivot=pivot_ckpt, allow_dtype_mismatch=allow_dtype_mismatch,
-                                 tokenizer_source=_tokenizer_setting(tokenizer_source, token))
-    if not report.ok:  # the weights say otherwise than their headers did: refuse all the same
-        raise IncompatibleCheckpointsError(report.summary(), report=report)
-    pivot = checked.pivot or (checked.base if checked.pivot_is_base else None)
-    return Inputs(ingredients=[e.light for e in checked.entries], pivot=pivot.light if pivot else None,
-                  base=checked.base.light if checked.base else None, checkpoints=report.checkpoints,
-                  pivot_checkpoint=report.pivot, report=report)
+    def open(self) -> "Inputs":
+        """After the check passed: download what is missing (announced, disk checked first), then upgrade the
+        report's views to the opened files (compared with the checked headers, not checked again)."""
+        self.raise_for_errors()
+        every = [*self.entries, *([self.pivot] if self.pivot else []), *([self.base] if self.base else [])]
+        self.stage.fetch(every)
+        report = self.report
+        pairs = list(zip(self.checked, [*report.checkpoints, *([report.pivot] if report.pivot is not None else [])]))
+        views = [_upgraded(view, checked, self.stage.opened(checked)) for checked, view in pairs]
+        report.checkpoints, report.pivot = views[:len(report.checkpoints)], (
+            views[-1] if report.pivot is not None else None)
+        return self
 
-
-def _tokenizer_setting(source: str | int, token: str | None) -> str | int | Any:
-    """`--tokenizer-source` for the check: a keyword or index as is, another checkpoint as its tokenizer."""
-    if isinstance(source, int) or source in SOURCE_WORDS:
+    # -- which model the output's files come from -------------------------------------------------
+    def vocabulary_source(self) -> str | int | TokenizerFiles:
+        """`--tokenizer-source` as the vocabulary plan takes it: `auto`/`union`, an ingredient index, or another
+        checkpoint's tokenizer (`pivot` means the pivot: its index, or the pivot checkpoint's tokenizer)."""
+        source = self.tokenizer_source
+        if isinstance(source, Entry):
+            return self.stage.tokenizer(self.stage.tokenizer_dir(source, self.base))
+        if source == "pivot":
+            chosen = self.pivot or (self.base if self.pivot_is_base else None)
+            return self.stage.tokenizer(self.stage.tokenizer_dir(chosen, self.base)) if chosen else self.pivot_index
+        if source == "first":
+            return 0
         return source
-    planned = plan_refs([source], token=token)[0]
-    return read_tokenizer((planned if isinstance(planned, Ingredient) else fetch_light(planned, token=token)).path)
+
+    def config_source(self) -> Checkpoint:
+        """The checkpoint whose config (and side files) the output takes: the pivot when it is a model of the
+        ingredients' architecture, else the ingredient whose layout the check chose (the first, usually)."""
+        chosen = self.checkpoints[self.report.source]
+        arch = chosen.config.get("architectures")
+        if self.pivot_checkpoint is not None and self.pivot_checkpoint.config.get("architectures") == arch:
+            return self.pivot_checkpoint
+        if self.checkpoints[self.pivot_index].config.get("architectures") == arch:
+            return self.checkpoints[self.pivot_index]
+        return chosen
+
+    def tokenizer_dir(self) -> Path:
+        """Where the output's tokenizer, chat template and processor files come from: with differing
+        vocabularies the plan's source; else `--tokenizer-source` (`auto`: the pivot's, else the first's)."""
+        vocab = self.report.vocab
+        source: str | int | Entry = self.tokenizer_source
+        if vocab is not None and vocab.tokenizer is None:
+            source = vocab.source
+        if isinstance(source, Entry):
+            return self.stage.tokenizer_dir(source, self.base)
+        if source in ("auto", "union", "pivot"):
+            chosen = self.pivot or (self.base if self.pivot_is_base and source == "pivot" else None)
+            if chosen is not None:
+                return self.stage.tokenizer_dir(chosen, self.base)
+            source = self.pivot_index
+        return self.stage.tokenizer_dir(self.entries[0 if source == "first" else int(source)], self.base)
 
 
-def _entry(source: Ingredient | HubSource, token: str | None) -> _Entry:
-    light = source if isinstance(source, Ingredient) else fetch_light(source, token=token)
-    adapter = read_adapter_config(light.path, source.ref) if is_adapter_dir(light.path) else None
-    return _Entry(source=source, light=light, adapter=adapter)
+def _upgraded(view: Checkpoint, checked: Checkpoint, opened: Checkpoint) -> Checkpoint:
+    """`view` (the check's checkpoint, perhaps under the output's names) over the opened files."""
+    if opened is checked:
+        return view
+    if view is checked:
+        return opened
+    return opened.renamed({new: view.stored[new] for new in view.tensors})
 
 
-def _base(entries: list[_Entry], base_ref: str | None, pivot_is_base: bool,
-          token: str | None) -> tuple[_Entry | None, list[str]]:
-    """The one base model every adapter is a fine-tune of (`--base`, else the adapters' own), or errors."""
-    adapters = [e for e in entries if e.adapter is not None]
-    wanted = {e.source.ref: base_ref or adapter_base(e.adapter) for e in adapters}
-    if not adapters and not base_ref:
-        return None, (["--pivot base needs PEFT adapters among the ingredients, or --base REF"] if pivot_is_base else [])
-    missing = [ref for ref, b in wanted.items() if not b]
-    if missing:
-        return None, [f"{', '.join(missing)}: adapter_config.json names no base model; pass --base REF"]
-    refs = list(dict.fromkeys(wanted.values() or [base_ref]))
-    bases = [_entry(s, token) for s in plan_refs(refs, token=token)]
-    identities = {b.source.ref: b.light.identity for b in bases}
-    if len(set(identities.values())) > 1:
-        named = "; ".join(f"{a} -> {wanted[a]}" for a in wanted)
-        return None, [f"the adapters name different base models ({named}); they must share one: pass --base REF"]
-    return bases[0], []
-
-
-def _header_or_open(entry: _Entry, variant: str | None, token: str | None, fetched: list[str],
-                    base: Checkpoint | None = None) -> Checkpoint:
-    """For the check: a Hub model from its headers (a `.bin` one downloaded), a local one opened, an
-    adapter (small: downloaded) over its base."""
-    source = entry.source
-    if entry.adapter is not None:
-        if isinstance(source, HubSource):
-            entry.light = fetch_weights(source, entry.light, files=list(ADAPTER_FILES), token=token)
-        assert base is not None
-        return AdapterCheckpoint(entry.light.path, base, source.ref)
-    if isinstance(source, HubSource) and source.sha is not None:
-        try:
-            ckpt = header_checkpoint(source, entry.light, variant=variant, token=token)
-        except CheckpointError as err:
-            raise CheckpointError(f"{source.ref}: {err}", path=getattr(err, "path", None)) from err
-        if ckpt is not None:
-            return ckpt
-        fetched.append(source.ref)
-        entry.light = fetch_weights(source, entry.light, variant=variant, token=token)
-    return Checkpoint(entry.light.path, name=source.ref, variant=variant)
-
-
-def _open(entry: _Entry, variant: str | None, base: Checkpoint | None) -> Checkpoint:
-    if entry.adapter is not None:
-        assert base is not None
-        return AdapterCheckpoint(entry.light.path, base, entry.source.ref)
-    return Checkpoint(entry.light.path, name=entry.source.ref, variant=variant)
-
-
-def config_source(inputs: Inputs, pivot: str | int) -> Checkpoint:
-    """The checkpoint whose config (and side files) the output takes: the pivot when it is a model of the
-    ingredients' architecture, else the ingredient whose layout the check chose (the first, usually)."""
-    chosen = inputs.checkpoints[inputs.report.source]
-    arch = chosen.config.get("architectures")
-    if inputs.pivot_checkpoint is not None and inputs.pivot_checkpoint.config.get("architectures") == arch:
-        return inputs.pivot_checkpoint
-    if isinstance(pivot, int) and inputs.checkpoints[pivot].config.get("architectures") == arch:
-        return inputs.checkpoints[pivot]
-    return chosen
-
-
-def tokenizer_dir(inputs: Inputs, pivot: str | int, source: str | int, *, token: str | None = None) -> Path:
-    """Where the output's tokenizer, chat template and processor files come from (`--tokenizer-source`).
-    An adapter's own folder counts when it holds a tokenizer; else its base's."""
-    if source in ("auto", "union", "pivot"):
-        if inputs.pivot is not None:
-            return inputs.pivot.path
-        source = pivot if isinstance(pivot, int) else 0
-    if source == "first":
-        source = 0
-    if isinstance(source, int):
-        ingredient, ckpt = inputs.ingredients[source], inputs.checkpoints[source]
-        if isinstance(ckpt, AdapterCheckpoint) and not any(is_tokenizer_file(p.name) for p in ingredient.path.iterdir()):
-            return ckpt.path  # the base's directory
-        return ingredient.path
-    planned = plan_refs([source], token=token)[0]
-    return (planned if isinstance(planned, Ingredient) else fetch_light(planned, token=token)).path
+def check_inputs(refs: Sequence[str | os.PathLike], *, pivot: str | int = "mean", base: str | None = None,
+                 variant: str | None = None, token: str | None = None, allow_dtype_mismatch: bool = False,
+                 tokenizer_source: str | int = "auto") -> Inputs:
+    """`InputStage(token=, variant=).check(...)`: the compatibility report of `refs`, no weight downloaded."""
+    return InputStage(token=token, variant=variant).check(refs, pivot=pivot, base=base,
+                                                          tokenizer_source=tokenizer_source,
+                                                          allow_dtype_mismatch=allow_dtype_mismatch)

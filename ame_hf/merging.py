@@ -16,9 +16,9 @@ from . import __version__
 from .config import AmeConfig, order_indices, parse_size
 from .devices import barrier, cpu_threads, main_process_first, process_setup, share_path
 from .engine import ingredient_order
-from .errors import IncompatibleCheckpointsError, InvalidConfigError
+from .errors import InvalidConfigError
 from .finish import finish
-from .inputs import check_inputs, config_source, open_inputs, tokenizer_dir
+from .inputs import InputStage
 from .output import check_output_dir, make_staging_dir, publish, staging_cleanup
 from .plan import assign_to_processes, output_dtype, plan_shards
 from .recipe import recipe_digest
@@ -42,6 +42,7 @@ def merge(
     device: str | None = None,
     threads: int | None = None,
     max_memory: str | int | None = None,
+    stage: InputStage | None = None,
     **options: Any,
 ) -> MergeResult:
     """Merge checkpoints with AME and write a `from_pretrained`-loadable model to `out_dir`.
@@ -61,6 +62,8 @@ def merge(
             use several processes with `torchrun` to use more cores).
         max_memory: how much of one tensor's ingredient blocks may be kept in memory so that each input
             byte is read once (`128MiB` by default; a larger tensor is read again for each pass).
+        stage: an `inputs.InputStage` shared between runs (as `tune` shares one between its merges), so that
+            each reference is resolved, fetched and parsed once; default: a new one (with `token`).
 
     Returns:
         A `MergeResult` with the output path, resolved config, ingredients and order.
@@ -81,11 +84,12 @@ def merge(
     refs = [os.fspath(r) for r in ingredients]
     _validate_counts(refs, config)
     return _merge(refs, Path(out_dir), config, started, token=token, overwrite=overwrite, progress=progress,
-                  callback=callback, device=device, threads=threads, max_memory=max_memory)
+                  callback=callback, device=device, threads=threads, max_memory=max_memory, stage=stage)
 
 
 def materialize(ingredient: str | os.PathLike, out_dir: str | os.PathLike, *, base: str | os.PathLike | None = None,
-                token: str | None = None, device: str | None = None, progress: bool = False) -> MergeResult:
+                token: str | None = None, device: str | None = None, progress: bool = False,
+                stage: InputStage | None = None) -> MergeResult:
     """One ingredient written as the full model it stands for, by the merge engine: the soup of one.
 
     For a PEFT adapter that is `W_base + delta` over its base (`base`, else the adapter's own
@@ -100,36 +104,36 @@ def materialize(ingredient: str | os.PathLike, out_dir: str | os.PathLike, *, ba
     """
     config = AmeConfig.soup(base=os.fspath(base) if base else None).resolved()
     return _merge([os.fspath(ingredient)], Path(out_dir), config, time.perf_counter(), token=token, device=device,
-                  progress=progress)
+                  progress=progress, stage=stage)
 
 
 def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, token: str | None = None,
            overwrite: bool = False, progress: bool = True, callback: ProgressCallback | None = None,
            device: str | None = None, threads: int | None = None,
-           max_memory: str | int | None = None) -> MergeResult:
+           max_memory: str | int | None = None, stage: InputStage | None = None) -> MergeResult:
     """`merge` once its config is resolved and the ingredients counted."""
     extra = [*config.pivot_refs, *([config.base] if config.base else []), *config.tokenizer_refs]
     check_output_dir(out, overwrite, inputs=local_inputs([*refs, *extra]))
     setup = process_setup(device)
     with cpu_threads(setup.device, threads):
         with main_process_first(setup):  # the main process downloads; the others find it in the cache
-            checked = check_inputs(refs, pivot_ref=next(iter(config.pivot_refs), None), base_ref=config.base,
-                                   pivot_is_base=config.pivot == "base", variant=config.variant, token=token,
-                                   allow_dtype_mismatch=config.dtype != "auto", tokenizer_source=config.tokenizer_source)
-            if not checked.report.ok:
-                raise IncompatibleCheckpointsError(checked.report.summary(), report=checked.report)
-            # Again with every input's real directory (a Hub ingredient's is in the cache), before the download.
-            check_output_dir(out, overwrite, inputs=checked.paths)
-            inputs = open_inputs(checked, variant=config.variant, token=token,
-                                 allow_dtype_mismatch=config.dtype != "auto", tokenizer_source=config.tokenizer_source)
+            inputs = (stage or InputStage(token=token, variant=config.variant)).check(
+                refs, pivot=config.pivot, base=config.base, tokenizer_source=config.tokenizer_source,
+                allow_dtype_mismatch=config.dtype != "auto")
+            inputs.raise_for_errors()
+            # Again with every input's real folder (a Hub ingredient's is in the cache), before the download.
+            check_output_dir(out, overwrite, inputs=inputs.paths)
+            inputs.open()
         report, checkpoints, pivot_ckpt = inputs.report, inputs.checkpoints, inputs.pivot_checkpoint
+        # A stage shared between merges (tune) shares its opened checkpoints: count this merge's reads only.
+        before = {id(c.reads): c.reads.bytes for c in [*checkpoints, *([pivot_ckpt] if pivot_ckpt else [])]}
         for note in report.notes:
             logger.info("note: %s", note)
-        pivot = inputs.pivot
+        pivot = inputs.pivot_ingredient
         order = ingredient_order(len(refs), config.epochs, shuffle=config.shuffle, seed=config.seed,
                                  order=config.order)
         result = MergeResult(path=out, config=config, ingredients=inputs.ingredients, order=order, report=report,
-                             base=inputs.base,
+                             base=inputs.base.light if inputs.base else None,
                              pivot=pivot or (0 if config.pivot == "first" else config.pivot), device=str(setup.device))
         tensors = {n: checkpoints[0].info(n) for n in checkpoints[0].names()}
         shapes = {n: (report.vocab.size, *i.shape[1:]) if report.vocab and n in report.vocab_keys else i.shape
@@ -153,16 +157,14 @@ def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, tok
             if setup.is_main:
                 warm.join()
                 write_index(staging, plan)
-                source = config_source(inputs, result.pivot if isinstance(result.pivot, int) else "mean")
-                # With differing vocabularies the output keeps the plan's source tokenizer (or its union).
-                tokens = tokenizer_dir(inputs, result.pivot if isinstance(result.pivot, int) else "mean",
-                                       report.vocab.source if report.vocab and report.vocab.tokenizer is None
-                                       else config.tokenizer_source, token=token)
+                source = inputs.config_source()
+                tokens = inputs.tokenizer_dir()
                 finish(staging, result, checkpoints, source=source,
                        tokenizer_dir=None if tokens == source.path else tokens, vocab=report.vocab)
                 publish(staging, out, overwrite)
             barrier(setup)
-    read = sum({id(c.reads): c.reads.bytes for c in [*checkpoints, *([pivot_ckpt] if pivot_ckpt else [])]}.values())
+    read = sum({id(c.reads): c.reads.bytes - before.get(id(c.reads), 0)
+                for c in [*checkpoints, *([pivot_ckpt] if pivot_ckpt else [])]}.values())
     return dataclasses.replace(result, seconds=time.perf_counter() - started, bytes_read=read)
 
 

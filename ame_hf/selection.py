@@ -16,7 +16,8 @@ from .config import AmeConfig
 from .errors import InvalidConfigError
 from .evaluation import (TextData, LabelledData, check_scorable, default_metric, evaluate_model, is_better, load_data,
                          sort_key, task_for_models)
-from .full_models import FullModels, ResolvedModel, input_paths, resolve_models
+from .full_models import FullModels, ResolvedModel, fetch_models, input_paths, resolve_models
+from .inputs import InputStage
 from .merging import merge
 from .output import RUN_FILE, check_output_dir, make_staging_dir, publish
 from .recipe import write_selection_file
@@ -208,6 +209,7 @@ class Selection:
         val, test: the validation data, and held-out data (None without it).
         refs: each ingredient as merges take it (a pinned Hub reference or a local path).
         names: each ingredient as tables name it.
+        stage: the run's `InputStage` (every merge of the selection shares it).
     """
 
     models: list[ResolvedModel]
@@ -217,26 +219,32 @@ class Selection:
     test: LabelledData | TextData | None
     refs: list[str]
     names: list[str]
+    stage: InputStage = field(repr=False, compare=False)
 
 
 def start_selection(ingredients: Sequence[str | os.PathLike], out: Path, overwrite: bool, *,
                     data: str | os.PathLike | LabelledData | TextData,
                     test_data: str | os.PathLike | LabelledData | TextData | None, task: str | None,
                     metric: str | None, base: str | None, token: str | None) -> Selection:
-    """`--out` checked (before and after resolving), every model resolved (adapters against their base),
-    the task every model can do, its metric, and the data loaded: what `tune` and `greedy_soup` share."""
+    """What `tune` and `greedy_soup` share, every check before any weight is downloaded: `--out` (before and after
+    resolving), the ingredients checked as a merge checks them (adapters against their base), the task every model
+    can do, its metric and the data loaded; then the weights fetched (announced, disk checked)."""
     check_output_dir(out, overwrite, inputs=local_inputs([*ingredients, *([base] if base else [])]))
-    models = resolve_models([os.fspath(r) for r in ingredients], base=base, token=token)
-    check_output_dir(out, overwrite, inputs=input_paths(models))
+    stage = InputStage(token=token)
+    checked = stage.check(ingredients, base=base)
+    checked.raise_for_errors()  # incompatible ingredients: refused before a download, as merge refuses them
+    models = resolve_models([os.fspath(r) for r in ingredients], base=base, stage=stage)
+    check_output_dir(out, overwrite, inputs=[*checked.paths, *input_paths(models)])
     # Before any merge: a task the ingredients cannot do would only fail after the first one.
     task = task_for_models([(m.name, m.config) for m in models], task)
-    check_scorable([m.tokenizer for m in models], task)
     load = lambda d: d if isinstance(d, (LabelledData, TextData)) else load_data(d, task)  # noqa: E731
+    val, test = load(data), None if test_data is None else load(test_data)
+    check_scorable([m.tokenizer for m in models], task)
+    fetch_models(models)
     resolved = [m.ingredient for m in models]
-    return Selection(models=models, task=task, metric=default_metric(task, metric), val=load(data),
-                     test=None if test_data is None else load(test_data),
+    return Selection(models=models, task=task, metric=default_metric(task, metric), val=val, test=test,
                      refs=[i.pinned_ref if i.repo_id else str(i.path) for i in resolved],
-                     names=[i.display_name for i in resolved])
+                     names=[i.display_name for i in resolved], stage=stage)
 
 
 @dataclass(frozen=True)

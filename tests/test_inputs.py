@@ -162,3 +162,28 @@ def test_variant_weights_are_found_with_variant(hub, hub_token, tmp_path, capsys
     assert main(["merge", *map(str, folders), "--variant", "fp16", "--out", str(tmp_path / "local"), "--quiet",
                  "--optimizer", "sgd"]) == 0
     assert load_state(out).keys() == load_state(tmp_path / "local").keys()
+
+
+@pytest.mark.parametrize("case", ["missing data", "wrong task", "incompatible tune", "incompatible greedy soup"])
+def test_evaluation_and_selection_refuse_before_any_weight_is_downloaded(case, big_repos, hub, tmp_path, capsys,
+                                                                       monkeypatch):
+    """evaluate, tune and the greedy soup go through the merge's input stage: a bad task, a missing data file or
+    incompatible models are refused from the light files and headers, before a weight byte is sent."""
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))  # nothing cached: a download would show
+    val = tmp_path / "val.txt"
+    val.write_text("one two\n")
+    argv = {"missing data": ["evaluate", "org/size-a", "--data", str(tmp_path / "nope.txt")],
+            "wrong task": ["evaluate", "org/size-a", "--data", str(val), "--task", "image-classification"],
+            "incompatible tune": ["tune", "org/size-a", "org/size-wide", "--data", str(val), "--out",
+                                  str(tmp_path / "t")],
+            "incompatible greedy soup": ["merge", "org/size-a", "org/size-wide", "--greedy-soup", "--eval-data",
+                                         str(val), "--out", str(tmp_path / "g")]}[case]
+    seen = len(hub.requests)
+    assert main(argv + ["--quiet"]) in (1, 2)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert {"missing data": "nope.txt", "wrong task": "image-classification"}.get(case, "incompatible") in err, err
+    assert weight_bytes(hub, seen) < 0.01 * (big_repos["org/size-a"] + big_repos["org/size-wide"]), err
+    assert not (tmp_path / "t").exists() and not (tmp_path / "g").exists()

@@ -13,8 +13,16 @@ import time
 import pytest
 
 from ame_hf.errors import IngredientNotFoundError
-from ame_hf.fetch import resolve_ref
+from ame_hf.inputs import InputStage
 from factories import assert_one_error_line, cli_error_line
+
+
+def resolve_ref(ref: str):
+    """One reference as every run resolves it (the input stage), with its weights fetched."""
+    stage = InputStage()
+    entry = stage.entry(ref)
+    stage.fetch([entry])
+    return entry.light
 
 
 def test_pull_by_id_branch_tag_and_sha(repos):
@@ -47,9 +55,9 @@ def test_hub_errors_are_one_clear_line_and_fast(repos, hub, tmp_path, capsys):
 # Resolving in a child process whose HF_ENDPOINT is the unreachable one (huggingface_hub reads it at import).
 _RESOLVE = """
 import sys
-from ame_hf.fetch import resolve_ref
+from ame_hf.inputs import InputStage
 try:
-    resolve_ref(sys.argv[1])
+    InputStage().entry(sys.argv[1])
 except OSError as err:  # what a caller of the Python API may catch
     print(type(err).__name__, err, sep="\\n")
 """

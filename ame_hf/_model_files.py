@@ -1,0 +1,43 @@
+"""What the files of a model folder say, read once and the same way everywhere: its `config.json`, and the
+folder its tokenizer comes from. No torch, no Hub client: the CLI's checks use it before either loads."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
+
+CONFIG_NAME = "config.json"  # transformers.utils.CONFIG_NAME (not imported: it loads transformers)
+
+
+def read_config(path: str | os.PathLike, name: str) -> dict[str, Any]:
+    """A model folder's `config.json` as a dict: the one reader of it (merge, check, evaluate, tune).
+
+    Args:
+        path: the model folder (local, or a Hub snapshot in the cache).
+        name: how to call the model in messages (the user's reference).
+
+    Returns:
+        The config as a dict.
+
+    Raises:
+        CheckpointError: no `config.json`, not JSON, or not a JSON object (one line naming `name`).
+
+    >>> read_config("./my-model", "./my-model")["model_type"]  # doctest: +SKIP
+    'llama'
+    """
+    folder = Path(path)
+    file = folder / CONFIG_NAME
+    if not file.is_file():
+        raise CheckpointError(f"{name}: no {CONFIG_NAME} in {folder}; ame-hf merges transformers model folders "
+                              "(or PEFT adapters, with adapter_config.json)", path=folder)
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{name}: {CONFIG_NAME} is not valid JSON ({err})", path=folder) from err
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{name}: {CONFIG_NAME} must hold a JSON object", path=folder)
+    return config
