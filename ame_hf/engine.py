@@ -67,14 +67,21 @@ def pseudogradient(w: torch.Tensor, target: torch.Tensor, out: torch.Tensor | No
 
 
 def batch_mean(load: Loader, batch: Sequence[int]) -> torch.Tensor:
-    """Mean of the ingredients in `batch`, loading one at a time; what `load` returns is not modified
-    (one ingredient: it is the mean)."""
+    """Mean of the ingredients in `batch` as `x_0 + mean(x_i - x_0)`, loading one at a time; what `load` returns
+    is not modified (one ingredient: it is the mean).
+
+    Where the ingredients agree every difference is exactly zero, so the mean is exactly their value and the
+    pseudogradient there exactly zero, for every optimizer (a plain float sum of equal values, divided, is not
+    always that value: Adam turned the residue into an lr-sized step).
+    """
     if len(batch) == 1:
         return load(batch[0])
-    total = load(batch[0]) + load(batch[1])  # the same sums as in place, into a tensor of our own
+    first = load(batch[0])
+    total = load(batch[1]) - first  # a tensor of our own
     for i in batch[2:]:
-        total += load(i)
+        total.add_(load(i)).sub_(first)  # where x_i == x_0 the running sum stays exactly 0
     total /= len(batch)
+    total += first
     return total
 
 
@@ -114,6 +121,23 @@ def ame_block(
             take_step(optimizer)
     w.grad = None
     return w
+
+
+def decay_arguments(optimizer: str, args: dict) -> dict[str, float]:
+    """The decay terms in effect for `optimizer` with `args` (torch's defaults filled in): they shrink every
+    weight at every step whatever its pseudogradient, also where all ingredients agree (AdamW's
+    `weight_decay` is 0.01 and ASGD's `lambd` 1e-4 by default).
+
+    >>> decay_arguments("adamw", {}), decay_arguments("adam", {"weight_decay": 0.1})
+    ({'weight_decay': 0.01}, {'weight_decay': 0.1})
+    """
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(optimizer_class(optimizer).__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    values = {**defaults, **dict(args)}
+    return {k: values[k] for k in ("weight_decay", "lambd") if isinstance(values.get(k), (int, float))
+            and not isinstance(values.get(k), bool) and values[k] != 0}
 
 
 # Optimizers whose fused kernel (one pass per step, on CPU and CUDA) torch provides.

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from . import __version__
 from .config import AmeConfig, order_indices, parse_size
 from .devices import barrier, cpu_threads, main_process_first, process_setup, share_path
-from .engine import ingredient_order
+from .engine import decay_arguments, ingredient_order
 from .errors import InvalidConfigError
 from .finish import finish
 from .inputs import InputStage
@@ -129,6 +129,12 @@ def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, tok
         before = {id(c.reads): c.reads.bytes for c in [*checkpoints, *([pivot_ckpt] if pivot_ckpt else [])]}
         for note in report.notes:
             logger.info("note: %s", note)
+        decay = decay_arguments(config.optimizer, dict(config.optimizer_args))
+        if decay and setup.is_main:
+            shown = ", ".join(f"{k} {v:g}" for k, v in decay.items())
+            logger.warning("%s's %s shrinks every weight at every step, also where all ingredients agree; pass "
+                           "optimizer_args with %s 0 to keep agreed weights exact", config.optimizer, shown,
+                           " and ".join(decay))
         pivot = inputs.pivot_ingredient
         order = ingredient_order(len(refs), config.epochs, shuffle=config.shuffle, seed=config.seed,
                                  order=config.order)

@@ -203,3 +203,29 @@ def test_a_tokenizer_source_ref_keeps_its_vocabulary_with_rows_from_the_ingredie
     assert main(["merge", *map(str, extended), "--out", str(tmp_path / "idx"), "--quiet", "--optimizer", "sgd",
                  "--tokenizer-source", "2"]) == 0
     assert torch.equal(_rows(out)[0], _rows(tmp_path / "idx")[0])
+
+
+def test_pivot_and_tokenizer_source_keywords_mean_the_same_in_check_merge_api_and_yaml(extended, tmp_path,
+                                                                                       monkeypatch):
+    """`--tokenizer-source pivot` with `--pivot 2` keeps ingredient 2's vocabulary (it took ingredient 0's before),
+    alike in check, the CLI, the Python API and a YAML that sits beside folders named like the keywords."""
+    import ame_hf
+
+    source = AutoTokenizer.from_pretrained(extended[2])
+    report = check(extended, pivot=2, tokenizer_source="pivot")
+    assert report.ok and any(f"keeps the {len(source)} tokens of {extended[2]}" in n for n in report.notes), \
+        report.notes
+    cli = tmp_path / "cli"
+    assert main(["merge", *map(str, extended), "--out", str(cli), "--quiet", "--pivot", "2",
+                 "--tokenizer-source", "pivot"]) == 0
+    api = ame_hf.merge(extended, tmp_path / "api", pivot=2, tokenizer_source="pivot", progress=False)
+    monkeypatch.chdir(tmp_path)
+    for word in ("pivot", "first", "union", "mean"):  # folders named like the keywords, beside the YAML
+        (tmp_path / word).mkdir()
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("ingredients: [ft0, ft1, ft2]\npivot: 2\ntokenizer_source: pivot\n")
+    assert main(["merge", "--config", str(yaml_file), "--out", str(tmp_path / "yaml"), "--quiet"]) == 0
+    for out in (cli, api.path, tmp_path / "yaml"):
+        assert AutoTokenizer.from_pretrained(out).get_vocab() == source.get_vocab(), out
+        assert _rows(out)[0].shape[0] == len(source)
+    assert (cli / "model.safetensors").read_bytes() == (tmp_path / "yaml" / "model.safetensors").read_bytes()
