@@ -174,16 +174,27 @@ class AdapterCheckpoint(Checkpoint):
 
     @staticmethod
     def _delta(lora: _Lora, rows: tuple[int, int] | None) -> torch.Tensor:
-        """The rows `[start, stop)` of `scaling * (B @ A)` (transposed where PEFT transposes it)."""
+        """The rows `[start, stop)` of `scaling * (B @ A)` (transposed where PEFT transposes it).
+
+        Summed one rank term at a time, each an element-wise product then an addition, in the same order for every
+        element: a value does not depend on which rows its block holds nor on the device (a matrix product rounds
+        differently with the shape of the block, so the bytes of a merge depended on the block size).
+        """
         if lora.bias is not None:
             bias = lora.bias.float()
             return (bias if rows is None else bias[rows[0]:rows[1]]) * lora.scaling
         a, b = lora.a.float(), lora.b.float()
         if lora.rows_from_a:  # W = (B @ A).T: its rows are A's columns
-            a_rows = a if rows is None else a[:, rows[0]:rows[1]]
-            return (a_rows.T @ b.T) * lora.scaling
-        b_rows = b if rows is None else b[rows[0]:rows[1]]
-        return (b_rows @ a) * lora.scaling
+            left, right = (a if rows is None else a[:, rows[0]:rows[1]]).T, b.T
+        else:
+            left, right = (b if rows is None else b[rows[0]:rows[1]]), a
+        out = left[:, :1] * right[:1]
+        term = torch.empty_like(out)
+        for k in range(1, left.shape[1]):
+            torch.mul(left[:, k:k + 1], right[k:k + 1], out=term)
+            out += term
+        out *= lora.scaling
+        return out
 
     def __repr__(self) -> str:
         return f"AdapterCheckpoint({self.name!r} on {self.base.name!r}, {len(self.loras)} LoRA tensor(s))"

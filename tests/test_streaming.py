@@ -93,3 +93,33 @@ def test_a_tensor_too_big_to_keep_is_kept_one_block_at_a_time(tmp_path):
     tiny = merge(paths, tmp_path / "tiny", progress=False, max_memory=1024)
     assert tiny.bytes_read == 3 * embed + norm  # spread, mean pivot, steps: a pass each (norm: equal in all, lr 0)
     assert weights_sha256(whole.path) == weights_sha256(blocks.path) == weights_sha256(tiny.path)
+
+
+def test_adapter_and_vocabulary_merges_do_not_depend_on_the_block_size(lm_adapters, tmp_path, monkeypatch):
+    """The cut never shows (DESIGN §1): an adapter's delta and the token-row groups give the same bytes whole and
+    in blocks of 100 elements, for the soup and for Adam."""
+    import torch
+
+    from factories import build_base, tiny_tokenizer
+
+    refs = [*lm_adapters["adapters"], lm_adapters["full"]]
+    vocab = []
+    for i, added in enumerate([[], ["<new>", "<x>"]]):  # a fine-tune that added tokens, one that did not
+        tok = tiny_tokenizer()
+        tok.add_tokens(added)
+        model = build_base("llama", vocab_size=len(tiny_tokenizer()))
+        model.resize_token_embeddings(len(tok))
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(i)) * 0.05)
+        model.save_pretrained(tmp_path / f"vocab{i}")
+        tok.save_pretrained(tmp_path / f"vocab{i}")
+        vocab.append(tmp_path / f"vocab{i}")
+    for name, cfg, inputs in (("soup", AmeConfig(optimizer="sgd", pivot="base"), refs),
+                              ("adam", AmeConfig(relative_lr=0.05, pivot="base"), refs),
+                              ("vocab-adam", AmeConfig(relative_lr=0.05), vocab)):
+        monkeypatch.setattr(plan, "BLOCK_ELEMENTS", 1 << 20)
+        whole = merge(inputs, tmp_path / f"{name}-whole", cfg, progress=False)
+        monkeypatch.setattr(plan, "BLOCK_ELEMENTS", 100)
+        sliced = merge(inputs, tmp_path / f"{name}-sliced", cfg, progress=False)
+        assert weights_sha256(whole.path) == weights_sha256(sliced.path), name
