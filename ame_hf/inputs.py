@@ -168,6 +168,8 @@ class InputStage:
         models = [e for e in [*entries, *([pivot_entry] if pivot_entry else []), *([base] if base else [])]
                   if e.adapter is None]
         errors += [line for e in models for line in config_refusals(e.ref, self.config(e))]
+        if isinstance(pivot, int) and pivot >= len(entries):
+            errors.append(f"pivot index {pivot} is out of range for {len(entries)} ingredients (use 0..{len(entries) - 1})")
         if errors:  # config.json alone says no: not even the headers are read
             inputs.report.errors = errors
             return inputs
@@ -372,7 +374,7 @@ class Inputs:
         if isinstance(source, Entry):
             return self.stage.tokenizer_dir(source, self.base)
         if source in ("auto", "union", "pivot"):
-            chosen = self.pivot or (self.base if self.pivot_is_base and source == "pivot" else None)
+            chosen = self.pivot or (self.base if self.pivot_is_base else None)
             if chosen is not None:
                 return self.stage.tokenizer_dir(chosen, self.base)
             source = self.pivot_index
