@@ -9,8 +9,9 @@ import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
+from ._validators import check_options
 from .compatibility import CompatibilityReport
-from .config import AmeConfig, normalize_pivot
+from .config import AmeConfig
 from .errors import InvalidConfigError
 from .evaluation import check_scorable, default_metric, evaluate_model, load_data, task_for_models
 from .full_models import FullModels, fetch_models, resolve_models
@@ -21,20 +22,44 @@ from .records import Evaluation, MergeResult
 
 
 def check(ingredients: Sequence[str | os.PathLike], *, token: str | None = None, dtype: str = "auto",
-          pivot: str | os.PathLike | None = None, variant: str | None = None,
-          base: str | os.PathLike | None = None) -> CompatibilityReport:
-    """Report whether the ingredients (and a pivot checkpoint) can be merged; never raises for a mismatch.
+          pivot: str | int | os.PathLike | None = None, variant: str | None = None,
+          base: str | os.PathLike | None = None,
+          tokenizer_source: str | int | os.PathLike = "auto") -> CompatibilityReport:
+    """Report whether the ingredients can be merged with these options; never raises for a mismatch.
 
     For Hub repos only their config, tokenizer and side files and their safetensors headers are read
     (range requests): no weight is downloaded (except for `.bin`-only repos, which have no header).
-    PEFT adapters count as the full models they make of their `base` (default: their own).
+    Every option means what it means in `merge`.
+
+    Args:
+        ingredients: local directories and/or Hub repo IDs (`org/name[@revision]`).
+        token: Hub token for private or gated repos.
+        dtype: the output dtype you will merge with: under `auto` ingredients of different dtypes are an
+            error, with a dtype named they are a note.
+        pivot: `mean` (the default), `first` or an ingredient index (nothing more to check), `base` (the
+            adapters' base), or another checkpoint, checked with the ingredients.
+        variant: read the weights variant NAME (`model.NAME.safetensors`).
+        base: the base model of the PEFT adapters among the ingredients (default: each adapter's own);
+            adapters count as the full models they make of it.
+        tokenizer_source: `auto`, `union`, `pivot`, `first`, an ingredient index or a checkpoint: whether the
+            output's tokenizer fits the merged vocabulary is part of the check.
+
+    Returns:
+        The `CompatibilityReport`: `ok`, `errors` (every difference), `notes`.
+
+    Raises:
+        InvalidConfigError: an invalid option (before anything is read).
+        IngredientNotFoundError, HubError, CheckpointError: a reference that cannot be read.
 
     >>> report = check(["org/model-a", "org/model-b"])  # doctest: +SKIP
     >>> report.ok, report.errors, report.notes          # doctest: +SKIP
+    >>> check(["./lora-a", "./lora-b"], pivot="base", base="org/base-model").ok  # doctest: +SKIP
+    True
     """
-    return check_inputs([os.fspath(r) for r in ingredients], pivot=normalize_pivot(os.fspath(pivot)) if pivot else "mean",
-                        base=os.fspath(base) if base else None, variant=variant, token=token,
-                        allow_dtype_mismatch=dtype != "auto").report
+    refs = [os.fspath(r) for r in ingredients]
+    cfg = check_options(refs, dtype=dtype, pivot=pivot, base=base, variant=variant, tokenizer_source=tokenizer_source)
+    return check_inputs(refs, pivot=cfg.pivot, base=cfg.base, variant=cfg.variant, token=token,
+                        allow_dtype_mismatch=cfg.dtype != "auto", tokenizer_source=cfg.tokenizer_source).report
 
 
 def evaluate(

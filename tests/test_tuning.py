@@ -17,6 +17,7 @@ import ame_hf.tuning as tuning
 from ame_hf import AmeConfig, merge
 from ame_hf.cli import main
 from ame_hf.evaluation import evaluate_model, load_data
+from ame_hf.recipe import read_recipe
 from factories import LM_LORAS, assert_one_error_line, cli_error_line, load_state, make_lora_adapter, score_table
 
 
@@ -148,7 +149,7 @@ def test_a_tune_output_that_copies_an_ingredient_is_ame_hfs_own(classifiers, tmp
     check_output_dir(copy, overwrite=True)  # a previous ame-hf output: may be replaced
     capsys.readouterr()
     code = main(["merge", "--config", str(copy / "ame_config.yaml"), "--out", str(tmp_path / "o")])
-    assert_one_error_line(code, capsys.readouterr().err, "not a merge", str(experts[0]), exit_code=1)
+    assert_one_error_line(code, capsys.readouterr().err, "not a merge", str(experts[0]), exit_code=2)
 
 
 def test_tune_refuses_a_task_that_does_not_fit_before_any_merge(llamas, berts, tmp_path, monkeypatch, capsys):
@@ -199,7 +200,7 @@ def test_greedy_soup_keeps_exactly_the_ingredients_that_do_not_make_it_worse(lm_
     written = load_state(result.path)
     expected = load_state(merge([experts[0], experts[2]], tmp_path / "fresh", AmeConfig.soup(), progress=False).path)
     assert all(torch.equal(written[k], expected[k]) for k in expected)
-    run = AmeConfig.from_yaml(result.path / "ame_config.yaml")
+    run = AmeConfig.from_dict(read_recipe(result.path / "ame_config.yaml").values)
     assert run.is_soup and len(__import__("yaml").safe_load((result.path / "ame_config.yaml").read_text())["ingredients"]) == 2
     card = ModelCard.load(result.path / "README.md")
     assert "## Greedy soup" in card.text and "kept **2 of 3**" in card.text and "rejected (worse)" in card.text
@@ -229,10 +230,10 @@ def test_greedy_soup_with_accuracy_rejects_what_lowers_it_and_can_keep_one(lm_ex
 def test_merge_greedy_soup_cli_refuses_weight_options_and_needs_eval_data(lm_experts, tmp_path, capsys):
     experts, val, _ = lm_experts
     code = main(["merge", *map(str, experts), "--out", str(tmp_path / "g"), "--greedy-soup"])
-    assert_one_error_line(code, capsys.readouterr().err, "--greedy-soup needs --eval-data", exit_code=1)
+    assert_one_error_line(code, capsys.readouterr().err, "--greedy-soup needs --eval-data", exit_code=2)
     code = main(["merge", *map(str, experts), "--out", str(tmp_path / "g"), "--greedy-soup", "--eval-data", str(val),
                  "--optimizer", "adam"])
-    assert_one_error_line(code, capsys.readouterr().err, "drop --optimizer", exit_code=1)
+    assert_one_error_line(code, capsys.readouterr().err, "drop --optimizer", exit_code=2)
     assert not (tmp_path / "g").exists()
 
 
@@ -318,7 +319,7 @@ def test_a_selected_adapter_is_written_as_its_full_merge_and_each_ingredient_sco
     marker = yaml.safe_load((out / "ame_config.yaml").read_text())
     assert marker["selected_ingredient"] == str(adapters[1]) and marker["selected_base"] == str(lm_adapters["base"])
     cli_error_line(capsys, "merge", "--config", out / "ame_config.yaml", "--out", tmp_path / "o",
-                   needles=["not a merge", "PEFT adapter"], exit_code=1)
+                   needles=["not a merge", "PEFT adapter"], exit_code=2)
     assert not list(tmp_path.glob(".ame-tmp-*"))
     # The greedy soup (merge --greedy-soup's Python side): no soup beats adapter 1, so it is written the same way.
     monkeypatch.setattr(selection, "evaluate_model", score)
