@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from ._cli_options import add_common, add_config_options, add_token, config_values, whole
 from ._validators import config_with, evaluation_options, tune_options
 from .card import update_card
-from .config import WEIGHT_FIELDS, AmeConfig, whole_number
+from .config import OUTPUT_FIELDS, WEIGHT_FIELDS, AmeConfig, whole_number
 from .errors import InvalidConfigError
 from .evaluation import TASKS, check_scorable, default_metric, higher_is_better, load_data, task_for_models
 from .lm_evaluation import perplexity
@@ -72,7 +72,8 @@ def add_tune_parser(sub: Any) -> argparse.ArgumentParser:
     t.add_argument("--device", help="where merges and evaluations run (default: GPU when there is one)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace a previous ame-hf output at --out (never an input, the cwd or a folder of yours)")
-    add_config_options(t, only=("base",))  # PEFT adapters among the models: merge's own --base
+    # The output options of every merge tune runs (it tries its own optimizer, lr, pivot, ...).
+    add_config_options(t, only=OUTPUT_FIELDS)
     add_token(t)
     add_common(t)
     t.set_defaults(func=cmd_tune, validate=validate_tune)
@@ -203,7 +204,7 @@ def cmd_tune(args: argparse.Namespace, output: AmeConfig) -> int:
 
     keep_freed_memory()  # a process of ours: every candidate's merge reuses the freed blocks
     result = tune(args.refs, args.out, data=args.data, test_data=args.test_data, task=args.task, metric=args.metric,
-                  base=output.base, budget=args.budget, max_length=args.max_length, batch_size=args.eval_batch_size,
+                  config=output, budget=args.budget, max_length=args.max_length, batch_size=args.eval_batch_size,
                   device=args.device, token=args.token, overwrite=args.overwrite, progress=not args.quiet,
                   log=None if args.quiet else _err)
     print(table([(c.label, c.score) for c in result.candidates], result.metric))

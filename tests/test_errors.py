@@ -304,6 +304,7 @@ OTHER_USAGE = [
     (["merge", "{a}", "{b}"], ["no output directory", "--out"]),
     (["tune", "{a}", "{b}", "--data", "val.jsonl"], ["no output directory", "--out"]),
     (["tune", "{a}", "{b}", "--out", "o", "--data", "val.jsonl", "--budget", "-1"], ["--budget must be", "-1"]),
+    (["tune", "{a}", "{b}", "--out", "o", "--data", "val.jsonl", "--max-shard-size", "5"], ["--max-shard-size '5'"]),
     (["tune", "{a}", "--out", "o", "--data", "val.jsonl"], ["at least 2 ingredients"]),
     (["check", "{a}", "{b}", "--pivot", "2"], ["--pivot index 2"]),
     (["check", "{a}", "{b}", "--tokenizer-source", "-1"], ["--tokenizer-source index must be >= 0"]),

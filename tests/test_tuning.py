@@ -14,7 +14,7 @@ import torch
 from huggingface_hub import ModelCard
 
 import ame_hf.tuning as tuning
-from ame_hf import AmeConfig, merge
+from ame_hf import AmeConfig, InvalidConfigError, merge
 from ame_hf.cli import main
 from ame_hf.evaluation import evaluate_model, load_data
 from ame_hf.recipe import read_recipe
@@ -69,6 +69,43 @@ def test_an_ame_winner_is_written_as_its_merge(berts, tmp_path, monkeypatch):
     assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in expected)
     other = load_state(merge(experts, tmp_path / "soup", soup, progress=False).path)  # so the check can fail
     assert not all(torch.equal(written[k], other[k]) for k in other)
+
+
+def test_output_options_reach_every_merge_and_weight_options_are_refused(berts, tmp_path, monkeypatch):
+    """`config=` (and `--max-shard-size` etc. on `ame-hf tune`) is passed to the soup, every AME variant and the
+    greedy soup's merges; the winning merge is written with it. Options that decide the weights are refused in
+    one line naming the keyword, before anything is read."""
+    import ame_hf.selection as selection
+
+    experts, val = berts
+    used: list[AmeConfig] = []
+
+    def recording(merge_fn):
+        def run(refs, out, config=None, **kwargs):
+            used.append(config)
+            return merge_fn(refs, out, config, **kwargs)
+        return run
+
+    monkeypatch.setattr(tuning, "merge", recording(tuning.merge))
+    monkeypatch.setattr(selection, "merge", recording(selection.merge))
+    _fixed_scores(monkeypatch, lambda path: 0.9 if "cand1" in path else 0.5)
+    result = tuning.tune(experts, tmp_path / "best", data=val, budget=1, progress=False,
+                         config=AmeConfig(max_shard_size="8KB", compute_dtype="float64"))
+    assert len(used) == 2 + len(experts) - 1  # soup, one variant, the greedy soup's trials
+    assert all(c.max_shard_size == "8KB" and c.compute_dtype == "float64" for c in used), used
+    assert result.best.label == tuning._label(tuning.default_grid()[0])
+    assert (result.path / "model.safetensors.index.json").is_file()  # written in 8KB shards
+    expected = load_state(merge(experts, tmp_path / "fresh", tuning.default_grid()[0], compute_dtype="float64",
+                                progress=False).path)
+    written = load_state(result.path)
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in expected)
+    for bad, field in ((AmeConfig(optimizer="sgd"), "optimizer"), (AmeConfig(relative_lr=0.1), "relative_lr")):
+        with pytest.raises(InvalidConfigError, match=f"drop {field}") as caught:
+            tuning.tune(experts, tmp_path / "never", data=val, config=bad)
+        assert caught.value.field == field and "--" not in str(caught.value)
+    with pytest.raises(InvalidConfigError, match="base"):
+        tuning.tune(experts, tmp_path / "never", data=val, base="org/one", config=AmeConfig(base="org/other"))
+    assert not (tmp_path / "never").exists()
 
 
 def test_ties_go_to_the_soup_then_greedy_then_ame_then_an_ingredient():
