@@ -17,8 +17,8 @@ from .evaluation import check_scorable, default_metric, evaluate_model, load_dat
 from .full_models import FullModels, fetch_models, resolve_models
 from .inputs import check_inputs
 from .merging import merge
-from .push import push_folder
-from .records import Evaluation, MergeResult
+from .push import upload_output
+from .records import Evaluation, MergeResult, PushInfo
 
 
 def check(ingredients: Sequence[str | os.PathLike], *, token: str | None = None, dtype: str = "auto",
@@ -175,12 +175,27 @@ def push_to_hub(
     revision: str | None = None,
     create_pr: bool = False,
     commit_message: str | None = None,
-) -> str:
+) -> PushInfo:
     """Upload a merge (its folder, a `MergeResult`, or a model from `from_pretrained`) with its card.
 
-    Returns the URL of the repo (or of the pull request).
+    Args:
+        source: the merge output folder, a `MergeResult`, or a model from `from_pretrained`.
+        repo_id: the target repo, `org/name` (created if missing).
+        token: Hub token with write access (default: `HF_TOKEN` or the login cache).
+        private: create the repo as private.
+        revision: the branch to push to (created if missing).
+        create_pr: open a pull request instead of committing.
+        commit_message: the commit message.
 
-    >>> push_to_hub("merged", "org/merged", private=True)  # doctest: +SKIP
+    Returns:
+        A `PushInfo`: the URL of the repo (or of the pull request), the commit now at the head, and whether
+        the push changed anything (the Hub may already hold exactly this output). `str(info)` is the URL.
+
+    Raises:
+        InvalidConfigError: `repo_id` is no repo ID, or `source` is no ame-hf output.
+        PushError: the upload failed; the local output is intact and the message says how to retry.
+
+    >>> push_to_hub("merged", "org/merged", private=True).url  # doctest: +SKIP
     'https://huggingface.co/org/merged'
     """
     if isinstance(source, MergeResult):
@@ -189,5 +204,5 @@ def push_to_hub(
         folder = source.ame_result.path
     else:
         folder = Path(source)
-    return push_folder(folder, repo_id, token=token, private=private, revision=revision,
-                       create_pr=create_pr, commit_message=commit_message)
+    return upload_output(folder, repo_id, token=token, private=private, revision=revision,
+                         create_pr=create_pr, commit_message=commit_message)
