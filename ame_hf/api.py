@@ -138,11 +138,17 @@ def from_pretrained(
         model_class: a transformers class (default `AutoModel`), e.g. `AutoModelForCausalLM`.
         config: an `AmeConfig`; keyword `options` (`optimizer="adam"`, `lr=1e-4`, ...) override it.
         token: Hub token for private or gated repos.
+        progress: show the merge's progress bar.
         model_kwargs: passed to `model_class.from_pretrained` (never `trust_remote_code`).
+        options: `merge`'s keywords (`AmeConfig` fields, `device`, `max_memory`, ...).
 
     Returns:
         The model, with `model.ame_config` (the resolved `AmeConfig`) and `model.ame_result`
         (the `MergeResult`; its folder holds the card and lives as long as the model).
+
+    Raises:
+        InvalidConfigError: an invalid option, or `trust_remote_code` in `model_kwargs`.
+        IngredientNotFoundError, CheckpointError, IncompatibleCheckpointsError, HubError: as `merge`.
 
     >>> from transformers import AutoModelForSequenceClassification
     >>> model = from_pretrained(["org/a", "org/b"], model_class=AutoModelForSequenceClassification,

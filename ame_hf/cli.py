@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_check, validate=validate_check)
 
     p = sub.add_parser("push", help="push an existing merge output to the Hub")
-    p.add_argument("dir", help="a merge output directory")
+    p.add_argument("dir", metavar="DIR", help="a merge output directory")
     _add_push(p, required=True)
     add_token(p)
     add_common(p)
