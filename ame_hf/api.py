@@ -9,7 +9,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
-from ._validators import check_options
+from ._options import check_options
 from .compatibility import CompatibilityReport
 from .config import AmeConfig
 from .errors import InvalidConfigError

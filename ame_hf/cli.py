@@ -1,6 +1,6 @@
 """The `ame-hf` command line: argument parsing and printing only, over the Python API.
 
-Each command first checks its options in one step (`_validators`, before torch or the Hub client loads): a
+Each command first checks its options in one step (`_options`, before torch or the Hub client loads): a
 usage error is one line naming the flag, exit 2. Any other `AmeError` is one line, exit 1. `--debug` shows
 the traceback.
 """
@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 # "Failure behaviour"); the commands import the heavy ones (merging, api, tune, ...) when they run.
 from . import __version__
 from ._cli_options import add_common, add_config_options, add_token, config_values, whole
-from ._validators import check_options, config_with, merge_options
+from ._options import check_options, config_with, merge_options
 from .cli_eval import (add_evaluate_parser, add_merge_options, add_tune_parser, check_before_merge, evaluate_merge,
                        merge_greedy, validate_merge_evaluation)
 from .config import CHECK_FIELDS, AmeConfig

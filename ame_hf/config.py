@@ -9,13 +9,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from ._validators import choice, flag, parse_size, positive_number, whole_number
 from .errors import InvalidConfigError
 from .optimizers import OPTIMIZERS
 
@@ -49,78 +48,11 @@ COMPUTE_DTYPES = ("float32", "float64")
 INFO_KEYS = ("ame_hf_version", "resolved")
 
 
-def parse_size(size: str | int, *, field: str = "size") -> int:
-    """Parse a Hugging Face size string ("5GB", "500MB", "2GiB") or a number of bytes (an int) into bytes.
-
-    A string needs its unit: "5" is refused (5 bytes is written "5B"), as it is almost always a slip.
-
-    Args:
-        size: the size.
-        field: the keyword the size was given as (`max_shard_size`, `max_memory`), for the error.
-
-    Raises:
-        InvalidConfigError: not a size, a string without a unit, or not positive.
-
-    >>> parse_size("5GB"), parse_size(1000)
-    (5000000000, 1000)
-    """
-    if isinstance(size, bool) or not isinstance(size, (int, str)):
-        raise InvalidConfigError(f"invalid {field} {size!r}; use e.g. 5GB, 500MB or 2GiB", field=field)
-    if isinstance(size, int):
-        if size <= 0:
-            raise InvalidConfigError(f"{field} must be positive, got {size}", field=field)
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size, flags=re.IGNORECASE)
-    if not match:
-        raise InvalidConfigError(f"invalid {field} {size!r}; use e.g. 5GB, 500MB or 2GiB", field=field)
-    if match.group(2) is None:
-        raise InvalidConfigError(f"{field} {size!r} has no unit; write e.g. {match.group(1)}GB or {match.group(1)}MB "
-                                 f"({match.group(1)}B for bytes)", field=field)
-    number, unit = float(match.group(1)), match.group(2).upper()
-    factors = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    value = int(number * factors[unit])
-    if value <= 0:
-        raise InvalidConfigError(f"{field} must be positive, got {size!r}", field=field)
-    return value
-
-
 def _option(default: Any, cli: str | tuple[str, ...], help: str) -> Any:
     """A field of `AmeConfig` with its command-line form (the CLI builds `merge`'s options from these)."""
     if callable(default):
         return field(default_factory=default, metadata={"cli": cli, "help": help})
     return field(default=default, metadata={"cli": cli, "help": help})
-
-
-def whole_number(name: str, value: Any, *, minimum: int = 1) -> int:
-    """`value` if it is a whole number >= `minimum`.
-
-    Raises:
-        InvalidConfigError: anything else, naming the keyword `name` (its `field`).
-    """
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidConfigError(f"{name} must be a whole number >= {minimum}, got {value!r}", field=name)
-    return value
-
-
-def _finite_float(name: str, value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise InvalidConfigError(f"{name} must be a number, got {value!r}", field=name) from None
-    if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
-        raise InvalidConfigError(f"{name} must be a finite number > 0, got {value!r}", field=name)
-    return number
-
-
-def _flag(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise InvalidConfigError(f"{name} must be true or false, got {value!r}", field=name)
-
-
-def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise InvalidConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}", field=name)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -200,16 +132,16 @@ class AmeConfig:
         if self.lr is not None and self.relative_lr is not None:
             raise InvalidConfigError("give either lr or relative_lr, not both", fields=("relative_lr", "lr"))
         if self.lr is not None:
-            set_("lr", _finite_float("lr", self.lr))
+            set_("lr", positive_number("lr", self.lr))
         if self.relative_lr is not None:
-            set_("relative_lr", _finite_float("relative_lr", self.relative_lr))
+            set_("relative_lr", positive_number("relative_lr", self.relative_lr))
         if self.schedule is not None:
-            _choice("schedule", self.schedule, SCHEDULES)
+            choice("schedule", self.schedule, SCHEDULES)
         whole_number("epochs", self.epochs)
         whole_number("batch_size", self.batch_size)
         whole_number("seed", self.seed, minimum=0)
-        _flag("shuffle", self.shuffle)
-        _flag("allow_nonfinite", self.allow_nonfinite)
+        flag("shuffle", self.shuffle)
+        flag("allow_nonfinite", self.allow_nonfinite)
         set_("pivot", normalize_pivot(self.pivot))
         set_("order", normalize_order(self.order))
         set_("tokenizer_source", normalize_source(self.tokenizer_source))
@@ -219,8 +151,8 @@ class AmeConfig:
                                          or "/" in self.variant or "." in self.variant):
             raise InvalidConfigError(f"variant must be a plain name such as fp16, got {self.variant!r}",
                                      field="variant")
-        _choice("dtype", self.dtype, OUTPUT_DTYPES)
-        _choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        choice("dtype", self.dtype, OUTPUT_DTYPES)
+        choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         parse_size(self.max_shard_size, field="max_shard_size")
         # Last: only the arguments need torch (the optimizer is built once), every other error comes first.
         args = validate_optimizer_args(self.optimizer, self.optimizer_args)

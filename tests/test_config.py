@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ame_hf import AmeConfig, InvalidConfigError
-from ame_hf.config import CHECK_FIELDS, OUTPUT_FIELDS, WEIGHT_FIELDS, parse_size
+from ame_hf._validators import parse_size
+from ame_hf.config import CHECK_FIELDS, OUTPUT_FIELDS, WEIGHT_FIELDS
 from ame_hf.recipe import read_recipe
 
 
