@@ -37,7 +37,8 @@ def ingredient_count(config: AmeConfig, n: int, *, least: int = 2) -> None:
     """
     if n < least:
         what = "AME needs" if least == 2 else "give"
-        raise InvalidConfigError(f"{what} at least {least} ingredients, got {n}; list every checkpoint to merge")
+        raise InvalidConfigError(f"{what} at least {least} ingredient{'s' if least > 1 else ''}, got {n}; list every "
+                                 "checkpoint to merge")
     if isinstance(config.pivot, int) and config.pivot >= n:
         raise InvalidConfigError(f"pivot index {config.pivot} is out of range for {n} ingredients (use 0..{n - 1})",
                                  field="pivot")
