@@ -9,13 +9,13 @@ import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
-from ._options import check_options
+from ._options import check_options, evaluation_options
 from .compatibility import CompatibilityReport
 from .config import AmeConfig
 from .errors import InvalidConfigError
 from .evaluation import check_scorable, default_metric, evaluate_model, load_data, task_for_models
 from .full_models import FullModels, fetch_models, resolve_models
-from .inputs import check_inputs
+from .inputs import InputStage
 from .merging import merge
 from .push import upload_output
 from .records import Evaluation, MergeResult, PushInfo
@@ -58,8 +58,9 @@ def check(ingredients: Sequence[str | os.PathLike], *, token: str | None = None,
     """
     refs = [os.fspath(r) for r in ingredients]
     cfg = check_options(refs, dtype=dtype, pivot=pivot, base=base, variant=variant, tokenizer_source=tokenizer_source)
-    return check_inputs(refs, pivot=cfg.pivot, base=cfg.base, variant=cfg.variant, token=token,
-                        allow_dtype_mismatch=cfg.dtype != "auto", tokenizer_source=cfg.tokenizer_source).report
+    stage = InputStage(token=token, variant=cfg.variant)
+    return stage.check(refs, pivot=cfg.pivot, base=cfg.base, tokenizer_source=cfg.tokenizer_source,
+                       allow_dtype_mismatch=cfg.dtype != "auto").report
 
 
 def evaluate(
@@ -108,6 +109,7 @@ def evaluate(
     >>> evaluate(["./lora"], data="val.jsonl", base="org/base-model").scores  # doctest: +SKIP
     [('./lora', 0.84)]
     """
+    evaluation_options(max_length=max_length, batch_size=batch_size)
     refs = [os.fspath(m) for m in models]
     resolved = resolve_models(refs, base=base, token=token)  # light files only: every check before a download
     task = task_for_models([(r, m.config) for r, m in zip(refs, resolved)], task)

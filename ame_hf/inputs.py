@@ -69,10 +69,12 @@ class InputStage:
         self._sources: dict[tuple[str, str | None], Ingredient | HubSource] = {}
         self._lights: dict[tuple[str, str | None], Ingredient] = {}
         self._entries: dict[str, Entry] = {}
-        self._configs: dict[int, dict[str, Any]] = {}
+        # Keyed by folder: `./a` and `a`, or `org/a` and `org/a@<its sha>`, are one model, read once.
+        self._configs: dict[Path, dict[str, Any]] = {}
         self._tokenizers: dict[Path, TokenizerFiles] = {}
-        self._checked: dict[tuple[int, int], Checkpoint] = {}
+        self._checked: dict[tuple[Path, bool, int], Checkpoint] = {}
         self._opened: dict[int, Checkpoint] = {}
+        self._fetched: set[Path] = set()  # Hub snapshots whose weights are downloaded
         self._entry_of: dict[int, Entry] = {}  # id of a checkpoint the check opened from headers -> its entry
         self._reports: dict[tuple, Inputs] = {}
         self.downloaded_to_check: list[str] = []
@@ -99,7 +101,7 @@ class InputStage:
                 light = replace(self._lights[key], ref=text)
             adapter = read_adapter_config(light.path, text) if is_adapter_dir(light.path) else None
             self._entries[text] = Entry(source=source, light=light, adapter=adapter,
-                                        weights=not isinstance(source, HubSource))
+                                        weights=not isinstance(source, HubSource) or light.path in self._fetched)
         return self._entries[text]
 
     def _source(self, text: str) -> Ingredient | HubSource:
@@ -114,9 +116,10 @@ class InputStage:
 
     def config(self, entry: Entry) -> dict[str, Any]:
         """The entry's `config.json`, parsed once (an adapter has none: its base's counts)."""
-        if id(entry) not in self._configs:
-            self._configs[id(entry)] = read_config(entry.light.path, entry.ref)
-        return self._configs[id(entry)]
+        folder = entry.light.path.resolve()
+        if folder not in self._configs:
+            self._configs[folder] = read_config(entry.light.path, entry.ref)
+        return self._configs[folder]
 
     def tokenizer(self, folder: Path) -> TokenizerFiles:
         """The tokenizer files of a folder, read once."""
@@ -208,13 +211,14 @@ class InputStage:
     def _checkpoint(self, entry: Entry, base: Checkpoint | None = None) -> Checkpoint:
         """For the check: a Hub model from its headers (a `.bin` one downloaded), a local one opened, an
         adapter (small: downloaded) over its base. Each once."""
-        key = (id(entry), id(base))
+        key = (entry.light.path.resolve(), entry.adapter is not None, id(base))
         if key in self._checked:
             return self._checked[key]
         if entry.adapter is not None:
             if entry.remote and not entry.weights:
                 entry.light = fetch_weights(entry.source, entry.light, files=list(ADAPTER_FILES), token=self.token)
                 entry.weights = True
+                self._fetched.add(entry.light.path)
             assert base is not None
             ckpt: Checkpoint = AdapterCheckpoint(entry.light.path, base, entry.ref, adapter_config=entry.adapter)
         elif entry.remote and not entry.weights:
@@ -245,8 +249,11 @@ class InputStage:
             logger.info("downloading %s of weights from %d repo(s)", format_size(needed), len(remote))
             check_disk_space(needed, hub_cache())
         for e in remote:
-            e.light = fetch_weights(e.source, e.light, variant=self.variant, token=self.token)
-            e.weights = True
+            if e.light.path not in self._fetched:  # `org/a` and `org/a@<its sha>` share one snapshot
+                e.light = fetch_weights(e.source, e.light, variant=self.variant, token=self.token)
+                self._fetched.add(e.light.path)
+            for same in self._entries.values():
+                same.weights = same.weights or same.light.path in self._fetched
 
     def opened(self, checked: Checkpoint) -> Checkpoint:
         """A checked checkpoint readable: one known from its headers opened from its downloaded files (which must
@@ -388,12 +395,3 @@ def _upgraded(view: Checkpoint, checked: Checkpoint, opened: Checkpoint) -> Chec
     if view is checked:
         return opened
     return opened.renamed({new: view.stored[new] for new in view.tensors})
-
-
-def check_inputs(refs: Sequence[str | os.PathLike], *, pivot: str | int = "mean", base: str | None = None,
-                 variant: str | None = None, token: str | None = None, allow_dtype_mismatch: bool = False,
-                 tokenizer_source: str | int = "auto") -> Inputs:
-    """`InputStage(token=, variant=).check(...)`: the compatibility report of `refs`, no weight downloaded."""
-    return InputStage(token=token, variant=variant).check(refs, pivot=pivot, base=base,
-                                                          tokenizer_source=tokenizer_source,
-                                                          allow_dtype_mismatch=allow_dtype_mismatch)

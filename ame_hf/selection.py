@@ -225,13 +225,17 @@ class Selection:
 def start_selection(ingredients: Sequence[str | os.PathLike], out: Path, overwrite: bool, *,
                     data: str | os.PathLike | LabelledData | TextData,
                     test_data: str | os.PathLike | LabelledData | TextData | None, task: str | None,
-                    metric: str | None, base: str | None, token: str | None) -> Selection:
+                    metric: str | None, base: str | None, token: str | None,
+                    config: AmeConfig | None = None) -> Selection:
     """What `tune` and `greedy_soup` share, every check before any weight is downloaded: `--out` (before and after
     resolving), the ingredients checked as a merge checks them (adapters against their base), the task every model
-    can do, its metric and the data loaded; then the weights fetched (announced, disk checked)."""
+    can do, its metric and the data loaded; then the weights fetched (announced, disk checked). `config` holds the
+    output options (variant, tokenizer source, dtype) the merges will run with."""
     check_output_dir(out, overwrite, inputs=local_inputs([*ingredients, *([base] if base else [])]))
-    stage = InputStage(token=token)
-    checked = stage.check(ingredients, base=base)
+    output = config or AmeConfig()  # the output options every merge of the selection runs with
+    stage = InputStage(token=token, variant=output.variant)
+    checked = stage.check(ingredients, base=base, tokenizer_source=output.tokenizer_source,
+                          allow_dtype_mismatch=output.dtype != "auto")
     checked.raise_for_errors()  # incompatible ingredients: refused before a download, as merge refuses them
     models = resolve_models([os.fspath(r) for r in ingredients], base=base, stage=stage)
     check_output_dir(out, overwrite, inputs=[*checked.paths, *input_paths(models)])

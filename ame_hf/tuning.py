@@ -18,6 +18,7 @@ from .card import add_card_section, update_card
 from .config import OUTPUT_FIELDS, AmeConfig
 from .evaluation import LabelledData, TextData, evaluate_model
 from .full_models import FullModels
+from .inputs import InputStage
 from .merging import merge
 from .output import make_staging_dir, publish
 from .selection import (Candidate, GreedySoup, Selection, best_candidate, greedy_label, greedy_section, ranked,
@@ -171,7 +172,7 @@ def tune(
                           batch_size=batch_size)
     out = Path(out_dir)
     sel = start_selection(ingredients, out, overwrite, data=data, test_data=test_data, task=task, metric=metric,
-                          base=output.base, token=token)
+                          base=output.base, token=token, config=output)
     configs = _candidate_configs(grid if grid is not None else default_grid(), budget, output)
     search = _Search(metric=sel.metric, test=sel.test, log=log, total=len(sel.refs) + 1 + len(configs),
                      score=lambda path, d=sel.val: evaluate_model(str(path), d, sel.task, sel.metric,
@@ -186,7 +187,8 @@ def tune(
             search.consider(Candidate(f"ingredient {i}: {sel.names[i]}", s, ingredient=i), None)
         for n, cfg in enumerate(configs):
             started = time.perf_counter()
-            _try_variant(search, n, cfg, sel.refs, scratch / f"cand{n}" / name, token=token, device=device)
+            _try_variant(search, n, cfg, sel.refs, scratch / f"cand{n}" / name, token=token, device=device,
+                         stage=sel.stage)
             if n == 0:  # after the soup: the time estimate, then the greedy soup
                 if log:
                     per = time.perf_counter() - started
@@ -248,10 +250,11 @@ class _Search:
 
 
 def _try_variant(search: _Search, n: int, cfg: AmeConfig, refs: Sequence[str], target: Path, *,
-                 token: str | None, device: str | None) -> None:
-    """Merge candidate `n` into `target`, score it, and consider it (the soup, n = 0, is scored on test data)."""
+                 token: str | None, device: str | None, stage: InputStage) -> None:
+    """Merge candidate `n` into `target` (with the run's input stage: every input read once for all candidates),
+    score it, and consider it (the soup, n = 0, is scored on test data)."""
     target.parent.mkdir()
-    result = merge(refs, target, cfg, token=token, progress=False, device=device)
+    result = merge(refs, target, cfg, token=token, progress=False, device=device, stage=stage)
     cand = Candidate(_label(cfg), search.score(result.path), config=result.config)
     if search.test is not None and n == 0:
         search.test_score("soup", cand, lambda: result.path)
