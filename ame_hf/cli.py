@@ -186,7 +186,7 @@ def cmd_merge(args: argparse.Namespace, run: MergeRun) -> int:
     refs, out = run.refs, run.out
     # Before torch and the Hub client load: a bad path or --out fails in a fraction of a second.
     check_output_dir(Path(out), args.overwrite, inputs=local_inputs([*refs, *run.config.other_refs]))
-    check_before_merge(args, refs)
+    stage = check_before_merge(args, refs, run.config)
     from .devices import keep_freed_memory
 
     keep_freed_memory()
@@ -199,7 +199,7 @@ def cmd_merge(args: argparse.Namespace, run: MergeRun) -> int:
 
     result = merge(refs, out, run.config, token=args.token, overwrite=args.overwrite,
                    progress=not args.quiet, device=args.device, threads=args.threads,
-                   max_memory=args.max_memory)
+                   max_memory=args.max_memory, stage=stage)
     _say(args, f"merged {len(result.ingredients)} checkpoints with {result.config.optimizer} "
                f"in {result.seconds:.1f}s -> {result.path}")
     if args.data:

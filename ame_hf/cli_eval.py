@@ -17,7 +17,6 @@ from .config import OUTPUT_FIELDS, WEIGHT_FIELDS, AmeConfig
 from .errors import InvalidConfigError
 from .evaluation import TASKS, check_scorable, default_metric, higher_is_better, load_data, task_for_models
 from .lm_evaluation import perplexity
-from .resolve import model_config
 
 DEFAULT_BUDGET = 12  # tuning.DEFAULT_BUDGET (not imported: it loads torch)
 
@@ -130,15 +129,24 @@ def validate_tune(args: argparse.Namespace) -> AmeConfig:
                         max_length=args.max_length, batch_size=args.eval_batch_size)
 
 
-def check_before_merge(args: argparse.Namespace, refs: Sequence[str]) -> None:
-    """The evaluation must be possible before the merge starts, not found impossible after it."""
-    if args.data:
-        args.task = task_for_models([(r, model_config(r, token=args.token)) for r in refs], args.task)
-        args.metric = default_metric(args.task, args.metric)
-        for path in (args.data, args.test_data):
-            if path:
-                load_data(path, args.task)
-        check_scorable(refs, args.task)
+def check_before_merge(args: argparse.Namespace, refs: Sequence[str], config: AmeConfig) -> Any:
+    """The evaluation must be possible before the merge starts, not found impossible after it: the models are
+    resolved by the input stage (light files only; a PEFT adapter with its base), the task, data and tokenizers
+    checked. Returns that `InputStage` for the merge to share (None without `--eval-data`)."""
+    if not args.data:
+        return None
+    from .full_models import resolve_models
+    from .inputs import InputStage
+
+    stage = InputStage(token=args.token, variant=config.variant)
+    models = resolve_models(refs, base=config.base, stage=stage)
+    args.task = task_for_models([(m.name, m.config) for m in models], args.task)
+    args.metric = default_metric(args.task, args.metric)
+    for path in (args.data, args.test_data):
+        if path:
+            load_data(path, args.task)
+    check_scorable([m.tokenizer for m in models], args.task)
+    return stage
 
 
 def merge_greedy(args: argparse.Namespace, refs: Sequence[str], out: str, config: AmeConfig) -> Path:
@@ -157,8 +165,9 @@ def merge_greedy(args: argparse.Namespace, refs: Sequence[str], out: str, config
 
 
 def evaluate_merge(args: argparse.Namespace, result: Any) -> None:
+    label = Path(result.path).absolute().name  # the output as the user named it (not "merged" whatever --out is)
     rows = _evaluate_rows([str(result.path)] + [str(i.path) for i in result.ingredients], args,
-                          labels=["merged"] + [i.display_name for i in result.ingredients], base=result.config.base)
+                          labels=[label] + [i.display_name for i in result.ingredients], base=result.config.base)
     update_card(result.path, rows, task=args.task, dataset=Path(args.data).stem, metric=args.metric)
     print(table(rows, args.metric))
 
