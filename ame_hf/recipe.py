@@ -13,7 +13,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from .config import INFO_KEYS, PIVOT_WORDS, AmeConfig, load_yaml_mapping
+from .config import (INFO_KEYS, PIVOT_WORDS, SOURCE_WORDS, AmeConfig, load_yaml_mapping, normalize_pivot,
+                     normalize_source)
 from .errors import InvalidConfigError
 from .optimizers import optimizer_class, reported_hyperparameters
 from .records import Ingredient, MergeResult
@@ -117,7 +118,7 @@ def read_recipe(path: str | Path) -> Recipe:
     """
     path = Path(path)
     data = load_yaml_mapping(path)
-    base = path.parent
+    folder = path.parent
     if data.get("selected_by") == "tune":
         adapter = f" (a PEFT adapter, merged into its base {data['selected_base']})" if data.get("selected_base") else ""
         raise InvalidConfigError(
@@ -128,11 +129,16 @@ def read_recipe(path: str | Path) -> Recipe:
     refs = data.pop("ingredients", None) or []
     if not (isinstance(refs, list) and all(isinstance(r, str) for r in refs)):
         raise InvalidConfigError(f"{path}: ingredients must be a list of references")
-    if isinstance(data.get("pivot"), str) and data["pivot"].lower() not in PIVOT_WORDS:
-        data["pivot"] = rebase_ref(data["pivot"], base)
-    for key in ("base", "tokenizer_source"):
-        if isinstance(data.get(key), str) and data[key].lower() not in ("pivot", "first"):
-            data[key] = rebase_ref(data[key], base)
+    # A keyword or an index is never a path, even when a folder of that name sits beside the YAML: the
+    # config's own readers decide what is one.
+    for key, normalize, words in (("pivot", normalize_pivot, PIVOT_WORDS),
+                                  ("tokenizer_source", normalize_source, SOURCE_WORDS)):
+        if isinstance(data.get(key), str):
+            data[key] = normalize(data[key])
+            if isinstance(data[key], str) and data[key] not in words:
+                data[key] = rebase_ref(data[key], folder)
+    if isinstance(data.get("base"), str):
+        data["base"] = rebase_ref(data["base"], folder)
     out = data.pop("out", None)
-    return Recipe(refs=[rebase_ref(r, base) for r in refs], out=rebase_ref(out, base) if isinstance(out, str) else out,
+    return Recipe(refs=[rebase_ref(r, folder) for r in refs], out=rebase_ref(out, folder) if isinstance(out, str) else out,
                   values=data)
