@@ -16,6 +16,7 @@ from .config import AmeConfig
 from .errors import InvalidConfigError
 from .evaluation import (TextData, LabelledData, check_scorable, default_metric, evaluate_model, is_better, load_data,
                          sort_key, task_for_models)
+from .finish import copy_model_files
 from .full_models import FullModels, ResolvedModel, fetch_models, input_paths, resolve_models
 from .inputs import InputStage
 from .merging import merge
@@ -185,7 +186,8 @@ def copy_ingredient(target: Path, ingredient: Ingredient, refs: Sequence[str], c
     if full is not None:
         shutil.move(full, target)
     else:
-        shutil.copytree(ingredient.path, target, ignore=shutil.ignore_patterns("README.md", "*.py", ".*"))
+        # The same rule as a merge's side files, weights kept: no code, training state or hidden files.
+        copy_model_files(ingredient.path, target, weights=True, skip=lambda name: name in ("README.md", RUN_FILE))
     selection_card(ingredient, list(refs), candidates, by=by, base=base).save(target / "README.md")
     write_selection_file(target / RUN_FILE, ingredient, candidates, base=base)
     return target
