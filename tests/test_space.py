@@ -34,6 +34,8 @@ UI_TIMEOUT = 120_000  # ms; a merge downloads both ingredients from the local Hu
 SHA = re.compile(r"\b[0-9a-f]{40}\b")
 INGREDIENTS = ["org/space-a", "org/space-b"]
 CLASSIFIERS = ["org/space-cls-a", "org/space-cls-b", "org/space-cls-c"]
+LORA_BASE = "org/space-lora-base"
+LORAS = ["org/space-lora-0", "org/space-lora-1"]
 
 
 def _free_port() -> int:
@@ -73,6 +75,28 @@ def classifier_repos(hub, hub_token, classifiers) -> tuple[list[str], Path]:
         api.create_repo(repo_id, exist_ok=True)
         api.upload_folder(repo_id=repo_id, folder_path=folder)
     return CLASSIFIERS, val
+
+
+@pytest.fixture(scope="module")
+def lora_repos(hub, hub_token, lm_adapters, tmp_path_factory) -> dict[str, str]:
+    """The tiny llama base and its two LoRA adapters on the test Hub; the adapters name no base of their own, so
+    only the form's Base box can give it. Returns {"base": repo ID, "adapters": one a line}."""
+    import json
+
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.url, token=hub_token)
+    api.create_repo(LORA_BASE, exist_ok=True)
+    api.upload_folder(repo_id=LORA_BASE, folder_path=lm_adapters["base"])
+    root = tmp_path_factory.mktemp("space-loras")
+    for repo_id, adapter in zip(LORAS, lm_adapters["adapters"]):
+        folder = Path(shutil.copytree(adapter, root / adapter.name))
+        config = json.loads((folder / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = None
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=folder)
+    return {"base": LORA_BASE, "adapters": "\n".join(LORAS)}
 
 
 @pytest.fixture(scope="module")
@@ -269,6 +293,9 @@ def test_local_paths_are_refused_when_asked(tmp_path):
     with pytest.raises(InvalidConfigError, match="local paths are disabled"):  # a tokenizer source too
         run_merge("org/space-a\norg/space-b", {"tokenizer_source": str(tmp_path)}, tmp_path / "run",
                   allow_local_paths=False)
+    with pytest.raises(InvalidConfigError, match="local paths are disabled"):  # and a base
+        run_merge("org/space-a\norg/space-b", {"base": f"{tmp_path}"}, tmp_path / "run", allow_local_paths=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_tokenizer_source_of_the_form_reaches_the_merge(tmp_path):
@@ -381,3 +408,34 @@ def test_browser_evaluate_and_tune(browser, space_url, classifier_repos):
     expect(page.locator("#tune-summary")).to_contain_text("Selected", timeout=UI_TIMEOUT)
     expect(page.locator("#candidates")).to_contain_text("soup", timeout=UI_TIMEOUT)
     page.close()
+
+
+def test_gradio_client_merges_lora_adapters_with_the_base_box(space_url, lora_repos, hub, hub_token, tmp_path,
+                                                             monkeypatch):
+    """Adapters that name no base merge with the Merge tab's Base box, into the weights the library writes for
+    `base=`; the recipe records the pinned base."""
+    import ame_hf
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+    from huggingface_hub import HfApi
+
+    from factories import load_state
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    client = Client(space_url, verbose=False, download_files=False)
+    try:
+        with pytest.raises(AppError, match="base"):  # without the box the adapters have none
+            client.predict(ingredients=lora_repos["adapters"], optimizer="sgd", api_name="/merge")
+        card, config_yaml, summary = client.predict(ingredients=lora_repos["adapters"], optimizer="sgd",
+                                                    base=f" {lora_repos['base']} ", api_name="/merge")
+        status = client.predict(repo_id="org/space-lora-merged", token=hub_token, api_name="/push")
+        assert status.startswith("Pushed to")
+    finally:
+        client.close()
+    api = HfApi(endpoint=hub.url, token=hub_token)
+    base_sha = api.model_info(lora_repos["base"]).sha
+    assert f"base: {lora_repos['base']}@{base_sha}" in config_yaml and lora_repos["base"] in card
+    direct = ame_hf.merge(LORAS, tmp_path / "direct", optimizer="sgd", base=lora_repos["base"], progress=False)
+    pushed = Path(api.snapshot_download("org/space-lora-merged", local_dir=tmp_path / "pushed"))
+    written, expected = load_state(pushed), load_state(direct.path)
+    assert written.keys() == expected.keys() and all(written[k].equal(expected[k]) for k in expected)
