@@ -9,6 +9,7 @@ inside an input of the merge, the current directory, a parent of it, the home di
 from __future__ import annotations
 
 import errno
+import glob
 import logging
 import os
 import shutil
@@ -105,12 +106,39 @@ def remove_stale_staging(parent: Path) -> None:
     """Remove staging directories left in `parent` by ame-hf processes that are gone (SIGKILL, power loss).
 
     Their names start with `.ame-tmp-<pid>-`; one whose process still runs is left alone.
+
+    Args:
+        parent: the folder that holds `--out`.
     """
-    for path in parent.glob(STAGING_PREFIX + "*"):
-        pid_text = path.name[len(STAGING_PREFIX):].split("-", 1)[0]
-        if path.is_dir() and not path.is_symlink() and pid_text.isdigit() and not _pid_alive(int(pid_text)):
+    remove_stale_dirs(parent, STAGING_PREFIX)
+
+
+def remove_stale_dirs(parent: Path, prefix: str) -> list[Path]:
+    """Remove the directories `<prefix><pid>-*` in `parent` whose process is gone: what an ame-hf process that
+    was killed left behind. Only directories of this user are touched; a name without a pid, a link, or a
+    directory whose process still runs (or may: another user's) stays.
+
+    Args:
+        parent: where to look.
+        prefix: the start of the names ame-hf gives such directories (e.g. `.ame-tmp-`).
+
+    Returns:
+        The directories removed.
+    """
+    removed = []
+    for path in parent.glob(glob.escape(prefix) + "*"):
+        pid_text = path.name[len(prefix):].split("-", 1)[0]
+        if (pid_text.isdigit() and path.is_dir() and not path.is_symlink() and _owned(path)
+                and not _pid_alive(int(pid_text))):
             logger.debug("removing %s, left by process %s, which is gone", path, pid_text)
             shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _owned(path: Path) -> bool:
+    getuid = getattr(os, "getuid", None)  # POSIX; elsewhere a temp folder is the user's own
+    return getuid is None or path.lstat().st_uid == getuid()
 
 
 def _pid_alive(pid: int) -> bool:

@@ -3,15 +3,20 @@ Only ame-hf's public API does the work; gradio is imported lazily, since only th
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .fetch import format_size
+from .output import remove_stale_dirs
 from .space_select import (TASK_CHOICES, card_markdown, evaluation_markdown, parse_ingredients, refuse_local_paths,
                            run_evaluate, run_tune)
 
@@ -38,6 +43,8 @@ data; **Push** uploads the latest Merge or Tune result with its card.
 # What the data uploads take (`ame_hf.evaluate`'s formats); the suffix decides how a file is read.
 DATA_TYPES = [".jsonl", ".json", ".csv", ".txt"]
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# Each run's output goes to a new `<tmp>/ame-hf-space-<pid>-*` folder: the pid tells a stale one.
+WORK_DIR_PREFIX = "ame-hf-space-"
 # Progress callback of `run_merge`: (fraction done, description).
 Progress = Callable[[float, str], None]
 
@@ -161,7 +168,7 @@ def _in_fresh_work_dir(run: Callable[[Path], Any], previous: str | None) -> Any:
 
     A fresh directory per run: a failed merge or tune leaves the previous result (and its Push) intact.
     """
-    work_dir = Path(tempfile.mkdtemp(prefix="ame-hf-space-"))
+    work_dir = new_work_dir()
     try:
         with _shown_as_gradio_errors():
             view = run(work_dir)
@@ -170,6 +177,51 @@ def _in_fresh_work_dir(run: Callable[[Path], Any], previous: str | None) -> Any:
         raise
     _remove_work_dir(previous)
     return view
+
+
+def new_work_dir() -> Path:
+    """A new temporary folder for one run's output, named `ame-hf-space-<pid>-*` after this process, which
+    removes it when it exits (see `clean_up_work_dirs`).
+
+    Returns:
+        The folder (empty).
+    """
+    _remove_own_work_dirs_at_exit()
+    return Path(tempfile.mkdtemp(prefix=f"{WORK_DIR_PREFIX}{os.getpid()}-"))
+
+
+def clean_up_work_dirs() -> list[Path]:
+    """What the app does at start: remove the work folders of Space processes that are gone (a Ctrl-C'd or
+    killed app leaves merged models behind, gigabytes with real ones), and have this process remove its own
+    when it exits, by Ctrl-C (or SIGTERM, where the app has not set a handler of its own) included.
+
+    Returns:
+        The stale folders removed.
+
+    >>> clean_up_work_dirs()  # doctest: +SKIP
+    [PosixPath('/tmp/ame-hf-space-4242-k2j3c9')]
+    """
+    _remove_own_work_dirs_at_exit()
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _remove_own_work_dirs_and_terminate)
+    return remove_stale_dirs(Path(tempfile.gettempdir()), WORK_DIR_PREFIX)
+
+
+@functools.cache
+def _remove_own_work_dirs_at_exit() -> None:
+    atexit.register(_remove_own_work_dirs)
+
+
+def _remove_own_work_dirs() -> None:
+    for folder in Path(tempfile.gettempdir()).glob(f"{WORK_DIR_PREFIX}{os.getpid()}-*"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_own_work_dirs_and_terminate(signum: int, frame: Any) -> None:
+    # Then die of the signal as before: the exit status and any parent's handling stay the same.
+    _remove_own_work_dirs()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def _import_gradio() -> Any:
@@ -200,6 +252,8 @@ def _shown_as_gradio_errors() -> Iterator[None]:
 def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
     """The Space's `gr.Blocks`, with API endpoints `check`, `merge`, `evaluate`, `tune` and `push`.
 
+    Building it also cleans up the work folders of earlier app processes that are gone (`clean_up_work_dirs`).
+
     Args:
         allow_local_paths: accept local directories as ingredients (default: everywhere but on Spaces,
             where visitors must not read the server's disk).
@@ -213,6 +267,7 @@ def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
     >>> build_app(allow_local_paths=False).launch()  # doctest: +SKIP
     """
     _import_gradio()
+    clean_up_work_dirs()
     handlers = _handlers(not on_spaces() if allow_local_paths is None else allow_local_paths)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(INTRO)

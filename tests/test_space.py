@@ -150,6 +150,8 @@ def space_url(hub, hub_token, tmp_path_factory) -> Iterator[str]:
             proc.wait()
     log_text = log_path.read_text(errors="replace")
     assert hub_token not in log_text, "the app logged the token"
+    # Stopped by SIGTERM (terminate), the app removed the merges it had made.
+    assert sorted(p.name for p in (work / "tmp").glob("ame-hf-space-*")) == []
 
 
 @pytest.fixture(scope="module")
@@ -439,3 +441,67 @@ def test_gradio_client_merges_lora_adapters_with_the_base_box(space_url, lora_re
     pushed = Path(api.snapshot_download("org/space-lora-merged", local_dir=tmp_path / "pushed"))
     written, expected = load_state(pushed), load_state(direct.path)
     assert written.keys() == expected.keys() and all(written[k].equal(expected[k]) for k in expected)
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_building_the_app_removes_work_dirs_of_dead_app_processes_only(tmp_path, monkeypatch):
+    import tempfile
+
+    from ame_hf.space import build_app
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        stale = tmp_path / f"ame-hf-space-{_dead_pid()}-x1y2z3"
+        running = tmp_path / f"ame-hf-space-{live.pid}-a1b2c3"
+        kept = [running, tmp_path / "ame-hf-space-notes", tmp_path / "ame-hf-space-12ab-notes", tmp_path / "mine"]
+        for folder in (stale, *kept):
+            (folder / "merged").mkdir(parents=True)
+            (folder / "merged" / "model.safetensors").write_bytes(b"weights")
+        link = tmp_path / f"ame-hf-space-{_dead_pid()}-link"
+        link.symlink_to(tmp_path / "mine", target_is_directory=True)
+        build_app()
+        assert not stale.exists()
+        assert all((folder / "merged" / "model.safetensors").read_bytes() == b"weights" for folder in kept)
+        assert link.is_symlink() and (tmp_path / "mine" / "merged").is_dir()
+    finally:
+        live.kill()
+        live.wait()
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_a_stopped_app_removes_its_work_dirs(tmp_path, stop):
+    """Ctrl-C (SIGINT) or SIGTERM: the process removes the merge folders it made, and only those."""
+    import signal
+
+    script = (
+        "import time\n"
+        "from ame_hf.space import clean_up_work_dirs, new_work_dir\n"
+        "clean_up_work_dirs()\n"
+        "folder = new_work_dir()\n"
+        "(folder / 'merged').mkdir()\n"
+        "(folder / 'merged' / 'model.safetensors').write_bytes(b'weights')\n"
+        "print(folder, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    other = tmp_path / "ame-hf-space-1-other"  # pid 1 (init) is alive: never this process's
+    other.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        folder = Path(proc.stdout.readline().strip())
+        assert folder.parent == tmp_path and (folder / "merged" / "model.safetensors").is_file()
+        proc.send_signal(getattr(signal, stop))
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert code != 0 and not folder.exists()
+    if stop == "SIGTERM":
+        assert code == -signal.SIGTERM  # it still dies of the signal
+    assert other.is_dir()
