@@ -330,25 +330,39 @@ def greedy_soup(
         trace = run_greedy_soup(refs, scores, lambda p: evaluate(p, val), metric, scratch, out.absolute().name,
                                 config=config, token=token, log=log)
         best = trace.steps[0][0]
-        tests = {}
-        if test is not None:  # the best ingredient's, before an adapter's full model moves into the output
-            tests["best ingredient"] = evaluate(full.path(best), test)
+        # The best ingredient's, before an adapter's full model moves into the output.
+        best_on_test = evaluate(full.path(best), test) if test is not None else None
         if trace.path is None:
             final = write_selected(scratch / "ingredient", full, best, refs, len(refs), by="the greedy soup")
         else:
             final = trace.path
-        if test is not None:  # only the best ingredient kept: it is the greedy soup, already scored
-            tests = {"greedy soup": tests["best ingredient"] if trace.path is None else evaluate(final, test), **tests}
-        label = greedy_label(trace.kept)
-        rows = [(label, trace.score)] + [(f"ingredient {i}: {names[i]}", s) for i, s in enumerate(scores)]
-        update_card(final, rows, task=task, dataset=val.name, metric=metric, model_name=out.absolute().name,
-                    selected_from=len(trace.steps), selected_by="the greedy soup",
-                    test_results=[(label, tests["greedy soup"]), (f"best ingredient: {names[best]}",
-                                                                  tests["best ingredient"])] if tests else None,
-                    test_dataset=test.name if test is not None else None)
-        add_card_section(final, "## Greedy soup", greedy_section(trace, names, metric))
+        tests = _greedy_test_scores(trace, best_on_test, lambda: evaluate(final, test))
+        _write_greedy_card(final, trace, sel, scores, tests, model_name=out.absolute().name)
         publish(final, out, overwrite)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return GreedySoupResult(path=out, kept=trace.kept, score=trace.score, steps=trace.steps,
                             ingredient_scores=scores, test_scores=tests)
+
+
+def _greedy_test_scores(trace: GreedySoup, best_on_test: float | None,
+                        score_output: Callable[[], float]) -> dict[str, float]:
+    """`{"greedy soup": ..., "best ingredient": ...}` on the test data (empty without it). When only the best
+    ingredient is kept it is the greedy soup, already scored: the output is scored only when it is a merge."""
+    if best_on_test is None:
+        return {}
+    return {"greedy soup": best_on_test if trace.path is None else score_output(), "best ingredient": best_on_test}
+
+
+def _write_greedy_card(folder: Path, trace: GreedySoup, sel: Selection, scores: Sequence[float],
+                       tests: dict[str, float], *, model_name: str) -> None:
+    """The greedy soup's scores (validation, and test when given) and its trace, into the card of `folder`."""
+    label = greedy_label(trace.kept)
+    best = trace.steps[0][0]
+    rows = [(label, trace.score)] + [(f"ingredient {i}: {sel.names[i]}", s) for i, s in enumerate(scores)]
+    test_results = [(label, tests["greedy soup"]), (f"best ingredient: {sel.names[best]}", tests["best ingredient"])
+                    ] if tests else None
+    update_card(folder, rows, task=sel.task, dataset=sel.val.name, metric=sel.metric, model_name=model_name,
+                selected_from=len(trace.steps), selected_by="the greedy soup", test_results=test_results,
+                test_dataset=sel.test.name if sel.test is not None else None)
+    add_card_section(folder, "## Greedy soup", greedy_section(trace, sel.names, sel.metric))
