@@ -87,7 +87,14 @@ def _agreed(values: Sequence[Any]) -> Any:
 
 
 def ingredient_card_data(path: Path) -> dict[str, Any]:
-    """The YAML metadata of an ingredient's own README.md, if it has one (read locally)."""
+    """The YAML metadata of an ingredient's own README.md, read locally; an unreadable card counts as none.
+
+    Args:
+        path: the ingredient's folder.
+
+    Returns:
+        The metadata as a dict (empty without a card).
+    """
     readme = path / "README.md"
     if not readme.is_file():
         return {}
@@ -144,7 +151,15 @@ def reproduce_command(result: "MergeResult", out: str = REPRODUCE_OUT) -> str:
 
 
 def output_dtype_text(result: "MergeResult", checkpoints: Sequence["Checkpoint"]) -> str:
-    """The dtype(s) the weights were written in: the `dtype` option, or the ingredients' under `auto`."""
+    """The dtype(s) the weights were written in: the `dtype` option, or the ingredients' under `auto`.
+
+    Args:
+        result: the merge's `MergeResult`.
+        checkpoints: the opened ingredients (the first one's floating dtypes are the output's under `auto`).
+
+    Returns:
+        A phrase for the card, e.g. `bfloat16` or `float32 (the ingredients' dtype)`.
+    """
     if result.config.dtype != "auto":
         return result.config.dtype
     found = sorted({str(ckpt.info(n).dtype).removeprefix("torch.") for ckpt in checkpoints[:1]
@@ -319,7 +334,13 @@ def update_card(directory: str | os.PathLike, results: Sequence[tuple[str, float
 
 
 def add_card_section(directory: str | os.PathLike, heading: str, body: str) -> None:
-    """Put a Markdown section (replacing one of the same heading) before the card's "How to use"."""
+    """Put a Markdown section (replacing one of the same heading) before the card's "How to use".
+
+    Args:
+        directory: the model folder whose README.md is updated (created if missing).
+        heading: the section's heading line, e.g. `## Greedy soup`.
+        body: the section's Markdown.
+    """
     from huggingface_hub import ModelCard
 
     readme = Path(directory) / "README.md"
@@ -348,7 +369,18 @@ def _put_section(text: str, heading: str, section: str, before: Sequence[str]) -
 def selection_card(ingredient: Ingredient, refs: Sequence[str], candidates: int,
                    by: str = "`ame-hf tune`", base: Ingredient | None = None) -> "ModelCard":
     """The card of a `tune` (or greedy soup) output that is the ingredient it selected: an unchanged copy of
-    it, or for a PEFT adapter (with its `base`) the full model the adapter makes of that base."""
+    it, or for a PEFT adapter (with its `base`) the full model the adapter makes of that base.
+
+    Args:
+        ingredient: the selected ingredient.
+        refs: every ingredient, as the card lists them.
+        candidates: how many candidates it was selected from.
+        by: what selected it, as Markdown.
+        base: the base model, when the ingredient is a LoRA adapter.
+
+    Returns:
+        A `huggingface_hub.ModelCard`.
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
     repos = [r for r in (ingredient.repo_id, base.repo_id if base else None) if r]

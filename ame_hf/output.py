@@ -91,7 +91,18 @@ def _umask() -> int:
 
 def make_staging_dir(out: str | os.PathLike) -> Path:
     """A fresh hidden directory beside `out` (same filesystem, so the final rename is atomic), with the
-    permissions of a directory the user would create (mkdtemp's are 0700)."""
+    permissions of a directory the user would create (mkdtemp's are 0700). Staging directories of dead
+    processes there are removed first.
+
+    Args:
+        out: the output directory.
+
+    Returns:
+        The new directory, `.ame-tmp-<pid>-<name>-*`.
+
+    Raises:
+        OutputError: the parent of `out` cannot be written.
+    """
     out = Path(out).absolute()
     remove_stale_staging(out.parent)
     try:
@@ -154,7 +165,19 @@ def _pid_alive(pid: int) -> bool:
 @contextmanager
 def staging_cleanup(staging: Path, out: str | os.PathLike, *, owner: bool = True) -> Iterator[None]:
     """Errors and Ctrl-C alike never leave a half-written model behind: the owner of `staging` removes
-    it, and an OSError becomes one `OutputError` line about `out`."""
+    it, and an OSError becomes one `OutputError` line about `out`.
+
+    Args:
+        staging: the staging directory.
+        out: the output directory (for the message).
+        owner: this block made `staging` and removes it on failure.
+
+    Returns:
+        A context manager.
+
+    Raises:
+        OutputError: an OSError inside the block.
+    """
     try:
         yield
     except BaseException as err:
@@ -166,7 +189,17 @@ def staging_cleanup(staging: Path, out: str | os.PathLike, *, owner: bool = True
 
 
 def publish(staging: Path, out: str | os.PathLike, overwrite: bool) -> None:
-    """Move a complete staging directory to `out`; an existing output is replaced only at the end."""
+    """Move a complete staging directory to `out`; an existing output is replaced only at the end.
+
+    Args:
+        staging: the finished staging directory.
+        out: the output directory.
+        overwrite: an existing ame-hf output there may be replaced.
+
+    Raises:
+        OutputError: `out` was filled by something else meanwhile (nothing is replaced).
+        OSError: a rename failed (a replaced output is put back first).
+    """
     out = Path(out).absolute()
     old = None
     if out.exists():
@@ -186,7 +219,15 @@ def publish(staging: Path, out: str | os.PathLike, overwrite: bool) -> None:
 
 
 def describe_os_error(err: OSError, out: Path) -> str:
-    """One line for an OSError met while writing the output."""
+    """One line for an OSError met while writing the output.
+
+    Args:
+        err: the error.
+        out: the output directory.
+
+    Returns:
+        The message, saying what to do (free space, a writable `--out`).
+    """
     if err.errno in (errno.ENOSPC, errno.EFBIG):
         return f"not enough space to write the output beside {out} ({err.strerror}); free some space or choose another --out"
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

@@ -55,6 +55,16 @@ class Candidate:
 
         Ties go to the soup, then the greedy soup, then AME, then a single ingredient: a merge uses
         the experts, and a tie on a small validation set says nothing in favour of one of them.
+
+        Args:
+            metric: the metric of the score (its direction decides "larger").
+
+        Returns:
+            `(direction-aware score, kind)`, to compare with `max` or `sorted`.
+
+        >>> Candidate("soup", 0.9, config=AmeConfig.soup()).rank_key() > Candidate("ingredient 0", 0.9,
+        ...                                                                         ingredient=0).rank_key()
+        True
         """
         if self.kept is not None:
             kind = 2 if self.config is not None else 0  # a greedy soup of one is that ingredient
@@ -69,6 +79,16 @@ def best_candidate(candidates: Sequence[Candidate], metric: str) -> Candidate:
     """The best candidate for `metric` (highest accuracy, lowest loss, ...); among equals, by kind, then
     the first (grid order).
 
+    Args:
+        candidates: the scored candidates, in grid order.
+        metric: the metric of their scores.
+
+    Returns:
+        The best one.
+
+    Raises:
+        InvalidConfigError: there are no candidates.
+
     >>> best_candidate([Candidate("a", 2.0), Candidate("b", 1.5)], "loss").label
     'b'
     """
@@ -78,11 +98,22 @@ def best_candidate(candidates: Sequence[Candidate], metric: str) -> Candidate:
 
 
 def ranked(candidates: Sequence[Candidate], metric: str) -> list[Candidate]:
-    """Best first (stable: equals keep their order)."""
+    """The candidates best first (stable: equals keep their order).
+
+    Args:
+        candidates: the scored candidates.
+        metric: the metric of their scores.
+
+    Returns:
+        A new list.
+
+    >>> [c.label for c in ranked([Candidate("a", 0.5), Candidate("b", 0.7)], "accuracy")]
+    ['b', 'a']
+    """
     return sorted(candidates, key=lambda c: c.rank_key(metric), reverse=True)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GreedySoup:
     """The trace of a greedy soup: which ingredients it kept, each step, and where its merge is.
 
@@ -102,6 +133,12 @@ class GreedySoup:
 
 def soup_config(config: AmeConfig | None = None) -> AmeConfig:
     """The uniform soup, keeping `config`'s output options (dtype, shard size, variant, ...).
+
+    Args:
+        config: the caller's options (None: the defaults).
+
+    Returns:
+        The soup's `AmeConfig` (SGD, lr 1, harmonic).
 
     Raises:
         InvalidConfigError: `config` sets an option that decides the weights (the greedy soup is a soup).
@@ -134,6 +171,9 @@ def run_greedy_soup(refs: Sequence[str], scores: Sequence[float], score: Callabl
 
     Returns:
         A `GreedySoup`.
+
+    Raises:
+        InvalidConfigError: `config` sets an option that decides the weights.
     """
     cfg = soup_config(config)
     order = sorted(range(len(refs)), key=lambda i: -sort_key(scores[i], metric))  # stable: ties by index
@@ -160,11 +200,31 @@ def run_greedy_soup(refs: Sequence[str], scores: Sequence[float], score: Callabl
 
 
 def greedy_label(kept: Sequence[int]) -> str:
+    """How tables and cards name a greedy soup.
+
+    Args:
+        kept: the ingredient indices it averages.
+
+    Returns:
+        The label.
+
+    >>> greedy_label([0, 2])
+    'greedy soup (kept 0, 2)'
+    """
     return f"greedy soup (kept {', '.join(map(str, kept))})"
 
 
 def greedy_section(trace: GreedySoup, names: Sequence[str], metric: str) -> str:
-    """The card section that says which ingredients the greedy soup kept, and why."""
+    """The card section that says which ingredients the greedy soup kept, and why.
+
+    Args:
+        trace: the greedy soup's trace.
+        names: each ingredient's name, by index.
+        metric: the metric of the scores.
+
+    Returns:
+        Markdown: a paragraph and the table of steps.
+    """
     rows = "\n".join(f"| {k + 1} | {i}: {names[i]} | {v:.4f} | {'kept' if ok else 'rejected (worse)'} |"
                      for k, (i, v, ok) in enumerate(trace.steps))
     return (f"A **greedy soup** (Wortsman et al. 2022, *Model soups*): the ingredients sorted by validation "
@@ -181,7 +241,20 @@ def copy_ingredient(target: Path, ingredient: Ingredient, refs: Sequence[str], c
     For a PEFT adapter it is the full model the adapter makes of its `base`: `full`, the folder
     `FullModels.hand_over` gave (ame-hf's own merge, moved into place), never the adapter's own files.
     The marker (`ame_config.yaml`) makes the copy ame-hf's own output (so `--overwrite` may replace it and
-    `push` takes it); it is no merge recipe, and `merge --config` says so.
+    `push` takes it); it is no merge recipe, and `merge --config` says so. A copy takes what `finish.may_copy`
+    allows, weights included: no code, training state or hidden files.
+
+    Args:
+        target: the new output folder.
+        ingredient: the selected ingredient.
+        refs: every ingredient, as the card lists them.
+        candidates: how many candidates it was selected from.
+        by: what selected it, as Markdown.
+        full: for an adapter, the folder of its full model, moved to `target`.
+        base: for an adapter, its base model.
+
+    Returns:
+        `target`.
     """
     if full is not None:
         shutil.move(full, target)
@@ -195,7 +268,19 @@ def copy_ingredient(target: Path, ingredient: Ingredient, refs: Sequence[str], c
 
 def write_selected(target: Path, models: FullModels, index: int, refs: Sequence[str], candidates: int,
                    by: str = "`ame-hf tune`") -> Path:
-    """`copy_ingredient` of model `index`: a full checkpoint copied, an adapter's full model moved into place."""
+    """`copy_ingredient` of model `index`: a full checkpoint copied, an adapter's full model moved into place.
+
+    Args:
+        target: the new output folder.
+        models: the selection's models.
+        index: the selected one.
+        refs: every ingredient, as the card lists them.
+        candidates: how many candidates it was selected from.
+        by: what selected it, as Markdown.
+
+    Returns:
+        `target`.
+    """
     model = models.models[index]
     return copy_ingredient(target, model.ingredient, refs, candidates, by, full=models.hand_over(index),
                            base=model.base)
@@ -253,7 +338,7 @@ def start_selection(ingredients: Sequence[str | os.PathLike], out: Path, overwri
                      names=[i.display_name for i in resolved], stage=stage)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GreedySoupResult:
     """What `greedy_soup` wrote: the output, the kept ingredient indices, the trace, and held-out scores.
 
@@ -312,6 +397,10 @@ def greedy_soup(
 
     Returns:
         A `GreedySoupResult`.
+
+    Raises:
+        AmeError: an option that decides the weights (`InvalidConfigError`), an `--out` that may not be written
+            (`OutputError`), ingredients, data or a task that do not fit, before any merge; what a merge refuses.
 
     >>> greedy_soup(["org/a", "org/b", "org/c"], "greedy", data="val.jsonl").kept  # doctest: +SKIP
     [0, 2]

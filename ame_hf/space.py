@@ -50,21 +50,38 @@ Progress = Callable[[float, str], None]
 
 
 def on_spaces() -> bool:
-    """True when running on Hugging Face Spaces (which sets SPACE_ID)."""
+    """Whether this process runs on Hugging Face Spaces.
+
+    Returns:
+        True when SPACE_ID is set (Spaces sets it).
+    """
     return bool(os.environ.get("SPACE_ID"))
 
 
 def oauth_enabled() -> bool:
-    """True on a Space with `hf_oauth: true` in its README (Spaces then sets OAUTH_CLIENT_ID).
+    """Whether the app offers "Sign in with Hugging Face".
 
     SYSTEM=spaces is how gradio itself tells a Space: without it gradio mocks the sign-in with a live
     `whoami` of the local login.
+
+    Returns:
+        True on a Space with `hf_oauth: true` in its README (Spaces then sets OAUTH_CLIENT_ID).
     """
     return on_spaces() and os.environ.get("SYSTEM") == "spaces" and bool(os.environ.get("OAUTH_CLIENT_ID"))
 
 
 def one_line(err: BaseException) -> str:
-    """The error as the CLI prints it: one line, whitespace collapsed."""
+    """The error as the CLI prints it: one line, whitespace collapsed.
+
+    Args:
+        err: any exception.
+
+    Returns:
+        Its message on one line (its class name when it has none).
+
+    >>> one_line(ValueError("two\\n   lines"))
+    'two lines'
+    """
     return " ".join(str(err).split()) or type(err).__name__
 
 
@@ -81,7 +98,20 @@ def _weights_size(folder: Path) -> int:
 
 def run_check(ingredients: str | None, dtype: str = "auto", token: str | None = None, *,
               allow_local_paths: bool = True) -> str:
-    """The compatibility report of the ingredients, as `ame-hf check` prints it."""
+    """The compatibility report of the ingredients, as `ame-hf check` prints it.
+
+    Args:
+        ingredients: the form's text, one reference a line.
+        dtype: the output dtype to check for (`auto`: the ingredients').
+        token: Hub token.
+        allow_local_paths: accept local directories (False on a public Space).
+
+    Returns:
+        The report's text.
+
+    Raises:
+        AmeError: a local path where they are disabled, or a reference that cannot be read.
+    """
     import ame_hf
 
     refs = parse_ingredients(ingredients)
@@ -90,9 +120,16 @@ def run_check(ingredients: str | None, dtype: str = "auto", token: str | None = 
     return ame_hf.check(refs, token=token, dtype=dtype or "auto").format()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MergeView:
-    """What the app shows after a merge; `folder` (the merge output) is what Push uploads."""
+    """What the app shows after a merge; `folder` (the merge output) is what Push uploads.
+
+    Attributes:
+        folder: the merge output.
+        card_markdown: its model card, for display.
+        config_yaml: its `ame_config.yaml`.
+        summary_markdown: the Summary (`summary_markdown`).
+    """
 
     folder: Path
     card_markdown: str
@@ -104,7 +141,20 @@ def run_merge(ingredients: str | None, options: dict[str, Any], work_dir: Path, 
               progress: Progress | None = None, allow_local_paths: bool = True) -> MergeView:
     """Merge with `ame_hf.merge` into `work_dir/merged` and render the card, config and summary.
 
-    `options` are `AmeConfig` fields as the form gives them: blank strings mean the default.
+    Args:
+        ingredients: the form's text, one reference a line.
+        options: `AmeConfig` fields as the form gives them (`base` included): blank strings mean the default.
+        work_dir: an empty folder for the output.
+        token: Hub token.
+        progress: called with (fraction done, description) as the merge goes.
+        allow_local_paths: accept local directories as ingredients, pivot, tokenizer source or base (False
+            on a public Space).
+
+    Returns:
+        A `MergeView` of the output.
+
+    Raises:
+        AmeError: invalid options, a local path where they are disabled, or whatever `merge` refuses.
     """
     import ame_hf
 
@@ -131,6 +181,14 @@ def run_merge(ingredients: str | None, options: dict[str, Any], work_dir: Path, 
 
 
 def summary_markdown(result: MergeResult) -> str:
+    """The Summary under the Merge tab: what was merged, how, how fast, and each ingredient's commit and size.
+
+    Args:
+        result: the merge's record.
+
+    Returns:
+        Markdown: a sentence and a table.
+    """
     cfg = result.config
     lr = f"relative lr {cfg.relative_lr}" if cfg.relative_lr is not None else f"lr {cfg.lr}"
     out_size = sum(f.stat().st_size for f in result.path.iterdir() if f.is_file())
@@ -148,7 +206,20 @@ def summary_markdown(result: MergeResult) -> str:
 
 
 def run_push(folder: str | Path | None, repo_id: str | None, private: bool = False, token: str | None = None) -> str:
-    """Upload a merge (or tune) output with its card; returns the repo (or pull request) URL."""
+    """Upload a merge (or tune) output with its card.
+
+    Args:
+        folder: the output of the latest Merge or Tune (None before one).
+        repo_id: the target repo.
+        private: create the repo private (unticked: the Hub's default, or the existing repo's visibility).
+        token: Hub token with write access.
+
+    Returns:
+        The repo (or pull request) URL.
+
+    Raises:
+        AmeError: nothing to push yet, or what `push_to_hub` refuses.
+    """
     import ame_hf
 
     if not folder or not (Path(folder) / "ame_config.yaml").is_file():
@@ -504,7 +575,12 @@ def _selection_options(prefix: str) -> tuple[gr.Dropdown, gr.Textbox, gr.Number]
 
 
 def launch(port: int | None = None, **kwargs: Any) -> None:
-    """Serve the app (`ame-hf space`); keyword arguments go to `gr.Blocks.launch`."""
+    """Serve the app (`ame-hf space`), without Gradio's run history (it would keep the token box).
+
+    Args:
+        port: the server port (default: Gradio's).
+        kwargs: passed on to `gr.Blocks.launch`.
+    """
     # The run history would keep every input, the token included, in the browser (or a bucket).
     kwargs.setdefault("run_history", False)
     build_app().launch(server_port=port, **kwargs)
