@@ -455,8 +455,8 @@ def _merge_tab() -> dict[str, Any]:
         card, config_yaml = _result_tabs("card", "config")
     return {"ingredients": ingredients, "check_button": check_button, "merge_button": merge_button, "report": report,
             "optimizer": optimizer, "lr": lr, "relative_lr": relative_lr, "epochs": epochs, "pivot": pivot,
-            "seed": seed, "shuffle": shuffle, "dtype": dtype, "tokenizer_source": tokenizer_source, "base": base, "summary": summary,
-            "card": card, "config_yaml": config_yaml}
+            "seed": seed, "shuffle": shuffle, "dtype": dtype, "tokenizer_source": tokenizer_source, "base": base,
+            "summary": summary, "card": card, "config_yaml": config_yaml}
 
 
 def _evaluate_tab() -> dict[str, Any]:
