@@ -8,12 +8,15 @@ inside an input of the merge, the current directory, a parent of it, the home di
 
 from __future__ import annotations
 
+import atexit
 import errno
 import glob
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -145,6 +148,57 @@ def remove_stale_dirs(parent: Path, prefix: str) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
+
+
+def process_temp_dir(prefix: str) -> Path:
+    """A new folder `<tmp>/<prefix><pid>-*` that this process removes when it exits: normally, by Ctrl-C, or by
+    SIGTERM once `clean_up_temp_dirs` ran. One left by a killed process goes at the next `clean_up_temp_dirs`.
+
+    Args:
+        prefix: the start of the folder's name, e.g. `ame-hf-space-`.
+
+    Returns:
+        The new, empty folder.
+    """
+    folder = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
+    if not _OWN_TEMP_DIRS:
+        atexit.register(_remove_own_temp_dirs)
+    _OWN_TEMP_DIRS.add(folder)
+    return folder
+
+
+def clean_up_temp_dirs(prefix: str) -> list[Path]:
+    """Remove the `process_temp_dir` folders of `prefix` whose process is gone (a killed process leaves them
+    behind, gigabytes with real models), and, from the main thread, have SIGTERM remove this process's own
+    before it dies of the signal as before (unless the program set a SIGTERM handler of its own).
+
+    Args:
+        prefix: the start of the folders' names.
+
+    Returns:
+        The stale folders removed.
+
+    >>> clean_up_temp_dirs("ame-hf-space-")  # doctest: +SKIP
+    [PosixPath('/tmp/ame-hf-space-4242-k2j3c9')]
+    """
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _remove_own_temp_dirs_and_terminate)
+    return remove_stale_dirs(Path(tempfile.gettempdir()), prefix)
+
+
+# What `process_temp_dir` made in this process: exactly these are removed at exit.
+_OWN_TEMP_DIRS: set[Path] = set()
+
+
+def _remove_own_temp_dirs() -> None:
+    for folder in list(_OWN_TEMP_DIRS):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_own_temp_dirs_and_terminate(signum: int, frame: object) -> None:
+    _remove_own_temp_dirs()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def _owned(path: Path) -> bool:

@@ -1,9 +1,8 @@
 """Choosing between models on validation data: candidates ranked by a direction-aware metric, the greedy
-soup (Wortsman et al. 2022), and the output that is a copy of a selected ingredient."""
+soup command (its walk is `greedy.py`), and the output that is a copy of a selected ingredient."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
@@ -14,22 +13,19 @@ from typing import Callable, Sequence
 from .card import add_card_section, selection_card, update_card
 from .config import AmeConfig
 from .errors import InvalidConfigError
-from .evaluation import (TextData, LabelledData, check_scorable, default_metric, evaluate_model, is_better, load_data,
-                         sort_key, task_for_models)
+from .evaluation import (TextData, LabelledData, check_scorable, default_metric, evaluate_model, load_data, sort_key,
+                         task_for_models)
 from .finish import copy_model_files
 from .full_models import FullModels, ResolvedModel, fetch_models, input_paths, resolve_models
+# The greedy soup's walk; `tune` imports it from here too.
+from .greedy import GreedySoup, greedy_label, greedy_section, run_greedy_soup, soup_config  # noqa: F401
 from .inputs import InputStage
-from .merging import merge
 from .output import RUN_FILE, check_output_dir, make_staging_dir, publish
 from .recipe import write_selection_file
 from .records import Ingredient
 from .resolve import local_inputs
 
 logger = logging.getLogger(__name__)
-
-# AmeConfig fields that decide the weights of an AME run; the greedy soup fixes them (it is a soup).
-WEIGHT_FIELDS = ("optimizer", "lr", "relative_lr", "optimizer_args", "schedule", "epochs", "batch_size", "pivot",
-                 "order", "shuffle", "seed")
 
 
 @dataclass
@@ -111,127 +107,6 @@ def ranked(candidates: Sequence[Candidate], metric: str) -> list[Candidate]:
     ['b', 'a']
     """
     return sorted(candidates, key=lambda c: c.rank_key(metric), reverse=True)
-
-
-@dataclass(kw_only=True)
-class GreedySoup:
-    """The trace of a greedy soup: which ingredients it kept, each step, and where its merge is.
-
-    Attributes:
-        kept: the ingredient indices averaged, in the user's order.
-        score: the validation score of the kept soup (of the single best ingredient when only it is kept).
-        steps: `(ingredient, validation score of the soup with it, kept?)` in the order tried; the
-            first step is the best ingredient alone.
-        path: the merge of the kept ingredients (None when only one ingredient is kept).
-    """
-
-    kept: list[int]
-    score: float
-    steps: list[tuple[int, float, bool]] = field(default_factory=list)
-    path: Path | None = None
-
-
-def soup_config(config: AmeConfig | None = None) -> AmeConfig:
-    """The uniform soup, keeping `config`'s output options (dtype, shard size, variant, ...).
-
-    Args:
-        config: the caller's options (None: the defaults).
-
-    Returns:
-        The soup's `AmeConfig` (SGD, lr 1, harmonic).
-
-    Raises:
-        InvalidConfigError: `config` sets an option that decides the weights (the greedy soup is a soup).
-    """
-    if config is None:
-        return AmeConfig.soup()
-    default = AmeConfig()
-    changed = [f for f in WEIGHT_FIELDS if getattr(config, f) != getattr(default, f)]
-    if changed:
-        raise InvalidConfigError(f"the greedy soup is a uniform soup of the ingredients it keeps; drop "
-                                 f"{', '.join('--' + f.replace('_', '-') for f in changed)}")
-    return AmeConfig.soup(**{f.name: getattr(config, f.name) for f in dataclasses.fields(AmeConfig)
-                             if f.name not in WEIGHT_FIELDS})
-
-
-def run_greedy_soup(refs: Sequence[str], scores: Sequence[float], score: Callable[[Path], float], metric: str,
-                    scratch: Path, name: str, *, config: AmeConfig | None = None, token: str | None = None,
-                    log: Callable[[str], None] | None = None) -> GreedySoup:
-    """The greedy soup: ingredients sorted by validation score (best first); each is added to the running
-    uniform soup only if the soup's validation score does not get worse (Wortsman et al. 2022, Recipe 1).
-
-    Args:
-        refs: the ingredients (pinned references or local paths).
-        scores: each ingredient's validation score (evaluated once, by the caller).
-        score: the validation score of a merged model folder.
-        metric: the metric of the scores (its direction decides "worse").
-        scratch: a folder for the trial merges; only the kept soup stays there.
-        name: the folder name of each merge (the card's "How to use" names it).
-        config: output options for the merges (see `soup_config`).
-
-    Returns:
-        A `GreedySoup`.
-
-    Raises:
-        InvalidConfigError: `config` sets an option that decides the weights.
-    """
-    cfg = soup_config(config)
-    order = sorted(range(len(refs)), key=lambda i: -sort_key(scores[i], metric))  # stable: ties by index
-    kept, best = [order[0]], scores[order[0]]
-    trace = GreedySoup(kept=kept, score=best, steps=[(order[0], best, True)])
-    for n, i in enumerate(order[1:]):
-        trial = sorted(kept + [i])
-        target = scratch / f"greedy{n}" / name
-        target.parent.mkdir(parents=True)
-        merge([refs[k] for k in trial], target, cfg, token=token, progress=False)
-        value = score(target)
-        keep = not is_better(best, value, metric)  # "does not get worse": equal is kept
-        trace.steps.append((i, value, keep))
-        if log:
-            log(f"{value:8.4f}  greedy soup + ingredient {i}: {'kept' if keep else 'rejected'}")
-        if keep:
-            if trace.path is not None:
-                shutil.rmtree(trace.path.parent, ignore_errors=True)
-            kept, best, trace.path = trial, value, target
-        else:
-            shutil.rmtree(target.parent, ignore_errors=True)
-    trace.kept, trace.score = kept, best
-    return trace
-
-
-def greedy_label(kept: Sequence[int]) -> str:
-    """How tables and cards name a greedy soup.
-
-    Args:
-        kept: the ingredient indices it averages.
-
-    Returns:
-        The label.
-
-    >>> greedy_label([0, 2])
-    'greedy soup (kept 0, 2)'
-    """
-    return f"greedy soup (kept {', '.join(map(str, kept))})"
-
-
-def greedy_section(trace: GreedySoup, names: Sequence[str], metric: str) -> str:
-    """The card section that says which ingredients the greedy soup kept, and why.
-
-    Args:
-        trace: the greedy soup's trace.
-        names: each ingredient's name, by index.
-        metric: the metric of the scores.
-
-    Returns:
-        Markdown: a paragraph and the table of steps.
-    """
-    rows = "\n".join(f"| {k + 1} | {i}: {names[i]} | {v:.4f} | {'kept' if ok else 'rejected (worse)'} |"
-                     for k, (i, v, ok) in enumerate(trace.steps))
-    return (f"A **greedy soup** (Wortsman et al. 2022, *Model soups*): the ingredients sorted by validation "
-            f"{metric}, each added to the running uniform soup only if the validation {metric} does not get "
-            f"worse. It kept **{len(trace.kept)} of {len(names)}**: "
-            f"{', '.join(f'{i} ({names[i]})' for i in trace.kept)}.\n\n"
-            f"| step | ingredient added | {metric} of the soup with it (validation) | |\n|---|---|---|---|\n{rows}\n")
 
 
 def copy_ingredient(target: Path, ingredient: Ingredient, refs: Sequence[str], candidates: int,
@@ -409,7 +284,7 @@ def greedy_soup(
     soup_config(config)  # a weight option is refused before anything is downloaded
     sel = start_selection(ingredients, out, overwrite, data=data, test_data=test_data, task=task, metric=metric,
                           base=config.base if config is not None else None, token=token)
-    task, metric, val, test, refs, names = sel.task, sel.metric, sel.val, sel.test, sel.refs, sel.names
+    task, metric, val, test, refs = sel.task, sel.metric, sel.val, sel.test, sel.refs
     evaluate = lambda path, d: evaluate_model(str(path), d, task, metric, max_length=max_length,  # noqa: E731
                                               batch_size=batch_size, device=device)
     scratch = make_staging_dir(out)

@@ -3,27 +3,18 @@ Only ame-hf's public API does the work; gradio is imported lazily, since only th
 
 from __future__ import annotations
 
-import atexit
-import functools
 import os
 import shutil
-import signal
-import tempfile
-import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from .fetch import format_size
-from .output import remove_stale_dirs
-from .space_select import (TASK_CHOICES, card_markdown, evaluation_markdown, parse_ingredients, refuse_local_paths,
-                           run_evaluate, run_tune)
+from .output import clean_up_temp_dirs, process_temp_dir
+from .space_merge import MergeView, one_line, run_check, run_merge, run_push
+from .space_select import TASK_CHOICES, evaluation_markdown, parse_ingredients, run_evaluate, run_tune
 
 if TYPE_CHECKING:
     import gradio as gr
-
-    from .records import MergeResult
 
 __all__ = ["MergeView", "build_app", "launch", "one_line", "parse_ingredients", "run_check", "run_merge",
            "run_push"]
@@ -42,11 +33,9 @@ data; **Push** uploads the latest Merge or Tune result with its card.
 """
 # What the data uploads take (`ame_hf.evaluate`'s formats); the suffix decides how a file is read.
 DATA_TYPES = [".jsonl", ".json", ".csv", ".txt"]
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
-# Each run's output goes to a new `<tmp>/ame-hf-space-<pid>-*` folder: the pid tells a stale one.
+# Each run's output goes to a new `<tmp>/ame-hf-space-<pid>-*` folder, removed when the app exits; the pid tells
+# one a killed app left behind.
 WORK_DIR_PREFIX = "ame-hf-space-"
-# Progress callback of `run_merge`: (fraction done, description).
-Progress = Callable[[float, str], None]
 
 
 def on_spaces() -> bool:
@@ -70,164 +59,6 @@ def oauth_enabled() -> bool:
     return on_spaces() and os.environ.get("SYSTEM") == "spaces" and bool(os.environ.get("OAUTH_CLIENT_ID"))
 
 
-def one_line(err: BaseException) -> str:
-    """The error as the CLI prints it: one line, whitespace collapsed.
-
-    Args:
-        err: any exception.
-
-    Returns:
-        Its message on one line (its class name when it has none).
-
-    >>> one_line(ValueError("two\\n   lines"))
-    'two lines'
-    """
-    return " ".join(str(err).split()) or type(err).__name__
-
-
-def _blank_to_none(value: Any) -> Any:
-    """Empty text boxes mean "the default"; anything else goes to `AmeConfig`, which validates it."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    return value.strip() if isinstance(value, str) else value
-
-
-def _weights_size(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
-
-
-def run_check(ingredients: str | None, dtype: str = "auto", token: str | None = None, *,
-              allow_local_paths: bool = True) -> str:
-    """The compatibility report of the ingredients, as `ame-hf check` prints it.
-
-    Args:
-        ingredients: the form's text, one reference a line.
-        dtype: the output dtype to check for (`auto`: the ingredients').
-        token: Hub token.
-        allow_local_paths: accept local directories (False on a public Space).
-
-    Returns:
-        The report's text.
-
-    Raises:
-        AmeError: a local path where they are disabled, or a reference that cannot be read.
-    """
-    import ame_hf
-
-    refs = parse_ingredients(ingredients)
-    if not allow_local_paths:
-        refuse_local_paths(refs)
-    return ame_hf.check(refs, token=token, dtype=dtype or "auto").format()
-
-
-@dataclass(frozen=True, kw_only=True)
-class MergeView:
-    """What the app shows after a merge; `folder` (the merge output) is what Push uploads.
-
-    Attributes:
-        folder: the merge output.
-        card_markdown: its model card, for display.
-        config_yaml: its `ame_config.yaml`.
-        summary_markdown: the Summary (`summary_markdown`).
-    """
-
-    folder: Path
-    card_markdown: str
-    config_yaml: str
-    summary_markdown: str
-
-
-def run_merge(ingredients: str | None, options: dict[str, Any], work_dir: Path, token: str | None = None, *,
-              progress: Progress | None = None, allow_local_paths: bool = True) -> MergeView:
-    """Merge with `ame_hf.merge` into `work_dir/merged` and render the card, config and summary.
-
-    Args:
-        ingredients: the form's text, one reference a line.
-        options: `AmeConfig` fields as the form gives them (`base` included): blank strings mean the default.
-        work_dir: an empty folder for the output.
-        token: Hub token.
-        progress: called with (fraction done, description) as the merge goes.
-        allow_local_paths: accept local directories as ingredients, pivot, tokenizer source or base (False
-            on a public Space).
-
-    Returns:
-        A `MergeView` of the output.
-
-    Raises:
-        AmeError: invalid options, a local path where they are disabled, or whatever `merge` refuses.
-    """
-    import ame_hf
-
-    refs = parse_ingredients(ingredients)
-    values = {key: _blank_to_none(value) for key, value in options.items()}
-    config = ame_hf.AmeConfig.from_dict({key: value for key, value in values.items() if value is not None})
-    if not allow_local_paths:
-        base = [config.base] if config.base else []
-        refuse_local_paths(refs + config.pivot_refs + config.tokenizer_refs + base)
-
-    def on_bytes(done: int, total: int) -> None:
-        if progress is not None and total:
-            progress(done / total, f"Merging: {format_size(done)} of {format_size(total)}")
-
-    if progress is not None:
-        progress(0.0, "Downloading and checking the ingredients")
-    result = ame_hf.merge(refs, work_dir / "merged", config, token=token, progress=False, callback=on_bytes)
-    return MergeView(
-        folder=result.path,
-        card_markdown=card_markdown((result.path / "README.md").read_text(encoding="utf-8")),
-        config_yaml=(result.path / "ame_config.yaml").read_text(encoding="utf-8"),
-        summary_markdown=summary_markdown(result),
-    )
-
-
-def summary_markdown(result: MergeResult) -> str:
-    """The Summary under the Merge tab: what was merged, how, how fast, and each ingredient's commit and size.
-
-    Args:
-        result: the merge's record.
-
-    Returns:
-        Markdown: a sentence and a table.
-    """
-    cfg = result.config
-    lr = f"relative lr {cfg.relative_lr}" if cfg.relative_lr is not None else f"lr {cfg.lr}"
-    out_size = sum(f.stat().st_size for f in result.path.iterdir() if f.is_file())
-    lines = [
-        (f"Merged **{len(result.ingredients)}** checkpoints with **{cfg.optimizer}** ({lr}, {cfg.schedule} "
-         f"schedule, {cfg.epochs} epoch(s)) in **{result.seconds:.1f} s**: {format_size(out_size)} written."),
-        "",
-        "| # | ingredient | commit sha | weights |",
-        "|---|---|---|---|",
-    ]
-    for i, ing in enumerate(result.ingredients):
-        sha = f"`{ing.sha}`" if ing.sha else "local directory"
-        lines.append(f"| {i} | {ing.display_name} | {sha} | {format_size(_weights_size(ing.path))} |")
-    return "\n".join(lines)
-
-
-def run_push(folder: str | Path | None, repo_id: str | None, private: bool = False, token: str | None = None) -> str:
-    """Upload a merge (or tune) output with its card.
-
-    Args:
-        folder: the output of the latest Merge or Tune (None before one).
-        repo_id: the target repo.
-        private: create the repo private (unticked: the Hub's default, or the existing repo's visibility).
-        token: Hub token with write access.
-
-    Returns:
-        The repo (or pull request) URL.
-
-    Raises:
-        AmeError: nothing to push yet, or what `push_to_hub` refuses.
-    """
-    import ame_hf
-
-    if not folder or not (Path(folder) / "ame_config.yaml").is_file():
-        raise ame_hf.InvalidConfigError("nothing to push yet: run Merge or Tune first")
-    # An unticked box leaves the Hub's default (and an existing repo's visibility) alone.
-    return ame_hf.push_to_hub(folder, (repo_id or "").strip(), token=token, private=True if private else None)
-
-
 def _remove_work_dir(folder: str | None) -> None:
     """Delete a session's merge output (`folder` is `<work dir>/merged`)."""
     if folder:
@@ -239,7 +70,7 @@ def _in_fresh_work_dir(run: Callable[[Path], Any], previous: str | None) -> Any:
 
     A fresh directory per run: a failed merge or tune leaves the previous result (and its Push) intact.
     """
-    work_dir = new_work_dir()
+    work_dir = process_temp_dir(WORK_DIR_PREFIX)
     try:
         with _shown_as_gradio_errors():
             view = run(work_dir)
@@ -248,51 +79,6 @@ def _in_fresh_work_dir(run: Callable[[Path], Any], previous: str | None) -> Any:
         raise
     _remove_work_dir(previous)
     return view
-
-
-def new_work_dir() -> Path:
-    """A new temporary folder for one run's output, named `ame-hf-space-<pid>-*` after this process, which
-    removes it when it exits (see `clean_up_work_dirs`).
-
-    Returns:
-        The folder (empty).
-    """
-    _remove_own_work_dirs_at_exit()
-    return Path(tempfile.mkdtemp(prefix=f"{WORK_DIR_PREFIX}{os.getpid()}-"))
-
-
-def clean_up_work_dirs() -> list[Path]:
-    """What the app does at start: remove the work folders of Space processes that are gone (a Ctrl-C'd or
-    killed app leaves merged models behind, gigabytes with real ones), and have this process remove its own
-    when it exits, by Ctrl-C (or SIGTERM, where the app has not set a handler of its own) included.
-
-    Returns:
-        The stale folders removed.
-
-    >>> clean_up_work_dirs()  # doctest: +SKIP
-    [PosixPath('/tmp/ame-hf-space-4242-k2j3c9')]
-    """
-    _remove_own_work_dirs_at_exit()
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _remove_own_work_dirs_and_terminate)
-    return remove_stale_dirs(Path(tempfile.gettempdir()), WORK_DIR_PREFIX)
-
-
-@functools.cache
-def _remove_own_work_dirs_at_exit() -> None:
-    atexit.register(_remove_own_work_dirs)
-
-
-def _remove_own_work_dirs() -> None:
-    for folder in Path(tempfile.gettempdir()).glob(f"{WORK_DIR_PREFIX}{os.getpid()}-*"):
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _remove_own_work_dirs_and_terminate(signum: int, frame: Any) -> None:
-    # Then die of the signal as before: the exit status and any parent's handling stay the same.
-    _remove_own_work_dirs()
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
 
 
 def _import_gradio() -> Any:
@@ -323,7 +109,7 @@ def _shown_as_gradio_errors() -> Iterator[None]:
 def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
     """The Space's `gr.Blocks`, with API endpoints `check`, `merge`, `evaluate`, `tune` and `push`.
 
-    Building it also cleans up the work folders of earlier app processes that are gone (`clean_up_work_dirs`).
+    Building it removes the work folders of earlier app processes that are gone (`output.clean_up_temp_dirs`).
 
     Args:
         allow_local_paths: accept local directories as ingredients (default: everywhere but on Spaces,
@@ -338,7 +124,7 @@ def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
     >>> build_app(allow_local_paths=False).launch()  # doctest: +SKIP
     """
     _import_gradio()
-    clean_up_work_dirs()
+    clean_up_temp_dirs(WORK_DIR_PREFIX)
     handlers = _handlers(not on_spaces() if allow_local_paths is None else allow_local_paths)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
