@@ -392,8 +392,12 @@ def test_browser_evaluate_and_tune(browser, space_url, classifier_repos):
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     page.set_default_timeout(UI_TIMEOUT)
     page.goto(space_url)
+    # A tab's form is drawn when the tab is first shown: a box filled before that loses its text (seen on a
+    # loaded machine), so wait for the form, and for the text to stay, before clicking.
     page.get_by_role("tab", name="Evaluate").click()
+    expect(page.locator("#evaluate-button")).to_be_visible(timeout=UI_TIMEOUT)
     page.locator("#eval-models textarea").fill("\n".join(repos))
+    expect(page.locator("#eval-models textarea")).to_have_value("\n".join(repos))
     page.locator("#eval-data input[type=file]").set_input_files(str(val))
     expect(page.locator("#eval-data")).to_contain_text(val.name, timeout=UI_TIMEOUT)
     page.locator("#evaluate-button").click()
@@ -402,10 +406,13 @@ def test_browser_evaluate_and_tune(browser, space_url, classifier_repos):
     assert all(repo in scores.inner_text() for repo in repos)
 
     page.get_by_role("tab", name="Tune").click()
+    expect(page.locator("#tune-button")).to_be_visible(timeout=UI_TIMEOUT)
     page.locator("#tune-ingredients textarea").fill("\n".join(repos))
+    expect(page.locator("#tune-ingredients textarea")).to_have_value("\n".join(repos))
     page.locator("#tune-data input[type=file]").set_input_files(str(val))
     expect(page.locator("#tune-data")).to_contain_text(val.name, timeout=UI_TIMEOUT)
     page.locator("#budget input").fill("0")
+    expect(page.locator("#budget input")).to_have_value("0")
     page.locator("#tune-button").click()
     expect(page.locator("#tune-summary")).to_contain_text("Selected", timeout=UI_TIMEOUT)
     expect(page.locator("#candidates")).to_contain_text("soup", timeout=UI_TIMEOUT)
