@@ -1,8 +1,9 @@
-"""Choosing between models on validation data: candidates ranked by a direction-aware metric, the greedy
-soup command (its walk is `greedy.py`), and the output that is a copy of a selected ingredient."""
+"""Choosing between models on validation data: the greedy soup (Wortsman et al. 2022), and the output that is a
+copy of a selected ingredient; candidates are ranked by `ranking.py`."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -11,102 +12,143 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .card import add_card_section, selection_card, update_card
-from .config import AmeConfig
+from .config import WEIGHT_FIELDS, AmeConfig
 from .errors import InvalidConfigError
-from .evaluation import (TextData, LabelledData, check_scorable, default_metric, evaluate_model, load_data, sort_key,
-                         task_for_models)
+from .evaluation import (TextData, LabelledData, check_scorable, default_metric, evaluate_model, is_better, load_data,
+                         sort_key, task_for_models)
 from .finish import copy_model_files
 from .full_models import FullModels, ResolvedModel, fetch_models, input_paths, resolve_models
-# The greedy soup's walk; `tune` imports it from here too.
-from .greedy import GreedySoup, greedy_label, greedy_section, run_greedy_soup, soup_config  # noqa: F401
 from .inputs import InputStage
+from .merging import merge
 from .output import RUN_FILE, check_output_dir, make_staging_dir, publish
 from .recipe import write_selection_file
+# Tables and `tune` import the ranking from here too.
+from .ranking import Candidate, best_candidate, ranked  # noqa: F401
 from .records import Ingredient
 from .resolve import local_inputs
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class Candidate:
-    """One model that selection chooses between, and its validation score.
+@dataclass(kw_only=True)
+class GreedySoup:
+    """The trace of a greedy soup: which ingredients it kept, each step, and where its merge is.
 
     Attributes:
-        label: how tables name it.
-        score: its validation score.
-        config: the AME config it was merged with (None for a single ingredient).
-        ingredient: the ingredient index, for a single ingredient.
-        kept: for the greedy soup, the ingredient indices it averages.
+        kept: the ingredient indices averaged, in the user's order.
+        score: the validation score of the kept soup (of the single best ingredient when only it is kept).
+        steps: `(ingredient, validation score of the soup with it, kept?)` in the order tried; the
+            first step is the best ingredient alone.
+        path: the merge of the kept ingredients (None when only one ingredient is kept).
     """
 
-    label: str
+    kept: list[int]
     score: float
-    config: AmeConfig | None = None
-    ingredient: int | None = None
-    kept: list[int] | None = None
-
-    def rank_key(self, metric: str = "accuracy") -> tuple[float, int]:
-        """Larger is better: the direction-aware score, then the kind.
-
-        Ties go to the soup, then the greedy soup, then AME, then a single ingredient: a merge uses
-        the experts, and a tie on a small validation set says nothing in favour of one of them.
-
-        Args:
-            metric: the metric of the score (its direction decides "larger").
-
-        Returns:
-            `(direction-aware score, kind)`, to compare with `max` or `sorted`.
-
-        >>> Candidate("soup", 0.9, config=AmeConfig.soup()).rank_key() > Candidate("ingredient 0", 0.9,
-        ...                                                                         ingredient=0).rank_key()
-        True
-        """
-        if self.kept is not None:
-            kind = 2 if self.config is not None else 0  # a greedy soup of one is that ingredient
-        elif self.config is None:
-            kind = 0
-        else:
-            kind = 3 if self.config.is_soup else 1
-        return (sort_key(self.score, metric), kind)
+    steps: list[tuple[int, float, bool]] = field(default_factory=list)
+    path: Path | None = None
 
 
-def best_candidate(candidates: Sequence[Candidate], metric: str) -> Candidate:
-    """The best candidate for `metric` (highest accuracy, lowest loss, ...); among equals, by kind, then
-    the first (grid order).
+def soup_config(config: AmeConfig | None = None) -> AmeConfig:
+    """The uniform soup, keeping `config`'s output options (dtype, shard size, variant, ...).
 
     Args:
-        candidates: the scored candidates, in grid order.
-        metric: the metric of their scores.
+        config: the caller's options (None: the defaults).
 
     Returns:
-        The best one.
+        The soup's `AmeConfig` (SGD, lr 1, harmonic).
 
     Raises:
-        InvalidConfigError: there are no candidates.
-
-    >>> best_candidate([Candidate("a", 2.0), Candidate("b", 1.5)], "loss").label
-    'b'
+        InvalidConfigError: `config` sets an option that decides the weights (the greedy soup is a soup).
     """
-    if not candidates:
-        raise InvalidConfigError("nothing to select from")
-    return max(candidates, key=lambda c: c.rank_key(metric))
+    if config is None:
+        return AmeConfig.soup()
+    default = AmeConfig()
+    changed = [f for f in WEIGHT_FIELDS if getattr(config, f) != getattr(default, f)]
+    if changed:
+        raise InvalidConfigError(f"the greedy soup is a uniform soup of the ingredients it keeps; drop "
+                                 f"{', '.join('--' + f.replace('_', '-') for f in changed)}")
+    return AmeConfig.soup(**{f.name: getattr(config, f.name) for f in dataclasses.fields(AmeConfig)
+                             if f.name not in WEIGHT_FIELDS})
 
 
-def ranked(candidates: Sequence[Candidate], metric: str) -> list[Candidate]:
-    """The candidates best first (stable: equals keep their order).
+def run_greedy_soup(refs: Sequence[str], scores: Sequence[float], score: Callable[[Path], float], metric: str,
+                    scratch: Path, name: str, *, config: AmeConfig | None = None, token: str | None = None,
+                    log: Callable[[str], None] | None = None) -> GreedySoup:
+    """The greedy soup: ingredients sorted by validation score (best first); each is added to the running
+    uniform soup only if the soup's validation score does not get worse (Wortsman et al. 2022, Recipe 1).
 
     Args:
-        candidates: the scored candidates.
-        metric: the metric of their scores.
+        refs: the ingredients (pinned references or local paths).
+        scores: each ingredient's validation score (evaluated once, by the caller).
+        score: the validation score of a merged model folder.
+        metric: the metric of the scores (its direction decides "worse").
+        scratch: a folder for the trial merges; only the kept soup stays there.
+        name: the folder name of each merge (the card's "How to use" names it).
+        config: output options for the merges (see `soup_config`).
 
     Returns:
-        A new list.
+        A `GreedySoup`.
 
-    >>> [c.label for c in ranked([Candidate("a", 0.5), Candidate("b", 0.7)], "accuracy")]
-    ['b', 'a']
+    Raises:
+        InvalidConfigError: `config` sets an option that decides the weights.
     """
-    return sorted(candidates, key=lambda c: c.rank_key(metric), reverse=True)
+    cfg = soup_config(config)
+    order = sorted(range(len(refs)), key=lambda i: -sort_key(scores[i], metric))  # stable: ties by index
+    kept, best = [order[0]], scores[order[0]]
+    trace = GreedySoup(kept=kept, score=best, steps=[(order[0], best, True)])
+    for n, i in enumerate(order[1:]):
+        trial = sorted(kept + [i])
+        target = scratch / f"greedy{n}" / name
+        target.parent.mkdir(parents=True)
+        merge([refs[k] for k in trial], target, cfg, token=token, progress=False)
+        value = score(target)
+        keep = not is_better(best, value, metric)  # "does not get worse": equal is kept
+        trace.steps.append((i, value, keep))
+        if log:
+            log(f"{value:8.4f}  greedy soup + ingredient {i}: {'kept' if keep else 'rejected'}")
+        if keep:
+            if trace.path is not None:
+                shutil.rmtree(trace.path.parent, ignore_errors=True)
+            kept, best, trace.path = trial, value, target
+        else:
+            shutil.rmtree(target.parent, ignore_errors=True)
+    trace.kept, trace.score = kept, best
+    return trace
+
+
+def greedy_label(kept: Sequence[int]) -> str:
+    """How tables and cards name a greedy soup.
+
+    Args:
+        kept: the ingredient indices it averages.
+
+    Returns:
+        The label.
+
+    >>> greedy_label([0, 2])
+    'greedy soup (kept 0, 2)'
+    """
+    return f"greedy soup (kept {', '.join(map(str, kept))})"
+
+
+def greedy_section(trace: GreedySoup, names: Sequence[str], metric: str) -> str:
+    """The card section that says which ingredients the greedy soup kept, and why.
+
+    Args:
+        trace: the greedy soup's trace.
+        names: each ingredient's name, by index.
+        metric: the metric of the scores.
+
+    Returns:
+        Markdown: a paragraph and the table of steps.
+    """
+    rows = "\n".join(f"| {k + 1} | {i}: {names[i]} | {v:.4f} | {'kept' if ok else 'rejected (worse)'} |"
+                     for k, (i, v, ok) in enumerate(trace.steps))
+    return (f"A **greedy soup** (Wortsman et al. 2022, *Model soups*): the ingredients sorted by validation "
+            f"{metric}, each added to the running uniform soup only if the validation {metric} does not get "
+            f"worse. It kept **{len(trace.kept)} of {len(names)}**: "
+            f"{', '.join(f'{i} ({names[i]})' for i in trace.kept)}.\n\n"
+            f"| step | ingredient added | {metric} of the soup with it (validation) | |\n|---|---|---|---|\n{rows}\n")
 
 
 def copy_ingredient(target: Path, ingredient: Ingredient, refs: Sequence[str], candidates: int,
