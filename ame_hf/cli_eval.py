@@ -139,6 +139,9 @@ def check_before_merge(args: argparse.Namespace, refs: Sequence[str], config: Am
     from .inputs import InputStage
 
     stage = InputStage(token=args.token, variant=config.variant)
+    # The merge's own check first: incompatible ingredients are named as such, before the task and data.
+    stage.check(refs, pivot=config.pivot, base=config.base, tokenizer_source=config.tokenizer_source,
+                allow_dtype_mismatch=config.dtype != "auto").raise_for_errors()
     models = resolve_models(refs, base=config.base, stage=stage)
     args.task = task_for_models([(m.name, m.config) for m in models], args.task)
     args.metric = default_metric(args.task, args.metric)

@@ -66,14 +66,14 @@ def soup_config(config: AmeConfig | None = None) -> AmeConfig:
     changed = [f for f in WEIGHT_FIELDS if getattr(config, f) != getattr(default, f)]
     if changed:
         raise InvalidConfigError(f"the greedy soup is a uniform soup of the ingredients it keeps; drop "
-                                 f"{', '.join('--' + f.replace('_', '-') for f in changed)}")
+                                 f"{', '.join(changed)}", fields=changed)
     return AmeConfig.soup(**{f.name: getattr(config, f.name) for f in dataclasses.fields(AmeConfig)
                              if f.name not in WEIGHT_FIELDS})
 
 
 def run_greedy_soup(refs: Sequence[str], scores: Sequence[float], score: Callable[[Path], float], metric: str,
                     scratch: Path, name: str, *, config: AmeConfig | None = None, token: str | None = None,
-                    log: Callable[[str], None] | None = None) -> GreedySoup:
+                    log: Callable[[str], None] | None = None, stage: InputStage | None = None) -> GreedySoup:
     """The greedy soup: ingredients sorted by validation score (best first); each is added to the running
     uniform soup only if the soup's validation score does not get worse (Wortsman et al. 2022, Recipe 1).
 
@@ -100,7 +100,7 @@ def run_greedy_soup(refs: Sequence[str], scores: Sequence[float], score: Callabl
         trial = sorted(kept + [i])
         target = scratch / f"greedy{n}" / name
         target.parent.mkdir(parents=True)
-        merge([refs[k] for k in trial], target, cfg, token=token, progress=False)
+        merge([refs[k] for k in trial], target, cfg, token=token, progress=False, stage=stage)
         value = score(target)
         keep = not is_better(best, value, metric)  # "does not get worse": equal is kept
         trace.steps.append((i, value, keep))
@@ -325,7 +325,7 @@ def greedy_soup(
     out = Path(out_dir)
     soup_config(config)  # a weight option is refused before anything is downloaded
     sel = start_selection(ingredients, out, overwrite, data=data, test_data=test_data, task=task, metric=metric,
-                          base=config.base if config is not None else None, token=token)
+                          base=config.base if config is not None else None, token=token, config=config)
     task, metric, val, test, refs = sel.task, sel.metric, sel.val, sel.test, sel.refs
     evaluate = lambda path, d: evaluate_model(str(path), d, task, metric, max_length=max_length,  # noqa: E731
                                               batch_size=batch_size, device=device)
@@ -334,7 +334,7 @@ def greedy_soup(
         full = FullModels(sel.models, scratch / "ingredients", token=token, device=device)
         scores = full.score_each(lambda p: evaluate(p, val), metric)
         trace = run_greedy_soup(refs, scores, lambda p: evaluate(p, val), metric, scratch, out.absolute().name,
-                                config=config, token=token, log=log)
+                                config=config, token=token, log=log, stage=sel.stage)
         best = trace.steps[0][0]
         # The best ingredient's, before an adapter's full model moves into the output.
         best_on_test = evaluate(full.path(best), test) if test is not None else None

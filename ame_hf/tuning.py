@@ -195,7 +195,8 @@ def tune(
                     log(f"about {per:.1f}s per candidate (merge + evaluation): {len(configs) - 1} AME variants and "
                         f"the greedy soup ({len(sel.refs) - 1} merges) left, about "
                         f"{per * (len(configs) + len(sel.refs) - 2):.0f}s")
-                _try_greedy_soup(search, full, sel.refs, scores, scratch / "greedy", name, output, token=token)
+                _try_greedy_soup(search, full, sel.refs, scores, scratch / "greedy", name, output, token=token,
+                                 stage=sel.stage)
         best, final = _write_selected(search, full, sel, scratch, name)
         publish(final, out, overwrite)
     finally:
@@ -262,11 +263,11 @@ def _try_variant(search: _Search, n: int, cfg: AmeConfig, refs: Sequence[str], t
 
 
 def _try_greedy_soup(search: _Search, full: FullModels, refs: Sequence[str], scores: Sequence[float],
-                     scratch: Path, name: str, output: AmeConfig, *, token: str | None) -> None:
+                     scratch: Path, name: str, output: AmeConfig, *, token: str | None, stage: InputStage) -> None:
     """Run the greedy soup (with the output options) and consider it; it is a single ingredient when only the
     best one is kept."""
     trace = search.trace = run_greedy_soup(refs, scores, search.score, search.metric, scratch, name, token=token,
-                                           log=search.log, config=output)
+                                           log=search.log, config=output, stage=stage)
     kept = Candidate(greedy_label(trace.kept), trace.score, config=AmeConfig.soup(), kept=trace.kept)
     if trace.path is None:  # only the best ingredient kept: the greedy soup is that ingredient
         kept.config, kept.ingredient = None, trace.kept[0]
