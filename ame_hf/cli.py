@@ -35,7 +35,8 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 # The Python keywords whose command-line form is not `--` + the keyword with dashes, per command. Error
-# messages name keywords; the CLI shows them as these flags (and tests/test_interface.py reads this).
+# messages name keywords; the CLI shows them as these flags (and tests/test_interface.py reads this). The
+# commands listed are those whose options are the Python API's keywords: only their errors are rewritten.
 RENAMED = {
     "merge": {"ingredients": "REF", "out_dir": "--out"},
     "check": {"ingredients": "REF"},
@@ -55,19 +56,45 @@ def flag(command: str, keyword: str) -> str:
 
 
 def error_line(err: BaseException, command: str | None) -> str:
-    """An error as one line, with the keywords it names (an `InvalidConfigError`'s `fields`) shown as flags.
+    """An error as one line, with the keywords it names (any `AmeError`'s `fields`) shown as flags.
 
-    Quoted values are left as they are: `--pivot 'pivot'` stays a quoted `'pivot'`.
+    See `as_flags` for how a message names a keyword.
     """
     text = _one_line(err)
     fields = getattr(err, "fields", ())
-    if not fields or command is None:
+    if not fields or command not in RENAMED:
         return text
-    names = re.compile(r"(?<![\w-])(" + "|".join(re.escape(f) for f in sorted(fields, key=len, reverse=True))
-                       + r")(?![\w-])")
+    return as_flags(text, fields, command)
+
+
+def as_flags(text: str, keywords: Sequence[str], command: str, *, marked_only: bool = False) -> str:
+    """`text` with the `keywords` it names shown as `command`'s flags.
+
+    A keyword written as a Python caller passes it becomes the flag with its value: `overwrite=True` ->
+    `--overwrite`, `device='cpu'` -> `--device 'cpu'`, `base=REF` -> `--base REF`. A message that names a keyword
+    so is rewritten there only, and may use the keyword as a plain word elsewhere (`no such CUDA device`);
+    otherwise (unless `marked_only`) every bare occurrence is the keyword (`give either lr or relative_lr`).
+    Quoted values, paths and repo IDs are left as they are: `--pivot 'pivot'`, `org/base`.
+
+    >>> as_flags("device='cuda:7': no such CUDA device; use device='cpu'", ["device"], "merge")
+    "--device 'cuda:7': no such CUDA device; use --device 'cpu'"
+    >>> as_flags("out_dir x holds an output; pass overwrite=True or choose another out_dir", ["out_dir", "overwrite"],
+    ...          "merge")
+    '--out x holds an output; pass --overwrite or choose another --out'
+    """
     parts = re.split(r"('[^']*')", text)  # odd parts are quoted values
-    return "".join(part if i % 2 else names.sub(lambda m: flag(command, m.group(1)), part)
-                   for i, part in enumerate(parts))
+    plain = "".join(parts[::2])
+    for keyword in sorted(keywords, key=len, reverse=True):
+        name = r"(?<![\w./-])" + re.escape(keyword)
+        marked = re.compile(name + r"=(True\b)?")
+        if marked.search(plain):
+            sub, pattern = (lambda m: flag(command, keyword) + ("" if m.group(1) else " ")), marked
+        elif not marked_only:
+            sub, pattern = (lambda m: flag(command, keyword)), re.compile(name + r"(?![\w/-])")
+        else:
+            continue
+        parts = [part if i % 2 else pattern.sub(sub, part) for i, part in enumerate(parts)]
+    return "".join(parts)
 
 
 class UsageError(Exception):

@@ -1,10 +1,12 @@
 """Every exception ame-hf raises on purpose.
 
-The CLI turns any `AmeError` into one line and a non-zero exit; `--debug` shows the traceback.
-Each class also inherits from the built-in it resembles, so callers can catch either::
+The CLI turns any `AmeError` into one line and a non-zero exit; `--debug` shows the traceback. Messages name
+Python keywords (`out_dir`, `overwrite=True`), never CLI flags: each error's `fields` lists the keywords its
+message names, and the CLI shows them as flags (`--out`, `--overwrite`). Each class also inherits from the
+built-in it resembles, so callers can catch either::
 
-    AmeError
-    ├── InvalidConfigError (ValueError)         bad option, YAML or optimizer argument (`.field`: its keyword)
+    AmeError                                    `.fields`: the keywords its message names (`.field`: the first)
+    ├── InvalidConfigError (ValueError)         bad option, YAML or optimizer argument
     │   ├── UnknownOptimizerError               no optimizer of that name
     │   └── UnsupportedOptimizerError           a torch.optim optimizer AME cannot drive (LBFGS, ...)
     ├── IngredientNotFoundError (FileNotFoundError)
@@ -12,7 +14,7 @@ Each class also inherits from the built-in it resembles, so callers can catch ei
     ├── CheckpointError (ValueError)            unreadable, corrupt or unsafe weights / config
     ├── IncompatibleCheckpointsError (ValueError)
     │                                           ingredients that cannot be merged (carries the report)
-    ├── OutputError (OSError)                   --out exists, is not writable, disk full, ...
+    ├── OutputError (OSError)                   `out_dir` exists, is not writable, disk full, ...
     │   └── InsufficientSpaceError              not enough free space for the download
     └── HubError (OSError)                      authentication, network and push failures
         └── PushError                           the upload failed; the local output is intact
@@ -38,21 +40,29 @@ __all__ = [
 
 
 class AmeError(Exception):
-    """Base class of every error ame-hf raises on purpose."""
+    """Base class of every error ame-hf raises on purpose.
 
+    Args:
+        message: one line, naming keywords as the Python API spells them (`out_dir`, `device='cpu'`,
+            `overwrite=True`), never a CLI flag.
+        field: the keyword the error is about, when it is one.
+        fields: every keyword the message names (`lr` and `relative_lr` for a conflict); the CLI shows each
+            as its flag (`--relative-lr`). Default: `field`.
 
-class InvalidConfigError(AmeError, ValueError):
-    """An option, a YAML config or an optimizer argument is invalid.
-
-    `field` is the keyword the error is about (`epochs`, `relative_lr`), when it is one, and `fields` every
-    keyword its message names (`lr` and `relative_lr` for a conflict). Messages name keywords, as the Python
-    API spells them; the CLI shows each of `fields` as its flag (`--relative-lr`) instead.
+    >>> err = AmeError("give either lr or relative_lr, not both", fields=("lr", "relative_lr"))
+    >>> err.field, err.fields
+    ('lr', ('lr', 'relative_lr'))
     """
 
-    def __init__(self, message: str, *, field: str | None = None, fields: Sequence[str] = ()) -> None:
+    def __init__(self, message: str = "", *, field: str | None = None, fields: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.fields: tuple[str, ...] = tuple(fields) or ((field,) if field else ())
         self.field = field or next(iter(self.fields), None)
+
+
+class InvalidConfigError(AmeError, ValueError):
+    """An option, a YAML config or an optimizer argument is invalid; `field` is its keyword (`epochs`,
+    `relative_lr`), when it is one."""
 
 
 class UnknownOptimizerError(InvalidConfigError):
@@ -70,8 +80,9 @@ class IngredientNotFoundError(AmeError, FileNotFoundError):
     `ref` is the reference as the user gave it (`org/name@rev`, `./path`), when known.
     """
 
-    def __init__(self, message: str, *, ref: str | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, ref: str | None = None, field: str | None = None,
+                 fields: Sequence[str] = ()) -> None:
+        super().__init__(message, field=field, fields=fields)
         self.ref = ref
 
 
@@ -81,8 +92,9 @@ class CheckpointError(AmeError, ValueError):
     `path` is the checkpoint's directory (or file) and `tensor` the tensor's name, when known.
     """
 
-    def __init__(self, message: str, *, path: Any = None, tensor: str | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, path: Any = None, tensor: str | None = None, field: str | None = None,
+                 fields: Sequence[str] = ()) -> None:
+        super().__init__(message, field=field, fields=fields)
         self.path = path
         self.tensor = tensor
 
@@ -93,16 +105,18 @@ class IncompatibleCheckpointsError(AmeError, ValueError):
     `report` is the full `CompatibilityReport` (every difference, not only the first).
     """
 
-    def __init__(self, message: str, report: Any = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, report: Any = None, *, field: str | None = None,
+                 fields: Sequence[str] = ()) -> None:
+        super().__init__(message, field=field, fields=fields)
         self.report = report
 
 
 class OutputError(AmeError, OSError):
-    """The output directory cannot be written (exists, not writable, disk full, ...); `path` is `--out`."""
+    """The output directory cannot be written (exists, not writable, disk full, ...); `path` is `out_dir`."""
 
-    def __init__(self, message: str, *, path: Any = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, path: Any = None, field: str | None = None,
+                 fields: Sequence[str] = ()) -> None:
+        super().__init__(message, field=field, fields=fields)
         self.path = path
 
 
@@ -113,8 +127,9 @@ class InsufficientSpaceError(OutputError):
 class HubError(AmeError, OSError):
     """The Hub could not be reached, refused the token, or refused the request; `repo_id`, when known."""
 
-    def __init__(self, message: str, *, repo_id: str | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, repo_id: str | None = None, field: str | None = None,
+                 fields: Sequence[str] = ()) -> None:
+        super().__init__(message, field=field, fields=fields)
         self.repo_id = repo_id
 
 
