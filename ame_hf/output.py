@@ -1,7 +1,7 @@
-"""The output directory: which `--out` may be written or replaced, the staging directory beside it,
+"""The output directory: which `out_dir` may be written or replaced, the staging directory beside it,
 and the atomic move into place. Imports neither torch nor huggingface_hub (errors must be instant).
 
-A user's files are never deleted or altered unless they asked ame-hf to write them: `--overwrite`
+A user's files are never deleted or altered unless they asked ame-hf to write them: `overwrite=True`
 replaces only an empty directory or a previous ame-hf output, and never one that is, contains or lies
 inside an input of the merge, the current directory, a parent of it, the home directory or `/`.
 """
@@ -40,7 +40,7 @@ def _related(a: Path, b: Path) -> bool:
 
 
 def check_output_dir(out: str | os.PathLike, overwrite: bool, *, inputs: Iterable[str | os.PathLike] = ()) -> None:
-    """Refuse an `--out` that would destroy or alter files the user did not ask ame-hf to write.
+    """Refuse an `out_dir` that would destroy or alter files the user did not ask ame-hf to write.
 
     Checked before any work, and again before the output is moved into place.
 
@@ -51,7 +51,13 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool, *, inputs: Iterabl
             none of them, and may neither contain nor lie inside one.
 
     Raises:
-        OutputError: one line saying why and what to pass instead.
+        OutputError: one line saying why and what to pass instead (naming `out_dir` and `overwrite`, which the
+            CLI shows as `--out` and `--overwrite`).
+
+    >>> check_output_dir("/", overwrite=False)
+    Traceback (most recent call last):
+    ...
+    ame_hf.errors.OutputError: out_dir '/' is the filesystem root; give a new or empty directory, e.g. out_dir='merged'
     """
     out = Path(out)
     real = _real(out)
@@ -60,30 +66,40 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool, *, inputs: Iterabl
     if real == Path(real.anchor) or real == home or cwd.is_relative_to(real):
         what = ("the filesystem root" if real == Path(real.anchor) else "your home directory" if real == home
                 else "the current directory" if real == cwd else "a parent of the current directory")
-        raise OutputError(f"--out {out} is {what}; give a new or empty directory for the merge, e.g. --out merged", path=out)
+        raise OutputError(f"out_dir {_quoted(out)} is {what}; give a new or empty directory, e.g. out_dir='merged'",
+                          path=out, field="out_dir")
     for source in inputs:
         if _related(real, _real(source)):
             where = ("is" if real == _real(source) else
                      "lies inside" if real.is_relative_to(_real(source)) else "contains")
-            raise OutputError(f"--out {out} {where} the input {source}; ame-hf never writes over its inputs: "
-                              "choose another --out", path=out)
+            raise OutputError(f"out_dir {_quoted(out)} {where} the input {source}; ame-hf never writes over its "
+                              "inputs: choose another out_dir", path=out, field="out_dir")
     if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} exists and is not a directory; choose another path", path=out)
+        raise OutputError(f"out_dir {_quoted(out)} exists and is not a directory; choose another path", path=out,
+                          field="out_dir")
     if out.is_dir() and any(out.iterdir()):
         if not (out / RUN_FILE).is_file():
-            raise OutputError(f"--out {out} is not empty and is not an ame-hf output (no {RUN_FILE}); "
-                              "ame-hf replaces only its own outputs: choose a new or empty directory", path=out)
+            raise OutputError(f"out_dir {_quoted(out)} is not empty and is not an ame-hf output (no {RUN_FILE}); "
+                              "ame-hf replaces only its own outputs: choose a new or empty directory", path=out,
+                              field="out_dir")
         if not overwrite:
-            raise OutputError(f"--out {out} holds a previous ame-hf output; pass --overwrite to replace it, "
-                              "or choose another path", path=out)
+            raise OutputError(f"out_dir {_quoted(out)} holds a previous ame-hf output; pass overwrite=True to "
+                              "replace it, or choose another path", path=out, fields=("out_dir", "overwrite"))
     parent = out.absolute().parent
     if not parent.is_dir():
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise OutputError(f"cannot create the parent of --out {out}: {err.strerror}", path=out) from err
+            raise OutputError(f"cannot create the parent of out_dir {_quoted(out)}: {err.strerror}", path=out,
+                              field="out_dir") from err
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"--out {out}: directory {parent} is not writable; choose another path", path=out)
+        raise OutputError(f"out_dir {_quoted(out)}: directory {parent} is not writable; choose another path", path=out,
+                          field="out_dir")
+
+
+def _quoted(path: str | os.PathLike) -> str:
+    """A path as a message names it: quoted, so that the CLI leaves it as it is (a folder may be named `overwrite`)."""
+    return repr(os.fspath(path))
 
 
 def _umask() -> int:
@@ -112,7 +128,8 @@ def make_staging_dir(out: str | os.PathLike) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-{out.name}-", dir=out.parent))
         staging.chmod(0o777 & ~_umask())
     except OSError as err:
-        raise OutputError(f"cannot write beside --out {out}: {err.strerror}", path=out) from err
+        raise OutputError(f"cannot write beside out_dir {_quoted(out)}: {err.strerror}", path=out,
+                          field="out_dir") from err
     return staging
 
 
@@ -122,7 +139,7 @@ def remove_stale_staging(parent: Path) -> None:
     Their names start with `.ame-tmp-<pid>-`; one whose process still runs is left alone.
 
     Args:
-        parent: the folder that holds `--out`.
+        parent: the folder that holds `out_dir`.
     """
     remove_stale_dirs(parent, STAGING_PREFIX)
 
@@ -238,7 +255,7 @@ def staging_cleanup(staging: Path, out: str | os.PathLike, *, owner: bool = True
         if owner:
             shutil.rmtree(staging, ignore_errors=True)
         if isinstance(err, OSError) and not isinstance(err, OutputError):
-            raise OutputError(describe_os_error(err, Path(out)), path=out) from err
+            raise OutputError(describe_os_error(err, Path(out)), path=out, field="out_dir") from err
         raise
 
 
@@ -258,8 +275,8 @@ def publish(staging: Path, out: str | os.PathLike, overwrite: bool) -> None:
     old = None
     if out.exists():
         if any(out.iterdir()) and not (overwrite and (out / RUN_FILE).is_file()):
-            raise OutputError(f"--out {out} was filled by something else during the merge; the merge is not "
-                              "published and nothing was replaced", path=out)
+            raise OutputError(f"out_dir {_quoted(out)} was filled by something else during the merge; the merge "
+                              "is not published and nothing was replaced", path=out, field="out_dir")
         old = out.parent / f"{STAGING_PREFIX}{os.getpid()}-{out.name}-old"
         os.rename(out, old)
     try:
@@ -280,10 +297,14 @@ def describe_os_error(err: OSError, out: Path) -> str:
         out: the output directory.
 
     Returns:
-        The message, saying what to do (free space, a writable `--out`).
+        The message, saying what to do (free space, a writable `out_dir`): an `OutputError`'s, with
+        `field="out_dir"`.
+
+    >>> describe_os_error(OSError(errno.EROFS, "Read-only file system"), Path("merged"))
+    'cannot write the output beside merged (Read-only file system); choose a writable out_dir'
     """
     if err.errno in (errno.ENOSPC, errno.EFBIG):
-        return f"not enough space to write the output beside {out} ({err.strerror}); free some space or choose another --out"
+        return f"not enough space to write the output beside {out} ({err.strerror}); free some space or choose another out_dir"
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"cannot write the output beside {out} ({err.strerror}); choose a writable --out"
+        return f"cannot write the output beside {out} ({err.strerror}); choose a writable out_dir"
     return f"writing the output beside {out} failed: {err.strerror or err}"

@@ -105,9 +105,23 @@ def test_python_api_applies_the_same_rules(workspace):
     work, models = workspace
     before = snapshot(work)
     for target in (".", models[0], work / "models"):
-        with pytest.raises(OutputError):
+        with pytest.raises(OutputError) as caught:
             merge(models, target, optimizer="sgd", overwrite=True, progress=False)
+        assert "out_dir" in str(caught.value) and "--" not in str(caught.value), str(caught.value)
     assert snapshot(work) == before
+
+
+def test_a_previous_output_names_the_keyword_in_python_and_the_flag_in_the_cli(workspace, capsys):
+    """The same message, written once: `overwrite=True` for a Python caller, `--overwrite` on the command line."""
+    work, models = workspace
+    merge(models, work / "previous", optimizer="sgd", progress=False)
+    with pytest.raises(OutputError) as caught:
+        merge(models, work / "previous", optimizer="sgd", progress=False)
+    message = str(caught.value)
+    assert caught.value.fields == ("out_dir", "overwrite") and "--" not in message, message
+    assert message.startswith(f"out_dir {str(work / 'previous')!r} holds a previous") and "pass overwrite=True" in message
+    line = _refused(capsys, [*models, "--out", work / "previous"], "previous ame-hf output")
+    assert line.endswith(message.replace("out_dir", "--out").replace("overwrite=True", "--overwrite")), line
 
 
 def test_tune_applies_the_same_rules(workspace, capsys):
