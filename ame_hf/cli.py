@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -71,30 +72,43 @@ def as_flags(text: str, keywords: Sequence[str], command: str, *, marked_only: b
     """`text` with the `keywords` it names shown as `command`'s flags.
 
     A keyword written as a Python caller passes it becomes the flag with its value: `overwrite=True` ->
-    `--overwrite`, `device='cpu'` -> `--device 'cpu'`, `base=REF` -> `--base REF`. A message that names a keyword
+    `--overwrite`, `device='cpu'` -> `--device cpu`, `base=REF` -> `--base REF`. A message that names a keyword
     so is rewritten there only, and may use the keyword as a plain word elsewhere (`no such CUDA device`);
     otherwise (unless `marked_only`) every bare occurrence is the keyword (`give either lr or relative_lr`).
     Quoted values, paths and repo IDs are left as they are: `--pivot 'pivot'`, `org/base`.
 
     >>> as_flags("device='cuda:7': no such CUDA device; use device='cpu'", ["device"], "merge")
-    "--device 'cuda:7': no such CUDA device; use --device 'cpu'"
-    >>> as_flags("out_dir x holds an output; pass overwrite=True or choose another out_dir", ["out_dir", "overwrite"],
+    '--device cuda:7: no such CUDA device; use --device cpu'
+    >>> as_flags("out_dir 'x' holds an output; pass overwrite=True or choose another out_dir", ["out_dir", "overwrite"],
     ...          "merge")
-    '--out x holds an output; pass --overwrite or choose another --out'
+    "--out 'x' holds an output; pass --overwrite or choose another --out"
     """
-    parts = re.split(r"('[^']*')", text)  # odd parts are quoted values
-    plain = "".join(parts[::2])
     for keyword in sorted(keywords, key=len, reverse=True):
-        name = r"(?<![\w./-])" + re.escape(keyword)
-        marked = re.compile(name + r"=(True\b)?")
-        if marked.search(plain):
-            sub, pattern = (lambda m: flag(command, keyword) + ("" if m.group(1) else " ")), marked
-        elif not marked_only:
-            sub, pattern = (lambda m: flag(command, keyword)), re.compile(name + r"(?![\w/-])")
-        else:
-            continue
-        parts = [part if i % 2 else pattern.sub(sub, part) for i, part in enumerate(parts)]
-    return "".join(parts)
+        text = _as_flag(text, keyword, flag(command, keyword), marked_only)
+    return text
+
+
+def _as_flag(text: str, keyword: str, option: str, marked_only: bool) -> str:
+    """`as_flags` for one keyword."""
+    name = r"(?<![\w./-])" + re.escape(keyword)
+    marked = re.compile(name + r"=(?:(True)\b|'([^']*)')?")
+    if marked.search(text):
+        pattern = marked
+    elif marked_only:
+        return text
+    else:
+        pattern = re.compile(name + r"(?![\w/-])")
+    quoted = [m.span() for m in re.finditer(r"'[^']*'", text)]
+
+    def shown(m: re.Match) -> str:
+        if any(start <= m.start() < end for start, end in quoted):
+            return m.group(0)
+        if pattern is not marked or m.group(1):  # a bare keyword, or `=True`
+            return option
+        value = m.group(2)  # None for `base=REF`
+        return f"{option} " + ("" if value is None else value if value and shlex.quote(value) == value else repr(value))
+
+    return pattern.sub(shown, text)
 
 
 class UsageError(Exception):
