@@ -36,7 +36,7 @@ def hub_errors(what: str, repo_id: str, revision: str | None = None) -> Iterator
     except hf_errors.GatedRepoError as err:
         raise HubError(
             f"{what}: {repo_id} is gated; accept its conditions on its Hub page, then pass a token "
-            "with access (--token or HF_TOKEN)", repo_id=repo_id
+            "with access (token=TOKEN or HF_TOKEN)", repo_id=repo_id, field="token"
         ) from err
     except hf_errors.RevisionNotFoundError as err:
         raise IngredientNotFoundError(
@@ -45,7 +45,7 @@ def hub_errors(what: str, repo_id: str, revision: str | None = None) -> Iterator
     except hf_errors.RepositoryNotFoundError as err:
         raise IngredientNotFoundError(
             f"{what}: repository {repo_id} not found on {endpoint()} (check the name; for a private "
-            "repo pass --token or set HF_TOKEN)", ref=repo_id
+            "repo pass token=TOKEN or set HF_TOKEN)", ref=repo_id, field="token"
         ) from err
     except (hf_errors.OfflineModeIsEnabled, hf_errors.LocalEntryNotFoundError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
@@ -58,8 +58,8 @@ def hub_errors(what: str, repo_id: str, revision: str | None = None) -> Iterator
         status = getattr(getattr(err, "response", None), "status_code", None)
         if status == 401:
             raise HubError(
-                f"{what}: the Hub refused the token (401 Unauthorized); check --token / HF_TOKEN "
-                "or log in again with `hf auth login`", repo_id=repo_id
+                f"{what}: the Hub refused the token (401 Unauthorized); pass a valid token=TOKEN, set "
+                "HF_TOKEN or log in again with `hf auth login`", repo_id=repo_id, field="token"
             ) from err
         if status == 403:
             raise HubError(

@@ -53,10 +53,10 @@ def weight_layout(files: set[str], variant: str | None = None) -> tuple[str, str
     wanted = f" of variant {variant!r}" if variant else ""
     others = sorted({f.split(".")[1] for f in files if f.count(".") >= 2 and f.startswith(("model.", "pytorch_model."))
                      and f.endswith((".safetensors", ".bin")) and "-of-" not in f})
-    hint = f"; this model has the variant(s) {', '.join(others)}: pass --variant NAME" if others else ""
+    hint = f"; this model has the variant(s) {', '.join(others)}: pass variant=NAME" if others else ""
     raise CheckpointError(f"no weights{wanted} found (expected {with_variant(SAFE_SINGLE, variant)}, "
                           f"{with_variant(SAFE_INDEX, variant)}, {with_variant(BIN_SINGLE, variant)} or "
-                          f"{with_variant(BIN_INDEX, variant)}){hint}")
+                          f"{with_variant(BIN_INDEX, variant)}){hint}", fields=("variant",) if others else ())
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -182,7 +182,7 @@ class Checkpoint:
         try:
             kind, index, single = weight_layout({p.name for p in self.path.iterdir()}, self.variant)
         except CheckpointError as err:
-            raise CheckpointError(f"{self.name}: {err} in {self.path}", path=self.path) from err
+            raise CheckpointError(f"{self.name} ({self.path}): {err}", path=self.path, fields=err.fields) from err
         if index is not None:
             files = index_shards(self.path / index, self.name)
             for f in files:

@@ -43,11 +43,14 @@ def process_setup(device: str | None) -> ProcessSetup:
         try:
             wanted = torch.device(device)
         except (RuntimeError, TypeError) as err:
-            raise InvalidConfigError(f"--device {device!r} is not a device name (e.g. cpu, cuda, cuda:1, mps)") from err
+            raise InvalidConfigError(f"device={device!r} is not a device name (e.g. cpu, cuda, cuda:1, mps)",
+                                     field="device") from err
         if wanted.type == "cuda" and (not torch.cuda.is_available() or (wanted.index or 0) >= torch.cuda.device_count()):
-            raise InvalidConfigError(f"--device {device}: no such CUDA device on this machine; use --device cpu")
+            raise InvalidConfigError(f"device={device!r}: no such CUDA device on this machine; use device='cpu'",
+                                     field="device")
         if wanted.type == "mps" and not torch.backends.mps.is_available():
-            raise InvalidConfigError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+            raise InvalidConfigError(f"device={device!r}: MPS is not available on this machine; use device='cpu'",
+                                     field="device")
     no_accelerator = not torch.cuda.is_available() and not torch.backends.mps.is_available()
     cpu = device == "cpu" or (device is None and no_accelerator)
     if world <= 1 and cpu:
@@ -60,13 +63,13 @@ def process_setup(device: str | None) -> ProcessSetup:
     if not cpu and device is None and torch.cuda.is_available() and local_world > torch.cuda.device_count():
         raise InvalidConfigError(
             f"launched {local_world} processes on this machine but it has {torch.cuda.device_count()} CUDA "
-            "device(s); launch at most one process per GPU, or pass --device cpu"
+            "device(s); launch at most one process per GPU, or pass device='cpu'", field="device"
         )
     state = PartialState(cpu=cpu)
     if state.num_processes != world:
         raise InvalidConfigError(
             f"launched as {world} processes but accelerate set up {state.num_processes}; "
-            "launch with torchrun or `accelerate launch` and the same --device on every process"
+            "launch with torchrun or `accelerate launch` and the same device on every process", field="device"
         )
     chosen = torch.device(device) if device else state.device
     if chosen.type == "cuda" and chosen.index is None:
@@ -112,7 +115,7 @@ def share_path(setup: ProcessSetup, path: Path | None) -> Path:
 def cpu_threads(device: torch.device, threads: int | None) -> Iterator[None]:
     """torch intra-op threads for a CPU merge (default 1), restored afterwards."""
     if threads is not None and threads < 1:
-        raise InvalidConfigError(f"--threads must be >= 1, got {threads}")
+        raise InvalidConfigError(f"threads must be >= 1, got {threads}", field="threads")
     previous = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(threads or 1)

@@ -85,7 +85,8 @@ def save_union_tokenizer(source: Path, staging: Path, vocab: VocabularyPlan) -> 
     got = tokenizer.convert_tokens_to_ids([t for t, _ in vocab.new_tokens])
     if got != expected:
         raise CheckpointError(f"the tokenizer of {source} gives the new tokens ids {got[:3]}..., not their rows "
-                              f"{expected[:3]}... ({first} tokens before them); choose another --tokenizer-source")
+                              f"{expected[:3]}... ({first} tokens before them); choose another tokenizer_source",
+                              field="tokenizer_source")
     tokenizer.save_pretrained(staging)
 
 

@@ -226,7 +226,7 @@ class InputStage:
                 header = header_checkpoint(entry.source, entry.light, self.config(entry), variant=self.variant,
                                            token=self.token)
             except CheckpointError as err:
-                raise CheckpointError(f"{entry.ref}: {err}", path=getattr(err, "path", None)) from err
+                raise CheckpointError(f"{entry.ref}: {err}", path=err.path, fields=err.fields) from err
             if header is None:  # `.bin` weights have no header: downloaded to be checked
                 self.downloaded_to_check.append(entry.ref)
                 self.fetch([entry])

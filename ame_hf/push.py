@@ -25,19 +25,37 @@ def upload_output(
 ) -> PushInfo:
     """Create the repo if needed and upload a merge output folder.
 
+    Args:
+        folder: the merge output (it holds `ame_config.yaml`).
+        repo_id: the target repo, `org/name` (created if missing).
+        token: Hub token with write access (default: `HF_TOKEN` or the login cache).
+        private: create the repo as private.
+        revision: the branch to push to (created if missing).
+        create_pr: open a pull request instead of committing.
+        commit_message: the commit message (default: "Upload AME merge (ame-hf)").
+
     Returns:
         A `PushInfo`: the URL to show, the commit now at the head, and whether the Hub already had exactly these
         files (then nothing is committed).
 
     Raises:
-        PushError: the upload failed; the local folder is untouched and the message says how to retry.
+        InvalidConfigError: `repo_id` is no repo ID (before the Hub is asked), or `folder` is no merge output.
+        PushError: the upload failed (no token, refused, unreachable); the local folder is untouched and the
+            message says how to retry.
+
+    >>> upload_output("merged", "no-slash")
+    Traceback (most recent call last):
+    ...
+    ame_hf.errors.InvalidConfigError: repo_id 'no-slash' is not a repo ID of the form org/name
+    >>> upload_output("merged", "org/merged", private=True).url  # doctest: +SKIP
+    'https://huggingface.co/org/merged'
     """
     from huggingface_hub import HfApi
 
     folder = Path(folder)
     retry = retry_command(folder, repo_id, private=private, revision=revision, create_pr=create_pr)
     if "/" not in repo_id or not is_repo_id(repo_id):
-        raise InvalidConfigError(f"--repo-id {repo_id!r} is not a repo ID of the form org/name")
+        raise InvalidConfigError(f"repo_id {repo_id!r} is not a repo ID of the form org/name", field="repo_id")
     if not (folder / "ame_config.yaml").is_file():
         raise InvalidConfigError(f"{folder} is not an ame-hf merge output (no ame_config.yaml)")
     if offline():
@@ -48,7 +66,8 @@ def upload_output(
             from huggingface_hub import get_token
 
             if not (token or get_token()):
-                raise HubError(f"push to {repo_id}: no Hub token; pass --token, set HF_TOKEN or run `hf auth login`", repo_id=repo_id)
+                raise HubError(f"push to {repo_id}: no Hub token; pass token=TOKEN, set HF_TOKEN or run "
+                               "`hf auth login`", repo_id=repo_id, field="token")
             url = api.create_repo(repo_id, private=private, exist_ok=True)
             if revision and revision != "main":
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -58,7 +77,8 @@ def upload_output(
                 commit_message=commit_message or "Upload AME merge (ame-hf)",
             )
     except HubError as err:
-        raise PushError(f"{err} — the output in {folder} is intact; retry with `{retry}`", repo_id=repo_id) from err
+        raise PushError(f"{err} — the output in {folder} is intact; retry with `{retry}`", repo_id=repo_id,
+                        fields=err.fields) from err
     changed = bool(getattr(info, "pr_url", None)) or info.oid != head
     return PushInfo(url=str(getattr(info, "pr_url", None) or getattr(url, "url", None) or url),
                     commit=info.oid, changed=changed)
@@ -66,7 +86,18 @@ def upload_output(
 
 def retry_command(folder: Path, repo_id: str, *, private: bool | None = None, revision: str | None = None,
                   create_pr: bool = False) -> str:
-    """The `ame-hf push` command that retries a failed push with the same target."""
+    """The `ame-hf push` command that retries a failed push with the same target.
+
+    Args:
+        folder: the merge output.
+        repo_id, private, revision, create_pr: the push's target, as `upload_output` takes them.
+
+    Returns:
+        A shell command line (quoted with `shlex`).
+
+    >>> retry_command(Path("my merge"), "org/x", revision="dev")
+    "ame-hf push 'my merge' --repo-id org/x --revision dev"
+    """
     args = ["ame-hf", "push", str(folder), "--repo-id", repo_id]
     args += ["--private"] if private else []
     args += ["--revision", revision] if revision else []

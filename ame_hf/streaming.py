@@ -63,7 +63,7 @@ class TensorMerger:
                 and not bool(torch.isfinite(t).all())):
             raise CheckpointError(
                 f"{ckpt.name}: tensor {name!r} contains NaN or Inf; fix that checkpoint, or pass "
-                "--allow-nonfinite to merge it anyway", path=ckpt.path, tensor=name
+                "allow_nonfinite=True to merge it anyway", path=ckpt.path, tensor=name, field="allow_nonfinite"
             )
         return t
 

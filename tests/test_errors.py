@@ -17,6 +17,7 @@ import torch
 from huggingface_hub import HfApi
 from safetensors.torch import load_file, save_file
 
+import ame_hf
 import ame_hf.errors as errors
 from ame_hf.cli import main
 from factories import assert_one_error_line, cli_error_line, make_finetunes
@@ -182,6 +183,25 @@ USAGE_CASES = [
     ("zero-threads", lambda w: [w["a"], w["b"], "--threads", "0"], ["--threads", ">= 1"]),
     ("push-without-repo-id", lambda w: [w["a"], w["b"], "--push"], ["--repo-id"]),
 ]
+
+
+# The Python API's side of some of CASES: the same message names the keyword (the CLI shows the flag).
+PYTHON_CASES = [
+    ("device-not-available", lambda w: [w["a"], w["b"]], {"device": "cuda:3"}, "device",
+     "device='cuda:3': no such CUDA device on this machine; use device='cpu'"),
+    ("device-not-a-device", lambda w: [w["a"], w["b"]], {"device": "gpu please"}, "device",
+     "device='gpu please' is not a device name"),
+    ("nan-in-ingredient", lambda w: [w["a"], w["nan"]], {}, "allow_nonfinite", "pass allow_nonfinite=True"),
+]
+
+
+@pytest.mark.parametrize("case_id,refs,options,keyword,needle", PYTHON_CASES, ids=[c[0] for c in PYTHON_CASES])
+def test_python_errors_name_the_keyword_never_the_flag(world, tmp_path, case_id, refs, options, keyword, needle):
+    with pytest.raises(errors.AmeError) as caught:
+        ame_hf.merge(refs(world), tmp_path / "out", progress=False, **options)
+    assert caught.value.fields == (keyword,) and needle in str(caught.value), str(caught.value)
+    assert "--" not in str(caught.value).replace(str(tmp_path), "")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("case_id,argv,needles", CASES, ids=[c[0] for c in CASES])

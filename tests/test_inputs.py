@@ -10,7 +10,7 @@ from huggingface_hub import HfApi
 
 from ame_hf import check
 from ame_hf.cli import main
-from ame_hf.errors import InsufficientSpaceError
+from ame_hf.errors import CheckpointError, InsufficientSpaceError
 from ame_hf.fetch import check_disk_space
 from factories import make_finetunes
 
@@ -153,6 +153,9 @@ def test_variant_weights_are_found_with_variant(hub, hub_token, tmp_path, capsys
     capsys.readouterr()
     assert main(["check", *map(str, folders)]) == 1
     assert "pass --variant NAME" in capsys.readouterr().err
+    with pytest.raises(CheckpointError) as caught:  # the same message names the keyword in Python
+        check(folders)
+    assert "pass variant=NAME" in str(caught.value) and "--variant" not in str(caught.value)
     _upload(hub_token, "org/variant-a", folders[0])
     _upload(hub_token, "org/variant-b", folders[1])
     out = tmp_path / "out"

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import signal
 
+import pytest
 from huggingface_hub import HfApi
 
 from ame_hf import merge, push_to_hub
 from ame_hf.cli import main
+from ame_hf.errors import InvalidConfigError, PushError
 from factories import cli_error_line, start_cli, wait_for, weights_sha256
 
 
@@ -33,6 +35,21 @@ def test_push_errors_keep_the_output(repos, hub_token, tmp_path, capsys):
     assert "hf_read_token" not in line
     cli_error_line(capsys, "push", result.path, "--repo-id", "org/x", needles=("no Hub token",), max_seconds=10)
     assert (result.path / "model.safetensors").is_file()
+
+
+def test_push_errors_name_the_keyword_in_python_and_the_flag_in_the_cli(repos, tmp_path, capsys):
+    """One message each: `repo_id` / `token=TOKEN` for a Python caller, `--repo-id` / `--token TOKEN` in the CLI."""
+    with pytest.raises(InvalidConfigError) as caught:
+        push_to_hub(tmp_path, "no-slash")
+    assert caught.value.field == "repo_id" and str(caught.value) == "repo_id 'no-slash' is not a repo ID of the form org/name"
+    cli_error_line(capsys, "push", tmp_path, "--repo-id", "no-slash", exit_code=1,
+                   needles=("--repo-id 'no-slash' is not a repo ID",))
+    result = merge(["org/hub-a", "org/hub-b"], tmp_path / "m", progress=False)
+    with pytest.raises(PushError) as caught:
+        push_to_hub(result, "org/x")
+    assert caught.value.fields == ("token",) and "pass token=TOKEN" in str(caught.value)
+    assert "--token" not in str(caught.value)
+    cli_error_line(capsys, "push", result.path, "--repo-id", "org/x", needles=("no Hub token; pass --token TOKEN",))
 
 
 def test_pushing_an_unchanged_output_again_says_nothing_changed(repos, hub_token, tmp_path, capsys):
