@@ -7,48 +7,23 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from ._model_files import read_config
 from .adapters import ADAPTER_FILES, AdapterCheckpoint, adapter_base, is_adapter_dir, read_adapter_config
+from .checked_inputs import Entry, Inputs
 from .checkpoint import Checkpoint
 from .compatibility import CompatibilityReport, check_compatibility, config_refusals
 from .config import PIVOT_WORDS, SOURCE_WORDS
-from .errors import CheckpointError, IncompatibleCheckpointsError
+from .errors import CheckpointError
 from .fetch import check_disk_space, download_size, fetch_light, fetch_weights, format_size, header_checkpoint, hub_cache
 from .records import HubSource, Ingredient
 from .resolve import local_inputs, plan_refs, split_ref
 from .vocabulary import TokenizerFiles, read_tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(kw_only=True, eq=False)
-class Entry:
-    """One reference of a run as the input stage knows it.
-
-    Attributes:
-        source: where it comes from: a local `Ingredient`, or a `HubSource` pinned to its commit.
-        light: its local folder (a Hub one's snapshot in the cache: light files first, weights once fetched).
-        adapter: the `adapter_config.json` of a PEFT adapter, else None.
-        weights: True once its weights are in `light.path` (always for a local folder).
-    """
-
-    source: Ingredient | HubSource
-    light: Ingredient
-    adapter: dict[str, Any] | None = None
-    weights: bool = False
-
-    @property
-    def ref(self) -> str:
-        return self.source.ref
-
-    @property
-    def remote(self) -> bool:
-        """A Hub reference whose weights the stage downloads (offline, the cache holds what it holds)."""
-        return isinstance(self.source, HubSource) and self.source.sha is not None
 
 
 class InputStage:
@@ -269,129 +244,3 @@ class InputStage:
             else:
                 self._opened[key] = checked
         return self._opened[key]
-
-
-@dataclass(kw_only=True, eq=False)
-class Inputs:
-    """The checked inputs of one run: what the check read and said, carried on to the download, the engine, the
-    finish and the card.
-
-    Attributes:
-        stage: the `InputStage` that read them (and caches them).
-        entries: the ingredients, in the user's order.
-        pivot: another checkpoint to start from, if the pivot is one.
-        base: the base model of the PEFT adapters, if any.
-        pivot_is_base: the pivot is `base`.
-        pivot_index: the ingredient the pivot keyword names (`first`: 0, an index: it; else 0).
-        tokenizer_source: the tokenizer-source keyword or index, or the `Entry` of another checkpoint.
-        report: the compatibility report (made once; its views are upgraded by `open`).
-        checked: the checkpoints the check saw (ingredients, then the pivot's).
-    """
-
-    stage: InputStage
-    entries: list[Entry]
-    pivot: Entry | None
-    base: Entry | None
-    pivot_is_base: bool
-    pivot_index: int
-    tokenizer_source: str | int | Entry
-    report: CompatibilityReport
-    checked: list[Checkpoint] = field(default_factory=list)
-
-    @property
-    def paths(self) -> list[Path]:
-        """Every input's local folder (a Hub one's is in the cache): what `--out` may never touch."""
-        every = [*self.entries, *([self.pivot] if self.pivot else []), *([self.base] if self.base else [])]
-        source = [self.tokenizer_source] if isinstance(self.tokenizer_source, Entry) else []
-        return [e.light.path for e in [*every, *source]]
-
-    @property
-    def ingredients(self) -> list[Ingredient]:
-        return [e.light for e in self.entries]
-
-    @property
-    def checkpoints(self) -> list[Checkpoint]:
-        """The ingredients under the output's tensor names (readable once `open` ran)."""
-        return self.report.checkpoints
-
-    @property
-    def pivot_checkpoint(self) -> Checkpoint | None:
-        return self.report.pivot
-
-    @property
-    def pivot_ingredient(self) -> Ingredient | None:
-        """The pivot checkpoint as recorded: another checkpoint, or the base (`base`)."""
-        chosen = self.pivot or (self.base if self.pivot_is_base else None)
-        return chosen.light if chosen else None
-
-    def raise_for_errors(self) -> None:
-        """Refuse inputs the check found incompatible.
-
-        Raises:
-            IncompatibleCheckpointsError: the report has errors (with its one-line summary).
-        """
-        if not self.report.ok:
-            raise IncompatibleCheckpointsError(self.report.summary(), report=self.report)
-
-    def open(self) -> "Inputs":
-        """After the check passed: download what is missing (announced, disk checked first), then upgrade the
-        report's views to the opened files (compared with the checked headers, not checked again)."""
-        self.raise_for_errors()
-        every = [*self.entries, *([self.pivot] if self.pivot else []), *([self.base] if self.base else [])]
-        self.stage.fetch(every)
-        report = self.report
-        pairs = list(zip(self.checked, [*report.checkpoints, *([report.pivot] if report.pivot is not None else [])]))
-        views = [_upgraded(view, checked, self.stage.opened(checked)) for checked, view in pairs]
-        report.checkpoints, report.pivot = views[:len(report.checkpoints)], (
-            views[-1] if report.pivot is not None else None)
-        return self
-
-    # -- which model the output's files come from -------------------------------------------------
-    def vocabulary_source(self) -> str | int | TokenizerFiles:
-        """`--tokenizer-source` as the vocabulary plan takes it: `auto`/`union`, an ingredient index, or another
-        checkpoint's tokenizer (`pivot` means the pivot: its index, or the pivot checkpoint's tokenizer)."""
-        source = self.tokenizer_source
-        if isinstance(source, Entry):
-            return self.stage.tokenizer(self.stage.tokenizer_dir(source, self.base))
-        if source == "pivot":
-            chosen = self.pivot or (self.base if self.pivot_is_base else None)
-            return self.stage.tokenizer(self.stage.tokenizer_dir(chosen, self.base)) if chosen else self.pivot_index
-        if source == "first":
-            return 0
-        return source
-
-    def config_source(self) -> Checkpoint:
-        """The checkpoint whose config (and side files) the output takes: the pivot when it is a model of the
-        ingredients' architecture, else the ingredient whose layout the check chose (the first, usually)."""
-        chosen = self.checkpoints[self.report.source]
-        arch = chosen.config.get("architectures")
-        if self.pivot_checkpoint is not None and self.pivot_checkpoint.config.get("architectures") == arch:
-            return self.pivot_checkpoint
-        if self.checkpoints[self.pivot_index].config.get("architectures") == arch:
-            return self.checkpoints[self.pivot_index]
-        return chosen
-
-    def tokenizer_dir(self) -> Path:
-        """Where the output's tokenizer, chat template and processor files come from: with differing
-        vocabularies the plan's source; else `--tokenizer-source` (`auto`: the pivot's, else the first's)."""
-        vocab = self.report.vocab
-        source: str | int | Entry = self.tokenizer_source
-        if vocab is not None and vocab.tokenizer is None:
-            source = vocab.source
-        if isinstance(source, Entry):
-            return self.stage.tokenizer_dir(source, self.base)
-        if source in ("auto", "union", "pivot"):
-            chosen = self.pivot or (self.base if self.pivot_is_base else None)
-            if chosen is not None:
-                return self.stage.tokenizer_dir(chosen, self.base)
-            source = self.pivot_index
-        return self.stage.tokenizer_dir(self.entries[0 if source == "first" else int(source)], self.base)
-
-
-def _upgraded(view: Checkpoint, checked: Checkpoint, opened: Checkpoint) -> Checkpoint:
-    """`view` (the check's checkpoint, perhaps under the output's names) over the opened files."""
-    if opened is checked:
-        return view
-    if view is checked:
-        return opened
-    return opened.renamed({new: view.stored[new] for new in view.tensors})
