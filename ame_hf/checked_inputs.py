@@ -55,6 +55,8 @@ class Inputs:
         tokenizer_source: the tokenizer-source keyword or index, or the `Entry` of another checkpoint.
         report: the compatibility report (made once; its views are upgraded by `open`).
         checked: the checkpoints the check saw (ingredients, then the pivot's).
+        fields: the keywords that error lines of the report name, by line (`base` for an adapter without one):
+            the error `raise_for_errors` raises carries them, so that the CLI shows them as flags.
     """
 
     stage: Any  # the `InputStage` (inputs.py, which imports this module)
@@ -66,6 +68,7 @@ class Inputs:
     tokenizer_source: str | int | Entry
     report: CompatibilityReport
     checked: list[Checkpoint] = field(default_factory=list)
+    fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def paths(self) -> list[Path]:
@@ -97,10 +100,12 @@ class Inputs:
         """Refuse inputs the check found incompatible.
 
         Raises:
-            IncompatibleCheckpointsError: the report has errors (with its one-line summary).
+            IncompatibleCheckpointsError: the report has errors (with its one-line summary, whose first error's
+                keywords it carries as `fields`).
         """
         if not self.report.ok:
-            raise IncompatibleCheckpointsError(self.report.summary(), report=self.report)
+            raise IncompatibleCheckpointsError(self.report.summary(), report=self.report,
+                                               fields=self.fields.get(self.report.errors[0], ()))
 
     def open(self) -> "Inputs":
         """After the check passed: download what is missing (announced, disk checked first), then upgrade the

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import logging
 import re
@@ -266,7 +267,10 @@ def cmd_check(args: argparse.Namespace, options: dict[str, Any]) -> int:
     from .api import check
 
     report = check(args.refs, token=args.token, **options)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    # The report is the Python API's: its lines write a keyword as a caller passes it (`base=REF`).
+    keywords = [k for k in inspect.signature(check).parameters if k != "ingredients"]
+    print(json.dumps(report.to_dict(), indent=2) if args.json
+          else as_flags(report.format(), keywords, "check", marked_only=True))
     return 0 if report.ok else EXIT_ERROR
 
 

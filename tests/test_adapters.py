@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from ame_hf import AmeConfig, check, merge
 from ame_hf.cli import main
+from ame_hf.errors import IncompatibleCheckpointsError
 from factories import build_base, make_finetunes, make_lora_adapter, peft_merged
 from test_engine import reference_ame
 
@@ -111,10 +112,28 @@ def test_adapters_of_different_bases_are_refused_in_one_line(mix, tmp_path, caps
     capsys.readouterr()
     assert main(["merge", str(mix["adapters"][0]), str(stray), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "different base models" in err and "--base" in err, err
+    assert err.count("\n") == 1 and "different base models" in err and "pass --base REF" in err, err
+    # Python names the keyword, in the error and in check's report; `ame-hf check` shows the flag
+    with pytest.raises(IncompatibleCheckpointsError) as caught:
+        merge([mix["adapters"][0], stray], tmp_path / "o", progress=False)
+    assert caught.value.fields == ("base",) and "pass base=REF" in str(caught.value), str(caught.value)
+    assert "--base" not in str(caught.value)
+    assert any("pass base=REF" in e for e in check([mix["adapters"][0], stray]).errors)
+    assert main(["check", str(mix["adapters"][0]), str(stray)]) == 1
+    out = capsys.readouterr().out
+    assert "different base models" in out and "pass --base REF" in out and "base=" not in out, out
     # --base names one base for all: then the (perturbed) adapter applies to it
     assert main(["merge", str(mix["adapters"][0]), str(stray), "--base", str(mix["base"]), "--out",
                  str(tmp_path / "o"), "--quiet", "--optimizer", "sgd"]) == 0
+
+
+def test_pivot_base_without_adapters_names_the_keywords(mix, capsys):
+    """`pivot='base'` with no adapter and no `base`: the report names the keywords, `ame-hf check` the flags."""
+    full = [mix["full"], mix["full"]]
+    assert check(full, pivot="base").errors == ["pivot='base' needs PEFT adapters among the ingredients, or base=REF"]
+    capsys.readouterr()
+    assert main(["check", *map(str, full), "--pivot", "base"]) == 1
+    assert "error: --pivot base needs PEFT adapters among the ingredients, or --base REF" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("kind,option", [("DORA", "use_dora"), ("IA3", None)])
