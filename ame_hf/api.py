@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import weakref
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,8 +15,12 @@ from .evaluation import check_scorable, default_metric, evaluate_model, load_dat
 from .full_models import FullModels, fetch_models, resolve_models
 from .inputs import InputStage
 from .merging import merge
+from .output import clean_up_temp_dirs, process_temp_dir, remove_temp_dir
 from .push import upload_output
 from .records import Evaluation, MergeResult, PushInfo
+
+# The scratch folders of `from_pretrained`'s merges (`output.process_temp_dir`).
+MODEL_DIR_PREFIX = "ame-hf-model-"
 
 
 def check(ingredients: Sequence[str | os.PathLike], *, token: str | None = None, dtype: str = "auto",
@@ -146,7 +148,9 @@ def from_pretrained(
 
     Returns:
         The model, with `model.ame_config` (the resolved `AmeConfig`) and `model.ame_result`
-        (the `MergeResult`; its folder holds the card and lives as long as the model).
+        (the `MergeResult`; its folder, `<tmp>/ame-hf-model-<pid>-*`, holds the card and lives as long as the
+        model: it goes with the model, or when the process exits, by Ctrl-C or SIGTERM too; one a killed
+        process left goes at the next call).
 
     Raises:
         InvalidConfigError: an invalid option, or `trust_remote_code` in `model_kwargs`.
@@ -161,16 +165,17 @@ def from_pretrained(
         raise InvalidConfigError("ame-hf never runs code from a downloaded repo (trust_remote_code)")
     if model_class is None:
         from transformers import AutoModel as model_class  # noqa: N813
-    folder = Path(tempfile.mkdtemp(prefix="ame-hf-model-"))
+    clean_up_temp_dirs(MODEL_DIR_PREFIX)
+    folder = process_temp_dir(MODEL_DIR_PREFIX)
     try:
         result = merge(ingredients, folder / "merged", config, token=token, progress=progress, **options)
         model = model_class.from_pretrained(result.path, **kwargs)
     except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_temp_dir(folder)
         raise
     model.ame_config = result.config
     model.ame_result = result
-    weakref.finalize(model, shutil.rmtree, folder, True)
+    weakref.finalize(model, remove_temp_dir, folder)
     return model
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -15,9 +14,13 @@ from typing import Any, Callable, Sequence
 from .evaluation import sort_key
 from .inputs import Entry, InputStage
 from .merging import materialize
+from .output import clean_up_temp_dirs, process_temp_dir, remove_temp_dir
 from .records import Ingredient
 
 logger = logging.getLogger(__name__)
+
+# The scratch folders adapters are written into (`output.process_temp_dir`).
+SCRATCH_PREFIX = "ame-hf-adapters-"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,7 +102,8 @@ def input_paths(models: Sequence[ResolvedModel]) -> list[Path]:
 class FullModels:
     """Each model's folder of full weights: its own, or for an adapter its merge into its base, written under
     `scratch` on first use and kept until released. Use it as a context manager: on exit (an error too) what
-    it wrote is removed, and a scratch folder it made itself (under TMPDIR) with it.
+    it wrote is removed, and a scratch folder it made itself with it (`<tmp>/ame-hf-adapters-<pid>-*`: removed
+    at the latest when the process exits, by Ctrl-C or SIGTERM too; one a killed process left goes the next time).
 
     Args:
         models: from `resolve_models`.
@@ -127,7 +131,8 @@ class FullModels:
             return model.ingredient.path
         if i not in self._written:
             if self.scratch is None:
-                self.scratch = Path(tempfile.mkdtemp(prefix="ame-hf-adapters-"))
+                clean_up_temp_dirs(SCRATCH_PREFIX)
+                self.scratch = process_temp_dir(SCRATCH_PREFIX)
             self.scratch.mkdir(parents=True, exist_ok=True)
             logger.info("writing %s merged into its base %s, to evaluate it", model.name, model.base.display_name)
             folder = self.scratch / f"model{i}"
@@ -168,5 +173,5 @@ class FullModels:
         for i in list(self._written):
             self.release(i)
         if self._own_scratch and self.scratch is not None:
-            shutil.rmtree(self.scratch, ignore_errors=True)
+            remove_temp_dir(self.scratch)
             self.scratch = None

@@ -203,6 +203,16 @@ def clean_up_temp_dirs(prefix: str) -> list[Path]:
     return remove_stale_dirs(Path(tempfile.gettempdir()), prefix)
 
 
+def remove_temp_dir(folder: Path) -> None:
+    """Remove a `process_temp_dir` folder now, when its job is done (nothing of it is then left for the exit).
+
+    Args:
+        folder: from `process_temp_dir`.
+    """
+    shutil.rmtree(folder, ignore_errors=True)
+    _OWN_TEMP_DIRS.discard(folder)
+
+
 # What `process_temp_dir` made in this process: exactly these are removed at exit.
 _OWN_TEMP_DIRS: set[Path] = set()
 

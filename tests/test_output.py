@@ -233,6 +233,45 @@ def test_a_process_removes_its_temp_dirs_when_it_stops(tmp_path, stop):
     assert code == {"exit": 0, "SIGINT": -signal.SIGINT, "SIGTERM": -signal.SIGTERM}[stop]  # as without ame-hf
 
 
+_SCRATCH_USERS = {  # a Python API call that keeps a scratch folder while it runs, and the folder's prefix
+    "from_pretrained": ("import ame_hf\n"
+                        "model = ame_hf.from_pretrained(sys.argv[1:3], optimizer='sgd', progress=False)\n"
+                        "print(model.ame_result.path.parent, flush=True)\n", "ame-hf-model-"),
+    "adapter": ("from ame_hf.full_models import FullModels, resolve_models\n"
+                "full = FullModels(resolve_models(sys.argv[1:2], base=sys.argv[2]))\n"
+                "print(full.path(0).parent, flush=True)\n", "ame-hf-adapters-"),
+}
+
+
+@pytest.mark.parametrize("user", sorted(_SCRATCH_USERS))
+def test_the_python_apis_scratch_folders_go_on_sigterm_and_after_a_kill(request, tmp_path, user):
+    """`from_pretrained`'s merge and an adapter's full model (evaluate, tune) live in `process_temp_dir` folders:
+    SIGTERM removes them, and the next call removes what a killed process left."""
+    script, prefix = _SCRATCH_USERS[user]
+    if user == "adapter":
+        lm = request.getfixturevalue("lm_adapters")
+        args = [lm["adapters"][0], lm["base"]]
+    else:
+        args = request.getfixturevalue("finetunes")[:2]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{prefix}{dead.pid}-left"
+    stale.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, time\n" + script + "time.sleep(120)\n",
+                             *map(str, args)], env={**os.environ, "TMPDIR": str(tmp_path)}, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        folder = Path(proc.stdout.readline().strip())
+        assert folder.parent == tmp_path and folder.name.startswith(f"{prefix}{proc.pid}-"), folder
+        assert any(folder.iterdir()) and not stale.exists()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not folder.exists()
+
+
 def test_stale_temp_dirs_are_those_of_dead_processes_of_this_user(tmp_path):
     from ame_hf.output import remove_stale_dirs
 
