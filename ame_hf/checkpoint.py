@@ -6,11 +6,8 @@ read with one positioned read each into a fresh tensor; `.bin` only via `weights
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
-import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,44 +16,10 @@ from typing import Any
 import torch
 
 from ._model_files import read_config
+from ._weight_files import index_shards, read_header, weight_layout
 from .errors import CheckpointError, IngredientNotFoundError
 
 logger = logging.getLogger(__name__)
-
-SAFE_SINGLE = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
-BIN_SINGLE = "pytorch_model.bin"
-BIN_INDEX = "pytorch_model.bin.index.json"
-
-
-def with_variant(file: str, variant: str | None) -> str:
-    """transformers' variant naming: `model.safetensors` -> `model.fp16.safetensors`,
-    `model.safetensors.index.json` -> `model.safetensors.index.fp16.json`."""
-    if not variant:
-        return file
-    stem, dot, suffix = file.rpartition(".")
-    return f"{stem}.{variant}{dot}{suffix}"
-
-
-def weight_layout(files: set[str], variant: str | None = None) -> tuple[str, str | None, str | None]:
-    """Which weight files a model's file list holds: (`safetensors` | `bin`, index file or None,
-    single file or None). Safetensors first; `.bin` only when there is none.
-
-    Raises:
-        CheckpointError: no weights under these names (naming the variants that do exist, if any).
-    """
-    for kind, single, index in (("safetensors", SAFE_SINGLE, SAFE_INDEX), ("bin", BIN_SINGLE, BIN_INDEX)):
-        if with_variant(index, variant) in files:
-            return kind, with_variant(index, variant), None
-        if with_variant(single, variant) in files:
-            return kind, None, with_variant(single, variant)
-    wanted = f" of variant {variant!r}" if variant else ""
-    others = sorted({f.split(".")[1] for f in files if f.count(".") >= 2 and f.startswith(("model.", "pytorch_model."))
-                     and f.endswith((".safetensors", ".bin")) and "-of-" not in f})
-    hint = f"; this model has the variant(s) {', '.join(others)}: pass variant=NAME" if others else ""
-    raise CheckpointError(f"no weights{wanted} found (expected {with_variant(SAFE_SINGLE, variant)}, "
-                          f"{with_variant(SAFE_INDEX, variant)}, {with_variant(BIN_SINGLE, variant)} or "
-                          f"{with_variant(BIN_INDEX, variant)}){hint}", fields=("variant",) if others else ())
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -69,17 +32,6 @@ DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 def dtype_from_name(name: str) -> torch.dtype | None:
     """The torch dtype of a safetensors dtype name (`F32`, `BF16`, ...); None for FP8 and other quantized ones."""
     return _DTYPES.get(name)
-
-
-def index_shards(index_file: Path, name: str) -> list[str]:
-    """The shard files a `*.index.json` names (validated: none may point outside its directory)."""
-    try:
-        weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{name}: {index_file.name} is not a valid index ({err})", path=index_file.parent) from err
-    return sorted({_safe_shard_name(f, index_file) for f in weight_map.values()})
 
 
 @dataclass(frozen=True)
@@ -101,15 +53,6 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
-
-
-def _safe_shard_name(name: Any, index_file: Path) -> str:
-    # Shard names come from a downloaded file: never let one point outside the directory.
-    if (not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..")
-            or name.startswith("..") or os.path.isabs(name)):
-        raise CheckpointError(f"{index_file} names an invalid shard file {name!r}; the index is corrupt or unsafe",
-                              path=index_file.parent)
-    return name
 
 
 class ReadCount:
@@ -313,63 +256,3 @@ class Checkpoint:
 # Raw bytes are safetensors' own byte order (little-endian) only on little-endian machines;
 # elsewhere `safe_open` converts them.
 _LITTLE_ENDIAN = sys.byteorder == "little"
-
-
-# Bytes per element of every safetensors dtype (also those torch cannot average here), to validate a header.
-_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
-               "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "C64": 8}
-_MAX_HEADER = 100 * 2**20  # safetensors' own limit
-
-
-def read_header(file: Path, name: str) -> dict[str, tuple[str, tuple[int, ...], int]]:
-    """Every tensor of a safetensors file as (dtype name, shape, absolute byte offset of its data), from one
-    read and one parse of its header, validated as safetensors validates it (offsets contiguous, sizes
-    matching shapes and dtypes, the file exactly as long as the header says).
-
-    Raises:
-        CheckpointError: not a valid safetensors file (naming `name` and the file).
-    """
-    def bad(why: str) -> CheckpointError:
-        return CheckpointError(f"{name}: {file.name} is not a valid safetensors file ({why}); re-download or "
-                               "re-save it", path=file.parent)
-
-    try:
-        with open(file, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise bad("shorter than its 8-byte header length")
-            (size,) = struct.unpack("<Q", prefix)
-            if size > _MAX_HEADER:
-                raise bad(f"header of {size} bytes")
-            raw = f.read(size)
-            length = os.fstat(f.fileno()).st_size
-        header = json.loads(raw) if len(raw) == size else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise bad(str(err)) from err
-    if not isinstance(header, dict):
-        raise bad("its header is not a JSON object")
-    out: dict[str, tuple[str, tuple[int, ...], int]] = {}
-    spans = []
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise bad(f"tensor {key!r} has no dtype, shape and data_offsets") from None
-        if (dtype not in _ITEM_BYTES or not all(isinstance(d, int) and d >= 0 for d in shape)
-                or not (isinstance(begin, int) and isinstance(end, int))):
-            raise bad(f"tensor {key!r} has dtype {dtype!r}, shape {list(shape)}")
-        numel = math.prod(shape)
-        if end - begin != numel * _ITEM_BYTES[dtype]:
-            raise bad(f"tensor {key!r} spans {end - begin} bytes, not the {numel * _ITEM_BYTES[dtype]} its shape needs")
-        spans.append((begin, end))
-        out[key] = (dtype, shape, 8 + size + begin)
-    position = 0
-    for begin, end in sorted(spans):
-        if begin != position:
-            raise bad("its tensors' data overlap or leave gaps")
-        position = end
-    if 8 + size + position != length:
-        raise bad(f"{length} bytes where its header describes {8 + size + position}")
-    return out

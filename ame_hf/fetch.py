@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ._hub_errors import hub_errors
-from .checkpoint import Checkpoint, TensorInfo, dtype_from_name, index_shards, weight_layout
+from ._weight_files import index_shards, weight_layout
+from .checkpoint import Checkpoint, TensorInfo, dtype_from_name
 from .errors import HubError, InsufficientSpaceError
 from .records import HubSource, Ingredient
 

@@ -11,7 +11,8 @@ from typing import Sequence
 
 import torch
 
-from .checkpoint import DTYPE_NAMES, SAFE_SINGLE
+from ._weight_files import SAFE_SINGLE
+from .checkpoint import DTYPE_NAMES
 from .config import AmeConfig
 
 # Tensors larger than this many elements are processed in blocks of rows. Every supported

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import SAFE_INDEX
+from ._weight_files import SAFE_INDEX
 from .plan import ShardPlan
 
 
