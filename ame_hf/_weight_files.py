@@ -20,7 +20,18 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 
 def with_variant(file: str, variant: str | None) -> str:
     """transformers' variant naming: `model.safetensors` -> `model.fp16.safetensors`,
-    `model.safetensors.index.json` -> `model.safetensors.index.fp16.json`."""
+    `model.safetensors.index.json` -> `model.safetensors.index.fp16.json`.
+
+    Args:
+        file: a weight file's standard name.
+        variant: the variant, or None.
+
+    Returns:
+        The variant's file name (`file` itself without a variant).
+
+    >>> with_variant(SAFE_INDEX, "fp16")
+    'model.safetensors.index.fp16.json'
+    """
     if not variant:
         return file
     stem, dot, suffix = file.rpartition(".")
@@ -31,8 +42,18 @@ def weight_layout(files: set[str], variant: str | None = None) -> tuple[str, str
     """Which weight files a model's file list holds: (`safetensors` | `bin`, index file or None,
     single file or None). Safetensors first; `.bin` only when there is none.
 
+    Args:
+        files: the file names of a model folder or repo.
+        variant: the weights variant to look for.
+
+    Returns:
+        The format, the index file or None, the single file or None.
+
     Raises:
-        CheckpointError: no weights under these names (naming the variants that do exist, if any).
+        CheckpointError: no weights under these names (naming the variants that do exist, if any: `variant`).
+
+    >>> weight_layout({"config.json", "model.safetensors", "pytorch_model.bin"})
+    ('safetensors', None, 'model.safetensors')
     """
     for kind, single, index in (("safetensors", SAFE_SINGLE, SAFE_INDEX), ("bin", BIN_SINGLE, BIN_INDEX)):
         if with_variant(index, variant) in files:
@@ -49,7 +70,18 @@ def weight_layout(files: set[str], variant: str | None = None) -> tuple[str, str
 
 
 def index_shards(index_file: Path, name: str) -> list[str]:
-    """The shard files a `*.index.json` names (validated: none may point outside its directory)."""
+    """The shard files a `*.index.json` names (validated: none may point outside its directory).
+
+    Args:
+        index_file: the index.
+        name: the checkpoint's name, for messages.
+
+    Returns:
+        The shard file names, sorted.
+
+    Raises:
+        CheckpointError: the index cannot be read, has no `weight_map`, or names an unsafe shard.
+    """
     try:
         weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
         if not isinstance(weight_map, dict):
@@ -78,6 +110,13 @@ def read_header(file: Path, name: str) -> dict[str, tuple[str, tuple[int, ...], 
     """Every tensor of a safetensors file as (dtype name, shape, absolute byte offset of its data), from one
     read and one parse of its header, validated as safetensors validates it (offsets contiguous, sizes
     matching shapes and dtypes, the file exactly as long as the header says).
+
+    Args:
+        file: a safetensors file.
+        name: the checkpoint's name, for messages.
+
+    Returns:
+        Tensor name -> (dtype name, shape, data offset); `__metadata__` is left out.
 
     Raises:
         CheckpointError: not a valid safetensors file (naming `name` and the file).

@@ -31,6 +31,7 @@ class Entry:
 
     @property
     def ref(self) -> str:
+        """The reference as the run was given it."""
         return self.source.ref
 
     @property
@@ -72,13 +73,14 @@ class Inputs:
 
     @property
     def paths(self) -> list[Path]:
-        """Every input's local folder (a Hub one's is in the cache): what `--out` may never touch."""
+        """Every input's local folder (a Hub one's is in the cache): what `out_dir` may never touch."""
         every = [*self.entries, *([self.pivot] if self.pivot else []), *([self.base] if self.base else [])]
         source = [self.tokenizer_source] if isinstance(self.tokenizer_source, Entry) else []
         return [e.light.path for e in [*every, *source]]
 
     @property
     def ingredients(self) -> list[Ingredient]:
+        """The ingredients as resolved (their local folders), in the user's order."""
         return [e.light for e in self.entries]
 
     @property
@@ -88,6 +90,7 @@ class Inputs:
 
     @property
     def pivot_checkpoint(self) -> Checkpoint | None:
+        """The pivot checkpoint (another checkpoint, or the base), under the output's tensor names; else None."""
         return self.report.pivot
 
     @property
@@ -109,7 +112,16 @@ class Inputs:
 
     def open(self) -> "Inputs":
         """After the check passed: download what is missing (announced, disk checked first), then upgrade the
-        report's views to the opened files (compared with the checked headers, not checked again)."""
+        report's views to the opened files (compared with the checked headers, not checked again).
+
+        Returns:
+            These inputs, whose `checkpoints` can now be read.
+
+        Raises:
+            IncompatibleCheckpointsError: as `raise_for_errors`.
+            InsufficientSpaceError, HubError, IngredientNotFoundError: the download failed.
+            CheckpointError: the downloaded files differ from the checked headers.
+        """
         self.raise_for_errors()
         every = [*self.entries, *([self.pivot] if self.pivot else []), *([self.base] if self.base else [])]
         self.stage.fetch(every)
@@ -122,8 +134,12 @@ class Inputs:
 
     # -- which model the output's files come from -------------------------------------------------
     def vocabulary_source(self) -> str | int | TokenizerFiles:
-        """`--tokenizer-source` as the vocabulary plan takes it: `auto`/`union`, an ingredient index, or another
-        checkpoint's tokenizer (`pivot` means the pivot: its index, or the pivot checkpoint's tokenizer)."""
+        """`tokenizer_source` as the vocabulary plan takes it: `auto`/`union`, an ingredient index, or another
+        checkpoint's tokenizer (`pivot` means the pivot: its index, or the pivot checkpoint's tokenizer).
+
+        Returns:
+            The keyword, the index, or the `TokenizerFiles`.
+        """
         source = self.tokenizer_source
         if isinstance(source, Entry):
             return self.stage.tokenizer(self.stage.tokenizer_dir(source, self.base))
@@ -136,7 +152,11 @@ class Inputs:
 
     def config_source(self) -> Checkpoint:
         """The checkpoint whose config (and side files) the output takes: the pivot when it is a model of the
-        ingredients' architecture, else the ingredient whose layout the check chose (the first, usually)."""
+        ingredients' architecture, else the ingredient whose layout the check chose (the first, usually).
+
+        Returns:
+            The checkpoint.
+        """
         chosen = self.checkpoints[self.report.source]
         arch = chosen.config.get("architectures")
         if self.pivot_checkpoint is not None and self.pivot_checkpoint.config.get("architectures") == arch:
@@ -147,7 +167,11 @@ class Inputs:
 
     def tokenizer_dir(self) -> Path:
         """Where the output's tokenizer, chat template and processor files come from: with differing
-        vocabularies the plan's source; else `--tokenizer-source` (`auto`: the pivot's, else the first's)."""
+        vocabularies the plan's source; else `tokenizer_source` (`auto`: the pivot's, else the first's).
+
+        Returns:
+            The folder (for an adapter without tokenizer files: its base's).
+        """
         vocab = self.report.vocab
         source: str | int | Entry = self.tokenizer_source
         if vocab is not None and vocab.tokenizer is None:

@@ -30,13 +30,33 @@ DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 def dtype_from_name(name: str) -> torch.dtype | None:
-    """The torch dtype of a safetensors dtype name (`F32`, `BF16`, ...); None for FP8 and other quantized ones."""
+    """The torch dtype of a safetensors dtype name (`F32`, `BF16`, ...); None for FP8 and other quantized ones.
+
+    Args:
+        name: the dtype as a safetensors header writes it.
+
+    Returns:
+        The torch dtype, or None.
+
+    >>> dtype_from_name("BF16"), dtype_from_name("F8_E4M3")
+    (torch.bfloat16, None)
+    """
     return _DTYPES.get(name)
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where a tensor lives and what it looks like, without reading it."""
+    """Where a tensor lives and what it looks like, without reading it.
+
+    Attributes:
+        file: the weight file that holds it (empty for `.bin` weights, loaded whole).
+        shape: its shape.
+        dtype: its stored dtype.
+        offset: the absolute byte offset of its data in a safetensors file (-1: not known).
+
+    >>> TensorInfo(file="model.safetensors", shape=(2, 3), dtype=torch.float16).nbytes
+    12
+    """
 
     file: str
     shape: tuple[int, ...]
@@ -45,6 +65,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
+        """The number of elements."""
         n = 1
         for d in self.shape:
             n *= d
@@ -52,6 +73,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
+        """The size of its data in bytes."""
         return self.numel * self.dtype.itemsize
 
 
@@ -63,6 +85,7 @@ class ReadCount:
         self.bytes = 0
 
     def add(self, nbytes: int) -> None:
+        """Count `nbytes` more bytes read."""
         self.bytes += nbytes
 
 
@@ -73,6 +96,13 @@ class Checkpoint:
         path: a directory with `model.safetensors`, a sharded `model.safetensors.index.json`,
             or (only when there is no safetensors) `pytorch_model.bin[.index.json]`.
         name: how to call this checkpoint in messages (the user's reference).
+        variant: read the weights variant NAME (`model.NAME.safetensors`).
+        config: its parsed `config.json`, when the caller already read it (else it is read here).
+
+    Raises:
+        IngredientNotFoundError: `path` is no directory.
+        CheckpointError: no weights, an invalid index or header, a `.bin` file that is no plain state dict, or no
+            tensors at all.
 
     >>> ckpt = Checkpoint("./my-model")                     # doctest: +SKIP
     >>> ckpt.names()[:2], ckpt.read("lm_head.weight").shape  # doctest: +SKIP
@@ -101,7 +131,18 @@ class Checkpoint:
     def from_header(cls, name: str, config: dict[str, Any], tensors: dict[str, TensorInfo],
                     unsupported: dict[str, str] | None = None, path: Path | None = None) -> "Checkpoint":
         """A checkpoint known only by its config and safetensors headers (read from the Hub with range
-        requests): enough to check it, not to read it."""
+        requests): enough to check it, not to read it.
+
+        Args:
+            name: how to call it in messages.
+            config: its parsed `config.json`.
+            tensors: its tensors by name (their files, shapes and dtypes).
+            unsupported: tensors in dtypes torch cannot hold here (FP8, ...): name -> safetensors dtype.
+            path: the folder of its light files, if any.
+
+        Returns:
+            The header-only checkpoint (`header_only` is True; `read` refuses).
+        """
         ckpt = cls.__new__(cls)
         ckpt.path, ckpt.name, ckpt.variant, ckpt.config = path, name, None, config
         ckpt.header_only = True
@@ -112,7 +153,14 @@ class Checkpoint:
         return ckpt
 
     def renamed(self, names: dict[str, str]) -> "Checkpoint":
-        """The same files seen under other tensor names: `names` maps a new name to a stored one."""
+        """The same files seen under other tensor names: `names` maps a new name to a stored one.
+
+        Args:
+            names: new name -> the name it is stored under (tensors left out are not in the view).
+
+        Returns:
+            A view that shares this checkpoint's files and read count.
+        """
         view = object.__new__(type(self))
         view.__dict__.update(self.__dict__)
         view.tensors = {new: self.tensors[old] for new, old in names.items()}
@@ -163,6 +211,9 @@ class Checkpoint:
     def same_tensors(self, checked: "Checkpoint") -> None:
         """After a download: the files hold exactly the tensors (names, shapes, dtypes) whose headers were checked.
 
+        Args:
+            checked: the header-only checkpoint the check saw.
+
         Raises:
             CheckpointError: they differ (the repo changed under the same commit, or the cache is corrupt).
         """
@@ -186,10 +237,22 @@ class Checkpoint:
 
     # -- access -------------------------------------------------------------------------------
     def names(self) -> list[str]:
-        """Tensor names in a stable (sorted) order."""
+        """Tensor names in a stable (sorted) order.
+
+        Returns:
+            The names.
+        """
         return sorted(self.tensors)
 
     def info(self, name: str) -> TensorInfo:
+        """Where tensor `name` lives and what it looks like.
+
+        Args:
+            name: a tensor of this checkpoint.
+
+        Returns:
+            Its `TensorInfo`.
+        """
         return self.tensors[name]
 
     def read(self, name: str, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -198,6 +261,17 @@ class Checkpoint:
 
         Never a view of the memory map: safetensors may hand back shared memory, and the
         engine updates tensors in place.
+
+        Args:
+            name: a tensor of this checkpoint.
+            rows: `(start, stop)` rows of its first dimension, or None for all of it.
+            dtype: the dtype of the copy (default: the stored one).
+
+        Returns:
+            A tensor of its own.
+
+        Raises:
+            CheckpointError: a header-only checkpoint, or a file that cannot be read.
         """
         info = self.tensors[name]
         dtype = dtype or info.dtype

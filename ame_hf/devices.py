@@ -29,14 +29,24 @@ class ProcessSetup:
 
     @property
     def is_main(self) -> bool:
+        """This is the process that downloads, stages and publishes (rank 0)."""
         return self.rank == 0
 
 
 def process_setup(device: str | None) -> ProcessSetup:
-    """Check `--device` and ask accelerate (only when it matters) for this process's rank and device.
+    """Check `device` and ask accelerate (only when it matters) for this process's rank and device.
+
+    Args:
+        device: `cpu`, `cuda`, `cuda:1`, `mps`, ..., or None (accelerate's choice: the GPU when there is one).
+
+    Returns:
+        The `ProcessSetup`: rank and world size (torchrun / `accelerate launch`), and the device.
 
     Raises:
-        InvalidConfigError: an unknown or unavailable device, or more processes than GPUs.
+        InvalidConfigError: an unknown or unavailable device, or more processes than GPUs (naming `device`).
+
+    >>> process_setup("cpu")
+    ProcessSetup(rank=0, world=1, device=device(type='cpu'), state=None)
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if device is not None:
@@ -79,7 +89,11 @@ def process_setup(device: str | None) -> ProcessSetup:
 
 
 def barrier(setup: ProcessSetup) -> None:
-    """Wait until every process of the merge gets here (nothing to do for one process)."""
+    """Wait until every process of the merge gets here (nothing to do for one process).
+
+    Args:
+        setup: this process's `ProcessSetup`.
+    """
     if setup.state is None or setup.world <= 1:
         return
     if setup.state.device.type == "cpu":
@@ -93,7 +107,14 @@ def barrier(setup: ProcessSetup) -> None:
 
 @contextmanager
 def main_process_first(setup: ProcessSetup) -> Iterator[None]:
-    """The main process runs the block first (it downloads); the others then find it in the cache."""
+    """The main process runs the block first (it downloads); the others then find it in the cache.
+
+    Args:
+        setup: this process's `ProcessSetup`.
+
+    Returns:
+        A context manager.
+    """
     if not setup.is_main:
         barrier(setup)
     yield
@@ -102,7 +123,18 @@ def main_process_first(setup: ProcessSetup) -> Iterator[None]:
 
 
 def share_path(setup: ProcessSetup, path: Path | None) -> Path:
-    """The main process's `path` (e.g. its staging directory), on every process."""
+    """The main process's `path` (e.g. its staging directory), on every process.
+
+    Args:
+        setup: this process's `ProcessSetup`.
+        path: the main process's path (the others' is ignored).
+
+    Returns:
+        The main process's path.
+
+    >>> share_path(process_setup("cpu"), Path("staging"))
+    PosixPath('staging')
+    """
     if setup.world > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -113,7 +145,18 @@ def share_path(setup: ProcessSetup, path: Path | None) -> Path:
 
 @contextmanager
 def cpu_threads(device: torch.device, threads: int | None) -> Iterator[None]:
-    """torch intra-op threads for a CPU merge (default 1), restored afterwards."""
+    """torch intra-op threads for a CPU merge (default 1), restored afterwards.
+
+    Args:
+        device: where the merge runs (threads are set only for the CPU).
+        threads: the threads to use, or None for 1.
+
+    Returns:
+        A context manager.
+
+    Raises:
+        InvalidConfigError: `threads` is below 1.
+    """
     if threads is not None and threads < 1:
         raise InvalidConfigError(f"threads must be >= 1, got {threads}", field="threads")
     previous = torch.get_num_threads()
@@ -135,7 +178,13 @@ def keep_freed_memory(limit: int = 256 * 2**20) -> bool:
     By default glibc serves blocks of a few MiB with fresh `mmap`s and trims what is freed, so every
     block read or computed faults in new zeroed pages (system time, not merge work). For a process
     that is only ame-hf (the CLI calls this; the Python API leaves the user's process alone); the
-    arithmetic is untouched. Returns whether it took effect (glibc only).
+    arithmetic is untouched.
+
+    Args:
+        limit: the most freed bytes glibc keeps.
+
+    Returns:
+        Whether it took effect (glibc only).
     """
     import ctypes
     import ctypes.util

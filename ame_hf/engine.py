@@ -26,6 +26,19 @@ def ingredient_order(n: int, epochs: int, *, shuffle: bool = False, seed: int = 
     The shuffle permutes the *positions* of `order` with a permutation that depends only on (seed, epoch),
     so `given` + shuffle is today's shuffle, and any combination is reproducible and recorded.
 
+    Args:
+        n: the number of ingredients.
+        epochs: how many passes over them.
+        shuffle: permute the order in each epoch.
+        seed: the seed of the shuffle.
+        order: `given`, `reverse`, or a permutation of `0..n-1` (a list or `"2,0,1"`).
+
+    Returns:
+        One list of ingredient indices per epoch.
+
+    Raises:
+        InvalidConfigError: `order` is no permutation of the `n` ingredients.
+
     >>> ingredient_order(3, 2)
     [[0, 1, 2], [0, 1, 2]]
     >>> ingredient_order(3, 1, order="reverse")
@@ -42,7 +55,18 @@ def ingredient_order(n: int, epochs: int, *, shuffle: bool = False, seed: int = 
 
 
 def batches(order: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Consecutive chunks of `batch_size` ingredients (the last one may be smaller)."""
+    """Consecutive chunks of `batch_size` ingredients (the last one may be smaller).
+
+    Args:
+        order: ingredient indices, in the order they are visited.
+        batch_size: ingredients per step.
+
+    Returns:
+        The batches, in order.
+
+    >>> batches([2, 0, 1], 2)
+    [[2, 0], [1]]
+    """
     return [list(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
 
 
@@ -51,6 +75,18 @@ def step_lrs(order: Sequence[Sequence[int]], batch_size: int, lr: float, schedul
 
     `constant`: lr. `harmonic`: lr * |batch| / ingredients seen so far this epoch, so that SGD with
     lr 1 is the running mean of the ingredients, i.e. exactly the uniform soup after each epoch.
+
+    Args:
+        order: the ingredient indices of each epoch (`ingredient_order`).
+        batch_size: ingredients per step.
+        lr: the base learning rate.
+        schedule: `constant` or `harmonic`.
+
+    Returns:
+        One learning rate per step, in the order the steps are taken.
+
+    >>> step_lrs([[0, 1, 2]], 1, 1.0, "harmonic")
+    [1.0, 0.5, 0.3333333333333333]
     """
     lrs = []
     for epoch_order in order:
@@ -62,7 +98,19 @@ def step_lrs(order: Sequence[Sequence[int]], batch_size: int, lr: float, schedul
 
 
 def pseudogradient(w: torch.Tensor, target: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The AME pseudogradient: from the current weights towards (the mean of) the ingredients."""
+    """The AME pseudogradient: from the current weights towards (the mean of) the ingredients.
+
+    Args:
+        w: the current weights.
+        target: an ingredient, or the mean of a batch of them.
+        out: a buffer of `w`'s shape to write it into (no allocation), or None.
+
+    Returns:
+        `w - target` (`out` when given).
+
+    >>> pseudogradient(torch.tensor([1.0, 2.0]), torch.tensor([0.5, 2.0]))
+    tensor([0.5000, 0.0000])
+    """
     return torch.sub(w, target, out=out) if out is not None else w - target
 
 
@@ -73,6 +121,17 @@ def batch_mean(load: Loader, batch: Sequence[int]) -> torch.Tensor:
     Where the ingredients agree every difference is exactly zero, so the mean is exactly their value and the
     pseudogradient there exactly zero, for every optimizer (a plain float sum of equal values, divided, is not
     always that value: Adam turned the residue into an lr-sized step).
+
+    Args:
+        load: `load(i)` gives ingredient `i`'s values (never modified here).
+        batch: the ingredient indices to average.
+
+    Returns:
+        Their mean: a tensor of its own, or `load(i)` itself for a batch of one.
+
+    >>> values = [torch.tensor([1.0, 3.0]), torch.tensor([1.0, 5.0])]
+    >>> batch_mean(values.__getitem__, [0, 1])
+    tensor([1., 4.])
     """
     if len(batch) == 1:
         return load(batch[0])
@@ -105,6 +164,14 @@ def ame_block(
         lr: the base learning rate of this tensor (absolute, or relative_lr * RMS spread).
         own_pivot: the caller hands `pivot` over (a fresh tensor it does not use again): it becomes the
             weights in place, without a copy. Otherwise it is not modified.
+
+    Returns:
+        The merged values of the block.
+
+    >>> values = [torch.tensor([0.0, 2.0]), torch.tensor([2.0, 2.0])]
+    >>> soup = AmeConfig.soup().resolved()
+    >>> ame_block(values.__getitem__, torch.zeros(2), soup, ingredient_order(2, 1), lr=1.0)
+    tensor([1., 2.])
     """
     w = pivot if own_pivot else pivot.clone()
     if w.numel() == 0:
@@ -128,6 +195,13 @@ def decay_arguments(optimizer: str, args: dict) -> dict[str, float]:
     weight at every step whatever its pseudogradient, also where all ingredients agree (AdamW's
     `weight_decay` is 0.01 and ASGD's `lambd` 1e-4 by default).
 
+    Args:
+        optimizer: the optimizer's name (`adamw`, `asgd`, ...).
+        args: its `optimizer_args`.
+
+    Returns:
+        The non-zero decay arguments by name (empty: no decay).
+
     >>> decay_arguments("adamw", {}), decay_arguments("adam", {"weight_decay": 0.1})
     ({'weight_decay': 0.01}, {'weight_decay': 0.1})
     """
@@ -147,7 +221,15 @@ FUSED = ("Adam", "AdamW", "SGD", "Adagrad")
 def device_defaults(config: AmeConfig, device: torch.device) -> dict[str, bool]:
     """torch's fused kernel where the optimizer has one for this device, unless the user chose
     `fused`/`foreach`: one pass per step instead of several (Adam on CPU: 1.3 vs 6.9 ms per
-    million weights). Element-wise like the plain implementation, so streaming stays exact."""
+    million weights). Element-wise like the plain implementation, so streaming stays exact.
+
+    Args:
+        config: the resolved `AmeConfig` (its optimizer and `optimizer_args`).
+        device: where the block is merged.
+
+    Returns:
+        Extra keyword arguments of the optimizer: `{"fused": True}` or none.
+    """
     if {"fused", "foreach"} & set(config.optimizer_args) or device.type not in ("cpu", "cuda"):
         return {}
     cls = optimizer_class(config.optimizer)
@@ -171,6 +253,18 @@ def spread_sum(load: Loader, n: int, pivot: torch.Tensor | None) -> tuple[torch.
 
     With `pivot=None` the pivot is the mean of the block (computed from the same pass).
     The squared distance uses sum x^2 - 2 p.sum x + n p^2 in float64, so one pass suffices.
+
+    Args:
+        load: `load(i)` gives ingredient `i`'s values for the block.
+        n: the number of ingredients.
+        pivot: the block's pivot, or None for their mean.
+
+    Returns:
+        The float64 sum of the ingredients, and their summed squared distance to the pivot.
+
+    >>> values = [torch.tensor([0.0, 2.0]), torch.tensor([2.0, 2.0])]
+    >>> spread_sum(values.__getitem__, 2, None)
+    (tensor([2., 4.], dtype=torch.float64), 2.0)
     """
     s1: torch.Tensor | None = None
     s2 = 0.0
@@ -188,5 +282,17 @@ def spread_sum(load: Loader, n: int, pivot: torch.Tensor | None) -> tuple[torch.
 
 
 def relative_lr_value(relative_lr: float, squared_distance: float, count: int) -> float:
-    """relative_lr times the RMS of (ingredient - pivot) over a whole tensor (`count` values)."""
+    """relative_lr times the RMS of (ingredient - pivot) over a whole tensor (`count` values).
+
+    Args:
+        relative_lr: the learning rate relative to the spread.
+        squared_distance: the summed squared distance of the ingredients to the pivot (`spread_sum`'s).
+        count: how many values that sum is over (ingredients x elements).
+
+    Returns:
+        The tensor's learning rate (0 for an empty tensor).
+
+    >>> relative_lr_value(0.5, squared_distance=16.0, count=4)
+    1.0
+    """
     return relative_lr * math.sqrt(squared_distance / count) if count else 0.0

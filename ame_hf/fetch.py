@@ -30,7 +30,23 @@ ANCHORS = ("config.json", "adapter_config.json")
 
 
 def fetch_light(source: HubSource, *, token: str | None = None) -> Ingredient:
-    """Download everything of `source` but weights and code (config, tokenizer, index, side files)."""
+    """Download everything of `source` but weights and code (config, tokenizer, index, side files).
+
+    Args:
+        source: a Hub reference from `resolve.plan_refs` (offline: one without sha, found in the cache).
+        token: Hub token for private or gated repos.
+
+    Returns:
+        The `Ingredient` whose `path` is the snapshot in the Hub cache (weights are fetched into it later).
+
+    Raises:
+        HubError: offline and not in the cache, the token refused, the Hub unreachable.
+        IngredientNotFoundError: the repo or revision is gone.
+
+    >>> from ame_hf.resolve import plan_refs
+    >>> fetch_light(plan_refs(["org/model-a"])[0]).path  # doctest: +SKIP
+    PosixPath('~/.cache/huggingface/hub/models--org--model-a/snapshots/0123...')
+    """
     from huggingface_hub import hf_hub_download, snapshot_download, try_to_load_from_cache
 
     with hub_errors(source.ref, source.repo_id, source.revision):
@@ -57,7 +73,19 @@ def fetch_light(source: HubSource, *, token: str | None = None) -> Ingredient:
 
 
 def weight_files(source: HubSource, light: Ingredient, variant: str | None = None) -> list[str]:
-    """The weight files of `source` a merge reads (safetensors first; `.bin` only when there is none)."""
+    """The weight files of `source` a merge reads (safetensors first; `.bin` only when there is none).
+
+    Args:
+        source: the Hub reference (its file list; offline, the snapshot's files are listed instead).
+        light: its light files (the index, which names the shards).
+        variant: the weights variant (`model.NAME.safetensors`).
+
+    Returns:
+        The files to download: one weight file, or the index and its shards.
+
+    Raises:
+        CheckpointError: no weights (naming the variants there are), or an invalid index.
+    """
     _, index, single = weight_layout(set(source.files) or {p.name for p in light.path.iterdir()}, variant)
     if index is None:
         return [single] if single else []
@@ -68,7 +96,22 @@ def weight_files(source: HubSource, light: Ingredient, variant: str | None = Non
 def header_checkpoint(source: HubSource, light: Ingredient, config: dict, *, variant: str | None = None,
                       token: str | None = None) -> Checkpoint | None:
     """`source` known from its `config` and safetensors headers, read with range requests (a few kB per
-    file), without its weights; None for `.bin` weights, which have no header to read."""
+    file), without its weights; None for `.bin` weights, which have no header to read.
+
+    Args:
+        source: the Hub reference.
+        light: its light files.
+        config: its parsed `config.json`.
+        variant: the weights variant.
+        token: Hub token for private or gated repos.
+
+    Returns:
+        A header-only `Checkpoint` (enough to check it, not to read it), or None.
+
+    Raises:
+        CheckpointError: as `weight_files`.
+        HubError, IngredientNotFoundError: a header cannot be read from the Hub.
+    """
     from huggingface_hub import HfApi
 
     files = [f for f in weight_files(source, light, variant) if not f.endswith(".json")]
@@ -90,7 +133,16 @@ def header_checkpoint(source: HubSource, light: Ingredient, config: dict, *, var
 
 
 def download_size(sources: Sequence[HubSource], lights: Sequence[Ingredient], variant: str | None = None) -> int:
-    """Bytes of weights still to download (files already in the cache count 0)."""
+    """Bytes of weights still to download (files already in the cache count 0).
+
+    Args:
+        sources: Hub references.
+        lights: their light files, in the same order.
+        variant: the weights variant.
+
+    Returns:
+        The total, in bytes (a file whose size the Hub did not say counts 0).
+    """
     total = 0
     for source, light in zip(sources, lights):
         for file in weight_files(source, light, variant):
@@ -100,7 +152,17 @@ def download_size(sources: Sequence[HubSource], lights: Sequence[Ingredient], va
 
 
 def check_disk_space(needed: int, where: Path) -> None:
-    """Refuse, before downloading, a download the cache's disk cannot hold (with 5 % to spare)."""
+    """Refuse, before downloading, a download the cache's disk cannot hold (with 5 % to spare).
+
+    Args:
+        needed: bytes to download.
+        where: the folder they go to (the Hub cache; it may not exist yet).
+
+    Raises:
+        InsufficientSpaceError: the disk has too little free space.
+
+    >>> check_disk_space(0, Path("."))
+    """
     free = shutil.disk_usage(_existing(where)).free
     if needed and needed * 1.05 > free:
         raise InsufficientSpaceError(
@@ -110,7 +172,22 @@ def check_disk_space(needed: int, where: Path) -> None:
 
 def fetch_weights(source: HubSource, light: Ingredient, *, variant: str | None = None,
                   files: list[str] | None = None, token: str | None = None) -> Ingredient:
-    """Download `source`'s weights (at its sha; or the given `files`) into the snapshot that holds its light files."""
+    """Download `source`'s weights (at its sha; or the given `files`) into the snapshot that holds its light files.
+
+    Args:
+        source: the Hub reference (offline, without sha: nothing is downloaded).
+        light: its light files.
+        variant: the weights variant.
+        files: exactly these files instead of the weights (an adapter's).
+        token: Hub token for private or gated repos.
+
+    Returns:
+        `light` with the path of the snapshot now holding the weights.
+
+    Raises:
+        HubError, IngredientNotFoundError: the download failed.
+        CheckpointError: as `weight_files`.
+    """
     from huggingface_hub import snapshot_download
 
     if source.sha is None:
@@ -123,12 +200,28 @@ def fetch_weights(source: HubSource, light: Ingredient, *, variant: str | None =
 
 
 def hub_cache() -> Path:
+    """The Hub cache folder downloads go to (`HF_HUB_CACHE`).
+
+    Returns:
+        Its path.
+    """
     from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE)
 
 
 def is_light(name: str) -> bool:
+    """Whether a repo file is fetched with the light files: neither weights nor code.
+
+    Args:
+        name: a file name.
+
+    Returns:
+        True for config, tokenizer, index and side files.
+
+    >>> is_light("tokenizer.json"), is_light("model.safetensors"), is_light("modeling_x.py")
+    (True, False, False)
+    """
     return not any(fnmatch.fnmatch(name, p) for p in WEIGHT_PATTERNS + CODE_PATTERNS)
 
 
@@ -139,7 +232,17 @@ def _existing(path: Path) -> Path:
 
 
 def format_size(nbytes: float) -> str:
-    """`1.23MB`, as tqdm writes sizes."""
+    """`1.23MB`, as tqdm writes sizes.
+
+    Args:
+        nbytes: a size in bytes.
+
+    Returns:
+        The size as text.
+
+    >>> format_size(1_230_000)
+    '1.23MB'
+    """
     from tqdm import tqdm
 
     return tqdm.format_sizeof(nbytes, "B")

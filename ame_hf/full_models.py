@@ -46,10 +46,12 @@ class ResolvedModel:
 
     @property
     def is_adapter(self) -> bool:
+        """A PEFT adapter (scored as its merge into its base)."""
         return self.base is not None
 
     @property
     def name(self) -> str:
+        """How messages name it (the repo ID, or the reference as given)."""
         return self.ingredient.display_name
 
 
@@ -89,13 +91,28 @@ def resolve_models(refs: Sequence[str | os.PathLike], *, base: str | os.PathLike
 
 
 def fetch_models(models: Sequence[ResolvedModel]) -> None:
-    """Download the weights of every Hub model (an adapter's base too): announced, the disk checked first."""
+    """Download the weights of every Hub model (an adapter's base too): announced, the disk checked first.
+
+    Args:
+        models: from `resolve_models`.
+
+    Raises:
+        InsufficientSpaceError: the cache's disk cannot hold them (nothing is downloaded).
+        HubError, IngredientNotFoundError: a download failed.
+    """
     for stage in {id(m.stage): m.stage for m in models}.values():
         stage.fetch([e for m in models if m.stage is stage for e in (m.entry, m.base_entry) if e is not None])
 
 
 def input_paths(models: Sequence[ResolvedModel]) -> list[Path]:
-    """Every model's local directory and its base's (a Hub one's is in the cache): what `--out` may never touch."""
+    """Every model's local directory and its base's (a Hub one's is in the cache): what `out_dir` may never touch.
+
+    Args:
+        models: from `resolve_models`.
+
+    Returns:
+        The folders.
+    """
     return [p for m in models for p in (m.ingredient.path, *([m.base.path] if m.base else []))]
 
 
@@ -109,6 +126,10 @@ class FullModels:
         models: from `resolve_models`.
         scratch: where adapters are written (default: a temporary folder made on first need).
         token, device: of the merges that write adapters.
+
+    >>> with FullModels(resolve_models(["./lora"], base="org/base")) as full:  # doctest: +SKIP
+    ...     full.score_each(lambda folder: evaluate_model(str(folder), data, task, metric))
+    [0.84]
     """
 
     def __init__(self, models: Sequence[ResolvedModel], scratch: Path | None = None, *, token: str | None = None,
@@ -125,7 +146,17 @@ class FullModels:
         self.close()
 
     def path(self, i: int) -> Path:
-        """Model `i`'s folder of full weights (an adapter's is written now unless it is already)."""
+        """Model `i`'s folder of full weights (an adapter's is written now unless it is already).
+
+        Args:
+            i: the model's index in `models`.
+
+        Returns:
+            The folder.
+
+        Raises:
+            AmeError: as `merging.materialize` (writing an adapter's full model).
+        """
         model = self.models[i]
         if not model.is_adapter:
             return model.ingredient.path
@@ -144,7 +175,17 @@ class FullModels:
 
     def hand_over(self, i: int) -> Path | None:
         """For an adapter, its full model's folder, which the caller now owns (to move into an output); None
-        for a full checkpoint (its own folder is the user's, to copy)."""
+        for a full checkpoint (its own folder is the user's, to copy).
+
+        Args:
+            i: the model's index in `models`.
+
+        Returns:
+            The folder, or None.
+
+        Raises:
+            AmeError: as `path`.
+        """
         if not self.models[i].is_adapter:
             return None
         path = self.path(i)
@@ -152,14 +193,29 @@ class FullModels:
         return path
 
     def release(self, i: int) -> None:
-        """Remove model `i`'s written folder, if any (it is written again if asked for)."""
+        """Remove model `i`'s written folder, if any (it is written again if asked for).
+
+        Args:
+            i: the model's index in `models`.
+        """
         folder = self._written.pop(i, None)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
 
     def score_each(self, score: Callable[[Path], float], metric: str | None = None) -> list[float]:
         """Every model's score, each evaluated once. With `metric`, the best one's adapter folder stays
-        written (the one a selection may still need: the best single model, the first among equals)."""
+        written (the one a selection may still need: the best single model, the first among equals).
+
+        Args:
+            score: scores one folder of full weights.
+            metric: the metric, whose direction says which score is best; None: no folder is kept.
+
+        Returns:
+            The scores, in the order of `models`.
+
+        Raises:
+            AmeError: as `path`; and whatever `score` raises.
+        """
         scores: list[float] = []
         for i in range(len(self.models)):
             scores.append(score(self.path(i)))

@@ -56,14 +56,38 @@ class InputStage:
 
     # -- references and their light files ----------------------------------------------------
     def entries(self, refs: Sequence[str | os.PathLike]) -> list[Entry]:
-        """Every reference resolved, a local typo failing before anything is asked of the Hub."""
+        """Every reference resolved, a local typo failing before anything is asked of the Hub.
+
+        Args:
+            refs: local directories and/or Hub repo IDs.
+
+        Returns:
+            One `Entry` per reference, in order (the same object for a reference seen before).
+
+        Raises:
+            IngredientNotFoundError: a local path, repo or revision that does not exist.
+            HubError: the Hub refused the token or cannot be reached.
+            CheckpointError: an unreadable config or adapter config.
+        """
         texts = [os.fspath(r) for r in refs]
         local_inputs(texts)
         return [self.entry(t) for t in texts]
 
     def entry(self, ref: str | os.PathLike) -> Entry:
         """One reference: a local folder as it is, a Hub repo pinned to its commit (one `model_info` per repo and
-        revision) with its light files fetched (once per commit); an adapter's config read and checked."""
+        revision) with its light files fetched (once per commit); an adapter's config read and checked.
+
+        Args:
+            ref: a local directory or Hub repo ID.
+
+        Returns:
+            Its `Entry`.
+
+        Raises:
+            IngredientNotFoundError: a local path, repo or revision that does not exist.
+            HubError: the Hub refused the token or cannot be reached.
+            CheckpointError: an unreadable config or adapter config.
+        """
         text = os.fspath(ref)
         if text not in self._entries:
             source = self._source(text)
@@ -90,20 +114,45 @@ class InputStage:
         return source if isinstance(source, Ingredient) else replace(source, ref=text)
 
     def config(self, entry: Entry) -> dict[str, Any]:
-        """The entry's `config.json`, parsed once (an adapter has none: its base's counts)."""
+        """The entry's `config.json`, parsed once (an adapter has none: its base's counts).
+
+        Args:
+            entry: a model's entry.
+
+        Returns:
+            The parsed config.
+
+        Raises:
+            CheckpointError: it is missing or no valid JSON object.
+        """
         folder = entry.light.path.resolve()
         if folder not in self._configs:
             self._configs[folder] = read_config(entry.light.path, entry.ref)
         return self._configs[folder]
 
     def tokenizer(self, folder: Path) -> TokenizerFiles:
-        """The tokenizer files of a folder, read once."""
+        """The tokenizer files of a folder, read once.
+
+        Args:
+            folder: a model folder.
+
+        Returns:
+            Its `TokenizerFiles` (empty when it has none).
+        """
         if folder not in self._tokenizers:
             self._tokenizers[folder] = read_tokenizer(folder)
         return self._tokenizers[folder]
 
     def tokenizer_dir(self, entry: Entry, base: Entry | None) -> Path:
-        """The folder a model's tokenizer comes from: its own; for an adapter without any, its base's."""
+        """The folder a model's tokenizer comes from: its own; for an adapter without any, its base's.
+
+        Args:
+            entry: the model's entry.
+            base: the adapters' base, if any.
+
+        Returns:
+            The folder.
+        """
         if entry.adapter is not None and base is not None and not self.tokenizer(entry.light.path).files:
             return base.light.path
         return entry.light.path
@@ -124,6 +173,10 @@ class InputStage:
 
         Returns:
             `Inputs`, whose `report` says whether they can be merged; `Inputs.open()` then downloads and opens.
+
+        Raises:
+            IngredientNotFoundError, HubError: a reference that cannot be resolved.
+            CheckpointError: an unreadable config, adapter config or safetensors header.
         """
         key = (tuple(os.fspath(r) for r in refs), pivot, base, tokenizer_source, allow_dtype_mismatch)
         if key not in self._reports:
@@ -220,7 +273,15 @@ class InputStage:
 
     # -- downloading and opening ---------------------------------------------------------------
     def fetch(self, entries: Sequence[Entry]) -> None:
-        """Download the weights of the Hub entries that lack them: their size announced, the disk checked first."""
+        """Download the weights of the Hub entries that lack them: their size announced, the disk checked first.
+
+        Args:
+            entries: entries of this stage (local ones and those already fetched are skipped).
+
+        Raises:
+            InsufficientSpaceError: the cache's disk cannot hold them (nothing is downloaded).
+            HubError, IngredientNotFoundError: a download failed.
+        """
         remote = [e for e in dict.fromkeys(entries) if e.remote and not e.weights and e.adapter is None]
         needed = download_size([e.source for e in remote], [e.light for e in remote], self.variant)
         if needed:
@@ -235,7 +296,17 @@ class InputStage:
 
     def opened(self, checked: Checkpoint) -> Checkpoint:
         """A checked checkpoint readable: one known from its headers opened from its downloaded files (which must
-        hold exactly the tensors checked), an adapter over its opened base; others as they are."""
+        hold exactly the tensors checked), an adapter over its opened base; others as they are.
+
+        Args:
+            checked: a checkpoint the check saw (its weights fetched).
+
+        Returns:
+            The readable checkpoint (opened once).
+
+        Raises:
+            CheckpointError: the downloaded files differ from the checked headers, or cannot be read.
+        """
         key = id(checked)
         if key not in self._opened:
             if isinstance(checked, AdapterCheckpoint):

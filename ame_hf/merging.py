@@ -94,6 +94,18 @@ def materialize(ingredient: str | os.PathLike, out_dir: str | os.PathLike, *, ba
     `base_model_name_or_path`), the weights peft's `merge_and_unload()` gives, read block by block as in
     any merge. `evaluate` and `tune` score an adapter so (and `tune` writes it so when it selects it).
 
+    Args:
+        ingredient: a local directory or Hub repo ID: a PEFT adapter, or a full checkpoint (then copied as is).
+        out_dir: the output directory.
+        base: the adapter's base model (default: its `base_model_name_or_path`).
+        token: Hub token for private or gated repos.
+        device: compute device (default: chosen by accelerate).
+        progress: show a progress bar.
+        stage: an `inputs.InputStage` shared with the caller's other runs (default: a new one).
+
+    Returns:
+        The `MergeResult` of the soup of one.
+
     Raises:
         as `merge`; an adapter without a resolvable base: IncompatibleCheckpointsError, one line.
 

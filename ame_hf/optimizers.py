@@ -52,8 +52,17 @@ _RESERVED = frozenset({"params", "lr", "self", "maximize", "differentiable", "ca
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     """Return the `torch.optim` class for a case-insensitive optimizer name.
 
+    Args:
+        name: an optimizer name of the registry (`adam`, `AdamW`, ...).
+
+    Returns:
+        The class.
+
     Raises:
         UnknownOptimizerError, UnsupportedOptimizerError: as `check_optimizer_name`.
+
+    >>> optimizer_class("AdamW").__name__
+    'AdamW'
     """
     import torch
 
@@ -68,6 +77,18 @@ def new_optimizer(cls: type[torch.optim.Optimizer], params: Any, **kwargs: Any) 
     a merge is compiled, so while `torch._dynamo` is not loaded the mark is lent the plain function for
     the duration of the call, and taken back after it. Once `torch._dynamo` is loaded (the user compiles
     something), this is the plain call.
+
+    Args:
+        cls: a `torch.optim` optimizer class.
+        params: its parameters.
+        kwargs: its arguments (`lr`, `betas`, ...).
+
+    Returns:
+        The optimizer.
+
+    >>> import torch
+    >>> new_optimizer(torch.optim.SGD, [torch.zeros(1)], lr=0.1).param_groups[0]["lr"]
+    0.1
     """
     with _dynamo_mark_lent():
         return cls(params, **kwargs)
@@ -80,6 +101,16 @@ def take_step(optimizer: torch.optim.Optimizer) -> None:
     imports `torch._dynamo` on every call, and turns gradients off). While `torch._dynamo` is not loaded
     and no step hook is registered, this calls the class's own `step` under `torch.no_grad()` (AME
     refuses `differentiable`), else the wrapped one.
+
+    Args:
+        optimizer: an optimizer whose parameters hold their gradients.
+
+    >>> import torch
+    >>> w = torch.ones(2, requires_grad=True)
+    >>> w.grad = torch.ones(2)
+    >>> take_step(new_optimizer(torch.optim.SGD, [w], lr=0.5))
+    >>> w.detach()
+    tensor([0.5000, 0.5000])
     """
     import torch
 
@@ -125,9 +156,22 @@ _MARK = "__dynamo_disable"
 def check_optimizer_name(name: str) -> str:
     """The registry key of a case-insensitive optimizer name; needs no torch.
 
+    Args:
+        name: the optimizer's name as the user gave it.
+
+    Returns:
+        Its key in `OPTIMIZERS`.
+
     Raises:
         UnsupportedOptimizerError: a `torch.optim` optimizer AME cannot drive (LBFGS, ...), with why.
         UnknownOptimizerError: no optimizer of that name; the message lists the valid names.
+
+    >>> check_optimizer_name(" Adam ")
+    'adam'
+    >>> check_optimizer_name("adamm")
+    Traceback (most recent call last):
+    ...
+    ame_hf.errors.UnknownOptimizerError: unknown optimizer 'adamm' (did you mean adam?); choose one of: ...
     """
     key = str(name).strip().lower()
     if key in REFUSED:
@@ -147,10 +191,19 @@ def check_optimizer_name(name: str) -> str:
 def validate_optimizer_args(name: str, args: Mapping[str, Any]) -> dict[str, Any]:
     """Check keyword arguments against the optimizer's signature and by building it once.
 
-    Returns the arguments as a plain dict (lists turned into tuples where torch wants tuples).
+    Args:
+        name: the optimizer's name.
+        args: its `optimizer_args`.
+
+    Returns:
+        The arguments as a plain dict (lists turned into tuples where torch wants tuples).
 
     Raises:
-        InvalidConfigError: an unknown or invalid argument; the message lists the valid ones.
+        InvalidConfigError: an unknown or invalid argument (the message lists the valid ones), or `lr` among them.
+        UnknownOptimizerError, UnsupportedOptimizerError: as `check_optimizer_name`.
+
+    >>> validate_optimizer_args("adam", {"betas": [0.9, 0.99]})
+    {'betas': (0.9, 0.99)}
     """
     check_optimizer_name(name)
     if not args:
@@ -176,7 +229,19 @@ def validate_optimizer_args(name: str, args: Mapping[str, Any]) -> dict[str, Any
 
 
 def full_hyperparameters(name: str, args: Mapping[str, Any], lr: float) -> dict[str, Any]:
-    """Every hyperparameter the optimizer really runs with (its defaults filled in), for the card."""
+    """Every hyperparameter the optimizer really runs with (its defaults filled in), for the card.
+
+    Args:
+        name: the optimizer's name.
+        args: its (validated) `optimizer_args`.
+        lr: the learning rate to report.
+
+    Returns:
+        Its parameter group's settings, without `params` (tensors as numbers, tuples as lists).
+
+    >>> full_hyperparameters("sgd", {"momentum": 0.9}, lr=0.1)["momentum"]
+    0.9
+    """
     import torch
 
     cls = optimizer_class(name)
@@ -198,7 +263,18 @@ IMPLEMENTATION_SWITCHES = frozenset({"foreach", "fused", "capturable", "differen
 
 def reported_hyperparameters(name: str, args: Mapping[str, Any]) -> dict[str, Any]:
     """The hyperparameters to report for a run: every one the optimizer runs with, less the learning
-    rate (reported on its own: it may be relative and per tensor) and implementation switches."""
+    rate (reported on its own: it may be relative and per tensor) and implementation switches.
+
+    Args:
+        name: the optimizer's name.
+        args: its (validated) `optimizer_args`.
+
+    Returns:
+        The hyperparameters by name.
+
+    >>> reported_hyperparameters("adam", {})["betas"]
+    [0.9, 0.999]
+    """
     params = full_hyperparameters(name, args, 1e-3)
     params.pop("lr", None)
     return {k: v for k, v in params.items() if k not in IMPLEMENTATION_SWITCHES}

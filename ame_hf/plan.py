@@ -27,7 +27,20 @@ Rows = tuple[int, int] | None  # a block: rows [start, stop) of a tensor's first
 
 
 def row_blocks(shape: Sequence[int], elements: int | None = None) -> list[Rows]:
-    """Row ranges covering a tensor; `[None]` when it is small enough to take whole."""
+    """Row ranges covering a tensor; `[None]` when it is small enough to take whole.
+
+    Args:
+        shape: the tensor's shape.
+        elements: the most elements in one block (default `BLOCK_ELEMENTS`).
+
+    Returns:
+        The blocks: `(start, stop)` rows of the first dimension, in order, or `[None]`.
+
+    >>> row_blocks((5, 4), elements=8)
+    [(0, 2), (2, 4), (4, 5)]
+    >>> row_blocks((5, 4), elements=100)
+    [None]
+    """
     elements = elements or BLOCK_ELEMENTS
     numel = math.prod(shape)
     if not shape or numel <= elements:
@@ -38,12 +51,31 @@ def row_blocks(shape: Sequence[int], elements: int | None = None) -> list[Rows]:
 
 
 def tensor_blocks(shape: Sequence[int], device: torch.device) -> list[Rows]:
-    """The blocks of a tensor on this device (larger on a GPU)."""
+    """The blocks of a tensor on this device (larger on a GPU).
+
+    Args:
+        shape: the tensor's shape.
+        device: where it is merged.
+
+    Returns:
+        As `row_blocks`.
+    """
     return row_blocks(shape, BLOCK_ELEMENTS * (GPU_BLOCK_FACTOR if device.type == "cuda" else 1))
 
 
 def assign_to_processes(sizes: dict[str, int], count: int) -> list[list[str]]:
-    """Split tensors between processes, balanced by bytes (largest first onto the lightest)."""
+    """Split tensors between processes, balanced by bytes (largest first onto the lightest).
+
+    Args:
+        sizes: each tensor's size in bytes, by name.
+        count: the number of processes.
+
+    Returns:
+        Each process's tensor names (sorted), by rank.
+
+    >>> assign_to_processes({"a": 30, "b": 20, "c": 10}, 2)
+    [['a'], ['b', 'c']]
+    """
     loads = [0] * count
     parts: list[list[str]] = [[] for _ in range(count)]
     for name, size in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0])):
@@ -54,7 +86,18 @@ def assign_to_processes(sizes: dict[str, int], count: int) -> list[list[str]]:
 
 
 def output_dtype(config: AmeConfig, stored: torch.dtype) -> torch.dtype:
-    """The dtype a tensor is written in: the ingredients' (`auto`, and always for integers) or `--dtype`."""
+    """The dtype a tensor is written in: the ingredients' (`auto`, and always for integers) or `config.dtype`.
+
+    Args:
+        config: the run's `AmeConfig`.
+        stored: the ingredients' dtype of the tensor.
+
+    Returns:
+        The output dtype.
+
+    >>> output_dtype(AmeConfig(dtype="bfloat16"), torch.float32), output_dtype(AmeConfig(dtype="bfloat16"), torch.int64)
+    (torch.bfloat16, torch.int64)
+    """
     if not stored.is_floating_point or config.dtype == "auto":
         return stored
     return getattr(torch, config.dtype)
@@ -70,10 +113,18 @@ class ShardFile:
 
     @property
     def data_size(self) -> int:
+        """Bytes of tensor data after the header."""
         return max((e[3] for e in self.entries.values()), default=0)
 
     def offset(self, tensor: str) -> int:
-        """Absolute file offset of a tensor's first byte."""
+        """Absolute file offset of a tensor's first byte.
+
+        Args:
+            tensor: a tensor of this shard.
+
+        Returns:
+            The offset in bytes from the start of the file (after the length prefix and the header).
+        """
         return 8 + len(self.header) + self.entries[tensor][2]
 
 
@@ -87,6 +138,7 @@ class ShardPlan:
 
     @property
     def total_size(self) -> int:
+        """Bytes of tensor data in all shards (the index's `total_size`)."""
         return sum(s.data_size for s in self.shards)
 
 
@@ -95,7 +147,20 @@ def plan_shards(
     max_shard_size: int,
     metadata: dict[str, str],
 ) -> ShardPlan:
-    """Group tensors (in the given order) into shards of at most `max_shard_size` bytes."""
+    """Group tensors (in the given order) into shards of at most `max_shard_size` bytes.
+
+    Args:
+        tensors: `(name, shape, output dtype)` of every output tensor, in the order they are grouped.
+        max_shard_size: the most bytes in one shard (a larger tensor gets a shard of its own).
+        metadata: the safetensors header metadata of every shard (the AME stamp).
+
+    Returns:
+        The `ShardPlan`: one `model.safetensors`, or `model-0000i-of-0000n.safetensors` files.
+
+    >>> plan = plan_shards([("a", (4,), torch.float32), ("b", (4,), torch.float32)], 16, {})
+    >>> [s.name for s in plan.shards], plan.total_size
+    (['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors'], 32)
+    """
     groups: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
     size = 0
     for name, shape, dtype in tensors:

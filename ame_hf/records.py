@@ -25,6 +25,9 @@ class Ingredient:
         repo_id: the Hub repo ID, or None for a local directory.
         revision: the revision asked for (branch, tag, sha), or None.
         sha: the resolved 40-character commit sha (Hub only).
+
+    >>> Ingredient(ref="org/a@main", path=Path("/cache/a"), repo_id="org/a", sha="0" * 40).pinned_ref
+    'org/a@0000000000000000000000000000000000000000'
     """
 
     ref: str
@@ -45,11 +48,22 @@ class Ingredient:
 
     def recipe_ref(self, out: str | os.PathLike) -> str:
         """The reference to record in `out`'s ame_config.yaml: pinned, and for a local directory
-        relative to `out`, which is how `--config` reads it back."""
+        relative to `out`, which is how `--config` reads it back.
+
+        Args:
+            out: the output directory the recipe is written into.
+
+        Returns:
+            `org/name@<sha>`, or the local directory relative to `out`.
+
+        >>> Ingredient(ref="./a", path=Path("/work/a")).recipe_ref("/work/merged")
+        '../a'
+        """
         return self.pinned_ref if self.repo_id else os.path.relpath(Path(self.path).absolute(), Path(out).absolute())
 
     @property
     def display_name(self) -> str:
+        """How messages and the card name it: the repo ID, or the reference as given."""
         return self.repo_id or str(self.ref)
 
 
@@ -134,7 +148,14 @@ class PushInfo(str):
 
 @dataclass(frozen=True, kw_only=True)
 class Evaluation:
-    """Scores of models on one labelled data set: `scores` is `[(model, value)]` in the given order."""
+    """Scores of models on one labelled data set: `scores` is `[(model, value)]` in the given order.
+
+    Attributes:
+        task: the task scored (`text-classification`, `image-classification`, `text-generation`).
+        metric: the metric (`evaluation.higher_is_better(metric)` says which way is better).
+        dataset: the data set's name (its file or folder name).
+        scores: each model as given, with its score, in the given order.
+    """
 
     task: str
     metric: str

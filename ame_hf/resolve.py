@@ -19,7 +19,17 @@ logger = logging.getLogger(__name__)
 
 
 def is_repo_id(text: str) -> bool:
-    """True for a valid Hub repo ID (`name` or `org/name`), as huggingface_hub itself decides."""
+    """True for a valid Hub repo ID (`name` or `org/name`), as huggingface_hub itself decides.
+
+    Args:
+        text: the text to check.
+
+    Returns:
+        Whether it is one.
+
+    >>> is_repo_id("org/model-a"), is_repo_id("org/model a")
+    (True, False)
+    """
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
@@ -30,12 +40,33 @@ def is_repo_id(text: str) -> bool:
 
 
 def split_ref(ref: str) -> tuple[str, str | None]:
-    """`org/name@rev` -> ("org/name", "rev"). The revision may itself contain `/` (refs/pr/1)."""
+    """`org/name@rev` -> ("org/name", "rev"). The revision may itself contain `/` (refs/pr/1).
+
+    Args:
+        ref: a reference.
+
+    Returns:
+        The repo ID (or path) and the revision, None when there is none.
+
+    >>> split_ref("org/a@refs/pr/1"), split_ref("org/a")
+    (('org/a', 'refs/pr/1'), ('org/a', None))
+    """
     repo_id, sep, revision = str(ref).partition("@")
     return repo_id, (revision if sep else None)
 
 
 def looks_like_path(ref: str) -> bool:
+    """Whether a reference can only be a local path (`./x`, `/x`, `~/x`, `a/b/c`), never a Hub repo ID.
+
+    Args:
+        ref: a reference.
+
+    Returns:
+        True for a path.
+
+    >>> looks_like_path("./model"), looks_like_path("org/model"), looks_like_path("a/b/c")
+    (True, False, True)
+    """
     text = str(ref)
     return text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1) or (
         os.altsep is not None and os.altsep in text
@@ -44,7 +75,22 @@ def looks_like_path(ref: str) -> bool:
 
 def plan_refs(refs: Sequence[str | os.PathLike], *, token: str | None = None) -> list[Ingredient | HubSource]:
     """Check every reference before anything is downloaded (so a typo in the last one fails at once):
-    a local directory becomes an `Ingredient`, a Hub repo ID a `HubSource` pinned to its commit sha."""
+    a local directory becomes an `Ingredient`, a Hub repo ID a `HubSource` pinned to its commit sha.
+
+    Args:
+        refs: local directories and/or Hub repo IDs (`org/name[@revision]`).
+        token: Hub token for private or gated repos.
+
+    Returns:
+        One `Ingredient` or `HubSource` per reference, in order (offline, a `HubSource` without sha).
+
+    Raises:
+        IngredientNotFoundError: a local path, repo or revision that does not exist.
+        HubError: the Hub refused the token or cannot be reached.
+
+    >>> plan_refs(["./expert-a", "org/model-b@v1"])  # doctest: +SKIP
+    [Ingredient(ref='./expert-a', ...), HubSource(ref='org/model-b@v1', repo_id='org/model-b', ...)]
+    """
     return [_plan(os.fspath(ref), token) for ref in refs]
 
 
@@ -55,8 +101,17 @@ def local_path(ref: str | os.PathLike) -> Path | None:
     (`./x`, `/x`, `a/b/c`), or whose first part is an existing local directory (`ame-demo/expert-cont`
     beside `ame-demo/`), is local: when it does not exist that is an error listing close matches.
 
+    Args:
+        ref: a reference.
+
+    Returns:
+        The directory, or None.
+
     Raises:
         IngredientNotFoundError: a local path that does not exist, or a file instead of a directory.
+
+    >>> local_path("org/model-a") is None
+    True
     """
     text = os.fspath(ref)
     local = Path(text).expanduser()
@@ -72,7 +127,18 @@ def local_path(ref: str | os.PathLike) -> Path | None:
 
 def rebase_ref(ref: str, base: Path) -> str:
     """A reference read from a YAML file in `base`: relative local paths are relative to that file's
-    directory (so `--config merged/ame_config.yaml` works from anywhere); Hub repo IDs are kept."""
+    directory (so `--config merged/ame_config.yaml` works from anywhere); Hub repo IDs are kept.
+
+    Args:
+        ref: the reference as the YAML file writes it.
+        base: the YAML file's directory.
+
+    Returns:
+        The reference as the current directory sees it.
+
+    >>> rebase_ref("../expert-a", Path("runs/merged")), rebase_ref("org/a", Path("runs/merged"))
+    ('runs/expert-a', 'org/a')
+    """
     text = str(ref)
     if os.path.isabs(os.path.expanduser(text)):
         return text
@@ -83,7 +149,17 @@ def rebase_ref(ref: str, base: Path) -> str:
 
 
 def local_inputs(refs: Sequence[str | os.PathLike]) -> list[Path]:
-    """The local directories among `refs` (each checked as `local_path` does); Hub repo IDs are skipped."""
+    """The local directories among `refs` (each checked as `local_path` does); Hub repo IDs are skipped.
+
+    Args:
+        refs: references.
+
+    Returns:
+        Their local directories, in order.
+
+    Raises:
+        IngredientNotFoundError: as `local_path`.
+    """
     return [p for p in (local_path(r) for r in refs) if p is not None]
 
 

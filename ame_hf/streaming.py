@@ -35,6 +35,17 @@ class TensorMerger:
     With an I/O thread (`io`), the next ingredient block is read while the engine computes on
     this one, and each finished block is written while the next is computed: the reads, the
     writes and the optimizer overlap, and at most one extra block is held in memory each way.
+
+    Args:
+        checkpoints: the opened ingredients, under the output's tensor names.
+        pivot: `mean`, an ingredient index, or a pivot `Checkpoint`.
+        config: the resolved `AmeConfig`.
+        order: the ingredient indices of each epoch (`engine.ingredient_order`).
+        device: where the engine computes.
+        io: the I/O thread (`stream_tensors` lends one), or None to read and write in line.
+        vocab: with differing vocabularies, how token-indexed rows are matched (`merge_token_rows`).
+        vocab_keys: the token-indexed tensors.
+        max_memory: bytes of one tensor's ingredient blocks kept so that each input byte is read once.
     """
 
     def __init__(self, checkpoints: list[Checkpoint], pivot: Any, config: AmeConfig,
@@ -110,7 +121,11 @@ class TensorMerger:
         self._pending_write = self.io.submit(write_rows, out_dir, plan, name, row, values)
 
     def flush(self) -> None:
-        """Wait for the last write (raising its error, if any)."""
+        """Wait for the last write.
+
+        Raises:
+            OSError: the write failed.
+        """
         pending, self._pending_write = self._pending_write, None
         if pending is not None:
             pending.result()
@@ -130,6 +145,19 @@ class TensorMerger:
         return total.div_(len(self.checkpoints)).to(self.compute_dtype)
 
     def run(self, name: str, out_dir: Path, plan: ShardPlan, advance: Callable[[int], None]) -> None:
+        """Merge tensor `name` block by block and write it into its shard (integer tensors are copied, and
+        must be equal; token-indexed ones go by token).
+
+        Args:
+            name: the tensor.
+            out_dir: the staging directory, with the shard files made.
+            plan: the output's `ShardPlan`.
+            advance: called with the bytes of output done, as blocks finish.
+
+        Raises:
+            CheckpointError: an ingredient holds NaN or Inf (unless `allow_nonfinite`), or cannot be read.
+            IncompatibleCheckpointsError: an integer tensor differs between the ingredients.
+        """
         info = self.checkpoints[0].info(name)
         if self.vocab is not None and name in self.vocab_keys:
             merge_token_rows(self, name, out_dir, plan, advance)
@@ -208,7 +236,18 @@ def merge_token_rows(merger: TensorMerger, name: str, out_dir: Path, plan: Shard
     owned by the same ingredients form a group, and each group runs AME over exactly its owners, in
     their order, block by block of rows; so the soup of a row is the mean over the ingredients that
     have its token. The pivot of a row: the pivot ingredient's row if it has the token, else the mean
-    of the owners (a pivot checkpoint with another vocabulary: the mean too)."""
+    of the owners (a pivot checkpoint with another vocabulary: the mean too).
+
+    Args:
+        merger: the run's `TensorMerger` (its `vocab` set).
+        name: the token-indexed tensor.
+        out_dir: the staging directory.
+        plan: the output's `ShardPlan`.
+        advance: called with the bytes of output done.
+
+    Raises:
+        CheckpointError: as `TensorMerger.run`.
+    """
     vocab = merger.vocab
     assert vocab is not None
     info = merger.checkpoints[0].info(name)
@@ -271,7 +310,20 @@ def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:
 
 def stream_tensors(merger: TensorMerger, names: Sequence[str], staging: Path, plan: ShardPlan, *, show: bool,
                    callback: ProgressCallback | None = None) -> None:
-    """Merge and write `names` (this process's share) with a progress bar in bytes of output."""
+    """Merge and write `names` (this process's share) with a progress bar in bytes of output.
+
+    Args:
+        merger: the run's `TensorMerger` (lent an I/O thread for the duration).
+        names: the tensors to merge, in order.
+        staging: the staging directory, with the shard files made.
+        plan: the output's `ShardPlan`.
+        show: show the progress bar.
+        callback: called as `callback(done_bytes, total_bytes)` as tensors finish.
+
+    Raises:
+        CheckpointError, IncompatibleCheckpointsError: as `TensorMerger.run`.
+        OSError: a shard cannot be written.
+    """
     sizes = {n: merger.checkpoints[0].info(n).nbytes for n in names}
     total = sum(sizes.values())
     done = 0

@@ -16,7 +16,15 @@ from .plan import ShardPlan
 
 
 def create_shard_files(directory: Path, plan: ShardPlan) -> None:
-    """Write every shard's header and size the file; tensors are then written in place."""
+    """Write every shard's header and size the file; tensors are then written in place.
+
+    Args:
+        directory: the staging directory.
+        plan: the output's `ShardPlan`.
+
+    Raises:
+        OSError: a file cannot be written (the caller turns it into an `OutputError`).
+    """
     for shard in plan.shards:
         with open(directory / shard.name, "wb") as f:
             f.write(struct.pack("<Q", len(shard.header)))
@@ -25,7 +33,29 @@ def create_shard_files(directory: Path, plan: ShardPlan) -> None:
 
 
 def write_rows(directory: Path, plan: ShardPlan, name: str, start_row: int, values: torch.Tensor) -> None:
-    """Write `values` as rows `[start_row, start_row + len)` of tensor `name` (any process may)."""
+    """Write `values` as rows `[start_row, start_row + len)` of tensor `name` (any process may).
+
+    Args:
+        directory: the staging directory, whose shard files `create_shard_files` made.
+        plan: the output's `ShardPlan`.
+        name: the tensor.
+        start_row: its first row these values are (0 for a whole tensor).
+        values: the rows, converted to the tensor's output dtype here.
+
+    Raises:
+        OSError: the file cannot be written.
+
+    >>> import tempfile
+    >>> from safetensors.torch import load_file
+    >>> from ame_hf.plan import plan_shards
+    >>> plan = plan_shards([("w", (2, 2), torch.float32)], 2**20, {})
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     create_shard_files(Path(tmp), plan)
+    ...     write_rows(Path(tmp), plan, "w", 1, torch.ones(1, 2))
+    ...     load_file(Path(tmp) / "model.safetensors")["w"]
+    tensor([[0., 0.],
+            [1., 1.]])
+    """
     shard = plan.location[name]
     dtype, shape, _, _ = shard.entries[name]
     row_bytes = math.prod(shape[1:]) * dtype.itemsize
@@ -44,7 +74,15 @@ def write_rows(directory: Path, plan: ShardPlan, name: str, start_row: int, valu
 
 
 def write_index(directory: Path, plan: ShardPlan) -> None:
-    """The standard `model.safetensors.index.json` (only when there is more than one shard)."""
+    """The standard `model.safetensors.index.json` (only when there is more than one shard).
+
+    Args:
+        directory: the staging directory.
+        plan: the output's `ShardPlan`.
+
+    Raises:
+        OSError: the file cannot be written.
+    """
     if len(plan.shards) == 1:
         return
     index = {
