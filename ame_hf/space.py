@@ -97,7 +97,8 @@ def _import_gradio() -> Any:
 
 @contextmanager
 def _shown_as_gradio_errors() -> Iterator[None]:
-    """Turn a user mistake (any `AmeError`) into a `gr.Error` with the CLI's one-line message."""
+    """Turn a user mistake (any `AmeError`) into a `gr.Error` with its one-line message, as the Python API words
+    it (the keywords it names as a caller passes them, `token=TOKEN`; the CLI shows them as flags)."""
     from .errors import AmeError
 
     try:

@@ -12,10 +12,11 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import pytest
 
+import ame_hf
 from factories import make_finetunes, markdown_rows
 
 if TYPE_CHECKING:
@@ -186,6 +187,16 @@ def _cli_error(capsys, *args: str) -> str:
     return err.removeprefix("ame-hf: error: ")
 
 
+def _api_error(call: Callable[[], Any]) -> str:
+    """The one-line message of the `AmeError` a Python API call raises for a user mistake."""
+    from ame_hf.errors import AmeError
+    from ame_hf.space import one_line
+
+    with pytest.raises(AmeError) as caught:
+        call()
+    return one_line(caught.value)
+
+
 def test_browser_check_merge_and_push(browser, space_url, ingredients, hub, hub_token, tmp_path, capsys):
     from huggingface_hub import HfApi
     from playwright.sync_api import expect
@@ -219,10 +230,12 @@ def test_browser_check_merge_and_push(browser, space_url, ingredients, hub, hub_
     if os.environ.get("AME_HF_SPACE_SCREENSHOT"):  # refresh examples/space/screenshot.png on purpose only
         shutil.copyfile(tmp_path / "space.png", os.environ["AME_HF_SPACE_SCREENSHOT"])
 
-    # A user mistake is a Gradio error toast with the CLI's one-line message.
+    # A user mistake is a Gradio error toast with the Python API's one-line message (the CLI's names flags).
     page.locator("#ingredients textarea").fill("org/space-missing\norg/space-a")
     page.locator("#check-button").click()
-    message = _cli_error(capsys, "check", "org/space-missing", "org/space-a")
+    message = _api_error(lambda: ame_hf.check(["org/space-missing", "org/space-a"]))
+    assert "pass token=TOKEN" in message, message
+    assert _cli_error(capsys, "check", "org/space-missing", "org/space-a") == message.replace("token=", "--token ")
     expect(page.get_by_text(message)).to_be_visible(timeout=UI_TIMEOUT)
     page.close()
 
