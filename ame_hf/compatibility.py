@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from ._differences import differing_fields, file_notes, who_has
 from .checkpoint import DTYPE_NAMES, Checkpoint
 from .reconcile import Layout, Renaming, UnknownArchitecture, model_layout, rename
 from .vocabulary import (TokenizerFiles, VocabularyPlan, compare_tokenizers, plan_vocabulary, read_tokenizer,
@@ -22,6 +23,7 @@ ARCHITECTURE_KEYS = ("model_type",)
 # Config keys that say nothing about the model (bookkeeping): differences are not even notes.
 QUIET_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "_commit_hash", "torch_dtype", "dtype"}
 _MAX_LISTED = 20
+GENERATION_CONFIG = "generation_config.json"  # transformers.utils.GENERATION_CONFIG_NAME
 
 
 @dataclass
@@ -40,6 +42,12 @@ class CompatibilityReport:
     # When vocabularies differ: how token-indexed rows are matched, and which tensors are token-indexed.
     vocab: VocabularyPlan | None = field(default=None, repr=False, compare=False)
     vocab_keys: frozenset[str] = frozenset()
+    # The ingredient the pivot keyword names (`first`: 0, an index: it), for `config_source`.
+    pivot_index: int = 0
+    # Config fields whose difference another finding already explains (no second note), and what the output's
+    # config.json changes from its source's (dotted keys: an untied head, the labels of the merged rows).
+    config_said: set[str] = field(default_factory=set)
+    config_updates: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -64,16 +72,16 @@ class CompatibilityReport:
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "checkpoints": self.names, "errors": self.errors, "notes": self.notes}
 
-
-def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    # Nested sub-configs (text_config, vision_config) are compared key by key.
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and key.endswith("_config"):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+    def config_source(self) -> Checkpoint:
+        """The checkpoint whose config (and side files) the output takes: the pivot when it is a model of the
+        ingredients' architecture, else the pivot's ingredient, else the one whose layout the check chose."""
+        chosen = self.checkpoints[self.source]
+        arch = chosen.config.get("architectures")
+        if self.pivot is not None and self.pivot.config.get("architectures") == arch:
+            return self.pivot
+        if self.checkpoints[self.pivot_index].config.get("architectures") == arch:
+            return self.checkpoints[self.pivot_index]
+        return chosen
 
 
 def _listed(items: Sequence[str]) -> str:
@@ -88,6 +96,7 @@ def check_compatibility(
     allow_dtype_mismatch: bool = False,
     tokenizer_source: str | int | TokenizerFiles = "auto",
     tokenizers: Sequence[TokenizerFiles] | None = None,
+    pivot_index: int = 0,
 ) -> CompatibilityReport:
     """Compare every ingredient with the first one (after reconciling their layouts), and the pivot.
 
@@ -100,6 +109,8 @@ def check_compatibility(
             checkpoint: its vocabulary, every row merged from the ingredients that have its token).
         tokenizers: each checkpoint's tokenizer files (the ingredients', then the pivot's), as the input stage
             read them (an adapter without its own: its base's); default: read from each checkpoint's folder.
+        pivot_index: the ingredient the pivot keyword names (`first`: 0, an index: it): the output's config
+            comes from it when there is no pivot checkpoint (`CompatibilityReport.config_source`).
 
     >>> report = check_compatibility([Checkpoint("a"), Checkpoint("b")])  # doctest: +SKIP
     >>> print(report.format())                                            # doctest: +SKIP
@@ -116,14 +127,19 @@ def check_compatibility(
     views, pivot_view, report.source = _reconcile(list(checkpoints), pivot, report)
     if report.errors:
         return report
-    report.checkpoints, report.pivot = views, pivot_view
+    report.checkpoints, report.pivot, report.pivot_index = views, pivot_view, pivot_index
     if tokenizers is None:  # read once: the vocabulary plan and the notes
         tokenizers = [read_tokenizer(c.path) for c in everything]
     _vocabulary(views, tokenizers[:len(views)], report, tokenizer_source)
-    _compare_configs([*views, *([pivot_view] if pivot_view else [])], report)
+    compared = [*views, *([pivot_view] if pivot_view else [])]
+    taken = report.config_source().name
+    _compare_configs(compared, report, taken)
+    report.notes += file_notes(GENERATION_CONFIG, [c.name for c in compared], [c.path for c in compared],
+                               taken=taken, skip=(*QUIET_KEYS, "_from_model_config"))
     ref = views[0]
     for other in views[1:]:
-        _compare_tensors(ref, other, report, allow_dtype_mismatch)
+        _compare_tensors(ref, other, report)
+    _compare_dtypes(views, report, allow_dtype_mismatch)
     if pivot_view is not None:
         _compare_pivot(ref, pivot_view, report)
     report.notes += compare_tokenizers([c.name for c in everything], tokenizers)
@@ -258,29 +274,27 @@ def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: 
     added = ", ".join(repr(t) for t, _ in plan.new_tokens[:8]) + (" ..." if len(plan.new_tokens) > 8 else "")
     report.notes.append(
         f"the vocabularies differ (rows {counts}): rows of {', '.join(sorted(keys))} are matched by token; the output "
-        + (f"has the union of {plan.size} tokens ({len(plan.new_tokens)} new: {added})" if union
+        + (f"has the union of {plan.size} tokens ("
+           + (f"{len(plan.new_tokens)} new: {added})" if plan.new_tokens else "no new token)") if union
            else f"keeps the {plan.size} tokens of {views[index].name if index < len(views) else 'the tokenizer source'}")
         + "; each row is merged over the ingredients that have its token")
 
 
-def _compare_configs(views: Sequence[Checkpoint], report: CompatibilityReport) -> None:
-    ref = views[0]
-    ref_config = _flatten(ref.config)
-    for other in views[1:]:
-        config = _flatten(other.config)
-        for key in sorted(set(ref_config) | set(config)):
-            a, b = ref_config.get(key, "<missing>"), config.get(key, "<missing>")
-            leaf = key.rsplit(".", 1)[-1]
-            if a == b or leaf in QUIET_KEYS:
-                continue
-            line = f"config {key}: {ref.name} has {a!r}, {other.name} has {b!r}"
-            if key not in report.config_keys:
-                report.config_keys.append(key)
-            (report.errors if leaf in ARCHITECTURE_KEYS else report.notes).append(line)
+def _compare_configs(views: Sequence[Checkpoint], report: CompatibilityReport, taken: str) -> None:
+    """One line per config field that differs, naming who has which value: an error for a field that means
+    another architecture, else a note (the tensors' shapes decide)."""
+    names = [v.name for v in views]
+    for key, who in differing_fields(names, [v.config for v in views], skip=QUIET_KEYS):
+        if key in report.config_keys:
+            continue
+        report.config_keys.append(key)
+        if key.rsplit(".", 1)[-1] in ARCHITECTURE_KEYS:
+            report.errors.append(f"config {key}: {who}")
+        elif key not in report.config_said:
+            report.notes.append(f"config {key}: {who}; the output takes {taken}'s")
 
 
-def _compare_tensors(ref: Checkpoint, other: Checkpoint, report: CompatibilityReport,
-                     allow_dtype_mismatch: bool) -> None:
+def _compare_tensors(ref: Checkpoint, other: Checkpoint, report: CompatibilityReport) -> None:
     missing = sorted(set(ref.tensors) - set(other.tensors))
     extra = sorted(set(other.tensors) - set(ref.tensors))
     if missing:
@@ -294,14 +308,24 @@ def _compare_tensors(ref: Checkpoint, other: Checkpoint, report: CompatibilityRe
             report.errors.append(
                 f"tensor {name!r}: shape {list(a_info.shape)} in {ref.name}, {list(b_info.shape)} in {other.name}"
             )
-        elif a_info.dtype != b_info.dtype:
-            floating = a_info.dtype.is_floating_point and b_info.dtype.is_floating_point
-            line = (f"tensor {name!r}: dtype {DTYPE_NAMES[a_info.dtype]} in {ref.name}, "
-                    f"{DTYPE_NAMES[b_info.dtype]} in {other.name}")
-            if floating and allow_dtype_mismatch:
-                report.notes.append(line)
-            else:
-                report.errors.append(line + ("; choose the output dtype with --dtype" if floating else ""))
+
+
+def _compare_dtypes(views: Sequence[Checkpoint], report: CompatibilityReport, allow_dtype_mismatch: bool) -> None:
+    """Tensors whose dtypes differ, one line per pattern of dtypes (who has which) with the tensors listed: a note
+    when an output dtype was chosen, else an error."""
+    names = [v.name for v in views]
+    patterns: dict[tuple[str, ...], list[str]] = {}
+    for name in sorted(set.intersection(*(set(v.tensors) for v in views))):
+        dtypes = tuple(DTYPE_NAMES[v.tensors[name].dtype] for v in views)
+        if len(set(dtypes)) > 1:
+            patterns.setdefault(dtypes, []).append(name)
+    for dtypes, tensors in patterns.items():
+        floating = all(v.tensors[tensors[0]].dtype.is_floating_point for v in views)
+        line = f"tensor(s) {_listed(tensors)}: dtype {who_has(names, dtypes)}"
+        if floating and allow_dtype_mismatch:
+            report.notes.append(line)
+        else:
+            report.errors.append(line + ("; choose the output dtype with --dtype" if floating else ""))
 
 
 def _compare_pivot(ref: Checkpoint, pivot: Checkpoint, report: CompatibilityReport) -> None:

@@ -178,7 +178,7 @@ class InputStage:
         inputs.report = check_compatibility(
             ckpts, pivot=pivot_ckpt, allow_dtype_mismatch=allow_dtype_mismatch,
             tokenizer_source=inputs.vocabulary_source(),
-            tokenizers=[self.tokenizer(self.tokenizer_dir(e, base)) for e in every])
+            tokenizers=[self.tokenizer(self.tokenizer_dir(e, base)) for e in every], pivot_index=inputs.pivot_index)
         inputs.report.notes[:0] = [c.describe() for c in ckpts if isinstance(c, AdapterCheckpoint)]
         inputs.report.notes += [f"{ref} has .bin weights (no header to read): downloaded to check it"
                                 for ref in dict.fromkeys(self.downloaded_to_check) if ref in inputs.report.names]
@@ -354,13 +354,7 @@ class Inputs:
     def config_source(self) -> Checkpoint:
         """The checkpoint whose config (and side files) the output takes: the pivot when it is a model of the
         ingredients' architecture, else the ingredient whose layout the check chose (the first, usually)."""
-        chosen = self.checkpoints[self.report.source]
-        arch = chosen.config.get("architectures")
-        if self.pivot_checkpoint is not None and self.pivot_checkpoint.config.get("architectures") == arch:
-            return self.pivot_checkpoint
-        if self.checkpoints[self.pivot_index].config.get("architectures") == arch:
-            return self.checkpoints[self.pivot_index]
-        return chosen
+        return self.report.config_source()
 
     def tokenizer_dir(self) -> Path:
         """Where the output's tokenizer, chat template and processor files come from: with differing

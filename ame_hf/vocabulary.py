@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ._differences import MISSING, who_has
+
 # Files that belong to the tokenizer, the chat template or the processor (image, audio, video):
 # they come from `--tokenizer-source`; every other side file comes from the model the config comes from.
 TOKENIZER_PATTERNS = (
@@ -78,33 +80,34 @@ def read_tokenizer(path: str | os.PathLike | None) -> TokenizerFiles:
 
 
 def compare_tokenizers(names: Sequence[str], tokenizers: Sequence[TokenizerFiles]) -> list[str]:
-    """One note per difference from the first model's tokenizer, naming the file and the field."""
+    """One note per tokenizer file or field that differs, naming the file and the field and who has what (once,
+    not once per pair of models)."""
     notes: list[str] = []
-    first_name, first = names[0], tokenizers[0]
-    for name, other in zip(names[1:], tokenizers[1:]):
-        if first.files != other.files:
-            notes.append(f"tokenizer files: {first_name} has {list(first.files) or 'none'}, "
-                         f"{name} has {list(other.files) or 'none'}")
-        if first.vocab is not None and other.vocab is not None and first.vocab != other.vocab:
-            moved = sum(1 for t, i in first.vocab.items() if other.vocab.get(t) != i)
-            notes.append(f"vocabulary (tokenizer.json model.vocab): {moved} of {len(first.vocab)} tokens of "
-                         f"{first_name} have another id or are absent in {name}")
-        for token in sorted(set(first.added) ^ set(other.added)):
-            owner = name if token in other.added else first_name
-            notes.append(f"added token {token!r} (tokenizer.json added_tokens) only in {owner}")
-        for token in sorted(set(first.added) & set(other.added)):
-            if first.added[token] != other.added[token]:
-                notes.append(f"added token {token!r} has id {first.added[token]} in {first_name}, "
-                             f"{other.added[token]} in {name}")
-        for role in sorted(set(first.special) | set(other.special)):
-            if first.special.get(role) != other.special.get(role):
-                notes.append(f"special token {role} (tokenizer_config.json): {first_name} has "
-                             f"{first.special.get(role)!r}, {name} has {other.special.get(role)!r}")
-        if first.chat_template != other.chat_template:
-            what = "differs" if first.chat_template and other.chat_template else (
-                f"only in {first_name if first.chat_template else name}")
-            notes.append(f"chat template (chat_template.jinja / tokenizer_config.json) {what} "
-                         f"between {first_name} and {name}")
+    files = [list(t.files) or MISSING for t in tokenizers]
+    if any(f != files[0] for f in files):
+        notes.append(f"tokenizer files: {who_has(names, files)}")
+    vocabs = [t.vocab for t in tokenizers]
+    if len({json.dumps(v, sort_keys=True) for v in vocabs if v is not None}) > 1:
+        first = next(v for v in vocabs if v is not None)
+        notes.append("vocabulary (tokenizer.json model.vocab): " + who_has(names, vocabs, lambda v: "none" if v is None
+                     else f"{len(v)} tokens" + ("" if v == first else f", {sum(v.get(t) != i for t, i in first.items())}"
+                                                f" of the first's with another id or absent")))
+    for token in sorted(set().union(*(t.added for t in tokenizers))):
+        ids = [t.added.get(token, MISSING) for t in tokenizers]
+        if any(i != ids[0] for i in ids):
+            notes.append(f"added token {token!r} (tokenizer.json added_tokens), its id: {who_has(names, ids)}")
+    for role in sorted(set().union(*(t.special for t in tokenizers))):
+        values = [t.special.get(role) for t in tokenizers]
+        if any(v != values[0] for v in values):
+            notes.append(f"special token {role} (tokenizer_config.json): {who_has(names, values)}")
+    templates = [t.chat_template for t in tokenizers]
+    if any(t != templates[0] for t in templates):
+        have = [n for n, t in zip(names, templates) if t]
+        distinct = list(dict.fromkeys(t for t in templates if t))
+        notes.append("chat template (chat_template.jinja / tokenizer_config.json) " + (
+            f"only in {', '.join(have)}" + (" (and differs between them)" if len(distinct) > 1 else "")
+            if len(have) < len(names) else
+            "differs: " + who_has(names, templates, lambda t: f"template {distinct.index(t) + 1}")))
     return notes
 
 
