@@ -22,6 +22,20 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def updated(config: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `config` with `updates` (dotted keys, as `flatten` gives them) set: a sub-config it lacks is
+    left alone."""
+    out = json.loads(json.dumps(config))
+    for key, value in updates.items():
+        *parents, leaf = key.split(".")
+        target = out
+        for part in parents:
+            target = target.get(part) if isinstance(target, dict) else None
+        if isinstance(target, dict):
+            target[leaf] = value
+    return out
+
+
 def shown(value: Any) -> str:
     """A value as a note shows it: its repr, a long one cut (with the length of a list)."""
     if value is MISSING:

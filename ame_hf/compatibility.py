@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from ._differences import differing_fields, file_notes, who_has
+from ._differences import differing_fields, file_notes, updated, who_has
 from .checkpoint import DTYPE_NAMES, Checkpoint
-from .reconcile import Layout, Renaming, UnknownArchitecture, model_layout, rename
+from .reconcile import TIE_FLAG, Layout, Renaming, UnknownArchitecture, model_layout, rename, tie_flags, untied
 from .vocabulary import (TokenizerFiles, VocabularyPlan, compare_tokenizers, plan_vocabulary, read_tokenizer,
                          token_ids)
 
@@ -133,6 +133,7 @@ def check_compatibility(
     _vocabulary(views, tokenizers[:len(views)], report, tokenizer_source)
     compared = [*views, *([pivot_view] if pivot_view else [])]
     taken = report.config_source().name
+    _check_untied(report)
     _compare_configs(compared, report, taken)
     report.notes += file_notes(GENERATION_CONFIG, [c.name for c in compared], [c.path for c in compared],
                                taken=taken, skip=(*QUIET_KEYS, "_from_model_config"))
@@ -181,40 +182,81 @@ def config_refusals(name: str, config: dict[str, Any]) -> list[str]:
 def _reconcile(checkpoints: list[Checkpoint], pivot: Checkpoint | None,
                report: CompatibilityReport) -> tuple[list[Checkpoint], Checkpoint | None, int]:
     """The ingredients and the pivot under the output's tensor names, and the index of the ingredient whose
-    layout (and config) the output takes: the one that explains every ingredient's tensors best."""
+    layout (and config) the output takes: the one that explains every ingredient's tensors best, and stores every
+    tensor an ingredient trains (a head one ingredient ties to its embeddings and another stores is untied)."""
     names = [frozenset(c.tensors) for c in checkpoints]
     archs = [tuple(c.config.get("architectures") or ()) for c in checkpoints]
     # A config without `architectures` (some older saves) takes those of an ingredient of its model type.
     known = {c.config.get("model_type"): a for c, a in zip(checkpoints, archs) if a}
     archs = [a or known.get(c.config.get("model_type"), ()) for c, a in zip(checkpoints, archs)]
-    same = len(set(names)) == 1 and len(set(archs)) == 1 and (pivot is None or frozenset(pivot.tensors) == names[0])
+    kinds = [(a, tie_flags(c.config)) for a, c in zip(archs, checkpoints)]  # same kind: same layout
+    same = len(set(names)) == 1 and len(set(kinds)) == 1 and (pivot is None or frozenset(pivot.tensors) == names[0])
     if same or not all(archs):
         return checkpoints, pivot, 0  # nothing to reconcile (or nothing to reconcile it with)
-    layouts: dict[tuple[str, ...], Layout] = {}
-    for i, ckpt in enumerate(checkpoints):
+    layouts: dict[tuple, Layout] = {}
+    for ckpt, kind in zip(checkpoints, kinds):
         try:
-            layouts.setdefault(archs[i], model_layout({**ckpt.config, "architectures": list(archs[i])}))
+            layouts.setdefault(kind, model_layout({**ckpt.config, "architectures": list(kind[0])}))
         except Exception as err:  # noqa: BLE001  transformers cannot build it: compare names as stored
-            report.notes.append(f"{ckpt.name}: cannot build {archs[i][0]} to reconcile its layout ({err}); "
+            report.notes.append(f"{ckpt.name}: cannot build {kind[0][0]} to reconcile its layout ({err}); "
                                 "tensor names are compared as stored")
             return checkpoints, pivot, 0
-    cost = {a: sum(len(r.unexpected) + len(r.missing) for r in (rename(c.tensors, layout) for c in checkpoints))
-            for a, layout in layouts.items()}
+    own = [layouts[k] for k in kinds]
+    # Tied in one ingredient, stored (trained) by another: the output stores it.
+    untie = {a: t for lay in own for a, t in lay.tied.items() if any(a in other.keys for other in own)}
+    fit = {k: lay for k, lay in layouts.items() if not set(lay.tied) & set(untie)}
+    cost = {k: sum(len(r.unexpected) + len(r.missing) for r in (rename(c.tensors, lay) for c in checkpoints))
+            for k, lay in fit.items()}
     # Fewest names left unexplained; on a tie the richer class (a head over its bare base model).
-    source = min(range(len(checkpoints)), key=lambda i: (
-        cost[archs[i]], -len(layouts[archs[i]].keys | set(layouts[archs[i]].tied)), i))
-    layout = layouts[archs[source]]
-    views = [_view(c, rename(c.tensors, layout), layout, report, unexpected_ok=False) for c in checkpoints]
-    pivot_view = _view(pivot, rename(pivot.tensors, layout), layout, report, unexpected_ok=True) if pivot else None
-    return views, pivot_view, source
+    source = min((i for i in range(len(checkpoints)) if kinds[i] in fit), key=lambda i: (
+        cost[kinds[i]], -len(layouts[kinds[i]].keys | set(layouts[kinds[i]].tied)), i))
+    layout = layouts[kinds[source]]
+    if untie:
+        report.config_updates.update(layout.tie_flags)
+        report.config_said.update(k for k, _ in layout.tie_flags)
+    everything = [*checkpoints, *([pivot] if pivot else [])]
+    if pivot is not None:  # a pivot that ties what the output unties starts it from its target
+        own.append(_own_layout(pivot, archs[source]) if untie else layout)
+    views = []
+    for i, c in enumerate(everything):
+        renaming, taken = untied(rename(c.tensors, layout), own[i] or layout, untie)
+        for alias in taken:
+            storing = ", ".join(o.name for o, lay in zip(checkpoints, own) if alias in lay.keys)
+            report.notes.append(f"{c.name} ties {alias} to {own[i].tied[alias]} ({TIE_FLAG}), {storing} train(s) "
+                                f"its own: the output is untied ({TIE_FLAG} false) and {c.name}'s {alias} is its "
+                                f"{own[i].tied[alias]}, as transformers loads it")
+        views.append(_view(c, renaming, layout, report, unexpected_ok=i == len(checkpoints), aliases=taken))
+    return views[:len(checkpoints)], views[-1] if pivot else None, source
+
+
+def _own_layout(ckpt: Checkpoint, arch: tuple[str, ...]) -> Layout | None:
+    """The layout of a checkpoint's own config (its architectures, else `arch`); None if it cannot be built."""
+    try:
+        return model_layout({**ckpt.config, "architectures": list(ckpt.config.get("architectures") or arch)})
+    except Exception:  # noqa: BLE001  then nothing of it is untied
+        return None
+
+
+def _check_untied(report: CompatibilityReport) -> None:
+    """An output untied from what some ingredients tie: its config (the source's, with the layout's tie flags)
+    must make transformers load every merged tensor as its own."""
+    if not report.config_updates:
+        return
+    source = report.config_source()
+    out = model_layout(updated(source.config, report.config_updates))
+    still = sorted(set(report.checkpoints[0].tensors) & set(out.tied))
+    if still:
+        report.errors.append(f"the output must store {_listed(still)} (some ingredients train them, others tie them), "
+                             f"but {source.name}'s config with {report.config_updates} still ties them; merge "
+                             "ingredients that all tie, or all untie, their embeddings")
 
 
 def _view(ckpt: Checkpoint, renaming: Renaming, layout: Layout, report: CompatibilityReport, *,
-          unexpected_ok: bool) -> Checkpoint:
-    """`ckpt` under the layout's names; what was reconciled becomes a note."""
+          unexpected_ok: bool, aliases: Sequence[str] = ()) -> Checkpoint:
+    """`ckpt` under the layout's names; what was reconciled becomes a note (`aliases`: said already)."""
     if renaming.is_identity and not renaming.unexpected:
         return ckpt
-    moved = [s for n, s in renaming.names.items() if n != s]
+    moved = [s for n, s in renaming.names.items() if n != s and n not in aliases]
     if moved:
         report.notes.append(f"{ckpt.name}: {len(moved)} tensor name(s) taken with/without the base-model prefix "
                             f"{layout.prefix!r} (as {layout.architecture} stores them), e.g. {moved[0]!r}")
@@ -238,7 +280,7 @@ def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: 
     if len(set(sizes)) <= 1 and all(m == maps[0] for m in maps):
         return
     try:
-        layout = model_layout(views[0].config)
+        layout = model_layout(updated(views[report.source].config, report.config_updates))
     except Exception as err:  # noqa: BLE001  no class to say which tensors are token-indexed
         report.errors.append(f"the vocabularies differ (vocab_size {sizes}) and {views[0].name}'s architecture "
                              f"cannot be built to find its token-indexed tensors ({err})")

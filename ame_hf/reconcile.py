@@ -11,7 +11,12 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from ._differences import flatten
+
 logger = logging.getLogger(__name__)
+
+# The config field transformers reads (in each sub-config) to decide whether a model ties its tied keys.
+TIE_FLAG = "tie_word_embeddings"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,6 +30,8 @@ class Layout:
         prefix: `base_model_prefix` (`transformer`, `model`, `bert`, ...), or "".
         ignored: regular expressions of stored names the class drops on load, and its buffers.
         vocab_keys: the stored tensors indexed by token (input and output embeddings, an output bias).
+        tie_flags: the config's `tie_word_embeddings` of itself and each sub-config (dotted keys), defaults
+            included: what decides which ties transformers makes.
     """
 
     architecture: str
@@ -33,6 +40,7 @@ class Layout:
     prefix: str
     ignored: tuple[str, ...]
     vocab_keys: frozenset[str] = frozenset()
+    tie_flags: tuple[tuple[str, Any], ...] = ()
 
 
 class UnknownArchitecture(Exception):
@@ -79,8 +87,15 @@ def _layout(config_json: str) -> Layout:
     vocab_params = {id(getattr(m, attr)) for m in embeddings for attr in ("weight", "bias")
                     if getattr(m, attr, None) is not None}
     vocab = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in vocab_params} & keys
+    flags = tuple((k, v) for k, v in sorted(flatten(cfg.to_dict()).items()) if k.rsplit(".", 1)[-1] == TIE_FLAG)
     return Layout(architecture=cls.__name__, keys=keys, tied=tied, prefix=getattr(cls, "base_model_prefix", "") or "",
-                  ignored=tuple(ignored), vocab_keys=frozenset(vocab))
+                  ignored=tuple(ignored), vocab_keys=frozenset(vocab), tie_flags=flags)
+
+
+def tie_flags(config: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The `tie_word_embeddings` values a config states (dotted keys, sorted): configs that agree on them make
+    the same ties."""
+    return tuple((k, v) for k, v in sorted(flatten(config).items()) if k.rsplit(".", 1)[-1] == TIE_FLAG)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,3 +157,17 @@ def _candidates(name: str, prefix: str) -> list[str]:
     if prefix:
         out.append(name[len(prefix):] if name.startswith(prefix) else prefix + name)
     return out
+
+
+def untied(renaming: Renaming, own: Layout, untie: dict[str, str]) -> tuple[Renaming, list[str]]:
+    """A checkpoint whose own config ties `alias -> target` seen in an output that stores the alias (other
+    ingredients train it): its alias is what transformers loads for it, the stored alias when it has one (kept
+    when it differs from the target, the same values otherwise), else its target. Returns the renaming and the
+    aliases so taken from their target."""
+    names, taken = dict(renaming.names), []
+    for alias, target in sorted(own.tied.items()):
+        if alias in untie and alias not in names and target in names:
+            names[alias] = names[target]
+            taken.append(alias)
+    missing = [m for m in renaming.missing if m not in names]
+    return Renaming(names=names, dropped=renaming.dropped, unexpected=renaming.unexpected, missing=missing), taken
