@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from ._differences import differing_fields, file_notes, updated, who_has
 from .checkpoint import DTYPE_NAMES, Checkpoint
+from .labels import match_labels
 from .reconcile import TIE_FLAG, Layout, Renaming, UnknownArchitecture, model_layout, rename, tie_flags, untied
 from .vocabulary import (TokenizerFiles, VocabularyPlan, compare_tokenizers, plan_vocabulary, read_tokenizer,
                          token_ids)
@@ -128,6 +129,10 @@ def check_compatibility(
     if report.errors:
         return report
     report.checkpoints, report.pivot, report.pivot_index = views, pivot_view, pivot_index
+    match_labels(report)  # rows of a classifier head read in one label order
+    if report.errors:
+        return report
+    views, pivot_view = report.checkpoints, report.pivot
     if tokenizers is None:  # read once: the vocabulary plan and the notes
         tokenizers = [read_tokenizer(c.path) for c in everything]
     _vocabulary(views, tokenizers[:len(views)], report, tokenizer_source)

@@ -18,6 +18,7 @@ from .compatibility import CompatibilityReport, check_compatibility, config_refu
 from .config import PIVOT_WORDS, SOURCE_WORDS
 from .errors import CheckpointError, IncompatibleCheckpointsError
 from .fetch import check_disk_space, download_size, fetch_light, fetch_weights, format_size, header_checkpoint, hub_cache
+from .labels import RowPermuted
 from .records import HubSource, Ingredient
 from .resolve import local_inputs, plan_refs, split_ref
 from .vocabulary import TokenizerFiles, read_tokenizer
@@ -377,6 +378,8 @@ def _upgraded(view: Checkpoint, checked: Checkpoint, opened: Checkpoint) -> Chec
     """`view` (the check's checkpoint, perhaps under the output's names) over the opened files."""
     if opened is checked:
         return view
+    if isinstance(view, RowPermuted):  # rows in the output's label order: the same order over the opened view
+        return view.over(_upgraded(view.inner, checked, opened))
     if view is checked:
         return opened
     return opened.renamed({new: view.stored[new] for new in view.tensors})

@@ -59,24 +59,7 @@ def model_layout(config: dict[str, Any]) -> Layout:
 
 @functools.lru_cache(maxsize=32)
 def _layout(config_json: str) -> Layout:
-    import torch
-    import transformers
-    from transformers import AutoConfig
-
-    config = json.loads(config_json)
-    model_type = config.get("model_type")
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-    if model_type not in CONFIG_MAPPING_NAMES:
-        raise UnknownArchitecture(f"model_type {model_type!r} is not part of transformers")
-    names = config.get("architectures") or []
-    cls = getattr(transformers, names[0], None) if names else None
-    if cls is None:
-        raise UnknownArchitecture(f"architecture {names[0] if names else None!r} is not part of transformers")
-    settings = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version", "auto_map")}
-    cfg = AutoConfig.for_model(model_type, **settings)
-    with torch.device("meta"):
-        model = cls(cfg)
+    cls, cfg, model = _on_meta(json.loads(config_json))
     tied = dict(model.get_expanded_tied_weights_keys(all_submodels=True) or {})
     state = set(model.state_dict())
     buffers = {name for name, _ in model.named_buffers()}
@@ -87,9 +70,52 @@ def _layout(config_json: str) -> Layout:
     vocab_params = {id(getattr(m, attr)) for m in embeddings for attr in ("weight", "bias")
                     if getattr(m, attr, None) is not None}
     vocab = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in vocab_params} & keys
-    flags = tuple((k, v) for k, v in sorted(flatten(cfg.to_dict()).items()) if k.rsplit(".", 1)[-1] == TIE_FLAG)
     return Layout(architecture=cls.__name__, keys=keys, tied=tied, prefix=getattr(cls, "base_model_prefix", "") or "",
-                  ignored=tuple(ignored), vocab_keys=frozenset(vocab), tie_flags=flags)
+                  ignored=tuple(ignored), vocab_keys=frozenset(vocab), tie_flags=tie_flags(cfg.to_dict()))
+
+
+def _on_meta(config: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """(class, config object, model) of the config's first architecture, the model built on the meta device."""
+    import torch
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise UnknownArchitecture(f"model_type {model_type!r} is not part of transformers")
+    names = config.get("architectures") or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None:
+        raise UnknownArchitecture(f"architecture {names[0] if names else None!r} is not part of transformers")
+    settings = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version", "auto_map")}
+    cfg = AutoConfig.for_model(model_type, **settings)
+    with torch.device("meta"):
+        return cls, cfg, cls(cfg)
+
+
+def label_tensors(config: dict[str, Any]) -> tuple[frozenset[str], frozenset[str]]:
+    """Which tensors of the config's class are indexed by label, from the class itself: built (on the meta device)
+    with one label more, the tensors whose first dimension grows by one hold a row per label; those that change
+    otherwise (a label-by-label matrix) are returned second.
+
+    Raises:
+        UnknownArchitecture: as `model_layout`.
+    """
+    return _label_tensors(json.dumps(config, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=32)
+def _label_tensors(config_json: str) -> tuple[frozenset[str], frozenset[str]]:
+    config = {k: v for k, v in json.loads(config_json).items() if k not in ("id2label", "label2id", "num_labels")}
+    shapes = []
+    for count in (2, 3):
+        labels = {i: f"LABEL_{i}" for i in range(count)}
+        _, _, model = _on_meta({**config, "id2label": labels, "label2id": {v: k for k, v in labels.items()}})
+        shapes.append({k: tuple(v.shape) for k, v in model.state_dict().items()})
+    two, three = shapes
+    rows = {k for k in two if k in three and two[k] and three[k][0] == two[k][0] + 1 and three[k][1:] == two[k][1:]}
+    return frozenset(rows), frozenset(k for k in two if three.get(k, two[k]) != two[k]) - rows
 
 
 def tie_flags(config: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
