@@ -19,6 +19,7 @@ from .config import PIVOT_WORDS, SOURCE_WORDS
 from .errors import CheckpointError, IncompatibleCheckpointsError
 from .fetch import check_disk_space, download_size, fetch_light, fetch_weights, format_size, header_checkpoint, hub_cache
 from .labels import RowPermuted
+from .modules import ModelFiles, ModuleFolder, check_modules, module_checkpoint, module_config
 from .records import HubSource, Ingredient
 from .resolve import local_inputs, plan_refs, split_ref
 from .vocabulary import TokenizerFiles, read_tokenizer
@@ -74,7 +75,7 @@ class InputStage:
         self._tokenizers: dict[Path, TokenizerFiles] = {}
         self._checked: dict[tuple[int, int], Checkpoint] = {}
         self._opened: dict[int, Checkpoint] = {}
-        self._entry_of: dict[int, Entry] = {}  # id of a checkpoint the check opened from headers -> its entry
+        self._entry_of: dict[int, tuple[Entry, str]] = {}  # a checkpoint known from headers -> its entry, folder
         self._reports: dict[tuple, Inputs] = {}
         self.downloaded_to_check: list[str] = []
 
@@ -184,6 +185,10 @@ class InputStage:
         inputs.report.notes += [f"{ref} has .bin weights (no header to read): downloaded to check it"
                                 for ref in dict.fromkeys(self.downloaded_to_check) if ref in inputs.report.names]
         inputs.checked = [*ckpts, *([pivot_ckpt] if pivot_ckpt is not None else [])]
+        if inputs.report.ok:  # the weights of sentence-transformers module folders are part of the model
+            inputs.modules = check_modules([ModelFiles.of(e, self._checkpoint) for e in entries], ModelFiles.of(
+                pivot_entry or (base if pivot == "base" else None), self._checkpoint), inputs.report,
+                allow_dtype_mismatch=allow_dtype_mismatch)
         return inputs
 
     def _base(self, entries: list[Entry], base_ref: str | None, pivot_is_base: bool) -> tuple[Entry | None, list[str]]:
@@ -204,35 +209,38 @@ class InputStage:
                           "(base= in Python)"]
         return bases[0], []
 
-    def _checkpoint(self, entry: Entry, base: Checkpoint | None = None) -> Checkpoint:
-        """For the check: a Hub model from its headers (a `.bin` one downloaded), a local one opened, an
-        adapter (small: downloaded) over its base. Each once."""
-        key = (id(entry), id(base))
+    def _checkpoint(self, entry: Entry, base: Checkpoint | None = None, folder: str = "") -> Checkpoint:
+        """For the check: a Hub model (or one of its module folders) from its headers (`.bin` weights downloaded),
+        a local one opened, an adapter (small: downloaded) over its base. Each once."""
+        key = (id(entry), id(base), folder)
         if key in self._checked:
             return self._checked[key]
-        if entry.adapter is not None:
+        if entry.adapter is not None and not folder:
             if entry.remote and not entry.weights:
                 entry.light = fetch_weights(entry.source, entry.light, files=list(ADAPTER_FILES), token=self.token)
                 entry.weights = True
             assert base is not None
             ckpt: Checkpoint = AdapterCheckpoint(entry.light.path, base, entry.ref, adapter_config=entry.adapter)
         elif entry.remote and not entry.weights:
+            config = module_config(entry.light.path / folder) if folder else self.config(entry)
             try:
-                header = header_checkpoint(entry.source, entry.light, self.config(entry), variant=self.variant,
-                                           token=self.token)
+                header = header_checkpoint(entry.source, entry.light, config, variant=None if folder else self.variant,
+                                           token=self.token, folder=folder)
             except CheckpointError as err:
                 raise CheckpointError(f"{entry.ref}: {err}", path=getattr(err, "path", None)) from err
             if header is None:  # `.bin` weights have no header: downloaded to be checked
                 self.downloaded_to_check.append(entry.ref)
                 self.fetch([entry])
-            ckpt = header or self._open(entry)
-            self._entry_of[id(ckpt)] = entry
+            ckpt = header or self._open(entry, folder)
+            self._entry_of[id(ckpt)] = (entry, folder)
         else:
-            ckpt = self._open(entry)
+            ckpt = self._open(entry, folder)
         self._checked[key] = ckpt
         return ckpt
 
-    def _open(self, entry: Entry) -> Checkpoint:
+    def _open(self, entry: Entry, folder: str = "") -> Checkpoint:
+        if folder:  # a sentence-transformers module folder
+            return module_checkpoint(entry.light.path, folder, entry.ref)
         return Checkpoint(entry.light.path, name=entry.ref, variant=self.variant, config=self.config(entry))
 
     # -- downloading and opening ---------------------------------------------------------------
@@ -255,7 +263,7 @@ class InputStage:
             if isinstance(checked, AdapterCheckpoint):
                 self._opened[key] = checked.with_base(self.opened(checked.base))
             elif checked.header_only:
-                real = self._open(self._entry_of[key])
+                real = self._open(*self._entry_of[key])
                 real.same_tensors(checked)
                 self._opened[key] = real
             else:
@@ -278,6 +286,7 @@ class Inputs:
         tokenizer_source: the tokenizer-source keyword or index, or the `Entry` of another checkpoint.
         report: the compatibility report (made once; its views are upgraded by `open`).
         checked: the checkpoints the check saw (ingredients, then the pivot's).
+        modules: the sentence-transformers module folders with weights, checked (merged beside the model).
     """
 
     stage: InputStage
@@ -289,6 +298,7 @@ class Inputs:
     tokenizer_source: str | int | Entry
     report: CompatibilityReport
     checked: list[Checkpoint] = field(default_factory=list)
+    modules: list[ModuleFolder] = field(default_factory=list)
 
     @property
     def paths(self) -> list[Path]:
@@ -331,11 +341,11 @@ class Inputs:
         self.raise_for_errors()
         every = [*self.entries, *([self.pivot] if self.pivot else []), *([self.base] if self.base else [])]
         self.stage.fetch(every)
-        report = self.report
-        pairs = list(zip(self.checked, [*report.checkpoints, *([report.pivot] if report.pivot is not None else [])]))
-        views = [_upgraded(view, checked, self.stage.opened(checked)) for checked, view in pairs]
-        report.checkpoints, report.pivot = views[:len(report.checkpoints)], (
-            views[-1] if report.pivot is not None else None)
+        for checked, report in [(self.checked, self.report), *((m.checked, m.report) for m in self.modules)]:
+            pairs = list(zip(checked, [*report.checkpoints, *([report.pivot] if report.pivot is not None else [])]))
+            views = [_upgraded(view, c, self.stage.opened(c)) for c, view in pairs]
+            report.checkpoints, report.pivot = views[:len(report.checkpoints)], (
+                views[-1] if report.pivot is not None else None)
         return self
 
     # -- which model the output's files come from -------------------------------------------------
@@ -351,11 +361,6 @@ class Inputs:
         if source == "first":
             return 0
         return source
-
-    def config_source(self) -> Checkpoint:
-        """The checkpoint whose config (and side files) the output takes: the pivot when it is a model of the
-        ingredients' architecture, else the ingredient whose layout the check chose (the first, usually)."""
-        return self.report.config_source()
 
     def tokenizer_dir(self) -> Path:
         """Where the output's tokenizer, chat template and processor files come from: with differing

@@ -19,6 +19,7 @@ from .engine import decay_arguments, ingredient_order
 from .errors import InvalidConfigError
 from .finish import finish
 from .inputs import InputStage
+from .modules import merge_module_folders
 from .output import check_output_dir, make_staging_dir, publish, staging_cleanup
 from .plan import assign_to_processes, output_dtype, plan_shards
 from .recipe import recipe_digest
@@ -125,8 +126,10 @@ def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, tok
             check_output_dir(out, overwrite, inputs=inputs.paths)
             inputs.open()
         report, checkpoints, pivot_ckpt = inputs.report, inputs.checkpoints, inputs.pivot_checkpoint
+        readers = [c for r in [report, *(m.report for m in inputs.modules)]  # module folders' weights too
+                   for c in [*r.checkpoints, *([r.pivot] if r.pivot is not None else [])]]
         # A stage shared between merges (tune) shares its opened checkpoints: count this merge's reads only.
-        before = {id(c.reads): c.reads.bytes for c in [*checkpoints, *([pivot_ckpt] if pivot_ckpt else [])]}
+        before = {id(c.reads): c.reads.bytes for c in readers}
         for note in report.notes:
             logger.info("note: %s", note)
         decay = decay_arguments(config.optimizer, dict(config.optimizer_args))
@@ -161,16 +164,18 @@ def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, tok
             stream_tensors(merger, mine, staging, plan, show=progress and setup.is_main, callback=callback)
             barrier(setup)
             if setup.is_main:
+                merge_module_folders(inputs.modules, staging, config, order, setup.device, stamp=_stamp(result),
+                                     pivot="mean" if pivot_ckpt is not None else result.pivot,
+                                     max_memory=merger.max_memory)
                 warm.join()
                 write_index(staging, plan)
-                source = inputs.config_source()
+                source = report.config_source()
                 tokens = inputs.tokenizer_dir()
                 finish(staging, result, checkpoints, source=source,
                        tokenizer_dir=None if tokens == source.path else tokens, vocab=report.vocab)
                 publish(staging, out, overwrite)
             barrier(setup)
-    read = sum({id(c.reads): c.reads.bytes - before.get(id(c.reads), 0)
-                for c in [*checkpoints, *([pivot_ckpt] if pivot_ckpt else [])]}.values())
+    read = sum({id(c.reads): c.reads.bytes - before.get(id(c.reads), 0) for c in readers}.values())
     return dataclasses.replace(result, seconds=time.perf_counter() - started, bytes_read=read)
 
 
