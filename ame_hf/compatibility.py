@@ -210,6 +210,10 @@ def _reconcile(checkpoints: list[Checkpoint], pivot: Checkpoint | None,
     # Tied in one ingredient, stored (trained) by another: the output stores it.
     untie = {a: t for lay in own for a, t in lay.tied.items() if any(a in other.keys for other in own)}
     fit = {k: lay for k, lay in layouts.items() if not set(lay.tied) & set(untie)}
+    if not fit:
+        report.errors.append(f"the ingredients tie and store {_listed(sorted(untie))} crosswise: no one layout stores "
+                             "every trained tensor; merge ingredients that all tie, or all untie, their embeddings")
+        return checkpoints, pivot, 0
     cost = {k: sum(len(r.unexpected) + len(r.missing) for r in (rename(c.tensors, lay) for c in checkpoints))
             for k, lay in fit.items()}
     # Fewest names left unexplained; on a tie the richer class (a head over its bare base model).
