@@ -87,12 +87,12 @@ def file_notes(file: str, names: Sequence[str], folders: Sequence[Path | None], 
     return notes
 
 
-def read_json(file: Path) -> Any:
-    """A JSON file's contents; MISSING when it is absent or unreadable."""
+def read_json(file: Path, missing: Any = MISSING) -> Any:
+    """A JSON file's contents; `missing` when it is absent or unreadable."""
     try:
         return json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return MISSING
+        return missing
 
 
 def _same(a: Any, b: Any) -> bool:

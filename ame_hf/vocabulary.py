@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ._differences import MISSING, who_has
+from ._differences import MISSING, read_json, who_has
 
 # Files that belong to the tokenizer, the chat template or the processor (image, audio, video):
 # they come from `--tokenizer-source`; every other side file comes from the model the config comes from.
@@ -52,25 +52,25 @@ def read_tokenizer(path: str | os.PathLike | None) -> TokenizerFiles:
         return TokenizerFiles()
     root = Path(path)
     files = tuple(sorted(p.name for p in root.iterdir() if p.is_file() and is_tokenizer_file(p.name)))
-    tok = _json(root / "tokenizer.json") or {}
+    tok = read_json(root / "tokenizer.json", None) or {}
     model = tok.get("model") if isinstance(tok.get("model"), dict) else {}
     vocab = model.get("vocab") if isinstance(model.get("vocab"), dict) else None
-    if vocab is None and isinstance(_json(root / "vocab.json"), dict):
-        vocab = _json(root / "vocab.json")
+    if vocab is None and isinstance(read_json(root / "vocab.json", None), dict):
+        vocab = read_json(root / "vocab.json", None)
     if vocab is None and (root / "vocab.txt").is_file():
         lines = (root / "vocab.txt").read_text(encoding="utf-8", errors="replace").splitlines()
         vocab = {token: i for i, token in enumerate(lines)}
     added = {t["content"]: t["id"] for t in tok.get("added_tokens", []) if isinstance(t, dict) and "content" in t}
-    if not added and isinstance(_json(root / "added_tokens.json"), dict):
-        added = dict(_json(root / "added_tokens.json"))
-    config = _json(root / "tokenizer_config.json") or {}
-    special = {k: _token_text(v) for k, v in {**(_json(root / "special_tokens_map.json") or {}), **config}.items()
+    if not added and isinstance(read_json(root / "added_tokens.json", None), dict):
+        added = dict(read_json(root / "added_tokens.json", None))
+    config = read_json(root / "tokenizer_config.json", None) or {}
+    special = {k: _token_text(v) for k, v in {**(read_json(root / "special_tokens_map.json", None) or {}), **config}.items()
                if k.endswith("_token") or k == "additional_special_tokens"}
     template = None
     if (root / "chat_template.jinja").is_file():
         template = (root / "chat_template.jinja").read_text(encoding="utf-8", errors="replace")
-    elif isinstance(_json(root / "chat_template.json"), dict):
-        template = _json(root / "chat_template.json").get("chat_template")
+    elif isinstance(read_json(root / "chat_template.json", None), dict):
+        template = read_json(root / "chat_template.json", None).get("chat_template")
     elif isinstance(config.get("chat_template"), (str, list)):
         template = json.dumps(config["chat_template"]) if isinstance(config["chat_template"], list) else config["chat_template"]
     special_added = frozenset(t["content"] for t in tok.get("added_tokens", [])
@@ -109,13 +109,6 @@ def compare_tokenizers(names: Sequence[str], tokenizers: Sequence[TokenizerFiles
             if len(have) < len(names) else
             "differs: " + who_has(names, templates, lambda t: f"template {distinct.index(t) + 1}")))
     return notes
-
-
-def _json(file: Path) -> Any:
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
 
 
 def _token_text(value: Any) -> Any:

@@ -130,17 +130,10 @@ def test_a_different_label_set_is_refused_naming_the_labels(classifiers, capsys)
 
 def test_hub_classifiers_checked_from_headers_merge_as_local_ones(classifiers, hub, hub_token, tmp_path):
     """The label order found by the check (from headers) holds once the weights are downloaded and opened."""
-    from huggingface_hub import HfApi
-
-    from factories import load_state
+    from factories import load_state, upload_to_hub
 
     folders, _ = classifiers
-    api = HfApi(token=hub_token)
-    repos = []
-    for i, folder in enumerate(folders[:2]):
-        api.create_repo(f"org/labels-{i}", exist_ok=True)
-        api.upload_folder(repo_id=f"org/labels-{i}", folder_path=folder)
-        repos.append(f"org/labels-{i}")
+    repos = upload_to_hub(hub_token, {f"org/labels-{i}": folder for i, folder in enumerate(folders[:2])})
     hub_out = merge(repos, tmp_path / "hub", optimizer="sgd", progress=False).path
     local_out = merge(folders[:2], tmp_path / "local", optimizer="sgd", progress=False).path
     hub_state, local_state = load_state(hub_out), load_state(local_out)

@@ -145,23 +145,17 @@ def test_pooling_and_modules_differences_are_notes_naming_the_field(sts, tmp_pat
 
 
 def test_hub_module_folders_are_checked_from_headers_and_merged(sts, hub, hub_token, tmp_path, monkeypatch):
-    from huggingface_hub import HfApi
     import huggingface_hub.constants as constants
 
-    api = HfApi(token=hub_token)
-    repos = []
-    for i, folder in enumerate(sts[:2]):
-        api.create_repo(f"org/st-dense-{i}", exist_ok=True)
-        api.upload_folder(repo_id=f"org/st-dense-{i}", folder_path=folder)
-        repos.append(f"org/st-dense-{i}")
+    from factories import upload_to_hub
+
+    wide = build_st(tmp_path / "wide", 30, out_features=4)
+    repos = upload_to_hub(hub_token, {"org/st-dense-0": sts[0], "org/st-dense-1": sts[1], "org/st-dense-wide": wide})
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))  # a fresh cache: every file really fetched
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
-    wide = tmp_path / "wide-up"
-    shutil.copytree(build_st(tmp_path / "wide", 30, out_features=4), wide)
-    api.create_repo("org/st-dense-wide", exist_ok=True)
-    api.upload_folder(repo_id="org/st-dense-wide", folder_path=wide)
-    report = check([repos[0], "org/st-dense-wide"])
+    report = check([repos[0], repos[2]])
     assert not report.ok and any("org/st-dense-wide/2_Dense" in e for e in report.errors), report.errors
+    repos = repos[:2]
     assert check(repos).ok
     assert not list((tmp_path / "cache").rglob("*.safetensors")), "the check downloaded weights"
     out = merge(repos, tmp_path / "hub", optimizer="sgd", progress=False).path

@@ -13,14 +13,7 @@ import torch
 from ame_hf import AmeConfig, check, merge
 from factories import build_base
 from test_engine import reference_ame_states
-
-
-def perturbed(model, seed: int, scale: float = 0.05):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
-    return model
+from test_reconcile import perturbed
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +22,9 @@ def heads(tmp_path_factory):
     root = tmp_path_factory.mktemp("heads")
     folders = {"base": root / "base", "tied": root / "tied", "untied": root / "untied", "untied2": root / "untied2"}
     build_base("llama", tie_word_embeddings=True).save_pretrained(folders["base"])
-    perturbed(build_base("llama", tie_word_embeddings=True), 1).save_pretrained(folders["tied"])
-    perturbed(build_base("llama", tie_word_embeddings=False), 2).save_pretrained(folders["untied"])
-    perturbed(build_base("llama", tie_word_embeddings=False), 3).save_pretrained(folders["untied2"])
+    perturbed(build_base("llama", tie_word_embeddings=True), 1, 0.05).save_pretrained(folders["tied"])
+    perturbed(build_base("llama", tie_word_embeddings=False), 2, 0.05).save_pretrained(folders["untied"])
+    perturbed(build_base("llama", tie_word_embeddings=False), 3, 0.05).save_pretrained(folders["untied2"])
     return folders
 
 
