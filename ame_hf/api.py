@@ -9,32 +9,58 @@ import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
+from ._options import check_options, evaluation_options
 from .compatibility import CompatibilityReport
-from .config import AmeConfig, normalize_pivot
+from .config import AmeConfig
 from .errors import InvalidConfigError
 from .evaluation import check_scorable, default_metric, evaluate_model, load_data, task_for_models
 from .full_models import FullModels, fetch_models, resolve_models
-from .inputs import check_inputs
+from .inputs import InputStage
 from .merging import merge
-from .push import push_folder
-from .records import Evaluation, MergeResult
+from .push import upload_output
+from .records import Evaluation, MergeResult, PushInfo
 
 
 def check(ingredients: Sequence[str | os.PathLike], *, token: str | None = None, dtype: str = "auto",
-          pivot: str | os.PathLike | None = None, variant: str | None = None,
-          base: str | os.PathLike | None = None) -> CompatibilityReport:
-    """Report whether the ingredients (and a pivot checkpoint) can be merged; never raises for a mismatch.
+          pivot: str | int | os.PathLike | None = None, variant: str | None = None,
+          base: str | os.PathLike | None = None,
+          tokenizer_source: str | int | os.PathLike = "auto") -> CompatibilityReport:
+    """Report whether the ingredients can be merged with these options; never raises for a mismatch.
 
     For Hub repos only their config, tokenizer and side files and their safetensors headers are read
     (range requests): no weight is downloaded (except for `.bin`-only repos, which have no header).
-    PEFT adapters count as the full models they make of their `base` (default: their own).
+    Every option means what it means in `merge`.
+
+    Args:
+        ingredients: local directories and/or Hub repo IDs (`org/name[@revision]`).
+        token: Hub token for private or gated repos.
+        dtype: the output dtype you will merge with: under `auto` ingredients of different dtypes are an
+            error, with a dtype named they are a note.
+        pivot: `mean` (the default), `first` or an ingredient index (nothing more to check), `base` (the
+            adapters' base), or another checkpoint, checked with the ingredients.
+        variant: read the weights variant NAME (`model.NAME.safetensors`).
+        base: the base model of the PEFT adapters among the ingredients (default: each adapter's own);
+            adapters count as the full models they make of it.
+        tokenizer_source: `auto`, `union`, `pivot`, `first`, an ingredient index or a checkpoint: whether the
+            output's tokenizer fits the merged vocabulary is part of the check.
+
+    Returns:
+        The `CompatibilityReport`: `ok`, `errors` (every difference), `notes`.
+
+    Raises:
+        InvalidConfigError: an invalid option (before anything is read).
+        IngredientNotFoundError, HubError, CheckpointError: a reference that cannot be read.
 
     >>> report = check(["org/model-a", "org/model-b"])  # doctest: +SKIP
     >>> report.ok, report.errors, report.notes          # doctest: +SKIP
+    >>> check(["./lora-a", "./lora-b"], pivot="base", base="org/base-model").ok  # doctest: +SKIP
+    True
     """
-    return check_inputs([os.fspath(r) for r in ingredients], pivot=normalize_pivot(os.fspath(pivot)) if pivot else "mean",
-                        base=os.fspath(base) if base else None, variant=variant, token=token,
-                        allow_dtype_mismatch=dtype != "auto").report
+    refs = [os.fspath(r) for r in ingredients]
+    cfg = check_options(refs, dtype=dtype, pivot=pivot, base=base, variant=variant, tokenizer_source=tokenizer_source)
+    stage = InputStage(token=token, variant=cfg.variant)
+    return stage.check(refs, pivot=cfg.pivot, base=cfg.base, tokenizer_source=cfg.tokenizer_source,
+                       allow_dtype_mismatch=cfg.dtype != "auto").report
 
 
 def evaluate(
@@ -83,6 +109,7 @@ def evaluate(
     >>> evaluate(["./lora"], data="val.jsonl", base="org/base-model").scores  # doctest: +SKIP
     [('./lora', 0.84)]
     """
+    evaluation_options(max_length=max_length, batch_size=batch_size)
     refs = [os.fspath(m) for m in models]
     resolved = resolve_models(refs, base=base, token=token)  # light files only: every check before a download
     task = task_for_models([(r, m.config) for r, m in zip(refs, resolved)], task)
@@ -113,11 +140,17 @@ def from_pretrained(
         model_class: a transformers class (default `AutoModel`), e.g. `AutoModelForCausalLM`.
         config: an `AmeConfig`; keyword `options` (`optimizer="adam"`, `lr=1e-4`, ...) override it.
         token: Hub token for private or gated repos.
+        progress: show the merge's progress bar.
         model_kwargs: passed to `model_class.from_pretrained` (never `trust_remote_code`).
+        options: `merge`'s keywords (`AmeConfig` fields, `device`, `max_memory`, ...).
 
     Returns:
         The model, with `model.ame_config` (the resolved `AmeConfig`) and `model.ame_result`
         (the `MergeResult`; its folder holds the card and lives as long as the model).
+
+    Raises:
+        InvalidConfigError: an invalid option, or `trust_remote_code` in `model_kwargs`.
+        IngredientNotFoundError, CheckpointError, IncompatibleCheckpointsError, HubError: as `merge`.
 
     >>> from transformers import AutoModelForSequenceClassification
     >>> model = from_pretrained(["org/a", "org/b"], model_class=AutoModelForSequenceClassification,
@@ -150,12 +183,27 @@ def push_to_hub(
     revision: str | None = None,
     create_pr: bool = False,
     commit_message: str | None = None,
-) -> str:
+) -> PushInfo:
     """Upload a merge (its folder, a `MergeResult`, or a model from `from_pretrained`) with its card.
 
-    Returns the URL of the repo (or of the pull request).
+    Args:
+        source: the merge output folder, a `MergeResult`, or a model from `from_pretrained`.
+        repo_id: the target repo, `org/name` (created if missing).
+        token: Hub token with write access (default: `HF_TOKEN` or the login cache).
+        private: create the repo as private.
+        revision: the branch to push to (created if missing).
+        create_pr: open a pull request instead of committing.
+        commit_message: the commit message.
 
-    >>> push_to_hub("merged", "org/merged", private=True)  # doctest: +SKIP
+    Returns:
+        A `PushInfo`: the URL of the repo (or of the pull request), the commit now at the head, and whether
+        the push changed anything (the Hub may already hold exactly this output). `str(info)` is the URL.
+
+    Raises:
+        InvalidConfigError: `repo_id` is no repo ID, or `source` is no ame-hf output.
+        PushError: the upload failed; the local output is intact and the message says how to retry.
+
+    >>> push_to_hub("merged", "org/merged", private=True).url  # doctest: +SKIP
     'https://huggingface.co/org/merged'
     """
     if isinstance(source, MergeResult):
@@ -164,5 +212,5 @@ def push_to_hub(
         folder = source.ame_result.path
     else:
         folder = Path(source)
-    return push_folder(folder, repo_id, token=token, private=private, revision=revision,
-                       create_pr=create_pr, commit_message=commit_message)
+    return upload_output(folder, repo_id, token=token, private=private, revision=revision,
+                         create_pr=create_pr, commit_message=commit_message)

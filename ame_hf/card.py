@@ -24,7 +24,7 @@ from .recipe import run_yaml, versions
 from .records import Ingredient, MergeResult
 
 if TYPE_CHECKING:
-    from huggingface_hub import ModelCard
+    from huggingface_hub import ModelCard, ModelCardData
 
     from .checkpoint import Checkpoint
 
@@ -87,7 +87,14 @@ def _agreed(values: Sequence[Any]) -> Any:
 
 
 def ingredient_card_data(path: Path) -> dict[str, Any]:
-    """The YAML metadata of an ingredient's own README.md, if it has one (read locally)."""
+    """The YAML metadata of an ingredient's own README.md, read locally; an unreadable card counts as none.
+
+    Args:
+        path: the ingredient's folder.
+
+    Returns:
+        The metadata as a dict (empty without a card).
+    """
     readme = path / "README.md"
     if not readme.is_file():
         return {}
@@ -144,7 +151,15 @@ def reproduce_command(result: "MergeResult", out: str = REPRODUCE_OUT) -> str:
 
 
 def output_dtype_text(result: "MergeResult", checkpoints: Sequence["Checkpoint"]) -> str:
-    """The dtype(s) the weights were written in: the `dtype` option, or the ingredients' under `auto`."""
+    """The dtype(s) the weights were written in: the `dtype` option, or the ingredients' under `auto`.
+
+    Args:
+        result: the merge's `MergeResult`.
+        checkpoints: the opened ingredients (the first one's floating dtypes are the output's under `auto`).
+
+    Returns:
+        A phrase for the card, e.g. `bfloat16` or `float32 (the ingredients' dtype)`.
+    """
     if result.config.dtype != "auto":
         return result.config.dtype
     found = sorted({str(ckpt.info(n).dtype).removeprefix("torch.") for ckpt in checkpoints[:1]
@@ -177,19 +192,58 @@ def render_card(result: "MergeResult", checkpoints: Sequence["Checkpoint"], *,
 
     Returns:
         A `huggingface_hub.ModelCard`.
+
+    >>> render_card(merge_result, checkpoints).save("merged/README.md")  # doctest: +SKIP
     """
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
+
+    data = _card_data(result, checkpoints)
+    cfg = result.config
+    template = resources.files("ame_hf.model_cards").joinpath(TEMPLATE).read_text(encoding="utf-8")
+    return ModelCard.from_template(
+        data,
+        template_str=template,
+        model_name=model_name or f"AME merge of {len(result.ingredients)} checkpoints",
+        ingredients=[{"name": i.display_name, "sha": f"`{i.sha}`" if i.sha else "local directory"}
+                     for i in result.ingredients],
+        pivot=_pivot_text(result.pivot),
+        optimizer_class=optimizer_class(cfg.optimizer).__name__,
+        hyperparameters=reported_hyperparameters(cfg.optimizer, cfg.optimizer_args),
+        lr_text=(f"relative: {cfg.relative_lr} × RMS(ingredient − pivot), per tensor" if cfg.relative_lr is not None
+                 else f"`{cfg.lr}`"),
+        config=cfg,
+        output_dtype=output_dtype_text(result, checkpoints),
+        usage=_usage(result, checkpoints, data.pipeline_tag),
+        order_text="; ".join(f"epoch {e + 1}: {o}" for e, o in enumerate(result.order)),
+        command=reproduce_command(result),
+        run_yaml=run_yaml(result),
+        versions=versions(),
+        evaluation=evaluation,
+    )
+
+
+def _card_data(result: "MergeResult", checkpoints: Sequence["Checkpoint"]) -> "ModelCardData":
+    """The card's metadata: every Hub ingredient (and a Hub pivot or adapters' base) as `base_model`, and the
+    library, license and pipeline tag the ingredients agree on (from their own cards, else their architecture).
+
+    Args:
+        result: the merge's `MergeResult`.
+        checkpoints: the opened ingredients, in the user's order.
+
+    Returns:
+        A `huggingface_hub.ModelCardData`.
+    """
+    from huggingface_hub import ModelCardData
 
     ingredient_cards = [ingredient_card_data(i.path) for i in result.ingredients]
     base_model = [i.repo_id for i in result.ingredients if i.repo_id]
-    pivot = result.pivot
-    for other in (pivot, result.base):  # a Hub pivot, and the base model of PEFT adapters
+    for other in (result.pivot, result.base):  # a Hub pivot, and the base model of PEFT adapters
         if getattr(other, "repo_id", None) and other.repo_id not in base_model:
             base_model.append(other.repo_id)
     base_model = list(dict.fromkeys(base_model))  # keep the user's order, drop repeats
     pipeline = _agreed([c.get("pipeline_tag") for c in ingredient_cards]) or _agreed(
         [_pipeline_from_architectures(c.config) for c in checkpoints])
-    data = ModelCardData(
+    return ModelCardData(
         base_model=base_model or None,
         # A merge of PEFT adapters is a full transformers model, whatever the adapters' cards say.
         library_name=_agreed([c.get("library_name") for c in ingredient_cards if c.get("library_name") != "peft"])
@@ -199,34 +253,13 @@ def render_card(result: "MergeResult", checkpoints: Sequence["Checkpoint"], *,
         tags=TAGS,
         base_model_relation="merge" if base_model else None,
     )
-    cfg = result.config
-    lr_text = (f"relative: {cfg.relative_lr} × RMS(ingredient − pivot), per tensor" if cfg.relative_lr is not None
-               else f"`{cfg.lr}`")
-    order_text = "; ".join(f"epoch {e + 1}: {o}" for e, o in enumerate(result.order))
-    pivot_text = (f"{pivot.display_name}" + (f" @ `{pivot.sha}`" if pivot.sha else "")
-                  if hasattr(pivot, "display_name") else
-                  ("uniform mean of the ingredients (the soup)" if pivot == "mean" else f"ingredient {pivot}"))
-    ingredients = [{"name": i.display_name, "sha": f"`{i.sha}`" if i.sha else "local directory"}
-                   for i in result.ingredients]
-    template = resources.files("ame_hf.model_cards").joinpath(TEMPLATE).read_text(encoding="utf-8")
-    return ModelCard.from_template(
-        data,
-        template_str=template,
-        model_name=model_name or f"AME merge of {len(result.ingredients)} checkpoints",
-        ingredients=ingredients,
-        pivot=pivot_text,
-        optimizer_class=optimizer_class(cfg.optimizer).__name__,
-        hyperparameters=reported_hyperparameters(cfg.optimizer, cfg.optimizer_args),
-        lr_text=lr_text,
-        config=cfg,
-        output_dtype=output_dtype_text(result, checkpoints),
-        usage=_usage(result, checkpoints, pipeline),
-        order_text=order_text,
-        command=reproduce_command(result),
-        run_yaml=run_yaml(result),
-        versions=versions(),
-        evaluation=evaluation,
-    )
+
+
+def _pivot_text(pivot: Any) -> str:
+    """The pivot as the card names it: a checkpoint with its commit, the soup, or an ingredient index."""
+    if hasattr(pivot, "display_name"):
+        return pivot.display_name + (f" @ `{pivot.sha}`" if pivot.sha else "")
+    return "uniform mean of the ingredients (the soup)" if pivot == "mean" else f"ingredient {pivot}"
 
 
 def _value(metric: str, value: float) -> str:
@@ -301,7 +334,13 @@ def update_card(directory: str | os.PathLike, results: Sequence[tuple[str, float
 
 
 def add_card_section(directory: str | os.PathLike, heading: str, body: str) -> None:
-    """Put a Markdown section (replacing one of the same heading) before the card's "How to use"."""
+    """Put a Markdown section (replacing one of the same heading) before the card's "How to use".
+
+    Args:
+        directory: the model folder whose README.md is updated (created if missing).
+        heading: the section's heading line, e.g. `## Greedy soup`.
+        body: the section's Markdown.
+    """
     from huggingface_hub import ModelCard
 
     readme = Path(directory) / "README.md"
@@ -330,7 +369,18 @@ def _put_section(text: str, heading: str, section: str, before: Sequence[str]) -
 def selection_card(ingredient: Ingredient, refs: Sequence[str], candidates: int,
                    by: str = "`ame-hf tune`", base: Ingredient | None = None) -> "ModelCard":
     """The card of a `tune` (or greedy soup) output that is the ingredient it selected: an unchanged copy of
-    it, or for a PEFT adapter (with its `base`) the full model the adapter makes of that base."""
+    it, or for a PEFT adapter (with its `base`) the full model the adapter makes of that base.
+
+    Args:
+        ingredient: the selected ingredient.
+        refs: every ingredient, as the card lists them.
+        candidates: how many candidates it was selected from.
+        by: what selected it, as Markdown.
+        base: the base model, when the ingredient is a LoRA adapter.
+
+    Returns:
+        A `huggingface_hub.ModelCard`.
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
     repos = [r for r in (ingredient.repo_id, base.repo_id if base else None) if r]

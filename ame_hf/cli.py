@@ -1,6 +1,8 @@
 """The `ame-hf` command line: argument parsing and printing only, over the Python API.
 
-Every `AmeError` becomes one line on stderr and a non-zero exit; `--debug` shows the traceback.
+Each command first checks its options in one step (`_options`, before torch or the Hub client loads): a
+usage error is one line naming the flag, exit 2. Any other `AmeError` is one line, exit 1. `--debug` shows
+the traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -16,9 +19,11 @@ from typing import Any, Callable, Sequence
 # Only modules that import neither torch nor transformers load here (errors must be instant, README
 # "Failure behaviour"); the commands import the heavy ones (merging, api, tune, ...) when they run.
 from . import __version__
+from ._cli_options import add_common, add_config_options, add_token, config_values, whole
+from ._options import check_options, config_with, merge_options
 from .cli_eval import (add_evaluate_parser, add_merge_options, add_tune_parser, check_before_merge, evaluate_merge,
-                       merge_greedy)
-from .config import OUTPUT_DTYPES, PIVOT_WORDS, AmeConfig
+                       merge_greedy, validate_merge_evaluation)
+from .config import CHECK_FIELDS, AmeConfig
 from .errors import AmeError, InvalidConfigError
 from .output import check_output_dir
 from .push import upload_output
@@ -28,6 +33,41 @@ from .resolve import local_inputs
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+# The Python keywords whose command-line form is not `--` + the keyword with dashes, per command. Error
+# messages name keywords; the CLI shows them as these flags (and tests/test_interface.py reads this).
+RENAMED = {
+    "merge": {"ingredients": "REF", "out_dir": "--out"},
+    "check": {"ingredients": "REF"},
+    "evaluate": {"models": "MODEL", "batch_size": "--eval-batch-size"},
+    "tune": {"ingredients": "REF", "out_dir": "--out", "batch_size": "--eval-batch-size"},
+    "push": {"source": "DIR"},
+}
+
+
+def flag(command: str, keyword: str) -> str:
+    """The command-line form of a Python keyword of `command` (`relative_lr` -> `--relative-lr`).
+
+    >>> flag("merge", "relative_lr"), flag("tune", "batch_size")
+    ('--relative-lr', '--eval-batch-size')
+    """
+    return RENAMED.get(command, {}).get(keyword, "--" + keyword.replace("_", "-"))
+
+
+def error_line(err: BaseException, command: str | None) -> str:
+    """An error as one line, with the keywords it names (an `InvalidConfigError`'s `fields`) shown as flags.
+
+    Quoted values are left as they are: `--pivot 'pivot'` stays a quoted `'pivot'`.
+    """
+    text = _one_line(err)
+    fields = getattr(err, "fields", ())
+    if not fields or command is None:
+        return text
+    names = re.compile(r"(?<![\w-])(" + "|".join(re.escape(f) for f in sorted(fields, key=len, reverse=True))
+                       + r")(?![\w-])")
+    parts = re.split(r"('[^']*')", text)  # odd parts are quoted values
+    return "".join(part if i % 2 else names.sub(lambda m: flag(command, m.group(1)), part)
+                   for i, part in enumerate(parts))
 
 
 class UsageError(Exception):
@@ -39,45 +79,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{message}; see `{self.prog} --help`")
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a number, e.g. 1e-4") from None
-
-
-def _whole(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a whole number, e.g. 3") from None
-
-
-def _config_fields() -> list[Any]:
-    return list(dataclasses.fields(AmeConfig))
-
-
-def _add_config_options(p: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
-    """One option per `AmeConfig` field (or per field named in `only`), from the field's own metadata: the
-    one source of truth."""
-    kinds: dict[str, dict[str, Any]] = {"number": {"type": _number}, "whole": {"type": _whole}, "text": {},
-                                        "flag": {"action": "store_true", "default": None}}
-    for f in (f for f in _config_fields() if only is None or f.name in only):
-        cli = f.metadata["cli"]
-        kwargs = {"choices": list(cli)} if isinstance(cli, tuple) else dict(kinds[cli])
-        p.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"], **kwargs)
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
-    p.add_argument("--debug", action="store_true", help="show the full traceback of errors")
-
-
-def _add_token(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--token", default=None,
-                   help="Hugging Face token (default: HF_TOKEN or the login cache); never printed or stored")
 
 
 def _add_push(p: argparse.ArgumentParser, required: bool) -> None:
@@ -101,101 +102,104 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("refs", nargs="*", metavar="REF", help="ingredient: local directory or org/name[@revision]")
     m.add_argument("--out", help="output directory: new or empty (with --overwrite: a previous ame-hf output)")
     m.add_argument("--config", help="YAML file with the same options (e.g. a previous ame_config.yaml)")
-    _add_config_options(m)
+    add_config_options(m)
     m.add_argument("--overwrite", action="store_true",
                    help="replace a previous ame-hf output at --out (never an input, the cwd or a folder of yours)")
     m.add_argument("--device", help="compute device, e.g. cpu, cuda, cuda:1 (default: chosen by accelerate)")
     m.add_argument("--max-memory", help="memory for one tensor's ingredient blocks, so each input byte is read once "
                                        "(default 128MiB; a larger tensor is read again for each pass)")
-    m.add_argument("--threads", type=_whole, help="torch threads on the CPU (default 1; for more cores run "
+    m.add_argument("--threads", type=whole, help="torch threads on the CPU (default 1; for more cores run "
                                                 "several processes with torchrun)")
     m.add_argument("--push", action="store_true", help="push the output to the Hub (needs --repo-id)")
     _add_push(m, required=False)
     add_merge_options(m)
-    _add_token(m)
-    _add_common(m)
-    m.set_defaults(func=cmd_merge)
+    add_token(m)
+    add_common(m)
+    m.set_defaults(func=cmd_merge, validate=validate_merge)
 
-    c = sub.add_parser("check", help="report whether checkpoints can be merged (exit 0) or not (exit 1)")
-    c.add_argument("refs", nargs="+", metavar="REF")
-    c.add_argument("--dtype", default="auto", choices=list(OUTPUT_DTYPES),
-                   help="the output dtype you will merge with (dtype differences are then notes)")
-    c.add_argument("--pivot", help="also check this checkpoint REF as the pivot (e.g. the base model)")
-    c.add_argument("--base", help="the base model of the PEFT adapters (default: each adapter's own)")
-    c.add_argument("--variant", help="read the weights variant NAME (model.NAME.safetensors)")
+    c = sub.add_parser("check", help="report whether checkpoints can be merged (exit 0) or not (exit 1)",
+                       description="Check checkpoints as `merge` with the same options would, reading only their "
+                                   "configs, tokenizers and safetensors headers.")
+    c.add_argument("refs", nargs="+", metavar="REF", help="ingredient: local directory or org/name[@revision]")
+    add_config_options(c, only=CHECK_FIELDS)  # the options that change what is checked, as merge means them
     c.add_argument("--json", action="store_true", help="print the report as JSON")
-    _add_token(c)
-    _add_common(c)
-    c.set_defaults(func=cmd_check)
+    add_token(c)
+    add_common(c)
+    c.set_defaults(func=cmd_check, validate=validate_check)
 
     p = sub.add_parser("push", help="push an existing merge output to the Hub")
-    p.add_argument("dir", help="a merge output directory")
+    p.add_argument("dir", metavar="DIR", help="a merge output directory")
     _add_push(p, required=True)
-    _add_token(p)
-    _add_common(p)
+    add_token(p)
+    add_common(p)
     p.set_defaults(func=cmd_push)
 
-    for evaluating in (add_evaluate_parser(sub, _add_token, _add_common), add_tune_parser(sub, _add_token, _add_common)):
-        _add_config_options(evaluating, only=("base",))  # PEFT adapters among the models: merge's own --base
+    add_evaluate_parser(sub)
+    add_tune_parser(sub)
 
     s = sub.add_parser("space", help="run the Gradio app (the Hugging Face Space) locally")
-    s.add_argument("--port", type=_whole, default=None, help="port (default: Gradio's 7860 or GRADIO_SERVER_PORT)")
-    _add_common(s)
+    s.add_argument("--port", type=whole, default=None, help="port (default: Gradio's 7860 or GRADIO_SERVER_PORT)")
+    add_common(s)
     s.set_defaults(func=cmd_space)
 
     d = sub.add_parser("demo", help="build tiny fine-tunes locally, merge them (AME and soup) and compare")
     d.add_argument("--out", default="ame-demo", help="working directory (default ./ame-demo)")
-    d.add_argument("--steps", type=_whole, default=None, help="fine-tuning steps per expert (default 120)")
-    _add_common(d)
+    d.add_argument("--steps", type=whole, default=None, help="fine-tuning steps per expert (default 120)")
+    add_common(d)
     d.set_defaults(func=cmd_demo)
     return parser
 
 
-def _run_from_args(args: argparse.Namespace) -> tuple[list[str], str, dict[str, Any]]:
-    """(refs, out, AmeConfig values) from --config YAML overridden by explicit options.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MergeRun:
+    """What `ame-hf merge` was asked, validated: the ingredients, `--out` and the config."""
 
-    Imports no torch: a typo in a path or an option fails at once.
+    refs: list[str]
+    out: str
+    config: AmeConfig
+
+
+def validate_merge(args: argparse.Namespace) -> MergeRun:
+    """`merge`'s options, from `--config` YAML overridden by explicit flags. Imports no torch.
+
+    Raises:
+        InvalidConfigError: a usage error (exit 2).
     """
-
     refs, out, values = list(args.refs), args.out, {}
     if args.config:
         recipe = read_recipe(args.config)
         refs, out, values = refs or recipe.refs, out or recipe.out, dict(recipe.values)
-    for key in (f.name for f in _config_fields()):
-        value = getattr(args, key)
-        if value is not None:
-            values[key] = value
+    values.update(config_values(args))
     if not refs:
         raise InvalidConfigError("no ingredients: give REF arguments or an `ingredients:` list in --config")
     if not out:
         raise InvalidConfigError("no output directory: pass --out DIR")
-    return refs, str(out), values
-
-
-def cmd_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
-
     if args.push and not args.repo_id:
         raise InvalidConfigError("--push needs --repo-id ORG/NAME")
-    refs, out, values = _run_from_args(args)
-    pivot = values.get("pivot")
-    pivot_refs = [str(pivot)] if isinstance(pivot, str) and pivot.lower() not in PIVOT_WORDS else []
-    pivot_refs += [values["base"]] if isinstance(values.get("base"), str) else []
+    config = config_with(None, values)
+    merge_options(refs, config, threads=args.threads, max_memory=args.max_memory)
+    validate_merge_evaluation(args, values)
+    return MergeRun(refs=refs, out=str(out), config=config)
+
+
+def cmd_merge(args: argparse.Namespace, run: MergeRun) -> int:
+    refs, out = run.refs, run.out
     # Before torch and the Hub client load: a bad path or --out fails in a fraction of a second.
-    check_output_dir(Path(out), args.overwrite, inputs=local_inputs([*refs, *pivot_refs]))
-    check_before_merge(args, refs, values)
+    check_output_dir(Path(out), args.overwrite, inputs=local_inputs([*refs, *run.config.other_refs]))
+    stage = check_before_merge(args, refs, run.config)
     from .devices import keep_freed_memory
 
     keep_freed_memory()
     if args.greedy_soup:
-        folder = merge_greedy(args, refs, out, values)
+        folder = merge_greedy(args, refs, out, run.config)
         if args.push:
             _push(folder, args)
         return 0
     from .merging import merge
 
-    result = merge(refs, out, AmeConfig.from_dict(values), token=args.token, overwrite=args.overwrite,
+    result = merge(refs, out, run.config, token=args.token, overwrite=args.overwrite,
                    progress=not args.quiet, device=args.device, threads=args.threads,
-                   max_memory=args.max_memory)
+                   max_memory=args.max_memory, stage=stage)
     _say(args, f"merged {len(result.ingredients)} checkpoints with {result.config.optimizer} "
                f"in {result.seconds:.1f}s -> {result.path}")
     if args.data:
@@ -205,17 +209,27 @@ def cmd_merge(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
-def cmd_check(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    local_inputs([*args.refs, *[r for r in (args.pivot, args.base) if r and r not in PIVOT_WORDS]])  # before torch
+def validate_check(args: argparse.Namespace) -> dict[str, Any]:
+    """`check`'s keyword arguments of `ame_hf.check`. Imports no torch.
+
+    Raises:
+        InvalidConfigError: a usage error (exit 2).
+    """
+    options = config_values(args)
+    check_options(args.refs, **options)
+    return options
+
+
+def cmd_check(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    local_inputs([*args.refs, *check_options(args.refs, **options).other_refs])  # a typo fails before torch
     from .api import check
 
-    report = check(args.refs, token=args.token, dtype=args.dtype, pivot=args.pivot, variant=args.variant,
-                   base=args.base)
+    report = check(args.refs, token=args.token, **options)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
     return 0 if report.ok else EXIT_ERROR
 
 
-def cmd_push(args: argparse.Namespace, argv: Sequence[str]) -> int:
+def cmd_push(args: argparse.Namespace, options: None) -> int:
     _push(Path(args.dir), args)
     return 0
 
@@ -230,20 +244,19 @@ def _push(folder: Path, args: argparse.Namespace) -> None:
         print(f"nothing changed: {args.repo_id} already holds exactly this output (commit {info.commit}); {info.url}")
 
 
-def cmd_space(args: argparse.Namespace, argv: Sequence[str]) -> int:
+def cmd_space(args: argparse.Namespace, options: None) -> int:
     from .space import launch
 
     try:
         import gradio  # noqa: F401  (only the Space needs it)
     except ImportError as err:
-    
         raise InvalidConfigError(f"the Space needs gradio ({err}); install it with "
                                  "`pip install \"gradio[oauth]==6.31.0\"`") from err
     launch(port=args.port)
     return 0
 
 
-def cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
+def cmd_demo(args: argparse.Namespace, options: None) -> int:
     from .demo import format_table, next_commands, run_demo
 
     kwargs = {"steps": args.steps} if args.steps else {}
@@ -289,10 +302,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
-    _setup_logging(args)
-    func: Callable[[argparse.Namespace, Sequence[str]], int] = args.func
+    validate: Callable[[argparse.Namespace], Any] = getattr(args, "validate", lambda args: None)
     try:
-        return func(args, argv)
+        options = validate(args)  # the one validation step: before torch, the Hub client or any work
+    except InvalidConfigError as err:
+        if args.debug:
+            raise
+        print(f"ame-hf: error: {error_line(err, args.command)}", file=sys.stderr)
+        return EXIT_USAGE
+    _setup_logging(args)
+    func: Callable[[argparse.Namespace, Any], int] = args.func
+    try:
+        return func(args, options)
     except KeyboardInterrupt:
         if args.debug:
             raise
@@ -302,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         if isinstance(err, AmeError):
-            print(f"ame-hf: error: {_one_line(err)}", file=sys.stderr)
+            print(f"ame-hf: error: {error_line(err, args.command)}", file=sys.stderr)
         else:
             print(f"ame-hf: unexpected error: {type(err).__name__}: {_one_line(err)} "
                   "(run again with --debug for the traceback, and please report it)", file=sys.stderr)

@@ -1,5 +1,6 @@
 """The command line of evaluation and selection: `ame-hf evaluate`, `ame-hf tune` and `merge`'s
-`--eval-data` / `--greedy-soup` options and their printed tables. Argument parsing and printing only."""
+`--eval-data` / `--greedy-soup` options, their validation and their printed tables. Argument parsing and
+printing only."""
 
 from __future__ import annotations
 
@@ -8,21 +9,16 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from ._cli_options import add_common, add_config_options, add_token, config_values, whole
+from ._options import config_with, evaluation_options, tune_options
+from ._validators import whole_number
 from .card import update_card
-from .config import AmeConfig
+from .config import OUTPUT_FIELDS, WEIGHT_FIELDS, AmeConfig
 from .errors import InvalidConfigError
 from .evaluation import TASKS, check_scorable, default_metric, higher_is_better, load_data, task_for_models
 from .lm_evaluation import perplexity
-from .resolve import model_config
 
 DEFAULT_BUDGET = 12  # tuning.DEFAULT_BUDGET (not imported: it loads torch)
-
-
-def _whole(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a whole number, e.g. 3") from None
 
 
 def add_task_options(p: argparse.ArgumentParser, *, test_data: bool) -> None:
@@ -34,9 +30,9 @@ def add_task_options(p: argparse.ArgumentParser, *, test_data: bool) -> None:
     p.add_argument("--metric", default=None,
                    help="accuracy (default) or macro_f1 (bundled, offline), or a local evaluate metric folder; "
                         "text-generation: loss (default: mean NLL per token, lower is better) or perplexity")
-    p.add_argument("--max-length", type=_whole, default=None,
+    p.add_argument("--max-length", type=whole, default=None,
                    help="text-generation: truncate documents to this many tokens (default: the model's limit)")
-    p.add_argument("--eval-batch-size", type=_whole, default=None,
+    p.add_argument("--eval-batch-size", type=whole, default=None,
                    help="examples per forward pass (default 32; text-generation 8 documents)")
     if test_data:
         p.add_argument("--test-data", default=None,
@@ -48,34 +44,39 @@ _DATA_HELP = ("data: JSONL/CSV with text|image and label columns, or an image fo
               "file (one document per line) or JSONL with a text field")
 
 
-def add_evaluate_parser(sub: Any, add_token: Any, add_common: Any) -> argparse.ArgumentParser:
+def add_evaluate_parser(sub: Any) -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate models on local data (offline)")
     e.add_argument("models", nargs="+", metavar="MODEL", help="model directory or org/name[@revision]")
     e.add_argument("--data", required=True, help=_DATA_HELP)
     add_task_options(e, test_data=False)
+    e.add_argument("--device", help="where the models run (default: the GPU when there is one)")
     e.add_argument("--update-card", metavar="DIR",
                    help="write the first model's result into DIR's model card (model-index)")
+    add_config_options(e, only=("base",))  # PEFT adapters among the models: merge's own --base
     add_token(e)
     add_common(e)
-    e.set_defaults(func=cmd_evaluate)
+    e.set_defaults(func=cmd_evaluate, validate=validate_evaluate)
     return e
 
 
-def add_tune_parser(sub: Any, add_token: Any, add_common: Any) -> argparse.ArgumentParser:
+def add_tune_parser(sub: Any) -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="pick the best of soup, greedy soup, ingredients and AME variants on "
                                     "validation data")
-    t.add_argument("refs", nargs="+", metavar="REF")
-    t.add_argument("--out", required=True, help="output directory for the chosen model")
+    t.add_argument("refs", nargs="+", metavar="REF", help="ingredient: local directory or org/name[@revision]")
+    # Not required by argparse: a missing --out is the validation step's usage error, as for merge.
+    t.add_argument("--out", help="output directory for the chosen model")
     t.add_argument("--data", required=True, help="validation " + _DATA_HELP)
     add_task_options(t, test_data=True)
-    t.add_argument("--budget", type=_whole, default=DEFAULT_BUDGET,
+    t.add_argument("--budget", type=whole, default=DEFAULT_BUDGET,
                    help=f"number of AME variants to try (default {DEFAULT_BUDGET}; each is a merge and an evaluation)")
     t.add_argument("--device", help="where merges and evaluations run (default: GPU when there is one)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace a previous ame-hf output at --out (never an input, the cwd or a folder of yours)")
+    # The output options of every merge tune runs (it tries its own optimizer, lr, pivot, ...).
+    add_config_options(t, only=OUTPUT_FIELDS)
     add_token(t)
     add_common(t)
-    t.set_defaults(func=cmd_tune)
+    t.set_defaults(func=cmd_tune, validate=validate_tune)
     return t
 
 
@@ -89,34 +90,73 @@ def add_merge_options(m: argparse.ArgumentParser) -> None:
     add_task_options(m, test_data=True)
 
 
-def check_before_merge(args: argparse.Namespace, refs: Sequence[str], values: dict[str, Any]) -> None:
-    """The evaluation must be possible before the merge starts, not found impossible after it."""
+def validate_merge_evaluation(args: argparse.Namespace, values: dict[str, Any]) -> None:
+    """`merge`'s `--eval-data` / `--greedy-soup` options; `values` are the `AmeConfig` fields given.
+
+    Raises:
+        InvalidConfigError: a usage error (exit 2).
+    """
     if args.greedy_soup and not args.data:
         raise InvalidConfigError("--greedy-soup needs --eval-data (validation data to choose the ingredients by)")
     if args.test_data and not args.greedy_soup:
         raise InvalidConfigError("--test-data goes with --greedy-soup (or `ame-hf tune`); to score a merge on more "
                                  "data, use `ame-hf evaluate`")
     if args.greedy_soup:
-        from .selection import WEIGHT_FIELDS  # no torch: config and card only
-
         given = [k for k in values if k in WEIGHT_FIELDS]
         if given:
             raise InvalidConfigError(f"the greedy soup is a uniform soup of the ingredients it keeps; drop "
-                                     f"{', '.join('--' + k.replace('_', '-') for k in given)}")
-    if args.data:
-        args.task = task_for_models([(r, model_config(r, token=args.token)) for r in refs], args.task)
-        args.metric = default_metric(args.task, args.metric)
-        for path in (args.data, args.test_data):
-            if path:
-                load_data(path, args.task)
-        check_scorable(refs, args.task)
+                                     f"{', '.join(given)}", fields=given)
+    for name in ("max_length", "eval_batch_size"):
+        if getattr(args, name) is not None:
+            whole_number(name, getattr(args, name))
 
 
-def merge_greedy(args: argparse.Namespace, refs: Sequence[str], out: str, values: dict[str, Any]) -> Path:
+def validate_evaluate(args: argparse.Namespace) -> None:
+    """`evaluate`'s options. Raises: InvalidConfigError, a usage error (exit 2)."""
+    evaluation_options(max_length=args.max_length, batch_size=args.eval_batch_size)
+    config_with(None, config_values(args))  # --base
+
+
+def validate_tune(args: argparse.Namespace) -> AmeConfig:
+    """`tune`'s options, and the output options of its merges (with `--base`) as an `AmeConfig`.
+
+    Raises:
+        InvalidConfigError: a usage error (exit 2).
+    """
+    if not args.out:
+        raise InvalidConfigError("no output directory: pass --out DIR")
+    return tune_options(args.refs, budget=args.budget, config=config_with(None, config_values(args)),
+                        max_length=args.max_length, batch_size=args.eval_batch_size)
+
+
+def check_before_merge(args: argparse.Namespace, refs: Sequence[str], config: AmeConfig) -> Any:
+    """The evaluation must be possible before the merge starts, not found impossible after it: the models are
+    resolved by the input stage (light files only; a PEFT adapter with its base), the task, data and tokenizers
+    checked. Returns that `InputStage` for the merge to share (None without `--eval-data`)."""
+    if not args.data:
+        return None
+    from .full_models import resolve_models
+    from .inputs import InputStage
+
+    stage = InputStage(token=args.token, variant=config.variant)
+    # The merge's own check first: incompatible ingredients are named as such, before the task and data.
+    stage.check(refs, pivot=config.pivot, base=config.base, tokenizer_source=config.tokenizer_source,
+                allow_dtype_mismatch=config.dtype != "auto").raise_for_errors()
+    models = resolve_models(refs, base=config.base, stage=stage)
+    args.task = task_for_models([(m.name, m.config) for m in models], args.task)
+    args.metric = default_metric(args.task, args.metric)
+    for path in (args.data, args.test_data):
+        if path:
+            load_data(path, args.task)
+    check_scorable([m.tokenizer for m in models], args.task)
+    return stage
+
+
+def merge_greedy(args: argparse.Namespace, refs: Sequence[str], out: str, config: AmeConfig) -> Path:
     from .selection import greedy_soup
 
     result = greedy_soup(refs, out, data=args.data, test_data=args.test_data, task=args.task, metric=args.metric,
-                         config=AmeConfig.from_dict(values), max_length=args.max_length,
+                         config=config, max_length=args.max_length,
                          batch_size=args.eval_batch_size, device=args.device, token=args.token,
                          overwrite=args.overwrite, log=None if args.quiet else _err)
     rows = [(f"ingredient {i}: {r}", s) for i, (r, s) in enumerate(zip(refs, result.ingredient_scores))]
@@ -128,8 +168,9 @@ def merge_greedy(args: argparse.Namespace, refs: Sequence[str], out: str, values
 
 
 def evaluate_merge(args: argparse.Namespace, result: Any) -> None:
+    label = Path(result.path).absolute().name  # the output as the user named it (not "merged" whatever --out is)
     rows = _evaluate_rows([str(result.path)] + [str(i.path) for i in result.ingredients], args,
-                          labels=["merged"] + [i.display_name for i in result.ingredients], base=result.config.base)
+                          labels=[label] + [i.display_name for i in result.ingredients], base=result.config.base)
     update_card(result.path, rows, task=args.task, dataset=Path(args.data).stem, metric=args.metric)
     print(table(rows, args.metric))
 
@@ -160,7 +201,7 @@ def table(rows: Sequence[tuple[str, float]], metric: str) -> str:
     return "\n".join(lines)
 
 
-def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
+def cmd_evaluate(args: argparse.Namespace, options: None) -> int:
     rows = _evaluate_rows(args.models, args)  # the task (given or inferred) fits every model, or nothing runs
     print(table(rows, args.metric))
     if args.update_card:
@@ -170,13 +211,13 @@ def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
-def cmd_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
+def cmd_tune(args: argparse.Namespace, output: AmeConfig) -> int:
     from .devices import keep_freed_memory
     from .tuning import tune
 
     keep_freed_memory()  # a process of ours: every candidate's merge reuses the freed blocks
     result = tune(args.refs, args.out, data=args.data, test_data=args.test_data, task=args.task, metric=args.metric,
-                  base=args.base, budget=args.budget, max_length=args.max_length, batch_size=args.eval_batch_size,
+                  config=output, budget=args.budget, max_length=args.max_length, batch_size=args.eval_batch_size,
                   device=args.device, token=args.token, overwrite=args.overwrite, progress=not args.quiet,
                   log=None if args.quiet else _err)
     print(table([(c.label, c.score) for c in result.candidates], result.metric))

@@ -1,19 +1,20 @@
 """`AmeConfig`: the validated, frozen description of one AME run, and its YAML form.
 
-The same object drives the CLI, the Python API, `ame_config.yaml` and the model card.
+The same object drives the CLI, the Python API, `ame_config.yaml` and the model card. Imports no torch
+(except to build an optimizer once when `optimizer_args` are given): option errors are instant.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
-import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from ._validators import choice, flag, parse_size, positive_number, whole_number
 from .errors import InvalidConfigError
 from .optimizers import OPTIMIZERS
 
@@ -32,38 +33,19 @@ SOURCE_WORDS = ("auto", "union", "pivot", "first")
 PIVOT_WORDS = ("mean", "first", "base")
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
+# The fields that choose the AME steps themselves: a soup fixes them, `tune` tries its own. The others
+# (`OUTPUT_FIELDS`) say which files are read (base, variant, tokenizer_source) and how the output is written.
+WEIGHT_FIELDS = ("optimizer", "lr", "relative_lr", "optimizer_args", "schedule", "epochs", "batch_size", "pivot",
+                 "order", "shuffle", "seed")
+# The fields that change what `check` reads or reports.
+CHECK_FIELDS = ("dtype", "pivot", "base", "variant", "tokenizer_source")
+
 SCHEDULES = ("constant", "harmonic")
 OUTPUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMPUTE_DTYPES = ("float32", "float64")
 
-# Keys of a YAML config besides the AmeConfig fields.
-RUN_KEYS = ("ingredients", "out")
 # Keys written for humans (and reproduction checks) that are ignored when read back.
 INFO_KEYS = ("ame_hf_version", "resolved")
-
-
-def parse_size(size: str | int) -> int:
-    """Parse a Hugging Face size string ("5GB", "500MB", "2GiB", 1000) into bytes.
-
-    >>> parse_size("5GB")
-    5000000000
-    """
-    if isinstance(size, bool):
-        raise InvalidConfigError(f"invalid size {size!r}; use e.g. 5GB, 500MB or 2GiB")
-    if isinstance(size, int):
-        if size <= 0:
-            raise InvalidConfigError(f"size must be positive, got {size}")
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
-    if not match:
-        raise InvalidConfigError(f"invalid size {size!r}; use e.g. 5GB, 500MB or 2GiB")
-    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
-    factors = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    value = int(number * factors[unit])
-    if value <= 0:
-        raise InvalidConfigError(f"size must be positive, got {size!r}")
-    return value
 
 
 def _option(default: Any, cli: str | tuple[str, ...], help: str) -> Any:
@@ -73,23 +55,7 @@ def _option(default: Any, cli: str | tuple[str, ...], help: str) -> Any:
     return field(default=default, metadata={"cli": cli, "help": help})
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidConfigError(f"{name} must be a whole number >= 1, got {value!r}")
-    return value
-
-
-def _finite_float(name: str, value: Any, *, positive: bool = True) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise InvalidConfigError(f"{name} must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not math.isfinite(number) or (positive and number <= 0):
-        raise InvalidConfigError(f"{name} must be a finite number > 0, got {value!r}")
-    return number
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AmeConfig:
     """The hyperparameters of one AME run (DESIGN §1). Validated on construction; compare with ==.
 
@@ -154,49 +120,43 @@ class AmeConfig:
                                           "or a REF")
 
     def __post_init__(self) -> None:
-        from .optimizers import validate_optimizer_args
+        from .optimizers import check_optimizer_name, validate_optimizer_args
 
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
-        set_("optimizer", str(self.optimizer).strip().lower())
+        set_("optimizer", check_optimizer_name(self.optimizer))
         if isinstance(self.optimizer_args, str):
             set_("optimizer_args", parse_optimizer_args(self.optimizer_args))
         if not isinstance(self.optimizer_args, Mapping):
-            raise InvalidConfigError(
-                f"optimizer_args must be a mapping, got {type(self.optimizer_args).__name__}"
-            )
-        args = validate_optimizer_args(self.optimizer, self.optimizer_args)
-        set_("optimizer_args", {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()})
+            raise InvalidConfigError(f"optimizer_args must be a mapping, got {type(self.optimizer_args).__name__}",
+                                     field="optimizer_args")
         if self.lr is not None and self.relative_lr is not None:
-            raise InvalidConfigError("give either lr or relative_lr, not both")
+            raise InvalidConfigError("give either lr or relative_lr, not both", fields=("relative_lr", "lr"))
         if self.lr is not None:
-            set_("lr", _finite_float("lr", self.lr))
+            set_("lr", positive_number("lr", self.lr))
         if self.relative_lr is not None:
-            set_("relative_lr", _finite_float("relative_lr", self.relative_lr))
-        if self.schedule is not None and self.schedule not in SCHEDULES:
-            raise InvalidConfigError(
-                f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}"
-            )
-        _positive_int("epochs", self.epochs)
-        _positive_int("batch_size", self.batch_size)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise InvalidConfigError(f"seed must be a whole number >= 0, got {self.seed!r}")
-        if not isinstance(self.shuffle, bool):
-            raise InvalidConfigError(f"shuffle must be true or false, got {self.shuffle!r}")
-        if not isinstance(self.allow_nonfinite, bool):
-            raise InvalidConfigError(f"allow_nonfinite must be true or false, got {self.allow_nonfinite!r}")
+            set_("relative_lr", positive_number("relative_lr", self.relative_lr))
+        if self.schedule is not None:
+            choice("schedule", self.schedule, SCHEDULES)
+        whole_number("epochs", self.epochs)
+        whole_number("batch_size", self.batch_size)
+        whole_number("seed", self.seed, minimum=0)
+        flag("shuffle", self.shuffle)
+        flag("allow_nonfinite", self.allow_nonfinite)
         set_("pivot", normalize_pivot(self.pivot))
         set_("order", normalize_order(self.order))
         set_("tokenizer_source", normalize_source(self.tokenizer_source))
+        if isinstance(self.base, os.PathLike):
+            set_("base", os.fspath(self.base))
         if self.variant is not None and (not isinstance(self.variant, str) or not self.variant.strip()
                                          or "/" in self.variant or "." in self.variant):
-            raise InvalidConfigError(f"variant must be a plain name such as fp16, got {self.variant!r}")
-        if self.dtype not in OUTPUT_DTYPES:
-            raise InvalidConfigError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(OUTPUT_DTYPES)}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise InvalidConfigError(
-                f"unknown compute_dtype {self.compute_dtype!r}; choose one of: {', '.join(COMPUTE_DTYPES)}"
-            )
-        parse_size(self.max_shard_size)
+            raise InvalidConfigError(f"variant must be a plain name such as fp16, got {self.variant!r}",
+                                     field="variant")
+        choice("dtype", self.dtype, OUTPUT_DTYPES)
+        choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        parse_size(self.max_shard_size, field="max_shard_size")
+        # Last: only the arguments need torch (the optimizer is built once), every other error comes first.
+        args = validate_optimizer_args(self.optimizer, self.optimizer_args)
+        set_("optimizer_args", {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()})
 
     # -- resolution -------------------------------------------------------------------------
     def resolved(self) -> "AmeConfig":
@@ -225,6 +185,12 @@ class AmeConfig:
             SOURCE_WORDS) else []
 
     @property
+    def other_refs(self) -> list[str]:
+        """Every checkpoint reference the run reads besides the ingredients: the pivot, the base, the
+        tokenizer source (for the checks of `--out` against the inputs)."""
+        return [*self.pivot_refs, *([self.base] if self.base else []), *self.tokenizer_refs]
+
+    @property
     def is_soup(self) -> bool:
         """True when this config computes exactly the uniform soup (DESIGN §1)."""
         cfg = self.resolved()
@@ -247,44 +213,41 @@ class AmeConfig:
         return out
 
     def to_yaml(self) -> str:
-        """YAML text that `from_yaml` reads back to an equal config."""
+        """`to_dict` as YAML text: `AmeConfig.from_dict(yaml.safe_load(text))` is an equal config."""
         import yaml
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "AmeConfig":
-        """Build from a mapping; unknown keys are refused with the list of valid ones."""
+        """Build from a mapping (e.g. `recipe.read_recipe(path).values`).
+
+        Raises:
+            InvalidConfigError: an unknown key (with the closest valid one, and the list), or an invalid value.
+        """
         names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in data if k not in names]
+        unknown = [str(k) for k in data if k not in names]
         if unknown:
-            raise InvalidConfigError(
-                f"unknown config key(s): {', '.join(map(str, unknown))}; valid keys: {', '.join(names)}"
-            )
+            close = difflib.get_close_matches(unknown[0], names, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise InvalidConfigError(f"unknown config key(s): {', '.join(unknown)}{hint}; valid keys: {', '.join(names)}")
         return cls(**dict(data))
 
-    @classmethod
-    def from_yaml(cls, text_or_path: str | os.PathLike) -> "AmeConfig":
-        """Read YAML text or a YAML file (e.g. a merge's `ame_config.yaml`).
 
-        Run keys (`ingredients`, `out`) and informational keys (`resolved`, `ame_hf_version`)
-        are ignored here; `load_run_file` returns them.
-        """
-        data = load_yaml_mapping(text_or_path)
-        return cls.from_dict({k: v for k, v in data.items() if k not in RUN_KEYS + INFO_KEYS})
+OUTPUT_FIELDS = tuple(f.name for f in dataclasses.fields(AmeConfig) if f.name not in WEIGHT_FIELDS)
 
 
 def normalize_pivot(pivot: Any) -> str | int:
     """`mean`, `first`, a non-negative index, or a checkpoint reference (kept as a string)."""
-    if isinstance(pivot, bool):
-        raise InvalidConfigError(f"invalid pivot {pivot!r}; use mean, first, an index or a checkpoint")
+    if isinstance(pivot, bool) or pivot is None:
+        raise InvalidConfigError(f"invalid pivot {pivot!r}; use mean, first, an index or a checkpoint", field="pivot")
     if isinstance(pivot, int):
         if pivot < 0:
-            raise InvalidConfigError(f"pivot index must be >= 0, got {pivot}")
+            raise InvalidConfigError(f"pivot index must be >= 0, got {pivot}", field="pivot")
         return pivot
     text = str(pivot).strip()
     if not text:
-        raise InvalidConfigError("pivot must not be empty; use mean, first, an index or a checkpoint")
+        raise InvalidConfigError("pivot must not be empty; use mean, first, an index or a checkpoint", field="pivot")
     if text.lstrip("-").isdigit():
         return normalize_pivot(int(text))
     return text.lower() if text.lower() in PIVOT_WORDS else text
@@ -303,13 +266,14 @@ def normalize_order(order: Any) -> str | list[int]:
     if isinstance(order, str):
         parts = [p.strip() for p in order.replace("[", "").replace("]", "").split(",")]
         if not all(p.isdigit() for p in parts):
-            raise InvalidConfigError(f"invalid order {order!r}; use given, reverse or indices such as 2,0,1")
+            raise InvalidConfigError(f"invalid order {order!r}; use given, reverse or indices such as 2,0,1",
+                                     field="order")
         order = [int(p) for p in parts]
     if not isinstance(order, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
                                                        for i in order):
-        raise InvalidConfigError(f"invalid order {order!r}; use given, reverse or indices such as 2,0,1")
+        raise InvalidConfigError(f"invalid order {order!r}; use given, reverse or indices such as 2,0,1", field="order")
     if len(set(order)) != len(order) or not order:
-        raise InvalidConfigError(f"order {list(order)} must list each ingredient index once")
+        raise InvalidConfigError(f"order {list(order)} must list each ingredient index once", field="order")
     return list(order)
 
 
@@ -328,36 +292,37 @@ def order_indices(order: str | list[int], n: int) -> list[int]:
         return list(range(n - 1, -1, -1))
     if sorted(order) != list(range(n)):
         raise InvalidConfigError(f"order {','.join(map(str, order))} is not a permutation of the {n} ingredient "
-                                 f"indices 0..{n - 1}")
+                                 f"indices 0..{n - 1}", field="order")
     return list(order)
 
 
 def normalize_source(source: Any) -> str | int:
     """`auto`, `union`, `pivot`, `first`, a non-negative ingredient index, or a checkpoint reference."""
     if isinstance(source, bool) or source is None:
-        raise InvalidConfigError(f"invalid tokenizer_source {source!r}; use auto, union, pivot, first, an index or a REF")
+        raise InvalidConfigError(f"invalid tokenizer_source {source!r}; use auto, union, pivot, first, an index or a "
+                                 "checkpoint", field="tokenizer_source")
     if isinstance(source, int) or str(source).strip().lstrip("-").isdigit():
         index = int(source)
         if index < 0:
-            raise InvalidConfigError(f"tokenizer_source index must be >= 0, got {index}")
+            raise InvalidConfigError(f"tokenizer_source index must be >= 0, got {index}", field="tokenizer_source")
         return index
     text = str(source).strip()
     if not text:
-        raise InvalidConfigError("tokenizer_source must not be empty; use pivot, first, an index or a REF")
+        raise InvalidConfigError("tokenizer_source must not be empty; use auto, union, pivot, first, an index or a "
+                                 "checkpoint", field="tokenizer_source")
     return text.lower() if text.lower() in SOURCE_WORDS else text
 
 
 def parse_optimizer_args(text: str) -> dict[str, Any]:
-    """Parse `--optimizer-args` JSON into a dict, with one clear error when malformed."""
+    """Parse `optimizer_args` given as JSON text into a dict, with one clear error when malformed."""
     try:
         value = json.loads(text) if text.strip() else {}
     except json.JSONDecodeError as err:
-        raise InvalidConfigError(
-            f"--optimizer-args is not valid JSON ({err.msg} at column {err.colno}); "
-            'example: \'{"betas": [0.9, 0.99]}\''
-        ) from err
+        raise InvalidConfigError(f"optimizer_args is not valid JSON ({err.msg} at column {err.colno}); "
+                                 'example: \'{"betas": [0.9, 0.99]}\'', field="optimizer_args") from err
     if not isinstance(value, dict):
-        raise InvalidConfigError('--optimizer-args must be a JSON object, e.g. \'{"betas": [0.9, 0.99]}\'')
+        raise InvalidConfigError('optimizer_args must be a JSON object, e.g. \'{"betas": [0.9, 0.99]}\'',
+                                 field="optimizer_args")
     return value
 
 

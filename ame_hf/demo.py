@@ -56,19 +56,23 @@ def tiny_tokenizer():
 
     >>> tiny_tokenizer()("<count> 3 4 5")["input_ids"]
     [20, 3, 4, 5]
+    >>> tiny_tokenizer()("hello 3")["input_ids"]  # an unknown word reads as <base>
+    [23, 3]
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    # No unknown token: every id is taken by a demo token, and adding one would change the model.
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(TOKEN_WORDS)}))
+    # Every id is taken by a demo token, and adding one would change the model: a word the demo does not know
+    # reads as <base>, the start token no expert was trained to predict (without an unknown token, any other
+    # word raised "Missing [UNK] token" in the text-generation pipeline).
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(TOKEN_WORDS)}, unk_token="<base>"))
     # Split on spaces only: the default Whitespace pre-tokenizer would cut "<count>" into "<", "count", ">".
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     # Each word decodes with a leading space, as GPT-2's tokens do: the text-generation pipeline
     # decodes only the new tokens and appends them to the prompt, which needs the separating space.
     tok.decoder = decoders.Replace(Regex("^"), " ")
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<base>", eos_token="<base>",
-                                   pad_token="<base>", model_max_length=SEQ_LEN)
+                                   pad_token="<base>", unk_token="<base>", model_max_length=SEQ_LEN)
 
 
 def _save(model, tokenizer, path: Path) -> None:

@@ -4,7 +4,7 @@ The CLI turns any `AmeError` into one line and a non-zero exit; `--debug` shows 
 Each class also inherits from the built-in it resembles, so callers can catch either::
 
     AmeError
-    ├── InvalidConfigError (ValueError)         bad option, YAML or optimizer argument
+    ├── InvalidConfigError (ValueError)         bad option, YAML or optimizer argument (`.field`: its keyword)
     │   ├── UnknownOptimizerError               no optimizer of that name
     │   └── UnsupportedOptimizerError           a torch.optim optimizer AME cannot drive (LBFGS, ...)
     ├── IngredientNotFoundError (FileNotFoundError)
@@ -20,7 +20,7 @@ Each class also inherits from the built-in it resembles, so callers can catch ei
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 __all__ = [
     "AmeError",
@@ -42,7 +42,17 @@ class AmeError(Exception):
 
 
 class InvalidConfigError(AmeError, ValueError):
-    """An option, a YAML config or an optimizer argument is invalid."""
+    """An option, a YAML config or an optimizer argument is invalid.
+
+    `field` is the keyword the error is about (`epochs`, `relative_lr`), when it is one, and `fields` every
+    keyword its message names (`lr` and `relative_lr` for a conflict). Messages name keywords, as the Python
+    API spells them; the CLI shows each of `fields` as its flag (`--relative-lr`) instead.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, fields: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.fields: tuple[str, ...] = tuple(fields) or ((field,) if field else ())
+        self.field = field or next(iter(self.fields), None)
 
 
 class UnknownOptimizerError(InvalidConfigError):

@@ -4,18 +4,21 @@ source, `ame_config.yaml` and the model card, all written into the staging direc
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
+import re
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePath
+from typing import Callable, Sequence
 
 from ._differences import updated
 from .card import render_card
 from .checkpoint import Checkpoint
 from .errors import CheckpointError
-from .fetch import is_light
-from .output import RUN_FILE, STAGING_PREFIX
+from .fetch import CODE_PATTERNS, WEIGHT_PATTERNS
+from .output import RUN_FILE
 from .recipe import write_run_file
 from .records import MergeResult
 from .vocabulary import VocabularyPlan, is_tokenizer_file
@@ -25,6 +28,13 @@ logger = logging.getLogger(__name__)
 # Written by ame-hf itself, or bookkeeping of a tool: never copied from a source model.
 OWN_FILES = {"config.json", "README.md", RUN_FILE}
 _WEIGHT_INDEXES = ("model.safetensors.index", "pytorch_model.bin.index")
+# What resumes a training run and is no part of a model: the names of transformers.trainer's TRAINER_STATE_NAME,
+# TRAINING_ARGS_NAME, OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME, SCALER_NAME and its rng states
+# (pinned by a test: importing transformers.trainer takes seconds), and its `checkpoint-<step>` folders
+# (transformers.trainer_utils.PREFIX_CHECKPOINT_DIR).
+TRAINING_STATE_PATTERNS = ("trainer_state.json", "training_args.bin", "optimizer.pt", "optimizer.bin", "scheduler.pt",
+                           "scaler.pt", "rng_state*.pth")
+_TRAINER_CHECKPOINT = re.compile(r"checkpoint-\d+")
 
 
 def finish(staging: Path, result: MergeResult, checkpoints: list[Checkpoint], *, source: Checkpoint,
@@ -81,20 +91,84 @@ def save_union_tokenizer(source: Path, staging: Path, vocab: VocabularyPlan) -> 
     tokenizer.save_pretrained(staging)
 
 
-def copy_side_files(source: Path, target: Path, *, skip_tokenizer: bool = False) -> list[str]:
-    """Copy every file and folder of a model directory that is neither weights nor code (so a
-    sentence-transformers model keeps `modules.json`, `1_Pooling/`, ...). Returns what was copied."""
+def may_copy(path: str | PurePath, *, weights: bool = False) -> bool:
+    """Whether a file of a model folder may go into an output. Never code (`*.py`, `*.pyc`, `*.so`, ...),
+    never a training run's state (optimizer, scheduler, rng, trainer state and arguments, `checkpoint-N/`),
+    never hidden files or folders; weight files (and their indexes) only when the output keeps this model's
+    weights, never beside weights ame-hf wrote.
+
+    The one rule for every output: a merge's side files (`copy_side_files`) and a selected ingredient's copy.
+
+    Args:
+        path: the file, relative to the model folder (`1_Pooling/config.json`).
+        weights: the output is a copy of this model, weights included.
+
+    Returns:
+        True when the file may be copied.
+
+    >>> may_copy("1_Pooling/config.json"), may_copy("model.safetensors"), may_copy("model.safetensors", weights=True)
+    (True, False, True)
+    >>> may_copy("modeling_x.py"), may_copy("optimizer.pt", weights=True), may_copy("checkpoint-500/config.json")
+    (False, False, False)
+    """
+    *folders, name = PurePath(path).parts
+    if not all(_may_copy_folder(f) for f in folders) or name.startswith("."):
+        return False
+    if _matches(name, CODE_PATTERNS) or _matches(name, TRAINING_STATE_PATTERNS):
+        return False
+    if _matches(name, WEIGHT_PATTERNS) or name.startswith(_WEIGHT_INDEXES):
+        return weights
+    return True
+
+
+def _may_copy_folder(name: str) -> bool:
+    return not (name.startswith(".") or name == "__pycache__" or _TRAINER_CHECKPOINT.fullmatch(name))
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def copy_model_files(source: Path, target: Path, *, weights: bool = False,
+                     skip: Callable[[str], bool] = lambda name: False) -> list[str]:
+    """Copy every file of the model folder `source` that `may_copy` allows into `target` (created), keeping
+    sub-folders (a sentence-transformers model keeps `modules.json`, `1_Pooling/`, ...).
+
+    Args:
+        source: the model folder (a Hub snapshot's links are followed: the files are copied).
+        target: the output folder.
+        weights: copy the weights too (the output is a copy of this model).
+        skip: top-level file names the output writes itself.
+
+    Returns:
+        The copied files, relative to `target`, in POSIX form.
+    """
+    target.mkdir(parents=True, exist_ok=True)
     copied = []
     for root, dirs, files in os.walk(source):
         here = Path(root)
-        dirs[:] = sorted(d for d in dirs if not d.startswith((".", STAGING_PREFIX)) and d != "__pycache__")
+        dirs[:] = sorted(d for d in dirs if _may_copy_folder(d))
         for name in sorted(files):
             rel = (here / name).relative_to(source)
-            top = len(rel.parts) == 1
-            if (name.startswith(".") or not is_light(name) or (top and name in OWN_FILES)
-                    or (top and name.startswith(_WEIGHT_INDEXES)) or (top and skip_tokenizer and is_tokenizer_file(name))):
+            if not may_copy(rel, weights=weights) or (len(rel.parts) == 1 and skip(name)):
                 continue
             (target / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(here / name, target / rel)
             copied.append(rel.as_posix())
     return copied
+
+
+def copy_side_files(source: Path, target: Path, *, skip_tokenizer: bool = False) -> list[str]:
+    """Copy every file and folder of a model directory that `may_copy` allows beside weights ame-hf writes:
+    neither weights nor code nor training state, and none of the files the merge writes itself.
+
+    Args:
+        source: the model folder whose side files the output takes.
+        target: the output (staging) folder.
+        skip_tokenizer: leave the top-level tokenizer files out (they come from the tokenizer source).
+
+    Returns:
+        The copied files, relative to `target`, in POSIX form.
+    """
+    return copy_model_files(source, target, skip=lambda name: name in OWN_FILES or (
+        skip_tokenizer and is_tokenizer_file(name)))

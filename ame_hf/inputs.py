@@ -71,10 +71,12 @@ class InputStage:
         self._sources: dict[tuple[str, str | None], Ingredient | HubSource] = {}
         self._lights: dict[tuple[str, str | None], Ingredient] = {}
         self._entries: dict[str, Entry] = {}
-        self._configs: dict[int, dict[str, Any]] = {}
+        # Keyed by folder: `./a` and `a`, or `org/a` and `org/a@<its sha>`, are one model, read once.
+        self._configs: dict[Path, dict[str, Any]] = {}
         self._tokenizers: dict[Path, TokenizerFiles] = {}
-        self._checked: dict[tuple[int, int], Checkpoint] = {}
+        self._checked: dict[tuple[Path, bool, int, str], Checkpoint] = {}
         self._opened: dict[int, Checkpoint] = {}
+        self._fetched: set[Path] = set()  # Hub snapshots whose weights are downloaded
         self._entry_of: dict[int, tuple[Entry, str]] = {}  # a checkpoint known from headers -> its entry, folder
         self._reports: dict[tuple, Inputs] = {}
         self.downloaded_to_check: list[str] = []
@@ -101,7 +103,7 @@ class InputStage:
                 light = replace(self._lights[key], ref=text)
             adapter = read_adapter_config(light.path, text) if is_adapter_dir(light.path) else None
             self._entries[text] = Entry(source=source, light=light, adapter=adapter,
-                                        weights=not isinstance(source, HubSource))
+                                        weights=not isinstance(source, HubSource) or light.path in self._fetched)
         return self._entries[text]
 
     def _source(self, text: str) -> Ingredient | HubSource:
@@ -116,9 +118,10 @@ class InputStage:
 
     def config(self, entry: Entry) -> dict[str, Any]:
         """The entry's `config.json`, parsed once (an adapter has none: its base's counts)."""
-        if id(entry) not in self._configs:
-            self._configs[id(entry)] = read_config(entry.light.path, entry.ref)
-        return self._configs[id(entry)]
+        folder = entry.light.path.resolve()
+        if folder not in self._configs:
+            self._configs[folder] = read_config(entry.light.path, entry.ref)
+        return self._configs[folder]
 
     def tokenizer(self, folder: Path) -> TokenizerFiles:
         """The tokenizer files of a folder, read once."""
@@ -170,6 +173,8 @@ class InputStage:
         models = [e for e in [*entries, *([pivot_entry] if pivot_entry else []), *([base] if base else [])]
                   if e.adapter is None]
         errors += [line for e in models for line in config_refusals(e.ref, self.config(e))]
+        if isinstance(pivot, int) and pivot >= len(entries):
+            errors.append(f"pivot index {pivot} is out of range for {len(entries)} ingredients (use 0..{len(entries) - 1})")
         if errors:  # config.json alone says no: not even the headers are read
             inputs.report.errors = errors
             return inputs
@@ -212,13 +217,14 @@ class InputStage:
     def _checkpoint(self, entry: Entry, base: Checkpoint | None = None, folder: str = "") -> Checkpoint:
         """For the check: a Hub model (or one of its module folders) from its headers (`.bin` weights downloaded),
         a local one opened, an adapter (small: downloaded) over its base. Each once."""
-        key = (id(entry), id(base), folder)
+        key = (entry.light.path.resolve(), entry.adapter is not None, id(base), folder)
         if key in self._checked:
             return self._checked[key]
         if entry.adapter is not None and not folder:
             if entry.remote and not entry.weights:
                 entry.light = fetch_weights(entry.source, entry.light, files=list(ADAPTER_FILES), token=self.token)
                 entry.weights = True
+                self._fetched.add(entry.light.path)
             assert base is not None
             ckpt: Checkpoint = AdapterCheckpoint(entry.light.path, base, entry.ref, adapter_config=entry.adapter)
         elif entry.remote and not entry.weights:
@@ -252,8 +258,11 @@ class InputStage:
             logger.info("downloading %s of weights from %d repo(s)", format_size(needed), len(remote))
             check_disk_space(needed, hub_cache())
         for e in remote:
-            e.light = fetch_weights(e.source, e.light, variant=self.variant, token=self.token)
-            e.weights = True
+            if e.light.path not in self._fetched:  # `org/a` and `org/a@<its sha>` share one snapshot
+                e.light = fetch_weights(e.source, e.light, variant=self.variant, token=self.token)
+                self._fetched.add(e.light.path)
+            for same in self._entries.values():
+                same.weights = same.weights or same.light.path in self._fetched
 
     def opened(self, checked: Checkpoint) -> Checkpoint:
         """A checked checkpoint readable: one known from its headers opened from its downloaded files (which must
@@ -372,7 +381,7 @@ class Inputs:
         if isinstance(source, Entry):
             return self.stage.tokenizer_dir(source, self.base)
         if source in ("auto", "union", "pivot"):
-            chosen = self.pivot or (self.base if self.pivot_is_base and source == "pivot" else None)
+            chosen = self.pivot or (self.base if self.pivot_is_base else None)
             if chosen is not None:
                 return self.stage.tokenizer_dir(chosen, self.base)
             source = self.pivot_index
@@ -388,12 +397,3 @@ def _upgraded(view: Checkpoint, checked: Checkpoint, opened: Checkpoint) -> Chec
     if view is checked:
         return opened
     return opened.renamed({new: view.stored[new] for new in view.tensors})
-
-
-def check_inputs(refs: Sequence[str | os.PathLike], *, pivot: str | int = "mean", base: str | None = None,
-                 variant: str | None = None, token: str | None = None, allow_dtype_mismatch: bool = False,
-                 tokenizer_source: str | int = "auto") -> Inputs:
-    """`InputStage(token=, variant=).check(...)`: the compatibility report of `refs`, no weight downloaded."""
-    return InputStage(token=token, variant=variant).check(refs, pivot=pivot, base=base,
-                                                          tokenizer_source=tokenizer_source,
-                                                          allow_dtype_mismatch=allow_dtype_mismatch)

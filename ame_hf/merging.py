@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
-from .config import AmeConfig, order_indices, parse_size
+from ._options import config_with, merge_options
+from .config import AmeConfig, parse_size
 from .devices import barrier, cpu_threads, main_process_first, process_setup, share_path
 from .engine import decay_arguments, ingredient_order
-from .errors import InvalidConfigError
 from .finish import finish
 from .inputs import InputStage
 from .modules import merge_module_folders
@@ -78,12 +78,10 @@ def merge(
     PosixPath('merged')
     """
     started = time.perf_counter()
-    try:
-        config = (dataclasses.replace(config, **options) if config is not None else AmeConfig(**options)).resolved()
-    except TypeError as err:
-        raise InvalidConfigError(f"invalid merge option: {err}") from err
+    config = config_with(config, options).resolved()
     refs = [os.fspath(r) for r in ingredients]
-    _validate_counts(refs, config)
+    merge_options(refs, config, threads=threads, max_memory=max_memory)
+    _warn_repeated(refs)
     return _merge(refs, Path(out_dir), config, started, token=token, overwrite=overwrite, progress=progress,
                   callback=callback, device=device, threads=threads, max_memory=max_memory, stage=stage)
 
@@ -206,24 +204,10 @@ def _stamp(result: MergeResult) -> dict[str, str]:
             "ame_config_sha256": recipe_digest(result.config, result.ingredients, result.pivot)}
 
 
-def _validate_counts(refs: Sequence[str], config: AmeConfig) -> None:
-    if len(refs) < 2:
-        raise InvalidConfigError(f"AME needs at least 2 ingredients, got {len(refs)}; list every checkpoint to merge")
+def _warn_repeated(refs: Sequence[str]) -> None:
     seen: dict[str, int] = {}
     for i, ref in enumerate(refs):
         if ref in seen:
             logger.warning("ingredient %r is given twice (positions %d and %d): it counts twice in the average",
                            ref, seen[ref] + 1, i + 1)
         seen.setdefault(ref, i)
-    if isinstance(config.pivot, int) and config.pivot >= len(refs):
-        raise InvalidConfigError(
-            f"pivot index {config.pivot} is out of range for {len(refs)} ingredients (use 0..{len(refs) - 1})"
-        )
-    order_indices(config.order, len(refs))  # a permutation of these ingredients, before any download
-    if isinstance(config.tokenizer_source, int) and config.tokenizer_source >= len(refs):
-        raise InvalidConfigError(f"tokenizer_source index {config.tokenizer_source} is out of range for "
-                                 f"{len(refs)} ingredients (use 0..{len(refs) - 1})")
-    if config.batch_size > len(refs):
-        raise InvalidConfigError(
-            f"batch_size {config.batch_size} is larger than the number of ingredients ({len(refs)})"
-        )

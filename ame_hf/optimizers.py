@@ -6,6 +6,7 @@ Only optimizers that update each element on its own are valid: AME then streams 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import inspect
 import sys
@@ -132,11 +133,13 @@ def check_optimizer_name(name: str) -> str:
     if key in REFUSED:
         raise UnsupportedOptimizerError(
             f"optimizer {name!r} cannot be used for AME: {REFUSED[key]}. "
-            f"Choose one of: {', '.join(sorted(OPTIMIZERS))}"
+            f"Choose one of: {', '.join(sorted(OPTIMIZERS))}", field="optimizer"
         )
     if key not in OPTIMIZERS:
+        close = difflib.get_close_matches(key, sorted(OPTIMIZERS), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
         raise UnknownOptimizerError(
-            f"unknown optimizer {name!r}; choose one of: {', '.join(sorted(OPTIMIZERS))}"
+            f"unknown optimizer {name!r}{hint}; choose one of: {', '.join(sorted(OPTIMIZERS))}", field="optimizer"
         )
     return key
 
@@ -149,28 +152,26 @@ def validate_optimizer_args(name: str, args: Mapping[str, Any]) -> dict[str, Any
     Raises:
         InvalidConfigError: an unknown or invalid argument; the message lists the valid ones.
     """
+    check_optimizer_name(name)
     if not args:
-        check_optimizer_name(name)  # nothing to build: no torch import for a plain config
-        return {}
+        return {}  # nothing to build: no torch import for a plain config
+    if "lr" in args:
+        raise InvalidConfigError("give the learning rate as lr (or relative_lr), not inside optimizer_args",
+                                 fields=("optimizer_args", "lr", "relative_lr"))
     import torch
 
     cls = optimizer_class(name)
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in _RESERVED]
     clean: dict[str, Any] = {}
     for key, value in dict(args).items():
-        if key == "lr":
-            raise InvalidConfigError(
-                "give the learning rate with --lr / lr=, not inside --optimizer-args"
-            )
         if key not in accepted:
-            raise InvalidConfigError(
-                f"{cls.__name__} has no argument {key!r}; valid arguments: {', '.join(accepted)}"
-            )
+            raise InvalidConfigError(f"optimizer_args: {cls.__name__} has no argument {key!r}; valid arguments: "
+                                     f"{', '.join(accepted)}", field="optimizer_args")
         clean[key] = tuple(value) if isinstance(value, list) else value
     try:
         new_optimizer(cls, [torch.zeros(1)], lr=1e-3, **clean)
     except (TypeError, ValueError) as err:
-        raise InvalidConfigError(f"invalid arguments for {cls.__name__}: {err}") from err
+        raise InvalidConfigError(f"invalid optimizer_args for {cls.__name__}: {err}", field="optimizer_args") from err
     return clean
 
 

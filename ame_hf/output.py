@@ -8,11 +8,15 @@ inside an input of the merge, the current directory, a parent of it, the home di
 
 from __future__ import annotations
 
+import atexit
 import errno
+import glob
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -90,7 +94,18 @@ def _umask() -> int:
 
 def make_staging_dir(out: str | os.PathLike) -> Path:
     """A fresh hidden directory beside `out` (same filesystem, so the final rename is atomic), with the
-    permissions of a directory the user would create (mkdtemp's are 0700)."""
+    permissions of a directory the user would create (mkdtemp's are 0700). Staging directories of dead
+    processes there are removed first.
+
+    Args:
+        out: the output directory.
+
+    Returns:
+        The new directory, `.ame-tmp-<pid>-<name>-*`.
+
+    Raises:
+        OutputError: the parent of `out` cannot be written.
+    """
     out = Path(out).absolute()
     remove_stale_staging(out.parent)
     try:
@@ -105,12 +120,90 @@ def remove_stale_staging(parent: Path) -> None:
     """Remove staging directories left in `parent` by ame-hf processes that are gone (SIGKILL, power loss).
 
     Their names start with `.ame-tmp-<pid>-`; one whose process still runs is left alone.
+
+    Args:
+        parent: the folder that holds `--out`.
     """
-    for path in parent.glob(STAGING_PREFIX + "*"):
-        pid_text = path.name[len(STAGING_PREFIX):].split("-", 1)[0]
-        if path.is_dir() and not path.is_symlink() and pid_text.isdigit() and not _pid_alive(int(pid_text)):
+    remove_stale_dirs(parent, STAGING_PREFIX)
+
+
+def remove_stale_dirs(parent: Path, prefix: str) -> list[Path]:
+    """Remove the directories `<prefix><pid>-*` in `parent` whose process is gone: what an ame-hf process that
+    was killed left behind. Only directories of this user are touched; a name without a pid, a link, or a
+    directory whose process still runs (or may: another user's) stays.
+
+    Args:
+        parent: where to look.
+        prefix: the start of the names ame-hf gives such directories (e.g. `.ame-tmp-`).
+
+    Returns:
+        The directories removed.
+    """
+    removed = []
+    for path in parent.glob(glob.escape(prefix) + "*"):
+        pid_text = path.name[len(prefix):].split("-", 1)[0]
+        if (pid_text.isdigit() and path.is_dir() and not path.is_symlink() and _owned(path)
+                and not _pid_alive(int(pid_text))):
             logger.debug("removing %s, left by process %s, which is gone", path, pid_text)
             shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def process_temp_dir(prefix: str) -> Path:
+    """A new folder `<tmp>/<prefix><pid>-*` that this process removes when it exits: normally, by Ctrl-C, or by
+    SIGTERM once `clean_up_temp_dirs` ran. One left by a killed process goes at the next `clean_up_temp_dirs`.
+
+    Args:
+        prefix: the start of the folder's name, e.g. `ame-hf-space-`.
+
+    Returns:
+        The new, empty folder.
+    """
+    folder = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
+    if not _OWN_TEMP_DIRS:
+        atexit.register(_remove_own_temp_dirs)
+    _OWN_TEMP_DIRS.add(folder)
+    return folder
+
+
+def clean_up_temp_dirs(prefix: str) -> list[Path]:
+    """Remove the `process_temp_dir` folders of `prefix` whose process is gone (a killed process leaves them
+    behind, gigabytes with real models), and, from the main thread, have SIGTERM remove this process's own
+    before it dies of the signal as before (unless the program set a SIGTERM handler of its own).
+
+    Args:
+        prefix: the start of the folders' names.
+
+    Returns:
+        The stale folders removed.
+
+    >>> clean_up_temp_dirs("ame-hf-space-")  # doctest: +SKIP
+    [PosixPath('/tmp/ame-hf-space-4242-k2j3c9')]
+    """
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _remove_own_temp_dirs_and_terminate)
+    return remove_stale_dirs(Path(tempfile.gettempdir()), prefix)
+
+
+# What `process_temp_dir` made in this process: exactly these are removed at exit.
+_OWN_TEMP_DIRS: set[Path] = set()
+
+
+def _remove_own_temp_dirs() -> None:
+    for folder in list(_OWN_TEMP_DIRS):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_own_temp_dirs_and_terminate(signum: int, frame: object) -> None:
+    _remove_own_temp_dirs()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _owned(path: Path) -> bool:
+    getuid = getattr(os, "getuid", None)  # POSIX; elsewhere a temp folder is the user's own
+    return getuid is None or path.lstat().st_uid == getuid()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -126,7 +219,19 @@ def _pid_alive(pid: int) -> bool:
 @contextmanager
 def staging_cleanup(staging: Path, out: str | os.PathLike, *, owner: bool = True) -> Iterator[None]:
     """Errors and Ctrl-C alike never leave a half-written model behind: the owner of `staging` removes
-    it, and an OSError becomes one `OutputError` line about `out`."""
+    it, and an OSError becomes one `OutputError` line about `out`.
+
+    Args:
+        staging: the staging directory.
+        out: the output directory (for the message).
+        owner: this block made `staging` and removes it on failure.
+
+    Returns:
+        A context manager.
+
+    Raises:
+        OutputError: an OSError inside the block.
+    """
     try:
         yield
     except BaseException as err:
@@ -138,7 +243,17 @@ def staging_cleanup(staging: Path, out: str | os.PathLike, *, owner: bool = True
 
 
 def publish(staging: Path, out: str | os.PathLike, overwrite: bool) -> None:
-    """Move a complete staging directory to `out`; an existing output is replaced only at the end."""
+    """Move a complete staging directory to `out`; an existing output is replaced only at the end.
+
+    Args:
+        staging: the finished staging directory.
+        out: the output directory.
+        overwrite: an existing ame-hf output there may be replaced.
+
+    Raises:
+        OutputError: `out` was filled by something else meanwhile (nothing is replaced).
+        OSError: a rename failed (a replaced output is put back first).
+    """
     out = Path(out).absolute()
     old = None
     if out.exists():
@@ -158,7 +273,15 @@ def publish(staging: Path, out: str | os.PathLike, overwrite: bool) -> None:
 
 
 def describe_os_error(err: OSError, out: Path) -> str:
-    """One line for an OSError met while writing the output."""
+    """One line for an OSError met while writing the output.
+
+    Args:
+        err: the error.
+        out: the output directory.
+
+    Returns:
+        The message, saying what to do (free space, a writable `--out`).
+    """
     if err.errno in (errno.ENOSPC, errno.EFBIG):
         return f"not enough space to write the output beside {out} ({err.strerror}); free some space or choose another --out"
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

@@ -13,25 +13,6 @@ from .records import PushInfo
 from .resolve import is_repo_id
 
 
-def push_folder(
-    folder: str | os.PathLike,
-    repo_id: str,
-    *,
-    token: str | None = None,
-    private: bool | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
-    commit_message: str | None = None,
-) -> str:
-    """Create the repo if needed and upload a merge output folder; return the URL to show.
-
-    Raises:
-        PushError: the upload failed; the local folder is untouched and the message says how to retry.
-    """
-    return upload_output(folder, repo_id, token=token, private=private, revision=revision, create_pr=create_pr,
-                         commit_message=commit_message).url
-
-
 def upload_output(
     folder: str | os.PathLike,
     repo_id: str,
@@ -42,7 +23,15 @@ def upload_output(
     create_pr: bool = False,
     commit_message: str | None = None,
 ) -> PushInfo:
-    """`push_folder`, telling also whether the Hub already had exactly these files (nothing committed)."""
+    """Create the repo if needed and upload a merge output folder.
+
+    Returns:
+        A `PushInfo`: the URL to show, the commit now at the head, and whether the Hub already had exactly these
+        files (then nothing is committed).
+
+    Raises:
+        PushError: the upload failed; the local folder is untouched and the message says how to retry.
+    """
     from huggingface_hub import HfApi
 
     folder = Path(folder)

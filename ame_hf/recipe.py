@@ -13,7 +13,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from .config import INFO_KEYS, PIVOT_WORDS, AmeConfig, load_yaml_mapping
+from .config import (INFO_KEYS, PIVOT_WORDS, SOURCE_WORDS, AmeConfig, load_yaml_mapping, normalize_pivot,
+                     normalize_source)
 from .errors import InvalidConfigError
 from .optimizers import optimizer_class, reported_hyperparameters
 from .records import Ingredient, MergeResult
@@ -23,7 +24,16 @@ VERSIONED = ("ame-hf", "torch", "transformers", "huggingface_hub", "safetensors"
 
 
 def recipe_digest(config: AmeConfig, ingredients: Sequence[Ingredient], pivot: Any) -> str:
-    """A short hash of everything that determines the weights (stamped into every shard)."""
+    """A short hash of everything that determines the weights (stamped into every shard).
+
+    Args:
+        config: the merge's config.
+        ingredients: the resolved ingredients (their identity: pinned commit, or local path).
+        pivot: the pivot: a keyword, an index, or a resolved checkpoint.
+
+    Returns:
+        16 hex digits.
+    """
     values = config.to_dict()
     if values.get("order") == "given":
         values.pop("order")  # the default of a later option: stamps of earlier merges stay the same
@@ -34,7 +44,11 @@ def recipe_digest(config: AmeConfig, ingredients: Sequence[Ingredient], pivot: A
 
 
 def versions() -> dict[str, str]:
-    """The installed version of each package that shapes the output (the card and `ame_config.yaml`)."""
+    """The installed version of each package that shapes the output (the card and `ame_config.yaml`).
+
+    Returns:
+        `{package: version, or "not installed"}`, in `VERSIONED` order.
+    """
     return dict(_versions())
 
 
@@ -51,7 +65,16 @@ def _versions() -> tuple[tuple[str, str], ...]:
 
 
 def run_dict(result: MergeResult) -> dict[str, Any]:
-    """The content of `ame_config.yaml`: run keys, AmeConfig fields, then what was resolved."""
+    """The content of `ame_config.yaml`: run keys, AmeConfig fields, then what was resolved.
+
+    Local paths are recorded relative to the output (`result.path`), Hub references pinned to their commit.
+
+    Args:
+        result: the merge's record.
+
+    Returns:
+        The mapping, in the file's order.
+    """
     cfg = result.config.to_dict()
     pivot = result.pivot
     if hasattr(pivot, "recipe_ref"):
@@ -77,20 +100,40 @@ def run_dict(result: MergeResult) -> dict[str, Any]:
 
 
 def run_yaml(result: MergeResult) -> str:
-    """The text of `ame_config.yaml`."""
+    """The text of `ame_config.yaml`: a comment saying how to reproduce, then `run_dict` as YAML.
+
+    Args:
+        result: the merge's record.
+
+    Returns:
+        The file's text.
+    """
     header = ("# ame-hf merge configuration: `ame-hf merge --config ame_config.yaml --out DIR` reproduces\n"
               "# the same weights. The `resolved` section is informational and ignored when read back.\n")
     return header + yaml.safe_dump(run_dict(result), sort_keys=False)
 
 
 def write_run_file(path: Path, result: MergeResult) -> None:
+    """Write `run_yaml(result)` to `path` (the output's `ame_config.yaml`).
+
+    Args:
+        path: the file to write.
+        result: the merge's record.
+    """
     path.write_text(run_yaml(result), encoding="utf-8")
 
 
 def write_selection_file(path: Path, ingredient: Ingredient, candidates: int, base: Ingredient | None = None) -> None:
     """The `ame_config.yaml` of a `tune` output that is one ingredient (a PEFT adapter: merged into its
     `base`): it marks the folder as ame-hf's own, and `read_recipe` refuses it with a line saying there is
-    no merge to reproduce."""
+    no merge to reproduce.
+
+    Args:
+        path: the file to write.
+        ingredient: the selected ingredient.
+        candidates: how many candidates it was selected from.
+        base: the base model, when the ingredient is a LoRA adapter.
+    """
     what = "that adapter merged into its base" if base else "an unchanged copy of it"
     path.write_text(
         f"# ame-hf tune selected a single ingredient: this output is {what}, not a merge.\n"
@@ -101,7 +144,13 @@ def write_selection_file(path: Path, ingredient: Ingredient, candidates: int, ba
 
 @dataclass(frozen=True, kw_only=True)
 class Recipe:
-    """What a `--config` YAML file asks for: ingredient references, the output, and `AmeConfig` values."""
+    """What a `--config` YAML file asks for: ingredient references, the output, and `AmeConfig` values.
+
+    Attributes:
+        refs: the ingredients (local paths made relative to the YAML's folder).
+        out: the output folder, if the file names one.
+        values: `AmeConfig` fields as written (paths rebased the same way).
+    """
 
     refs: list[str]
     out: str | None
@@ -110,14 +159,21 @@ class Recipe:
 
 def read_recipe(path: str | Path) -> Recipe:
     """Read a YAML recipe (e.g. a merge's `ame_config.yaml`). Relative local paths in it are relative to
-    the file's own directory, so `--config merged/ame_config.yaml` works from anywhere.
+    the file's own directory, so `--config merged/ame_config.yaml` works from anywhere; pivot and
+    tokenizer-source keywords (and indices) stay keywords, even beside a folder of that name.
+
+    Args:
+        path: the YAML file.
+
+    Returns:
+        A `Recipe`: references, output and `AmeConfig` values (`resolved` and the version left out).
 
     Raises:
         InvalidConfigError: unreadable YAML, a malformed `ingredients` list, or a `tune` copy of an ingredient.
     """
     path = Path(path)
     data = load_yaml_mapping(path)
-    base = path.parent
+    folder = path.parent
     if data.get("selected_by") == "tune":
         adapter = f" (a PEFT adapter, merged into its base {data['selected_base']})" if data.get("selected_base") else ""
         raise InvalidConfigError(
@@ -128,11 +184,16 @@ def read_recipe(path: str | Path) -> Recipe:
     refs = data.pop("ingredients", None) or []
     if not (isinstance(refs, list) and all(isinstance(r, str) for r in refs)):
         raise InvalidConfigError(f"{path}: ingredients must be a list of references")
-    if isinstance(data.get("pivot"), str) and data["pivot"].lower() not in PIVOT_WORDS:
-        data["pivot"] = rebase_ref(data["pivot"], base)
-    for key in ("base", "tokenizer_source"):
-        if isinstance(data.get(key), str) and data[key].lower() not in ("pivot", "first"):
-            data[key] = rebase_ref(data[key], base)
+    # A keyword or an index is never a path, even when a folder of that name sits beside the YAML: the
+    # config's own readers decide what is one.
+    for key, normalize, words in (("pivot", normalize_pivot, PIVOT_WORDS),
+                                  ("tokenizer_source", normalize_source, SOURCE_WORDS)):
+        if isinstance(data.get(key), str):
+            data[key] = normalize(data[key])
+            if isinstance(data[key], str) and data[key] not in words:
+                data[key] = rebase_ref(data[key], folder)
+    if isinstance(data.get("base"), str):
+        data["base"] = rebase_ref(data["base"], folder)
     out = data.pop("out", None)
-    return Recipe(refs=[rebase_ref(r, base) for r in refs], out=rebase_ref(out, base) if isinstance(out, str) else out,
-                  values=data)
+    return Recipe(refs=[rebase_ref(r, folder) for r in refs],
+                  out=rebase_ref(out, folder) if isinstance(out, str) else out, values=data)

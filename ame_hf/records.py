@@ -100,13 +100,36 @@ class MergeResult:
     bytes_read: int = field(default=0, compare=False)
 
 
-@dataclass(frozen=True, kw_only=True)
-class PushInfo:
-    """What a push did: the URL to show, the commit now at the head, and whether it changed anything."""
+class PushInfo(str):
+    """What a push did: the URL to show, the commit now at the head, and whether it changed anything.
+
+    It is also the URL itself (a `str`, as huggingface_hub's `RepoUrl` is), so code that printed or tested the
+    URL `push_to_hub` used to return keeps working. Keyword-only and read-only, like the other records.
+
+    Attributes:
+        url: the repo's URL (or the pull request's).
+        commit: the commit now at the head of the target branch.
+        changed: False when the Hub already held exactly this output (nothing was committed).
+    """
 
     url: str
     commit: str | None
     changed: bool
+
+    def __new__(cls, *, url: str, commit: str | None, changed: bool) -> "PushInfo":
+        info = super().__new__(cls, url)
+        for name, value in (("url", url), ("commit", commit), ("changed", changed)):
+            object.__setattr__(info, name, value)
+        return info
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"PushInfo is read-only (cannot set {name})")
+
+    def __getnewargs_ex__(self) -> tuple[tuple, dict[str, Any]]:
+        return (), {"url": self.url, "commit": self.commit, "changed": self.changed}
+
+    def __repr__(self) -> str:
+        return f"PushInfo(url={self.url!r}, commit={self.commit!r}, changed={self.changed!r})"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -101,34 +101,6 @@ def _close_matches(missing: Path) -> str:
     return f" (did you mean {shown}?)" if close else ""
 
 
-def model_config(ref: str | os.PathLike, *, token: str | None = None) -> dict:
-    """A reference's `config.json` as a dict, without its weights: read locally, or only that file
-    fetched from the Hub (for checks that must fail before the download of a merge).
-
-    Raises:
-        IngredientNotFoundError, HubError: as `plan_refs`; CheckpointError: no readable config.json.
-    """
-    import json
-
-    from .errors import CheckpointError
-
-    text = os.fspath(ref)
-    local = local_path(text)
-    if local is None:
-        from huggingface_hub import hf_hub_download
-
-        repo_id, revision = split_ref(text)
-        with hub_errors(text, repo_id, revision):
-            local = Path(hf_hub_download(repo_id, "config.json", revision=revision, token=token)).parent
-    try:
-        config = json.loads((local / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{text}: no readable config.json ({type(err).__name__}: {err})", path=local) from err
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{text}: config.json must hold a JSON object", path=local)
-    return config
-
-
 def _plan(text: str, token: str | None) -> Ingredient | HubSource:
     local = local_path(text)
     if local is not None:

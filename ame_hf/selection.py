@@ -1,5 +1,5 @@
-"""Choosing between models on validation data: candidates ranked by a direction-aware metric, the greedy
-soup (Wortsman et al. 2022), and the output that is a copy of a selected ingredient."""
+"""Choosing between models on validation data: the greedy soup (Wortsman et al. 2022), and the output that is a
+copy of a selected ingredient; candidates are ranked by `ranking.py`."""
 
 from __future__ import annotations
 
@@ -12,76 +12,25 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .card import add_card_section, selection_card, update_card
-from .config import AmeConfig
+from .config import WEIGHT_FIELDS, AmeConfig
 from .errors import InvalidConfigError
 from .evaluation import (TextData, LabelledData, check_scorable, default_metric, evaluate_model, is_better, load_data,
                          sort_key, task_for_models)
+from .finish import copy_model_files
 from .full_models import FullModels, ResolvedModel, fetch_models, input_paths, resolve_models
 from .inputs import InputStage
 from .merging import merge
 from .output import RUN_FILE, check_output_dir, make_staging_dir, publish
 from .recipe import write_selection_file
+# Tables and `tune` import the ranking from here too.
+from .ranking import Candidate, best_candidate, ranked  # noqa: F401
 from .records import Ingredient
 from .resolve import local_inputs
 
 logger = logging.getLogger(__name__)
 
-# AmeConfig fields that decide the weights of an AME run; the greedy soup fixes them (it is a soup).
-WEIGHT_FIELDS = ("optimizer", "lr", "relative_lr", "optimizer_args", "schedule", "epochs", "batch_size", "pivot",
-                 "order", "shuffle", "seed")
 
-
-@dataclass
-class Candidate:
-    """One model that selection chooses between, and its validation score.
-
-    Attributes:
-        label: how tables name it.
-        score: its validation score.
-        config: the AME config it was merged with (None for a single ingredient).
-        ingredient: the ingredient index, for a single ingredient.
-        kept: for the greedy soup, the ingredient indices it averages.
-    """
-
-    label: str
-    score: float
-    config: AmeConfig | None = None
-    ingredient: int | None = None
-    kept: list[int] | None = None
-
-    def rank_key(self, metric: str = "accuracy") -> tuple[float, int]:
-        """Larger is better: the direction-aware score, then the kind.
-
-        Ties go to the soup, then the greedy soup, then AME, then a single ingredient: a merge uses
-        the experts, and a tie on a small validation set says nothing in favour of one of them.
-        """
-        if self.kept is not None:
-            kind = 2 if self.config is not None else 0  # a greedy soup of one is that ingredient
-        elif self.config is None:
-            kind = 0
-        else:
-            kind = 3 if self.config.is_soup else 1
-        return (sort_key(self.score, metric), kind)
-
-
-def best_candidate(candidates: Sequence[Candidate], metric: str) -> Candidate:
-    """The best candidate for `metric` (highest accuracy, lowest loss, ...); among equals, by kind, then
-    the first (grid order).
-
-    >>> best_candidate([Candidate("a", 2.0), Candidate("b", 1.5)], "loss").label
-    'b'
-    """
-    if not candidates:
-        raise InvalidConfigError("nothing to select from")
-    return max(candidates, key=lambda c: c.rank_key(metric))
-
-
-def ranked(candidates: Sequence[Candidate], metric: str) -> list[Candidate]:
-    """Best first (stable: equals keep their order)."""
-    return sorted(candidates, key=lambda c: c.rank_key(metric), reverse=True)
-
-
-@dataclass
+@dataclass(kw_only=True)
 class GreedySoup:
     """The trace of a greedy soup: which ingredients it kept, each step, and where its merge is.
 
@@ -102,6 +51,12 @@ class GreedySoup:
 def soup_config(config: AmeConfig | None = None) -> AmeConfig:
     """The uniform soup, keeping `config`'s output options (dtype, shard size, variant, ...).
 
+    Args:
+        config: the caller's options (None: the defaults).
+
+    Returns:
+        The soup's `AmeConfig` (SGD, lr 1, harmonic).
+
     Raises:
         InvalidConfigError: `config` sets an option that decides the weights (the greedy soup is a soup).
     """
@@ -111,14 +66,14 @@ def soup_config(config: AmeConfig | None = None) -> AmeConfig:
     changed = [f for f in WEIGHT_FIELDS if getattr(config, f) != getattr(default, f)]
     if changed:
         raise InvalidConfigError(f"the greedy soup is a uniform soup of the ingredients it keeps; drop "
-                                 f"{', '.join('--' + f.replace('_', '-') for f in changed)}")
+                                 f"{', '.join(changed)}", fields=changed)
     return AmeConfig.soup(**{f.name: getattr(config, f.name) for f in dataclasses.fields(AmeConfig)
                              if f.name not in WEIGHT_FIELDS})
 
 
 def run_greedy_soup(refs: Sequence[str], scores: Sequence[float], score: Callable[[Path], float], metric: str,
                     scratch: Path, name: str, *, config: AmeConfig | None = None, token: str | None = None,
-                    log: Callable[[str], None] | None = None) -> GreedySoup:
+                    log: Callable[[str], None] | None = None, stage: InputStage | None = None) -> GreedySoup:
     """The greedy soup: ingredients sorted by validation score (best first); each is added to the running
     uniform soup only if the soup's validation score does not get worse (Wortsman et al. 2022, Recipe 1).
 
@@ -133,6 +88,9 @@ def run_greedy_soup(refs: Sequence[str], scores: Sequence[float], score: Callabl
 
     Returns:
         A `GreedySoup`.
+
+    Raises:
+        InvalidConfigError: `config` sets an option that decides the weights.
     """
     cfg = soup_config(config)
     order = sorted(range(len(refs)), key=lambda i: -sort_key(scores[i], metric))  # stable: ties by index
@@ -142,7 +100,7 @@ def run_greedy_soup(refs: Sequence[str], scores: Sequence[float], score: Callabl
         trial = sorted(kept + [i])
         target = scratch / f"greedy{n}" / name
         target.parent.mkdir(parents=True)
-        merge([refs[k] for k in trial], target, cfg, token=token, progress=False)
+        merge([refs[k] for k in trial], target, cfg, token=token, progress=False, stage=stage)
         value = score(target)
         keep = not is_better(best, value, metric)  # "does not get worse": equal is kept
         trace.steps.append((i, value, keep))
@@ -159,11 +117,31 @@ def run_greedy_soup(refs: Sequence[str], scores: Sequence[float], score: Callabl
 
 
 def greedy_label(kept: Sequence[int]) -> str:
+    """How tables and cards name a greedy soup.
+
+    Args:
+        kept: the ingredient indices it averages.
+
+    Returns:
+        The label.
+
+    >>> greedy_label([0, 2])
+    'greedy soup (kept 0, 2)'
+    """
     return f"greedy soup (kept {', '.join(map(str, kept))})"
 
 
 def greedy_section(trace: GreedySoup, names: Sequence[str], metric: str) -> str:
-    """The card section that says which ingredients the greedy soup kept, and why."""
+    """The card section that says which ingredients the greedy soup kept, and why.
+
+    Args:
+        trace: the greedy soup's trace.
+        names: each ingredient's name, by index.
+        metric: the metric of the scores.
+
+    Returns:
+        Markdown: a paragraph and the table of steps.
+    """
     rows = "\n".join(f"| {k + 1} | {i}: {names[i]} | {v:.4f} | {'kept' if ok else 'rejected (worse)'} |"
                      for k, (i, v, ok) in enumerate(trace.steps))
     return (f"A **greedy soup** (Wortsman et al. 2022, *Model soups*): the ingredients sorted by validation "
@@ -180,12 +158,26 @@ def copy_ingredient(target: Path, ingredient: Ingredient, refs: Sequence[str], c
     For a PEFT adapter it is the full model the adapter makes of its `base`: `full`, the folder
     `FullModels.hand_over` gave (ame-hf's own merge, moved into place), never the adapter's own files.
     The marker (`ame_config.yaml`) makes the copy ame-hf's own output (so `--overwrite` may replace it and
-    `push` takes it); it is no merge recipe, and `merge --config` says so.
+    `push` takes it); it is no merge recipe, and `merge --config` says so. A copy takes what `finish.may_copy`
+    allows, weights included: no code, training state or hidden files.
+
+    Args:
+        target: the new output folder.
+        ingredient: the selected ingredient.
+        refs: every ingredient, as the card lists them.
+        candidates: how many candidates it was selected from.
+        by: what selected it, as Markdown.
+        full: for an adapter, the folder of its full model, moved to `target`.
+        base: for an adapter, its base model.
+
+    Returns:
+        `target`.
     """
     if full is not None:
         shutil.move(full, target)
     else:
-        shutil.copytree(ingredient.path, target, ignore=shutil.ignore_patterns("README.md", "*.py", ".*"))
+        # The same rule as a merge's side files, weights kept: no code, training state or hidden files.
+        copy_model_files(ingredient.path, target, weights=True, skip=lambda name: name in ("README.md", RUN_FILE))
     selection_card(ingredient, list(refs), candidates, by=by, base=base).save(target / "README.md")
     write_selection_file(target / RUN_FILE, ingredient, candidates, base=base)
     return target
@@ -193,7 +185,19 @@ def copy_ingredient(target: Path, ingredient: Ingredient, refs: Sequence[str], c
 
 def write_selected(target: Path, models: FullModels, index: int, refs: Sequence[str], candidates: int,
                    by: str = "`ame-hf tune`") -> Path:
-    """`copy_ingredient` of model `index`: a full checkpoint copied, an adapter's full model moved into place."""
+    """`copy_ingredient` of model `index`: a full checkpoint copied, an adapter's full model moved into place.
+
+    Args:
+        target: the new output folder.
+        models: the selection's models.
+        index: the selected one.
+        refs: every ingredient, as the card lists them.
+        candidates: how many candidates it was selected from.
+        by: what selected it, as Markdown.
+
+    Returns:
+        `target`.
+    """
     model = models.models[index]
     return copy_ingredient(target, model.ingredient, refs, candidates, by, full=models.hand_over(index),
                            base=model.base)
@@ -225,13 +229,17 @@ class Selection:
 def start_selection(ingredients: Sequence[str | os.PathLike], out: Path, overwrite: bool, *,
                     data: str | os.PathLike | LabelledData | TextData,
                     test_data: str | os.PathLike | LabelledData | TextData | None, task: str | None,
-                    metric: str | None, base: str | None, token: str | None) -> Selection:
+                    metric: str | None, base: str | None, token: str | None,
+                    config: AmeConfig | None = None) -> Selection:
     """What `tune` and `greedy_soup` share, every check before any weight is downloaded: `--out` (before and after
     resolving), the ingredients checked as a merge checks them (adapters against their base), the task every model
-    can do, its metric and the data loaded; then the weights fetched (announced, disk checked)."""
+    can do, its metric and the data loaded; then the weights fetched (announced, disk checked). `config` holds the
+    output options (variant, tokenizer source, dtype) the merges will run with."""
     check_output_dir(out, overwrite, inputs=local_inputs([*ingredients, *([base] if base else [])]))
-    stage = InputStage(token=token)
-    checked = stage.check(ingredients, base=base)
+    output = config or AmeConfig()  # the output options every merge of the selection runs with
+    stage = InputStage(token=token, variant=output.variant)
+    checked = stage.check(ingredients, base=base, tokenizer_source=output.tokenizer_source,
+                          allow_dtype_mismatch=output.dtype != "auto")
     checked.raise_for_errors()  # incompatible ingredients: refused before a download, as merge refuses them
     models = resolve_models([os.fspath(r) for r in ingredients], base=base, stage=stage)
     check_output_dir(out, overwrite, inputs=[*checked.paths, *input_paths(models)])
@@ -247,7 +255,7 @@ def start_selection(ingredients: Sequence[str | os.PathLike], out: Path, overwri
                      names=[i.display_name for i in resolved], stage=stage)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GreedySoupResult:
     """What `greedy_soup` wrote: the output, the kept ingredient indices, the trace, and held-out scores.
 
@@ -307,14 +315,18 @@ def greedy_soup(
     Returns:
         A `GreedySoupResult`.
 
+    Raises:
+        AmeError: an option that decides the weights (`InvalidConfigError`), an `--out` that may not be written
+            (`OutputError`), ingredients, data or a task that do not fit, before any merge; what a merge refuses.
+
     >>> greedy_soup(["org/a", "org/b", "org/c"], "greedy", data="val.jsonl").kept  # doctest: +SKIP
     [0, 2]
     """
     out = Path(out_dir)
     soup_config(config)  # a weight option is refused before anything is downloaded
     sel = start_selection(ingredients, out, overwrite, data=data, test_data=test_data, task=task, metric=metric,
-                          base=config.base if config is not None else None, token=token)
-    task, metric, val, test, refs, names = sel.task, sel.metric, sel.val, sel.test, sel.refs, sel.names
+                          base=config.base if config is not None else None, token=token, config=config)
+    task, metric, val, test, refs = sel.task, sel.metric, sel.val, sel.test, sel.refs
     evaluate = lambda path, d: evaluate_model(str(path), d, task, metric, max_length=max_length,  # noqa: E731
                                               batch_size=batch_size, device=device)
     scratch = make_staging_dir(out)
@@ -322,27 +334,41 @@ def greedy_soup(
         full = FullModels(sel.models, scratch / "ingredients", token=token, device=device)
         scores = full.score_each(lambda p: evaluate(p, val), metric)
         trace = run_greedy_soup(refs, scores, lambda p: evaluate(p, val), metric, scratch, out.absolute().name,
-                                config=config, token=token, log=log)
+                                config=config, token=token, log=log, stage=sel.stage)
         best = trace.steps[0][0]
-        tests = {}
-        if test is not None:  # the best ingredient's, before an adapter's full model moves into the output
-            tests["best ingredient"] = evaluate(full.path(best), test)
+        # The best ingredient's, before an adapter's full model moves into the output.
+        best_on_test = evaluate(full.path(best), test) if test is not None else None
         if trace.path is None:
             final = write_selected(scratch / "ingredient", full, best, refs, len(refs), by="the greedy soup")
         else:
             final = trace.path
-        if test is not None:  # only the best ingredient kept: it is the greedy soup, already scored
-            tests = {"greedy soup": tests["best ingredient"] if trace.path is None else evaluate(final, test), **tests}
-        label = greedy_label(trace.kept)
-        rows = [(label, trace.score)] + [(f"ingredient {i}: {names[i]}", s) for i, s in enumerate(scores)]
-        update_card(final, rows, task=task, dataset=val.name, metric=metric, model_name=out.absolute().name,
-                    selected_from=len(trace.steps), selected_by="the greedy soup",
-                    test_results=[(label, tests["greedy soup"]), (f"best ingredient: {names[best]}",
-                                                                  tests["best ingredient"])] if tests else None,
-                    test_dataset=test.name if test is not None else None)
-        add_card_section(final, "## Greedy soup", greedy_section(trace, names, metric))
+        tests = _greedy_test_scores(trace, best_on_test, lambda: evaluate(final, test))
+        _write_greedy_card(final, trace, sel, scores, tests, model_name=out.absolute().name)
         publish(final, out, overwrite)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return GreedySoupResult(path=out, kept=trace.kept, score=trace.score, steps=trace.steps,
                             ingredient_scores=scores, test_scores=tests)
+
+
+def _greedy_test_scores(trace: GreedySoup, best_on_test: float | None,
+                        score_output: Callable[[], float]) -> dict[str, float]:
+    """`{"greedy soup": ..., "best ingredient": ...}` on the test data (empty without it). When only the best
+    ingredient is kept it is the greedy soup, already scored: the output is scored only when it is a merge."""
+    if best_on_test is None:
+        return {}
+    return {"greedy soup": best_on_test if trace.path is None else score_output(), "best ingredient": best_on_test}
+
+
+def _write_greedy_card(folder: Path, trace: GreedySoup, sel: Selection, scores: Sequence[float],
+                       tests: dict[str, float], *, model_name: str) -> None:
+    """The greedy soup's scores (validation, and test when given) and its trace, into the card of `folder`."""
+    label = greedy_label(trace.kept)
+    best = trace.steps[0][0]
+    rows = [(label, trace.score)] + [(f"ingredient {i}: {sel.names[i]}", s) for i, s in enumerate(scores)]
+    test_results = [(label, tests["greedy soup"]), (f"best ingredient: {sel.names[best]}", tests["best ingredient"])
+                    ] if tests else None
+    update_card(folder, rows, task=sel.task, dataset=sel.val.name, metric=sel.metric, model_name=model_name,
+                selected_from=len(trace.steps), selected_by="the greedy soup", test_results=test_results,
+                test_dataset=sel.test.name if sel.test is not None else None)
+    add_card_section(folder, "## Greedy soup", greedy_section(trace, sel.names, sel.metric))

@@ -5,21 +5,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-
-from .fetch import format_size
-from .space_select import (TASK_CHOICES, card_markdown, evaluation_markdown, parse_ingredients, refuse_local_paths,
-                           run_evaluate, run_tune)
+from .output import clean_up_temp_dirs, process_temp_dir
+from .space_merge import MergeView, one_line, run_check, run_merge, run_push
+from .space_select import TASK_CHOICES, evaluation_markdown, parse_ingredients, run_evaluate, run_tune
 
 if TYPE_CHECKING:
     import gradio as gr
-
-    from .records import MergeResult
 
 __all__ = ["MergeView", "build_app", "launch", "one_line", "parse_ingredients", "run_check", "run_merge",
            "run_push"]
@@ -38,116 +33,30 @@ data; **Push** uploads the latest Merge or Tune result with its card.
 """
 # What the data uploads take (`ame_hf.evaluate`'s formats); the suffix decides how a file is read.
 DATA_TYPES = [".jsonl", ".json", ".csv", ".txt"]
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
-# Progress callback of `run_merge`: (fraction done, description).
-Progress = Callable[[float, str], None]
+# Each run's output goes to a new `<tmp>/ame-hf-space-<pid>-*` folder, removed when the app exits; the pid tells
+# one a killed app left behind.
+WORK_DIR_PREFIX = "ame-hf-space-"
 
 
 def on_spaces() -> bool:
-    """True when running on Hugging Face Spaces (which sets SPACE_ID)."""
+    """Whether this process runs on Hugging Face Spaces.
+
+    Returns:
+        True when SPACE_ID is set (Spaces sets it).
+    """
     return bool(os.environ.get("SPACE_ID"))
 
 
 def oauth_enabled() -> bool:
-    """True on a Space with `hf_oauth: true` in its README (Spaces then sets OAUTH_CLIENT_ID).
+    """Whether the app offers "Sign in with Hugging Face".
 
     SYSTEM=spaces is how gradio itself tells a Space: without it gradio mocks the sign-in with a live
     `whoami` of the local login.
+
+    Returns:
+        True on a Space with `hf_oauth: true` in its README (Spaces then sets OAUTH_CLIENT_ID).
     """
     return on_spaces() and os.environ.get("SYSTEM") == "spaces" and bool(os.environ.get("OAUTH_CLIENT_ID"))
-
-
-def one_line(err: BaseException) -> str:
-    """The error as the CLI prints it: one line, whitespace collapsed."""
-    return " ".join(str(err).split()) or type(err).__name__
-
-
-def _blank_to_none(value: Any) -> Any:
-    """Empty text boxes mean "the default"; anything else goes to `AmeConfig`, which validates it."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    return value.strip() if isinstance(value, str) else value
-
-
-def _weights_size(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
-
-
-def run_check(ingredients: str | None, dtype: str = "auto", token: str | None = None, *,
-              allow_local_paths: bool = True) -> str:
-    """The compatibility report of the ingredients, as `ame-hf check` prints it."""
-    import ame_hf
-
-    refs = parse_ingredients(ingredients)
-    if not allow_local_paths:
-        refuse_local_paths(refs)
-    return ame_hf.check(refs, token=token, dtype=dtype or "auto").format()
-
-
-@dataclass(frozen=True)
-class MergeView:
-    """What the app shows after a merge; `folder` (the merge output) is what Push uploads."""
-
-    folder: Path
-    card_markdown: str
-    config_yaml: str
-    summary_markdown: str
-
-
-def run_merge(ingredients: str | None, options: dict[str, Any], work_dir: Path, token: str | None = None, *,
-              progress: Progress | None = None, allow_local_paths: bool = True) -> MergeView:
-    """Merge with `ame_hf.merge` into `work_dir/merged` and render the card, config and summary.
-
-    `options` are `AmeConfig` fields as the form gives them: blank strings mean the default.
-    """
-    import ame_hf
-
-    refs = parse_ingredients(ingredients)
-    values = {key: _blank_to_none(value) for key, value in options.items()}
-    config = ame_hf.AmeConfig.from_dict({key: value for key, value in values.items() if value is not None})
-    if not allow_local_paths:
-        refuse_local_paths(refs + config.pivot_refs + config.tokenizer_refs)
-
-    def on_bytes(done: int, total: int) -> None:
-        if progress is not None and total:
-            progress(done / total, f"Merging: {format_size(done)} of {format_size(total)}")
-
-    if progress is not None:
-        progress(0.0, "Downloading and checking the ingredients")
-    result = ame_hf.merge(refs, work_dir / "merged", config, token=token, progress=False, callback=on_bytes)
-    return MergeView(
-        folder=result.path,
-        card_markdown=card_markdown((result.path / "README.md").read_text(encoding="utf-8")),
-        config_yaml=(result.path / "ame_config.yaml").read_text(encoding="utf-8"),
-        summary_markdown=summary_markdown(result),
-    )
-
-
-def summary_markdown(result: MergeResult) -> str:
-    cfg = result.config
-    lr = f"relative lr {cfg.relative_lr}" if cfg.relative_lr is not None else f"lr {cfg.lr}"
-    out_size = sum(f.stat().st_size for f in result.path.iterdir() if f.is_file())
-    lines = [
-        (f"Merged **{len(result.ingredients)}** checkpoints with **{cfg.optimizer}** ({lr}, {cfg.schedule} "
-         f"schedule, {cfg.epochs} epoch(s)) in **{result.seconds:.1f} s**: {format_size(out_size)} written."),
-        "",
-        "| # | ingredient | commit sha | weights |",
-        "|---|---|---|---|",
-    ]
-    for i, ing in enumerate(result.ingredients):
-        sha = f"`{ing.sha}`" if ing.sha else "local directory"
-        lines.append(f"| {i} | {ing.display_name} | {sha} | {format_size(_weights_size(ing.path))} |")
-    return "\n".join(lines)
-
-
-def run_push(folder: str | Path | None, repo_id: str | None, private: bool = False, token: str | None = None) -> str:
-    """Upload a merge (or tune) output with its card; returns the repo (or pull request) URL."""
-    import ame_hf
-
-    if not folder or not (Path(folder) / "ame_config.yaml").is_file():
-        raise ame_hf.InvalidConfigError("nothing to push yet: run Merge or Tune first")
-    # An unticked box leaves the Hub's default (and an existing repo's visibility) alone.
-    return ame_hf.push_to_hub(folder, (repo_id or "").strip(), token=token, private=True if private else None)
 
 
 def _remove_work_dir(folder: str | None) -> None:
@@ -161,7 +70,7 @@ def _in_fresh_work_dir(run: Callable[[Path], Any], previous: str | None) -> Any:
 
     A fresh directory per run: a failed merge or tune leaves the previous result (and its Push) intact.
     """
-    work_dir = Path(tempfile.mkdtemp(prefix="ame-hf-space-"))
+    work_dir = process_temp_dir(WORK_DIR_PREFIX)
     try:
         with _shown_as_gradio_errors():
             view = run(work_dir)
@@ -200,58 +109,56 @@ def _shown_as_gradio_errors() -> Iterator[None]:
 def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
     """The Space's `gr.Blocks`, with API endpoints `check`, `merge`, `evaluate`, `tune` and `push`.
 
+    Building it removes the work folders of earlier app processes that are gone (`output.clean_up_temp_dirs`).
+
     Args:
         allow_local_paths: accept local directories as ingredients (default: everywhere but on Spaces,
             where visitors must not read the server's disk).
+
+    Returns:
+        The app, ready for `.launch()`.
+
+    Raises:
+        ImportError: gradio is not installed.
+
+    >>> build_app(allow_local_paths=False).launch()  # doctest: +SKIP
     """
     _import_gradio()
-    from .config import DEFAULT_OPTIMIZER, OUTPUT_DTYPES
-    from .optimizers import OPTIMIZERS
+    clean_up_temp_dirs(WORK_DIR_PREFIX)
+    handlers = _handlers(not on_spaces() if allow_local_paths is None else allow_local_paths)
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        gr.Markdown(INTRO)
+        # The latest merge or tune output of this session (what Push uploads); deleted with the session.
+        output_folder = gr.State(None, delete_callback=_remove_work_dir)
+        with gr.Tabs():
+            merge_form = _merge_tab()
+            evaluate_form = _evaluate_tab()
+            tune_form = _tune_tab()
+        push_form = _push_group()
+        _connect(handlers, merge_form, evaluate_form, tune_form, push_form, output_folder)
+    return demo
+
+
+def _handlers(local: bool) -> dict[str, Callable[..., Any]]:
+    """The app's event handlers by endpoint name: the run functions above, with the form's token (or sign-in) and
+    the local-path rule, their errors shown as Gradio errors. Gradio reads their signatures (so they are made
+    once gradio is imported): parameter names are the API's; `gr.OAuthToken` and `gr.Progress` parameters are
+    filled in by Gradio."""
     from .tuning import DEFAULT_BUDGET
-
-    local = not on_spaces() if allow_local_paths is None else allow_local_paths
-
-    def result_tabs(card_id: str, config_id: str) -> tuple[gr.Markdown, gr.Code]:
-        """A result's model card and `ame_config.yaml`, a tab each."""
-        with gr.Tab("Model card"):
-            card = gr.Markdown(label="Model card", elem_id=card_id, container=True, min_height=80, max_height=520)
-        with gr.Tab("ame_config.yaml"):
-            config = gr.Code(language="yaml", label="ame_config.yaml", interactive=False, max_lines=24,
-                             elem_id=config_id)
-        return card, config
-
-    def base_box(prefix: str) -> gr.Textbox:
-        return gr.Textbox("", label="Base model (for LoRA adapters)", placeholder="org/base-model",
-                          info="blank: each adapter's own base_model_name_or_path", elem_id=f"{prefix}-base")
-
-    def selection_options(prefix: str) -> tuple[gr.Dropdown, gr.Textbox, gr.Number]:
-        """Task, metric and max length: what `evaluate` and `tune` share."""
-        with gr.Column():
-            task = gr.Dropdown(list(TASK_CHOICES), value="auto", label="Task", elem_id=f"{prefix}-task",
-                               info="auto: from the models' architecture")
-            metric = gr.Textbox("", label="Metric", placeholder="default", elem_id=f"{prefix}-metric",
-                                info="blank: accuracy; loss for text-generation; or macro_f1, perplexity")
-            # 0, not None: a browser shows and sends an empty number box as 0.
-            max_length = gr.Number(0, label="Max length", precision=0, minimum=0, elem_id=f"{prefix}-max-length",
-                                   info="text-generation: tokens per document; 0: the model's limit")
-        return task, metric, max_length
-
-    def user_token(token: str | None, oauth_token: gr.OAuthToken | None) -> str | None:
-        # The pasted token wins over the sign-in; neither is ever shown, logged or stored.
-        return (token or "").strip() or (oauth_token.token if oauth_token is not None else None)
 
     def check(ingredients: str, dtype: str, token: str, oauth_token: gr.OAuthToken | None = None) -> str:
         with _shown_as_gradio_errors():
-            return run_check(ingredients, dtype, user_token(token, oauth_token), allow_local_paths=local)
+            return run_check(ingredients, dtype, _user_token(token, oauth_token), allow_local_paths=local)
 
     def merge(ingredients: str, optimizer: str, lr: str, relative_lr: str, epochs: float, pivot: str,
               seed: float, shuffle: bool, dtype: str, tokenizer_source: str, token: str, previous: str | None,
-              oauth_token: gr.OAuthToken | None = None,
+              base: str = "", oauth_token: gr.OAuthToken | None = None,
               progress: gr.Progress = gr.Progress()) -> tuple[str, str, str, str]:
         options = {"optimizer": optimizer, "lr": lr, "relative_lr": relative_lr, "epochs": epochs, "pivot": pivot,
-                   "seed": seed, "shuffle": bool(shuffle), "dtype": dtype, "tokenizer_source": tokenizer_source}
+                   "seed": seed, "shuffle": bool(shuffle), "dtype": dtype, "tokenizer_source": tokenizer_source,
+                   "base": base}
         view = _in_fresh_work_dir(lambda work_dir: run_merge(
-            ingredients, options, work_dir, user_token(token, oauth_token),
+            ingredients, options, work_dir, _user_token(token, oauth_token),
             progress=lambda fraction, desc: progress(fraction, desc=desc), allow_local_paths=local), previous)
         return view.card_markdown, view.config_yaml, view.summary_markdown, str(view.folder)
 
@@ -260,7 +167,7 @@ def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
                  max_length: float | None = None, token: str = "", base: str = "",
                  oauth_token: gr.OAuthToken | None = None) -> str:
         with _shown_as_gradio_errors():
-            result = run_evaluate(models, data, task, metric, max_length, user_token(token, oauth_token), base=base,
+            result = run_evaluate(models, data, task, metric, max_length, _user_token(token, oauth_token), base=base,
                                   allow_local_paths=local)
         return evaluation_markdown(result)
 
@@ -269,14 +176,14 @@ def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
              previous: str | None = None, base: str = "", oauth_token: gr.OAuthToken | None = None,
              progress: gr.Progress = gr.Progress()) -> tuple[str, str, str, str, str]:
         view = _in_fresh_work_dir(lambda work_dir: run_tune(
-            ingredients, data, test_data, work_dir, user_token(token, oauth_token), task=task, metric=metric,
+            ingredients, data, test_data, work_dir, _user_token(token, oauth_token), task=task, metric=metric,
             budget=budget, max_length=max_length, base=base, progress=lambda fraction, desc: progress(fraction, desc=desc),
             allow_local_paths=local), previous)
         return view.summary_markdown, view.candidates_markdown, view.card_markdown, view.config_yaml, str(view.folder)
 
     def push(repo_id: str, private: bool, token: str, folder: str | None,
              oauth_token: gr.OAuthToken | None = None) -> str:
-        secret = user_token(token, oauth_token)
+        secret = _user_token(token, oauth_token)
         if secret is None and on_spaces():
             # Never fall back to a token of the Space itself: visitors push with their own.
             raise gr.Error("sign in with Hugging Face or paste a token with write access to push",
@@ -285,111 +192,181 @@ def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
             url = run_push(folder, repo_id, bool(private), secret)
         return f"Pushed to [{url}]({url})"
 
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
-        gr.Markdown(INTRO)
-        # The latest merge or tune output of this session (what Push uploads); deleted with the session.
-        output_folder = gr.State(None, delete_callback=_remove_work_dir)
-        with gr.Tabs():
-            with gr.Tab("Merge", id="merge-tab"):
-                with gr.Row():
-                    with gr.Column(scale=3):
-                        ingredients = gr.Textbox(
-                            "", label="Ingredients", lines=4, elem_id="ingredients",
-                            placeholder="org/finetune-a\norg/finetune-b@v1\norg/finetune-c",
-                            info="Hub repo IDs, one a line; `@revision` (branch, tag or commit) is allowed",
-                        )
-                        with gr.Row():
-                            check_button = gr.Button("Check", elem_id="check-button")
-                            merge_button = gr.Button("Merge", variant="primary", elem_id="merge-button")
-                        report = gr.Textbox(label="Compatibility report", lines=3, interactive=False, elem_id="report")
-                    with gr.Column(scale=2):
-                        optimizer = gr.Dropdown(sorted(OPTIMIZERS), value=DEFAULT_OPTIMIZER, label="Optimizer",
-                                                elem_id="optimizer")
-                        with gr.Row():
-                            lr = gr.Textbox("", label="lr", placeholder="default", info="blank = default", elem_id="lr")
-                            relative_lr = gr.Textbox("", label="Relative lr", placeholder="default",
-                                                     info="× RMS(ingredient − pivot)", elem_id="relative-lr")
-                        with gr.Row():
-                            epochs = gr.Number(1, label="Epochs", precision=0, minimum=1, elem_id="epochs")
-                            pivot = gr.Dropdown(["mean", "first", "base"], value="mean", label="Pivot",
-                                                allow_custom_value=True, info="mean, first, an index, or a repo ID",
-                                                elem_id="pivot")
-                        with gr.Row():
-                            seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="seed")
-                            shuffle = gr.Checkbox(False, label="Shuffle every epoch", elem_id="shuffle")
-                        with gr.Row():
-                            dtype = gr.Dropdown(list(OUTPUT_DTYPES), value="auto", label="Output dtype",
-                                                elem_id="dtype")
-                            tokenizer_source = gr.Dropdown(["auto", "union", "pivot", "first"], value="auto",
-                                                           label="Tokenizer source", allow_custom_value=True,
-                                                           elem_id="tokenizer-source",
-                                                           info="tokenizer + chat template: pivot, first, an "
-                                                                "index, a repo ID")
-                summary = gr.Markdown(label="Summary", elem_id="summary")
-                card, config_yaml = result_tabs("card", "config")
-            with gr.Tab("Evaluate", id="evaluate-tab"):
-                eval_models = gr.Textbox("", label="Models", lines=4, elem_id="eval-models",
-                                         placeholder="your-name/merged-model\norg/finetune-a",
-                                         info="Hub repo IDs, one a line, scored in one table")
-                with gr.Row():
-                    eval_data = gr.File(label="Data", file_types=DATA_TYPES, elem_id="eval-data")
-                    eval_task, eval_metric, eval_max_length = selection_options("eval")
-                eval_base = base_box("eval")
-                evaluate_button = gr.Button("Evaluate", variant="primary", elem_id="evaluate-button")
-                scores = gr.Markdown(label="Scores", elem_id="scores")
-            with gr.Tab("Tune", id="tune-tab"):
-                tune_ingredients = gr.Textbox("", label="Ingredients", lines=4, elem_id="tune-ingredients",
-                                              placeholder="org/finetune-a\norg/finetune-b\norg/finetune-c",
-                                              info="Hub repo IDs, one a line; Push uploads the selected model")
-                with gr.Row():
-                    tune_data = gr.File(label="Validation data (the choice)", file_types=DATA_TYPES,
-                                        elem_id="tune-data")
-                    tune_test_data = gr.File(label="Test data (optional, not used to choose)", file_types=DATA_TYPES,
-                                             elem_id="tune-test-data")
-                with gr.Row():
-                    tune_task, tune_metric, tune_max_length = selection_options("tune")
-                    budget = gr.Number(DEFAULT_BUDGET, label="Budget", precision=0, minimum=0, elem_id="budget",
-                                       info="AME variants to try, besides soup, greedy soup and ingredients")
-                tune_base = base_box("tune")
-                tune_button = gr.Button("Tune", variant="primary", elem_id="tune-button")
-                tune_summary = gr.Markdown(label="Selected", elem_id="tune-summary")
-                with gr.Tab("Candidates"):
-                    candidates = gr.Markdown(label="Candidates", elem_id="candidates")
-                tune_card, tune_config = result_tabs("tune-card", "tune-config")
-        with gr.Group():
-            gr.Markdown("### Push to the Hub\nUploads the latest Merge or Tune result with its model card.")
-            with gr.Row():
-                repo_id = gr.Textbox("", label="Target repo ID", placeholder="your-name/merged-model",
-                                     elem_id="repo-id")
-                private = gr.Checkbox(False, label="Private", elem_id="private")
-                token = gr.Textbox("", label="Hugging Face token", type="password", elem_id="token",
-                                   info="write access to push; also reads private ingredients; never stored")
-                if oauth_enabled():
-                    # Only there: off Spaces the button asks the Hub who is logged in at start-up (and fails
-                    # offline), and on a Space without OAuth gradio refuses to start with it.
-                    gr.LoginButton(elem_id="login")
-            push_button = gr.Button("Push", elem_id="push-button")
-            push_status = gr.Markdown(label="Push status", elem_id="push-status")
+    return {"check": check, "merge": merge, "evaluate": evaluate, "tune": tune, "push": push}
 
-        check_button.click(check, [ingredients, dtype, token], report, api_name="check")
-        merge_button.click(
-            merge, [ingredients, optimizer, lr, relative_lr, epochs, pivot, seed, shuffle, dtype, tokenizer_source, token,
-                    output_folder],
-            [card, config_yaml, summary, output_folder], api_name="merge",
-        )
-        evaluate_button.click(evaluate, [eval_models, eval_data, eval_task, eval_metric, eval_max_length, token,
-                                         eval_base], scores, api_name="evaluate")
-        tune_button.click(
-            tune, [tune_ingredients, tune_data, tune_test_data, tune_task, tune_metric, budget, tune_max_length, token,
-                   output_folder, tune_base],
-            [tune_summary, candidates, tune_card, tune_config, output_folder], api_name="tune",
-        )
-        push_button.click(push, [repo_id, private, token, output_folder], push_status, api_name="push")
-    return demo
+
+def _user_token(token: str | None, oauth_token: gr.OAuthToken | None) -> str | None:
+    # The pasted token wins over the sign-in; neither is ever shown, logged or stored.
+    return (token or "").strip() or (oauth_token.token if oauth_token is not None else None)
+
+
+def _merge_tab() -> dict[str, Any]:
+    """The Merge tab: ingredients, Check and Merge, the AME options, the result. Returns its components by name."""
+    from .config import DEFAULT_OPTIMIZER, OUTPUT_DTYPES, PIVOT_WORDS, SOURCE_WORDS
+    from .optimizers import OPTIMIZERS
+
+    with gr.Tab("Merge", id="merge-tab"):
+        with gr.Row():
+            with gr.Column(scale=3):
+                ingredients = gr.Textbox(
+                    "", label="Ingredients", lines=4, elem_id="ingredients",
+                    placeholder="org/finetune-a\norg/finetune-b@v1\norg/finetune-c",
+                    info="Hub repo IDs, one a line; `@revision` (branch, tag or commit) is allowed",
+                )
+                with gr.Row():
+                    check_button = gr.Button("Check", elem_id="check-button")
+                    merge_button = gr.Button("Merge", variant="primary", elem_id="merge-button")
+                report = gr.Textbox(label="Compatibility report", lines=3, interactive=False, elem_id="report")
+            with gr.Column(scale=2):
+                optimizer = gr.Dropdown(sorted(OPTIMIZERS), value=DEFAULT_OPTIMIZER, label="Optimizer",
+                                        elem_id="optimizer")
+                with gr.Row():
+                    lr = gr.Textbox("", label="lr", placeholder="default", info="blank = default", elem_id="lr")
+                    relative_lr = gr.Textbox("", label="Relative lr", placeholder="default",
+                                             info="× RMS(ingredient − pivot)", elem_id="relative-lr")
+                with gr.Row():
+                    epochs = gr.Number(1, label="Epochs", precision=0, minimum=1, elem_id="epochs")
+                    pivot = gr.Dropdown(list(PIVOT_WORDS), value="mean", label="Pivot", allow_custom_value=True,
+                                        info="mean, first, an index, or a repo ID", elem_id="pivot")
+                with gr.Row():
+                    seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="seed")
+                    shuffle = gr.Checkbox(False, label="Shuffle every epoch", elem_id="shuffle")
+                with gr.Row():
+                    dtype = gr.Dropdown(list(OUTPUT_DTYPES), value="auto", label="Output dtype", elem_id="dtype")
+                    tokenizer_source = gr.Dropdown(list(SOURCE_WORDS), value="auto", label="Tokenizer source",
+                                                   allow_custom_value=True, elem_id="tokenizer-source",
+                                                   info="tokenizer + chat template: pivot, first, an index, a repo ID")
+                base = _base_box("merge")
+        summary = gr.Markdown(label="Summary", elem_id="summary")
+        card, config_yaml = _result_tabs("card", "config")
+    return {"ingredients": ingredients, "check_button": check_button, "merge_button": merge_button, "report": report,
+            "optimizer": optimizer, "lr": lr, "relative_lr": relative_lr, "epochs": epochs, "pivot": pivot,
+            "seed": seed, "shuffle": shuffle, "dtype": dtype, "tokenizer_source": tokenizer_source, "base": base,
+            "summary": summary, "card": card, "config_yaml": config_yaml}
+
+
+def _evaluate_tab() -> dict[str, Any]:
+    """The Evaluate tab: models, data, task options, the scores. Returns its components by name."""
+    with gr.Tab("Evaluate", id="evaluate-tab"):
+        models = gr.Textbox("", label="Models", lines=4, elem_id="eval-models",
+                            placeholder="your-name/merged-model\norg/finetune-a",
+                            info="Hub repo IDs, one a line, scored in one table")
+        with gr.Row():
+            data = gr.File(label="Data", file_types=DATA_TYPES, elem_id="eval-data")
+            task, metric, max_length = _selection_options("eval")
+        base = _base_box("eval")
+        evaluate_button = gr.Button("Evaluate", variant="primary", elem_id="evaluate-button")
+        scores = gr.Markdown(label="Scores", elem_id="scores")
+    return {"models": models, "data": data, "task": task, "metric": metric, "max_length": max_length, "base": base,
+            "evaluate_button": evaluate_button, "scores": scores}
+
+
+def _tune_tab() -> dict[str, Any]:
+    """The Tune tab: ingredients, validation and test data, options, the choice. Returns its components by name."""
+    from .tuning import DEFAULT_BUDGET
+
+    with gr.Tab("Tune", id="tune-tab"):
+        ingredients = gr.Textbox("", label="Ingredients", lines=4, elem_id="tune-ingredients",
+                                 placeholder="org/finetune-a\norg/finetune-b\norg/finetune-c",
+                                 info="Hub repo IDs, one a line; Push uploads the selected model")
+        with gr.Row():
+            data = gr.File(label="Validation data (the choice)", file_types=DATA_TYPES, elem_id="tune-data")
+            test_data = gr.File(label="Test data (optional, not used to choose)", file_types=DATA_TYPES,
+                                elem_id="tune-test-data")
+        with gr.Row():
+            task, metric, max_length = _selection_options("tune")
+            budget = gr.Number(DEFAULT_BUDGET, label="Budget", precision=0, minimum=0, elem_id="budget",
+                               info="AME variants to try, besides soup, greedy soup and ingredients")
+        base = _base_box("tune")
+        tune_button = gr.Button("Tune", variant="primary", elem_id="tune-button")
+        summary = gr.Markdown(label="Selected", elem_id="tune-summary")
+        with gr.Tab("Candidates"):
+            candidates = gr.Markdown(label="Candidates", elem_id="candidates")
+        card, config_yaml = _result_tabs("tune-card", "tune-config")
+    return {"ingredients": ingredients, "data": data, "test_data": test_data, "task": task, "metric": metric,
+            "max_length": max_length, "budget": budget, "base": base, "tune_button": tune_button, "summary": summary,
+            "candidates": candidates, "card": card, "config_yaml": config_yaml}
+
+
+def _push_group() -> dict[str, Any]:
+    """Push, below the tabs: target repo, visibility, the token box (every tab's), sign-in on a Space with OAuth.
+    Returns its components by name."""
+    with gr.Group():
+        gr.Markdown("### Push to the Hub\nUploads the latest Merge or Tune result with its model card.")
+        with gr.Row():
+            repo_id = gr.Textbox("", label="Target repo ID", placeholder="your-name/merged-model", elem_id="repo-id")
+            private = gr.Checkbox(False, label="Private", elem_id="private")
+            token = gr.Textbox("", label="Hugging Face token", type="password", elem_id="token",
+                               info="write access to push; also reads private ingredients; never stored")
+            if oauth_enabled():
+                # Only there: off Spaces the button asks the Hub who is logged in at start-up (and fails
+                # offline), and on a Space without OAuth gradio refuses to start with it.
+                gr.LoginButton(elem_id="login")
+        push_button = gr.Button("Push", elem_id="push-button")
+        status = gr.Markdown(label="Push status", elem_id="push-status")
+    return {"repo_id": repo_id, "private": private, "token": token, "push_button": push_button, "status": status}
+
+
+def _connect(handlers: dict[str, Callable[..., Any]], merge: dict[str, Any], evaluate: dict[str, Any],
+             tune: dict[str, Any], push: dict[str, Any], output_folder: gr.State) -> None:
+    """Wire the buttons to the handlers; the API endpoints take the inputs in these orders."""
+    token = push["token"]
+    merge["check_button"].click(handlers["check"], [merge["ingredients"], merge["dtype"], token], merge["report"],
+                                api_name="check")
+    merge["merge_button"].click(
+        handlers["merge"],
+        [merge[name] for name in ("ingredients", "optimizer", "lr", "relative_lr", "epochs", "pivot", "seed", "shuffle",
+                                  "dtype", "tokenizer_source")] + [token, output_folder, merge["base"]],
+        [merge["card"], merge["config_yaml"], merge["summary"], output_folder], api_name="merge",
+    )
+    evaluate["evaluate_button"].click(
+        handlers["evaluate"],
+        [evaluate[name] for name in ("models", "data", "task", "metric", "max_length")] + [token, evaluate["base"]],
+        evaluate["scores"], api_name="evaluate")
+    tune["tune_button"].click(
+        handlers["tune"],
+        [tune[name] for name in ("ingredients", "data", "test_data", "task", "metric", "budget", "max_length")]
+        + [token, output_folder, tune["base"]],
+        [tune["summary"], tune["candidates"], tune["card"], tune["config_yaml"], output_folder], api_name="tune",
+    )
+    push["push_button"].click(handlers["push"], [push["repo_id"], push["private"], token, output_folder],
+                              push["status"], api_name="push")
+
+
+def _result_tabs(card_id: str, config_id: str) -> tuple[gr.Markdown, gr.Code]:
+    """A result's model card and `ame_config.yaml`, a tab each."""
+    with gr.Tab("Model card"):
+        card = gr.Markdown(label="Model card", elem_id=card_id, container=True, min_height=80, max_height=520)
+    with gr.Tab("ame_config.yaml"):
+        config = gr.Code(language="yaml", label="ame_config.yaml", interactive=False, max_lines=24, elem_id=config_id)
+    return card, config
+
+
+def _base_box(prefix: str) -> gr.Textbox:
+    return gr.Textbox("", label="Base model (for LoRA adapters)", placeholder="org/base-model",
+                      info="blank: each adapter's own base_model_name_or_path", elem_id=f"{prefix}-base")
+
+
+def _selection_options(prefix: str) -> tuple[gr.Dropdown, gr.Textbox, gr.Number]:
+    """Task, metric and max length: what `evaluate` and `tune` share."""
+    with gr.Column():
+        task = gr.Dropdown(list(TASK_CHOICES), value="auto", label="Task", elem_id=f"{prefix}-task",
+                           info="auto: from the models' architecture")
+        metric = gr.Textbox("", label="Metric", placeholder="default", elem_id=f"{prefix}-metric",
+                            info="blank: accuracy; loss for text-generation; or macro_f1, perplexity")
+        # 0, not None: a browser shows and sends an empty number box as 0.
+        max_length = gr.Number(0, label="Max length", precision=0, minimum=0, elem_id=f"{prefix}-max-length",
+                               info="text-generation: tokens per document; 0: the model's limit")
+    return task, metric, max_length
 
 
 def launch(port: int | None = None, **kwargs: Any) -> None:
-    """Serve the app (`ame-hf space`); keyword arguments go to `gr.Blocks.launch`."""
+    """Serve the app (`ame-hf space`), without Gradio's run history (it would keep the token box).
+
+    Args:
+        port: the server port (default: Gradio's).
+        kwargs: passed on to `gr.Blocks.launch`.
+    """
     # The run history would keep every input, the token included, in the browser (or a bucket).
     kwargs.setdefault("run_history", False)
     build_app().launch(server_port=port, **kwargs)

@@ -26,7 +26,17 @@ Progress = Callable[[float, str], None]
 
 
 def parse_ingredients(text: str | None) -> list[str]:
-    """One reference a line (`org/name`, `org/name@revision`); blank lines are ignored."""
+    """The references of a text box.
+
+    Args:
+        text: one reference a line (`org/name`, `org/name@revision`); blank lines are ignored.
+
+    Returns:
+        The references, stripped, in order.
+
+    >>> parse_ingredients(" org/a\\n\\norg/b@v1 \\n")
+    ['org/a', 'org/b@v1']
+    """
     return [line.strip() for line in (text or "").splitlines() if line.strip()]
 
 
@@ -35,6 +45,12 @@ def refuse_local_paths(refs: Sequence[str]) -> None:
 
     On a public Space a local path would read the server's disk, e.g. another visitor's private download in
     the shared Hub cache; Hub references are always checked against the Hub's access rules.
+
+    Args:
+        refs: the references to check.
+
+    Raises:
+        InvalidConfigError: one names a local path (absolute, relative, `~`, or an existing file or folder).
     """
     for ref in refs:
         if ref.startswith(("/", ".", "~")) or Path(ref).expanduser().exists():
@@ -43,7 +59,22 @@ def refuse_local_paths(refs: Sequence[str]) -> None:
 
 
 def card_markdown(readme: str) -> str:
-    """A model card for display: its YAML metadata as a code block (Markdown would render it as text)."""
+    """A model card for display: its YAML metadata as a code block (Markdown would render it as text).
+
+    Args:
+        readme: the card's text (README.md).
+
+    Returns:
+        Markdown.
+
+    >>> print(card_markdown("---\\nlicense: mit\\n---\\n# Title\\n"))
+    ```yaml
+    license: mit
+    ```
+    <BLANKLINE>
+    # Title
+    <BLANKLINE>
+    """
     if readme.startswith("---\n"):
         meta, sep, body = readme[4:].partition("\n---\n")
         if sep:
@@ -124,6 +155,17 @@ def run_evaluate(models: str | None, data: str | Path | None, task: str | None =
     Blank boxes mean the default: `task` "auto" (from the models' architecture), the task's metric, and (blank
     or 0) the model's length limit.
 
+    Args:
+        models: the form's text, one reference a line.
+        data: the uploaded data file.
+        task, metric, max_length: the form's boxes.
+        token: Hub token.
+        base: the base model of LoRA adapters among the models (blank: each adapter's own).
+        allow_local_paths: accept local directories and metric scripts (False on a public Space).
+
+    Returns:
+        The library's `Evaluation`.
+
     Raises:
         AmeError: no models or data, a local path where they are disabled, a task or metric that does not fit.
     """
@@ -140,6 +182,14 @@ def run_evaluate(models: str | None, data: str | Path | None, task: str | None =
 
 def scores_markdown(rows: Sequence[tuple[str, float]], metric: str, what: str = "model") -> str:
     """`rows` as a Markdown table whose header names the metric and its direction (a loss with its perplexity).
+
+    Args:
+        rows: `(label, value)` in the order to show.
+        metric: the metric of the values.
+        what: the first column's header.
+
+    Returns:
+        Markdown.
 
     >>> print(scores_markdown([("soup", 0.91), ("ingredient 0", 0.87)], "accuracy"))
     | model | accuracy (higher is better) |
@@ -162,16 +212,32 @@ def _cell(text: str) -> str:
 
 
 def evaluation_markdown(result: Evaluation) -> str:
-    """The scores best first (direction-aware; equals keep the given order), on which data and metric."""
+    """The scores best first (direction-aware; equals keep the given order), on which data and metric.
+
+    Args:
+        result: what `ame_hf.evaluate` returned.
+
+    Returns:
+        Markdown: a line and a numbered table.
+    """
     sign = 1 if higher_is_better(result.metric) else -1
     rows = sorted(result.scores, key=lambda row: -sign * row[1])
     return (f"**{result.task}** on `{result.dataset}`, best first:\n\n"
             + scores_markdown([(f"{i + 1}. {ref}", value) for i, (ref, value) in enumerate(rows)], result.metric))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TuneView:
-    """What the app shows after `tune`; `folder` (the selected model) is what Push uploads, as after a merge."""
+    """What the app shows after `tune`; `folder` (the selected model) is what Push uploads, as after a merge.
+
+    Attributes:
+        folder: the selected model's output.
+        result: what `ame_hf.tune` returned.
+        card_markdown: its model card, for display.
+        config_yaml: its `ame_config.yaml`.
+        candidates_markdown: every candidate's validation score, best first.
+        summary_markdown: the choice (`tune_summary`).
+    """
 
     folder: Path
     result: TuneResult
@@ -188,6 +254,20 @@ def run_tune(ingredients: str | None, data: str | Path | None, test_data: str | 
     """Select with `ame_hf.tune` into `work_dir/merged` and render the candidates, the choice and the card.
 
     Blank boxes mean the default: `task` "auto", the task's metric, `budget` the library's `DEFAULT_BUDGET`.
+
+    Args:
+        ingredients: the form's text, one reference a line.
+        data: the uploaded validation data (the choice).
+        test_data: uploaded held-out data (optional; not used to choose).
+        work_dir: an empty folder for the output.
+        token: Hub token.
+        task, metric, budget, max_length: the form's boxes.
+        base: the base model of LoRA adapters among the ingredients (blank: each adapter's own).
+        progress: called with (fraction done, description), a step per line `tune` logs.
+        allow_local_paths: accept local directories and metric scripts (False on a public Space).
+
+    Returns:
+        A `TuneView` of the selected model.
 
     Raises:
         AmeError: as `run_evaluate`, a budget below 0, and whatever `tune` refuses (ingredients that do not merge).
@@ -228,7 +308,14 @@ def run_tune(ingredients: str | None, data: str | Path | None, test_data: str | 
 
 
 def tune_summary(result: TuneResult) -> str:
-    """The selected candidate, from how many, and the held-out scores when there were test data."""
+    """The selected candidate, from how many, and the held-out scores when there were test data.
+
+    Args:
+        result: what `ame_hf.tune` returned.
+
+    Returns:
+        Markdown.
+    """
     better = "higher" if higher_is_better(result.metric) else "lower"
     text = (f"Selected **{_cell(result.best.label)}**: validation {result.metric} **{result.best.score:.4f}** "
             f"({better} is better), the best of {len(result.candidates)} candidates. Validation scores chose it, "

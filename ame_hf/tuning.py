@@ -13,15 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ._options import tune_options
 from .card import add_card_section, update_card
-from .config import AmeConfig
-from .errors import InvalidConfigError
+from .config import OUTPUT_FIELDS, AmeConfig
 from .evaluation import LabelledData, TextData, evaluate_model
 from .full_models import FullModels
+from .inputs import InputStage
 from .merging import merge
 from .output import make_staging_dir, publish
-from .selection import (Candidate, best_candidate, greedy_label, greedy_section, ranked, run_greedy_soup,
-                        start_selection, write_selected)
+from .selection import (Candidate, GreedySoup, Selection, best_candidate, greedy_label, greedy_section, ranked,
+                        run_greedy_soup, start_selection, write_selected)
 
 __all__ = ["Candidate", "TuneResult", "default_grid", "tune"]
 
@@ -72,7 +73,7 @@ def default_grid() -> list[AmeConfig]:
     return first + [cfg for cfg in rest if cfg not in first]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TuneResult:
     """The chosen model, every candidate's validation score (best first) and the held-out scores.
 
@@ -115,6 +116,7 @@ def tune(
     base: str | os.PathLike | None = None,
     budget: int = DEFAULT_BUDGET,
     grid: Sequence[AmeConfig] | None = None,
+    config: AmeConfig | None = None,
     max_length: int | None = None,
     batch_size: int | None = None,
     device: str | None = None,
@@ -143,107 +145,164 @@ def tune(
             the ingredients' architectures. Checked against every ingredient before any merge.
         metric: default `accuracy`, or `loss` (mean NLL per token, lower is better) for text-generation.
         base: the base model of the PEFT adapters among the ingredients (merge's `--base`; default: each
-            adapter's `base_model_name_or_path`), for every merge and evaluation.
+            adapter's `base_model_name_or_path`), for every merge and evaluation. The same as `config.base`.
         budget: how many of `grid` (default `default_grid()`) to try.
+        grid: the AME variants to try, in order.
+        config: output options for every merge tune runs (`dtype`, `max_shard_size`, `variant`, `compute_dtype`,
+            `tokenizer_source`, `allow_nonfinite`, `base`); the options that decide the AME steps are refused
+            (tune tries its own: `grid`). A selected single ingredient is copied as it is.
         max_length, batch_size, device: of the evaluation and (device) of the merges.
+        token: Hub token for private or gated repos.
+        overwrite: replace a previous ame-hf output at `out_dir`.
+        progress: progress bars of the evaluations.
         log: called with one line per candidate, and the time estimate after the first merge.
 
     Returns:
         A `TuneResult`.
 
+    Raises:
+        InvalidConfigError: an invalid option (before anything is read), a task the ingredients cannot do or
+            unreadable data (before any merge).
+        OutputError, IngredientNotFoundError, IncompatibleCheckpointsError, HubError: as `merge`.
+
     >>> tune(["org/a", "org/b"], "best", data="val.jsonl", task="text-classification")  # doctest: +SKIP
+    >>> tune(["org/a", "org/b"], "best", data="val.jsonl", config=AmeConfig(dtype="bfloat16"))  # doctest: +SKIP
     """
-    if budget < 0:
-        raise InvalidConfigError(f"--budget must be >= 0, got {budget}")
+    output = tune_options(ingredients, budget=budget, config=config, base=base, max_length=max_length,
+                          batch_size=batch_size)
     out = Path(out_dir)
-    base = os.fspath(base) if base else None
     sel = start_selection(ingredients, out, overwrite, data=data, test_data=test_data, task=task, metric=metric,
-                          base=base, token=token)
-    task, metric, val, test, refs, names = sel.task, sel.metric, sel.val, sel.test, sel.refs, sel.names
-    score = lambda path, d=val: evaluate_model(str(path), d, task, metric, max_length=max_length,  # noqa: E731
-                                               batch_size=batch_size, device=device, progress=progress)
-    configs = [AmeConfig.soup()] + list(grid if grid is not None else default_grid())[:budget]
-    if base:  # the adapters' base, for every merge (the greedy soup's too)
-        configs = [dataclasses.replace(cfg, base=base) for cfg in configs]
-    total = len(refs) + 1 + len(configs)  # + the greedy soup
+                          base=output.base, token=token, config=output)
+    configs = _candidate_configs(grid if grid is not None else default_grid(), budget, output)
+    search = _Search(metric=sel.metric, test=sel.test, log=log, total=len(sel.refs) + 1 + len(configs),
+                     score=lambda path, d=sel.val: evaluate_model(str(path), d, sel.task, sel.metric,
+                                                                  max_length=max_length, batch_size=batch_size,
+                                                                  device=device, progress=progress))
     name = out.absolute().name  # named like the output: the card's "How to use" names the merge's folder
     scratch = make_staging_dir(out)
-    candidates: list[Candidate] = []
-    tests: dict[str, float] = {}
-    tested: dict[tuple, float] = {}  # each model scored on the test data once: ("ingredient", i), ("soup",), ...
-
-    def test_score(key: tuple, path: Callable[[], Path]) -> float:
-        if key not in tested:
-            tested[key] = score(path(), test)
-        return tested[key]
-    kept_dir: dict[int, Path] = {}  # id(candidate) -> its folder, for the best one only
-    trace = None
-
-    def consider(cand: Candidate, folder: Path | None) -> None:
-        candidates.append(cand)
-        _say(log, cand)
-        if folder is None:
-            return
-        if best_candidate(candidates, metric) is cand:
-            for old in list(kept_dir.values()):
-                shutil.rmtree(old.parent, ignore_errors=True)
-            kept_dir.clear()
-            kept_dir[id(cand)] = folder
-        else:
-            shutil.rmtree(folder.parent, ignore_errors=True)
-
     try:
         full = FullModels(sel.models, scratch / "ingredients", token=token, device=device)
-        scores = full.score_each(score, metric)  # each once; the best adapter's full model stays written
+        scores = full.score_each(search.score, sel.metric)  # each once; the best adapter's full model stays written
         for i, s in enumerate(scores):
-            consider(Candidate(f"ingredient {i}: {names[i]}", s, ingredient=i), None)
+            search.consider(Candidate(f"ingredient {i}: {sel.names[i]}", s, ingredient=i), None)
         for n, cfg in enumerate(configs):
             started = time.perf_counter()
-            target = scratch / f"cand{n}" / name
-            target.parent.mkdir()
-            result = merge(refs, target, cfg, token=token, progress=False, device=device)
-            value = score(result.path)
-            if test is not None and n == 0:
-                tests["soup"] = test_score(("soup",), lambda: result.path)
-            consider(Candidate(_label(cfg), value, config=result.config), target)
-            if n == 0:
-                per = time.perf_counter() - started
+            _try_variant(search, n, cfg, sel.refs, scratch / f"cand{n}" / name, token=token, device=device,
+                         stage=sel.stage)
+            if n == 0:  # after the soup: the time estimate, then the greedy soup
                 if log:
+                    per = time.perf_counter() - started
                     log(f"about {per:.1f}s per candidate (merge + evaluation): {len(configs) - 1} AME variants and "
-                        f"the greedy soup ({len(refs) - 1} merges) left, about {per * (len(configs) + len(refs) - 2):.0f}s")
-                trace = run_greedy_soup(refs, scores, score, metric, scratch / "greedy", name, token=token, log=log,
-                                        config=AmeConfig(base=base) if base else None)
-                kept = Candidate(greedy_label(trace.kept), trace.score, config=AmeConfig.soup(), kept=trace.kept)
-                if trace.path is None:  # only the best ingredient kept: the greedy soup is that ingredient
-                    kept.config, kept.ingredient = None, trace.kept[0]
-                if test is not None:
-                    tests["greedy soup"] = test_score(_key(kept), lambda: trace.path or full.path(trace.kept[0]))
-                consider(kept, trace.path)
-        best = best_candidate(candidates, metric)  # among equals: by kind, then grid order
-        order = ranked(candidates, metric)
-        val_best = best_candidate([c for c in candidates if c.config is None and c.kept is None], metric)
-        if test is not None:  # before an adapter's full model may move into the output
-            tests["best ingredient"] = test_score(_key(val_best), lambda: full.path(val_best.ingredient))
-        if id(best) in kept_dir:
-            final = kept_dir[id(best)]
-        else:
-            final = write_selected(scratch / "ingredient", full, best.ingredient if best.ingredient is not None
-                                   else best.kept[0], refs, total)
-        test_rows = None
-        if test is not None:
-            tests["selected"] = test_score(_key(best), lambda: final)
-            test_rows = [(f"selected: {best.label}", tests["selected"]), ("soup", tests["soup"]),
-                         (greedy_label(trace.kept), tests["greedy soup"]),
-                         (f"best ingredient (validation): {val_best.label}", tests["best ingredient"])]
-        update_card(final, [(f"selected: {best.label}", best.score)] + [(c.label, c.score) for c in order],
-                    task=task, dataset=val.name, metric=metric, model_name=name, selected_from=total,
-                    test_results=test_rows, test_dataset=test.name if test is not None else None)
-        if best.kept is not None and trace is not None:
-            add_card_section(final, "## Greedy soup", greedy_section(trace, names, metric))
+                        f"the greedy soup ({len(sel.refs) - 1} merges) left, about "
+                        f"{per * (len(configs) + len(sel.refs) - 2):.0f}s")
+                _try_greedy_soup(search, full, sel.refs, scores, scratch / "greedy", name, output, token=token,
+                                 stage=sel.stage)
+        best, final = _write_selected(search, full, sel, scratch, name)
         publish(final, out, overwrite)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return TuneResult(path=out, best=best, candidates=order, metric=metric, test_scores=tests)
+    return TuneResult(path=out, best=best, candidates=ranked(search.candidates, sel.metric), metric=sel.metric,
+                      test_scores=search.tests)
+
+
+def _candidate_configs(grid: Sequence[AmeConfig], budget: int, output: AmeConfig) -> list[AmeConfig]:
+    """The soup, then the first `budget` of `grid`, each with the output options `output` sets."""
+    default = AmeConfig()
+    given = {f: getattr(output, f) for f in OUTPUT_FIELDS if getattr(output, f) != getattr(default, f)}
+    return [dataclasses.replace(cfg, **given) for cfg in [AmeConfig.soup(), *list(grid)[:budget]]]
+
+
+@dataclass
+class _Search:
+    """The state of one `tune`: the candidates so far, the folder of the best one (the only one kept on
+    disk), and the test scores (each model scored on the test data once)."""
+
+    metric: str
+    score: Callable[..., float]
+    test: LabelledData | TextData | None
+    log: Callable[[str], None] | None
+    total: int  # how many candidates there will be (for the card)
+    candidates: list[Candidate] = field(default_factory=list)
+    kept_dir: dict[int, Path] = field(default_factory=dict)  # id(candidate) -> its folder, for the best one only
+    tests: dict[str, float] = field(default_factory=dict)
+    tested: dict[tuple, float] = field(default_factory=dict)  # ("ingredient", i), ("soup",), ... -> test score
+    trace: GreedySoup | None = None
+
+    def consider(self, cand: Candidate, folder: Path | None) -> None:
+        """Add a scored candidate; keep its folder only while it is the best."""
+        self.candidates.append(cand)
+        _say(self.log, cand)
+        if folder is None:
+            return
+        if best_candidate(self.candidates, self.metric) is cand:
+            for old in list(self.kept_dir.values()):
+                shutil.rmtree(old.parent, ignore_errors=True)
+            self.kept_dir.clear()
+            self.kept_dir[id(cand)] = folder
+        else:
+            shutil.rmtree(folder.parent, ignore_errors=True)
+
+    def test_score(self, row: str, cand: Candidate, path: Callable[[], Path]) -> None:
+        """`tests[row]`: the candidate's score on the test data (scored once per model)."""
+        key = _key(cand)
+        if key not in self.tested:
+            self.tested[key] = self.score(path(), self.test)
+        self.tests[row] = self.tested[key]
+
+
+def _try_variant(search: _Search, n: int, cfg: AmeConfig, refs: Sequence[str], target: Path, *,
+                 token: str | None, device: str | None, stage: InputStage) -> None:
+    """Merge candidate `n` into `target` (with the run's input stage: every input read once for all candidates),
+    score it, and consider it (the soup, n = 0, is scored on test data)."""
+    target.parent.mkdir()
+    result = merge(refs, target, cfg, token=token, progress=False, device=device, stage=stage)
+    cand = Candidate(_label(cfg), search.score(result.path), config=result.config)
+    if search.test is not None and n == 0:
+        search.test_score("soup", cand, lambda: result.path)
+    search.consider(cand, target)
+
+
+def _try_greedy_soup(search: _Search, full: FullModels, refs: Sequence[str], scores: Sequence[float],
+                     scratch: Path, name: str, output: AmeConfig, *, token: str | None, stage: InputStage) -> None:
+    """Run the greedy soup (with the output options) and consider it; it is a single ingredient when only the
+    best one is kept."""
+    trace = search.trace = run_greedy_soup(refs, scores, search.score, search.metric, scratch, name, token=token,
+                                           log=search.log, config=output, stage=stage)
+    kept = Candidate(greedy_label(trace.kept), trace.score, config=AmeConfig.soup(), kept=trace.kept)
+    if trace.path is None:  # only the best ingredient kept: the greedy soup is that ingredient
+        kept.config, kept.ingredient = None, trace.kept[0]
+    if search.test is not None:
+        search.test_score("greedy soup", kept, lambda: trace.path or full.path(trace.kept[0]))
+    search.consider(kept, trace.path)
+
+
+def _write_selected(search: _Search, full: FullModels, sel: Selection, scratch: Path,
+                    name: str) -> tuple[Candidate, Path]:
+    """The best candidate's folder (a merge kept on disk, or a written ingredient) with its card; and the
+    test scores of the selected model and the best ingredient."""
+    metric, test, trace = search.metric, search.test, search.trace
+    best = best_candidate(search.candidates, metric)  # among equals: by kind, then grid order
+    val_best = best_candidate([c for c in search.candidates if c.config is None and c.kept is None], metric)
+    if test is not None:  # before an adapter's full model may move into the output
+        search.test_score("best ingredient", val_best, lambda: full.path(val_best.ingredient))
+    if id(best) in search.kept_dir:
+        final = search.kept_dir[id(best)]
+    else:
+        final = write_selected(scratch / "ingredient", full, best.ingredient if best.ingredient is not None
+                               else best.kept[0], sel.refs, search.total)
+    test_rows = None
+    if test is not None:
+        search.test_score("selected", best, lambda: final)
+        test_rows = [(f"selected: {best.label}", search.tests["selected"]), ("soup", search.tests["soup"]),
+                     (greedy_label(trace.kept), search.tests["greedy soup"]),
+                     (f"best ingredient (validation): {val_best.label}", search.tests["best ingredient"])]
+    order = ranked(search.candidates, metric)
+    update_card(final, [(f"selected: {best.label}", best.score)] + [(c.label, c.score) for c in order],
+                task=sel.task, dataset=sel.val.name, metric=metric, model_name=name, selected_from=search.total,
+                test_results=test_rows, test_dataset=test.name if test is not None else None)
+    if best.kept is not None and trace is not None:
+        add_card_section(final, "## Greedy soup", greedy_section(trace, sel.names, metric))
+    return best, final
 
 
 def _key(cand: Candidate) -> tuple:

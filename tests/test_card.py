@@ -188,3 +188,34 @@ def test_tune_single_ingredient_card_says_it_was_selected(berts, tmp_path, monke
     data = card.data.to_dict()
     assert "model-selection" in data["tags"] and data["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.9
     assert card.data.eval_results[0].dataset_split == "validation"
+
+
+@pytest.mark.parametrize("soup_on_val", [0.95, 0.1])
+def test_greedy_soup_card_with_held_out_data(berts, tmp_path, monkeypatch, soup_on_val):
+    """With `test_data`, the greedy soup's card and model-index carry its held-out score beside the best ingredient's;
+    when only the best ingredient is kept (the soup scores worse), the output is that ingredient, scored once."""
+    import ame_hf.selection as selection
+    from ame_hf.evaluation import load_data
+
+    experts, val = berts
+    test = load_data(val, "text-classification")
+    on_test: list[str] = []
+
+    def score(model, data, task, metric=None, **kwargs) -> float:
+        if data is test:
+            on_test.append(str(model))
+            return 0.7 if str(model) == str(experts[1]) else 0.8
+        return {str(experts[0]): 0.5, str(experts[1]): 0.9}.get(str(model), soup_on_val)
+
+    monkeypatch.setattr(selection, "evaluate_model", score)
+    result = selection.greedy_soup(experts, tmp_path / "greedy", data=val, test_data=test)
+    kept_both = soup_on_val > 0.9
+    assert result.kept == ([0, 1] if kept_both else [1])
+    assert result.test_scores == {"greedy soup": 0.8 if kept_both else 0.7, "best ingredient": 0.7}
+    assert len(on_test) == (2 if kept_both else 1) and on_test[0] == str(experts[1])
+    card = card_of(result.path)
+    [ev] = card.data.eval_results
+    assert ev.metric_value == result.test_scores["greedy soup"] and ev.dataset_split == "test"
+    assert "selected by the greedy soup" in card.text and "## Greedy soup" in card.text
+    assert f"| best ingredient: {experts[1]} | 0.7000 |" in card.text
+    assert f"| greedy soup (kept {', '.join(map(str, result.kept))}) | {result.score:.4f} |" in card.text

@@ -43,6 +43,9 @@ def test_merged_demo_model_generates_text_and_tokenizes(demo):
     assert all(word in tokenizer.get_vocab() for word in generated.split()), generated
     for name in ("merged-soup", "base", "expert-count", "expert-skip3", "expert-repeat"):
         assert (root / "ame-demo" / name / "tokenizer.json").is_file(), name
+    # a word the demo does not know reads as <base>, not an error ("Missing [UNK] token" before)
+    assert tokenizer("hello 3")["input_ids"] == [BASE_TOKEN, 3]
+    assert pipeline("text-generation", model=str(merged))("hello", max_new_tokens=3)[0]["generated_text"]
 
 
 def test_demo_training_is_unchanged_by_the_tokenizer(demo):

@@ -182,7 +182,7 @@ def test_merge_order_reverse_is_recorded_and_reproduced(llamas, tmp_path, capsys
     given = merge(llamas, tmp_path / "given", progress=False)
     assert rev.order == [[2, 1, 0]] and weights_sha256(rev.path) != weights_sha256(given.path)
     capsys.readouterr()
-    assert main(["merge", *map(str, llamas), "--out", str(tmp_path / "bad"), "--order", "0,1"]) == 1
+    assert main(["merge", *map(str, llamas), "--out", str(tmp_path / "bad"), "--order", "0,1"]) == 2
     assert "not a permutation of the 3 ingredient indices" in capsys.readouterr().err
 
 

@@ -9,6 +9,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -149,23 +150,35 @@ CASES = [
     ("extra-tensor", lambda w: [w["a"], w["extra"]], ["extra tensor", "extra.bias"]),
     ("dtype-mismatch", lambda w: [w["a"], w["bf16"]], ["dtype", "BF16", "--dtype"]),
     ("nan-in-ingredient", lambda w: [w["a"], w["nan"]], ["model.norm.weight", "NaN", "--allow-nonfinite"]),
+    ("device-not-available", lambda w: [w["a"], w["b"], "--device", "cuda:3"], ["cuda:3", "--device cpu"]),
+    ("device-not-a-device", lambda w: [w["a"], w["b"], "--device", "gpu please"], ["gpu please", "cuda"]),
+]
+# Usage errors: found by the validation step, before torch or the Hub client loads; exit 2, naming the flag.
+USAGE_CASES = [
     ("one-ingredient", lambda w: [w["a"]], ["at least 2 ingredients"]),
-    ("unknown-optimizer", lambda w: [w["a"], w["b"], "--optimizer", "adamq"], ["adamq", "adamw"]),
+    ("unknown-optimizer", lambda w: [w["a"], w["b"], "--optimizer", "adamq"], ["--optimizer 'adamq'", "adamw"]),
+    ("misspelt-optimizer", lambda w: [w["a"], w["b"], "--optimizer", "adamm"], ["'adamm'", "did you mean adam?"]),
     ("lbfgs", lambda w: [w["a"], w["b"], "--optimizer", "lbfgs"], ["lbfgs", "closure"]),
     ("malformed-optimizer-args", lambda w: [w["a"], w["b"], "--optimizer-args", "{betas: 1"], ["--optimizer-args", "JSON"]),
     ("unknown-optimizer-arg", lambda w: [w["a"], w["b"], "--optimizer", "sgd", "--optimizer-args", '{"momentun": 0.9}'],
-     ["momentun", "momentum"]),
-    ("negative-lr", lambda w: [w["a"], w["b"], "--lr", "-1"], ["lr", "-1"]),
-    ("zero-epochs", lambda w: [w["a"], w["b"], "--epochs", "0"], ["epochs", "0"]),
-    ("pivot-out-of-range", lambda w: [w["a"], w["b"], "--pivot", "5"], ["pivot index 5", "0..1"]),
-    ("batch-larger-than-n", lambda w: [w["a"], w["b"], "--batch-size", "3"], ["batch_size 3", "(2)"]),
-    ("lr-and-relative-lr", lambda w: [w["a"], w["b"], "--lr", "0.1", "--relative-lr", "0.1"], ["lr", "relative_lr"]),
+     ["--optimizer-args", "momentun", "momentum"]),
+    ("lr-in-optimizer-args", lambda w: [w["a"], w["b"], "--optimizer-args", '{"lr": 0.1}'],
+     ["--lr", "not inside --optimizer-args"]),
+    ("negative-lr", lambda w: [w["a"], w["b"], "--lr", "-1"], ["--lr must be", "-1"]),
+    ("zero-epochs", lambda w: [w["a"], w["b"], "--epochs", "0"], ["--epochs must be", "0"]),
+    ("pivot-out-of-range", lambda w: [w["a"], w["b"], "--pivot", "5"], ["--pivot index 5", "0..1"]),
+    ("tokenizer-source-out-of-range", lambda w: [w["a"], w["b"], "--tokenizer-source", "2"],
+     ["--tokenizer-source index 2", "0..1"]),
+    ("order-not-a-permutation", lambda w: [w["a"], w["b"], "--order", "0,2"], ["order 0,2", "permutation"]),
+    ("batch-larger-than-n", lambda w: [w["a"], w["b"], "--batch-size", "3"], ["--batch-size 3", "(2)"]),
+    ("lr-and-relative-lr", lambda w: [w["a"], w["b"], "--lr", "0.1", "--relative-lr", "0.1"],
+     ["give either --lr or --relative-lr"]),
     ("invalid-yaml", lambda w: ["--config", w["bad_yaml"]], ["bad.yaml", "YAML"]),
     ("unknown-config-key", lambda w: [w["a"], w["b"], "--config", w["unknown_yaml"]], ["learning_rate", "valid keys"]),
     ("missing-config-file", lambda w: [w["a"], w["b"], "--config", "nope.yaml"], ["nope.yaml", "does not exist"]),
-    ("bad-shard-size", lambda w: [w["a"], w["b"], "--max-shard-size", "5 parsecs"], ["5 parsecs", "5GB"]),
-    ("device-not-available", lambda w: [w["a"], w["b"], "--device", "cuda:3"], ["cuda:3", "--device cpu"]),
-    ("device-not-a-device", lambda w: [w["a"], w["b"], "--device", "gpu please"], ["gpu please", "cuda"]),
+    ("bad-shard-size", lambda w: [w["a"], w["b"], "--max-shard-size", "5 parsecs"], ["--max-shard-size '5 parsecs'", "5GB"]),
+    ("shard-size-without-unit", lambda w: [w["a"], w["b"], "--max-shard-size", "5"], ["--max-shard-size '5'", "no unit"]),
+    ("max-memory-without-unit", lambda w: [w["a"], w["b"], "--max-memory", "128"], ["--max-memory '128'", "no unit"]),
     ("zero-threads", lambda w: [w["a"], w["b"], "--threads", "0"], ["--threads", ">= 1"]),
     ("push-without-repo-id", lambda w: [w["a"], w["b"], "--push"], ["--repo-id"]),
 ]
@@ -175,6 +188,16 @@ CASES = [
 def test_bad_merge_input(world, tmp_path, capsys, case_id, argv, needles):
     out = tmp_path / "out"
     cli_error_line(capsys, "merge", *argv(world), "--out", out, needles=needles, exit_code=1)
+    assert not out.exists()
+    assert not list(tmp_path.glob(".ame-tmp-*"))
+
+
+@pytest.mark.parametrize("case_id,argv,needles", USAGE_CASES, ids=[c[0] for c in USAGE_CASES])
+def test_bad_merge_option(world, tmp_path, capsys, case_id, argv, needles):
+    out = tmp_path / "out"
+    line = cli_error_line(capsys, "merge", *argv(world), "--out", out, needles=needles, exit_code=2)
+    if case_id != "unknown-config-key":  # a YAML file's keys are the keywords, and that error lists them
+        assert not any(f in line for f in ("relative_lr", "max_shard_size", "optimizer_args", "batch_size")), line
     assert not out.exists()
     assert not list(tmp_path.glob(".ame-tmp-*"))
 
@@ -274,3 +297,55 @@ def test_user_errors_are_found_before_torch_is_imported(world, tmp_path, argv):
     proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode in (1, 2) and proc.stderr.startswith("ame-hf: error: "), proc.stderr
     assert proc.stdout.split() == ["False", "False"], proc.stdout
+
+
+# Usage errors of the other commands (and merge's missing --out): exit 2, the flag named.
+OTHER_USAGE = [
+    (["merge", "{a}", "{b}"], ["no output directory", "--out"]),
+    (["tune", "{a}", "{b}", "--data", "val.jsonl"], ["no output directory", "--out"]),
+    (["tune", "{a}", "{b}", "--out", "o", "--data", "val.jsonl", "--budget", "-1"], ["--budget must be", "-1"]),
+    (["tune", "{a}", "{b}", "--out", "o", "--data", "val.jsonl", "--max-shard-size", "5"], ["--max-shard-size '5'"]),
+    (["tune", "{a}", "--out", "o", "--data", "val.jsonl"], ["at least 2 ingredients"]),
+    (["check", "{a}", "{b}", "--pivot", "2"], ["--pivot index 2"]),
+    (["check", "{a}", "{b}", "--tokenizer-source", "-1"], ["--tokenizer-source index must be >= 0"]),
+    (["evaluate", "{a}", "--data", "val.jsonl", "--eval-batch-size", "0"], ["--eval-batch-size must be"]),
+    (["evaluate", "{a}", "--data", "val.jsonl", "--max-length", "0"], ["--max-length must be"]),
+    (["merge", "{a}", "{b}", "--out", "o", "--greedy-soup", "--eval-data", "val.jsonl", "--relative-lr", "0.1"],
+     ["drop --relative-lr"]),
+]
+
+
+@pytest.mark.parametrize("argv,needles", OTHER_USAGE, ids=[" ".join(a[:1] + a[3:]) for a, _ in OTHER_USAGE])
+def test_usage_errors_of_every_command_exit_2_naming_the_flag(world, tmp_path, monkeypatch, capsys, argv, needles):
+    monkeypatch.chdir(tmp_path)
+    cli_error_line(capsys, *[a.format(a=world["a"], b=world["b"]) for a in argv], needles=needles, exit_code=2)
+    assert not (tmp_path / "o").exists()
+
+
+def test_usage_errors_are_found_before_torch_or_the_hub_client_loads(world, tmp_path):
+    """The validation step imports neither: checked in a fresh interpreter after each usage error in turn.
+    (An unknown *name* inside --optimizer-args is the exception: torch's own signature decides it.)"""
+    runs = [[str(a) for a in argv(world)] + ["--out", str(tmp_path / "out")]
+            for case_id, argv, _ in USAGE_CASES if case_id != "unknown-optimizer-arg"]
+    runs += [[a.format(a=world["a"], b=world["b"]) for a in argv] for argv, _ in OTHER_USAGE]
+    script = ("import json, sys; from ame_hf.cli import main\n"
+              "for argv in json.loads(sys.argv[1]):\n"
+              "    code = main(argv)\n"
+              "    print(json.dumps([argv, code, 'torch' in sys.modules, 'huggingface_hub' in sys.modules]))\n")
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(runs)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    results = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(results) == len(runs) and proc.stderr.count("ame-hf: error: ") == len(runs), proc.stderr
+    for argv, code, torch_loaded, hub_loaded in results:
+        assert (code, torch_loaded, hub_loaded) == (2, False, False), argv
+
+
+def test_a_misspelt_optimizer_is_refused_at_once(tmp_path):
+    """A whole `ame-hf` process (a bound against importing torch first, not a benchmark)."""
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "ame_hf", "merge", "a", "b", "--out", "o", "--optimizer", "adamm"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    elapsed = time.perf_counter() - started
+    assert_one_error_line(proc.returncode, proc.stderr, "--optimizer 'adamm'", "did you mean adam?", exit_code=2)
+    assert elapsed < 1.5, f"took {elapsed:.2f}s"

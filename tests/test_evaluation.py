@@ -50,7 +50,22 @@ def test_merge_with_eval_data_records_model_index(classifiers, tmp_path, capsys)
                  "--metric", "macro_f1", "--quiet"]) == 0
     card = ModelCard.load(out / "README.md")
     assert card.data.eval_results[0].metric_type == "macro_f1"
-    assert "merged" in capsys.readouterr().out
+    rows = score_table(capsys.readouterr().out)
+    assert list(rows)[0] == "m", rows  # the output as named by --out (it was "merged" whatever --out was)
+
+
+def test_merge_eval_data_and_greedy_soup_take_adapters(lm_adapters, tmp_path, capsys):
+    """`merge --eval-data` and `merge --greedy-soup` take PEFT adapters, as evaluate and tune do (they refused them:
+    the pre-merge check read each ref's config.json, which an adapter has none of)."""
+    refs = [*map(str, lm_adapters["adapters"]), str(lm_adapters["full"])]
+    val = str(lm_adapters["val"])
+    assert main(["merge", *refs, "--out", str(tmp_path / "ev"), "--optimizer", "sgd", "--pivot", "base",
+                 "--eval-data", val, "--quiet"]) == 0
+    rows = score_table(capsys.readouterr().out)
+    assert list(rows)[0] == "ev" and len(rows) == 4, rows
+    assert main(["merge", *refs, "--out", str(tmp_path / "greedy"), "--greedy-soup", "--eval-data", val,
+                 "--quiet"]) == 0
+    assert (tmp_path / "greedy" / "config.json").is_file() and not (tmp_path / "greedy" / "adapter_config.json").exists()
 
 
 def test_bad_data_is_one_clear_line(classifiers, tmp_path, capsys):

@@ -88,3 +88,26 @@ def test_a_merge_resolves_fetches_and_parses_each_input_once(stage_repos, hub, t
     assert any("LoRA adapter" in n for n in result.report.notes), result.report.notes
     merged = load_file(tmp_path / "out" / "model.safetensors")
     assert merged and all(torch.isfinite(t).all() for t in merged.values())
+
+
+def test_evaluating_a_hub_adapter_resolves_and_loads_it_once(stage_repos, lm_adapters, hub, tmp_path, monkeypatch):
+    """`evaluate` of one Hub LoRA adapter: one model_info per repo (adapter and base), each config parsed once, the
+    adapter's factors loaded once (before: 3 model_info calls, 5 config parses, 3 loads of the factors)."""
+    import huggingface_hub.constants as constants
+
+    import ame_hf.adapters as adapters
+    import ame_hf.inputs as inputs
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    configs = _counting(monkeypatch, _model_files, "read_config")
+    monkeypatch.setattr(inputs, "read_config", _model_files.read_config)
+    monkeypatch.setattr(checkpoint, "read_config", _model_files.read_config)
+    factors = _counting(monkeypatch, adapters, "_load_adapter_tensors")
+    seen = len(hub.requests)
+    result = ame_hf.evaluate(["org/st-lora"], data=lm_adapters["val"])
+    api = [r.path.split("?")[0] for r in hub.requests[seen:] if r.path.startswith("/api/models/")]
+    info = Counter(p.split("/revision/")[0] for p in api if "/tree/" not in p)
+    assert info == {"/api/models/org/st-lora": 1, "/api/models/org/st-base": 1}, info
+    assert sum(factors.values()) == 1, factors
+    assert configs and max(configs.values()) == 1, configs
+    assert result.scores[0][0] == "org/st-lora" and result.scores[0][1] > 0

@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ame_hf import check, merge
-from ame_hf.inputs import check_inputs
 from factories import make_finetunes, tiny_tokenizer
 
 
@@ -30,7 +29,7 @@ def test_generation_config_differences_are_noted_once_naming_whose_file_the_outp
     assert any(n.startswith("generation_config.json suppress_tokens:") and "(40 items)" in n for n in notes), notes
     assert len(notes) == 3, notes  # temperature, do_sample, suppress_tokens: each once
     # The output's file is the one the note names: the pivot's ingredient when it is one.
-    report = check_inputs([a, b, c], pivot=2).report
+    report = check([a, b, c], pivot=2)
     assert any(n.startswith("generation_config.json temperature:") and n.endswith(f"takes {c}'s") for n in report.notes)
     out = merge([a, b, c], tmp_path / "out", optimizer="adam", lr=1e-3, pivot=2, progress=False).path
     assert json.loads((out / "generation_config.json").read_text())["temperature"] == 0.7

@@ -182,3 +182,54 @@ def test_sigkill_mid_merge_keeps_previous_output(big_ingredients, tmp_path):
                  "--quiet"]) == 0
     assert not _staging(tmp_path)  # ... but the next run removes what dead runs left
     assert (out / "model.safetensors").is_file() and not (out / "previous.txt").exists()
+
+
+@pytest.mark.parametrize("stop", ["exit", "SIGINT", "SIGTERM"])
+def test_a_process_removes_its_temp_dirs_when_it_stops(tmp_path, stop):
+    """`process_temp_dir` folders (the Space's work folders) go when their process exits, by Ctrl-C (SIGINT) or
+    SIGTERM too, and only those: another live process's folder stays, and SIGTERM still ends the process."""
+    script = (
+        "import sys, time\n"
+        "from ame_hf.output import clean_up_temp_dirs, process_temp_dir\n"
+        "clean_up_temp_dirs('ame-hf-test-')\n"
+        "folder = process_temp_dir('ame-hf-test-')\n"
+        "(folder / 'merged').mkdir()\n"
+        "(folder / 'merged' / 'model.safetensors').write_bytes(b'weights')\n"
+        "print(folder, flush=True)\n"
+        "sys.stdin.readline() if sys.argv[1] == 'exit' else time.sleep(120)\n"
+    )
+    other = tmp_path / "ame-hf-test-1-other"  # pid 1 (init) is alive: never this process's
+    other.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-c", script, stop], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        folder = Path(proc.stdout.readline().strip())
+        assert folder.parent == tmp_path and (folder / "merged" / "model.safetensors").is_file()
+        if stop == "exit":
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+        else:
+            proc.send_signal(getattr(signal, stop))
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not folder.exists() and other.is_dir()
+    assert code == {"exit": 0, "SIGINT": -signal.SIGINT, "SIGTERM": -signal.SIGTERM}[stop]  # as without ame-hf
+
+
+def test_stale_temp_dirs_are_those_of_dead_processes_of_this_user(tmp_path):
+    from ame_hf.output import remove_stale_dirs
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"ame-hf-test-{dead.pid}-x"
+    live = tmp_path / f"ame-hf-test-{os.getpid()}-y"
+    kept = [live, tmp_path / "ame-hf-test-notes", tmp_path / "ame-hf-test-12ab-z", tmp_path / "other"]
+    for folder in (stale, *kept):
+        folder.mkdir()
+        (folder / "file").write_text("x")
+    (tmp_path / f"ame-hf-test-{dead.pid}-link").symlink_to(tmp_path / "other", target_is_directory=True)
+    assert remove_stale_dirs(tmp_path, "ame-hf-test-") == [stale]
+    assert not stale.exists() and all((folder / "file").is_file() for folder in kept)

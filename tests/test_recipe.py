@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import yaml
 
 from ame_hf import merge
@@ -49,3 +50,24 @@ def test_a_relative_base_is_recorded_relative_to_the_output(lm_adapters, tmp_pat
     # The same weights (the header's stamp hashes the references as written, so the files differ there).
     again, before = load_state(tmp_path / "again"), load_state(first)
     assert again.keys() == before.keys() and all(torch.equal(again[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("pivot, source", [("first", "union"), ("Mean", "auto"), ("base", "pivot"), ("mean", "first"),
+                                           ("2", "0")])
+def test_keywords_in_a_config_yaml_stay_keywords_beside_folders_of_their_name(tmp_path, pivot, source):
+    """A folder named like a pivot or tokenizer-source keyword (or an index) sits beside the YAML: the keyword
+    keeps its meaning, while a reference that names a folder there is still read relative to the YAML."""
+    from ame_hf.config import AmeConfig
+    from ame_hf.recipe import read_recipe
+
+    for name in ("union", "first", "mean", "base", "auto", "pivot", "0", "2", "a", "tok"):
+        (tmp_path / name).mkdir()
+    config = tmp_path / "ame_config.yaml"
+    config.write_text(yaml.safe_dump({"ingredients": ["a", "org/b"], "pivot": pivot, "tokenizer_source": source}))
+    recipe = read_recipe(config)
+    expected = AmeConfig(pivot=pivot, tokenizer_source=source)
+    assert (recipe.values["pivot"], recipe.values["tokenizer_source"]) == (expected.pivot, expected.tokenizer_source)
+    assert recipe.refs == [str(tmp_path / "a"), "org/b"]
+
+    config.write_text(yaml.safe_dump({"ingredients": ["a"], "pivot": "first/", "tokenizer_source": "tok"}))
+    assert read_recipe(config).values == {"pivot": str(tmp_path / "first"), "tokenizer_source": str(tmp_path / "tok")}

@@ -34,6 +34,8 @@ UI_TIMEOUT = 120_000  # ms; a merge downloads both ingredients from the local Hu
 SHA = re.compile(r"\b[0-9a-f]{40}\b")
 INGREDIENTS = ["org/space-a", "org/space-b"]
 CLASSIFIERS = ["org/space-cls-a", "org/space-cls-b", "org/space-cls-c"]
+LORA_BASE = "org/space-lora-base"
+LORAS = ["org/space-lora-0", "org/space-lora-1"]
 
 
 def _free_port() -> int:
@@ -73,6 +75,28 @@ def classifier_repos(hub, hub_token, classifiers) -> tuple[list[str], Path]:
         api.create_repo(repo_id, exist_ok=True)
         api.upload_folder(repo_id=repo_id, folder_path=folder)
     return CLASSIFIERS, val
+
+
+@pytest.fixture(scope="module")
+def lora_repos(hub, hub_token, lm_adapters, tmp_path_factory) -> dict[str, str]:
+    """The tiny llama base and its two LoRA adapters on the test Hub; the adapters name no base of their own, so
+    only the form's Base box can give it. Returns {"base": repo ID, "adapters": one a line}."""
+    import json
+
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.url, token=hub_token)
+    api.create_repo(LORA_BASE, exist_ok=True)
+    api.upload_folder(repo_id=LORA_BASE, folder_path=lm_adapters["base"])
+    root = tmp_path_factory.mktemp("space-loras")
+    for repo_id, adapter in zip(LORAS, lm_adapters["adapters"]):
+        folder = Path(shutil.copytree(adapter, root / adapter.name))
+        config = json.loads((folder / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = None
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=folder)
+    return {"base": LORA_BASE, "adapters": "\n".join(LORAS)}
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +150,8 @@ def space_url(hub, hub_token, tmp_path_factory) -> Iterator[str]:
             proc.wait()
     log_text = log_path.read_text(errors="replace")
     assert hub_token not in log_text, "the app logged the token"
+    # Stopped by SIGTERM (terminate), the app removed the merges it had made.
+    assert sorted(p.name for p in (work / "tmp").glob("ame-hf-space-*")) == []
 
 
 @pytest.fixture(scope="module")
@@ -269,6 +295,9 @@ def test_local_paths_are_refused_when_asked(tmp_path):
     with pytest.raises(InvalidConfigError, match="local paths are disabled"):  # a tokenizer source too
         run_merge("org/space-a\norg/space-b", {"tokenizer_source": str(tmp_path)}, tmp_path / "run",
                   allow_local_paths=False)
+    with pytest.raises(InvalidConfigError, match="local paths are disabled"):  # and a base
+        run_merge("org/space-a\norg/space-b", {"base": f"{tmp_path}"}, tmp_path / "run", allow_local_paths=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_tokenizer_source_of_the_form_reaches_the_merge(tmp_path):
@@ -363,8 +392,12 @@ def test_browser_evaluate_and_tune(browser, space_url, classifier_repos):
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     page.set_default_timeout(UI_TIMEOUT)
     page.goto(space_url)
+    # A tab's form is drawn when the tab is first shown: a box filled before that loses its text (seen on a
+    # loaded machine), so wait for the form, and for the text to stay, before clicking.
     page.get_by_role("tab", name="Evaluate").click()
+    expect(page.locator("#evaluate-button")).to_be_visible(timeout=UI_TIMEOUT)
     page.locator("#eval-models textarea").fill("\n".join(repos))
+    expect(page.locator("#eval-models textarea")).to_have_value("\n".join(repos))
     page.locator("#eval-data input[type=file]").set_input_files(str(val))
     expect(page.locator("#eval-data")).to_contain_text(val.name, timeout=UI_TIMEOUT)
     page.locator("#evaluate-button").click()
@@ -373,11 +406,76 @@ def test_browser_evaluate_and_tune(browser, space_url, classifier_repos):
     assert all(repo in scores.inner_text() for repo in repos)
 
     page.get_by_role("tab", name="Tune").click()
+    expect(page.locator("#tune-button")).to_be_visible(timeout=UI_TIMEOUT)
     page.locator("#tune-ingredients textarea").fill("\n".join(repos))
+    expect(page.locator("#tune-ingredients textarea")).to_have_value("\n".join(repos))
     page.locator("#tune-data input[type=file]").set_input_files(str(val))
     expect(page.locator("#tune-data")).to_contain_text(val.name, timeout=UI_TIMEOUT)
     page.locator("#budget input").fill("0")
+    expect(page.locator("#budget input")).to_have_value("0")
     page.locator("#tune-button").click()
     expect(page.locator("#tune-summary")).to_contain_text("Selected", timeout=UI_TIMEOUT)
     expect(page.locator("#candidates")).to_contain_text("soup", timeout=UI_TIMEOUT)
     page.close()
+
+
+def test_gradio_client_merges_lora_adapters_with_the_base_box(space_url, lora_repos, hub, hub_token, tmp_path,
+                                                             monkeypatch):
+    """Adapters that name no base merge with the Merge tab's Base box, into the weights the library writes for
+    `base=`; the recipe records the pinned base."""
+    import ame_hf
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+    from huggingface_hub import HfApi
+
+    from factories import load_state
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    client = Client(space_url, verbose=False, download_files=False)
+    try:
+        with pytest.raises(AppError, match="base"):  # without the box the adapters have none
+            client.predict(ingredients=lora_repos["adapters"], optimizer="sgd", api_name="/merge")
+        card, config_yaml, summary = client.predict(ingredients=lora_repos["adapters"], optimizer="sgd",
+                                                    base=f" {lora_repos['base']} ", api_name="/merge")
+        status = client.predict(repo_id="org/space-lora-merged", token=hub_token, api_name="/push")
+        assert status.startswith("Pushed to")
+    finally:
+        client.close()
+    api = HfApi(endpoint=hub.url, token=hub_token)
+    base_sha = api.model_info(lora_repos["base"]).sha
+    assert f"base: {lora_repos['base']}@{base_sha}" in config_yaml and lora_repos["base"] in card
+    direct = ame_hf.merge(LORAS, tmp_path / "direct", optimizer="sgd", base=lora_repos["base"], progress=False)
+    pushed = Path(api.snapshot_download("org/space-lora-merged", local_dir=tmp_path / "pushed"))
+    written, expected = load_state(pushed), load_state(direct.path)
+    assert written.keys() == expected.keys() and all(written[k].equal(expected[k]) for k in expected)
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_building_the_app_removes_work_dirs_of_dead_app_processes_only(tmp_path, monkeypatch):
+    import tempfile
+
+    from ame_hf.space import build_app
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        stale = tmp_path / f"ame-hf-space-{_dead_pid()}-x1y2z3"
+        running = tmp_path / f"ame-hf-space-{live.pid}-a1b2c3"
+        kept = [running, tmp_path / "ame-hf-space-notes", tmp_path / "ame-hf-space-12ab-notes", tmp_path / "mine"]
+        for folder in (stale, *kept):
+            (folder / "merged").mkdir(parents=True)
+            (folder / "merged" / "model.safetensors").write_bytes(b"weights")
+        link = tmp_path / f"ame-hf-space-{_dead_pid()}-link"
+        link.symlink_to(tmp_path / "mine", target_is_directory=True)
+        build_app()
+        assert not stale.exists()
+        assert all((folder / "merged" / "model.safetensors").read_bytes() == b"weights" for folder in kept)
+        assert link.is_symlink() and (tmp_path / "mine" / "merged").is_dir()
+    finally:
+        live.kill()
+        live.wait()

@@ -75,8 +75,8 @@ def test_tokenizer_source_decides_the_output_tokenizer(two_tokenizers, tmp_path,
 def test_a_tokenizer_source_index_out_of_range_is_one_line(two_tokenizers, tmp_path, capsys):
     a, b = two_tokenizers
     capsys.readouterr()
-    assert main(["merge", str(a), str(b), "--out", str(tmp_path / "o"), "--tokenizer-source", "5"]) == 1
-    assert "tokenizer_source index 5 is out of range" in capsys.readouterr().err
+    assert main(["merge", str(a), str(b), "--out", str(tmp_path / "o"), "--tokenizer-source", "5"]) == 2
+    assert "--tokenizer-source index 5 is out of range" in capsys.readouterr().err
 
 
 # -- extended vocabularies: rows matched by token string --------------------------------------------

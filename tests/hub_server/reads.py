@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 from typing import Any
+from urllib.parse import parse_qs
 
 from .auth import AuthHandler
 from .errors import HubError
@@ -150,13 +151,9 @@ class ReadRoutes(AuthHandler):
         repo, _ = self._visible_repo(repo_type, repo_id, token)
         cid = self._resolve(repo, revision)
         files: dict[str, Any] = self.store.commit(repo, cid)["files"]
-        # The client posts a form (paths=a&paths=b&expand=false); accept JSON too.
-        if "json" in self.headers.get("Content-Type", ""):
-            body = self._json_body()
-            wanted, expand = body.get("paths", []), bool(body.get("expand"))
-        else:
-            form = parse_qs(self._body.decode(), keep_blank_values=True)
-            wanted, expand = form.get("paths", []), form.get("expand", ["false"])[0].lower() == "true"
+        # `HfApi.get_paths_info` posts a form: paths=a&paths=b&expand=False.
+        form = parse_qs(self._body.decode(), keep_blank_values=True)
+        wanted, expand = form.get("paths", []), form.get("expand", ["false"])[0].lower() == "true"
         existing = [p.strip("/") for p in wanted if p.strip("/") in files or self._under(files, p.strip("/"))]
         self._send_json(self._entries(repo, cid, expand, existing))
 
