@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -200,6 +201,8 @@ def cmd_merge(args: argparse.Namespace, run: MergeRun) -> int:
     result = merge(refs, out, run.config, token=args.token, overwrite=args.overwrite,
                    progress=not args.quiet, device=args.device, threads=args.threads,
                    max_memory=args.max_memory, stage=stage)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch: the main process reports
+        return 0
     _say(args, f"merged {len(result.ingredients)} checkpoints with {result.config.optimizer} "
                f"in {result.seconds:.1f}s -> {result.path}")
     if args.data:

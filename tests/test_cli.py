@@ -204,3 +204,20 @@ def test_keep_freed_memory_takes_effect_on_glibc_and_merges_the_same_bytes(finet
     assert cli.returncode == 0, cli.stderr
     api = merge(finetunes, tmp_path / "api", AmeConfig(), progress=False)
     assert weights_sha256(tmp_path / "cli") == weights_sha256(api.path)
+
+
+def test_under_torchrun_only_the_main_process_prints_the_result(tmp_path):
+    """Issue 23 item 2: two processes, one 'merged ...' line (every rank printed it)."""
+    import os
+    import subprocess
+    import sys
+
+    from factories import make_finetunes
+
+    paths = make_finetunes(tmp_path / "ft", n=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ame_hf",
+           "merge", *map(str, paths), "--out", str(tmp_path / "out"), "--device", "cpu", "--optimizer", "sgd"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("merged 2 checkpoints")]
+    assert len(said) == 1, proc.stderr[-3000:]
