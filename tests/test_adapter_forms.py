@@ -1,0 +1,153 @@
+"""Adapters whose form is not the plain LoRA of tests/test_adapters.py (issue 21 items 2, 4, 6), each built with peft
+and either merged exactly as peft merges it (`PeftModel.from_pretrained(base, adapter).merge_and_unload()`; a soup of
+two adapters is the float64 mean of those models within 1e-6) or refused by `check` in one line naming the adapter,
+the feature and what to do, before any weight is downloaded."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from ame_hf import check, merge
+from factories import build_base, run_cli
+
+
+def make_adapter(base: Path, out: Path, seed: int, loader: Any = AutoModelForCausalLM, *, resize: int | None = None,
+                 initial: Path | None = None, **options: Any) -> Path:
+    """A LoRA adapter saved by peft from the model in `base` (resized to `resize` rows first), every trainable tensor
+    moved by seeded noise. With `initial`, it is saved a second time converted (`out`-converted) against the initial
+    adapter peft needs for that (PiSSA, OLoRA)."""
+    model = loader.from_pretrained(base)
+    if resize:
+        model.resize_token_embeddings(resize)
+    peft_model = get_peft_model(model, LoraConfig(**{"r": 2, "lora_alpha": 4, **options}))
+    if initial is not None:  # peft's recipe: the initial adapter, saved as a plain LoRA one
+        peft_model.peft_config["default"].init_lora_weights = True
+        peft_model.save_pretrained(initial)
+        peft_model.peft_config["default"].init_lora_weights = options["init_lora_weights"]
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in (p for p in peft_model.parameters() if p.requires_grad):
+            param.add_(torch.randn(param.shape, generator=gen) * 0.1)
+    peft_model.save_pretrained(out)
+    if initial is not None:
+        peft_model.save_pretrained(out.with_name(out.name + "-converted"),
+                                   path_initial_model_for_weight_conversion=str(initial))
+    return out
+
+
+def peft_model_of(base: Path, adapter: Path, loader: Any = AutoModelForCausalLM,
+                  resize: int | None = None) -> dict[str, torch.Tensor]:
+    """What peft loads: the adapter on its base (resized first, as peft needs for a resized vocabulary), merged."""
+    model = loader.from_pretrained(base)
+    if resize:
+        model.resize_token_embeddings(resize)
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload().state_dict()
+
+
+def assert_mean(out: Path, references: list[dict[str, torch.Tensor]], loader: Any = AutoModelForCausalLM) -> None:
+    """The output, loaded as its users load it, is the float64 mean of the references within 1e-6."""
+    merged = loader.from_pretrained(out).state_dict()
+    assert set(merged) == set(references[0])
+    for name, value in merged.items():
+        expected = sum(r[name].double() for r in references) / len(references)
+        assert torch.allclose(value.double(), expected, atol=1e-6), name
+
+
+def assert_refused(capsys: Any, refs: list[Path], *needles: str) -> str:
+    """`check` refuses in one report line naming the first ref and every needle; `ame-hf check` exits 1 with it."""
+    report = check(refs)
+    assert not report.ok and len(report.errors) == 1, report.errors
+    line = report.errors[0]
+    assert "\n" not in line and str(refs[0]) in line, line
+    for needle in needles:
+        assert needle in line, line
+    code, out, _ = run_cli(capsys, "check", *refs)
+    assert code == 1 and f"error: {line}" in out, out
+    return line
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> dict[str, Path]:
+    """A tiny llama base, a plain LoRA adapter of it, and a folder to write variants of it into."""
+    root = tmp_path_factory.mktemp("forms")
+    build_base("llama").save_pretrained(root / "base")
+    make_adapter(root / "base", root / "plain", 0, target_modules=["q_proj", "up_proj"])
+    return {"root": root, "base": root / "base", "plain": root / "plain"}
+
+
+# -- adapter_config.json: every key is one peft knows, and does what ame-hf computes ----------------------------------
+
+def test_every_field_of_peft_lora_config_is_classified():
+    """The fields of the installed peft's `LoraConfig` are each known to have no effect on the merge, computed, or
+    refused when set; only LoRA variants (peft's own `is_lora_variant` mark) are left to the general refusal."""
+    import peft
+
+    from ame_hf.adapters import _COMPUTED, _NO_EFFECT, _REFUSED
+
+    fields = dataclasses.fields(peft.LoraConfig)
+    known = _NO_EFFECT | _COMPUTED | set(_REFUSED) | {"alora_invocation_tokens"}
+    left = {f.name for f in fields if f.name not in known}
+    assert all(f.metadata.get("is_lora_variant") for f in fields if f.name in left), left
+    assert {"use_dora", "init_lora_weights", "target_parameters", "lora_bias"} <= {f.name for f in fields}
+
+
+REFUSED_CONFIGS = [
+    ({"use_dora": True}, ("DoRA", "merge_and_unload")),
+    ({"use_qalora": True}, ("QA-LoRA", "merge_and_unload")),
+    ({"peft_type": "IA3"}, ("IA3", "merge_and_unload")),
+    ({"alora_invocation_tokens": [3, 4]}, ("aLoRA", "peft refuses to merge it", "unmerged")),
+    ({"init_lora_weights": "pissa"}, ("PiSSA", "path_initial_model_for_weight_conversion")),
+    ({"init_lora_weights": "pissa_niter_4"}, ("PiSSA", "path_initial_model_for_weight_conversion")),
+    ({"init_lora_weights": "olora"}, ("OLoRA", "path_initial_model_for_weight_conversion")),
+    ({"init_lora_weights": "corda"}, ("CorDA", "path_initial_model_for_weight_conversion")),
+    ({"init_lora_weights": "lora_ga"}, ("LoRA-GA", "path_initial_model_for_weight_conversion")),
+    ({"init_lora_weights": "loftq"}, ("LoftQ", "merge_and_unload")),
+    ({"target_parameters": ["mlp.experts.down_proj"]}, ("target_parameters", "merge_and_unload")),
+    ({"trainable_token_indices": [1, 2]}, ("trainable_token_indices", "merge_and_unload")),
+    ({"layer_replication": [[0, 2], [1, 2]]}, ("layer_replication", "merge_and_unload")),
+    ({"megatron_config": {"tensor_model_parallel_size": 2}}, ("megatron_config", "merge_and_unload")),
+    ({"kasa_config": {"beta": 1e-4}}, ("kasa_config", "LoRA variant", "merge_and_unload")),
+    ({"bias": "some"}, ("bias='some'", "merge_and_unload")),
+    ({"shiny_new_option": 1}, ("unknown adapter_config.json key 'shiny_new_option'", "does not know it either")),
+]
+
+
+@pytest.mark.parametrize("edit,needles", REFUSED_CONFIGS, ids=[next(iter(e)) + "=" + str(next(iter(e.values())))
+                                                               for e, _ in REFUSED_CONFIGS])
+def test_adapter_config_keys_that_change_the_merge_are_refused_by_name(llama, tmp_path, capsys, edit, needles):
+    adapter = tmp_path / "edited"
+    shutil.copytree(llama["plain"], adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+    assert_refused(capsys, [adapter, llama["plain"]], *needles)
+
+
+def test_initializations_merge_as_peft_loads_them(llama, capsys):
+    """PiSSA and OLoRA saved as trained are factors over a base peft changes on load: refused, naming peft's
+    conversion; converted, they are plain LoRA and merge exactly, as do the inits that leave the base alone (MiCA,
+    Gaussian). An aLoRA adapter is refused: peft cannot merge it either."""
+    root, base = llama["root"], llama["base"]
+    targets = dict(target_modules=["q_proj", "up_proj"])
+    pissa = make_adapter(base, root / "pissa", 1, init_lora_weights="pissa", initial=root / "pissa-init", **targets)
+    olora = make_adapter(base, root / "olora", 2, init_lora_weights="olora", initial=root / "olora-init", **targets)
+    assert_refused(capsys, [pissa, llama["plain"]], "PiSSA", "path_initial_model_for_weight_conversion")
+    assert_refused(capsys, [olora, llama["plain"]], "OLoRA", "path_initial_model_for_weight_conversion")
+    alora = make_adapter(base, root / "alora", 3, alora_invocation_tokens=[3, 4], task_type="CAUSAL_LM", **targets)
+    with pytest.raises(NotImplementedError):  # why it is refused: peft itself cannot merge it
+        peft_model_of(base, alora)
+    assert_refused(capsys, [alora, llama["plain"]], "aLoRA")
+    adapters = [root / "pissa-converted", root / "olora-converted",
+                make_adapter(base, root / "mica", 4, init_lora_weights="mica", **targets),
+                make_adapter(base, root / "gaussian", 5, init_lora_weights="gaussian", **targets)]
+    assert json.loads((adapters[0] / "adapter_config.json").read_text())["init_lora_weights"] is True
+    out = merge(adapters, root / "inits-soup", optimizer="sgd", progress=False).path
+    assert_mean(out, [peft_model_of(base, a) for a in adapters])
