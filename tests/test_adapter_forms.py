@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
+import ame_hf.plan as plan
 from ame_hf import check, merge
-from factories import build_base, run_cli
+from factories import build_base, run_cli, weights_sha256
 
 
 def make_adapter(base: Path, out: Path, seed: int, loader: Any = AutoModelForCausalLM, *, resize: int | None = None,
@@ -151,3 +153,84 @@ def test_initializations_merge_as_peft_loads_them(llama, capsys):
     assert json.loads((adapters[0] / "adapter_config.json").read_text())["init_lora_weights"] is True
     out = merge(adapters, root / "inits-soup", optimizer="sgd", progress=False).path
     assert_mean(out, [peft_model_of(base, a) for a in adapters])
+
+
+def test_lora_biases_merge_as_peft_merges_them(tmp_path):
+    """`bias="all"` / `"lora_only"` store trained biases, `lora_bias` a bias of B: each merged as peft merges it."""
+    base = tmp_path / "base"
+    build_base("llama", attention_bias=True, mlp_bias=True).save_pretrained(base)
+    targets = dict(target_modules=["q_proj", "up_proj"])
+    adapters = [make_adapter(base, tmp_path / "all", 0, bias="all", **targets),
+                make_adapter(base, tmp_path / "lora-only", 1, bias="lora_only", **targets),
+                make_adapter(base, tmp_path / "lora-bias", 2, lora_bias=True, **targets)]
+    out = merge(adapters, tmp_path / "soup", optimizer="sgd", progress=False).path
+    assert_mean(out, [peft_model_of(base, a) for a in adapters])
+
+
+def test_fan_in_fan_out_follows_the_module_class_not_the_config(tmp_path):
+    """peft transposes the delta of transformers' Conv1D and never that of a Linear, whatever `fan_in_fan_out` says
+    (it warns and overrides it): a GPT-2 adapter whose config says False, a llama one whose config says True."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=24, n_positions=8, n_embd=16, n_layer=1, n_head=2, bos_token_id=0,
+                               eos_token_id=0)).save_pretrained(tmp_path / "gpt2")
+    build_base("llama").save_pretrained(tmp_path / "llama")
+    for kind, targets, saying in (("gpt2", ["c_attn", "c_proj"], False), ("llama", ["q_proj", "up_proj"], True)):
+        base = tmp_path / kind
+        adapters = [make_adapter(base, tmp_path / f"{kind}-{i}", i, target_modules=targets) for i in range(2)]
+        for adapter in adapters:  # c_proj of the attention is square: its shapes cannot tell
+            config = json.loads((adapter / "adapter_config.json").read_text())
+            (adapter / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": saying}))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # peft's own "Setting fan_in_fan_out to ..."
+            references = [peft_model_of(base, a) for a in adapters]
+        out = merge(adapters, tmp_path / f"{kind}-soup", optimizer="sgd", progress=False).path
+        assert_mean(out, references)
+
+
+# -- LoRA on convolutions ---------------------------------------------------------------------------------------------
+
+def test_lora_on_convolutions_equals_peft_in_any_block_size(tmp_path, monkeypatch):
+    """A ViT patch embedding (Conv2d, kernel 4x4) and Whisper's encoder convolutions (Conv1d, kernel 3): peft's conv
+    delta (A a conv of the kernel, B a 1x1 conv), the same bytes whole and in blocks of 100 elements."""
+    from transformers import (ViTConfig, ViTForImageClassification, WhisperConfig,
+                              WhisperForConditionalGeneration)
+
+    torch.manual_seed(0)
+    models = {
+        "vit": (ViTForImageClassification(ViTConfig(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=32, num_labels=3)),
+                ["projection"]),
+        "whisper": (WhisperForConditionalGeneration(WhisperConfig(
+            vocab_size=32, num_mel_bins=8, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_source_positions=8,
+            max_target_positions=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)),
+            ["conv1", "conv2", "q_proj"]),
+    }
+    for kind, (model, targets) in models.items():
+        loader, base = type(model), tmp_path / kind
+        model.save_pretrained(base)
+        adapters = [make_adapter(base, tmp_path / f"{kind}-{i}", i, loader, target_modules=targets) for i in range(2)]
+        whole = merge(adapters, tmp_path / f"{kind}-whole", optimizer="sgd", progress=False).path
+        assert_mean(whole, [peft_model_of(base, a, loader) for a in adapters], loader)
+        monkeypatch.setattr(plan, "BLOCK_ELEMENTS", 100)
+        conv = next(m for m in model.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)))
+        assert len(plan.row_blocks(tuple(conv.weight.shape))) > 1  # the conv delta is computed in several blocks
+        sliced = merge(adapters, tmp_path / f"{kind}-sliced", optimizer="sgd", progress=False).path
+        monkeypatch.undo()
+        assert weights_sha256(whole) == weights_sha256(sliced), kind
+
+
+def test_lora_on_a_grouped_convolution_is_refused(tmp_path, capsys):
+    """peft cannot merge LoRA into a convolution with groups > 1 (ConvNeXt's depthwise conv): refused by `check`."""
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    torch.manual_seed(0)
+    base = tmp_path / "convnext"
+    ConvNextForImageClassification(ConvNextConfig(num_stages=1, hidden_sizes=[8], depths=[1], num_labels=3,
+                                                  image_size=16)).save_pretrained(base)
+    adapter = make_adapter(base, tmp_path / "dw", 0, ConvNextForImageClassification, target_modules=["dwconv"], r=8)
+    with pytest.raises(NotImplementedError):  # why it is refused
+        peft_model_of(base, adapter, ConvNextForImageClassification)
+    assert_refused(capsys, [adapter, adapter], "dwconv", "grouped convolution", "unmerged")
