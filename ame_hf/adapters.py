@@ -1,8 +1,9 @@
 """PEFT LoRA adapters as ingredients: a view over the base checkpoint whose tensors read as what peft's
 `merge_and_unload()` gives, `W_base + delta`, the delta computed per block of rows from the adapter's factors as peft
 computes it (scaling `alpha / r` or rsLoRA `alpha / sqrt(r)`, rank/alpha patterns, Linear, transposed Conv1D,
-Embedding and ConvNd factors); `modules_to_save`, trained biases and stored base layers replace the base's
-tensor. Whatever else an adapter holds or its config sets is refused by name. Never a whole merged model."""
+Embedding and ConvNd factors); `modules_to_save`, trained biases and stored base layers (a resized vocabulary too)
+replace the base's tensor. Whatever else an adapter holds or its config sets is refused by name. Never a whole
+merged model."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import CheckpointError
+from .reconcile import Layout, model_layout
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -164,7 +166,7 @@ class _Lora:
 class AdapterCheckpoint(Checkpoint):
     """A LoRA adapter seen as the full model peft makes of its base (`PeftModel.from_pretrained(base, adapter)
     .merge_and_unload()`): the base's tensor names; each read block is the base's block (or the adapter's stored
-    copy: `modules_to_save`, trained biases) plus the adapter's low-rank delta for those rows.
+    copy: `modules_to_save`, trained biases, a resized embedding) plus the adapter's low-rank delta for those rows.
 
     What cannot be made equal to peft's merge is listed in `refusals` (one line each), which `check` reports.
 
@@ -185,6 +187,7 @@ class AdapterCheckpoint(Checkpoint):
         refused = adapter_refusals(name, self.adapter_config)
         if refused:
             raise CheckpointError(refused[0], path=self.adapter_path)
+        self.vocab_rows: int | None = None  # the rows of its token-indexed tensors when it resized the vocabulary
         self._take_base(base)
         self.replaced: dict[str, torch.Tensor] = {}
         self.loras: dict[str, _Lora] = {}
@@ -192,13 +195,14 @@ class AdapterCheckpoint(Checkpoint):
         factors = self._split(_load_adapter_tensors(self.adapter_path, name))
         self.tensors = dict(base.tensors)
         self._replace()
+        self._take_base(base)  # its config, with the vocabulary the adapter resized to
         self._collect(factors)
         self.stored = {n: n for n in self.tensors}
 
     def _take_base(self, base: Checkpoint) -> None:
         self.base, self.header_only = base, base.header_only
         self.path, self.variant = base.path, base.variant
-        self.config = base.config
+        self.config = base.config if self.vocab_rows is None else {**base.config, "vocab_size": self.vocab_rows}
         self.format, self.files, self.unsupported = base.format, base.files, dict(base.unsupported)
         self._bin, self.reads = None, base.reads  # reading an adapter's block reads its base's
 
@@ -218,27 +222,71 @@ class AdapterCheckpoint(Checkpoint):
         for name, key in names.items():
             match = re.match(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B)$",
                              name)
+            wrapped = re.match(r"(.+)\.(?:modules_to_save|original_module)\.(.+)$", name)
             if match:
                 factors.setdefault(match.group(1), {})[match.group(2)] = raw[key]
             elif "lora_magnitude_vector" in name or ".lora_" in name:
                 self.refusals.append(f"{self.name}: adapter tensor {key!r} is not a LoRA factor ame-hf knows; "
                                      f"{_MERGE_FIRST}")
+            elif wrapped and f"{wrapped.group(1)}.{wrapped.group(2)}" in names:
+                # peft (resized vocabulary) also saves a modules_to_save module's wrapper copies; it loads the plain
+                # key into the module `merge_and_unload` keeps, the copies into nothing it keeps.
+                continue
             else:  # modules_to_save, trained biases, or a stored base layer: they replace the base's tensor
                 self.replaced[name.replace(".base_layer.", ".")] = raw[key]
         return factors
 
     def _replace(self) -> None:
-        """The base's tensors the adapter stores: each must be one the loaded model has, of its shape."""
+        """The base's tensors the adapter stores: each must be one the loaded model has; a resized vocabulary
+        must come with every token-indexed tensor (peft loads it on a resized base, whose new rows are random)."""
         base = self.base
-        for key, value in self.replaced.items():
-            if key not in base.tensors:
+        unlike = any(k not in base.tensors or tuple(v.shape) != base.tensors[k].shape for k, v in self.replaced.items())
+        layout = _layout(base.config) if unlike else None  # only then is the model class asked
+        for key in list(self.replaced):
+            if key in base.tensors:
+                continue
+            source = layout.tied.get(key) if layout else None
+            if source in base.tensors and source in self.replaced:
+                alias = self.replaced.pop(key)  # a tied alias saved next to its source: one tensor when loaded
+                if not torch.equal(alias, self.replaced[source]):
+                    self.refusals.append(f"{self.name}: adapter tensors {key!r} and {source!r} are tied in the base "
+                                         f"{base.name} but differ; {_MERGE_FIRST}")
+            elif source in base.tensors:
+                self.replaced[source] = self.replaced.pop(key)
+            else:
                 self.refusals.append(f"{self.name}: adapter tensor {key!r} has no counterpart in the base "
                                      f"{base.name}; {_MERGE_FIRST}")
-            elif tuple(value.shape) != base.tensors[key].shape:
-                self.refusals.append(f"{self.name}: adapter tensor {key!r} has shape {list(value.shape)}, the base's "
-                                     f"{list(base.tensors[key].shape)}; {_MERGE_FIRST}")
-            else:
+        resized = {k: tuple(v.shape) for k, v in self.replaced.items()
+                   if k in base.tensors and tuple(v.shape) != base.tensors[k].shape}
+        if resized:
+            self._resized(resized, layout)
+        for key, value in self.replaced.items():
+            if key in base.tensors:
                 self.tensors[key] = TensorInfo(file="", shape=tuple(value.shape), dtype=base.tensors[key].dtype)
+
+    def _resized(self, resized: dict[str, tuple[int, ...]], layout: Layout | None) -> None:
+        base = self.base
+        vocab = {k for k in (layout.vocab_keys if layout else ()) if k in base.tensors}
+        other = sorted(k for k, shape in resized.items() if k not in vocab or shape[1:] != base.tensors[k].shape[1:])
+        rows = sorted({resized[k][0] for k in resized})
+        if other or len(rows) > 1:
+            name = other[0] if other else sorted(resized)[0]
+            self.refusals.append(f"{self.name}: adapter tensor {name!r} has shape {list(resized[name])}, the base's "
+                                 f"{list(base.tensors[name].shape)}; ame-hf cannot tell the model peft would load; "
+                                 f"{_MERGE_FIRST}")
+            return
+        lacking = sorted(vocab - set(resized))
+        if lacking:
+            before = base.tensors[sorted(resized)[0]].shape[0]
+            self.refusals.append(
+                f"{self.name} resized the vocabulary to {rows[0]} rows (the base has {before}) but does not store "
+                f"{', '.join(lacking)}: peft loads it on a resized base whose new rows are random; save the adapter "
+                f"with those modules in modules_to_save (or save_embedding_layers=True), or {_MERGE_FIRST}")
+        elif "vocab_size" not in base.config:
+            self.refusals.append(f"{self.name} resized the vocabulary to {rows[0]} rows, but the config of its base "
+                                 f"{base.name} has no top-level vocab_size to record it in; {_MERGE_FIRST}")
+        else:
+            self.vocab_rows = rows[0]
 
     def _collect(self, factors: dict[str, dict[str, torch.Tensor]]) -> None:
         cfg = self.adapter_config
@@ -314,6 +362,8 @@ class AdapterCheckpoint(Checkpoint):
         targets = sorted({k.rsplit(".", 2)[-2] for k in self.loras if k.endswith(".weight")})
         ranks = sorted({lora.a.shape[0] for lora in self.loras.values()})
         extra = f", modules_to_save {sorted(cfg.get('modules_to_save') or [])}" if cfg.get("modules_to_save") else ""
+        if self.vocab_rows is not None:
+            extra += f", vocabulary resized to {self.vocab_rows} rows"
         return (f"{self.name} is a LoRA adapter (rank {'/'.join(map(str, ranks)) or '?'}, alpha "
                 f"{cfg.get('lora_alpha')}{', rsLoRA' if cfg.get('use_rslora') else ''}, targets "
                 f"{', '.join(targets) or 'none'}{extra}) on the base {self.base.name}")
@@ -369,6 +419,14 @@ def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
     from peft.utils.other import get_pattern_key
 
     return patterns.get(get_pattern_key(list(patterns), module), default)
+
+
+def _layout(config: dict[str, Any]) -> Layout | None:
+    """The base model class's layout (tied aliases, token-indexed tensors), or None when it cannot be built."""
+    try:
+        return model_layout(config)
+    except Exception:  # noqa: BLE001  no class to ask: what needs it is refused by name
+        return None
 
 
 def _transposed_modules(config: dict[str, Any]) -> frozenset[str] | None:

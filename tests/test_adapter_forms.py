@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ame_hf.plan as plan
 from ame_hf import check, merge
-from factories import build_base, run_cli, weights_sha256
+from factories import build_base, make_finetunes, run_cli, tiny_tokenizer, weights_sha256
 
 
 def make_adapter(base: Path, out: Path, seed: int, loader: Any = AutoModelForCausalLM, *, resize: int | None = None,
@@ -234,3 +234,116 @@ def test_lora_on_a_grouped_convolution_is_refused(tmp_path, capsys):
     with pytest.raises(NotImplementedError):  # why it is refused
         peft_model_of(base, adapter, ConvNextForImageClassification)
     assert_refused(capsys, [adapter, adapter], "dwconv", "grouped convolution", "unmerged")
+
+
+# -- an adapter trained on a resized vocabulary ---------------------------------------------------------------------
+
+RESIZED = {  # how the adapter was trained after `resize_token_embeddings`; every form stores every token row
+    "embedding LoRA, lm_head saved": dict(target_modules=["q_proj", "embed_tokens"], modules_to_save=["lm_head"]),
+    "modules_to_save": dict(target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]),
+    "LoRA on both": dict(target_modules=["q_proj", "embed_tokens", "lm_head"]),
+    "resized only": dict(target_modules=["q_proj"]),
+    "tied, resized only": dict(target_modules=["q_proj"], tied=True),
+}
+
+
+@pytest.fixture(scope="module")
+def vocab(tmp_path_factory) -> dict[str, Any]:
+    """Bases (untied and tied) whose embeddings have exactly their tokenizer's 15 rows, a full fine-tune of each, and
+    the tokenizer with two added tokens the adapters were trained with."""
+    root = tmp_path_factory.mktemp("resized")
+    tokenizer = tiny_tokenizer()
+    out: dict[str, Any] = {"root": root, "rows": len(tokenizer)}
+    for tied in (False, True):
+        base, full = root / f"base-{tied}", root / f"full-{tied}"
+        build_base("llama", vocab_size=len(tokenizer), tie_word_embeddings=tied).save_pretrained(base)
+        make_finetunes(root, n=1, vocab_size=len(tokenizer), tie_word_embeddings=tied, names=[f"full-{tied}"])
+        for folder in (base, full):
+            tokenizer.save_pretrained(folder)
+        out[tied] = (base, full)
+    added = AutoTokenizer.from_pretrained(out[False][0])
+    added.add_tokens(["<x>", "<y>"])
+    out["added"] = added
+    return out
+
+
+@pytest.mark.parametrize("form", list(RESIZED))
+def test_an_adapter_of_a_resized_vocabulary_merges_over_its_own_vocabulary(vocab, form):
+    """The adapter's model is peft's on a resized base: 17 rows, its own tokenizer. Merged with a full fine-tune of
+    the 15-token base, in either order, the output is the vocabulary-matched mean: the 15 shared rows averaged, the
+    2 new ones the adapter's; its tokenizer encodes every token to its row."""
+    options = dict(RESIZED[form])
+    tied = options.pop("tied", False)
+    base, full = vocab[tied]
+    rows = len(vocab["added"])
+    adapter = make_adapter(base, vocab["root"] / f"{form}-{tied}", 0, resize=rows, **options)
+    vocab["added"].save_pretrained(adapter)
+    reference = peft_model_of(base, adapter, resize=rows)
+    fine_tune = AutoModelForCausalLM.from_pretrained(full).state_dict()
+    token_indexed = {"model.embed_tokens.weight", "lm_head.weight"}
+    expected = {}
+    for name, value in reference.items():
+        mean = value.double().clone()
+        shared = slice(0, vocab["rows"]) if name in token_indexed else slice(None)
+        mean[shared] = (value[shared].double() + fine_tune[name].double()) / 2
+        expected[name] = mean
+    for order in ([adapter, full], [full, adapter]):
+        report = check(order)
+        assert report.ok, report.errors
+        assert any(f"vocabulary resized to {rows} rows" in n for n in report.notes), report.notes
+        out = merge(order, vocab["root"] / f"out-{form}-{tied}-{order[0].name}", optimizer="sgd", progress=False).path
+        model = AutoModelForCausalLM.from_pretrained(out)
+        merged = model.state_dict()
+        assert set(merged) == set(expected) and model.config.vocab_size == rows
+        for name, value in merged.items():
+            assert torch.allclose(value.double(), expected[name], atol=1e-6), (name, order)
+        tokenizer = AutoTokenizer.from_pretrained(out)
+        assert len(tokenizer) == rows
+        assert tokenizer.convert_tokens_to_ids(["<x>", "<y>"]) == [rows - 2, rows - 1]
+
+
+def test_a_resized_vocabulary_whose_new_output_rows_are_not_stored_is_refused(vocab, capsys):
+    """Embedding LoRA after a resize, lm_head not saved: peft loads it on a resized base whose new lm_head rows are
+    random, so no merge can equal it. Refused in either order (the output had 15 rows for 17 tokens, or the new
+    tokens read as <unk>)."""
+    base, full = vocab[False]
+    rows = len(vocab["added"])
+    adapter = make_adapter(base, vocab["root"] / "embedding-only", 0, resize=rows,
+                           target_modules=["q_proj", "embed_tokens"])
+    vocab["added"].save_pretrained(adapter)
+    for order in ([adapter, full], [full, adapter]):
+        report = check(order)
+        assert not report.ok and len(report.errors) == 1, report.errors
+        assert str(adapter) in report.errors[0] and "lm_head.weight" in report.errors[0], report.errors
+        assert "modules_to_save" in report.errors[0] and "merge_and_unload" in report.errors[0], report.errors
+    assert_refused(capsys, [adapter, full], "resized the vocabulary to 17 rows (the base has 15)")
+
+
+def test_refusals_come_before_the_weights_are_downloaded(vocab, llama, hub, hub_token, tmp_path, capsys):
+    """A Hub adapter refused by its config is refused before its own weights are fetched; one refused by its tensors
+    (a resized vocabulary without lm_head) after fetching only its small adapter file: the base's weights never."""
+    import os
+
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=hub_token)
+    base, _ = vocab[False]
+    pissa = make_adapter(llama["base"], tmp_path / "pissa", 1, init_lora_weights="pissa",
+                         target_modules=["q_proj"])
+    embedding = make_adapter(base, tmp_path / "embedding", 0, resize=len(vocab["added"]),
+                             target_modules=["q_proj", "embed_tokens"])
+    vocab["added"].save_pretrained(embedding)
+    for repo, folder, its_base in (("org/forms-pissa", pissa, "org/forms-base-llama"),
+                                   ("org/forms-resized", embedding, "org/forms-base-vocab")):
+        api.create_repo(its_base, exist_ok=True)
+        api.upload_folder(repo_id=its_base, folder_path=llama["base"] if "llama" in its_base else base)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": its_base}))
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(repo_id=repo, folder_path=folder)
+    assert_refused(capsys, ["org/forms-pissa", "org/forms-pissa"], "PiSSA")
+    assert_refused(capsys, ["org/forms-resized", "org/forms-resized"], "lm_head.weight")
+    cache = Path(os.environ["HF_HOME"]) / "hub"
+    fetched = {p.parent.parent.parent.name + "/" + p.name for p in cache.glob("models--org--forms-*/snapshots/*/*")}
+    assert "models--org--forms-resized/adapter_model.safetensors" in fetched, fetched
+    assert not {f for f in fetched if f.endswith(("model.safetensors", ".bin")) and "resized/adapter" not in f}, fetched
