@@ -93,7 +93,7 @@ def test_every_field_of_peft_lora_config_is_classified():
     refused when set; only LoRA variants (peft's own `is_lora_variant` mark) are left to the general refusal."""
     import peft
 
-    from ame_hf.adapters import _COMPUTED, _NO_EFFECT, _REFUSED
+    from ame_hf._adapter_config import _COMPUTED, _NO_EFFECT, _REFUSED
 
     fields = dataclasses.fields(peft.LoraConfig)
     known = _NO_EFFECT | _COMPUTED | set(_REFUSED) | {"alora_invocation_tokens"}
