@@ -121,7 +121,7 @@ def check_compatibility(
     if not checkpoints:
         report.errors.append("no checkpoints given")
         return report
-    for ckpt in everything:
+    for ckpt in dict.fromkeys(everything):  # an ingredient given twice: refused once
         report.errors += _refusals(ckpt)
     if report.errors:
         return report
@@ -153,12 +153,13 @@ def check_compatibility(
 
 
 def _refusals(ckpt: Checkpoint) -> list[str]:
-    """Quantized weights and architectures only the repo's own code defines: refused, one line each."""
+    """Quantized weights, architectures only the repo's own code defines, and what an adapter's tensors cannot make
+    equal to peft's merge (`AdapterCheckpoint.refusals`): refused, one line each."""
     out = config_refusals(ckpt.name, ckpt.config)
     if ckpt.unsupported and not out:
         dtypes = ", ".join(sorted(set(ckpt.unsupported.values())))
         out.append(f"{ckpt.name} holds {dtypes} tensors (quantized or FP8); {_QUANTIZED_HINT}")
-    return out
+    return out + list(getattr(ckpt, "refusals", ()))
 
 
 _QUANTIZED_HINT = ("AME averages full-precision weights: merge the unquantized originals (e.g. the fine-tune's "

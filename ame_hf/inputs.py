@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ._model_files import read_config
-from .adapters import ADAPTER_FILES, AdapterCheckpoint, adapter_base, is_adapter_dir, read_adapter_config
+from ._adapter_config import adapter_base, adapter_refusals, is_adapter_dir, read_adapter_config
+from .adapters import ADAPTER_FILES, AdapterCheckpoint
 from .checkpoint import Checkpoint
 from .compatibility import CompatibilityReport, check_compatibility, config_refusals
 from .config import PIVOT_WORDS, SOURCE_WORDS
@@ -173,10 +174,11 @@ class InputStage:
         models = [e for e in [*entries, *([pivot_entry] if pivot_entry else []), *([base] if base else [])]
                   if e.adapter is None]
         errors += [line for e in models for line in config_refusals(e.ref, self.config(e))]
+        errors += [r for e in entries if e.adapter is not None for r in adapter_refusals(e.ref, e.adapter)]
         if isinstance(pivot, int) and pivot >= len(entries):
             errors.append(f"pivot index {pivot} is out of range for {len(entries)} ingredients (use 0..{len(entries) - 1})")
         if errors:  # config.json alone says no: not even the headers are read
-            inputs.report.errors = errors
+            inputs.report.errors = list(dict.fromkeys(errors))  # an ingredient given twice: refused once
             return inputs
         base_ckpt = self._checkpoint(base) if base else None
         ckpts = [self._checkpoint(e, base_ckpt) for e in entries]

@@ -117,22 +117,6 @@ def test_adapters_of_different_bases_are_refused_in_one_line(mix, tmp_path, caps
                  str(tmp_path / "o"), "--quiet", "--optimizer", "sgd"]) == 0
 
 
-@pytest.mark.parametrize("kind,option", [("DORA", "use_dora"), ("IA3", None)])
-def test_adapter_types_that_are_no_low_rank_update_are_refused(mix, tmp_path, kind, option):
-    ad = tmp_path / "ad"
-    ad.mkdir()
-    config = json.loads((mix["adapters"][0] / "adapter_config.json").read_text())
-    config.update({option: True} if option else {"peft_type": kind})
-    (ad / "adapter_config.json").write_text(json.dumps(config))
-    (ad / "adapter_model.safetensors").write_bytes((mix["adapters"][0] / "adapter_model.safetensors").read_bytes())
-    from ame_hf.errors import CheckpointError
-
-    with pytest.raises(CheckpointError) as refused:
-        check([mix["adapters"][0], ad])
-    text = str(refused.value)
-    assert ("DoRA" if option else "IA3") in text and "merge_and_unload" in text and "\n" not in text, text
-
-
 def test_fan_in_fan_out_adapters_of_gpt2_equal_peft(tmp_path):
     """GPT-2 keeps its weights transposed (Conv1D): PEFT's fan_in_fan_out transposes the delta too."""
     from transformers import GPT2Config, GPT2LMHeadModel
