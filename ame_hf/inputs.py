@@ -20,7 +20,7 @@ from .config import PIVOT_WORDS, SOURCE_WORDS
 from .errors import CheckpointError, IncompatibleCheckpointsError
 from .fetch import check_disk_space, download_size, fetch_light, fetch_weights, format_size, header_checkpoint, hub_cache
 from .labels import RowPermuted
-from .modules import ModelFiles, ModuleFolder, check_modules, module_checkpoint, module_config
+from .modules import ModuleFolder, check_modules, module_checkpoint, module_config
 from .records import HubSource, Ingredient
 from .resolve import local_inputs, plan_refs, split_ref
 from .vocabulary import TokenizerFiles, read_tokenizer
@@ -193,9 +193,8 @@ class InputStage:
                                 for ref in dict.fromkeys(self.downloaded_to_check) if ref in inputs.report.names]
         inputs.checked = [*ckpts, *([pivot_ckpt] if pivot_ckpt is not None else [])]
         if inputs.report.ok:  # the weights of sentence-transformers module folders are part of the model
-            inputs.modules = check_modules([ModelFiles.of(e, self._checkpoint) for e in entries], ModelFiles.of(
-                pivot_entry or (base if pivot == "base" else None), self._checkpoint), inputs.report,
-                allow_dtype_mismatch=allow_dtype_mismatch)
+            inputs.modules = check_modules(entries, pivot_entry or (base if pivot == "base" else None), self._checkpoint,
+                                           inputs.report, allow_dtype_mismatch=allow_dtype_mismatch)
         return inputs
 
     def _base(self, entries: list[Entry], base_ref: str | None, pivot_is_base: bool) -> tuple[Entry | None, list[str]]:
@@ -247,9 +246,8 @@ class InputStage:
         return ckpt
 
     def _open(self, entry: Entry, folder: str = "") -> Checkpoint:
-        if folder:  # a sentence-transformers module folder
-            return module_checkpoint(entry.light.path, folder, entry.ref)
-        return Checkpoint(entry.light.path, name=entry.ref, variant=self.variant, config=self.config(entry))
+        return (module_checkpoint(entry.light.path, folder, entry.ref) if folder  # a sentence-transformers module
+                else Checkpoint(entry.light.path, name=entry.ref, variant=self.variant, config=self.config(entry)))
 
     # -- downloading and opening ---------------------------------------------------------------
     def fetch(self, entries: Sequence[Entry]) -> None:

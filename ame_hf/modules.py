@@ -110,16 +110,21 @@ def weighted_folders(model: ModelFiles) -> tuple[list[str], list[str]]:
     return found, errors
 
 
-def check_modules(models: Sequence[ModelFiles], pivot: ModelFiles | None, report: CompatibilityReport, *,
-                  allow_dtype_mismatch: bool = False) -> list[ModuleFolder]:
+def check_modules(entries: Sequence[Any], pivot: Any, checkpoint: Callable[..., Checkpoint],
+                  report: CompatibilityReport, *, allow_dtype_mismatch: bool = False) -> list[ModuleFolder]:
     """Check the ingredients' (and the pivot's) sentence-transformers module folders: those with weights must be
     the same folders with the same tensors (each checked as a model: names, shapes, dtypes, its config a note); what
     the model's sentence-transformers files and weightless modules (pooling, normalize) differ in is a note naming
     the file, the field and whose file the output takes. Errors and notes go to `report`.
 
+    Args:
+        entries, pivot: the input stage's `Entry`s of the ingredients and of the pivot checkpoint (or None).
+        checkpoint: the stage's reader of a module folder's weights, `checkpoint(entry, folder=...)`.
+
     Returns:
         The module folders to merge (none when `report` has errors).
     """
+    models, pivot = [ModelFiles.of(e, checkpoint) for e in entries], ModelFiles.of(pivot, checkpoint)
     names = [m.name for m in models]
     found = [weighted_folders(m) for m in models]
     report.errors += [e for _, errors in found for e in errors]
