@@ -320,8 +320,7 @@ def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: 
             report.errors.append(f"--tokenizer-source has {len(orphans)} token(s) no ingredient has; choose "
                                  "union, first or an ingredient index")
             return
-        plan = VocabularyPlan(size=plan.size, rows=plan.rows[:-1], new_tokens=[], source=0, union=False,
-                              tokenizer=source)
+        plan = VocabularyPlan(size=plan.size, rows=plan.rows[:-1], new_tokens=[], source=0, tokenizer=source)
     report.vocab, report.vocab_keys = plan, keys
     added = ", ".join(repr(t) for t, _ in plan.new_tokens[:8]) + (" ..." if len(plan.new_tokens) > 8 else "")
     report.notes.append(

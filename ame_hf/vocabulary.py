@@ -136,7 +136,6 @@ class VocabularyPlan:
         new_tokens: tokens the output has beyond the source tokenizer, in order (`union`), with
             whether each is special.
         source: the ingredient whose tokenizer (and ids) the output keeps.
-        union: True for `--tokenizer-source union`.
         tokenizer: the tokenizer of another checkpoint whose vocabulary the output keeps, if any.
     """
 
@@ -144,7 +143,6 @@ class VocabularyPlan:
     rows: list[list[int]]
     new_tokens: list[tuple[str, bool]]
     source: int
-    union: bool
     tokenizer: TokenizerFiles | None = None
 
     def groups(self) -> list[tuple[tuple[int, ...], list[int]]]:
@@ -190,7 +188,7 @@ def plan_vocabulary(names: Sequence[str], tokenizers: Sequence[TokenizerFiles], 
                     keys.append(key)
                     new_tokens.append((key, key in _specials(tokenizers[i])))
     rows = [[m.get(k, -1) for k in keys] for m in maps]
-    return VocabularyPlan(size=len(keys), rows=rows, new_tokens=new_tokens, source=source, union=union)
+    return VocabularyPlan(size=len(keys), rows=rows, new_tokens=new_tokens, source=source)
 
 
 def _specials(tokenizer: TokenizerFiles) -> set[str]:
