@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .card import add_card_section, selection_card, update_card
+from .card import selection_card
+from .card_results import add_card_section, update_card
 from .config import WEIGHT_FIELDS, AmeConfig
 from .errors import InvalidConfigError
 from .evaluation import (TextData, LabelledData, check_scorable, default_metric, evaluate_model, is_better, load_data,

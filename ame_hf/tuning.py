@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ._options import tune_options
-from .card import add_card_section, update_card
+from .card_results import add_card_section, update_card
 from .config import OUTPUT_FIELDS, AmeConfig
 from .evaluation import LabelledData, TextData, evaluate_model
 from .full_models import FullModels
