@@ -123,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "configs, tokenizers and safetensors headers.")
     c.add_argument("refs", nargs="+", metavar="REF", help="ingredient: local directory or org/name[@revision]")
     add_config_options(c, only=CHECK_FIELDS)  # the options that change what is checked, as merge means them
-    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.add_argument("--json", action="store_true", help="print the report as JSON (every error and note)")
+    c.add_argument("-v", "--verbose", action="store_true",
+                   help="every error and note (default: what decides first, the rest counted)")
     add_token(c)
     add_common(c)
     c.set_defaults(func=cmd_check, validate=validate_check)
@@ -228,8 +230,8 @@ def cmd_check(args: argparse.Namespace, options: dict[str, Any]) -> int:
     from .api import check
 
     report = check(args.refs, token=args.token, **options)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
-    return 0 if report.ok else EXIT_ERROR
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format(verbose=args.verbose))
+    return 0 if report.mergeable else EXIT_ERROR
 
 
 def cmd_push(args: argparse.Namespace, options: None) -> int:

@@ -56,6 +56,7 @@ CLI_ONLY = {
        for c in API},
     **{(c, "--debug"): "Python raises the exception itself, traceback and cause included" for c in API},
     ("check", "--json"): "Python returns the report object: report.to_dict() is that JSON",
+    ("check", "--verbose"): "Python returns the report object: report.format(verbose=True) prints it all",
     ("evaluate", "--update-card"): "writes the printed table into a model card; Python returns the scores",
 }
 # Python keywords with no CLI option of the same name and meaning, and why.
