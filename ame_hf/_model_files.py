@@ -1,5 +1,6 @@
 """What the files of a model folder say, read once and the same way everywhere: its `config.json`, and the
-folder its tokenizer comes from. No torch, no Hub client: the CLI's checks use it before either loads."""
+module folders of a sentence-transformers model (`modules.json`). No torch, no Hub client: the CLI's checks use it
+before either loads."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from .errors import CheckpointError
 
 CONFIG_NAME = "config.json"  # transformers.utils.CONFIG_NAME (not imported: it loads transformers)
+MODULES_NAME = "modules.json"  # sentence-transformers' list of a model's modules
 
 
 def read_config(path: str | os.PathLike, name: str) -> dict[str, Any]:
@@ -41,3 +43,27 @@ def read_config(path: str | os.PathLike, name: str) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise CheckpointError(f"{name}: {CONFIG_NAME} must hold a JSON object", path=folder)
     return config
+
+
+def module_folders(path: str | os.PathLike, name: str) -> list[str]:
+    """The module folders a sentence-transformers model lists in `modules.json` (the module stored in the model
+    folder itself left out), in order; [] for a model without `modules.json`.
+
+    Raises:
+        CheckpointError: `modules.json` is not a list of modules, or names a folder outside the model (one line
+            naming `name`).
+    """
+    file = Path(path) / MODULES_NAME
+    if not file.is_file():
+        return []
+    try:
+        modules = json.loads(file.read_text(encoding="utf-8"))
+        folders = [m.get("path", "") for m in modules]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{name}: {MODULES_NAME} is not a list of modules ({err})", path=Path(path)) from err
+    for folder in folders:
+        parts = Path(str(folder)).parts
+        if not isinstance(folder, str) or Path(folder).is_absolute() or ".." in parts or "\\" in folder:
+            raise CheckpointError(f"{name}: {MODULES_NAME} names the module folder {folder!r}, outside the model",
+                                  path=Path(path))
+    return [f.strip("/") for f in folders if f.strip("/") not in ("", ".")]

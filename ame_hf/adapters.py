@@ -1,10 +1,13 @@
-"""PEFT LoRA adapters as ingredients: a view over the base checkpoint whose tensors read as
-`W_base + delta`, the delta computed per block of rows from the adapter's factors with PEFT's scaling
-(`alpha / r`, rsLoRA `alpha / sqrt(r)`, rank/alpha patterns, `fan_in_fan_out`, embedding LoRA);
-`modules_to_save` and stored base layers replace the base's tensor. Never a whole merged model."""
+"""PEFT LoRA adapters as ingredients: a view over the base checkpoint whose tensors read as what peft's
+`merge_and_unload()` gives, `W_base + delta`, the delta computed per block of rows from the adapter's factors as peft
+computes it (scaling `alpha / r` or rsLoRA `alpha / sqrt(r)`, rank/alpha patterns, Linear, transposed Conv1D,
+Embedding and ConvNd factors); `modules_to_save`, trained biases and stored base layers (a resized vocabulary too)
+replace the base's tensor. Whatever else an adapter holds or its config sets is refused by name. Never a whole
+merged model."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -14,70 +17,40 @@ from typing import Any
 
 import torch
 
+from ._adapter_config import MERGE_FIRST, adapter_refusals, read_adapter_config
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import CheckpointError
+from .reconcile import Layout, model_layout
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 ADAPTER_FILES = ADAPTER_WEIGHTS  # what a Hub adapter repo adds to its light files
 _PREFIX = "base_model.model."
-# What ame-hf computes itself: a low-rank additive update. Every other PEFT method is refused by name.
-SUPPORTED = ("LORA",)
-
-
-def is_adapter_dir(path: Path) -> bool:
-    return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
-
-
-def read_adapter_config(path: Path, name: str) -> dict[str, Any]:
-    """The adapter's `adapter_config.json`, with what ame-hf cannot merge refused in one line.
-
-    Raises:
-        CheckpointError: unreadable, another PEFT method (DoRA, VeRA, IA3, LoHa, LoKr, ...), or
-            options that are no low-rank additive update.
-    """
-    try:
-        config = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{name}: {ADAPTER_CONFIG} is not valid JSON ({err})", path=path) from err
-    kind = str(config.get("peft_type", "")).upper()
-    if kind not in SUPPORTED:
-        raise CheckpointError(f"{name} is a {kind or 'unknown'} PEFT adapter; ame-hf merges LoRA adapters (a "
-                              "low-rank additive update): merge_and_unload it with peft first", path=path)
-    for option, what in (("use_dora", "DoRA"), ("use_qalora", "QA-LoRA")):
-        if config.get(option):
-            raise CheckpointError(f"{name} is a {what} adapter ({option}); ame-hf merges plain LoRA adapters: "
-                                  "merge_and_unload it with peft first", path=path)
-    if config.get("layer_replication"):
-        raise CheckpointError(f"{name} replicates layers (layer_replication): its model is not the base's", path=path)
-    return config
-
-
-def adapter_base(config: dict[str, Any]) -> str | None:
-    """The base model reference an adapter names: `base_model_name_or_path[@revision]`."""
-    base = config.get("base_model_name_or_path")
-    if not base:
-        return None
-    return f"{base}@{config['revision']}" if config.get("revision") else str(base)
 
 
 @dataclass(frozen=True)
 class _Lora:
-    a: torch.Tensor          # [r, in] (Linear) or [r, num_embeddings] (Embedding)
-    b: torch.Tensor          # [out, r] (Linear) or [dim, r] (Embedding)
+    a: torch.Tensor          # [r, in] (Linear), [r, num_embeddings] (Embedding), [r, in * kernel] (ConvNd)
+    b: torch.Tensor          # [out, r] (Linear, ConvNd) or [dim, r] (Embedding)
     scaling: float
     rows_from_a: bool        # rows of W index A's columns (embedding, fan_in_fan_out), else B's rows
+    shape: tuple[int, ...] = ()  # W's shape after its first dimension (a ConvNd delta is reshaped to it)
     bias: torch.Tensor | None = None
 
 
 class AdapterCheckpoint(Checkpoint):
-    """A LoRA adapter seen as the full model it makes of its base: same tensor names and shapes as the
-    base, each read block is the base's block plus the adapter's low-rank delta for those rows.
+    """A LoRA adapter seen as the full model peft makes of its base (`PeftModel.from_pretrained(base, adapter)
+    .merge_and_unload()`): the base's tensor names; each read block is the base's block (or the adapter's stored
+    copy: `modules_to_save`, trained biases, a resized embedding) plus the adapter's low-rank delta for those rows.
+
+    What cannot be made equal to peft's merge is listed in `refusals` (one line each), which `check` reports.
 
     Args:
         adapter: the adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
         base: the base checkpoint (opened, or known from its headers for a check).
         name: the adapter as the user named it.
+
+    Raises:
+        CheckpointError: its config is one `adapter_refusals` refuses, or its weights cannot be read.
     """
 
     def __init__(self, adapter: Path, base: Checkpoint, name: str, *,  # noqa: D107 (not Checkpoint's)
@@ -85,26 +58,25 @@ class AdapterCheckpoint(Checkpoint):
         self.adapter_path, self.name = Path(adapter), name
         self.adapter_config = adapter_config if adapter_config is not None else read_adapter_config(
             self.adapter_path, name)
+        refused = adapter_refusals(name, self.adapter_config)
+        if refused:
+            raise CheckpointError(refused[0], path=self.adapter_path)
+        self.vocab_rows: int | None = None  # the rows of its token-indexed tensors when it resized the vocabulary
         self._take_base(base)
-        raw = _load_adapter_tensors(self.adapter_path, name)
         self.replaced: dict[str, torch.Tensor] = {}
         self.loras: dict[str, _Lora] = {}
-        self._collect(raw)
+        self.refusals: list[str] = []
+        factors = self._split(_load_adapter_tensors(self.adapter_path, name))
         self.tensors = dict(base.tensors)
-        for key, value in self.replaced.items():
-            if key not in base.tensors:
-                raise CheckpointError(f"{name}: adapter tensor {key!r} has no counterpart in the base {base.name}",
-                                      path=self.adapter_path, tensor=key)
-            self.tensors[key] = TensorInfo(file="", shape=tuple(value.shape), dtype=base.tensors[key].dtype)
-        for key in self.loras:
-            if key not in base.tensors:
-                raise CheckpointError(f"{name}: the adapter targets {key!r}, which the base {base.name} lacks",
-                                      path=self.adapter_path, tensor=key)
+        self._replace()
+        self._take_base(base)  # its config, with the vocabulary the adapter resized to
+        self._collect(factors)
         self.stored = {n: n for n in self.tensors}
 
     def _take_base(self, base: Checkpoint) -> None:
         self.base, self.header_only = base, base.header_only
-        self.path, self.variant, self.config = base.path, base.variant, base.config
+        self.path, self.variant = base.path, base.variant
+        self.config = base.config if self.vocab_rows is None else {**base.config, "vocab_size": self.vocab_rows}
         self.format, self.files, self.unsupported = base.format, base.files, dict(base.unsupported)
         self._bin, self.reads = None, base.reads  # reading an adapter's block reads its base's
 
@@ -117,34 +89,146 @@ class AdapterCheckpoint(Checkpoint):
         return view
 
     # -- what the adapter holds ---------------------------------------------------------------
-    def _collect(self, raw: dict[str, torch.Tensor]) -> None:
-        cfg = self.adapter_config
+    def _split(self, raw: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """The LoRA factors by module; every other stored tensor goes to `replaced` under the base's name."""
+        names = {(k[len(_PREFIX):] if k.startswith(_PREFIX) else k): k for k in raw}
         factors: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in raw.items():
-            name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        for name, key in names.items():
             match = re.match(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B)$",
                              name)
+            wrapped = re.match(r"(.+)\.(?:modules_to_save|original_module)\.(.+)$", name)
             if match:
-                factors.setdefault(match.group(1), {})[match.group(2)] = value
+                factors.setdefault(match.group(1), {})[match.group(2)] = raw[key]
             elif "lora_magnitude_vector" in name or ".lora_" in name:
-                raise CheckpointError(f"{self.name}: adapter tensor {key!r} is not a LoRA factor ame-hf knows",
-                                      path=self.adapter_path, tensor=key)
+                self.refusals.append(f"{self.name}: adapter tensor {key!r} is not a LoRA factor ame-hf knows; "
+                                     f"{MERGE_FIRST}")
+            elif wrapped and f"{wrapped.group(1)}.{wrapped.group(2)}" in names:
+                # peft (resized vocabulary) also saves a modules_to_save module's wrapper copies; it loads the plain
+                # key into the module `merge_and_unload` keeps, the copies into nothing it keeps.
+                continue
             else:  # modules_to_save, trained biases, or a stored base layer: they replace the base's tensor
-                self.replaced[name.replace(".base_layer.", ".")] = value
+                self.replaced[name.replace(".base_layer.", ".")] = raw[key]
+        return factors
+
+    def _replace(self) -> None:
+        """The base's tensors the adapter stores: each must be one the loaded model has; a resized vocabulary
+        must come with every token-indexed tensor (peft loads it on a resized base, whose new rows are random)."""
+        base = self.base
+        unlike = any(k not in base.tensors or tuple(v.shape) != base.tensors[k].shape for k, v in self.replaced.items())
+        layout = _layout(base.config) if unlike else None  # only then is the model class asked
+        for key in list(self.replaced):
+            if key in base.tensors:
+                continue
+            source = layout.tied.get(key) if layout else None
+            if source in base.tensors and source in self.replaced:
+                alias = self.replaced.pop(key)  # a tied alias saved next to its source: one tensor when loaded
+                if not torch.equal(alias, self.replaced[source]):
+                    self.refusals.append(f"{self.name}: adapter tensors {key!r} and {source!r} are tied in the base "
+                                         f"{base.name} but differ; {MERGE_FIRST}")
+            elif source in base.tensors:
+                self.replaced[source] = self.replaced.pop(key)
+            else:
+                self.refusals.append(f"{self.name}: adapter tensor {key!r} has no counterpart in the base "
+                                     f"{base.name}; {MERGE_FIRST}")
+        resized = {k: tuple(v.shape) for k, v in self.replaced.items()
+                   if k in base.tensors and tuple(v.shape) != base.tensors[k].shape}
+        if resized:
+            self._resized(resized, layout)
+        for key, value in self.replaced.items():
+            if key in base.tensors:
+                self.tensors[key] = TensorInfo(file="", shape=tuple(value.shape), dtype=base.tensors[key].dtype)
+
+    def _resized(self, resized: dict[str, tuple[int, ...]], layout: Layout | None) -> None:
+        base = self.base
+        vocab = {k for k in (layout.vocab_keys if layout else ()) if k in base.tensors}
+        other = sorted(k for k, shape in resized.items() if k not in vocab or shape[1:] != base.tensors[k].shape[1:])
+        rows = sorted({resized[k][0] for k in resized})
+        if other or len(rows) > 1:
+            name = other[0] if other else sorted(resized)[0]
+            self.refusals.append(f"{self.name}: adapter tensor {name!r} has shape {list(resized[name])}, the base's "
+                                 f"{list(base.tensors[name].shape)}; ame-hf cannot tell the model peft would load; "
+                                 f"{MERGE_FIRST}")
+            return
+        lacking = sorted(vocab - set(resized))
+        if lacking:
+            before = base.tensors[sorted(resized)[0]].shape[0]
+            self.refusals.append(
+                f"{self.name} resized the vocabulary to {rows[0]} rows (the base has {before}) but does not store "
+                f"{', '.join(lacking)}: peft loads it on a resized base whose new rows are random; save the adapter "
+                f"with those modules in modules_to_save (or save_embedding_layers=True), or {MERGE_FIRST}")
+        elif "vocab_size" not in base.config:
+            self.refusals.append(f"{self.name} resized the vocabulary to {rows[0]} rows, but the config of its base "
+                                 f"{base.name} has no top-level vocab_size to record it in; {MERGE_FIRST}")
+        else:
+            self.vocab_rows = rows[0]
+
+    def _collect(self, factors: dict[str, dict[str, torch.Tensor]]) -> None:
+        cfg = self.adapter_config
         for module, parts in factors.items():
             embedding = "lora_embedding_A" in parts
             a = parts.get("lora_embedding_A" if embedding else "lora_A.weight")
             b = parts.get("lora_embedding_B" if embedding else "lora_B.weight")
+            key = f"{module}.weight"
             if a is None or b is None:
-                raise CheckpointError(f"{self.name}: module {module!r} has only one LoRA factor", path=self.adapter_path)
+                self.refusals.append(f"{self.name}: module {module!r} has only one LoRA factor; it is incomplete")
+                continue
+            if key not in self.tensors:
+                self.refusals.append(f"{self.name}: the adapter targets {key!r}, which the base {self.base.name} lacks")
+                continue
             rank = a.shape[0]
+            r = _pattern(cfg.get("rank_pattern") or {}, module, cfg.get("r", 8))
             alpha = _pattern(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8))
-            scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
-            self.loras[f"{module}.weight"] = _Lora(a=a, b=b, scaling=scaling,
-                                                   rows_from_a=embedding or bool(cfg.get("fan_in_fan_out")))
+            if r != rank:
+                self.refusals.append(f"{self.name}: module {module!r} has rank-{rank} factors, but its config says "
+                                     f"r={r} (peft cannot load it)")
+                continue
+            scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+            lora = self._lora(module, a, b, self.tensors[key].shape, embedding, scaling)
+            if lora is None:
+                continue
+            self.loras[key] = lora
             if "lora_B.bias" in parts:
+                if f"{module}.bias" not in self.tensors:
+                    self.refusals.append(f"{self.name}: module {module!r} has a LoRA bias (lora_bias) but the base "
+                                         f"{self.base.name} has no {module}.bias (peft cannot merge it either)")
+                    continue
                 self.loras[f"{module}.bias"] = _Lora(a=a, b=b, scaling=scaling, rows_from_a=False,
                                                      bias=parts["lora_B.bias"])
+
+    def _lora(self, module: str, a: torch.Tensor, b: torch.Tensor, shape: tuple[int, ...], embedding: bool,
+              scaling: float) -> _Lora | None:
+        """How peft merges the factors into the module's weight of `shape`, as peft decides it: by the kind of the
+        base module (an embedding, a ConvNd, a Linear, or transformers' transposed Conv1D), never by the config."""
+        rank = a.shape[0]
+        if embedding:  # W [num_embeddings, dim] = (B @ A).T
+            fits, transposed = shape == (a.shape[1], b.shape[0]), True
+        elif a.dim() > 2:  # ConvNd: A a conv of W's kernel, B a 1x1 conv; W [out, in, *kernel]
+            if b.shape[1] != rank:
+                self.refusals.append(f"{self.name}: module {module!r} is a grouped convolution; peft cannot merge "
+                                     "LoRA into it (groups > 1): use the adapter unmerged")
+                return None
+            if shape != (b.shape[0], *a.shape[1:]) or any(k != 1 for k in b.shape[2:]):
+                self.refusals.append(f"{self.name}: module {module!r} has LoRA factors of shapes {list(a.shape)} and "
+                                     f"{list(b.shape)}, which do not fit its weight {list(shape)}")
+                return None
+            return _Lora(a=a.reshape(rank, -1), b=b.reshape(b.shape[0], rank), scaling=scaling, rows_from_a=False,
+                         shape=shape[1:])
+        else:  # Linear: W [out, in] = B @ A; transformers' Conv1D keeps W as [in, out] and peft transposes the delta
+            plain, flipped = shape == (b.shape[0], a.shape[1]), shape == (a.shape[1], b.shape[0])
+            fits, transposed = plain or flipped, flipped
+            if plain and flipped:  # square: only the module's class says
+                found = _transposed_modules(self.base.config)
+                if found is None:
+                    self.refusals.append(f"{self.name}: cannot build the base's model class to tell whether "
+                                         f"{module!r} keeps its weight transposed (transformers' Conv1D); "
+                                         f"{MERGE_FIRST}")
+                    return None
+                transposed = module in found
+        if not fits:
+            self.refusals.append(f"{self.name}: module {module!r} has LoRA factors of shapes {list(a.shape)} and "
+                                 f"{list(b.shape)}, which do not fit its weight {list(shape)}")
+            return None
+        return _Lora(a=a, b=b, scaling=scaling, rows_from_a=transposed, shape=shape[1:])
 
     def describe(self) -> str:
         """One line for `check`: type, rank, alpha and the modules it targets."""
@@ -152,6 +236,8 @@ class AdapterCheckpoint(Checkpoint):
         targets = sorted({k.rsplit(".", 2)[-2] for k in self.loras if k.endswith(".weight")})
         ranks = sorted({lora.a.shape[0] for lora in self.loras.values()})
         extra = f", modules_to_save {sorted(cfg.get('modules_to_save') or [])}" if cfg.get("modules_to_save") else ""
+        if self.vocab_rows is not None:
+            extra += f", vocabulary resized to {self.vocab_rows} rows"
         return (f"{self.name} is a LoRA adapter (rank {'/'.join(map(str, ranks)) or '?'}, alpha "
                 f"{cfg.get('lora_alpha')}{', rsLoRA' if cfg.get('use_rslora') else ''}, targets "
                 f"{', '.join(targets) or 'none'}{extra}) on the base {self.base.name}")
@@ -164,7 +250,8 @@ class AdapterCheckpoint(Checkpoint):
         if stored in self.replaced:
             value = self.replaced[stored]
             value = value if rows is None or not info.shape else value[rows[0]:rows[1]]
-            out = value.to(dtype, copy=True)
+            # peft loads it into the base's parameter: in the base's dtype
+            out = value.to(info.dtype).to(dtype, copy=True)
         else:
             out = self.base.read(self.base.stored[stored], rows, dtype=dtype)
         lora = self.loras.get(stored)
@@ -174,7 +261,8 @@ class AdapterCheckpoint(Checkpoint):
 
     @staticmethod
     def _delta(lora: _Lora, rows: tuple[int, int] | None) -> torch.Tensor:
-        """The rows `[start, stop)` of `scaling * (B @ A)` (transposed where PEFT transposes it).
+        """The rows `[start, stop)` of `scaling * (B @ A)` (transposed where PEFT transposes it, reshaped to a
+        convolution's kernel).
 
         Summed one rank term at a time, each an element-wise product then an addition, in the same order for every
         element: a value does not depend on which rows its block holds nor on the device (a matrix product rounds
@@ -194,18 +282,48 @@ class AdapterCheckpoint(Checkpoint):
             torch.mul(left[:, k:k + 1], right[k:k + 1], out=term)
             out += term
         out *= lora.scaling
-        return out
+        return out.reshape(out.shape[0], *lora.shape) if len(lora.shape) > 1 else out
 
     def __repr__(self) -> str:
         return f"AdapterCheckpoint({self.name!r} on {self.base.name!r}, {len(self.loras)} LoRA tensor(s))"
 
 
 def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's per-module override: the pattern that matches the end of the module's name."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
+    """PEFT's per-module override (`rank_pattern`, `alpha_pattern`), matched by peft's own `get_pattern_key`."""
+    from peft.utils.other import get_pattern_key
+
+    return patterns.get(get_pattern_key(list(patterns), module), default)
+
+
+def _layout(config: dict[str, Any]) -> Layout | None:
+    """The base model class's layout (tied aliases, token-indexed tensors), or None when it cannot be built."""
+    try:
+        return model_layout(config)
+    except Exception:  # noqa: BLE001  no class to ask: what needs it is refused by name
+        return None
+
+
+def _transposed_modules(config: dict[str, Any]) -> frozenset[str] | None:
+    """The modules of the base's class that are transformers' `Conv1D` (weight stored `[in, out]`), for which peft
+    transposes the delta whatever `fan_in_fan_out` says; None when the class cannot be built."""
+    try:
+        return _conv1d_modules(json.dumps(config, sort_keys=True, default=str))
+    except Exception:  # noqa: BLE001
+        return None
+
+
+@functools.lru_cache(maxsize=8)
+def _conv1d_modules(config_json: str) -> frozenset[str]:
+    import transformers
+    from transformers import AutoConfig
+    from transformers.pytorch_utils import Conv1D
+
+    config = json.loads(config_json)
+    cls = getattr(transformers, (config.get("architectures") or [""])[0])
+    settings = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version", "auto_map")}
+    with torch.device("meta"):
+        model = cls(AutoConfig.for_model(config["model_type"], **settings))
+    return frozenset(name for name, module in model.named_modules() if isinstance(module, Conv1D))
 
 
 def _load_adapter_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:

@@ -10,6 +10,8 @@ from typing import Any
 from .checkpoint import Checkpoint
 from .compatibility import CompatibilityReport
 from .errors import IncompatibleCheckpointsError
+from .labels import RowPermuted
+from .modules import ModuleFolder
 from .records import HubSource, Ingredient
 from .vocabulary import TokenizerFiles
 
@@ -56,6 +58,7 @@ class Inputs:
         tokenizer_source: the tokenizer-source keyword or index, or the `Entry` of another checkpoint.
         report: the compatibility report (made once; its views are upgraded by `open`).
         checked: the checkpoints the check saw (ingredients, then the pivot's).
+        modules: the sentence-transformers module folders with weights, checked (merged beside the model).
         fields: the keywords that error lines of the report name, by line (`base` for an adapter without one):
             the error `raise_for_errors` raises carries them, so that the CLI shows them as flags.
     """
@@ -69,6 +72,7 @@ class Inputs:
     tokenizer_source: str | int | Entry
     report: CompatibilityReport
     checked: list[Checkpoint] = field(default_factory=list)
+    modules: list[ModuleFolder] = field(default_factory=list)
     fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
@@ -125,11 +129,11 @@ class Inputs:
         self.raise_for_errors()
         every = [*self.entries, *([self.pivot] if self.pivot else []), *([self.base] if self.base else [])]
         self.stage.fetch(every)
-        report = self.report
-        pairs = list(zip(self.checked, [*report.checkpoints, *([report.pivot] if report.pivot is not None else [])]))
-        views = [_upgraded(view, checked, self.stage.opened(checked)) for checked, view in pairs]
-        report.checkpoints, report.pivot = views[:len(report.checkpoints)], (
-            views[-1] if report.pivot is not None else None)
+        for checked, report in [(self.checked, self.report), *((m.checked, m.report) for m in self.modules)]:
+            pairs = list(zip(checked, [*report.checkpoints, *([report.pivot] if report.pivot is not None else [])]))
+            views = [_upgraded(view, c, self.stage.opened(c)) for c, view in pairs]
+            report.checkpoints, report.pivot = views[:len(report.checkpoints)], (
+                views[-1] if report.pivot is not None else None)
         return self
 
     # -- which model the output's files come from -------------------------------------------------
@@ -149,21 +153,6 @@ class Inputs:
         if source == "first":
             return 0
         return source
-
-    def config_source(self) -> Checkpoint:
-        """The checkpoint whose config (and side files) the output takes: the pivot when it is a model of the
-        ingredients' architecture, else the ingredient whose layout the check chose (the first, usually).
-
-        Returns:
-            The checkpoint.
-        """
-        chosen = self.checkpoints[self.report.source]
-        arch = chosen.config.get("architectures")
-        if self.pivot_checkpoint is not None and self.pivot_checkpoint.config.get("architectures") == arch:
-            return self.pivot_checkpoint
-        if self.checkpoints[self.pivot_index].config.get("architectures") == arch:
-            return self.checkpoints[self.pivot_index]
-        return chosen
 
     def tokenizer_dir(self) -> Path:
         """Where the output's tokenizer, chat template and processor files come from: with differing
@@ -190,6 +179,8 @@ def _upgraded(view: Checkpoint, checked: Checkpoint, opened: Checkpoint) -> Chec
     """`view` (the check's checkpoint, perhaps under the output's names) over the opened files."""
     if opened is checked:
         return view
+    if isinstance(view, RowPermuted):  # rows in the output's label order: the same order over the opened view
+        return view.over(_upgraded(view.inner, checked, opened))
     if view is checked:
         return opened
     return opened.renamed({new: view.stored[new] for new in view.tensors})

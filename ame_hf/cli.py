@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import os
 import re
 import shlex
 import sys
@@ -164,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "configs, tokenizers and safetensors headers.")
     c.add_argument("refs", nargs="+", metavar="REF", help="ingredient: local directory or org/name[@revision]")
     add_config_options(c, only=CHECK_FIELDS)  # the options that change what is checked, as merge means them
-    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.add_argument("--json", action="store_true", help="print the report as JSON (every error and note)")
+    c.add_argument("-v", "--verbose", action="store_true",
+                   help="every error and note (default: what decides first, the rest counted)")
     add_token(c)
     add_common(c)
     c.set_defaults(func=cmd_check, validate=validate_check)
@@ -242,6 +245,8 @@ def cmd_merge(args: argparse.Namespace, run: MergeRun) -> int:
     result = merge(refs, out, run.config, token=args.token, overwrite=args.overwrite,
                    progress=not args.quiet, device=args.device, threads=args.threads,
                    max_memory=args.max_memory, stage=stage)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch: the main process reports
+        return 0
     _say(args, f"merged {len(result.ingredients)} checkpoints with {result.config.optimizer} "
                f"in {result.seconds:.1f}s -> {result.path}")
     if args.data:
@@ -270,8 +275,8 @@ def cmd_check(args: argparse.Namespace, options: dict[str, Any]) -> int:
     # The report is the Python API's: its lines write a keyword as a caller passes it (`base=REF`).
     keywords = [k for k in inspect.signature(check).parameters if k != "ingredients"]
     print(json.dumps(report.to_dict(), indent=2) if args.json
-          else as_flags(report.format(), keywords, "check", marked_only=True))
-    return 0 if report.ok else EXIT_ERROR
+          else as_flags(report.format(verbose=args.verbose), keywords, "check", marked_only=True))
+    return 0 if report.mergeable else EXIT_ERROR
 
 
 def cmd_push(args: argparse.Namespace, options: None) -> int:

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from ._cli_options import add_common, add_config_options, add_token, config_values, whole
 from ._options import config_with, evaluation_options, tune_options
 from ._validators import whole_number
-from .card import update_card
+from .card_results import update_card
 from .config import OUTPUT_FIELDS, WEIGHT_FIELDS, AmeConfig
 from .errors import InvalidConfigError
 from .evaluation import TASKS, check_scorable, default_metric, higher_is_better, load_data, task_for_models

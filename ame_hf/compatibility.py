@@ -8,11 +8,13 @@ other config differences are notes; quantized weights and remote-code architectu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from ._differences import differing_fields, file_notes, updated, who_has
 from .checkpoint import DTYPE_NAMES, Checkpoint
-from .reconcile import Layout, Renaming, UnknownArchitecture, model_layout, rename
+from .labels import match_labels
+from .report import CompatibilityReport
+from .reconcile import TIE_FLAG, Layout, Renaming, UnknownArchitecture, model_layout, rename, tie_flags, untied
 from .vocabulary import (TokenizerFiles, VocabularyPlan, compare_tokenizers, plan_vocabulary, read_tokenizer,
                          token_ids)
 
@@ -22,58 +24,7 @@ ARCHITECTURE_KEYS = ("model_type",)
 # Config keys that say nothing about the model (bookkeeping): differences are not even notes.
 QUIET_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "_commit_hash", "torch_dtype", "dtype"}
 _MAX_LISTED = 20
-
-
-@dataclass
-class CompatibilityReport:
-    """The outcome of `check_compatibility`: `errors` block a merge, `notes` do not."""
-
-    names: list[str]
-    errors: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    # What the merge then uses: every ingredient (and the pivot) seen under the output's tensor names,
-    # and which ingredient's config and layout the output takes.
-    checkpoints: list[Checkpoint] = field(default_factory=list, repr=False, compare=False)
-    pivot: Checkpoint | None = field(default=None, repr=False, compare=False)
-    source: int = 0
-    config_keys: list[str] = field(default_factory=list)  # config keys that differ (said with the errors)
-    # When vocabularies differ: how token-indexed rows are matched, and which tensors are token-indexed.
-    vocab: VocabularyPlan | None = field(default=None, repr=False, compare=False)
-    vocab_keys: frozenset[str] = frozenset()
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors
-
-    def summary(self) -> str:
-        """One line: the verdict and the first problem."""
-        if self.ok:
-            return f"compatible: {len(self.names)} checkpoints can be merged" + (
-                f" ({len(self.notes)} note(s))" if self.notes else "")
-        more = f" (and {len(self.errors) - 1} more difference(s); run `ame-hf check` for all)" if len(self.errors) > 1 else ""
-        keys = f"; their configs differ in {', '.join(self.config_keys[:6])}" if self.config_keys else ""
-        return f"incompatible checkpoints: {self.errors[0]}{more}{keys}"
-
-    def format(self) -> str:
-        """The full report, one finding a line."""
-        lines = [("OK  " if self.ok else "FAIL ") + self.summary()]
-        lines += [f"  error: {e}" for e in self.errors]
-        lines += [f"  note:  {n}" for n in self.notes]
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "checkpoints": self.names, "errors": self.errors, "notes": self.notes}
-
-
-def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    # Nested sub-configs (text_config, vision_config) are compared key by key.
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and key.endswith("_config"):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+GENERATION_CONFIG = "generation_config.json"  # transformers.utils.GENERATION_CONFIG_NAME
 
 
 def _listed(items: Sequence[str]) -> str:
@@ -88,6 +39,7 @@ def check_compatibility(
     allow_dtype_mismatch: bool = False,
     tokenizer_source: str | int | TokenizerFiles = "auto",
     tokenizers: Sequence[TokenizerFiles] | None = None,
+    pivot_index: int = 0,
 ) -> CompatibilityReport:
     """Compare every ingredient with the first one (after reconciling their layouts), and the pivot.
 
@@ -100,6 +52,8 @@ def check_compatibility(
             checkpoint: its vocabulary, every row merged from the ingredients that have its token).
         tokenizers: each checkpoint's tokenizer files (the ingredients', then the pivot's), as the input stage
             read them (an adapter without its own: its base's); default: read from each checkpoint's folder.
+        pivot_index: the ingredient the pivot keyword names (`first`: 0, an index: it): the output's config
+            comes from it when there is no pivot checkpoint (`CompatibilityReport.config_source`).
 
     >>> report = check_compatibility([Checkpoint("a"), Checkpoint("b")])  # doctest: +SKIP
     >>> print(report.format())                                            # doctest: +SKIP
@@ -109,21 +63,31 @@ def check_compatibility(
     if not checkpoints:
         report.errors.append("no checkpoints given")
         return report
-    for ckpt in everything:
+    for ckpt in dict.fromkeys(everything):  # an ingredient given twice: refused once
         report.errors += _refusals(ckpt)
     if report.errors:
         return report
     views, pivot_view, report.source = _reconcile(list(checkpoints), pivot, report)
     if report.errors:
         return report
-    report.checkpoints, report.pivot = views, pivot_view
+    report.checkpoints, report.pivot, report.pivot_index = views, pivot_view, pivot_index
+    match_labels(report)  # rows of a classifier head read in one label order
+    if report.errors:
+        return report
+    views, pivot_view = report.checkpoints, report.pivot
     if tokenizers is None:  # read once: the vocabulary plan and the notes
         tokenizers = [read_tokenizer(c.path) for c in everything]
     _vocabulary(views, tokenizers[:len(views)], report, tokenizer_source)
-    _compare_configs([*views, *([pivot_view] if pivot_view else [])], report)
+    compared = [*views, *([pivot_view] if pivot_view else [])]
+    taken = report.config_source().name
+    _check_untied(report)
+    _compare_configs(compared, report, taken)
+    report.notes += file_notes(GENERATION_CONFIG, [c.name for c in compared], [c.path for c in compared],
+                               taken=taken, skip=(*QUIET_KEYS, "_from_model_config"))
     ref = views[0]
     for other in views[1:]:
-        _compare_tensors(ref, other, report, allow_dtype_mismatch)
+        _compare_tensors(ref, other, report)
+    _compare_dtypes(views, report, allow_dtype_mismatch)
     if pivot_view is not None:
         _compare_pivot(ref, pivot_view, report)
     report.notes += compare_tokenizers([c.name for c in everything], tokenizers)
@@ -131,12 +95,13 @@ def check_compatibility(
 
 
 def _refusals(ckpt: Checkpoint) -> list[str]:
-    """Quantized weights and architectures only the repo's own code defines: refused, one line each."""
+    """Quantized weights, architectures only the repo's own code defines, and what an adapter's tensors cannot make
+    equal to peft's merge (`AdapterCheckpoint.refusals`): refused, one line each."""
     out = config_refusals(ckpt.name, ckpt.config)
     if ckpt.unsupported and not out:
         dtypes = ", ".join(sorted(set(ckpt.unsupported.values())))
         out.append(f"{ckpt.name} holds {dtypes} tensors (quantized or FP8); {_QUANTIZED_HINT}")
-    return out
+    return out + list(getattr(ckpt, "refusals", ()))
 
 
 _QUANTIZED_HINT = ("AME averages full-precision weights: merge the unquantized originals (e.g. the fine-tune's "
@@ -165,40 +130,85 @@ def config_refusals(name: str, config: dict[str, Any]) -> list[str]:
 def _reconcile(checkpoints: list[Checkpoint], pivot: Checkpoint | None,
                report: CompatibilityReport) -> tuple[list[Checkpoint], Checkpoint | None, int]:
     """The ingredients and the pivot under the output's tensor names, and the index of the ingredient whose
-    layout (and config) the output takes: the one that explains every ingredient's tensors best."""
+    layout (and config) the output takes: the one that explains every ingredient's tensors best, and stores every
+    tensor an ingredient trains (a head one ingredient ties to its embeddings and another stores is untied)."""
     names = [frozenset(c.tensors) for c in checkpoints]
     archs = [tuple(c.config.get("architectures") or ()) for c in checkpoints]
     # A config without `architectures` (some older saves) takes those of an ingredient of its model type.
     known = {c.config.get("model_type"): a for c, a in zip(checkpoints, archs) if a}
     archs = [a or known.get(c.config.get("model_type"), ()) for c, a in zip(checkpoints, archs)]
-    same = len(set(names)) == 1 and len(set(archs)) == 1 and (pivot is None or frozenset(pivot.tensors) == names[0])
+    kinds = [(a, tie_flags(c.config)) for a, c in zip(archs, checkpoints)]  # same kind: same layout
+    same = len(set(names)) == 1 and len(set(kinds)) == 1 and (pivot is None or frozenset(pivot.tensors) == names[0])
     if same or not all(archs):
         return checkpoints, pivot, 0  # nothing to reconcile (or nothing to reconcile it with)
-    layouts: dict[tuple[str, ...], Layout] = {}
-    for i, ckpt in enumerate(checkpoints):
+    layouts: dict[tuple, Layout] = {}
+    for ckpt, kind in zip(checkpoints, kinds):
         try:
-            layouts.setdefault(archs[i], model_layout({**ckpt.config, "architectures": list(archs[i])}))
+            layouts.setdefault(kind, model_layout({**ckpt.config, "architectures": list(kind[0])}))
         except Exception as err:  # noqa: BLE001  transformers cannot build it: compare names as stored
-            report.notes.append(f"{ckpt.name}: cannot build {archs[i][0]} to reconcile its layout ({err}); "
+            report.notes.append(f"{ckpt.name}: cannot build {kind[0][0]} to reconcile its layout ({err}); "
                                 "tensor names are compared as stored")
             return checkpoints, pivot, 0
-    cost = {a: sum(len(r.unexpected) + len(r.missing) for r in (rename(c.tensors, layout) for c in checkpoints))
-            for a, layout in layouts.items()}
+    own = [layouts[k] for k in kinds]
+    # Tied in one ingredient, stored (trained) by another: the output stores it.
+    untie = {a: t for lay in own for a, t in lay.tied.items() if any(a in other.keys for other in own)}
+    fit = {k: lay for k, lay in layouts.items() if not set(lay.tied) & set(untie)}
+    if not fit:
+        report.errors.append(f"the ingredients tie and store {_listed(sorted(untie))} crosswise: no one layout stores "
+                             "every trained tensor; merge ingredients that all tie, or all untie, their embeddings")
+        return checkpoints, pivot, 0
+    cost = {k: sum(len(r.unexpected) + len(r.missing) for r in (rename(c.tensors, lay) for c in checkpoints))
+            for k, lay in fit.items()}
     # Fewest names left unexplained; on a tie the richer class (a head over its bare base model).
-    source = min(range(len(checkpoints)), key=lambda i: (
-        cost[archs[i]], -len(layouts[archs[i]].keys | set(layouts[archs[i]].tied)), i))
-    layout = layouts[archs[source]]
-    views = [_view(c, rename(c.tensors, layout), layout, report, unexpected_ok=False) for c in checkpoints]
-    pivot_view = _view(pivot, rename(pivot.tensors, layout), layout, report, unexpected_ok=True) if pivot else None
-    return views, pivot_view, source
+    source = min((i for i in range(len(checkpoints)) if kinds[i] in fit), key=lambda i: (
+        cost[kinds[i]], -len(layouts[kinds[i]].keys | set(layouts[kinds[i]].tied)), i))
+    layout = layouts[kinds[source]]
+    if untie:
+        report.config_updates.update(layout.tie_flags)
+        report.config_said.update(k for k, _ in layout.tie_flags)
+    everything = [*checkpoints, *([pivot] if pivot else [])]
+    if pivot is not None:  # a pivot that ties what the output unties starts it from its target
+        own.append(_own_layout(pivot, archs[source]) if untie else layout)
+    views = []
+    for i, c in enumerate(everything):
+        renaming, taken = untied(rename(c.tensors, layout), own[i] or layout, untie)
+        for alias in taken:
+            storing = ", ".join(o.name for o, lay in zip(checkpoints, own) if alias in lay.keys)
+            report.notes.append(f"{c.name} ties {alias} to {own[i].tied[alias]} ({TIE_FLAG}), {storing} train(s) "
+                                f"its own: the output is untied ({TIE_FLAG} false) and {c.name}'s {alias} is its "
+                                f"{own[i].tied[alias]}, as transformers loads it")
+        views.append(_view(c, renaming, layout, report, unexpected_ok=i == len(checkpoints), aliases=taken))
+    return views[:len(checkpoints)], views[-1] if pivot else None, source
+
+
+def _own_layout(ckpt: Checkpoint, arch: tuple[str, ...]) -> Layout | None:
+    """The layout of a checkpoint's own config (its architectures, else `arch`); None if it cannot be built."""
+    try:
+        return model_layout({**ckpt.config, "architectures": list(ckpt.config.get("architectures") or arch)})
+    except Exception:  # noqa: BLE001  then nothing of it is untied
+        return None
+
+
+def _check_untied(report: CompatibilityReport) -> None:
+    """An output untied from what some ingredients tie: its config (the source's, with the layout's tie flags)
+    must make transformers load every merged tensor as its own."""
+    if not report.config_updates:
+        return
+    source = report.config_source()
+    out = model_layout(updated(source.config, report.config_updates))
+    still = sorted(set(report.checkpoints[0].tensors) & set(out.tied))
+    if still:
+        report.errors.append(f"the output must store {_listed(still)} (some ingredients train them, others tie them), "
+                             f"but {source.name}'s config with {report.config_updates} still ties them; merge "
+                             "ingredients that all tie, or all untie, their embeddings")
 
 
 def _view(ckpt: Checkpoint, renaming: Renaming, layout: Layout, report: CompatibilityReport, *,
-          unexpected_ok: bool) -> Checkpoint:
-    """`ckpt` under the layout's names; what was reconciled becomes a note."""
+          unexpected_ok: bool, aliases: Sequence[str] = ()) -> Checkpoint:
+    """`ckpt` under the layout's names; what was reconciled becomes a note (`aliases`: said already)."""
     if renaming.is_identity and not renaming.unexpected:
         return ckpt
-    moved = [s for n, s in renaming.names.items() if n != s]
+    moved = [s for n, s in renaming.names.items() if n != s and n not in aliases]
     if moved:
         report.notes.append(f"{ckpt.name}: {len(moved)} tensor name(s) taken with/without the base-model prefix "
                             f"{layout.prefix!r} (as {layout.architecture} stores them), e.g. {moved[0]!r}")
@@ -222,7 +232,7 @@ def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: 
     if len(set(sizes)) <= 1 and all(m == maps[0] for m in maps):
         return
     try:
-        layout = model_layout(views[0].config)
+        layout = model_layout(updated(views[report.source].config, report.config_updates))
     except Exception as err:  # noqa: BLE001  no class to say which tensors are token-indexed
         report.errors.append(f"the vocabularies differ (vocab_size {sizes}) and {views[0].name}'s architecture "
                              f"cannot be built to find its token-indexed tensors ({err})")
@@ -252,35 +262,32 @@ def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: 
             report.errors.append(f"--tokenizer-source has {len(orphans)} token(s) no ingredient has; choose "
                                  "union, first or an ingredient index")
             return
-        plan = VocabularyPlan(size=plan.size, rows=plan.rows[:-1], new_tokens=[], source=0, union=False,
-                              tokenizer=source)
+        plan = VocabularyPlan(size=plan.size, rows=plan.rows[:-1], new_tokens=[], source=0, tokenizer=source)
     report.vocab, report.vocab_keys = plan, keys
     added = ", ".join(repr(t) for t, _ in plan.new_tokens[:8]) + (" ..." if len(plan.new_tokens) > 8 else "")
     report.notes.append(
         f"the vocabularies differ (rows {counts}): rows of {', '.join(sorted(keys))} are matched by token; the output "
-        + (f"has the union of {plan.size} tokens ({len(plan.new_tokens)} new: {added})" if union
+        + (f"has the union of {plan.size} tokens ("
+           + (f"{len(plan.new_tokens)} new: {added})" if plan.new_tokens else "no new token)") if union
            else f"keeps the {plan.size} tokens of {views[index].name if index < len(views) else 'the tokenizer source'}")
         + "; each row is merged over the ingredients that have its token")
 
 
-def _compare_configs(views: Sequence[Checkpoint], report: CompatibilityReport) -> None:
-    ref = views[0]
-    ref_config = _flatten(ref.config)
-    for other in views[1:]:
-        config = _flatten(other.config)
-        for key in sorted(set(ref_config) | set(config)):
-            a, b = ref_config.get(key, "<missing>"), config.get(key, "<missing>")
-            leaf = key.rsplit(".", 1)[-1]
-            if a == b or leaf in QUIET_KEYS:
-                continue
-            line = f"config {key}: {ref.name} has {a!r}, {other.name} has {b!r}"
-            if key not in report.config_keys:
-                report.config_keys.append(key)
-            (report.errors if leaf in ARCHITECTURE_KEYS else report.notes).append(line)
+def _compare_configs(views: Sequence[Checkpoint], report: CompatibilityReport, taken: str) -> None:
+    """One line per config field that differs, naming who has which value: an error for a field that means
+    another architecture, else a note (the tensors' shapes decide)."""
+    names = [v.name for v in views]
+    for key, who in differing_fields(names, [v.config for v in views], skip=QUIET_KEYS):
+        if key in report.config_keys:
+            continue
+        report.config_keys.append(key)
+        if key.rsplit(".", 1)[-1] in ARCHITECTURE_KEYS:
+            report.errors.append(f"config {key}: {who}")
+        elif key not in report.config_said:
+            report.notes.append(f"config {key}: {who}; the output takes {taken}'s")
 
 
-def _compare_tensors(ref: Checkpoint, other: Checkpoint, report: CompatibilityReport,
-                     allow_dtype_mismatch: bool) -> None:
+def _compare_tensors(ref: Checkpoint, other: Checkpoint, report: CompatibilityReport) -> None:
     missing = sorted(set(ref.tensors) - set(other.tensors))
     extra = sorted(set(other.tensors) - set(ref.tensors))
     if missing:
@@ -294,14 +301,24 @@ def _compare_tensors(ref: Checkpoint, other: Checkpoint, report: CompatibilityRe
             report.errors.append(
                 f"tensor {name!r}: shape {list(a_info.shape)} in {ref.name}, {list(b_info.shape)} in {other.name}"
             )
-        elif a_info.dtype != b_info.dtype:
-            floating = a_info.dtype.is_floating_point and b_info.dtype.is_floating_point
-            line = (f"tensor {name!r}: dtype {DTYPE_NAMES[a_info.dtype]} in {ref.name}, "
-                    f"{DTYPE_NAMES[b_info.dtype]} in {other.name}")
-            if floating and allow_dtype_mismatch:
-                report.notes.append(line)
-            else:
-                report.errors.append(line + ("; choose the output dtype with --dtype" if floating else ""))
+
+
+def _compare_dtypes(views: Sequence[Checkpoint], report: CompatibilityReport, allow_dtype_mismatch: bool) -> None:
+    """Tensors whose dtypes differ, one line per pattern of dtypes (who has which) with the tensors listed: a note
+    when an output dtype was chosen, else an error."""
+    names = [v.name for v in views]
+    patterns: dict[tuple[str, ...], list[str]] = {}
+    for name in sorted(set.intersection(*(set(v.tensors) for v in views))):
+        dtypes = tuple(DTYPE_NAMES[v.tensors[name].dtype] for v in views)
+        if len(set(dtypes)) > 1:
+            patterns.setdefault(dtypes, []).append(name)
+    for dtypes, tensors in patterns.items():
+        floating = all(v.tensors[tensors[0]].dtype.is_floating_point for v in views)
+        line = f"tensor(s) {_listed(tensors)}: dtype {who_has(names, dtypes)}"
+        if floating and allow_dtype_mismatch:
+            report.notes.append(line)
+        else:
+            report.errors.append(line + ("; choose the output dtype with --dtype" if floating else ""))
 
 
 def _compare_pivot(ref: Checkpoint, pivot: Checkpoint, report: CompatibilityReport) -> None:

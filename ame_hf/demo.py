@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch
 
+from ._quiet import quiet_libraries
+
 logger = logging.getLogger(__name__)
 
 VOCAB = 20          # ordinary tokens 0..19
@@ -109,7 +111,7 @@ def train(model, task: str, steps: int, seed: int, lr: float = 3e-3) -> None:
     model.train()
     for _ in range(steps):
         batch = make_batch(task, 32, generator)
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = model(input_ids=batch, attention_mask=_unpadded(batch), labels=batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -124,8 +126,14 @@ def task_losses(model, seed: int = 1234) -> dict[str, float]:
         batch = make_batch(task, 256, torch.Generator().manual_seed(seed))
         labels = batch.clone()
         labels[:, :3] = -100  # the first body tokens are random: not predictable
-        out[task] = float(model(input_ids=batch, labels=labels).loss)
+        out[task] = float(model(input_ids=batch, attention_mask=_unpadded(batch), labels=labels).loss)
     return out
+
+
+def _unpadded(batch: torch.Tensor) -> torch.Tensor:
+    """The attention mask of sequences without padding. <base> is the pad token but also the first token
+    of every base sequence: without a mask transformers cannot tell, and advises one on every call."""
+    return torch.ones_like(batch)
 
 
 def build_experts(workdir: Path, steps: int = DEFAULT_STEPS, log: Callable[[str], None] | None = None) -> list[Path]:
@@ -151,13 +159,19 @@ def build_experts(workdir: Path, steps: int = DEFAULT_STEPS, log: Callable[[str]
 
 def run_demo(out: str | Path = "ame-demo", *, steps: int = DEFAULT_STEPS, progress: bool = True,
              log: Callable[[str], None] | None = print) -> list[DemoRow]:
-    """Build experts, merge them with the default AME and the soup, reload everything, compare."""
+    """Build experts, merge them with the default AME and the soup, reload everything, compare.
+
+    `progress=False` also keeps transformers and huggingface_hub quiet (`quiet_libraries`)."""
+    with quiet_libraries(not progress):
+        return _run_demo(Path(out), steps, progress, log)
+
+
+def _run_demo(workdir: Path, steps: int, progress: bool, log: Callable[[str], None] | None) -> list[DemoRow]:
     from transformers import AutoModelForCausalLM
 
     from .config import AmeConfig
     from .merging import merge
 
-    workdir = Path(out)
     workdir.mkdir(parents=True, exist_ok=True)
     experts = build_experts(workdir, steps, log)
     merges = {"soup (SGD, lr 1, harmonic)": AmeConfig.soup(), "AME default (adam, relative lr)": AmeConfig()}

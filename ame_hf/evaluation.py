@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from ._quiet import quiet_libraries
 from .errors import CheckpointError, InvalidConfigError
 from .lm_evaluation import TextData, check_tokenizer, load_texts, mean_token_nll, perplexity
 
@@ -276,11 +277,20 @@ def evaluate_model(model: Any, data: LabelledData | TextData, task: str, metric:
         max_length: text-generation: truncate documents to this many tokens.
         batch_size: examples per forward pass (default 32 for pipelines, 8 documents for text-generation).
         device: where the model runs (text-generation default: CUDA when available; pipelines: the CPU).
-        progress: text-generation: a progress bar over the batches.
+        progress: text-generation: a progress bar over the batches. False also keeps transformers and
+            huggingface_hub quiet while the model loads and runs (no "Loading weights" bars, no advisory
+            warnings; `quiet_libraries`), and leaves their settings as they were.
 
     Returns:
         The score (see `higher_is_better(metric)` for its direction).
     """
+    with quiet_libraries(not progress):
+        return _evaluate_model(model, data, task, metric, max_length=max_length, batch_size=batch_size,
+                               device=device, progress=progress)
+
+
+def _evaluate_model(model: Any, data: LabelledData | TextData, task: str, metric: str | None, *,
+                    max_length: int | None, batch_size: int | None, device: str | None, progress: bool) -> float:
     from transformers import AutoConfig
 
     metric = default_metric(task, metric)

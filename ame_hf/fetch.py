@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ._hub_errors import hub_errors
-from ._weight_files import index_shards, weight_layout
+from ._model_files import module_folders
+from ._weight_files import BIN_INDEX, BIN_SINGLE, SAFE_INDEX, SAFE_SINGLE, index_shards, weight_layout
 from .checkpoint import Checkpoint, TensorInfo, dtype_from_name
 from .errors import HubError, InsufficientSpaceError
 from .records import HubSource, Ingredient
@@ -73,37 +74,65 @@ def fetch_light(source: HubSource, *, token: str | None = None) -> Ingredient:
 
 
 def weight_files(source: HubSource, light: Ingredient, variant: str | None = None) -> list[str]:
-    """The weight files of `source` a merge reads (safetensors first; `.bin` only when there is none).
+    """The weight files of `source` a merge reads (safetensors first; `.bin` only when there is none), those of its
+    sentence-transformers module folders (`modules.json`) included: paths in the repo.
 
     Args:
         source: the Hub reference (its file list; offline, the snapshot's files are listed instead).
-        light: its light files (the index, which names the shards).
-        variant: the weights variant (`model.NAME.safetensors`).
+        light: its light files (the index, which names the shards, and `modules.json`).
+        variant: the weights variant (`model.NAME.safetensors`) of the model's own weights.
 
     Returns:
-        The files to download: one weight file, or the index and its shards.
+        The files to download: each folder's weight file, or its index and shards.
 
     Raises:
-        CheckpointError: no weights (naming the variants there are), or an invalid index.
+        CheckpointError: no weights (naming the variants there are), or an invalid index or `modules.json`.
     """
-    _, index, single = weight_layout(set(source.files) or {p.name for p in light.path.iterdir()}, variant)
-    if index is None:
-        return [single] if single else []
-    # The index came with the light files: it names the shards.
-    return [index, *index_shards(light.path / index, light.ref)]
+    out = folder_weights(source, light, "", variant)
+    for folder in module_folders(light.path, light.ref):
+        out += folder_weights(source, light, folder)
+    return out
 
 
-def header_checkpoint(source: HubSource, light: Ingredient, config: dict, *, variant: str | None = None,
-                      token: str | None = None) -> Checkpoint | None:
-    """`source` known from its `config` and safetensors headers, read with range requests (a few kB per
-    file), without its weights; None for `.bin` weights, which have no header to read.
+def folder_weights(source: HubSource, light: Ingredient, folder: str, variant: str | None = None) -> list[str]:
+    """The weight files one folder of `source` holds ("": the model's own; a module folder: none if it has none).
 
     Args:
         source: the Hub reference.
         light: its light files.
-        config: its parsed `config.json`.
+        folder: the folder in the repo ("" for the model's own).
+        variant: the weights variant.
+
+    Returns:
+        Paths in the repo.
+
+    Raises:
+        CheckpointError: the model's own folder has no weights, or an index is invalid.
+    """
+    prefix = f"{folder}/" if folder else ""
+    listing = set(source.files) or {p.relative_to(light.path).as_posix() for p in light.path.rglob("*") if p.is_file()}
+    here = {f[len(prefix):] for f in listing if f.startswith(prefix) and "/" not in f[len(prefix):]}
+    if folder and not here & {SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX}:
+        return []
+    _, index, single = weight_layout(here, variant)
+    if index is None:
+        return [prefix + single] if single else []
+    # The index came with the light files: it names the shards.
+    return [prefix + index, *(prefix + f for f in index_shards(light.path / folder / index, light.ref))]
+
+
+def header_checkpoint(source: HubSource, light: Ingredient, config: dict, *, variant: str | None = None,
+                      token: str | None = None, folder: str = "") -> Checkpoint | None:
+    """`source` (or one of its module folders) known from its `config` and safetensors headers, read with range
+    requests (a few kB per file), without its weights; None for `.bin` weights, which have no header to read.
+
+    Args:
+        source: the Hub reference.
+        light: its light files.
+        config: its parsed `config.json` (a module folder's own config).
         variant: the weights variant.
         token: Hub token for private or gated repos.
+        folder: a module folder in the repo, or "" for the model itself.
 
     Returns:
         A header-only `Checkpoint` (enough to check it, not to read it), or None.
@@ -114,7 +143,8 @@ def header_checkpoint(source: HubSource, light: Ingredient, config: dict, *, var
     """
     from huggingface_hub import HfApi
 
-    files = [f for f in weight_files(source, light, variant) if not f.endswith(".json")]
+    prefix = f"{folder}/" if folder else ""
+    files = [f[len(prefix):] for f in folder_weights(source, light, folder, variant) if not f.endswith(".json")]
     if not files or not all(f.endswith(".safetensors") for f in files):
         return None
     tensors: dict[str, TensorInfo] = {}
@@ -122,14 +152,15 @@ def header_checkpoint(source: HubSource, light: Ingredient, config: dict, *, var
     api = HfApi(token=token)
     for file in files:
         with hub_errors(source.ref, source.repo_id, source.revision):
-            meta = api.parse_safetensors_file_metadata(source.repo_id, file, revision=source.sha)
+            meta = api.parse_safetensors_file_metadata(source.repo_id, prefix + file, revision=source.sha)
         for key, info in meta.tensors.items():
             dtype = dtype_from_name(info.dtype)
             if dtype is None:
                 unsupported[key] = info.dtype
             else:
                 tensors[key] = TensorInfo(file=file, shape=tuple(info.shape), dtype=dtype)
-    return Checkpoint.from_header(light.ref, config, tensors, unsupported, path=light.path)
+    return Checkpoint.from_header(f"{light.ref}/{folder}" if folder else light.ref, config, tensors, unsupported,
+                                  path=light.path / folder)
 
 
 def download_size(sources: Sequence[HubSource], lights: Sequence[Ingredient], variant: str | None = None) -> int:

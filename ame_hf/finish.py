@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path, PurePath
 from typing import Callable, Sequence
 
+from ._differences import updated
 from .card import render_card
 from .checkpoint import Checkpoint
 from .errors import CheckpointError
@@ -49,7 +50,8 @@ def finish(staging: Path, result: MergeResult, checkpoints: list[Checkpoint], *,
         vocab: when vocabularies differ, the plan the token-indexed rows were merged with: the config's
             `vocab_size` follows it, and a union's new tokens are added to the saved tokenizer.
     """
-    config = dict(source.config)
+    # What the check changed: an untied head, the labels of the merged classifier rows.
+    config = updated(source.config, result.report.config_updates if result.report is not None else {})
     if config.pop("auto_map", None) is not None:
         logger.warning("%s: config.json has auto_map (remote code); it is not copied and never run", source.name)
     config.pop("_name_or_path", None)

@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ._model_files import read_config
-from .adapters import ADAPTER_FILES, AdapterCheckpoint, adapter_base, is_adapter_dir, read_adapter_config
+from ._adapter_config import adapter_base, adapter_refusals, is_adapter_dir, read_adapter_config
+from .adapters import ADAPTER_FILES, AdapterCheckpoint
 from .checked_inputs import Entry, Inputs
 from .checkpoint import Checkpoint
 from .compatibility import CompatibilityReport, check_compatibility, config_refusals
 from .config import PIVOT_WORDS, SOURCE_WORDS
 from .errors import CheckpointError
 from .fetch import check_disk_space, download_size, fetch_light, fetch_weights, format_size, header_checkpoint, hub_cache
+from .modules import check_modules, module_checkpoint, module_config
 from .records import HubSource, Ingredient
 from .resolve import local_inputs, plan_refs, split_ref
 from .vocabulary import TokenizerFiles, read_tokenizer
@@ -47,10 +49,10 @@ class InputStage:
         # Keyed by folder: `./a` and `a`, or `org/a` and `org/a@<its sha>`, are one model, read once.
         self._configs: dict[Path, dict[str, Any]] = {}
         self._tokenizers: dict[Path, TokenizerFiles] = {}
-        self._checked: dict[tuple[Path, bool, int], Checkpoint] = {}
+        self._checked: dict[tuple[Path, bool, int, str], Checkpoint] = {}
         self._opened: dict[int, Checkpoint] = {}
         self._fetched: set[Path] = set()  # Hub snapshots whose weights are downloaded
-        self._entry_of: dict[int, Entry] = {}  # id of a checkpoint the check opened from headers -> its entry
+        self._entry_of: dict[int, tuple[Entry, str]] = {}  # a checkpoint known from headers -> its entry, folder
         self._reports: dict[tuple, Inputs] = {}
         self.downloaded_to_check: list[str] = []
 
@@ -200,11 +202,12 @@ class InputStage:
         models = [e for e in [*entries, *([pivot_entry] if pivot_entry else []), *([base] if base else [])]
                   if e.adapter is None]
         errors += [line for e in models for line in config_refusals(e.ref, self.config(e))]
+        errors += [r for e in entries if e.adapter is not None for r in adapter_refusals(e.ref, e.adapter)]
         if isinstance(pivot, int) and pivot >= len(entries):
             errors.append(f"pivot index {pivot} is out of range for {len(entries)} ingredients (use 0..{len(entries) - 1})")
             named[errors[-1]] = ("pivot",)
         if errors:  # config.json alone says no: not even the headers are read
-            inputs.report.errors = errors
+            inputs.report.errors = list(dict.fromkeys(errors))  # an ingredient given twice: refused once
             return inputs
         base_ckpt = self._checkpoint(base) if base else None
         ckpts = [self._checkpoint(e, base_ckpt) for e in entries]
@@ -213,11 +216,14 @@ class InputStage:
         inputs.report = check_compatibility(
             ckpts, pivot=pivot_ckpt, allow_dtype_mismatch=allow_dtype_mismatch,
             tokenizer_source=inputs.vocabulary_source(),
-            tokenizers=[self.tokenizer(self.tokenizer_dir(e, base)) for e in every])
+            tokenizers=[self.tokenizer(self.tokenizer_dir(e, base)) for e in every], pivot_index=inputs.pivot_index)
         inputs.report.notes[:0] = [c.describe() for c in ckpts if isinstance(c, AdapterCheckpoint)]
         inputs.report.notes += [f"{ref} has .bin weights (no header to read): downloaded to check it"
                                 for ref in dict.fromkeys(self.downloaded_to_check) if ref in inputs.report.names]
         inputs.checked = [*ckpts, *([pivot_ckpt] if pivot_ckpt is not None else [])]
+        if inputs.report.ok:  # the weights of sentence-transformers module folders are part of the model
+            inputs.modules = check_modules(entries, pivot_entry or (base if pivot == "base" else None), self._checkpoint,
+                                           inputs.report, allow_dtype_mismatch=allow_dtype_mismatch)
         return inputs
 
     def _base(self, entries: list[Entry], base_ref: str | None,
@@ -239,13 +245,13 @@ class InputStage:
                           ("base",)}
         return bases[0], {}
 
-    def _checkpoint(self, entry: Entry, base: Checkpoint | None = None) -> Checkpoint:
-        """For the check: a Hub model from its headers (a `.bin` one downloaded), a local one opened, an
-        adapter (small: downloaded) over its base. Each once."""
-        key = (entry.light.path.resolve(), entry.adapter is not None, id(base))
+    def _checkpoint(self, entry: Entry, base: Checkpoint | None = None, folder: str = "") -> Checkpoint:
+        """For the check: a Hub model (or one of its module folders) from its headers (`.bin` weights downloaded),
+        a local one opened, an adapter (small: downloaded) over its base. Each once."""
+        key = (entry.light.path.resolve(), entry.adapter is not None, id(base), folder)
         if key in self._checked:
             return self._checked[key]
-        if entry.adapter is not None:
+        if entry.adapter is not None and not folder:
             if entry.remote and not entry.weights:
                 entry.light = fetch_weights(entry.source, entry.light, files=list(ADAPTER_FILES), token=self.token)
                 entry.weights = True
@@ -253,23 +259,25 @@ class InputStage:
             assert base is not None
             ckpt: Checkpoint = AdapterCheckpoint(entry.light.path, base, entry.ref, adapter_config=entry.adapter)
         elif entry.remote and not entry.weights:
+            config = module_config(entry.light.path / folder) if folder else self.config(entry)
             try:
-                header = header_checkpoint(entry.source, entry.light, self.config(entry), variant=self.variant,
-                                           token=self.token)
+                header = header_checkpoint(entry.source, entry.light, config, variant=None if folder else self.variant,
+                                           token=self.token, folder=folder)
             except CheckpointError as err:
                 raise CheckpointError(f"{entry.ref}: {err}", path=err.path, fields=err.fields) from err
             if header is None:  # `.bin` weights have no header: downloaded to be checked
                 self.downloaded_to_check.append(entry.ref)
                 self.fetch([entry])
-            ckpt = header or self._open(entry)
-            self._entry_of[id(ckpt)] = entry
+            ckpt = header or self._open(entry, folder)
+            self._entry_of[id(ckpt)] = (entry, folder)
         else:
-            ckpt = self._open(entry)
+            ckpt = self._open(entry, folder)
         self._checked[key] = ckpt
         return ckpt
 
-    def _open(self, entry: Entry) -> Checkpoint:
-        return Checkpoint(entry.light.path, name=entry.ref, variant=self.variant, config=self.config(entry))
+    def _open(self, entry: Entry, folder: str = "") -> Checkpoint:
+        return (module_checkpoint(entry.light.path, folder, entry.ref) if folder  # a sentence-transformers module
+                else Checkpoint(entry.light.path, name=entry.ref, variant=self.variant, config=self.config(entry)))
 
     # -- downloading and opening ---------------------------------------------------------------
     def fetch(self, entries: Sequence[Entry]) -> None:
@@ -312,7 +320,7 @@ class InputStage:
             if isinstance(checked, AdapterCheckpoint):
                 self._opened[key] = checked.with_base(self.opened(checked.base))
             elif checked.header_only:
-                real = self._open(self._entry_of[key])
+                real = self._open(*self._entry_of[key])
                 real.same_tensors(checked)
                 self._opened[key] = real
             else:

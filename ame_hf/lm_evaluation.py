@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._quiet import quiet_libraries
 from .errors import CheckpointError, InvalidConfigError
 
 logger = logging.getLogger(__name__)
@@ -123,7 +124,8 @@ def mean_token_nll(model: Any, data: TextData, *, max_length: int | None = None,
         max_length: truncate each document to this many tokens (default: the model's position limit).
         batch_size: documents per forward pass.
         device: `cpu`, `cuda`, ... (default: CUDA when available, else the CPU).
-        progress: show a tqdm bar over the batches.
+        progress: show a tqdm bar over the batches; False also keeps transformers quiet while the model
+            loads and runs (`quiet_libraries`).
 
     Returns:
         (mean NLL per token, number of predicted tokens).
@@ -135,11 +137,20 @@ def mean_token_nll(model: Any, data: TextData, *, max_length: int | None = None,
     (2.31, 40960)
     """
     import torch
-    from tqdm.auto import tqdm
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with quiet_libraries(not progress):
+        return _mean_token_nll(model, data, limit=max_length, batch_size=batch_size, device=device,
+                               progress=progress)
+
+
+def _mean_token_nll(model: Any, data: TextData, *, limit: int | None, batch_size: int, device: str,
+                    progress: bool) -> tuple[float, int]:
+    import torch
+    from tqdm.auto import tqdm
+
     model, tokenizer = _load(model, device)
-    limit = max_length or model_max_length(model.config, tokenizer)
+    limit = limit or model_max_length(model.config, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     encoded = [tokenizer(t, truncation=True, max_length=limit)["input_ids"][:limit] for t in data.texts]
     # Longest first: batches of similar length waste less compute on padding.

@@ -19,6 +19,7 @@ from .devices import barrier, cpu_threads, main_process_first, process_setup, sh
 from .engine import decay_arguments, ingredient_order
 from .finish import finish
 from .inputs import InputStage
+from .modules import merge_module_folders
 from .output import check_output_dir, make_staging_dir, publish, staging_cleanup
 from .plan import assign_to_processes, output_dtype, plan_shards
 from .recipe import recipe_digest
@@ -43,6 +44,7 @@ def merge(
     threads: int | None = None,
     max_memory: str | int | None = None,
     stage: InputStage | None = None,
+    recorded_at: str | os.PathLike | None = None,
     **options: Any,
 ) -> MergeResult:
     """Merge checkpoints with AME and write a `from_pretrained`-loadable model to `out_dir`.
@@ -64,6 +66,8 @@ def merge(
             byte is read once (`128MiB` by default; a larger tensor is read again for each pass).
         stage: an `inputs.InputStage` shared between runs (as `tune` shares one between its merges), so that
             each reference is resolved, fetched and parsed once; default: a new one (with `token`).
+        recorded_at: where the output will live if you move it there after the merge (as `tune` moves its
+            pick): `ame_config.yaml` and the card record local references relative to it (default: `out_dir`).
 
     Returns:
         A `MergeResult` with the output path, resolved config, ingredients and order.
@@ -82,7 +86,8 @@ def merge(
     merge_options(refs, config, threads=threads, max_memory=max_memory)
     _warn_repeated(refs)
     return _merge(refs, Path(out_dir), config, started, token=token, overwrite=overwrite, progress=progress,
-                  callback=callback, device=device, threads=threads, max_memory=max_memory, stage=stage)
+                  callback=callback, device=device, threads=threads, max_memory=max_memory, stage=stage,
+                  recorded_at=Path(recorded_at) if recorded_at is not None else None)
 
 
 def materialize(ingredient: str | os.PathLike, out_dir: str | os.PathLike, *, base: str | os.PathLike | None = None,
@@ -120,7 +125,8 @@ def materialize(ingredient: str | os.PathLike, out_dir: str | os.PathLike, *, ba
 def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, token: str | None = None,
            overwrite: bool = False, progress: bool = True, callback: ProgressCallback | None = None,
            device: str | None = None, threads: int | None = None,
-           max_memory: str | int | None = None, stage: InputStage | None = None) -> MergeResult:
+           max_memory: str | int | None = None, stage: InputStage | None = None,
+           recorded_at: Path | None = None) -> MergeResult:
     """`merge` once its config is resolved and the ingredients counted."""
     extra = [*config.pivot_refs, *([config.base] if config.base else []), *config.tokenizer_refs]
     check_output_dir(out, overwrite, inputs=local_inputs([*refs, *extra]))
@@ -135,8 +141,10 @@ def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, tok
             check_output_dir(out, overwrite, inputs=inputs.paths)
             inputs.open()
         report, checkpoints, pivot_ckpt = inputs.report, inputs.checkpoints, inputs.pivot_checkpoint
+        readers = [c for r in [report, *(m.report for m in inputs.modules)]  # module folders' weights too
+                   for c in [*r.checkpoints, *([r.pivot] if r.pivot is not None else [])]]
         # A stage shared between merges (tune) shares its opened checkpoints: count this merge's reads only.
-        before = {id(c.reads): c.reads.bytes for c in [*checkpoints, *([pivot_ckpt] if pivot_ckpt else [])]}
+        before = {id(c.reads): c.reads.bytes for c in readers}
         for note in report.notes:
             logger.info("note: %s", note)
         decay = decay_arguments(config.optimizer, dict(config.optimizer_args))
@@ -150,7 +158,8 @@ def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, tok
                                  order=config.order)
         result = MergeResult(path=out, config=config, ingredients=inputs.ingredients, order=order, report=report,
                              base=inputs.base.light if inputs.base else None,
-                             pivot=pivot or (0 if config.pivot == "first" else config.pivot), device=str(setup.device))
+                             pivot=pivot or (0 if config.pivot == "first" else config.pivot), device=str(setup.device),
+                             recorded_at=recorded_at)
         tensors = {n: checkpoints[0].info(n) for n in checkpoints[0].names()}
         shapes = {n: (report.vocab.size, *i.shape[1:]) if report.vocab and n in report.vocab_keys else i.shape
                   for n, i in tensors.items()}
@@ -171,16 +180,18 @@ def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, tok
             stream_tensors(merger, mine, staging, plan, show=progress and setup.is_main, callback=callback)
             barrier(setup)
             if setup.is_main:
+                merge_module_folders(inputs.modules, staging, config, order, setup.device, stamp=_stamp(result),
+                                     pivot="mean" if pivot_ckpt is not None else result.pivot,
+                                     max_memory=merger.max_memory)
                 warm.join()
                 write_index(staging, plan)
-                source = inputs.config_source()
+                source = report.config_source()
                 tokens = inputs.tokenizer_dir()
                 finish(staging, result, checkpoints, source=source,
                        tokenizer_dir=None if tokens == source.path else tokens, vocab=report.vocab)
                 publish(staging, out, overwrite)
             barrier(setup)
-    read = sum({id(c.reads): c.reads.bytes - before.get(id(c.reads), 0)
-                for c in [*checkpoints, *([pivot_ckpt] if pivot_ckpt else [])]}.values())
+    read = sum({id(c.reads): c.reads.bytes - before.get(id(c.reads), 0) for c in readers}.values())
     return dataclasses.replace(result, seconds=time.perf_counter() - started, bytes_read=read)
 
 

@@ -11,7 +11,12 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from ._differences import flatten
+
 logger = logging.getLogger(__name__)
+
+# The config field transformers reads (in each sub-config) to decide whether a model ties its tied keys.
+TIE_FLAG = "tie_word_embeddings"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,6 +30,8 @@ class Layout:
         prefix: `base_model_prefix` (`transformer`, `model`, `bert`, ...), or "".
         ignored: regular expressions of stored names the class drops on load, and its buffers.
         vocab_keys: the stored tensors indexed by token (input and output embeddings, an output bias).
+        tie_flags: the config's `tie_word_embeddings` of itself and each sub-config (dotted keys), defaults
+            included: what decides which ties transformers makes.
     """
 
     architecture: str
@@ -33,6 +40,7 @@ class Layout:
     prefix: str
     ignored: tuple[str, ...]
     vocab_keys: frozenset[str] = frozenset()
+    tie_flags: tuple[tuple[str, Any], ...] = ()
 
 
 class UnknownArchitecture(Exception):
@@ -51,24 +59,7 @@ def model_layout(config: dict[str, Any]) -> Layout:
 
 @functools.lru_cache(maxsize=32)
 def _layout(config_json: str) -> Layout:
-    import torch
-    import transformers
-    from transformers import AutoConfig
-
-    config = json.loads(config_json)
-    model_type = config.get("model_type")
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-    if model_type not in CONFIG_MAPPING_NAMES:
-        raise UnknownArchitecture(f"model_type {model_type!r} is not part of transformers")
-    names = config.get("architectures") or []
-    cls = getattr(transformers, names[0], None) if names else None
-    if cls is None:
-        raise UnknownArchitecture(f"architecture {names[0] if names else None!r} is not part of transformers")
-    settings = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version", "auto_map")}
-    cfg = AutoConfig.for_model(model_type, **settings)
-    with torch.device("meta"):
-        model = cls(cfg)
+    cls, cfg, model = _on_meta(json.loads(config_json))
     tied = dict(model.get_expanded_tied_weights_keys(all_submodels=True) or {})
     state = set(model.state_dict())
     buffers = {name for name, _ in model.named_buffers()}
@@ -80,7 +71,57 @@ def _layout(config_json: str) -> Layout:
                     if getattr(m, attr, None) is not None}
     vocab = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in vocab_params} & keys
     return Layout(architecture=cls.__name__, keys=keys, tied=tied, prefix=getattr(cls, "base_model_prefix", "") or "",
-                  ignored=tuple(ignored), vocab_keys=frozenset(vocab))
+                  ignored=tuple(ignored), vocab_keys=frozenset(vocab), tie_flags=tie_flags(cfg.to_dict()))
+
+
+def _on_meta(config: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """(class, config object, model) of the config's first architecture, the model built on the meta device."""
+    import torch
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise UnknownArchitecture(f"model_type {model_type!r} is not part of transformers")
+    names = config.get("architectures") or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None:
+        raise UnknownArchitecture(f"architecture {names[0] if names else None!r} is not part of transformers")
+    settings = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version", "auto_map")}
+    cfg = AutoConfig.for_model(model_type, **settings)
+    with torch.device("meta"):
+        return cls, cfg, cls(cfg)
+
+
+def label_tensors(config: dict[str, Any]) -> tuple[frozenset[str], frozenset[str]]:
+    """Which tensors of the config's class are indexed by label, from the class itself: built (on the meta device)
+    with one label more, the tensors whose first dimension grows by one hold a row per label; those that change
+    otherwise (a label-by-label matrix) are returned second.
+
+    Raises:
+        UnknownArchitecture: as `model_layout`.
+    """
+    return _label_tensors(json.dumps(config, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=32)
+def _label_tensors(config_json: str) -> tuple[frozenset[str], frozenset[str]]:
+    config = {k: v for k, v in json.loads(config_json).items() if k not in ("id2label", "label2id", "num_labels")}
+    shapes = []
+    for count in (2, 3):
+        labels = {i: f"LABEL_{i}" for i in range(count)}
+        _, _, model = _on_meta({**config, "id2label": labels, "label2id": {v: k for k, v in labels.items()}})
+        shapes.append({k: tuple(v.shape) for k, v in model.state_dict().items()})
+    two, three = shapes
+    rows = {k for k in two if k in three and two[k] and three[k][0] == two[k][0] + 1 and three[k][1:] == two[k][1:]}
+    return frozenset(rows), frozenset(k for k in two if three.get(k, two[k]) != two[k]) - rows
+
+
+def tie_flags(config: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The `tie_word_embeddings` values a config states (dotted keys, sorted): configs that agree on them make
+    the same ties."""
+    return tuple((k, v) for k, v in sorted(flatten(config).items()) if k.rsplit(".", 1)[-1] == TIE_FLAG)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,3 +183,17 @@ def _candidates(name: str, prefix: str) -> list[str]:
     if prefix:
         out.append(name[len(prefix):] if name.startswith(prefix) else prefix + name)
     return out
+
+
+def untied(renaming: Renaming, own: Layout, untie: dict[str, str]) -> tuple[Renaming, list[str]]:
+    """A checkpoint whose own config ties `alias -> target` seen in an output that stores the alias (other
+    ingredients train it): its alias is what transformers loads for it, the stored alias when it has one (kept
+    when it differs from the target, the same values otherwise), else its target. Returns the renaming and the
+    aliases so taken from their target."""
+    names, taken = dict(renaming.names), []
+    for alias, target in sorted(own.tied.items()):
+        if alias in untie and alias not in names and target in names:
+            names[alias] = names[target]
+            taken.append(alias)
+    missing = [m for m in renaming.missing if m not in names]
+    return Renaming(names=names, dropped=renaming.dropped, unexpected=renaming.unexpected, missing=missing), taken

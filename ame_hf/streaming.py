@@ -308,6 +308,15 @@ def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
+def _output_nbytes(merger: TensorMerger, name: str) -> int:
+    """Bytes of `name` in the output: a token-indexed tensor has the merged vocabulary's rows, not the first
+    ingredient's (the progress bar overshot its total when another ingredient added tokens)."""
+    info = merger.checkpoints[0].info(name)
+    if merger.vocab is not None and name in merger.vocab_keys and info.shape:
+        return info.nbytes // max(1, info.shape[0]) * merger.vocab.size
+    return info.nbytes
+
+
 def stream_tensors(merger: TensorMerger, names: Sequence[str], staging: Path, plan: ShardPlan, *, show: bool,
                    callback: ProgressCallback | None = None) -> None:
     """Merge and write `names` (this process's share) with a progress bar in bytes of output.
@@ -324,7 +333,7 @@ def stream_tensors(merger: TensorMerger, names: Sequence[str], staging: Path, pl
         CheckpointError, IncompatibleCheckpointsError: as `TensorMerger.run`.
         OSError: a shard cannot be written.
     """
-    sizes = {n: merger.checkpoints[0].info(n).nbytes for n in names}
+    sizes = {n: _output_nbytes(merger, n) for n in names}
     total = sum(sizes.values())
     done = 0
     io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ame-hf-io")

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ._differences import MISSING, read_json, who_has
+
 # Files that belong to the tokenizer, the chat template or the processor (image, audio, video):
 # they come from `--tokenizer-source`; every other side file comes from the model the config comes from.
 TOKENIZER_PATTERNS = (
@@ -50,25 +52,25 @@ def read_tokenizer(path: str | os.PathLike | None) -> TokenizerFiles:
         return TokenizerFiles()
     root = Path(path)
     files = tuple(sorted(p.name for p in root.iterdir() if p.is_file() and is_tokenizer_file(p.name)))
-    tok = _json(root / "tokenizer.json") or {}
+    tok = read_json(root / "tokenizer.json", None) or {}
     model = tok.get("model") if isinstance(tok.get("model"), dict) else {}
     vocab = model.get("vocab") if isinstance(model.get("vocab"), dict) else None
-    if vocab is None and isinstance(_json(root / "vocab.json"), dict):
-        vocab = _json(root / "vocab.json")
+    if vocab is None and isinstance(read_json(root / "vocab.json", None), dict):
+        vocab = read_json(root / "vocab.json", None)
     if vocab is None and (root / "vocab.txt").is_file():
         lines = (root / "vocab.txt").read_text(encoding="utf-8", errors="replace").splitlines()
         vocab = {token: i for i, token in enumerate(lines)}
     added = {t["content"]: t["id"] for t in tok.get("added_tokens", []) if isinstance(t, dict) and "content" in t}
-    if not added and isinstance(_json(root / "added_tokens.json"), dict):
-        added = dict(_json(root / "added_tokens.json"))
-    config = _json(root / "tokenizer_config.json") or {}
-    special = {k: _token_text(v) for k, v in {**(_json(root / "special_tokens_map.json") or {}), **config}.items()
+    if not added and isinstance(read_json(root / "added_tokens.json", None), dict):
+        added = dict(read_json(root / "added_tokens.json", None))
+    config = read_json(root / "tokenizer_config.json", None) or {}
+    special = {k: _token_text(v) for k, v in {**(read_json(root / "special_tokens_map.json", None) or {}), **config}.items()
                if k.endswith("_token") or k == "additional_special_tokens"}
     template = None
     if (root / "chat_template.jinja").is_file():
         template = (root / "chat_template.jinja").read_text(encoding="utf-8", errors="replace")
-    elif isinstance(_json(root / "chat_template.json"), dict):
-        template = _json(root / "chat_template.json").get("chat_template")
+    elif isinstance(read_json(root / "chat_template.json", None), dict):
+        template = read_json(root / "chat_template.json", None).get("chat_template")
     elif isinstance(config.get("chat_template"), (str, list)):
         template = json.dumps(config["chat_template"]) if isinstance(config["chat_template"], list) else config["chat_template"]
     special_added = frozenset(t["content"] for t in tok.get("added_tokens", [])
@@ -78,41 +80,35 @@ def read_tokenizer(path: str | os.PathLike | None) -> TokenizerFiles:
 
 
 def compare_tokenizers(names: Sequence[str], tokenizers: Sequence[TokenizerFiles]) -> list[str]:
-    """One note per difference from the first model's tokenizer, naming the file and the field."""
+    """One note per tokenizer file or field that differs, naming the file and the field and who has what (once,
+    not once per pair of models)."""
     notes: list[str] = []
-    first_name, first = names[0], tokenizers[0]
-    for name, other in zip(names[1:], tokenizers[1:]):
-        if first.files != other.files:
-            notes.append(f"tokenizer files: {first_name} has {list(first.files) or 'none'}, "
-                         f"{name} has {list(other.files) or 'none'}")
-        if first.vocab is not None and other.vocab is not None and first.vocab != other.vocab:
-            moved = sum(1 for t, i in first.vocab.items() if other.vocab.get(t) != i)
-            notes.append(f"vocabulary (tokenizer.json model.vocab): {moved} of {len(first.vocab)} tokens of "
-                         f"{first_name} have another id or are absent in {name}")
-        for token in sorted(set(first.added) ^ set(other.added)):
-            owner = name if token in other.added else first_name
-            notes.append(f"added token {token!r} (tokenizer.json added_tokens) only in {owner}")
-        for token in sorted(set(first.added) & set(other.added)):
-            if first.added[token] != other.added[token]:
-                notes.append(f"added token {token!r} has id {first.added[token]} in {first_name}, "
-                             f"{other.added[token]} in {name}")
-        for role in sorted(set(first.special) | set(other.special)):
-            if first.special.get(role) != other.special.get(role):
-                notes.append(f"special token {role} (tokenizer_config.json): {first_name} has "
-                             f"{first.special.get(role)!r}, {name} has {other.special.get(role)!r}")
-        if first.chat_template != other.chat_template:
-            what = "differs" if first.chat_template and other.chat_template else (
-                f"only in {first_name if first.chat_template else name}")
-            notes.append(f"chat template (chat_template.jinja / tokenizer_config.json) {what} "
-                         f"between {first_name} and {name}")
+    files = [list(t.files) or MISSING for t in tokenizers]
+    if any(f != files[0] for f in files):
+        notes.append(f"tokenizer files: {who_has(names, files)}")
+    vocabs = [t.vocab for t in tokenizers]
+    if len({json.dumps(v, sort_keys=True) for v in vocabs if v is not None}) > 1:
+        first = next(v for v in vocabs if v is not None)
+        notes.append("vocabulary (tokenizer.json model.vocab): " + who_has(names, vocabs, lambda v: "none" if v is None
+                     else f"{len(v)} tokens" + ("" if v == first else f", {sum(v.get(t) != i for t, i in first.items())}"
+                                                f" of the first's with another id or absent")))
+    for token in sorted(set().union(*(t.added for t in tokenizers))):
+        ids = [t.added.get(token, MISSING) for t in tokenizers]
+        if any(i != ids[0] for i in ids):
+            notes.append(f"added token {token!r} (tokenizer.json added_tokens), its id: {who_has(names, ids)}")
+    for role in sorted(set().union(*(t.special for t in tokenizers))):
+        values = [t.special.get(role) for t in tokenizers]
+        if any(v != values[0] for v in values):
+            notes.append(f"special token {role} (tokenizer_config.json): {who_has(names, values)}")
+    templates = [t.chat_template for t in tokenizers]
+    if any(t != templates[0] for t in templates):
+        have = [n for n, t in zip(names, templates) if t]
+        distinct = list(dict.fromkeys(t for t in templates if t))
+        notes.append("chat template (chat_template.jinja / tokenizer_config.json) " + (
+            f"only in {', '.join(have)}" + (" (and differs between them)" if len(distinct) > 1 else "")
+            if len(have) < len(names) else
+            "differs: " + who_has(names, templates, lambda t: f"template {distinct.index(t) + 1}")))
     return notes
-
-
-def _json(file: Path) -> Any:
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
 
 
 def _token_text(value: Any) -> Any:
@@ -140,7 +136,6 @@ class VocabularyPlan:
         new_tokens: tokens the output has beyond the source tokenizer, in order (`union`), with
             whether each is special.
         source: the ingredient whose tokenizer (and ids) the output keeps.
-        union: True for `--tokenizer-source union`.
         tokenizer: the tokenizer of another checkpoint whose vocabulary the output keeps, if any.
     """
 
@@ -148,7 +143,6 @@ class VocabularyPlan:
     rows: list[list[int]]
     new_tokens: list[tuple[str, bool]]
     source: int
-    union: bool
     tokenizer: TokenizerFiles | None = None
 
     def groups(self) -> list[tuple[tuple[int, ...], list[int]]]:
@@ -194,7 +188,7 @@ def plan_vocabulary(names: Sequence[str], tokenizers: Sequence[TokenizerFiles], 
                     keys.append(key)
                     new_tokens.append((key, key in _specials(tokenizers[i])))
     rows = [[m.get(k, -1) for k in keys] for m in maps]
-    return VocabularyPlan(size=len(keys), rows=rows, new_tokens=new_tokens, source=source, union=union)
+    return VocabularyPlan(size=len(keys), rows=rows, new_tokens=new_tokens, source=source)
 
 
 def _specials(tokenizer: TokenizerFiles) -> set[str]:

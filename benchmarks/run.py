@@ -8,8 +8,8 @@
 Inputs are built once into the work directory (default benchmarks/_work, git-ignored) and reused.
 Every job runs as its own process under `measure.py` (whole-process wall time, peak RSS), once as
 a warm-up (discarded, so that all jobs read from a warm page cache), then `--runs` times, the jobs
-of one input set taking turns. The table goes to stdout, <work>/results.md (+ raw results.json)
-and, for the default full run, benchmarks/RESULTS.md.
+of one input set taking turns. The table goes to stdout and <work>/results.md (+ raw results.json);
+the committed benchmarks/RESULTS.md (RESULTS-gpu.md for --gpu) is rewritten only with --update-results.
 
 This script imports neither torch nor ame_hf: it only starts processes.
 """
@@ -37,6 +37,9 @@ sys.path.insert(0, str(HERE))
 
 from build_inputs import copy_dir, param_count  # noqa: E402  (no torch at import time)
 
+sys.path.insert(0, str(REPO / "examples"))
+from _results import recorded_command  # noqa: E402  (shared with the examples: the command a report records)
+
 MEASURE = HERE / "measure.py"
 PLAIN = HERE / "plain_average.py"
 COMPARE = HERE / "compare.py"
@@ -54,6 +57,8 @@ ALL_JOBS = ("plain", "soup", "adam", "default", "mergekit")
 GPU_JOBS = ("plain", "soup", "soup_gpu", "adam", "adam_gpu")
 SCALING_JOBS = ("plain", "soup", "adam", "default")
 LARGE_JOBS = ("plain", "soup", "default")
+# Options that only say where output goes, left out of a report's command. Value: whether one follows.
+OUTPUT_OPTIONS = {"--out": True, "--results": True, "--update-results": False}
 # The release RESULTS.md was measured against: an unpinned install would compare against whatever is newest.
 MERGEKIT_SPEC = "mergekit==0.1.5"
 
@@ -463,6 +468,14 @@ def write_report(path_list: list[Path], command: str, env: dict[str, str], sets:
 
 # -- main -----------------------------------------------------------------------------------------
 
+def report_paths(args: argparse.Namespace, work: Path) -> list[Path]:
+    """Where the report goes: the work directory, --results, and with --update-results the committed report."""
+    paths = [work / "results.md", *([args.results] if args.results is not None else [])]
+    if args.update_results:
+        paths.append(HERE / ("RESULTS-gpu.md" if args.gpu else "RESULTS.md"))
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Benchmark ame-hf merges against a plain script and mergekit.")
     p.add_argument("--quick", action="store_true", help="only the 134M model, N=2 and N=4, fp32")
@@ -474,9 +487,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-mergekit", action="store_true", help="skip the mergekit baseline")
     p.add_argument("--mergekit-spec", default=MERGEKIT_SPEC,
                    help=f"pip requirement for mergekit (default: {MERGEKIT_SPEC})")
-    p.add_argument("--results", type=Path, default=None,
-                   help="also write the report here (default: benchmarks/RESULTS.md for a full run, "
-                        "nowhere for --quick/--smoke/--gpu)")
+    p.add_argument("--results", type=Path, default=None, help="also write the report here")
+    p.add_argument("--update-results", action="store_true",
+                   help="also rewrite the committed benchmarks/RESULTS.md (RESULTS-gpu.md with --gpu); only for "
+                        "a full run (no --quick, --smoke or --set)")
     p.add_argument("--set", action="append", default=None, metavar="KEY",
                    help="only this input set of the full run (repeatable), e.g. --set 1b-bf16-n3")
     p.add_argument("--keep-outputs", action="store_true", help="keep the merged models in <work>/outputs")
@@ -484,9 +498,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = args.runs if args.runs is not None else (1 if args.smoke else 5)
     if runs < 1:
         p.error("--runs must be at least 1")
+    if args.update_results and (args.quick or args.smoke or args.set):
+        p.error("--update-results replaces the committed results of a full run: drop --quick, --smoke and --set")
     started = time.perf_counter()
     load_start = os.getloadavg()[0]
-    command = shlex.join(["python", "benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)])
+    command = recorded_command(__file__, sys.argv[1:] if argv is None else argv, OUTPUT_OPTIONS)
     work = args.out.resolve()
     for sub in ("models", "outputs", "logs", "configs"):
         (work / sub).mkdir(parents=True, exist_ok=True)
@@ -526,13 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         "results": {k: {j: {"runs": r.runs, "error": r.error} for j, r in v.items()} for k, v in all_results.items()},
         "checks": checks,
     }, indent=1) + "\n")
-    paths = [work / "results.md"]
-    if args.results is not None:
-        paths.append(args.results)
-    elif not (args.quick or args.smoke or args.gpu) and work == (HERE / "_work").resolve():
-        paths.append(HERE / "RESULTS.md")
-    write_report(paths, command, env, sets, runs, table, targets, checks, started, (load_start, os.getloadavg()[0]),
-                 wrapper_rss)
+    write_report(report_paths(args, work), command, env, sets, runs, table, targets, checks, started,
+                 (load_start, os.getloadavg()[0]), wrapper_rss)
     failed = [c for c in checks if c["required"] and not c["ok"]]
     return 1 if failed else 0
 

@@ -1,7 +1,7 @@
 """Where the wall time of an ame-hf merge goes: start-up (imports) against the merge itself.
 
     python benchmarks/where_time_goes.py            # 4 x 134M fp32 inputs from benchmarks/_work (built if missing)
-    python benchmarks/where_time_goes.py --runs 5
+    python benchmarks/where_time_goes.py --runs 5 --update-results
 
 Each figure is the median of `--runs` fresh processes:
 - `import torch`, and all a merge imports before it streams (ame-hf builds and steps torch.optim
@@ -10,7 +10,8 @@ Each figure is the median of `--runs` fresh processes:
   the default merge, as in run.py);
 - the same merge run a second time inside one process (imports done, optimizer classes warm): the
   merge work alone.
-Writes the table to stdout and to benchmarks/PROFILE.md.
+Writes the table to stdout and to <out>/PROFILE.md (default benchmarks/_work, git-ignored); the committed
+benchmarks/PROFILE.md only with --update-results.
 """
 
 from __future__ import annotations
@@ -65,14 +66,16 @@ def median_of(runs: int, fn) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--work", type=Path, default=HERE / "_work")
+    p.add_argument("--out", "--work", type=Path, default=HERE / "_work",
+                   help="work directory: inputs, outputs and PROFILE.md (default benchmarks/_work, git-ignored)")
+    p.add_argument("--update-results", action="store_true", help="also rewrite the committed benchmarks/PROFILE.md")
     args = p.parse_args(argv)
-    models = args.work / "models"
+    models = args.out / "models"
     inputs = [copy_dir(models, "small", "fp32", i) for i in range(4)]
     if not all((d / ".complete").is_file() for d in inputs):
         subprocess.run([sys.executable, str(HERE / "build_inputs.py"), "--model", "small", "--copies", "4",
                         "--out", str(models)], check=True)
-    out = args.work / "outputs" / "where_time_goes"
+    out = args.out / "outputs" / "where_time_goes"
     py = sys.executable
     rows = [
         ("`import torch`", median_of(args.runs, lambda: wall([py, "-c", "import torch"]))),
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
          median_of(args.runs, lambda: wall([py, "-c", "import ame_hf.cli, ame_hf.merging"]))),
         ("plain script (`plain_average.py`, the floor): whole process",
          median_of(args.runs, lambda: wall([py, str(HERE / "plain_average.py"), *map(str, inputs), "--out",
-                                            str(args.work / "outputs" / "where_time_goes_plain")], inputs))),
+                                            str(args.out / "outputs" / "where_time_goes_plain")], inputs))),
     ]
     for label, opts in JOBS.items():
         cmd = [py, "-m", "ame_hf", "merge", *map(str, inputs), "--out", str(out), "--overwrite", "--quiet",
@@ -98,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {what} | {seconds:.2f} |" for what, seconds in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    (HERE / "PROFILE.md").write_text(text)
-    for folder in (out, args.work / "outputs" / "where_time_goes_plain"):
+    for target in [args.out / "PROFILE.md", *([HERE / "PROFILE.md"] if args.update_results else [])]:
+        target.write_text(text)
+        print(f"wrote {target}")
+    for folder in (out, args.out / "outputs" / "where_time_goes_plain"):
         shutil.rmtree(folder, ignore_errors=True)
     return 0
 

@@ -1,7 +1,7 @@
 """Evidence for ame-hf's default AME settings: sweep optimizers and learning rates on the demo's
 tiny experts (several trainings) and report the held-out loss relative to the uniform soup.
 
-    python examples/defaults_sweep.py [--out examples/_work/sweep]
+    python examples/defaults_sweep.py [--out DIR]   # default examples/_work/sweep (git-ignored); prints only
 """
 
 from __future__ import annotations
@@ -32,12 +32,13 @@ CANDIDATES = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default="examples/_work/sweep")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "_work" / "sweep",
+                        help="work folder of the experts and merges (default examples/_work/sweep, git-ignored)")
     parser.add_argument("--trainings", default="60,120,240", help="fine-tuning steps of each expert set")
     args = parser.parse_args()
     deltas: dict[str, list[float]] = {name: [] for name in CANDIDATES}
     for steps in [int(s) for s in args.trainings.split(",")]:
-        work = Path(args.out) / f"steps{steps}"
+        work = args.out / f"steps{steps}"
         experts = build_experts(work, steps)
         soup = merge(experts, work / "soup", AmeConfig.soup(), overwrite=True, progress=False)
         soup_loss = statistics.mean(task_losses(AutoModelForCausalLM.from_pretrained(soup.path)).values())

@@ -279,6 +279,17 @@ def make_lm_adapters(root: Path) -> dict[str, Any]:
     return {"base": base, "adapters": adapters, "full": full, "references": references, "val": val}
 
 
+def upload_to_hub(token: str, repos: dict[str, Path]) -> list[str]:
+    """Each folder uploaded to the test Hub under its repo id (created if needed); returns the repo ids."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    for repo_id, folder in repos.items():
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=folder)
+    return list(repos)
+
+
 # -- running the CLI and checking its errors ----------------------------------------------------
 
 def run_cli(capsys: Any, *args: Any) -> tuple[int, str, str]:

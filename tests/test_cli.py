@@ -204,3 +204,39 @@ def test_keep_freed_memory_takes_effect_on_glibc_and_merges_the_same_bytes(finet
     assert cli.returncode == 0, cli.stderr
     api = merge(finetunes, tmp_path / "api", AmeConfig(), progress=False)
     assert weights_sha256(tmp_path / "cli") == weights_sha256(api.path)
+
+
+def test_under_torchrun_only_the_main_process_prints_the_result(tmp_path):
+    """Issue 23 item 2: two processes, one 'merged ...' line (every rank printed it)."""
+    import os
+    import subprocess
+    import sys
+
+    from factories import make_finetunes
+
+    paths = make_finetunes(tmp_path / "ft", n=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ame_hf",
+           "merge", *map(str, paths), "--out", str(tmp_path / "out"), "--device", "cpu", "--optimizer", "sgd"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("merged 2 checkpoints")]
+    assert len(said) == 1, proc.stderr[-3000:]
+
+
+def test_check_leads_with_what_decides_and_one_checkpoint_is_not_mergeable(llamas, tmp_path, capsys):
+    """Issue 23 item 5: `check` of one checkpoint is no 'OK ... 1 checkpoints can be merged' (exit 0) while merge
+    refuses it; an incompatible pair prints what decides (no notes on how a merge would go, no 'run ame-hf check'
+    inside check), and --verbose everything."""
+    from factories import make_finetunes
+
+    assert main(["check", str(llamas[0])]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("FAIL a merge needs at least 2 ingredients"), out
+    wide = make_finetunes(tmp_path / "wide", n=1, intermediate_size=48, vocab_size=77)[0]
+    assert main(["check", str(llamas[0]), str(wide)]) == 1
+    short = capsys.readouterr().out
+    assert "run `ame-hf check`" not in short and "note:" not in short and "more (--verbose shows all)" in short, short
+    assert len(short.splitlines()) <= 12, short
+    assert main(["check", str(llamas[0]), str(wide), "--verbose"]) == 1
+    full = capsys.readouterr().out
+    assert len(full.splitlines()) > len(short.splitlines()) and "more (--verbose" not in full

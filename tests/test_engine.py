@@ -48,14 +48,20 @@ def test_soup_with_three_ingredients_and_batch_two_uses_count_weighting(tmp_path
 
 def reference_ame(paths, config: AmeConfig, pivot_path=None):
     """All floating tensors as ONE torch.optim instance (independent of the streaming engine)."""
+    return reference_ame_states([load_state(p) for p in paths], config, load_state(pivot_path) if pivot_path else None)
+
+
+def reference_ame_states(states, config: AmeConfig, pivot_state=None):
+    """`reference_ame` over state dicts (e.g. what transformers loads); a pivot state lacking a tensor starts it
+    from the mean."""
     cfg = config.resolved()
-    states = [load_state(p) for p in paths]
     names = sorted(k for k in states[0] if states[0][k].is_floating_point())
+    mean = {k: (sum(s[k].double() for s in states) / len(states)).float() for k in names}
     if cfg.pivot == "mean":
-        start = {k: (sum(s[k].double() for s in states) / len(states)).float() for k in names}
+        start = mean
     else:
-        src = load_state(pivot_path) if pivot_path else states[0 if cfg.pivot == "first" else cfg.pivot]
-        start = {k: src[k].float() for k in names}
+        src = pivot_state if pivot_state is not None else states[0 if cfg.pivot == "first" else cfg.pivot]
+        start = {k: src[k].float() if k in src else mean[k] for k in names}
     params = [start[k].clone() for k in names]
     if cfg.relative_lr is not None:
         lrs = [cfg.relative_lr * math.sqrt(sum(float(((s[k].double() - start[k].double()) ** 2).sum()) for s in states)
@@ -64,7 +70,7 @@ def reference_ame(paths, config: AmeConfig, pivot_path=None):
         lrs = [cfg.lr] * len(names)
     opt = optimizer_class(cfg.optimizer)([{"params": [p], "lr": lr} for p, lr in zip(params, lrs)],
                                          **dict(cfg.optimizer_args))
-    order = ingredient_order(len(paths), cfg.epochs, shuffle=cfg.shuffle, seed=cfg.seed, order=cfg.order)
+    order = ingredient_order(len(states), cfg.epochs, shuffle=cfg.shuffle, seed=cfg.seed, order=cfg.order)
     factors = iter(step_lrs(order, cfg.batch_size, 1.0, cfg.schedule))
     for epoch in order:
         for b in range(0, len(epoch), cfg.batch_size):

@@ -56,6 +56,7 @@ CLI_ONLY = {
        for c in API},
     **{(c, "--debug"): "Python raises the exception itself, traceback and cause included" for c in API},
     ("check", "--json"): "Python returns the report object: report.to_dict() is that JSON",
+    ("check", "--verbose"): "Python returns the report object: report.format(verbose=True) prints it all",
     ("evaluate", "--update-card"): "writes the printed table into a model card; Python returns the scores",
 }
 # Python keywords with no CLI option of the same name and meaning, and why.
@@ -63,6 +64,7 @@ PYTHON_ONLY = {
     ("merge", "config"): OTHER_MEANING["merge", "config"],
     ("merge", "callback"): "a function called with the progress; the CLI shows a progress bar",
     ("merge", "stage"): "an InputStage shared between the merges of one Python run (tune's); a command runs one",
+    ("merge", "recorded_at"): "where a Python caller will move the output (tune's pick); a command writes --out",
     ("tune", "grid"): "a list of AmeConfig objects; the CLI tries the default grid",
     ("tune", "config"): "an AmeConfig of output options; the CLI takes them as flags (--dtype, ...)",
     ("tune", "log"): "a function called with each line the CLI prints",

@@ -119,7 +119,9 @@ def test_adapter_and_vocabulary_merges_do_not_depend_on_the_block_size(lm_adapte
                               ("adam", AmeConfig(relative_lr=0.05, pivot="base"), refs),
                               ("vocab-adam", AmeConfig(relative_lr=0.05), vocab)):
         monkeypatch.setattr(plan, "BLOCK_ELEMENTS", 1 << 20)
-        whole = merge(inputs, tmp_path / f"{name}-whole", cfg, progress=False)
+        seen = []
+        whole = merge(inputs, tmp_path / f"{name}-whole", cfg, progress=False, callback=lambda *a: seen.append(a))
+        assert seen[-1][0] == seen[-1][1] == max(done for done, _ in seen), (name, seen[-1])  # the bar ends at its total
         monkeypatch.setattr(plan, "BLOCK_ELEMENTS", 100)
         sliced = merge(inputs, tmp_path / f"{name}-sliced", cfg, progress=False)
         assert weights_sha256(whole.path) == weights_sha256(sliced.path), name

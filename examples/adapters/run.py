@@ -1,6 +1,6 @@
 """LoRA adapters and fine-tunes that added tokens, merged with ame-hf — built locally, checked against peft.
 
-    python examples/adapters/run.py            # about 20 s on 2 cores; writes ./ame-adapters-example/
+    python examples/adapters/run.py [--out DIR]   # about 20 s on 2 cores; writes ./ame-adapters-example/ (git-ignored)
 
 1. A tiny Llama base with a word-level tokenizer; two LoRA adapters of it made with peft (one with an
    embedding LoRA, per-module ranks and `modules_to_save`, one rsLoRA), and a full fine-tune that added
@@ -14,16 +14,19 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AddedToken, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 WORDS = ["<unk>", "<s>", "</s>", "the", "a", "cat", "dog", "sits", "runs", "red", "blue", "on", "mat"]
 
@@ -41,9 +44,13 @@ def perturb(model, seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=gen) * 0.05)
 
 
-def main() -> int:
-    work = Path("ame-adapters-example")
-    work.mkdir(exist_ok=True)
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("ame-adapters-example"),
+                        help="where the models and merges go (default ./ame-adapters-example, git-ignored)")
+    work = parser.parse_args(argv).out
+    work.mkdir(parents=True, exist_ok=True)
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per tiny model says nothing here
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
