@@ -3,17 +3,22 @@ of one run (the report, then the opened checkpoints) that the download, the engi
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint
 from .compatibility import CompatibilityReport
-from .errors import IncompatibleCheckpointsError
+from .config import AmeConfig
+from .errors import IncompatibleCheckpointsError, keywords_named
 from .labels import RowPermuted
 from .modules import ModuleFolder
 from .records import HubSource, Ingredient
 from .vocabulary import TokenizerFiles
+
+# The keywords a report's line may name (as `base=REF`): those of `AmeConfig`.
+FIELDS = tuple(f.name for f in dataclasses.fields(AmeConfig))
 
 @dataclass(kw_only=True, eq=False)
 class Entry:
@@ -59,8 +64,6 @@ class Inputs:
         report: the compatibility report (made once; its views are upgraded by `open`).
         checked: the checkpoints the check saw (ingredients, then the pivot's).
         modules: the sentence-transformers module folders with weights, checked (merged beside the model).
-        fields: the keywords that error lines of the report name, by line (`base` for an adapter without one):
-            the error `raise_for_errors` raises carries them, so that the CLI shows them as flags.
     """
 
     stage: Any  # the `InputStage` (inputs.py, which imports this module)
@@ -73,7 +76,6 @@ class Inputs:
     report: CompatibilityReport
     checked: list[Checkpoint] = field(default_factory=list)
     modules: list[ModuleFolder] = field(default_factory=list)
-    fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def paths(self) -> list[Path]:
@@ -107,12 +109,12 @@ class Inputs:
         """Refuse inputs the check found incompatible.
 
         Raises:
-            IncompatibleCheckpointsError: the report has errors (with its one-line summary, whose first error's
-                keywords it carries as `fields`).
+            IncompatibleCheckpointsError: the report has errors (with its one-line summary; the `AmeConfig` fields
+                its lines name as `base=REF` are its `fields`, which the CLI shows as flags).
         """
         if not self.report.ok:
-            raise IncompatibleCheckpointsError(self.report.summary(), report=self.report,
-                                               fields=self.fields.get(self.report.errors[0], ()))
+            summary = self.report.summary()
+            raise IncompatibleCheckpointsError(summary, report=self.report, fields=keywords_named(summary, FIELDS))
 
     def open(self) -> "Inputs":
         """After the check passed: download what is missing (announced, disk checked first), then upgrade the

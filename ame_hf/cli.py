@@ -84,6 +84,8 @@ def as_flags(text: str, keywords: Sequence[str], command: str, *, marked_only: b
     >>> as_flags("out_dir 'x' holds an output; pass overwrite=True or choose another out_dir", ["out_dir", "overwrite"],
     ...          "merge")
     "--out 'x' holds an output; pass --overwrite or choose another --out"
+    >>> as_flags("the pivot lacks the ingredients' modules: choose pivot='mean'", ["pivot"], "check", marked_only=True)
+    "the pivot lacks the ingredients' modules: choose --pivot mean"
     """
     for keyword in sorted(keywords, key=len, reverse=True):
         text = _as_flag(text, keyword, flag(command, keyword), marked_only)
@@ -100,7 +102,8 @@ def _as_flag(text: str, keyword: str, option: str, marked_only: bool) -> str:
         return text
     else:
         pattern = re.compile(name + r"(?![\w/-])")
-    quoted = [m.span() for m in re.finditer(r"'[^']*'", text)]
+    # A quoted value opens after a space, `=` or `(` (not after a word: `the ingredients' folders` is no quote).
+    quoted = [m.span() for m in re.finditer(r"(?<!\w)'[^']*'(?!\w)", text)]
 
     def shown(m: re.Match) -> str:
         if any(start <= m.start() < end for start, end in quoted):

@@ -22,7 +22,8 @@ built-in it resembles, so callers can catch either::
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import re
+from typing import Any, Iterable, Sequence
 
 __all__ = [
     "AmeError",
@@ -131,6 +132,23 @@ class HubError(AmeError, OSError):
                  fields: Sequence[str] = ()) -> None:
         super().__init__(message, field=field, fields=fields)
         self.repo_id = repo_id
+
+
+def keywords_named(message: str, keywords: Iterable[str]) -> tuple[str, ...]:
+    """The `keywords` a message names as a caller passes them (`base=REF`, `pivot='mean'`, `overwrite=True`): the
+    `fields` of an error raised with a message that was written elsewhere (a compatibility report's line).
+
+    Args:
+        message: the message.
+        keywords: the keywords that may be named.
+
+    Returns:
+        Those named so, in the order of `keywords`.
+
+    >>> keywords_named("pivot='base' needs PEFT adapters, or base=REF; the base model ...", ["base", "dtype", "pivot"])
+    ('base', 'pivot')
+    """
+    return tuple(k for k in keywords if re.search(r"(?<![\w./-])" + re.escape(k) + "=", message))
 
 
 class PushError(HubError):

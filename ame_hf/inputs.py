@@ -193,10 +193,9 @@ class InputStage:
         local_inputs([*refs, *[r for r in (pivot_ref, base_ref, source_ref) if r]])  # every typo before the Hub
         entries = self.entries(refs)
         pivot_entry = self.entry(pivot_ref) if pivot_ref else None
-        base, named = self._base(entries, base_ref, pivot == "base")
-        errors = list(named)
+        base, errors = self._base(entries, base_ref, pivot == "base")
         inputs = Inputs(stage=self, entries=entries, pivot=pivot_entry, base=base, pivot_is_base=pivot == "base",
-                        report=CompatibilityReport(names=[e.ref for e in entries]), fields=named,
+                        report=CompatibilityReport(names=[e.ref for e in entries]),
                         tokenizer_source=self.entry(source_ref) if source_ref else tokenizer_source,
                         pivot_index=pivot if isinstance(pivot, int) else 0)
         models = [e for e in [*entries, *([pivot_entry] if pivot_entry else []), *([base] if base else [])]
@@ -204,8 +203,7 @@ class InputStage:
         errors += [line for e in models for line in config_refusals(e.ref, self.config(e))]
         errors += [r for e in entries if e.adapter is not None for r in adapter_refusals(e.ref, e.adapter)]
         if isinstance(pivot, int) and pivot >= len(entries):
-            errors.append(f"pivot index {pivot} is out of range for {len(entries)} ingredients (use 0..{len(entries) - 1})")
-            named[errors[-1]] = ("pivot",)
+            errors.append(f"pivot={pivot} is out of range for {len(entries)} ingredients (use 0..{len(entries) - 1})")
         if errors:  # config.json alone says no: not even the headers are read
             inputs.report.errors = list(dict.fromkeys(errors))  # an ingredient given twice: refused once
             return inputs
@@ -226,24 +224,21 @@ class InputStage:
                                            inputs.report, allow_dtype_mismatch=allow_dtype_mismatch)
         return inputs
 
-    def _base(self, entries: list[Entry], base_ref: str | None,
-              pivot_is_base: bool) -> tuple[Entry | None, dict[str, tuple[str, ...]]]:
-        """The one base model every adapter is a fine-tune of (`base`, else the adapters' own), or errors, each
-        with the keywords it names (written `base=REF`, so that the CLI shows `--base REF`)."""
+    def _base(self, entries: list[Entry], base_ref: str | None, pivot_is_base: bool) -> tuple[Entry | None, list[str]]:
+        """The one base model every adapter is a fine-tune of (`base`, else the adapters' own), or errors, which
+        name the keywords as a caller passes them (`base=REF`: `--base REF` in the CLI)."""
         adapters = [e for e in entries if e.adapter is not None]
         wanted = {e.ref: base_ref or adapter_base(e.adapter) for e in adapters}
         if not adapters and not base_ref:
-            return None, ({"pivot='base' needs PEFT adapters among the ingredients, or base=REF": ("pivot", "base")}
-                          if pivot_is_base else {})
+            return None, (["pivot='base' needs PEFT adapters among the ingredients, or base=REF"] if pivot_is_base else [])
         missing = [ref for ref, b in wanted.items() if not b]
         if missing:
-            return None, {f"{', '.join(missing)}: adapter_config.json names no base model; pass base=REF": ("base",)}
+            return None, [f"{', '.join(missing)}: adapter_config.json names no base model; pass base=REF"]
         bases = self.entries(list(dict.fromkeys(wanted.values() or [base_ref])))
         if len({b.light.identity for b in bases}) > 1:
             named = "; ".join(f"{a} -> {wanted[a]}" for a in wanted)
-            return None, {f"the adapters name different base models ({named}); they must share one: pass base=REF":
-                          ("base",)}
-        return bases[0], {}
+            return None, [f"the adapters name different base models ({named}); they must share one: pass base=REF"]
+        return bases[0], []
 
     def _checkpoint(self, entry: Entry, base: Checkpoint | None = None, folder: str = "") -> Checkpoint:
         """For the check: a Hub model (or one of its module folders) from its headers (`.bin` weights downloaded),

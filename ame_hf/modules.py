@@ -141,8 +141,8 @@ def check_modules(entries: Sequence[Any], pivot: Any, checkpoint: Callable[..., 
     pivot_folders = weighted_folders(pivot)[0] if pivot is not None else []
     if folders[0] and source is report.pivot and pivot_folders != folders[0]:
         report.errors.append(f"the output takes its config and side files from the pivot {source.name}, which lacks "
-                             f"the ingredients' module folder(s) {', '.join(folders[0])}: choose --pivot mean, first "
-                             "or an ingredient index, or a pivot with the same modules")
+                             f"the ingredients' module folder(s) {', '.join(folders[0])}: choose pivot='mean' (or 'first', "
+                             "or an ingredient index), or a pivot with the same modules")
         return []
     out = []
     for folder in folders[0]:

@@ -129,6 +129,16 @@ def test_module_folders_that_differ_are_refused_by_name(sts, tmp_path, capsys):
                    needles=[str(nested), "2_Dense", "sub/model.safetensors"])
 
 
+def test_a_pivot_without_the_module_folders_is_refused_naming_the_keyword(sts, tmp_path, capsys):
+    """The report's line names `pivot='mean'` for a Python caller; merge's one line shows `--pivot mean`."""
+    plain = build_st(tmp_path / "plain", 32, dense=False)
+    errors = check(sts[:2], pivot=str(plain)).errors
+    assert any("choose pivot='mean' (or 'first', or an ingredient index)" in e for e in errors), errors
+    line = cli_error_line(capsys, "merge", *sts[:2], "--pivot", plain, "--out", tmp_path / "never", "--quiet",
+                          needles=["lacks the ingredients' module folder(s) 2_Dense", "choose --pivot mean (or"])
+    assert "pivot=" not in line
+
+
 def test_pooling_and_modules_differences_are_notes_naming_the_field(sts, tmp_path):
     cls = build_st(tmp_path / "cls", 40, pooling="cls")
     report = check([sts[0], cls, sts[1]])
