@@ -1,7 +1,7 @@
 """One interface (issue 20): every option of `merge`, `check`, `evaluate`, `tune` and `push` exists under the same
 name and meaning in the CLI (`cli.build_parser()`) and the Python API (`ame_hf.merge/check/evaluate/tune/
 push_to_hub`), or is listed below with the reason it does not; `AmeConfig`'s fields are walked per command; the
-README's table names every flag. Then the options that were missing or meant something else, for real:
+Space's API endpoints take the same keywords; the README's table names every flag. Then the options that were missing or meant something else, for real:
 `check --tokenizer-source`, `check` pivot keywords, `evaluate --device`, `push_to_hub` -> `PushInfo`."""
 
 from __future__ import annotations
