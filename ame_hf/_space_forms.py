@@ -1,6 +1,6 @@
 """The Space's form parts that several tabs share, and each tab's Advanced options (closed by default).
-Built only inside `space.build_app` (gradio is imported there); each box's value goes to the library keyword of its
-elem_id's name, so a box means what the CLI flag and the Python keyword mean."""
+Built only inside `space.build_app` (gradio is imported there); the builders return the boxes by the library keyword
+each one sets, so a box means what the CLI flag and the Python keyword of that name mean."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from .space_select import TASK_CHOICES
 if TYPE_CHECKING:
     import gradio as gr
 
-__all__ = ["base_box", "merge_advanced", "output_advanced", "push_advanced", "result_tabs", "selection_options",
+__all__ = ["base_box", "eval_batch_box", "merge_advanced", "output_advanced", "push_advanced", "result_tabs", "selection_options",
            "weights_file_options"]
 
 
