@@ -14,10 +14,10 @@ from pathlib import Path, PurePath
 from typing import Callable, Sequence
 
 from ._differences import updated
+from ._model_files import CODE_PATTERNS, WEIGHT_PATTERNS
 from .card import render_card
 from .checkpoint import Checkpoint
 from .errors import CheckpointError
-from .fetch import CODE_PATTERNS, WEIGHT_PATTERNS
 from .output import RUN_FILE
 from .recipe import write_run_file
 from .records import MergeResult
