@@ -47,8 +47,9 @@ OTHER_MEANING = {
 # CLI options with no Python keyword of the same name and meaning, and why.
 CLI_ONLY = {
     ("merge", "--config"): OTHER_MEANING["merge", "config"],
+    ("merge", "--revision"): "the deprecated spelling of --push-branch (read as the ingredients' revision)",
     **{("merge", f): "merge, then ame_hf.push_to_hub(result, repo_id, ...), which has these keywords"
-       for f in ("--push", "--repo-id", "--private", "--revision", "--create-pr", "--commit-message")},
+       for f in ("--push", "--repo-id", "--private", "--push-branch", "--create-pr", "--commit-message")},
     **{("merge", f): "merge's evaluation: ame_hf.evaluate(...) after the merge, or ame_hf.greedy_soup(...)"
        for f in ("--eval-data", "--greedy-soup", "--task", "--metric", "--max-length", "--eval-batch-size",
                  "--test-data")},
