@@ -1,0 +1,97 @@
+"""Vision-language models (tiny LLaVA, Qwen2-VL and Gemma 3 built from their configs): a LoRA adapter, which peft
+names as transformers v5 loads the model, merges over its base stored under the names `save_pretrained` writes
+(transformers' conversion mapping relates the two), equal to peft's `merge_and_unload()`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from ame_hf import merge
+
+TEXT = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+            max_position_embeddings=32, tie_word_embeddings=False)
+# a CLIP / SigLIP vision tower of one layer
+VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8,
+              patch_size=4)
+
+
+def build_vlm(family: str, vocab_size: int = 64, seed: int = 0) -> transformers.PreTrainedModel:
+    """A freshly initialised tiny vision-language model; its last token ids are the image (and video) tokens."""
+    torch.manual_seed(seed)
+    last = vocab_size - 1
+    text = {**TEXT, "vocab_size": vocab_size}
+    if family == "llava":
+        config = transformers.LlavaConfig(text_config={"model_type": "llama", **text}, image_token_index=last,
+                                          vision_config={"model_type": "clip_vision_model", **VISION})
+        return transformers.LlavaForConditionalGeneration(config)
+    if family == "qwen2_vl":
+        config = transformers.Qwen2VLConfig(
+            text_config={"model_type": "qwen2_vl_text", **text, "bos_token_id": 0, "eos_token_id": 0,
+                         "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}},
+            vision_config=dict(depth=1, embed_dim=16, hidden_size=16, num_heads=2, mlp_ratio=2, patch_size=2,
+                               temporal_patch_size=1, spatial_merge_size=1),
+            image_token_id=last, video_token_id=last - 1, vision_start_token_id=last - 2)
+        return transformers.Qwen2VLForConditionalGeneration(config)
+    if family == "gemma3":
+        config = transformers.Gemma3Config(
+            text_config={"model_type": "gemma3_text", **text, "head_dim": 8, "sliding_window": 8},
+            vision_config={"model_type": "siglip_vision_model", **VISION}, mm_tokens_per_image=4,
+            image_token_index=last, boi_token_index=last - 2, eoi_token_index=last - 1)
+        return transformers.Gemma3ForConditionalGeneration(config)
+    raise ValueError(family)
+
+
+def _loaded(folder, adapter=None):
+    """The model as transformers (and peft, for an adapter: `merge_and_unload()`) loads it, and the load's report."""
+    from peft import PeftModel
+
+    model, info = transformers.AutoModelForImageTextToText.from_pretrained(folder, output_loading_info=True)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model, info
+
+
+def _make_adapter(base, out, seed):
+    """A peft LoRA adapter of the model in `base`, every trained tensor moved by seeded noise (B starts at zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(transformers.AutoModelForImageTextToText.from_pretrained(base), LoraConfig(**LORA))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    model.save_pretrained(out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
+    return out
+
+
+# LoRA on the language model's attention and MLP (and, on LLaVA, CLIP's q_proj / v_proj too), per-module rank
+# (matched against the loaded names, as peft matches it) and an embedding LoRA.
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+            rank_pattern={"v_proj": 2})
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
+def test_lora_on_a_vision_language_model_is_the_mean_of_peft_merges(family, tmp_path):
+    base = tmp_path / "base"
+    build_vlm(family).save_pretrained(base)
+    adapters = [_make_adapter(base, tmp_path / f"lora{i}", seed=i) for i in (1, 2)]
+    out = merge(adapters, tmp_path / "soup", optimizer="sgd", progress=False).path
+    references = [_loaded(base, a)[0] for a in adapters]
+    merged, info = _loaded(out)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    got, states = merged.state_dict(), [r.state_dict() for r in references]
+    assert set(got) == set(states[0])
+    for name, value in got.items():
+        expected = (states[0][name].double() + states[1][name].double()) / 2
+        assert torch.allclose(value.double(), expected, atol=1e-6), name
+    expected = references[0]
+    # the output's layout: the names save_pretrained of the loaded model writes (the base's, here)
+    expected.save_pretrained(tmp_path / "reference")
+    assert set(load_file(out / "model.safetensors")) == set(load_file(tmp_path / "reference" / "model.safetensors"))
