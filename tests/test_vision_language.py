@@ -1,6 +1,7 @@
 """Vision-language models (tiny LLaVA, Qwen2-VL and Gemma 3 built from their configs): a LoRA adapter, which peft
 names as transformers v5 loads the model, merges over its base stored under the names `save_pretrained` writes
-(transformers' conversion mapping relates the two), equal to peft's `merge_and_unload()`."""
+(transformers' conversion mapping relates the two), equal to peft's `merge_and_unload()`; fine-tunes that added
+tokens, whose vocabulary size lives in the nested text config, merge by token like a text model."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import transformers
 from safetensors.torch import load_file
 
 from ame_hf import merge
+from ame_hf.cli import main
+from factories import tiny_tokenizer
 
 TEXT = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
             max_position_embeddings=32, tie_word_embeddings=False)
@@ -95,3 +98,46 @@ def test_lora_on_a_vision_language_model_is_the_mean_of_peft_merges(family, tmp_
     # the output's layout: the names save_pretrained of the loaded model writes (the base's, here)
     expected.save_pretrained(tmp_path / "reference")
     assert set(load_file(out / "model.safetensors")) == set(load_file(tmp_path / "reference" / "model.safetensors"))
+
+
+def test_vision_language_finetunes_that_added_tokens_merge_by_token(tmp_path):
+    """Two LLaVA fine-tunes, one of which added tokens: rows are matched by token, the output's nested
+    `text_config.vocab_size` and tokenizer match its rows, and it loads with no missing or unexpected key."""
+    from transformers import AddedToken, AutoTokenizer
+
+    folders = []
+    for i, added in enumerate([[], ["<x>", "<|im_start|>"]]):
+        tok = tiny_tokenizer()
+        tok.add_tokens([AddedToken("<image>", special=True)])
+        model = build_vlm("llava", vocab_size=len(tok))
+        tok.add_tokens([AddedToken(t, special=t.startswith("<|")) for t in added])
+        model.resize_token_embeddings(len(tok))
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+        folders.append(tmp_path / f"ft{i}")
+        model.save_pretrained(folders[-1])
+        tok.save_pretrained(folders[-1])
+    out = tmp_path / "union"
+    assert main(["merge", *map(str, folders), "--out", str(out), "--quiet", "--optimizer", "sgd"]) == 0
+    tok, toks = AutoTokenizer.from_pretrained(out), [AutoTokenizer.from_pretrained(f) for f in folders]
+    config = json.loads((out / "config.json").read_text())
+    model, info = _loaded(out)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert config["text_config"]["vocab_size"] == embed.shape[0] == head.shape[0] == len(tok) == 18
+    inputs = [_loaded(f)[0] for f in folders]
+    rows = [(m.get_input_embeddings().weight.double(), m.get_output_embeddings().weight.double()) for m in inputs]
+    for token, row in tok.get_vocab().items():
+        assert tok.convert_tokens_to_ids(token) == row
+        owners = [i for i, t in enumerate(toks) if token in t.get_vocab()]
+        for k, out_rows in enumerate((embed, head)):
+            expected = sum(rows[i][k][toks[i].convert_tokens_to_ids(token)] for i in owners) / len(owners)
+            assert torch.allclose(out_rows[row].double(), expected, atol=1e-6), (token, owners)
+    # every other tensor: the mean of the two
+    states = [m.state_dict() for m in inputs]
+    for name, value in model.state_dict().items():
+        if "embed_tokens" not in name and "lm_head" not in name:
+            assert torch.allclose(value.double(), (states[0][name].double() + states[1][name].double()) / 2,
+                                  atol=1e-6), name
