@@ -211,8 +211,8 @@ def _view(ckpt: Checkpoint, renaming: Renaming, layout: Layout, report: Compatib
         return ckpt
     moved = [s for n, s in renaming.names.items() if n != s and n not in aliases]
     if moved:
-        report.notes.append(f"{ckpt.name}: {len(moved)} tensor name(s) taken with/without the base-model prefix "
-                            f"{layout.prefix!r} (as {layout.architecture} stores them), e.g. {moved[0]!r}")
+        report.notes.append(f"{ckpt.name}: {len(moved)} tensor name(s) taken as {layout.architecture} stores them (base-"
+                            f"model prefix {layout.prefix!r}, or its conversion mapping), e.g. {moved[0]!r}")
     for stored, why in sorted(renaming.dropped.items()):
         report.notes.append(f"{ckpt.name}: stored tensor {stored!r} is not used ({why})")
     names = dict(renaming.names)

@@ -158,15 +158,18 @@ def rename(stored: Iterable[str], layout: Layout) -> Renaming:
     """Map stored tensor names onto `layout` the way transformers' loading does.
 
     A name is kept if the layout has it; else with the base-model prefix added or removed (a `GPT2Model`
-    checkpoint next to a `GPT2LMHeadModel`); a tied alias is dropped when its target is stored too, and
-    stands for its target otherwise; buffers and keys the class ignores on load are dropped.
+    checkpoint next to a `GPT2LMHeadModel`), or read as the name the model loads it by (a file saved with the
+    loaded names, which the class's conversion mapping leaves as they are); a tied alias is dropped when its
+    target is stored too, and stands for its target otherwise; buffers and keys the class ignores on load are
+    dropped.
     """
     stored = list(stored)
     names: dict[str, str] = {}
     dropped: dict[str, str] = {}
     unexpected: list[str] = []
     prefix = layout.prefix + "." if layout.prefix else ""
-    candidates = {s: _candidates(s, prefix) for s in stored}
+    # a file may store a tensor under the name the model loads it by (what the conversion mapping renames to)
+    candidates = {s: [n for c in _candidates(s, prefix) for n in (c, layout.stored_as.get(c, c))] for s in stored}
     resolved = {s: next((c for c in candidates[s] if c in layout.keys or c in layout.tied), None) for s in stored}
     present = {r for r in resolved.values() if r in layout.keys}
     for s in stored:

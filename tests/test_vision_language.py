@@ -141,3 +141,23 @@ def test_vision_language_finetunes_that_added_tokens_merge_by_token(tmp_path):
         if "embed_tokens" not in name and "lm_head" not in name:
             assert torch.allclose(value.double(), (states[0][name].double() + states[1][name].double()) / 2,
                                   atol=1e-6), name
+
+
+def test_a_finetune_saved_under_the_loaded_names_merges_with_one_saved_as_usual(tmp_path):
+    """transformers loads a LLaVA saved under the names the model loads it by (`save_original_format=False`) as
+    one saved as usual: the two merge, into the usual layout."""
+    folders = []
+    for i, original in enumerate((True, False)):
+        model = build_vlm("llava", seed=i)
+        folders.append(tmp_path / f"ft{i}")
+        model.save_pretrained(folders[-1], save_original_format=original)
+    stored = [set(load_file(f / "model.safetensors")) for f in folders]
+    assert "language_model.model.embed_tokens.weight" in stored[0] and not stored[0] & stored[1]
+    out = merge(folders, tmp_path / "soup", optimizer="sgd", progress=False).path
+    assert set(load_file(out / "model.safetensors")) == stored[0]
+    merged, info = _loaded(out)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    states = [_loaded(f)[0].state_dict() for f in folders]
+    for name, value in merged.state_dict().items():
+        expected = (states[0][name].double() + states[1][name].double()) / 2
+        assert torch.allclose(value.double(), expected, atol=1e-6), name
