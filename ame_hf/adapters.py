@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ._adapter_config import MERGE_FIRST, adapter_refusals, read_adapter_config
+from ._text_config import vocab_size, with_vocab_size
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import CheckpointError
 from .reconcile import Layout, model_layout
@@ -76,7 +77,7 @@ class AdapterCheckpoint(Checkpoint):
     def _take_base(self, base: Checkpoint) -> None:
         self.base, self.header_only = base, base.header_only
         self.path, self.variant = base.path, base.variant
-        self.config = base.config if self.vocab_rows is None else {**base.config, "vocab_size": self.vocab_rows}
+        self.config = base.config if self.vocab_rows is None else with_vocab_size(base.config, self.vocab_rows)
         self.format, self.files, self.unsupported = base.format, base.files, dict(base.unsupported)
         self._bin, self.reads = None, base.reads  # reading an adapter's block reads its base's
 
@@ -157,9 +158,9 @@ class AdapterCheckpoint(Checkpoint):
                 f"{self.name} resized the vocabulary to {rows[0]} rows (the base has {before}) but does not store "
                 f"{', '.join(lacking)}: peft loads it on a resized base whose new rows are random; save the adapter "
                 f"with those modules in modules_to_save (or save_embedding_layers=True), or {MERGE_FIRST}")
-        elif "vocab_size" not in base.config:
+        elif vocab_size(base.config) is None:
             self.refusals.append(f"{self.name} resized the vocabulary to {rows[0]} rows, but the config of its base "
-                                 f"{base.name} has no top-level vocab_size to record it in; {MERGE_FIRST}")
+                                 f"{base.name} has no vocab_size (in its text config) to record it in; {MERGE_FIRST}")
         else:
             self.vocab_rows = rows[0]
 

@@ -161,3 +161,39 @@ def test_a_finetune_saved_under_the_loaded_names_merges_with_one_saved_as_usual(
     for name, value in merged.state_dict().items():
         expected = (states[0][name].double() + states[1][name].double()) / 2
         assert torch.allclose(value.double(), expected, atol=1e-6), name
+
+
+def test_an_adapter_of_a_resized_vision_language_vocabulary_merges_by_token(tmp_path):
+    """A LLaVA adapter trained after `resize_token_embeddings` (its token rows in modules_to_save) merged with a full
+    fine-tune of the base: the shared rows averaged, the new ones the adapter's, the nested vocab_size its rows."""
+    from transformers import AddedToken, AutoTokenizer
+    from test_adapter_forms import make_adapter, peft_model_of
+
+    tok = tiny_tokenizer()
+    tok.add_tokens([AddedToken("<image>", special=True)])
+    base, full = tmp_path / "base", tmp_path / "full"
+    build_vlm("llava", vocab_size=len(tok)).save_pretrained(base)
+    model = build_vlm("llava", vocab_size=len(tok))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
+    model.save_pretrained(full)
+    for folder in (base, full):
+        tok.save_pretrained(folder)
+    tok.add_tokens(["<x>", "<y>"])
+    loader, rows = transformers.AutoModelForImageTextToText, len(tok)
+    adapter = make_adapter(base, tmp_path / "lora", 0, loader, resize=rows, target_modules=["q_proj"],
+                           modules_to_save=["embed_tokens", "lm_head"])
+    tok.save_pretrained(adapter)
+    reference = peft_model_of(base, adapter, loader, resize=rows)
+    fine_tune = _loaded(full)[0].state_dict()
+    out = merge([full, adapter], tmp_path / "soup", optimizer="sgd", progress=False).path
+    merged, info = _loaded(out)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert json.loads((out / "config.json").read_text())["text_config"]["vocab_size"] == rows == 18
+    assert AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<y>") == 17
+    for name, value in merged.state_dict().items():
+        expected = reference[name].double().clone()
+        shared = slice(0, 16) if name in ("model.language_model.embed_tokens.weight", "lm_head.weight") else slice(None)
+        expected[shared] = (expected[shared] + fine_tune[name][shared].double()) / 2
+        assert torch.allclose(value.double(), expected, atol=1e-6), name
