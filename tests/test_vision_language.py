@@ -12,9 +12,11 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from ame_hf import merge
+import ame_hf.plan as plan
+from ame_hf import AmeConfig, merge
 from ame_hf.cli import main
-from factories import tiny_tokenizer
+from factories import tiny_tokenizer, weights_sha256
+from test_engine import reference_ame_states
 
 TEXT = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
             max_position_embeddings=32, tie_word_embeddings=False)
@@ -81,7 +83,7 @@ LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", 
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
-def test_lora_on_a_vision_language_model_is_the_mean_of_peft_merges(family, tmp_path):
+def test_lora_on_a_vision_language_model_is_the_mean_of_peft_merges(family, tmp_path, monkeypatch):
     base = tmp_path / "base"
     build_vlm(family).save_pretrained(base)
     adapters = [_make_adapter(base, tmp_path / f"lora{i}", seed=i) for i in (1, 2)]
@@ -98,6 +100,14 @@ def test_lora_on_a_vision_language_model_is_the_mean_of_peft_merges(family, tmp_
     # the output's layout: the names save_pretrained of the loaded model writes (the base's, here)
     expected.save_pretrained(tmp_path / "reference")
     assert set(load_file(out / "model.safetensors")) == set(load_file(tmp_path / "reference" / "model.safetensors"))
+    # Adam: the whole-model reference on what peft loads; small blocks: the same bytes
+    config = AmeConfig(optimizer="adam", lr=1e-3, epochs=2)
+    adam = _loaded(merge(adapters, tmp_path / "adam", config, progress=False).path)[0].state_dict()
+    for name, value in reference_ame_states(states, config).items():
+        assert torch.allclose(adam[name].double(), value.double(), atol=1e-6), name
+    monkeypatch.setattr(plan, "BLOCK_ELEMENTS", 100)
+    sliced = merge(adapters, tmp_path / "sliced", optimizer="sgd", progress=False).path
+    assert weights_sha256(sliced) == weights_sha256(out)
 
 
 def test_vision_language_finetunes_that_added_tokens_merge_by_token(tmp_path):
