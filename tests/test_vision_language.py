@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import ame_hf.plan as plan
 from ame_hf import AmeConfig, merge
 from ame_hf.cli import main
-from factories import tiny_tokenizer, weights_sha256
+from factories import perturb, tiny_tokenizer, weights_sha256
 from test_engine import reference_ame_states
 
 TEXT = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
@@ -66,10 +66,7 @@ def _make_adapter(base, out, seed):
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(transformers.AutoModelForImageTextToText.from_pretrained(base), LoraConfig(**LORA))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in (p for p in model.parameters() if p.requires_grad):
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    perturb((p for p in model.parameters() if p.requires_grad), seed)
     model.save_pretrained(out)
     config = json.loads((out / "adapter_config.json").read_text())
     (out / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
@@ -122,10 +119,7 @@ def test_vision_language_finetunes_that_added_tokens_merge_by_token(tmp_path):
         model = build_vlm("llava", vocab_size=len(tok))
         tok.add_tokens([AddedToken(t, special=t.startswith("<|")) for t in added])
         model.resize_token_embeddings(len(tok))
-        gen = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+        perturb(model.parameters(), i)
         folders.append(tmp_path / f"ft{i}")
         model.save_pretrained(folders[-1])
         tok.save_pretrained(folders[-1])
@@ -184,9 +178,7 @@ def test_an_adapter_of_a_resized_vision_language_vocabulary_merges_by_token(tmp_
     base, full = tmp_path / "base", tmp_path / "full"
     build_vlm("llava", vocab_size=len(tok)).save_pretrained(base)
     model = build_vlm("llava", vocab_size=len(tok))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
+    perturb(model.parameters(), 3)
     model.save_pretrained(full)
     for folder in (base, full):
         tok.save_pretrained(folder)
