@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from ._differences import differing_fields, file_notes, updated, who_has
+from ._text_config import vocab_size
 from .checkpoint import DTYPE_NAMES, Checkpoint
 from .labels import match_labels
 from .report import CompatibilityReport
@@ -210,8 +211,8 @@ def _view(ckpt: Checkpoint, renaming: Renaming, layout: Layout, report: Compatib
         return ckpt
     moved = [s for n, s in renaming.names.items() if n != s and n not in aliases]
     if moved:
-        report.notes.append(f"{ckpt.name}: {len(moved)} tensor name(s) taken with/without the base-model prefix "
-                            f"{layout.prefix!r} (as {layout.architecture} stores them), e.g. {moved[0]!r}")
+        report.notes.append(f"{ckpt.name}: {len(moved)} tensor name(s) taken as {layout.architecture} stores them (base-"
+                            f"model prefix {layout.prefix!r}, or its conversion mapping), e.g. {moved[0]!r}")
     for stored, why in sorted(renaming.dropped.items()):
         report.notes.append(f"{ckpt.name}: stored tensor {stored!r} is not used ({why})")
     names = dict(renaming.names)
@@ -227,7 +228,7 @@ def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: 
                 source: str | int | TokenizerFiles) -> None:
     """When the ingredients' vocabularies differ (tokens, or rows of the embeddings), plan to match the rows
     of every token-indexed tensor by token string (a note), or say why that cannot be done (an error)."""
-    sizes = [c.config.get("vocab_size") for c in views]
+    sizes = [vocab_size(c.config) for c in views]
     maps = [token_ids(t) for t in tokenizers]
     if len(set(sizes)) <= 1 and all(m == maps[0] for m in maps):
         return

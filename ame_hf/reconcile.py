@@ -8,10 +8,11 @@ import functools
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from ._differences import flatten
+from .conversion import stored_names
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +22,8 @@ TIE_FLAG = "tie_word_embeddings"
 
 @dataclass(frozen=True, kw_only=True)
 class Layout:
-    """What one transformers model class stores.
+    """What one transformers model class stores, under the names `save_pretrained` writes (its conversion mapping
+    reverted: a vision-language model's `model.language_model.*` is stored as `language_model.model.*`).
 
     Attributes:
         architecture: the class name (`GPT2LMHeadModel`).
@@ -32,6 +34,8 @@ class Layout:
         vocab_keys: the stored tensors indexed by token (input and output embeddings, an output bias).
         tie_flags: the config's `tie_word_embeddings` of itself and each sub-config (dotted keys), defaults
             included: what decides which ties transformers makes.
+        stored_as: loaded name -> stored name, for the names the conversion mapping renames (what a PEFT adapter,
+            which names tensors as the model is loaded, relates to its base's files by).
     """
 
     architecture: str
@@ -41,6 +45,7 @@ class Layout:
     ignored: tuple[str, ...]
     vocab_keys: frozenset[str] = frozenset()
     tie_flags: tuple[tuple[str, Any], ...] = ()
+    stored_as: dict[str, str] = field(default_factory=dict)
 
 
 class UnknownArchitecture(Exception):
@@ -60,18 +65,22 @@ def model_layout(config: dict[str, Any]) -> Layout:
 @functools.lru_cache(maxsize=32)
 def _layout(config_json: str) -> Layout:
     cls, cfg, model = _on_meta(json.loads(config_json))
-    tied = dict(model.get_expanded_tied_weights_keys(all_submodels=True) or {})
+    loaded_tied = dict(model.get_expanded_tied_weights_keys(all_submodels=True) or {})
     state = set(model.state_dict())
     buffers = {name for name, _ in model.named_buffers()}
+    stored_as = stored_names(model, sorted(state | buffers | set(loaded_tied)))
+    stored = lambda name: stored_as.get(name, name)  # noqa: E731
+    tied = {stored(a): stored(t) for a, t in loaded_tied.items()}
     ignored = [*(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []),
-               *(re.escape(b) + "$" for b in buffers)]
-    keys = frozenset(state - set(tied))
+               *(re.escape(stored(b)) + "$" for b in buffers)]
+    keys = frozenset(stored(k) for k in state - set(loaded_tied))
     embeddings = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
     vocab_params = {id(getattr(m, attr)) for m in embeddings for attr in ("weight", "bias")
                     if getattr(m, attr, None) is not None}
-    vocab = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in vocab_params} & keys
+    vocab = {stored(n) for n, p in model.named_parameters(remove_duplicate=False) if id(p) in vocab_params} & keys
     return Layout(architecture=cls.__name__, keys=keys, tied=tied, prefix=getattr(cls, "base_model_prefix", "") or "",
-                  ignored=tuple(ignored), vocab_keys=frozenset(vocab), tie_flags=tie_flags(cfg.to_dict()))
+                  ignored=tuple(ignored), vocab_keys=frozenset(vocab), tie_flags=tie_flags(cfg.to_dict()),
+                  stored_as=stored_as)
 
 
 def _on_meta(config: dict[str, Any]) -> tuple[Any, Any, Any]:
@@ -149,15 +158,18 @@ def rename(stored: Iterable[str], layout: Layout) -> Renaming:
     """Map stored tensor names onto `layout` the way transformers' loading does.
 
     A name is kept if the layout has it; else with the base-model prefix added or removed (a `GPT2Model`
-    checkpoint next to a `GPT2LMHeadModel`); a tied alias is dropped when its target is stored too, and
-    stands for its target otherwise; buffers and keys the class ignores on load are dropped.
+    checkpoint next to a `GPT2LMHeadModel`), or read as the name the model loads it by (a file saved with the
+    loaded names, which the class's conversion mapping leaves as they are); a tied alias is dropped when its
+    target is stored too, and stands for its target otherwise; buffers and keys the class ignores on load are
+    dropped.
     """
     stored = list(stored)
     names: dict[str, str] = {}
     dropped: dict[str, str] = {}
     unexpected: list[str] = []
     prefix = layout.prefix + "." if layout.prefix else ""
-    candidates = {s: _candidates(s, prefix) for s in stored}
+    # a file may store a tensor under the name the model loads it by (what the conversion mapping renames to)
+    candidates = {s: [n for c in _candidates(s, prefix) for n in (c, layout.stored_as.get(c, c))] for s in stored}
     resolved = {s: next((c for c in candidates[s] if c in layout.keys or c in layout.tied), None) for s in stored}
     present = {r for r in resolved.values() if r in layout.keys}
     for s in stored:

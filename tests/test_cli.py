@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ame_hf.cli import main
+from ame_hf.cli import build_parser, main
 from factories import assert_one_error_line, load_state, make_finetunes, run_cli, weights_sha256
 from hub_server import HubServer
 
@@ -240,3 +240,32 @@ def test_check_leads_with_what_decides_and_one_checkpoint_is_not_mergeable(llama
     assert main(["check", str(llamas[0]), str(wide), "--verbose"]) == 1
     full = capsys.readouterr().out
     assert len(full.splitlines()) > len(short.splitlines()) and "more (--verbose" not in full
+
+
+def test_help_guides_and_version_names_the_stack(capsys):
+    """Issue 23 item 4: merge's options in groups with metavars and examples, -o/-q, REF explained in every
+    command, merge's push branch unambiguous (--revision kept, deprecated), and --version with the stack."""
+    import pytest
+
+    for command in ("merge", "check", "evaluate", "tune", "push"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "examples:\n  ame-hf " + command in text, command
+        assert command == "push" or "org/name[@revision]" in text, command
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    text = capsys.readouterr().out
+    for group in ("ingredients and AME:", "output:", "Hub and push:", "devices:", "evaluation (validation data):",
+                  "logging:"):
+        assert "\n" + group in text, group
+    assert "-o DIR, --out DIR" in text and "-q, --quiet" in text and "--push-branch BRANCH" in text
+    assert "--revision" not in text  # the deprecated spelling works but is not offered
+    parsed = build_parser().parse_args(["merge", "a", "b", "-o", "x", "-q", "--revision", "dev"])
+    assert parsed.out == "x" and parsed.quiet and parsed.revision == "dev"
+    assert "--revision is deprecated here, use --push-branch" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("ame-hf ") and [line.split()[0] for line in lines[1:4]] == [
+        "torch", "transformers", "huggingface_hub"]
