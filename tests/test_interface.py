@@ -18,7 +18,8 @@ from huggingface_hub import HfApi
 
 import ame_hf
 from ame_hf import AmeConfig, InvalidConfigError, PushInfo
-from ame_hf.cli import RENAMED, build_parser, flag, main
+from ame_hf._cli_errors import RENAMED, flag
+from ame_hf.cli import build_parser, main
 from ame_hf.config import CHECK_FIELDS, OUTPUT_FIELDS, WEIGHT_FIELDS
 from factories import make_finetunes, run_cli
 
