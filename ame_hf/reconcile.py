@@ -30,6 +30,8 @@ class Layout:
         prefix: `base_model_prefix` (`transformer`, `model`, `bert`, ...), or "".
         ignored: regular expressions of stored names the class drops on load, and its buffers.
         vocab_keys: the stored tensors indexed by token (input and output embeddings, an output bias).
+        modules: the names of the class's modules (a stored tensor of one of them the class lacks is a stale
+            buffer of an older version, e.g. GPT-2's `attn.masked_bias`).
         tie_flags: the config's `tie_word_embeddings` of itself and each sub-config (dotted keys), defaults
             included: what decides which ties transformers makes.
     """
@@ -41,6 +43,7 @@ class Layout:
     ignored: tuple[str, ...]
     vocab_keys: frozenset[str] = frozenset()
     tie_flags: tuple[tuple[str, Any], ...] = ()
+    modules: frozenset[str] = frozenset()
 
 
 class UnknownArchitecture(Exception):
@@ -63,15 +66,41 @@ def _layout(config_json: str) -> Layout:
     tied = dict(model.get_expanded_tied_weights_keys(all_submodels=True) or {})
     state = set(model.state_dict())
     buffers = {name for name, _ in model.named_buffers()}
-    ignored = [*(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []),
-               *(re.escape(b) + "$" for b in buffers)]
+    ignored = [*_ignored_on_load(model), *(re.escape(b) + "$" for b in buffers)]
     keys = frozenset(state - set(tied))
     embeddings = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
     vocab_params = {id(getattr(m, attr)) for m in embeddings for attr in ("weight", "bias")
                     if getattr(m, attr, None) is not None}
     vocab = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in vocab_params} & keys
     return Layout(architecture=cls.__name__, keys=keys, tied=tied, prefix=getattr(cls, "base_model_prefix", "") or "",
-                  ignored=tuple(ignored), vocab_keys=frozenset(vocab), tie_flags=tie_flags(cfg.to_dict()))
+                  ignored=tuple(ignored), vocab_keys=frozenset(vocab), tie_flags=tie_flags(cfg.to_dict()),
+                  modules=frozenset(n for n, _ in model.named_modules()))
+
+
+def _ignored_on_load(model: Any) -> list[str]:
+    """The patterns of stored names the model drops on load without a word: its (and its submodules')
+    `_keys_to_ignore_on_load_unexpected`, and the old per-layer `rotary_emb.inv_freq` / persistent `position_ids`
+    transformers' `_adjust_missing_and_unexpected_keys` adds, found by asking that method itself."""
+    from types import SimpleNamespace
+
+    patterns = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
+    probes = ("model.layers.0.self_attn.rotary_emb.inv_freq", "embeddings.position_ids")
+    info = SimpleNamespace(missing_keys=set(), unexpected_keys=set(probes))
+    try:
+        model._adjust_missing_and_unexpected_keys(info)
+    except Exception:  # noqa: BLE001  another transformers: its class lists only
+        return patterns
+    extra = {probes[0]: r"rotary_emb\.inv_freq$", probes[1]: r"(^|\.)position_ids$"}
+    return patterns + [extra[p] for p in probes if p not in info.unexpected_keys]
+
+
+def stale_keys(config: dict[str, Any], stored: Iterable[str]) -> bool:
+    """Whether the config's class drops some of `stored` on load (keys it ignores, stale buffers): then the
+    names need reconciling even when every checkpoint stores the same ones."""
+    try:
+        return bool(rename(stored, model_layout(config)).dropped)
+    except Exception:  # noqa: BLE001  no class to ask: compared as stored
+        return False
 
 
 def _on_meta(config: dict[str, Any]) -> tuple[Any, Any, Any]:
@@ -172,6 +201,8 @@ def rename(stored: Iterable[str], layout: Layout) -> Renaming:
                 names[source] = s
         elif any(re.search(p, s) for p in layout.ignored):
             dropped[s] = f"ignored by {layout.architecture} on load"
+        elif s.rpartition(".")[0] in layout.modules and s.rpartition(".")[2] not in ("weight", "bias"):
+            dropped[s] = f"a buffer older versions stored, which {layout.architecture} does not have or load"
         else:
             unexpected.append(s)
     missing = sorted(layout.keys - set(names))
