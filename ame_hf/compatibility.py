@@ -327,9 +327,9 @@ def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: 
     added = ", ".join(repr(t) for t, _ in plan.new_tokens[:8]) + (" ..." if len(plan.new_tokens) > 8 else "")
     report.notes.append(
         f"the vocabularies differ (rows {counts}): rows of {', '.join(sorted(keys))} are matched by token; the output "
-        + (f"has the union of {plan.size} tokens ("
+        + (f"has the union of {plan.described} ("
            + (f"{len(plan.new_tokens)} new: {added})" if plan.new_tokens else "no new token)") if union
-           else f"keeps the {plan.size} tokens of {views[index].name if index < len(views) else 'the tokenizer source'}")
+           else f"keeps the {plan.described} of {views[index].name if index < len(views) else 'the tokenizer source'}")
         + "; each row is merged over the ingredients that have its token")
 
 
