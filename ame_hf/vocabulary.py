@@ -32,7 +32,8 @@ class TokenizerFiles:
 
     Attributes:
         files: the tokenizer/processor file names present.
-        vocab: token -> id of the base vocabulary (`tokenizer.json` model.vocab, or `vocab.json`/`vocab.txt`).
+        vocab: token -> id of the base vocabulary (`tokenizer.json` model.vocab, a dict or Unigram's list of
+            [piece, score], or `vocab.json`/`vocab.txt`).
         added: added tokens, token -> id (`tokenizer.json` added_tokens / `added_tokens.json`).
         special: special-token roles -> token (`tokenizer_config.json`, `special_tokens_map.json`).
         chat_template: the chat template text (`chat_template.jinja`, or tokenizer_config.json's).
@@ -55,6 +56,8 @@ def read_tokenizer(path: str | os.PathLike | None) -> TokenizerFiles:
     tok = read_json(root / "tokenizer.json", None) or {}
     model = tok.get("model") if isinstance(tok.get("model"), dict) else {}
     vocab = model.get("vocab") if isinstance(model.get("vocab"), dict) else None
+    if isinstance(model.get("vocab"), list):  # Unigram (sentencepiece, T5): [piece, score] pairs, the id their index
+        vocab = {entry[0]: i for i, entry in enumerate(model["vocab"]) if isinstance(entry, list) and entry}
     if vocab is None and isinstance(read_json(root / "vocab.json", None), dict):
         vocab = read_json(root / "vocab.json", None)
     if vocab is None and (root / "vocab.txt").is_file():

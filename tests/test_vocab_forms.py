@@ -138,3 +138,21 @@ def test_a_padded_vocabulary_names_its_padding_and_check_takes_the_tokenizer_sou
     out = tmp_path / "out"
     merge(paths, out, "--tokenizer-source", "1")
     assert_soup_by_token(out, paths, AutoModelForCausalLM)
+
+
+def t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(T5Config(vocab_size=56, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                               num_heads=2, decoder_start_token_id=0))
+
+
+@pytest.mark.parametrize("added", [[[], ["<a>", "<b>"]], [["<a>"], ["<b>"], []]])
+def test_t5_with_a_unigram_tokenizer_and_added_tokens(tmp_path, added):
+    from transformers import AutoModelForSeq2SeqLM
+
+    paths = save_family(tmp_path / "in", t5, unigram_tokenizer, added)
+    report = check(paths)
+    assert report.ok, report.errors
+    merge(paths, tmp_path / "out")
+    assert_soup_by_token(tmp_path / "out", paths, AutoModelForSeq2SeqLM)
