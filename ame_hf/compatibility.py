@@ -14,8 +14,8 @@ from typing import Any, Sequence
 from ._differences import differing_fields, file_notes, updated, who_has
 from .checkpoint import DTYPE_NAMES, Checkpoint
 from .labels import match_labels
-from .reconcile import (TIE_FLAG, Layout, Renaming, UnknownArchitecture, model_layout, rename, stale_keys, tie_flags,
-                        untied)
+from .reconcile import (TIE_FLAG, Layout, Renaming, UnknownArchitecture, model_layout,
+                        refuse_token_columns, rename, stale_keys, tie_flags, untied)
 from .vocabulary import (TokenizerFiles, VocabularyPlan, compare_tokenizers, plan_vocabulary, read_tokenizer,
                          token_ids)
 
@@ -298,7 +298,7 @@ def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: 
                              f"cannot be built to find its token-indexed tensors ({err})")
         return
     keys = frozenset(k for k in layout.vocab_keys if all(k in c.tensors for c in views))
-    if not keys:
+    if not keys or refuse_token_columns(layout, [c.name for c in views], report.errors):
         return
     name = sorted(keys)[0]
     counts = [c.tensors[name].shape[0] for c in views]

@@ -30,6 +30,8 @@ class Layout:
         prefix: `base_model_prefix` (`transformer`, `model`, `bert`, ...), or "".
         ignored: regular expressions of stored names the class drops on load, and its buffers.
         vocab_keys: the stored tensors indexed by token (input and output embeddings, an output bias).
+        token_columns: stored tensors indexed by token along a dimension other than the first (BART's
+            `final_logits_bias`, [1, vocab]), found by building the class with another `vocab_size`.
         modules: the names of the class's modules (a stored tensor of one of them the class lacks is a stale
             buffer of an older version, e.g. GPT-2's `attn.masked_bias`).
         tie_flags: the config's `tie_word_embeddings` of itself and each sub-config (dotted keys), defaults
@@ -44,6 +46,7 @@ class Layout:
     vocab_keys: frozenset[str] = frozenset()
     tie_flags: tuple[tuple[str, Any], ...] = ()
     modules: frozenset[str] = frozenset()
+    token_columns: frozenset[str] = frozenset()
 
 
 class UnknownArchitecture(Exception):
@@ -74,7 +77,29 @@ def _layout(config_json: str) -> Layout:
     vocab = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in vocab_params} & keys
     return Layout(architecture=cls.__name__, keys=keys, tied=tied, prefix=getattr(cls, "base_model_prefix", "") or "",
                   ignored=tuple(ignored), vocab_keys=frozenset(vocab), tie_flags=tie_flags(cfg.to_dict()),
-                  modules=frozenset(n for n, _ in model.named_modules()))
+                  modules=frozenset(n for n, _ in model.named_modules()),
+                  token_columns=frozenset(_token_columns(json.loads(config_json), model) & keys))
+
+
+def _token_columns(config: dict[str, Any], model: Any) -> set[str]:
+    """The tensors whose size along a dimension other than the first follows `vocab_size`."""
+    if not isinstance(config.get("vocab_size"), int):
+        return set()
+    try:
+        _, _, wider = _on_meta({**config, "vocab_size": config["vocab_size"] + 8})
+    except Exception:  # noqa: BLE001  the class cannot be built wider: only its embeddings are known
+        return set()
+    before, after = model.state_dict(), wider.state_dict()
+    return {k for k, v in before.items() if k in after and v.shape[1:] != after[k].shape[1:]}
+
+
+def refuse_token_columns(layout: Layout, names: list[str], errors: list[str]) -> bool:
+    """Vocabularies that differ cannot yet be matched along a tensor's other dimension: refused, naming it."""
+    if layout.token_columns:
+        errors.append(f"the vocabularies of {', '.join(names)} differ and {layout.architecture} indexes "
+                      f"{', '.join(sorted(layout.token_columns))} by token along a dimension other than the first, "
+                      "which ame-hf cannot match by token yet; merge ingredients of one tokenizer")
+    return bool(layout.token_columns)
 
 
 def _ignored_on_load(model: Any) -> list[str]:

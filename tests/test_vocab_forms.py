@@ -156,3 +156,22 @@ def test_t5_with_a_unigram_tokenizer_and_added_tokens(tmp_path, added):
     assert report.ok, report.errors
     merge(paths, tmp_path / "out")
     assert_soup_by_token(tmp_path / "out", paths, AutoModelForSeq2SeqLM)
+
+
+def bart(rows=48):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    return BartForConditionalGeneration(BartConfig(vocab_size=rows, d_model=16, encoder_layers=1, decoder_layers=1,
+                                                   encoder_attention_heads=2, decoder_attention_heads=2,
+                                                   encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+                                                   pad_token_id=0, bos_token_id=1, eos_token_id=1,
+                                                   decoder_start_token_id=1, forced_eos_token_id=1))
+
+
+@pytest.mark.parametrize("rows", [48, 56])  # resized to the tokens, or added inside a padded table of 56 rows
+def test_bart_final_logits_bias_is_token_indexed_and_refused_by_name(tmp_path, rows):
+    """final_logits_bias ([1, vocab]) follows the vocabulary along its last dimension: it is not merged by index
+    (with equal row counts that would be a wrong merge), it is refused, naming it, before any weight is read."""
+    paths = save_family(tmp_path / "in", lambda: bart(rows), word_tokenizer, [[], ["<a>", "<b>"]])
+    report = check(paths)
+    assert not report.ok and any("final_logits_bias" in e and "by token" in e for e in report.errors), report.errors
