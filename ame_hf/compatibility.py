@@ -198,7 +198,7 @@ def _reconcile(checkpoints: list[Checkpoint], pivot: Checkpoint | None,
     archs = [a or known.get(c.config.get("model_type"), ()) for c, a in zip(checkpoints, archs)]
     kinds = [(a, tie_flags(c.config)) for a, c in zip(archs, checkpoints)]  # same kind: same layout
     same = len(set(names)) == 1 and len(set(kinds)) == 1 and (pivot is None or frozenset(pivot.tensors) == names[0])
-    same = same and not (all(archs) and stale_keys({**checkpoints[0].config, "architectures": [*archs[0]]}, names[0]))
+    same = same and not (all(archs) and stale_keys({**checkpoints[0].config, "architectures": [*archs[0]]}, checkpoints[0].tensors))
     if same or not all(archs):
         return checkpoints, pivot, 0  # nothing to reconcile (or nothing to reconcile it with)
     layouts: dict[tuple, Layout] = {}

@@ -33,7 +33,7 @@ class Layout:
         token_columns: stored tensors indexed by token along a dimension other than the first (BART's
             `final_logits_bias`, [1, vocab]), found by building the class with another `vocab_size`.
         modules: the names of the class's modules (a stored tensor of one of them the class lacks is a stale
-            buffer of an older version, e.g. GPT-2's `attn.masked_bias`).
+            buffer of an older version when it is 0-d, e.g. GPT-2's `attn.masked_bias`).
         tie_flags: the config's `tie_word_embeddings` of itself and each sub-config (dotted keys), defaults
             included: what decides which ties transformers makes.
     """
@@ -119,9 +119,9 @@ def _ignored_on_load(model: Any) -> list[str]:
     return patterns + [extra[p] for p in probes if p not in info.unexpected_keys]
 
 
-def stale_keys(config: dict[str, Any], stored: Iterable[str]) -> bool:
+def stale_keys(config: dict[str, Any], stored: dict[str, Any]) -> bool:
     """Whether the config's class drops some of `stored` on load (keys it ignores, stale buffers): then the
-    names need reconciling even when every checkpoint stores the same ones."""
+    names need reconciling even when every checkpoint stores the same ones. `stored`: name -> TensorInfo."""
     try:
         return bool(rename(stored, model_layout(config)).dropped)
     except Exception:  # noqa: BLE001  no class to ask: compared as stored
@@ -200,12 +200,13 @@ class Renaming:
 
 
 def rename(stored: Iterable[str], layout: Layout) -> Renaming:
-    """Map stored tensor names onto `layout` the way transformers' loading does.
+    """Map stored tensor names (or a name -> TensorInfo dict) onto `layout` the way transformers' loading does.
 
     A name is kept if the layout has it; else with the base-model prefix added or removed (a `GPT2Model`
     checkpoint next to a `GPT2LMHeadModel`); a tied alias is dropped when its target is stored too, and
     stands for its target otherwise; buffers and keys the class ignores on load are dropped.
     """
+    stored_info = dict(stored) if isinstance(stored, dict) else {}
     stored = list(stored)
     names: dict[str, str] = {}
     dropped: dict[str, str] = {}
@@ -226,12 +227,18 @@ def rename(stored: Iterable[str], layout: Layout) -> Renaming:
                 names[source] = s
         elif any(re.search(p, s) for p in layout.ignored):
             dropped[s] = f"ignored by {layout.architecture} on load"
-        elif s.rpartition(".")[0] in layout.modules and s.rpartition(".")[2] not in ("weight", "bias"):
+        elif s.rpartition(".")[0] in layout.modules and _scalar(stored_info.get(s)):
             dropped[s] = f"a buffer older versions stored, which {layout.architecture} does not have or load"
         else:
             unexpected.append(s)
     missing = sorted(layout.keys - set(names))
     return Renaming(names=names, dropped=dropped, unexpected=sorted(unexpected), missing=missing)
+
+
+def _scalar(info: Any) -> bool:
+    """A 0-d stored tensor (old GPT-2's `masked_bias`): a constant buffer, never a layer's trained weight (a renamed
+    legacy weight, e.g. `LayerNorm.gamma`, which transformers' conversion mapping loads, has a dimension)."""
+    return info is not None and tuple(getattr(info, "shape", (0,))) == ()
 
 
 def _candidates(name: str, prefix: str) -> list[str]:

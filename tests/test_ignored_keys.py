@@ -63,3 +63,24 @@ def test_keys_ignored_on_load_are_dropped_as_transformers_drops_them(tmp_path, f
     for name, value in merged.items():
         expected = sum(s[name] for s in states) / len(states)
         assert torch.allclose(value, expected, atol=1e-6), name
+
+
+def test_a_legacy_weight_name_transformers_renames_is_not_dropped(tmp_path):
+    """`LayerNorm.gamma` is a tensor of a module the class has, under a name it lacks, like a stale buffer; but it is
+    a trained weight transformers' conversion mapping loads as `LayerNorm.weight`: it is never dropped."""
+    from transformers import AutoModelForSequenceClassification
+
+    paths = make_finetunes(tmp_path / "in", n=2, kind="bert")
+    for p in paths:
+        file = p / "model.safetensors"
+        state = load_file(file)
+        state = {k.replace("LayerNorm.weight", "LayerNorm.gamma"): v for k, v in state.items()}
+        save_file(state, file, metadata={"format": "pt"})
+    report = check(paths)
+    assert report.ok and not any("gamma" in n and "not used" in n for n in report.notes), report.notes
+    out = tmp_path / "out"
+    assert main(["merge", *map(str, paths), "--out", str(out), "--quiet", "--optimizer", "sgd"]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(out).state_dict()
+    states = [AutoModelForSequenceClassification.from_pretrained(p).state_dict() for p in paths]
+    for name, value in merged.items():
+        assert torch.allclose(value.double(), sum(s[name].double() for s in states) / 2, atol=1e-6), name
