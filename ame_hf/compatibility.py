@@ -8,7 +8,7 @@ other config differences are notes; quantized weights and remote-code architectu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from ._differences import differing_fields, file_notes, updated, who_has
@@ -297,10 +297,10 @@ def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: 
         report.errors.append(f"the vocabularies differ (vocab_size {sizes}) and {views[0].name}'s architecture "
                              f"cannot be built to find its token-indexed tensors ({err})")
         return
-    keys = frozenset(k for k in layout.vocab_keys if all(k in c.tensors for c in views))
+    keys = frozenset(k for k in layout.vocab_keys | layout.token_columns if all(k in c.tensors for c in views))
     if not keys or refuse_token_columns(layout, [c.name for c in views], report.errors):
         return
-    name = sorted(keys)[0]
+    name = sorted(keys - layout.token_columns)[0]
     counts = [c.tensors[name].shape[0] for c in views]
     union = source in ("auto", "union")
     names = [c.name for c in views]
@@ -312,7 +312,7 @@ def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: 
         names, tokenizers = [*names, "the tokenizer source"], [*tokenizers, source]
         counts, index = [*counts, len(token_ids(source) or {})], len(views)
     try:
-        plan = plan_vocabulary(names, tokenizers, counts, source=index, union=union)
+        plan = plan_vocabulary(names, tokenizers, counts, source=index, union=union, columns=keys & layout.token_columns)
     except ValueError as err:
         report.errors.append(str(err))
         return
@@ -322,7 +322,7 @@ def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: 
             report.errors.append(f"--tokenizer-source has {len(orphans)} token(s) no ingredient has; choose "
                                  "union, first or an ingredient index")
             return
-        plan = VocabularyPlan(size=plan.size, rows=plan.rows[:-1], new_tokens=[], source=0, tokenizer=source)
+        plan = replace(plan, rows=plan.rows[:-1], new_tokens=[], source=0, tokenizer=source)
     report.vocab, report.vocab_keys = plan, keys
     added = ", ".join(repr(t) for t, _ in plan.new_tokens[:8]) + (" ..." if len(plan.new_tokens) > 8 else "")
     report.notes.append(
@@ -357,7 +357,7 @@ def _compare_tensors(ref: Checkpoint, other: Checkpoint, report: CompatibilityRe
     for name in sorted(set(ref.tensors) & set(other.tensors)):
         a_info, b_info = ref.tensors[name], other.tensors[name]
         by_token = name in report.vocab_keys  # rows matched by token: only the other dims must agree
-        if (a_info.shape[1:] != b_info.shape[1:]) if by_token else (a_info.shape != b_info.shape):
+        if ((v := report.vocab).other_dims(name, a_info.shape) != v.other_dims(name, b_info.shape)) if by_token else (a_info.shape != b_info.shape):
             report.errors.append(
                 f"tensor {name!r}: shape {list(a_info.shape)} in {ref.name}, {list(b_info.shape)} in {other.name}"
             )

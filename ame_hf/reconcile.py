@@ -30,8 +30,9 @@ class Layout:
         prefix: `base_model_prefix` (`transformer`, `model`, `bert`, ...), or "".
         ignored: regular expressions of stored names the class drops on load, and its buffers.
         vocab_keys: the stored tensors indexed by token (input and output embeddings, an output bias).
-        token_columns: stored tensors indexed by token along a dimension other than the first (BART's
+        token_columns: stored tensors indexed by token along their last dimension, every other of size 1 (BART's
             `final_logits_bias`, [1, vocab]), found by building the class with another `vocab_size`.
+        token_other: stored tensors indexed by token along another dimension in another way (refused).
         modules: the names of the class's modules (a stored tensor of one of them the class lacks is a stale
             buffer of an older version when it is 0-d, e.g. GPT-2's `attn.masked_bias`).
         tie_flags: the config's `tie_word_embeddings` of itself and each sub-config (dotted keys), defaults
@@ -47,6 +48,7 @@ class Layout:
     tie_flags: tuple[tuple[str, Any], ...] = ()
     modules: frozenset[str] = frozenset()
     token_columns: frozenset[str] = frozenset()
+    token_other: frozenset[str] = frozenset()
 
 
 class UnknownArchitecture(Exception):
@@ -78,28 +80,32 @@ def _layout(config_json: str) -> Layout:
     return Layout(architecture=cls.__name__, keys=keys, tied=tied, prefix=getattr(cls, "base_model_prefix", "") or "",
                   ignored=tuple(ignored), vocab_keys=frozenset(vocab), tie_flags=tie_flags(cfg.to_dict()),
                   modules=frozenset(n for n, _ in model.named_modules()),
-                  token_columns=frozenset(_token_columns(json.loads(config_json), model) & keys))
+                  **_token_columns(json.loads(config_json), model, keys))
 
 
-def _token_columns(config: dict[str, Any], model: Any) -> set[str]:
-    """The tensors whose size along a dimension other than the first follows `vocab_size`."""
+def _token_columns(config: dict[str, Any], model: Any, keys: frozenset[str]) -> dict[str, frozenset[str]]:
+    """The tensors whose size along a dimension other than the first follows `vocab_size`: `token_columns` (the
+    last, every other dimension 1) and `token_other`."""
     if not isinstance(config.get("vocab_size"), int):
-        return set()
+        return {}
     try:
         _, _, wider = _on_meta({**config, "vocab_size": config["vocab_size"] + 8})
     except Exception:  # noqa: BLE001  the class cannot be built wider: only its embeddings are known
-        return set()
+        return {}
     before, after = model.state_dict(), wider.state_dict()
-    return {k for k, v in before.items() if k in after and v.shape[1:] != after[k].shape[1:]}
+    found = {k for k, v in before.items() if k in keys and k in after and v.shape[1:] != after[k].shape[1:]}
+    columns = {k for k in found if len(before[k].shape) > 1 and set(before[k].shape[:-1]) == {1}
+               and after[k].shape[:-1] == before[k].shape[:-1]}
+    return {"token_columns": frozenset(columns), "token_other": frozenset(found - columns)}
 
 
 def refuse_token_columns(layout: Layout, names: list[str], errors: list[str]) -> bool:
     """Vocabularies that differ cannot yet be matched along a tensor's other dimension: refused, naming it."""
-    if layout.token_columns:
+    if layout.token_other:
         errors.append(f"the vocabularies of {', '.join(names)} differ and {layout.architecture} indexes "
-                      f"{', '.join(sorted(layout.token_columns))} by token along a dimension other than the first, "
+                      f"{', '.join(sorted(layout.token_other))} by token along a dimension other than the first, "
                       "which ame-hf cannot match by token yet; merge ingredients of one tokenizer")
-    return bool(layout.token_columns)
+    return bool(layout.token_other)
 
 
 def _ignored_on_load(model: Any) -> list[str]:

@@ -143,6 +143,8 @@ class VocabularyPlan:
         first_new: the row of the first new token (padding rows may follow the new tokens); None: the last
             `len(new_tokens)` rows.
         padding: how many output rows are padding (no token), matched by position.
+        columns: token-indexed tensors whose tokens run along the last dimension, every other of size 1
+            (BART's `final_logits_bias`, [1, vocab]).
     """
 
     size: int
@@ -152,6 +154,15 @@ class VocabularyPlan:
     tokenizer: TokenizerFiles | None = None
     first_new: int | None = None
     padding: int = 0
+    columns: frozenset[str] = frozenset()
+
+    def other_dims(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """A token-indexed tensor's shape without its token dimension (the last for `columns`, else the first)."""
+        return tuple(shape[:-1]) if name in self.columns else tuple(shape[1:])
+
+    def shape_of(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The output shape of a token-indexed tensor of this `shape`."""
+        return (*shape[:-1], self.size) if name in self.columns else (self.size, *shape[1:])
 
     @property
     def described(self) -> str:
@@ -168,7 +179,7 @@ class VocabularyPlan:
 
 
 def plan_vocabulary(names: Sequence[str], tokenizers: Sequence[TokenizerFiles], row_counts: Sequence[int], *,
-                    source: int, union: bool) -> VocabularyPlan:
+                    source: int, union: bool, columns: frozenset[str] = frozenset()) -> VocabularyPlan:
     """Match token-indexed rows by token string.
 
     A row beyond a tokenizer's tokens (padding, as Qwen and T5 pad their embeddings) is matched by its index
@@ -211,7 +222,7 @@ def plan_vocabulary(names: Sequence[str], tokenizers: Sequence[TokenizerFiles], 
                              "choose --tokenizer-source of one ingredient")
     rows = [[m.get(k, -1) for k in keys] for m in maps]
     return VocabularyPlan(size=len(keys), rows=rows, new_tokens=new_tokens, source=source, first_new=first_new,
-                          padding=sum(isinstance(k, tuple) for k in keys))
+                          padding=sum(isinstance(k, tuple) for k in keys), columns=columns)
 
 
 def _specials(tokenizer: TokenizerFiles) -> set[str]:

@@ -169,9 +169,16 @@ def bart(rows=48):
 
 
 @pytest.mark.parametrize("rows", [48, 56])  # resized to the tokens, or added inside a padded table of 56 rows
-def test_bart_final_logits_bias_is_token_indexed_and_refused_by_name(tmp_path, rows):
-    """final_logits_bias ([1, vocab]) follows the vocabulary along its last dimension: it is not merged by index
-    (with equal row counts that would be a wrong merge), it is refused, naming it, before any weight is read."""
+@pytest.mark.parametrize("source", [None, "1"])
+def test_bart_final_logits_bias_is_matched_by_token_too(tmp_path, rows, source):
+    """final_logits_bias ([1, vocab]) follows the vocabulary along its last dimension: matched by token like the
+    embeddings (with equal row counts, merging it by index would have been a wrong merge)."""
+    from transformers import AutoModelForSeq2SeqLM
+
     paths = save_family(tmp_path / "in", lambda: bart(rows), word_tokenizer, [[], ["<a>", "<b>"]])
-    report = check(paths)
-    assert not report.ok and any("final_logits_bias" in e and "by token" in e for e in report.errors), report.errors
+    extra = ["--tokenizer-source", source] if source else []
+    report = check(paths, **({"tokenizer_source": 1} if source else {}))
+    assert report.ok, report.errors
+    assert any("final_logits_bias" in n and "matched by token" in n for n in report.notes), report.notes
+    merge(paths, tmp_path / "out", *extra)
+    assert_soup_by_token(tmp_path / "out", paths, AutoModelForSeq2SeqLM)
