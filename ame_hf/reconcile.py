@@ -127,7 +127,13 @@ def _ignored_on_load(model: Any) -> list[str]:
 
 def stale_keys(config: dict[str, Any], stored: dict[str, Any]) -> bool:
     """Whether the config's class drops some of `stored` on load (keys it ignores, stale buffers): then the
-    names need reconciling even when every checkpoint stores the same ones. `stored`: name -> TensorInfo."""
+    names need reconciling even when every checkpoint stores the same ones. `stored`: name -> TensorInfo.
+
+    Only names a layer's own tensors never have ask the class (importing a model class costs a second): one not
+    ending in `.weight`, or a `.bias` that is not 1-d (GPT-2's 4-d `attn.bias` mask)."""
+    if all(n.endswith(".weight") or (n.endswith(".bias") and len(getattr(i, "shape", ())) == 1)
+           for n, i in stored.items()):
+        return False
     try:
         return bool(rename(stored, model_layout(config)).dropped)
     except Exception:  # noqa: BLE001  no class to ask: compared as stored
