@@ -26,15 +26,50 @@ def whole(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a whole number, e.g. 3") from None
 
 
-def add_config_options(p: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
+# What each AmeConfig option's value is, as `--help` shows it (argparse's default is the flag in capitals).
+METAVARS = {"optimizer": "NAME", "lr": "LR", "relative_lr": "C", "optimizer_args": "JSON", "epochs": "N",
+            "batch_size": "N", "pivot": "PIVOT", "order": "ORDER", "seed": "N", "max_shard_size": "SIZE",
+            "base": "REF", "variant": "NAME", "tokenizer_source": "SOURCE"}
+REF_HELP = "a local model folder, or a Hub repo ID org/name[@revision] (a PEFT LoRA adapter too)"
+
+
+def add_config_options(p: Any, only: Sequence[str] | None = None) -> None:
     """One option per `AmeConfig` field (or per field named in `only`), from the field's own metadata: the
-    one source of truth. Each defaults to None, so `config_values` sees only what was given."""
+    one source of truth. Each defaults to None, so `config_values` sees only what was given. `p` may be a
+    parser or an argument group."""
     kinds: dict[str, dict[str, Any]] = {"number": {"type": number}, "whole": {"type": whole}, "text": {},
                                         "flag": {"action": "store_true", "default": None}}
     for f in (f for f in dataclasses.fields(AmeConfig) if only is None or f.name in only):
         cli = f.metadata["cli"]
         kwargs = {"choices": list(cli)} if isinstance(cli, tuple) else dict(kinds[cli])
+        if f.name in METAVARS and cli != "flag":
+            kwargs["metavar"] = METAVARS[f.name]
         p.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"], **kwargs)
+
+
+def command_parser(sub: Any, name: str, *, help: str, description: str, examples: Sequence[str]) -> Any:
+    """A subcommand's parser with its description and an examples epilog (shown as written)."""
+    return sub.add_parser(name, help=help, description=description,
+                          epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def version_text(version: str) -> str:
+    """`ame-hf --version`: its version and those of what it runs on (as `hf env` reports them), read from the
+    installed packages' metadata (nothing imported)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    def of(name: str) -> str:
+        try:
+            return installed(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    parts = [f"{name} {of(name)}" for name in ("torch", "transformers", "huggingface_hub", "safetensors",
+                                                "accelerate", "peft")]
+    return f"ame-hf {version}\n" + "\n".join(parts) + f"\nPython {platform.python_version()} ({platform.platform()})"
 
 
 def config_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -44,9 +79,10 @@ def config_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
-    """`--quiet` and `--debug`."""
-    p.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
-    p.add_argument("--debug", action="store_true", help="show the full traceback of errors")
+    """`-q/--quiet` and `--debug`, in a "logging" group."""
+    g = p.add_argument_group("logging")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info messages")
+    g.add_argument("--debug", action="store_true", help="show the full traceback of errors")
 
 
 def add_token(p: argparse.ArgumentParser) -> None:

@@ -11,6 +11,10 @@ from typing import Any
 
 from .errors import CheckpointError
 
+# Weights (and other binary model formats); code is never fetched nor copied. Everything else of a repo is light.
+WEIGHT_PATTERNS = ["*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "*.onnx",
+                   "*.onnx_data", "*.tflite", "*.ot", "*.npz"]
+CODE_PATTERNS = ["*.py", "*.pyc", "*.so", "*.dll", "*.dylib", ".gitattributes"]
 CONFIG_NAME = "config.json"  # transformers.utils.CONFIG_NAME (not imported: it loads transformers)
 MODULES_NAME = "modules.json"  # sentence-transformers' list of a model's modules
 

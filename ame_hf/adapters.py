@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ._adapter_config import MERGE_FIRST, adapter_refusals, read_adapter_config
+from ._text_config import vocab_size, with_vocab_size
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import CheckpointError
 from .reconcile import Layout, model_layout
@@ -78,7 +79,7 @@ class AdapterCheckpoint(Checkpoint):
     def _take_base(self, base: Checkpoint) -> None:
         self.base, self.header_only = base, base.header_only
         self.path, self.variant = base.path, base.variant
-        self.config = base.config if self.vocab_rows is None else {**base.config, "vocab_size": self.vocab_rows}
+        self.config = base.config if self.vocab_rows is None else with_vocab_size(base.config, self.vocab_rows)
         self.format, self.files, self.unsupported = base.format, base.files, dict(base.unsupported)
         self._bin, self.reads = None, base.reads  # reading an adapter's block reads its base's
 
@@ -120,6 +121,7 @@ class AdapterCheckpoint(Checkpoint):
         """The base's tensors the adapter stores: each must be one the loaded model has; a resized vocabulary
         must come with every token-indexed tensor (peft loads it on a resized base, whose new rows are random)."""
         base = self.base
+        self.replaced = {self._base_name(k): v for k, v in self.replaced.items()}
         unlike = any(k not in base.tensors or tuple(v.shape) != base.tensors[k].shape for k, v in self.replaced.items())
         layout = _layout(base.config) if unlike else None  # only then is the model class asked
         for key in list(self.replaced):
@@ -162,9 +164,9 @@ class AdapterCheckpoint(Checkpoint):
                 f"{self.name} resized the vocabulary to {rows[0]} rows (the base has {before}) but does not store "
                 f"{', '.join(lacking)}: peft loads it on a resized base whose new rows are random; save the adapter "
                 f"with those modules in modules_to_save (or save_embedding_layers=True), or {MERGE_FIRST}")
-        elif "vocab_size" not in base.config:
+        elif vocab_size(base.config) is None:
             self.refusals.append(f"{self.name} resized the vocabulary to {rows[0]} rows, but the config of its base "
-                                 f"{base.name} has no top-level vocab_size to record it in; {MERGE_FIRST}")
+                                 f"{base.name} has no vocab_size (in its text config) to record it in; {MERGE_FIRST}")
         else:
             self.vocab_rows = rows[0]
 
@@ -187,17 +189,22 @@ class AdapterCheckpoint(Checkpoint):
                     self.refusals.append(f"{self.name}: the trainable tokens of {key!r} and its tied {source!r} "
                                          f"differ; {MERGE_FIRST}")
                 continue
-            if source not in self.tensors or indices is None or len(indices) != values.shape[0] \
-                    or len(set(indices)) != len(indices) or source in self.loras:
+            if source not in self.tensors or indices is None or len(indices) != values.shape[0] or source in self.loras \
+                    or len(set(indices)) != len(indices) or not 0 <= min(indices) <= max(indices) < self.tensors[source].shape[0]:
                 self.refusals.append(f"{self.name}: trainable tokens {key!r} ({values.shape[0]} rows) do not fit "
                                      f"trainable_token_indices {spec} over the base {self.base.name}; {MERGE_FIRST}")
                 continue
-            if max(indices) >= self.tensors[source].shape[0] or min(indices) < 0:
-                self.refusals.append(f"{self.name}: trainable_token_indices {spec} reach past the "
-                                     f"{self.tensors[source].shape[0]} rows of {source!r}; {MERGE_FIRST}")
-                continue
             rows[source] = (list(indices), values)
         self.trained_rows = rows
+
+    def _base_name(self, name: str) -> str:
+        """`name` as the base's files store it: peft names tensors as transformers loads the base, which renames
+        some on load (its conversion mapping: a vision-language model's language model), the files keep the names
+        `save_pretrained` writes."""
+        if name in self.base.tensors:
+            return name
+        layout = _layout(self.base.config)
+        return layout.stored_as.get(name, name) if layout else name
 
     def _collect(self, factors: dict[str, dict[str, torch.Tensor]]) -> None:
         cfg = self.adapter_config
@@ -205,7 +212,7 @@ class AdapterCheckpoint(Checkpoint):
             embedding = "lora_embedding_A" in parts
             a = parts.get("lora_embedding_A" if embedding else "lora_A.weight")
             b = parts.get("lora_embedding_B" if embedding else "lora_B.weight")
-            key = f"{module}.weight"
+            key = self._base_name(f"{module}.weight")
             if a is None or b is None:
                 self.refusals.append(f"{self.name}: module {module!r} has only one LoRA factor; it is incomplete")
                 continue
@@ -225,11 +232,11 @@ class AdapterCheckpoint(Checkpoint):
                 continue
             self.loras[key] = lora
             if "lora_B.bias" in parts:
-                if f"{module}.bias" not in self.tensors:
+                if self._base_name(f"{module}.bias") not in self.tensors:
                     self.refusals.append(f"{self.name}: module {module!r} has a LoRA bias (lora_bias) but the base "
                                          f"{self.base.name} has no {module}.bias (peft cannot merge it either)")
                     continue
-                self.loras[f"{module}.bias"] = _Lora(a=a, b=b, scaling=scaling, rows_from_a=False,
+                self.loras[self._base_name(f"{module}.bias")] = _Lora(a=a, b=b, scaling=scaling, rows_from_a=False,
                                                      bias=parts["lora_B.bias"])
 
     def _lora(self, module: str, a: torch.Tensor, b: torch.Tensor, shape: tuple[int, ...], embedding: bool,

@@ -20,11 +20,12 @@ from typing import Any, Callable, Sequence
 # Only modules that import neither torch nor transformers load here (errors must be instant, README
 # "Failure behaviour"); the commands import the heavy ones (merging, api, tune, ...) when they run.
 from . import __version__
-from ._cli_options import add_common, add_config_options, add_token, config_values, whole
+from ._cli_options import (REF_HELP, add_common, add_config_options, add_token, command_parser, config_values,
+                           version_text, whole)
 from ._options import check_options, config_with, merge_options
 from .cli_eval import (add_evaluate_parser, add_merge_options, add_tune_parser, check_before_merge, evaluate_merge,
                        merge_greedy, validate_merge_evaluation)
-from .config import CHECK_FIELDS, AmeConfig
+from .config import CHECK_FIELDS, OUTPUT_FIELDS, WEIGHT_FIELDS, AmeConfig
 from .errors import AmeError, InvalidConfigError
 from .output import check_output_dir
 from .push import upload_output
@@ -82,54 +83,98 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}; see `{self.prog} --help`")
 
 
-def _add_push(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--repo-id", required=required, help="target repo, ORG/NAME")
+class _Version(argparse.Action):
+    """`--version`: one line per package, as written (argparse's own action rewraps it into one paragraph)."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option: str | None = None) -> None:
+        print(version_text(__version__))
+        parser.exit()
+
+
+class _Deprecated(argparse.Action):
+    """An old spelling of an option that still works, and says which to use."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option: str | None = None) -> None:
+        print(f"ame-hf: warning: {option} is deprecated here, use {self.metavar_for}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _add_push(p: Any, required: bool, *, branch_flag: str = "--revision") -> None:
+    p.add_argument("--repo-id", required=required, metavar="ORG/NAME", help="target repo")
     p.add_argument("--private", action="store_true", default=None, help="create the repo as private")
-    p.add_argument("--revision", default=None, help="branch to push to (created if missing)")
+    p.add_argument(branch_flag, dest="revision", default=None, metavar="BRANCH",
+                   help="branch to push to (created if missing; default: main)")
+    if branch_flag != "--revision":  # merge's --revision read as the ingredients' revision: kept, deprecated
+        old = p.add_argument("--revision", dest="revision", action=_Deprecated, help=argparse.SUPPRESS)
+        old.metavar_for = branch_flag
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
-    p.add_argument("--commit-message", default=None, help="commit message")
+    p.add_argument("--commit-message", default=None, metavar="TEXT", help="commit message")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ame-hf",
         description="Fuse fine-tuned checkpoints into one model by Amortized Model Ensembling (AME).",
+        epilog="Run `ame-hf COMMAND --help` for a command's options and examples; `ame-hf demo` to try it.",
     )
-    parser.add_argument("--version", action="version", version=f"ame-hf {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="ame-hf's version and those of torch, transformers, huggingface_hub, ...")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    m = sub.add_parser("merge", help="merge checkpoints with AME",
-                       description="Merge checkpoints (local directories or Hub repo IDs org/name[@revision]) with AME.")
-    m.add_argument("refs", nargs="*", metavar="REF", help="ingredient: local directory or org/name[@revision]")
-    m.add_argument("--out", help="output directory: new or empty (with --overwrite: a previous ame-hf output)")
-    m.add_argument("--config", help="YAML file with the same options (e.g. a previous ame_config.yaml)")
-    add_config_options(m)
-    m.add_argument("--overwrite", action="store_true",
+    m = command_parser(sub, "merge", help="merge checkpoints with AME",
+                       description="Merge checkpoints (local folders, Hub repo IDs or PEFT LoRA adapters) with AME "
+                                   "into one from_pretrained-loadable model.",
+                       examples=["ame-hf merge ./ft-a ./ft-b ./ft-c -o merged            # the default AME",
+                                 "ame-hf merge org/a org/b@v1 -o soup --optimizer sgd   # the exact uniform soup",
+                                 "ame-hf merge ./a ./b -o m --optimizer adamw --lr 1e-4 --shuffle --epochs 3",
+                                 "ame-hf merge ./lora-a ./lora-b -o m --base org/base --pivot base",
+                                 "ame-hf merge org/a org/b -o m --push --repo-id me/merged --private",
+                                 "ame-hf merge --config merged/ame_config.yaml -o again   # the same bytes"])
+    g = m.add_argument_group("ingredients and AME")
+    g.add_argument("refs", nargs="*", metavar="REF", help="ingredient: " + REF_HELP)
+    g.add_argument("--config", metavar="FILE", help="YAML file with the same options (e.g. a previous ame_config.yaml)")
+    add_config_options(g, only=WEIGHT_FIELDS + ("base",))
+    g = m.add_argument_group("output")
+    g.add_argument("-o", "--out", metavar="DIR",
+                   help="output folder: new or empty (with --overwrite: a previous ame-hf output)")
+    g.add_argument("--overwrite", action="store_true",
                    help="replace a previous ame-hf output at --out (never an input, the cwd or a folder of yours)")
-    m.add_argument("--device", help="compute device, e.g. cpu, cuda, cuda:1 (default: chosen by accelerate)")
-    m.add_argument("--max-memory", help="memory for one tensor's ingredient blocks, so each input byte is read once "
-                                       "(default 128MiB; a larger tensor is read again for each pass)")
-    m.add_argument("--threads", type=whole, help="torch threads on the CPU (default 1; for more cores run "
-                                                "several processes with torchrun)")
-    m.add_argument("--push", action="store_true", help="push the output to the Hub (needs --repo-id)")
-    _add_push(m, required=False)
-    add_merge_options(m)
-    add_token(m)
+    add_config_options(g, only=[f for f in OUTPUT_FIELDS if f != "base"])
+    g = m.add_argument_group("Hub and push")
+    g.add_argument("--push", action="store_true", help="push the output to the Hub (needs --repo-id)")
+    _add_push(g, required=False, branch_flag="--push-branch")
+    add_token(g)
+    g = m.add_argument_group("devices")
+    g.add_argument("--device", help="compute device, e.g. cpu, cuda, cuda:1 (default: chosen by accelerate)")
+    g.add_argument("--max-memory", metavar="SIZE",
+                   help="memory for one tensor's ingredient blocks, so each input byte is read once (default "
+                        "128MiB; a larger tensor is read again for each pass)")
+    g.add_argument("--threads", type=whole, metavar="N", help="torch threads on the CPU (default 1; for more cores "
+                                                             "run several processes with torchrun)")
+    add_merge_options(m.add_argument_group("evaluation (validation data)"))
     add_common(m)
     m.set_defaults(func=cmd_merge, validate=validate_merge)
 
-    c = sub.add_parser("check", help="report whether checkpoints can be merged (exit 0) or not (exit 1)",
+    c = command_parser(sub, "check", help="report whether checkpoints can be merged (exit 0) or not (exit 1)",
                        description="Check checkpoints as `merge` with the same options would, reading only their "
-                                   "configs, tokenizers and safetensors headers.")
-    c.add_argument("refs", nargs="+", metavar="REF", help="ingredient: local directory or org/name[@revision]")
+                                   "configs, tokenizers and safetensors headers (no weight is downloaded).",
+                       examples=["ame-hf check org/a org/b", "ame-hf check ./ft-a ./ft-b --pivot org/base",
+                                 "ame-hf check ./lora-a ./lora-b --base org/base --json",
+                                 "ame-hf check org/a org/b --tokenizer-source union --verbose"])
+    c.add_argument("refs", nargs="+", metavar="REF", help="ingredient: " + REF_HELP)
     add_config_options(c, only=CHECK_FIELDS)  # the options that change what is checked, as merge means them
-    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.add_argument("--json", action="store_true", help="print the report as JSON (every error and note)")
+    c.add_argument("-v", "--verbose", action="store_true",
+                   help="every error and note (default: what decides first, the rest counted)")
     add_token(c)
     add_common(c)
     c.set_defaults(func=cmd_check, validate=validate_check)
 
-    p = sub.add_parser("push", help="push an existing merge output to the Hub")
-    p.add_argument("dir", metavar="DIR", help="a merge output directory")
+    p = command_parser(sub, "push", help="push an existing merge output to the Hub",
+                       description="Upload a merge output folder (weights, config, tokenizer, card) to a Hub repo.",
+                       examples=["ame-hf push merged --repo-id me/merged --private",
+                                 "ame-hf push merged --repo-id me/merged --create-pr --commit-message 'try Adam'"])
+    p.add_argument("dir", metavar="DIR", help="a merge output folder")
     _add_push(p, required=True)
     add_token(p)
     add_common(p)
@@ -228,8 +273,8 @@ def cmd_check(args: argparse.Namespace, options: dict[str, Any]) -> int:
     from .api import check
 
     report = check(args.refs, token=args.token, **options)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
-    return 0 if report.ok else EXIT_ERROR
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format(verbose=args.verbose))
+    return 0 if report.mergeable else EXIT_ERROR
 
 
 def cmd_push(args: argparse.Namespace, options: None) -> int:

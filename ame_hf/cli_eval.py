@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from ._cli_options import add_common, add_config_options, add_token, config_values, whole
+from ._cli_options import REF_HELP, add_common, add_config_options, add_token, command_parser, config_values, whole
 from ._options import config_with, evaluation_options, tune_options
 from ._validators import whole_number
-from .card import update_card
+from .card_results import update_card
 from .config import OUTPUT_FIELDS, WEIGHT_FIELDS, AmeConfig
 from .errors import InvalidConfigError
 from .evaluation import TASKS, check_scorable, default_metric, higher_is_better, load_data, task_for_models
@@ -27,15 +27,15 @@ def add_task_options(p: argparse.ArgumentParser, *, test_data: bool) -> None:
                    help="task (default: from the model's architecture: *ForSequenceClassification -> "
                         "text-classification, *ForImageClassification -> image-classification, *ForCausalLM / "
                         "*LMHeadModel -> text-generation)")
-    p.add_argument("--metric", default=None,
+    p.add_argument("--metric", default=None, metavar="NAME",
                    help="accuracy (default) or macro_f1 (bundled, offline), or a local evaluate metric folder; "
                         "text-generation: loss (default: mean NLL per token, lower is better) or perplexity")
-    p.add_argument("--max-length", type=whole, default=None,
+    p.add_argument("--max-length", type=whole, default=None, metavar="N",
                    help="text-generation: truncate documents to this many tokens (default: the model's limit)")
-    p.add_argument("--eval-batch-size", type=whole, default=None,
+    p.add_argument("--eval-batch-size", type=whole, default=None, metavar="N",
                    help="examples per forward pass (default 32; text-generation 8 documents)")
     if test_data:
-        p.add_argument("--test-data", default=None,
+        p.add_argument("--test-data", default=None, metavar="FILE",
                        help="held-out data, used for no choice: scores the selected model, the soup and the best "
                             "ingredient, and that goes into the card's model-index")
 
@@ -45,9 +45,14 @@ _DATA_HELP = ("data: JSONL/CSV with text|image and label columns, or an image fo
 
 
 def add_evaluate_parser(sub: Any) -> argparse.ArgumentParser:
-    e = sub.add_parser("evaluate", help="evaluate models on local data (offline)")
-    e.add_argument("models", nargs="+", metavar="MODEL", help="model directory or org/name[@revision]")
-    e.add_argument("--data", required=True, help=_DATA_HELP)
+    e = command_parser(sub, "evaluate", help="evaluate models on local data (offline)",
+                       description="Score models (merge outputs, local folders, Hub repo IDs, PEFT adapters) on local "
+                                   "data, offline; the task comes from the architecture unless --task says.",
+                       examples=["ame-hf evaluate merged org/a org/b --data val.jsonl",
+                                 "ame-hf evaluate merged --data val.txt --metric perplexity --update-card merged",
+                                 "ame-hf evaluate ./lora-a --data val.txt --base org/base --device cuda"])
+    e.add_argument("models", nargs="+", metavar="MODEL", help="a model: " + REF_HELP)
+    e.add_argument("--data", required=True, metavar="FILE", help=_DATA_HELP)
     add_task_options(e, test_data=False)
     e.add_argument("--device", help="where the models run (default: the GPU when there is one)")
     e.add_argument("--update-card", metavar="DIR",
@@ -60,12 +65,17 @@ def add_evaluate_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def add_tune_parser(sub: Any) -> argparse.ArgumentParser:
-    t = sub.add_parser("tune", help="pick the best of soup, greedy soup, ingredients and AME variants on "
-                                    "validation data")
-    t.add_argument("refs", nargs="+", metavar="REF", help="ingredient: local directory or org/name[@revision]")
+    t = command_parser(sub, "tune", help="pick the best of soup, greedy soup, ingredients and AME variants on "
+                                         "validation data",
+                       description="Merge and score candidates (the soup, the greedy soup, each ingredient and "
+                                   "--budget AME variants) on validation data, and write the best.",
+                       examples=["ame-hf tune org/a org/b org/c -o best --data val.jsonl --test-data test.jsonl",
+                                 "ame-hf tune ./lora-a ./lora-b -o best --data val.txt --base org/base --budget 4",
+                                 "ame-hf tune ./a ./b -o best --data val.txt --dtype bfloat16 --max-shard-size 2GB"])
+    t.add_argument("refs", nargs="+", metavar="REF", help="ingredient: " + REF_HELP)
     # Not required by argparse: a missing --out is the validation step's usage error, as for merge.
-    t.add_argument("--out", help="output directory for the chosen model")
-    t.add_argument("--data", required=True, help="validation " + _DATA_HELP)
+    t.add_argument("-o", "--out", metavar="DIR", help="output folder for the chosen model")
+    t.add_argument("--data", required=True, metavar="FILE", help="validation " + _DATA_HELP)
     add_task_options(t, test_data=True)
     t.add_argument("--budget", type=whole, default=DEFAULT_BUDGET,
                    help=f"number of AME variants to try (default {DEFAULT_BUDGET}; each is a merge and an evaluation)")
@@ -82,7 +92,7 @@ def add_tune_parser(sub: Any) -> argparse.ArgumentParser:
 
 def add_merge_options(m: argparse.ArgumentParser) -> None:
     """`merge --eval-data ...` and `merge --greedy-soup`."""
-    m.add_argument("--eval-data", dest="data", help="evaluate the merge (and its ingredients) on this data "
+    m.add_argument("--eval-data", dest="data", metavar="FILE", help="evaluate the merge (and its ingredients) on this data "
                                                   "and record the result in the card")
     m.add_argument("--greedy-soup", action="store_true",
                    help="instead of AME: the greedy soup (ingredients by --eval-data score, each kept if the soup "

@@ -8,12 +8,14 @@ other config differences are notes; quantized weights and remote-code architectu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Sequence
 
 from ._differences import differing_fields, file_notes, updated, who_has
+from ._text_config import vocab_size
 from .checkpoint import DTYPE_NAMES, Checkpoint
 from .labels import match_labels
+from .report import CompatibilityReport
 from .reconcile import (TIE_FLAG, Layout, Renaming, UnknownArchitecture, model_layout,
                         refuse_token_columns, rename, stale_keys, tie_flags, untied)
 from .vocabulary import (TokenizerFiles, VocabularyPlan, compare_tokenizers, plan_vocabulary, read_tokenizer,
@@ -26,64 +28,6 @@ ARCHITECTURE_KEYS = ("model_type",)
 QUIET_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "_commit_hash", "torch_dtype", "dtype"}
 _MAX_LISTED = 20
 GENERATION_CONFIG = "generation_config.json"  # transformers.utils.GENERATION_CONFIG_NAME
-
-
-@dataclass
-class CompatibilityReport:
-    """The outcome of `check_compatibility`: `errors` block a merge, `notes` do not."""
-
-    names: list[str]
-    errors: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    # What the merge then uses: every ingredient (and the pivot) seen under the output's tensor names,
-    # and which ingredient's config and layout the output takes.
-    checkpoints: list[Checkpoint] = field(default_factory=list, repr=False, compare=False)
-    pivot: Checkpoint | None = field(default=None, repr=False, compare=False)
-    source: int = 0
-    config_keys: list[str] = field(default_factory=list)  # config keys that differ (said with the errors)
-    # When vocabularies differ: how token-indexed rows are matched, and which tensors are token-indexed.
-    vocab: VocabularyPlan | None = field(default=None, repr=False, compare=False)
-    vocab_keys: frozenset[str] = frozenset()
-    # The ingredient the pivot keyword names (`first`: 0, an index: it), for `config_source`.
-    pivot_index: int = 0
-    # Config fields whose difference another finding already explains (no second note), and what the output's
-    # config.json changes from its source's (dotted keys: an untied head, the labels of the merged rows).
-    config_said: set[str] = field(default_factory=set)
-    config_updates: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors
-
-    def summary(self) -> str:
-        """One line: the verdict and the first problem."""
-        if self.ok:
-            return f"compatible: {len(self.names)} checkpoints can be merged" + (
-                f" ({len(self.notes)} note(s))" if self.notes else "")
-        more = f" (and {len(self.errors) - 1} more difference(s); run `ame-hf check` for all)" if len(self.errors) > 1 else ""
-        keys = f"; their configs differ in {', '.join(self.config_keys[:6])}" if self.config_keys else ""
-        return f"incompatible checkpoints: {self.errors[0]}{more}{keys}"
-
-    def format(self) -> str:
-        """The full report, one finding a line."""
-        lines = [("OK  " if self.ok else "FAIL ") + self.summary()]
-        lines += [f"  error: {e}" for e in self.errors]
-        lines += [f"  note:  {n}" for n in self.notes]
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "checkpoints": self.names, "errors": self.errors, "notes": self.notes}
-
-    def config_source(self) -> Checkpoint:
-        """The checkpoint whose config (and side files) the output takes: the pivot when it is a model of the
-        ingredients' architecture, else the pivot's ingredient, else the one whose layout the check chose."""
-        chosen = self.checkpoints[self.source]
-        arch = chosen.config.get("architectures")
-        if self.pivot is not None and self.pivot.config.get("architectures") == arch:
-            return self.pivot
-        if self.checkpoints[self.pivot_index].config.get("architectures") == arch:
-            return self.checkpoints[self.pivot_index]
-        return chosen
 
 
 def _listed(items: Sequence[str]) -> str:
@@ -270,8 +214,8 @@ def _view(ckpt: Checkpoint, renaming: Renaming, layout: Layout, report: Compatib
         return ckpt
     moved = [s for n, s in renaming.names.items() if n != s and n not in aliases]
     if moved:
-        report.notes.append(f"{ckpt.name}: {len(moved)} tensor name(s) taken with/without the base-model prefix "
-                            f"{layout.prefix!r} (as {layout.architecture} stores them), e.g. {moved[0]!r}")
+        report.notes.append(f"{ckpt.name}: {len(moved)} tensor name(s) taken as {layout.architecture} stores them (base-"
+                            f"model prefix {layout.prefix!r}, or its conversion mapping), e.g. {moved[0]!r}")
     for stored, why in sorted(renaming.dropped.items()):
         report.notes.append(f"{ckpt.name}: stored tensor {stored!r} is not used ({why})")
     names = dict(renaming.names)
@@ -287,7 +231,7 @@ def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: 
                 source: str | int | TokenizerFiles) -> None:
     """When the ingredients' vocabularies differ (tokens, or rows of the embeddings), plan to match the rows
     of every token-indexed tensor by token string (a note), or say why that cannot be done (an error)."""
-    sizes = [c.config.get("vocab_size") for c in views]
+    sizes = [vocab_size(c.config) for c in views]
     maps = [token_ids(t) for t in tokenizers]
     if len(set(sizes)) <= 1 and all(m == maps[0] for m in maps):
         return

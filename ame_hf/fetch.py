@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ._hub_errors import hub_errors
+from ._model_files import CODE_PATTERNS, WEIGHT_PATTERNS
 from ._model_files import module_folders
 from .checkpoint import (BIN_INDEX, BIN_SINGLE, SAFE_INDEX, SAFE_SINGLE, Checkpoint, TensorInfo, dtype_from_name,
                          index_shards, weight_layout)
@@ -21,10 +22,6 @@ from .records import HubSource, Ingredient
 
 logger = logging.getLogger(__name__)
 
-# Weights (and other binary model formats); code is never fetched. Everything else of a repo is light.
-WEIGHT_PATTERNS = ["*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "*.onnx",
-                   "*.onnx_data", "*.tflite", "*.ot", "*.npz"]
-CODE_PATTERNS = ["*.py", "*.pyc", "*.so", "*.dll", "*.dylib", ".gitattributes"]
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 # The small file every model (or PEFT adapter) repo has: it locates a snapshot in the cache.
 ANCHORS = ("config.json", "adapter_config.json")

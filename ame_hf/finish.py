@@ -14,10 +14,11 @@ from pathlib import Path, PurePath
 from typing import Callable, Sequence
 
 from ._differences import updated
+from ._model_files import CODE_PATTERNS, WEIGHT_PATTERNS
+from ._text_config import with_vocab_size
 from .card import render_card
 from .checkpoint import Checkpoint
 from .errors import CheckpointError
-from .fetch import CODE_PATTERNS, WEIGHT_PATTERNS
 from .output import RUN_FILE
 from .recipe import write_run_file
 from .records import MergeResult
@@ -58,7 +59,7 @@ def finish(staging: Path, result: MergeResult, checkpoints: list[Checkpoint], *,
     if result.config.dtype != "auto":
         config["dtype"] = result.config.dtype
     if vocab is not None:
-        config["vocab_size"] = vocab.size
+        config = with_vocab_size(config, vocab.size)
     (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     copy_side_files(source.path, staging, skip_tokenizer=tokenizer_dir is not None)
     if tokenizer_dir is not None:

@@ -44,6 +44,7 @@ def merge(
     threads: int | None = None,
     max_memory: str | int | None = None,
     stage: InputStage | None = None,
+    recorded_at: str | os.PathLike | None = None,
     **options: Any,
 ) -> MergeResult:
     """Merge checkpoints with AME and write a `from_pretrained`-loadable model to `out_dir`.
@@ -65,6 +66,8 @@ def merge(
             byte is read once (`128MiB` by default; a larger tensor is read again for each pass).
         stage: an `inputs.InputStage` shared between runs (as `tune` shares one between its merges), so that
             each reference is resolved, fetched and parsed once; default: a new one (with `token`).
+        recorded_at: where the output will live if you move it there after the merge (as `tune` moves its
+            pick): `ame_config.yaml` and the card record local references relative to it (default: `out_dir`).
 
     Returns:
         A `MergeResult` with the output path, resolved config, ingredients and order.
@@ -83,7 +86,8 @@ def merge(
     merge_options(refs, config, threads=threads, max_memory=max_memory)
     _warn_repeated(refs)
     return _merge(refs, Path(out_dir), config, started, token=token, overwrite=overwrite, progress=progress,
-                  callback=callback, device=device, threads=threads, max_memory=max_memory, stage=stage)
+                  callback=callback, device=device, threads=threads, max_memory=max_memory, stage=stage,
+                  recorded_at=Path(recorded_at) if recorded_at is not None else None)
 
 
 def materialize(ingredient: str | os.PathLike, out_dir: str | os.PathLike, *, base: str | os.PathLike | None = None,
@@ -109,7 +113,8 @@ def materialize(ingredient: str | os.PathLike, out_dir: str | os.PathLike, *, ba
 def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, token: str | None = None,
            overwrite: bool = False, progress: bool = True, callback: ProgressCallback | None = None,
            device: str | None = None, threads: int | None = None,
-           max_memory: str | int | None = None, stage: InputStage | None = None) -> MergeResult:
+           max_memory: str | int | None = None, stage: InputStage | None = None,
+           recorded_at: Path | None = None) -> MergeResult:
     """`merge` once its config is resolved and the ingredients counted."""
     extra = [*config.pivot_refs, *([config.base] if config.base else []), *config.tokenizer_refs]
     check_output_dir(out, overwrite, inputs=local_inputs([*refs, *extra]))
@@ -141,7 +146,8 @@ def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, tok
                                  order=config.order)
         result = MergeResult(path=out, config=config, ingredients=inputs.ingredients, order=order, report=report,
                              base=inputs.base.light if inputs.base else None,
-                             pivot=pivot or (0 if config.pivot == "first" else config.pivot), device=str(setup.device))
+                             pivot=pivot or (0 if config.pivot == "first" else config.pivot), device=str(setup.device),
+                             recorded_at=recorded_at)
         tensors = {n: checkpoints[0].info(n) for n in checkpoints[0].names()}
         shapes = {n: report.vocab.shape_of(n, i.shape) if report.vocab and n in report.vocab_keys else i.shape
                   for n, i in tensors.items()}

@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 
 from ._hub_errors import hub_errors, offline
+from ._model_files import WEIGHT_PATTERNS
 from .errors import HubError, InvalidConfigError, PushError
 from .records import PushInfo
 from .resolve import is_repo_id
@@ -56,6 +57,9 @@ def upload_output(
             info = api.upload_folder(
                 repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr or None,
                 commit_message=commit_message or "Upload AME merge (ame-hf)",
+                # The output is the whole model: weights and indexes it does not have (an earlier push's
+                # single file beside a new sharded index) are deleted, or transformers could load them.
+                delete_patterns=[*WEIGHT_PATTERNS, "*.index.json"],
             )
     except HubError as err:
         raise PushError(f"{err} — the output in {folder} is intact; retry with `{retry}`", repo_id=repo_id) from err

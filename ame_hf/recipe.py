@@ -67,7 +67,7 @@ def _versions() -> tuple[tuple[str, str], ...]:
 def run_dict(result: MergeResult) -> dict[str, Any]:
     """The content of `ame_config.yaml`: run keys, AmeConfig fields, then what was resolved.
 
-    Local paths are recorded relative to the output (`result.path`), Hub references pinned to their commit.
+    Local paths are recorded relative to the output (`result.home`), Hub references pinned to their commit.
 
     Args:
         result: the merge's record.
@@ -78,11 +78,11 @@ def run_dict(result: MergeResult) -> dict[str, Any]:
     cfg = result.config.to_dict()
     pivot = result.pivot
     if hasattr(pivot, "recipe_ref"):
-        cfg["pivot"] = pivot.recipe_ref(result.path)
+        cfg["pivot"] = pivot.recipe_ref(result.home)
     if result.base is not None and cfg.get("base"):  # like the ingredients: pinned, or relative to the output
-        cfg["base"] = result.base.recipe_ref(result.path)
+        cfg["base"] = result.base.recipe_ref(result.home)
     return {
-        "ingredients": [i.recipe_ref(result.path) for i in result.ingredients],
+        "ingredients": [i.recipe_ref(result.home) for i in result.ingredients],
         **cfg,
         "ame_hf_version": versions()["ame-hf"],
         "resolved": {

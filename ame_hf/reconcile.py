@@ -8,10 +8,11 @@ import functools
 import json
 import logging
 import re
-from dataclasses import dataclass
-from typing import Any, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 from ._differences import flatten
+from .conversion import stored_names
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +22,8 @@ TIE_FLAG = "tie_word_embeddings"
 
 @dataclass(frozen=True, kw_only=True)
 class Layout:
-    """What one transformers model class stores.
+    """What one transformers model class stores, under the names `save_pretrained` writes (its conversion mapping
+    reverted: a vision-language model's `model.language_model.*` is stored as `language_model.model.*`).
 
     Attributes:
         architecture: the class name (`GPT2LMHeadModel`).
@@ -37,6 +39,8 @@ class Layout:
             buffer of an older version when it is 0-d, e.g. GPT-2's `attn.masked_bias`).
         tie_flags: the config's `tie_word_embeddings` of itself and each sub-config (dotted keys), defaults
             included: what decides which ties transformers makes.
+        stored_as: loaded name -> stored name, for the names the conversion mapping renames (what a PEFT adapter,
+            which names tensors as the model is loaded, relates to its base's files by).
     """
 
     architecture: str
@@ -46,6 +50,7 @@ class Layout:
     ignored: tuple[str, ...]
     vocab_keys: frozenset[str] = frozenset()
     tie_flags: tuple[tuple[str, Any], ...] = ()
+    stored_as: dict[str, str] = field(default_factory=dict)
     modules: frozenset[str] = frozenset()
     token_columns: frozenset[str] = frozenset()
     token_other: frozenset[str] = frozenset()
@@ -68,22 +73,26 @@ def model_layout(config: dict[str, Any]) -> Layout:
 @functools.lru_cache(maxsize=32)
 def _layout(config_json: str) -> Layout:
     cls, cfg, model = _on_meta(json.loads(config_json))
-    tied = dict(model.get_expanded_tied_weights_keys(all_submodels=True) or {})
+    loaded_tied = dict(model.get_expanded_tied_weights_keys(all_submodels=True) or {})
     state = set(model.state_dict())
     buffers = {name for name, _ in model.named_buffers()}
-    ignored = [*_ignored_on_load(model), *(re.escape(b) + "$" for b in buffers)]
-    keys = frozenset(state - set(tied))
+    stored_as = stored_names(model, sorted(state | buffers | set(loaded_tied)))
+    stored = lambda name: stored_as.get(name, name)  # noqa: E731
+    tied = {stored(a): stored(t) for a, t in loaded_tied.items()}
+    ignored = [*_ignored_on_load(model), *(re.escape(stored(b)) + "$" for b in buffers)]
+    keys = frozenset(stored(k) for k in state - set(loaded_tied))
     embeddings = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
     vocab_params = {id(getattr(m, attr)) for m in embeddings for attr in ("weight", "bias")
                     if getattr(m, attr, None) is not None}
-    vocab = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in vocab_params} & keys
+    vocab = {stored(n) for n, p in model.named_parameters(remove_duplicate=False) if id(p) in vocab_params} & keys
     return Layout(architecture=cls.__name__, keys=keys, tied=tied, prefix=getattr(cls, "base_model_prefix", "") or "",
                   ignored=tuple(ignored), vocab_keys=frozenset(vocab), tie_flags=tie_flags(cfg.to_dict()),
-                  modules=frozenset(n for n, _ in model.named_modules()),
-                  **_token_columns(json.loads(config_json), model, keys))
+                  stored_as=stored_as, modules=frozenset(stored(n) for n, _ in model.named_modules()),
+                  **_token_columns(json.loads(config_json), model, keys, stored))
 
 
-def _token_columns(config: dict[str, Any], model: Any, keys: frozenset[str]) -> dict[str, frozenset[str]]:
+def _token_columns(config: dict[str, Any], model: Any, keys: frozenset[str],
+                   stored: Callable[[str], str]) -> dict[str, frozenset[str]]:
     """The tensors whose size along a dimension other than the first follows `vocab_size`: `token_columns` (the
     last, every other dimension 1) and `token_other`."""
     if not isinstance(config.get("vocab_size"), int):
@@ -93,10 +102,10 @@ def _token_columns(config: dict[str, Any], model: Any, keys: frozenset[str]) -> 
     except Exception:  # noqa: BLE001  the class cannot be built wider: only its embeddings are known
         return {}
     before, after = model.state_dict(), wider.state_dict()
-    found = {k for k, v in before.items() if k in keys and k in after and v.shape[1:] != after[k].shape[1:]}
+    found = {k for k, v in before.items() if stored(k) in keys and k in after and v.shape[1:] != after[k].shape[1:]}
     columns = {k for k in found if len(before[k].shape) > 1 and set(before[k].shape[:-1]) == {1}
                and after[k].shape[:-1] == before[k].shape[:-1]}
-    return {"token_columns": frozenset(columns), "token_other": frozenset(found - columns)}
+    return {"token_columns": frozenset(map(stored, columns)), "token_other": frozenset(map(stored, found - columns))}
 
 
 def refuse_token_columns(layout: Layout, names: list[str], errors: list[str]) -> bool:
@@ -215,8 +224,10 @@ def rename(stored: Iterable[str], layout: Layout) -> Renaming:
     """Map stored tensor names (or a name -> TensorInfo dict) onto `layout` the way transformers' loading does.
 
     A name is kept if the layout has it; else with the base-model prefix added or removed (a `GPT2Model`
-    checkpoint next to a `GPT2LMHeadModel`); a tied alias is dropped when its target is stored too, and
-    stands for its target otherwise; buffers and keys the class ignores on load are dropped.
+    checkpoint next to a `GPT2LMHeadModel`), or read as the name the model loads it by (a file saved with the
+    loaded names, which the class's conversion mapping leaves as they are); a tied alias is dropped when its
+    target is stored too, and stands for its target otherwise; buffers and keys the class ignores on load are
+    dropped.
     """
     stored_info = dict(stored) if isinstance(stored, dict) else {}
     stored = list(stored)
@@ -224,7 +235,8 @@ def rename(stored: Iterable[str], layout: Layout) -> Renaming:
     dropped: dict[str, str] = {}
     unexpected: list[str] = []
     prefix = layout.prefix + "." if layout.prefix else ""
-    candidates = {s: _candidates(s, prefix) for s in stored}
+    # a file may store a tensor under the name the model loads it by (what the conversion mapping renames to)
+    candidates = {s: [n for c in _candidates(s, prefix) for n in (c, layout.stored_as.get(c, c))] for s in stored}
     resolved = {s: next((c for c in candidates[s] if c in layout.keys or c in layout.tied), None) for s in stored}
     present = {r for r in resolved.values() if r in layout.keys}
     for s in stored:

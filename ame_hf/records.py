@@ -86,6 +86,8 @@ class MergeResult:
         device: the device the optimizer ran on (e.g. `cpu`, `cuda:0`).
         base: the base model of the PEFT adapters among the ingredients, if any.
         bytes_read: tensor bytes this process read from the inputs (each once, within `max_memory`).
+        recorded_at: where the output is meant to live when it is written elsewhere first and moved (tune's
+            pick): local references are recorded relative to it (default: `path`).
     """
 
     path: Path
@@ -98,6 +100,12 @@ class MergeResult:
     device: str = field(default="cpu", compare=False)
     base: Ingredient | None = None
     bytes_read: int = field(default=0, compare=False)
+    recorded_at: Path | None = field(default=None, compare=False)
+
+    @property
+    def home(self) -> Path:
+        """The folder local references are recorded relative to (`recorded_at`, else `path`)."""
+        return Path(self.recorded_at) if self.recorded_at is not None else Path(self.path)
 
 
 class PushInfo(str):

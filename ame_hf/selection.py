@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .card import add_card_section, selection_card, update_card
+from .card import selection_card
+from .card_results import add_card_section, update_card
 from .config import WEIGHT_FIELDS, AmeConfig
 from .errors import InvalidConfigError
 from .evaluation import (TextData, LabelledData, check_scorable, default_metric, evaluate_model, is_better, load_data,
@@ -73,7 +74,8 @@ def soup_config(config: AmeConfig | None = None) -> AmeConfig:
 
 def run_greedy_soup(refs: Sequence[str], scores: Sequence[float], score: Callable[[Path], float], metric: str,
                     scratch: Path, name: str, *, config: AmeConfig | None = None, token: str | None = None,
-                    log: Callable[[str], None] | None = None, stage: InputStage | None = None) -> GreedySoup:
+                    log: Callable[[str], None] | None = None, stage: InputStage | None = None,
+                    recorded_at: Path | None = None) -> GreedySoup:
     """The greedy soup: ingredients sorted by validation score (best first); each is added to the running
     uniform soup only if the soup's validation score does not get worse (Wortsman et al. 2022, Recipe 1).
 
@@ -85,6 +87,9 @@ def run_greedy_soup(refs: Sequence[str], scores: Sequence[float], score: Callabl
         scratch: a folder for the trial merges; only the kept soup stays there.
         name: the folder name of each merge (the card's "How to use" names it).
         config: output options for the merges (see `soup_config`).
+        stage: the run's `InputStage`, shared by the trial merges.
+        recorded_at: the output folder the kept soup will be moved to (its local references are recorded
+            relative to it).
 
     Returns:
         A `GreedySoup`.
@@ -100,7 +105,7 @@ def run_greedy_soup(refs: Sequence[str], scores: Sequence[float], score: Callabl
         trial = sorted(kept + [i])
         target = scratch / f"greedy{n}" / name
         target.parent.mkdir(parents=True)
-        merge([refs[k] for k in trial], target, cfg, token=token, progress=False, stage=stage)
+        merge([refs[k] for k in trial], target, cfg, token=token, progress=False, stage=stage, recorded_at=recorded_at)
         value = score(target)
         keep = not is_better(best, value, metric)  # "does not get worse": equal is kept
         trace.steps.append((i, value, keep))
@@ -334,7 +339,7 @@ def greedy_soup(
         full = FullModels(sel.models, scratch / "ingredients", token=token, device=device)
         scores = full.score_each(lambda p: evaluate(p, val), metric)
         trace = run_greedy_soup(refs, scores, lambda p: evaluate(p, val), metric, scratch, out.absolute().name,
-                                config=config, token=token, log=log, stage=sel.stage)
+                                config=config, token=token, log=log, stage=sel.stage, recorded_at=out)
         best = trace.steps[0][0]
         # The best ingredient's, before an adapter's full model moves into the output.
         best_on_test = evaluate(full.path(best), test) if test is not None else None

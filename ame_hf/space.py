@@ -9,9 +9,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from ._space_forms import (base_box, eval_batch_box, merge_advanced, output_advanced, push_advanced, result_tabs,
+                           selection_options)
 from .output import clean_up_temp_dirs, process_temp_dir
 from .space_merge import MergeView, one_line, run_check, run_merge, run_push
-from .space_select import TASK_CHOICES, evaluation_markdown, parse_ingredients, run_evaluate, run_tune
+from .space_select import evaluation_markdown, parse_ingredients, run_evaluate, run_tune
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -146,17 +148,25 @@ def _handlers(local: bool) -> dict[str, Callable[..., Any]]:
     filled in by Gradio."""
     from .tuning import DEFAULT_BUDGET
 
-    def check(ingredients: str, dtype: str, token: str, oauth_token: gr.OAuthToken | None = None) -> str:
+    # Parameters after the first ones have defaults: API callers that predate them keep working.
+    def check(ingredients: str, dtype: str, token: str, pivot: str = "mean", base: str = "", variant: str = "",
+              tokenizer_source: str = "auto", oauth_token: gr.OAuthToken | None = None) -> str:
+        options = {"pivot": pivot, "base": base, "variant": variant, "tokenizer_source": tokenizer_source}
         with _shown_as_gradio_errors():
-            return run_check(ingredients, dtype, _user_token(token, oauth_token), allow_local_paths=local)
+            return run_check(ingredients, dtype, _user_token(token, oauth_token), options=options,
+                             allow_local_paths=local)
 
     def merge(ingredients: str, optimizer: str, lr: str, relative_lr: str, epochs: float, pivot: str,
               seed: float, shuffle: bool, dtype: str, tokenizer_source: str, token: str, previous: str | None,
-              base: str = "", oauth_token: gr.OAuthToken | None = None,
+              base: str = "", optimizer_args: str = "", schedule: str = "", batch_size: float = 1, order: str = "given",
+              compute_dtype: str = "float32", max_shard_size: str = "", allow_nonfinite: bool = False,
+              variant: str = "", oauth_token: gr.OAuthToken | None = None,
               progress: gr.Progress = gr.Progress()) -> tuple[str, str, str, str]:
         options = {"optimizer": optimizer, "lr": lr, "relative_lr": relative_lr, "epochs": epochs, "pivot": pivot,
                    "seed": seed, "shuffle": bool(shuffle), "dtype": dtype, "tokenizer_source": tokenizer_source,
-                   "base": base}
+                   "base": base, "optimizer_args": optimizer_args, "schedule": schedule, "batch_size": batch_size,
+                   "order": order, "compute_dtype": compute_dtype, "max_shard_size": max_shard_size,
+                   "allow_nonfinite": bool(allow_nonfinite), "variant": variant}
         view = _in_fresh_work_dir(lambda work_dir: run_merge(
             ingredients, options, work_dir, _user_token(token, oauth_token),
             progress=lambda fraction, desc: progress(fraction, desc=desc), allow_local_paths=local), previous)
@@ -164,32 +174,37 @@ def _handlers(local: bool) -> dict[str, Callable[..., Any]]:
 
     # Defaults of None make the uploads optional for gradio_client too (it then gets the one-line error).
     def evaluate(models: str, data: str | None = None, task: str = "auto", metric: str = "",
-                 max_length: float | None = None, token: str = "", base: str = "",
+                 max_length: float | None = None, token: str = "", base: str = "", batch_size: float | None = 0,
                  oauth_token: gr.OAuthToken | None = None) -> str:
         with _shown_as_gradio_errors():
             result = run_evaluate(models, data, task, metric, max_length, _user_token(token, oauth_token), base=base,
-                                  allow_local_paths=local)
+                                  batch_size=batch_size, allow_local_paths=local)
         return evaluation_markdown(result)
 
     def tune(ingredients: str, data: str | None = None, test_data: str | None = None, task: str = "auto",
              metric: str = "", budget: float | None = DEFAULT_BUDGET, max_length: float | None = None, token: str = "",
-             previous: str | None = None, base: str = "", oauth_token: gr.OAuthToken | None = None,
+             previous: str | None = None, base: str = "", batch_size: float | None = 0, dtype: str = "auto",
+             tokenizer_source: str = "auto", compute_dtype: str = "float32", max_shard_size: str = "",
+             allow_nonfinite: bool = False, variant: str = "", oauth_token: gr.OAuthToken | None = None,
              progress: gr.Progress = gr.Progress()) -> tuple[str, str, str, str, str]:
+        options = {"dtype": dtype, "tokenizer_source": tokenizer_source, "compute_dtype": compute_dtype,
+                   "max_shard_size": max_shard_size, "allow_nonfinite": bool(allow_nonfinite), "variant": variant}
         view = _in_fresh_work_dir(lambda work_dir: run_tune(
             ingredients, data, test_data, work_dir, _user_token(token, oauth_token), task=task, metric=metric,
-            budget=budget, max_length=max_length, base=base, progress=lambda fraction, desc: progress(fraction, desc=desc),
-            allow_local_paths=local), previous)
+            budget=budget, max_length=max_length, base=base, batch_size=batch_size, options=options,
+            progress=lambda fraction, desc: progress(fraction, desc=desc), allow_local_paths=local), previous)
         return view.summary_markdown, view.candidates_markdown, view.card_markdown, view.config_yaml, str(view.folder)
 
-    def push(repo_id: str, private: bool, token: str, folder: str | None,
-             oauth_token: gr.OAuthToken | None = None) -> str:
+    def push(repo_id: str, private: bool, token: str, folder: str | None, revision: str = "", create_pr: bool = False,
+             commit_message: str = "", oauth_token: gr.OAuthToken | None = None) -> str:
         secret = _user_token(token, oauth_token)
         if secret is None and on_spaces():
             # Never fall back to a token of the Space itself: visitors push with their own.
             raise gr.Error("sign in with Hugging Face or paste a token with write access to push",
                            print_exception=False)
         with _shown_as_gradio_errors():
-            url = run_push(folder, repo_id, bool(private), secret)
+            url = run_push(folder, repo_id, bool(private), secret, revision=revision, create_pr=bool(create_pr),
+                           commit_message=commit_message)
         return f"Pushed to [{url}]({url})"
 
     return {"check": check, "merge": merge, "evaluate": evaluate, "tune": tune, "push": push}
@@ -236,13 +251,14 @@ def _merge_tab() -> dict[str, Any]:
                     tokenizer_source = gr.Dropdown(list(SOURCE_WORDS), value="auto", label="Tokenizer source",
                                                    allow_custom_value=True, elem_id="tokenizer-source",
                                                    info="tokenizer + chat template: pivot, first, an index, a repo ID")
-                base = _base_box("merge")
+                base = base_box("merge")
+                advanced = merge_advanced()
         summary = gr.Markdown(label="Summary", elem_id="summary")
-        card, config_yaml = _result_tabs("card", "config")
+        card, config_yaml = result_tabs("card", "config")
     return {"ingredients": ingredients, "check_button": check_button, "merge_button": merge_button, "report": report,
             "optimizer": optimizer, "lr": lr, "relative_lr": relative_lr, "epochs": epochs, "pivot": pivot,
             "seed": seed, "shuffle": shuffle, "dtype": dtype, "tokenizer_source": tokenizer_source, "base": base,
-            "summary": summary, "card": card, "config_yaml": config_yaml}
+            "summary": summary, "card": card, "config_yaml": config_yaml, "advanced": advanced}
 
 
 def _evaluate_tab() -> dict[str, Any]:
@@ -253,12 +269,14 @@ def _evaluate_tab() -> dict[str, Any]:
                             info="Hub repo IDs, one a line, scored in one table")
         with gr.Row():
             data = gr.File(label="Data", file_types=DATA_TYPES, elem_id="eval-data")
-            task, metric, max_length = _selection_options("eval")
-        base = _base_box("eval")
+            task, metric, max_length = selection_options("eval")
+        base = base_box("eval")
+        with gr.Accordion("Advanced options", open=False, elem_id="eval-advanced"):
+            batch_size = eval_batch_box("eval")
         evaluate_button = gr.Button("Evaluate", variant="primary", elem_id="evaluate-button")
         scores = gr.Markdown(label="Scores", elem_id="scores")
     return {"models": models, "data": data, "task": task, "metric": metric, "max_length": max_length, "base": base,
-            "evaluate_button": evaluate_button, "scores": scores}
+            "batch_size": batch_size, "evaluate_button": evaluate_button, "scores": scores}
 
 
 def _tune_tab() -> dict[str, Any]:
@@ -274,18 +292,19 @@ def _tune_tab() -> dict[str, Any]:
             test_data = gr.File(label="Test data (optional, not used to choose)", file_types=DATA_TYPES,
                                 elem_id="tune-test-data")
         with gr.Row():
-            task, metric, max_length = _selection_options("tune")
+            task, metric, max_length = selection_options("tune")
             budget = gr.Number(DEFAULT_BUDGET, label="Budget", precision=0, minimum=0, elem_id="budget",
                                info="AME variants to try, besides soup, greedy soup and ingredients")
-        base = _base_box("tune")
+        base = base_box("tune")
+        advanced = output_advanced()
         tune_button = gr.Button("Tune", variant="primary", elem_id="tune-button")
         summary = gr.Markdown(label="Selected", elem_id="tune-summary")
         with gr.Tab("Candidates"):
             candidates = gr.Markdown(label="Candidates", elem_id="candidates")
-        card, config_yaml = _result_tabs("tune-card", "tune-config")
+        card, config_yaml = result_tabs("tune-card", "tune-config")
     return {"ingredients": ingredients, "data": data, "test_data": test_data, "task": task, "metric": metric,
             "max_length": max_length, "budget": budget, "base": base, "tune_button": tune_button, "summary": summary,
-            "candidates": candidates, "card": card, "config_yaml": config_yaml}
+            "candidates": candidates, "card": card, "config_yaml": config_yaml, "advanced": advanced}
 
 
 def _push_group() -> dict[str, Any]:
@@ -302,62 +321,47 @@ def _push_group() -> dict[str, Any]:
                 # Only there: off Spaces the button asks the Hub who is logged in at start-up (and fails
                 # offline), and on a Space without OAuth gradio refuses to start with it.
                 gr.LoginButton(elem_id="login")
+        advanced = push_advanced()
         push_button = gr.Button("Push", elem_id="push-button")
         status = gr.Markdown(label="Push status", elem_id="push-status")
-    return {"repo_id": repo_id, "private": private, "token": token, "push_button": push_button, "status": status}
+    return {"repo_id": repo_id, "private": private, "token": token, "push_button": push_button, "status": status,
+            "advanced": advanced}
 
 
 def _connect(handlers: dict[str, Callable[..., Any]], merge: dict[str, Any], evaluate: dict[str, Any],
              tune: dict[str, Any], push: dict[str, Any], output_folder: gr.State) -> None:
     """Wire the buttons to the handlers; the API endpoints take the inputs in these orders."""
     token = push["token"]
-    merge["check_button"].click(handlers["check"], [merge["ingredients"], merge["dtype"], token], merge["report"],
-                                api_name="check")
+    # New inputs go last: an API caller's positional arguments keep their meaning.
+    merge_advanced = merge["advanced"]
+    merge["check_button"].click(
+        handlers["check"], [merge["ingredients"], merge["dtype"], token, merge["pivot"], merge["base"],
+                            merge_advanced["variant"], merge["tokenizer_source"]], merge["report"], api_name="check")
     merge["merge_button"].click(
         handlers["merge"],
         [merge[name] for name in ("ingredients", "optimizer", "lr", "relative_lr", "epochs", "pivot", "seed", "shuffle",
-                                  "dtype", "tokenizer_source")] + [token, output_folder, merge["base"]],
+                                  "dtype", "tokenizer_source")] + [token, output_folder, merge["base"]]
+        + [merge_advanced[name] for name in ("optimizer_args", "schedule", "batch_size", "order", "compute_dtype",
+                                             "max_shard_size", "allow_nonfinite", "variant")],
         [merge["card"], merge["config_yaml"], merge["summary"], output_folder], api_name="merge",
     )
     evaluate["evaluate_button"].click(
         handlers["evaluate"],
-        [evaluate[name] for name in ("models", "data", "task", "metric", "max_length")] + [token, evaluate["base"]],
+        [evaluate[name] for name in ("models", "data", "task", "metric", "max_length")]
+        + [token, evaluate["base"], evaluate["batch_size"]],
         evaluate["scores"], api_name="evaluate")
     tune["tune_button"].click(
         handlers["tune"],
         [tune[name] for name in ("ingredients", "data", "test_data", "task", "metric", "budget", "max_length")]
-        + [token, output_folder, tune["base"]],
+        + [token, output_folder, tune["base"]]
+        + [tune["advanced"][name] for name in ("batch_size", "dtype", "tokenizer_source", "compute_dtype",
+                                               "max_shard_size", "allow_nonfinite", "variant")],
         [tune["summary"], tune["candidates"], tune["card"], tune["config_yaml"], output_folder], api_name="tune",
     )
-    push["push_button"].click(handlers["push"], [push["repo_id"], push["private"], token, output_folder],
-                              push["status"], api_name="push")
-
-
-def _result_tabs(card_id: str, config_id: str) -> tuple[gr.Markdown, gr.Code]:
-    """A result's model card and `ame_config.yaml`, a tab each."""
-    with gr.Tab("Model card"):
-        card = gr.Markdown(label="Model card", elem_id=card_id, container=True, min_height=80, max_height=520)
-    with gr.Tab("ame_config.yaml"):
-        config = gr.Code(language="yaml", label="ame_config.yaml", interactive=False, max_lines=24, elem_id=config_id)
-    return card, config
-
-
-def _base_box(prefix: str) -> gr.Textbox:
-    return gr.Textbox("", label="Base model (for LoRA adapters)", placeholder="org/base-model",
-                      info="blank: each adapter's own base_model_name_or_path", elem_id=f"{prefix}-base")
-
-
-def _selection_options(prefix: str) -> tuple[gr.Dropdown, gr.Textbox, gr.Number]:
-    """Task, metric and max length: what `evaluate` and `tune` share."""
-    with gr.Column():
-        task = gr.Dropdown(list(TASK_CHOICES), value="auto", label="Task", elem_id=f"{prefix}-task",
-                           info="auto: from the models' architecture")
-        metric = gr.Textbox("", label="Metric", placeholder="default", elem_id=f"{prefix}-metric",
-                            info="blank: accuracy; loss for text-generation; or macro_f1, perplexity")
-        # 0, not None: a browser shows and sends an empty number box as 0.
-        max_length = gr.Number(0, label="Max length", precision=0, minimum=0, elem_id=f"{prefix}-max-length",
-                               info="text-generation: tokens per document; 0: the model's limit")
-    return task, metric, max_length
+    push["push_button"].click(
+        handlers["push"], [push["repo_id"], push["private"], token, output_folder]
+        + [push["advanced"][name] for name in ("revision", "create_pr", "commit_message")], push["status"],
+        api_name="push")
 
 
 def launch(port: int | None = None, **kwargs: Any) -> None:

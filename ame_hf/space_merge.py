@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .fetch import format_size
-from .space_select import Progress, card_markdown, parse_ingredients, refuse_local_paths
+from .space_select import Progress, card_markdown, form_config, parse_ingredients
 
 if TYPE_CHECKING:
     from .records import MergeResult
@@ -33,39 +33,35 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-def _blank_to_none(value: Any) -> Any:
-    """Empty text boxes mean "the default"; anything else goes to `AmeConfig`, which validates it."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    return value.strip() if isinstance(value, str) else value
-
-
 def _weights_size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
 
 
 def run_check(ingredients: str | None, dtype: str = "auto", token: str | None = None, *,
-              allow_local_paths: bool = True) -> str:
+              options: dict[str, Any] | None = None, allow_local_paths: bool = True) -> str:
     """The compatibility report of the ingredients, as `ame-hf check` prints it.
 
     Args:
         ingredients: the form's text, one reference a line.
         dtype: the output dtype to check for (`auto`: the ingredients').
         token: Hub token.
-        allow_local_paths: accept local directories (False on a public Space).
+        options: the other options of `check` as the form gives them (`pivot`, `base`, `variant`,
+            `tokenizer_source`); blank means the default.
+        allow_local_paths: accept local directories as ingredients, pivot, tokenizer source or base (False on a
+            public Space).
 
     Returns:
         The report's text.
 
     Raises:
-        AmeError: a local path where they are disabled, or a reference that cannot be read.
+        AmeError: an invalid option, a local path where they are disabled, or a reference that cannot be read.
     """
     import ame_hf
+    from .config import CHECK_FIELDS
 
     refs = parse_ingredients(ingredients)
-    if not allow_local_paths:
-        refuse_local_paths(refs)
-    return ame_hf.check(refs, token=token, dtype=dtype or "auto").format()
+    config = form_config(refs, {**(options or {}), "dtype": dtype}, allow_local_paths=allow_local_paths)
+    return ame_hf.check(refs, token=token, **{name: getattr(config, name) for name in CHECK_FIELDS}).format()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,11 +103,7 @@ def run_merge(ingredients: str | None, options: dict[str, Any], work_dir: Path, 
     import ame_hf
 
     refs = parse_ingredients(ingredients)
-    values = {key: _blank_to_none(value) for key, value in options.items()}
-    config = ame_hf.AmeConfig.from_dict({key: value for key, value in values.items() if value is not None})
-    if not allow_local_paths:
-        base = [config.base] if config.base else []
-        refuse_local_paths(refs + config.pivot_refs + config.tokenizer_refs + base)
+    config = form_config(refs, options, allow_local_paths=allow_local_paths)
 
     def on_bytes(done: int, total: int) -> None:
         if progress is not None and total:
@@ -153,7 +145,8 @@ def summary_markdown(result: MergeResult) -> str:
     return "\n".join(lines)
 
 
-def run_push(folder: str | Path | None, repo_id: str | None, private: bool = False, token: str | None = None) -> str:
+def run_push(folder: str | Path | None, repo_id: str | None, private: bool = False, token: str | None = None, *,
+             revision: str | None = None, create_pr: bool = False, commit_message: str | None = None) -> str:
     """Upload a merge (or tune) output with its card.
 
     Args:
@@ -161,6 +154,9 @@ def run_push(folder: str | Path | None, repo_id: str | None, private: bool = Fal
         repo_id: the target repo.
         private: create the repo private (unticked: the Hub's default, or the existing repo's visibility).
         token: Hub token with write access.
+        revision: the branch to push to (blank: the repo's default branch).
+        create_pr: open a pull request instead of committing to the branch.
+        commit_message: the commit's message (blank: the default).
 
     Returns:
         The repo (or pull request) URL.
@@ -173,4 +169,6 @@ def run_push(folder: str | Path | None, repo_id: str | None, private: bool = Fal
     if not folder or not (Path(folder) / "ame_config.yaml").is_file():
         raise ame_hf.InvalidConfigError("nothing to push yet: run Merge or Tune first")
     # An unticked box leaves the Hub's default (and an existing repo's visibility) alone.
-    return ame_hf.push_to_hub(folder, (repo_id or "").strip(), token=token, private=True if private else None)
+    return ame_hf.push_to_hub(folder, (repo_id or "").strip(), token=token, private=True if private else None,
+                              revision=(revision or "").strip() or None, create_pr=bool(create_pr),
+                              commit_message=(commit_message or "").strip() or None)

@@ -13,10 +13,11 @@ from .evaluation import LM_METRICS, TASKS, higher_is_better, load_data
 from .lm_evaluation import perplexity
 
 if TYPE_CHECKING:
+    from .config import AmeConfig
     from .records import Evaluation
     from .tuning import TuneResult
 
-__all__ = ["TuneView", "card_markdown", "evaluation_markdown", "parse_ingredients", "refuse_local_paths",
+__all__ = ["TuneView", "card_markdown", "evaluation_markdown", "form_config", "parse_ingredients", "refuse_local_paths",
            "run_evaluate", "run_tune", "scores_markdown", "tune_summary"]
 
 # The task box's choices: "auto" lets the models' architecture decide, as `--task` left out does.
@@ -56,6 +57,30 @@ def refuse_local_paths(refs: Sequence[str]) -> None:
         if ref.startswith(("/", ".", "~")) or Path(ref).expanduser().exists():
             raise InvalidConfigError(
                 f"{ref}: local paths are disabled in this app; give Hub repo IDs (org/name[@revision])")
+
+
+def form_config(refs: Sequence[str], options: dict[str, Any], *, allow_local_paths: bool = True) -> AmeConfig:
+    """The form's `AmeConfig` options as the library validates them; blank boxes mean the default.
+
+    Args:
+        refs: the ingredients (checked for local paths with the references among the options).
+        options: `AmeConfig` keywords and the form's values (text, numbers, ticks).
+        allow_local_paths: accept local directories as pivot, tokenizer source or base (False on a public Space).
+
+    Returns:
+        The validated config.
+
+    Raises:
+        InvalidConfigError: what `AmeConfig.from_dict` refuses (one line, naming the keyword), or a local path
+            where they are disabled.
+    """
+    from .config import AmeConfig
+
+    values = {key: value.strip() if isinstance(value, str) else value for key, value in options.items()}
+    config = AmeConfig.from_dict({key: value for key, value in values.items() if value is not None and value != ""})
+    if not allow_local_paths:
+        refuse_local_paths([*refs, *config.pivot_refs, *config.tokenizer_refs, *([config.base] if config.base else [])])
+    return config
 
 
 def card_markdown(readme: str) -> str:
@@ -149,7 +174,7 @@ def _base(text: str | None, allow_local_paths: bool) -> str | None:
 
 def run_evaluate(models: str | None, data: str | Path | None, task: str | None = "auto", metric: str | None = None,
                  max_length: Any = None, token: str | None = None, *, base: str | None = None,
-                 allow_local_paths: bool = True) -> Evaluation:
+                 batch_size: Any = None, allow_local_paths: bool = True) -> Evaluation:
     """Score the models (one a line) on the uploaded data with `ame_hf.evaluate`.
 
     Blank boxes mean the default: `task` "auto" (from the models' architecture), the task's metric, and (blank
@@ -161,6 +186,7 @@ def run_evaluate(models: str | None, data: str | Path | None, task: str | None =
         task, metric, max_length: the form's boxes.
         token: Hub token.
         base: the base model of LoRA adapters among the models (blank: each adapter's own).
+        batch_size: the evaluation's batch size (blank or 0: the default).
         allow_local_paths: accept local directories and metric scripts (False on a public Space).
 
     Returns:
@@ -176,8 +202,9 @@ def run_evaluate(models: str | None, data: str | Path | None, task: str | None =
         raise InvalidConfigError("upload the data to score on (JSONL/CSV with text and label; .txt for "
                                  "text-generation)")
     task, metric, length = _selection_inputs(task, metric, max_length, [data], allow_local_paths)
+    batch = _whole(batch_size, "batch_size", None, 0) or None  # 0: the default
     return ame_hf.evaluate(refs, data=data, task=task, metric=metric, token=token, max_length=length,
-                           base=_base(base, allow_local_paths))
+                           base=_base(base, allow_local_paths), batch_size=batch)
 
 
 def scores_markdown(rows: Sequence[tuple[str, float]], metric: str, what: str = "model") -> str:
@@ -249,7 +276,8 @@ class TuneView:
 
 def run_tune(ingredients: str | None, data: str | Path | None, test_data: str | Path | None, work_dir: Path,
              token: str | None = None, *, task: str | None = "auto", metric: str | None = None,
-             budget: Any = None, max_length: Any = None, base: str | None = None, progress: Progress | None = None,
+             budget: Any = None, max_length: Any = None, base: str | None = None, batch_size: Any = None,
+             options: dict[str, Any] | None = None, progress: Progress | None = None,
              allow_local_paths: bool = True) -> TuneView:
     """Select with `ame_hf.tune` into `work_dir/merged` and render the candidates, the choice and the card.
 
@@ -263,6 +291,9 @@ def run_tune(ingredients: str | None, data: str | Path | None, test_data: str | 
         token: Hub token.
         task, metric, budget, max_length: the form's boxes.
         base: the base model of LoRA adapters among the ingredients (blank: each adapter's own).
+        batch_size: the evaluation's batch size (blank or 0: the default).
+        options: the output options `tune` passes to its merges (`AmeConfig` keywords: dtype, tokenizer_source,
+            compute_dtype, max_shard_size, allow_nonfinite, variant), as `form_config` reads them.
         progress: called with (fraction done, description), a step per line `tune` logs.
         allow_local_paths: accept local directories and metric scripts (False on a public Space).
 
@@ -282,6 +313,8 @@ def run_tune(ingredients: str | None, data: str | Path | None, test_data: str | 
     task, metric, length = _selection_inputs(task, metric, max_length, [data, test_data], allow_local_paths)
     budget = _whole(budget, "budget", DEFAULT_BUDGET, 0)
     base = _base(base, allow_local_paths)
+    config = form_config(refs, options or {}, allow_local_paths=allow_local_paths)
+    batch = _whole(batch_size, "batch_size", None, 0) or None
     # tune logs a line per ingredient, soup, greedy-soup step and variant (and one time estimate): enough to
     # move a bar; capped, since it is a display only.
     steps = 2 * len(refs) + 2 + budget
@@ -295,7 +328,8 @@ def run_tune(ingredients: str | None, data: str | Path | None, test_data: str | 
     if progress is not None:
         progress(0.0, "Downloading the ingredients and scoring them on the validation data")
     result = ame_hf.tune(refs, work_dir / "merged", data=data, test_data=test_data or None, task=task, metric=metric,
-                         budget=budget, max_length=length, base=base, token=token, progress=False, log=log)
+                         budget=budget, max_length=length, base=base, token=token,
+                         config=config, batch_size=batch, progress=False, log=log)
     return TuneView(
         folder=result.path,
         result=result,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ._options import tune_options
-from .card import add_card_section, update_card
+from .card_results import add_card_section, update_card
 from .config import OUTPUT_FIELDS, AmeConfig
 from .evaluation import LabelledData, TextData, evaluate_model
 from .full_models import FullModels
@@ -188,7 +188,7 @@ def tune(
         for n, cfg in enumerate(configs):
             started = time.perf_counter()
             _try_variant(search, n, cfg, sel.refs, scratch / f"cand{n}" / name, token=token, device=device,
-                         stage=sel.stage)
+                         stage=sel.stage, home=out)
             if n == 0:  # after the soup: the time estimate, then the greedy soup
                 if log:
                     per = time.perf_counter() - started
@@ -196,7 +196,7 @@ def tune(
                         f"the greedy soup ({len(sel.refs) - 1} merges) left, about "
                         f"{per * (len(configs) + len(sel.refs) - 2):.0f}s")
                 _try_greedy_soup(search, full, sel.refs, scores, scratch / "greedy", name, output, token=token,
-                                 stage=sel.stage)
+                                 stage=sel.stage, home=out)
         best, final = _write_selected(search, full, sel, scratch, name)
         publish(final, out, overwrite)
     finally:
@@ -251,11 +251,12 @@ class _Search:
 
 
 def _try_variant(search: _Search, n: int, cfg: AmeConfig, refs: Sequence[str], target: Path, *,
-                 token: str | None, device: str | None, stage: InputStage) -> None:
+                 token: str | None, device: str | None, stage: InputStage, home: Path) -> None:
     """Merge candidate `n` into `target` (with the run's input stage: every input read once for all candidates),
     score it, and consider it (the soup, n = 0, is scored on test data)."""
     target.parent.mkdir()
-    result = merge(refs, target, cfg, token=token, progress=False, device=device, stage=stage)
+    # Recorded relative to the output it may become (`home`), not to the scratch folder it is written in.
+    result = merge(refs, target, cfg, token=token, progress=False, device=device, stage=stage, recorded_at=home)
     cand = Candidate(_label(cfg), search.score(result.path), config=result.config)
     if search.test is not None and n == 0:
         search.test_score("soup", cand, lambda: result.path)
@@ -263,11 +264,12 @@ def _try_variant(search: _Search, n: int, cfg: AmeConfig, refs: Sequence[str], t
 
 
 def _try_greedy_soup(search: _Search, full: FullModels, refs: Sequence[str], scores: Sequence[float],
-                     scratch: Path, name: str, output: AmeConfig, *, token: str | None, stage: InputStage) -> None:
+                     scratch: Path, name: str, output: AmeConfig, *, token: str | None, stage: InputStage,
+                     home: Path) -> None:
     """Run the greedy soup (with the output options) and consider it; it is a single ingredient when only the
     best one is kept."""
     trace = search.trace = run_greedy_soup(refs, scores, search.score, search.metric, scratch, name, token=token,
-                                           log=search.log, config=output, stage=stage)
+                                           log=search.log, config=output, stage=stage, recorded_at=home)
     kept = Candidate(greedy_label(trace.kept), trace.score, config=AmeConfig.soup(), kept=trace.kept)
     if trace.path is None:  # only the best ingredient kept: the greedy soup is that ingredient
         kept.config, kept.ingredient = None, trace.kept[0]

@@ -227,6 +227,14 @@ LM_LORAS = [
 ]
 
 
+def perturb(params: Any, seed: int, scale: float = 0.05) -> None:
+    """Move each of `params` in place by seeded noise of std `scale` (one generator, in their order)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
 def make_lora_adapter(base_dir: Path, out: Path, options: dict[str, Any], seed: int,
                       base_name: str | None = "", scale: float = 0.05) -> Path:
     """A PEFT LoRA adapter of the causal LM in `base_dir`, saved by peft with every trained tensor moved by
@@ -236,10 +244,7 @@ def make_lora_adapter(base_dir: Path, out: Path, options: dict[str, Any], seed: 
     from transformers import AutoModelForCausalLM
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(**options))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in (p for p in model.parameters() if p.requires_grad):
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    perturb((p for p in model.parameters() if p.requires_grad), seed, scale)
     model.save_pretrained(out)
     config = json.loads((out / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = str(base_dir) if base_name == "" else base_name

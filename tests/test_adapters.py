@@ -91,7 +91,12 @@ def test_hub_adapters_merge_by_repo_id_and_the_card_names_base_and_adapters(mix,
     assert load_file(out / "model.safetensors").keys() == load_file(local / "model.safetensors").keys()
     for name, value in load_file(out / "model.safetensors").items():
         assert torch.equal(value, load_file(local / "model.safetensors")[name]), name
-    assert ModelCard.load(out / "README.md").data.base_model == [*repos, "org/lora-base"]
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == [*repos, "org/lora-base"]
+    # the ingredient table says which ingredients are LoRA adapters, and of which base (issue 23 item 10)
+    rows = [line for line in card.text.split("## Ingredients")[1].splitlines() if line.startswith("| 0 ")
+            or line.startswith("| 1 ")]
+    assert len(rows) == 2 and all("LoRA adapter (rank" in r and "of org/lora-base" in r for r in rows), rows
 
 
 def test_check_reports_adapters_as_such(mix, capsys):

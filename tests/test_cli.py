@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ame_hf.cli import main
+from ame_hf.cli import build_parser, main
 from factories import assert_one_error_line, load_state, make_finetunes, run_cli, weights_sha256
 from hub_server import HubServer
 
@@ -221,3 +221,51 @@ def test_under_torchrun_only_the_main_process_prints_the_result(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     said = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("merged 2 checkpoints")]
     assert len(said) == 1, proc.stderr[-3000:]
+
+
+def test_check_leads_with_what_decides_and_one_checkpoint_is_not_mergeable(llamas, tmp_path, capsys):
+    """Issue 23 item 5: `check` of one checkpoint is no 'OK ... 1 checkpoints can be merged' (exit 0) while merge
+    refuses it; an incompatible pair prints what decides (no notes on how a merge would go, no 'run ame-hf check'
+    inside check), and --verbose everything."""
+    from factories import make_finetunes
+
+    assert main(["check", str(llamas[0])]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("FAIL a merge needs at least 2 ingredients"), out
+    wide = make_finetunes(tmp_path / "wide", n=1, intermediate_size=48, vocab_size=77)[0]
+    assert main(["check", str(llamas[0]), str(wide)]) == 1
+    short = capsys.readouterr().out
+    assert "run `ame-hf check`" not in short and "note:" not in short and "more (--verbose shows all)" in short, short
+    assert len(short.splitlines()) <= 12, short
+    assert main(["check", str(llamas[0]), str(wide), "--verbose"]) == 1
+    full = capsys.readouterr().out
+    assert len(full.splitlines()) > len(short.splitlines()) and "more (--verbose" not in full
+
+
+def test_help_guides_and_version_names_the_stack(capsys):
+    """Issue 23 item 4: merge's options in groups with metavars and examples, -o/-q, REF explained in every
+    command, merge's push branch unambiguous (--revision kept, deprecated), and --version with the stack."""
+    import pytest
+
+    for command in ("merge", "check", "evaluate", "tune", "push"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "examples:\n  ame-hf " + command in text, command
+        assert command == "push" or "org/name[@revision]" in text, command
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    text = capsys.readouterr().out
+    for group in ("ingredients and AME:", "output:", "Hub and push:", "devices:", "evaluation (validation data):",
+                  "logging:"):
+        assert "\n" + group in text, group
+    assert "-o DIR, --out DIR" in text and "-q, --quiet" in text and "--push-branch BRANCH" in text
+    assert "--revision" not in text  # the deprecated spelling works but is not offered
+    parsed = build_parser().parse_args(["merge", "a", "b", "-o", "x", "-q", "--revision", "dev"])
+    assert parsed.out == "x" and parsed.quiet and parsed.revision == "dev"
+    assert "--revision is deprecated here, use --push-branch" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("ame-hf ") and [line.split()[0] for line in lines[1:4]] == [
+        "torch", "transformers", "huggingface_hub"]

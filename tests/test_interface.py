@@ -1,7 +1,7 @@
 """One interface (issue 20): every option of `merge`, `check`, `evaluate`, `tune` and `push` exists under the same
 name and meaning in the CLI (`cli.build_parser()`) and the Python API (`ame_hf.merge/check/evaluate/tune/
 push_to_hub`), or is listed below with the reason it does not; `AmeConfig`'s fields are walked per command; the
-README's table names every flag. Then the options that were missing or meant something else, for real:
+Space's API endpoints take the same keywords; the README's table names every flag. Then the options that were missing or meant something else, for real:
 `check --tokenizer-source`, `check` pivot keywords, `evaluate --device`, `push_to_hub` -> `PushInfo`."""
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ OTHER_MEANING = {
 # CLI options with no Python keyword of the same name and meaning, and why.
 CLI_ONLY = {
     ("merge", "--config"): OTHER_MEANING["merge", "config"],
+    ("merge", "--revision"): "the deprecated spelling of --push-branch (read as the ingredients' revision)",
     **{("merge", f): "merge, then ame_hf.push_to_hub(result, repo_id, ...), which has these keywords"
-       for f in ("--push", "--repo-id", "--private", "--revision", "--create-pr", "--commit-message")},
+       for f in ("--push", "--repo-id", "--private", "--push-branch", "--create-pr", "--commit-message")},
     **{("merge", f): "merge's evaluation: ame_hf.evaluate(...) after the merge, or ame_hf.greedy_soup(...)"
        for f in ("--eval-data", "--greedy-soup", "--task", "--metric", "--max-length", "--eval-batch-size",
                  "--test-data")},
@@ -56,6 +57,7 @@ CLI_ONLY = {
        for c in API},
     **{(c, "--debug"): "Python raises the exception itself, traceback and cause included" for c in API},
     ("check", "--json"): "Python returns the report object: report.to_dict() is that JSON",
+    ("check", "--verbose"): "Python returns the report object: report.format(verbose=True) prints it all",
     ("evaluate", "--update-card"): "writes the printed table into a model card; Python returns the scores",
 }
 # Python keywords with no CLI option of the same name and meaning, and why.
@@ -63,6 +65,7 @@ PYTHON_ONLY = {
     ("merge", "config"): OTHER_MEANING["merge", "config"],
     ("merge", "callback"): "a function called with the progress; the CLI shows a progress bar",
     ("merge", "stage"): "an InputStage shared between the merges of one Python run (tune's); a command runs one",
+    ("merge", "recorded_at"): "where a Python caller will move the output (tune's pick); a command writes --out",
     ("tune", "grid"): "a list of AmeConfig objects; the CLI tries the default grid",
     ("tune", "config"): "an AmeConfig of output options; the CLI takes them as flags (--dtype, ...)",
     ("tune", "log"): "a function called with each line the CLI prints",
@@ -166,6 +169,37 @@ def test_the_readme_table_names_every_option():
                 assert re.search(rf"{option}(?![\w-])", quoted), f"README's interface table lacks {command} {option}"
         for keyword in _keywords(command):
             assert re.search(rf"\b{keyword}\b", quoted), f"README's interface table lacks {command}'s {keyword}="
+
+
+# Python keywords (and AmeConfig fields of the command) that are no parameter of the Space's API endpoint, and why.
+NOT_IN_SPACE = {
+    **{(c, "out_dir"): "a fresh folder per run, which Push uploads" for c in ("merge", "tune")},
+    **{(c, "overwrite"): "a fresh folder per run: nothing to replace" for c in ("merge", "tune")},
+    **{(c, "device"): "the Space's hardware decides" for c in ("merge", "evaluate", "tune")},
+    **{("merge", k): "the Space's hardware decides" for k in ("max_memory", "threads")},
+    **{(c, "progress"): "the Space shows its own progress bar" for c in ("merge", "evaluate", "tune")},
+    ("merge", "callback"): "a Python function; it feeds the Space's progress bar",
+    ("tune", "log"): "a Python function; it feeds the Space's progress bar",
+    ("merge", "stage"): "an InputStage shared by the merges of one Python run; a Space run is one run",
+    ("merge", "recorded_at"): "where a Python caller will move the output; the Space writes its own folder",
+    ("merge", "config"): "an AmeConfig: its fields are the form's boxes",
+    ("tune", "config"): "an AmeConfig of output options: they are the Advanced options' boxes",
+    ("tune", "grid"): "a list of AmeConfig objects; the Space tries the default grid, Budget sets its size",
+    ("push", "source"): "the latest Merge or Tune result of the session",
+}
+
+
+def test_the_space_endpoints_take_the_librarys_keywords():
+    """Each parameter of a Space API endpoint is the Python keyword (or AmeConfig field) of that name and meaning;
+    every keyword the endpoint lacks is listed above with the reason."""
+    from ame_hf.space import build_app
+
+    endpoints = build_app(allow_local_paths=False).get_api_info()["named_endpoints"]
+    for command in API:
+        space = [p["parameter_name"] for p in endpoints[f"/{command}"]["parameters"]]
+        python = set(_keywords(command)) | set(FIELDS_OF[command])
+        assert [p for p in space if p not in python] == [], f"/{command} takes what {command} does not"
+        assert sorted(python - set(space)) == sorted(k for c, k in NOT_IN_SPACE if c == command), command
 
 
 # -- the options that were missing, or meant something else ---------------------------------------------------

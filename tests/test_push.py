@@ -66,3 +66,17 @@ def test_sigint_mid_push_keeps_local_output(big_ingredients, hub, hub_token, tmp
     assert proc.returncode != 0 and "Traceback" not in err
     assert weights_sha256(out) == before
     assert main(["push", str(out), "--repo-id", "user/interrupted", "--token", hub_token]) == 0
+
+
+def test_a_push_replaces_the_weights_an_earlier_push_left(repos, hub_token, tmp_path):
+    """A sharded output pushed over a single-file one: the old model.safetensors is deleted in the same commit
+    (it stayed beside the new index, and transformers could load the stale file)."""
+    single = merge(["org/hub-a", "org/hub-b"], tmp_path / "single", optimizer="sgd", progress=False)
+    sharded = merge(["org/hub-a", "org/hub-b"], tmp_path / "sharded", optimizer="sgd", max_shard_size="20KB",
+                    progress=False)
+    assert main(["push", str(single.path), "--repo-id", "org/reshaped", "--token", hub_token, "--quiet"]) == 0
+    assert main(["push", str(sharded.path), "--repo-id", "org/reshaped", "--token", hub_token, "--quiet"]) == 0
+    files = set(HfApi(token=hub_token).list_repo_files("org/reshaped"))
+    local = {p.name for p in sharded.path.iterdir()}
+    assert "model.safetensors" not in files and {f for f in files if f.endswith(".safetensors")} == {
+        f for f in local if f.endswith(".safetensors")}, files

@@ -199,6 +199,10 @@ def test_browser_check_merge_and_push(browser, space_url, ingredients, hub, hub_
     expect(page.locator("#report textarea")).to_have_value(re.compile(r"^OK\s+compatible: 2 checkpoints"),
                                                            timeout=UI_TIMEOUT)
 
+    # The Advanced options start closed, so the simple form stays simple; opened, they reach the merge.
+    expect(page.locator("#batch-size")).to_be_hidden()
+    page.locator("#merge-advanced").get_by_text("Advanced options").click()
+    page.locator("#batch-size input").fill("2")
     page.locator("#merge-button").click()
     card = page.locator("#card")
     expect(card.get_by_role("heading", name="Ingredients")).to_be_visible(timeout=UI_TIMEOUT)
@@ -233,6 +237,7 @@ def test_browser_check_merge_and_push(browser, space_url, ingredients, hub, hub_
     assert {"README.md", "ame_config.yaml", "config.json", "model.safetensors"} <= files, files
     readme = Path(api.hf_hub_download("org/space-browser", "README.md")).read_text(encoding="utf-8")
     assert all(sha in readme for sha in ingredients.values())
+    assert "batch_size: 2" in Path(api.hf_hub_download("org/space-browser", "ame_config.yaml")).read_text()
 
 
 def test_gradio_client_check_merge_push(space_url, ingredients, hub, hub_token, capsys, monkeypatch):
@@ -297,6 +302,9 @@ def test_local_paths_are_refused_when_asked(tmp_path):
                   allow_local_paths=False)
     with pytest.raises(InvalidConfigError, match="local paths are disabled"):  # and a base
         run_merge("org/space-a\norg/space-b", {"base": f"{tmp_path}"}, tmp_path / "run", allow_local_paths=False)
+    for option in ("pivot", "base", "tokenizer_source"):  # Check too: what it would merge with
+        with pytest.raises(InvalidConfigError, match="local paths are disabled"):
+            run_check("org/space-a\norg/space-b", options={option: f" {tmp_path} "}, allow_local_paths=False)
     assert not (tmp_path / "run").exists()
 
 
@@ -448,6 +456,64 @@ def test_gradio_client_merges_lora_adapters_with_the_base_box(space_url, lora_re
     pushed = Path(api.snapshot_download("org/space-lora-merged", local_dir=tmp_path / "pushed"))
     written, expected = load_state(pushed), load_state(direct.path)
     assert written.keys() == expected.keys() and all(written[k].equal(expected[k]) for k in expected)
+
+
+def test_gradio_client_advanced_options(space_url, ingredients, hub, hub_token, tmp_path, monkeypatch):
+    """The Advanced options are the library's keywords: a Merge with them writes the weights `ame_hf.merge` writes
+    for the same keywords, Check takes the pivot and tokenizer source, Push opens a pull request with its message,
+    and a bad value is the library's own message on one line."""
+    import ame_hf
+    from ame_hf.space import one_line
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+    from huggingface_hub import HfApi
+
+    from factories import load_state
+
+    advanced = {"optimizer": "sgd", "optimizer_args": {"momentum": 0.5}, "batch_size": 2, "order": "reverse",
+                "max_shard_size": "20KB", "epochs": 2}
+    refs = "\n".join(ingredients)
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    client = Client(space_url, verbose=False, download_files=False)
+    try:
+        assert client.predict(ingredients=refs, pivot="1", tokenizer_source="0", api_name="/check").startswith(
+            "OK  compatible")
+        for options, keyword in (({"pivot": "2"}, "pivot"), ({"tokenizer_source": "5"}, "tokenizer_source")):
+            with pytest.raises(ame_hf.InvalidConfigError) as direct:
+                ame_hf.check(INGREDIENTS, **options)
+            with pytest.raises(AppError) as err:
+                client.predict(ingredients=refs, api_name="/check", **options)
+            assert str(err.value) == one_line(direct.value) and keyword in str(err.value)
+
+        # main: the soup, in the same shards (push leaves a file the new output lacks in place)
+        client.predict(ingredients=refs, optimizer="sgd", max_shard_size="20KB", api_name="/merge")
+        client.predict(repo_id="org/space-advanced", token=hub_token, api_name="/push")
+        card, config_yaml, summary = client.predict(
+            ingredients=refs, **{**advanced, "optimizer_args": '{"momentum": 0.5}'}, api_name="/merge")
+        assert "momentum: 0.5" in config_yaml and "order: reverse" in config_yaml
+        status = client.predict(repo_id="org/space-advanced", token=hub_token, create_pr=True,
+                                commit_message="AME with momentum", api_name="/push")
+        assert status.startswith("Pushed to") and "discussions" in status
+
+        for box, value in (("optimizer_args", '{"momentum": }'), ("max_shard_size", "20")):
+            with pytest.raises(ame_hf.InvalidConfigError) as direct:
+                ame_hf.AmeConfig(**{box: value})
+            with pytest.raises(AppError) as err:
+                client.predict(ingredients=refs, optimizer="sgd", api_name="/merge", **{box: value})
+            assert str(err.value) == one_line(direct.value) and box in str(err.value)
+    finally:
+        client.close()
+    api = HfApi(endpoint=hub.url, token=hub_token)
+    prs = api.list_repo_refs("org/space-advanced", include_pull_requests=True).pull_requests
+    assert [pr.ref for pr in prs] == ["refs/pr/1"]
+    assert api.list_repo_commits("org/space-advanced", revision="refs/pr/1")[0].title == "AME with momentum"
+    pushed = Path(api.snapshot_download("org/space-advanced", revision="refs/pr/1", local_dir=tmp_path / "pr"))
+    assert (pushed / "model.safetensors.index.json").is_file(), "20KB shards"
+    direct = ame_hf.merge(INGREDIENTS, tmp_path / "direct", progress=False, **advanced)
+    written, expected = load_state(pushed), load_state(direct.path)
+    assert written.keys() == expected.keys() and all(written[k].equal(expected[k]) for k in expected)
+    soup = load_state(Path(api.snapshot_download("org/space-advanced", local_dir=tmp_path / "main")))
+    assert not all(soup[k].equal(expected[k]) for k in expected), "the options changed nothing"
 
 
 def _dead_pid() -> int:

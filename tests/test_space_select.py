@@ -222,3 +222,50 @@ def test_the_base_box_reaches_evaluate_and_tune_for_adapters(lm_adapters, tmp_pa
         run_evaluate("org/model", val, base=str(base), allow_local_paths=False)
     view = run_tune(f"{orphan}\n{lm_adapters['full']}", val, None, tmp_path / "work", budget=0, base=str(base))
     assert (view.folder / "config.json").is_file() and not (view.folder / "adapter_config.json").exists()
+
+
+def test_the_advanced_options_reach_evaluate_and_tune(monkeypatch, tmp_path):
+    """Evaluate's and Tune's Advanced options reach the library under their keywords (the evaluation's
+    `batch_size`; tune's output options as its `config=`); blanks and 0 are the defaults, a bad value is the
+    library's own message on one Gradio error line, and on a public Space a local tokenizer source is refused."""
+    from ame_hf.space import build_app, one_line
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    seen: dict = {}
+
+    def stop(name):
+        def run(refs, *args, **kwargs):
+            seen[name] = kwargs
+            raise ame_hf.InvalidConfigError("stop here")
+        return run
+
+    monkeypatch.setattr(ame_hf, "evaluate", stop("evaluate"))
+    monkeypatch.setattr(ame_hf, "tune", stop("tune"))
+    data = tmp_path / "val.jsonl"
+    data.write_text('{"text": "red", "label": 0}\n')
+    evaluate, tune = handler(build_app(), "evaluate"), handler(build_app(), "tune")
+    first = ("org/a\norg/b", str(data), None, "auto", "", 0, 0, "", None, "")  # through the Base box
+
+    assert _one_line_error(evaluate, "org/a", str(data), "auto", "", 0, "", "", 4) == "stop here"
+    assert seen["evaluate"]["batch_size"] == 4
+    _one_line_error(evaluate, "org/a", str(data), "auto", "", 0, "", "", 0)
+    assert seen["evaluate"]["batch_size"] is None
+    assert "batch_size must be a whole number >= 0" in _one_line_error(evaluate, "org/a", str(data), "auto", "", 0,
+                                                                       "", "", 2.5)
+
+    assert _one_line_error(tune, *first, 3, "bfloat16", "1", "float64", " 20KB ", True, "fp16") == "stop here"
+    config = seen["tune"]["config"]
+    assert seen["tune"]["batch_size"] == 3
+    assert (config.dtype, config.tokenizer_source, config.compute_dtype, config.max_shard_size,
+            config.allow_nonfinite, config.variant) == ("bfloat16", 1, "float64", "20KB", True, "fp16")
+    _one_line_error(tune, *first)  # the boxes as they start: the library's defaults
+    assert seen["tune"]["config"] == ame_hf.AmeConfig() and seen["tune"]["batch_size"] is None
+
+    seen.clear()
+    with pytest.raises(ame_hf.InvalidConfigError) as direct:
+        ame_hf.AmeConfig(max_shard_size="20")
+    assert _one_line_error(tune, *first, 0, "auto", "auto", "float32", "20") == one_line(direct.value)
+    public = handler(build_app(allow_local_paths=False), "tune")
+    assert "local paths are disabled" in _one_line_error(public, *first, 0, "auto", str(tmp_path))
+    assert not seen and not list((tmp_path / "tmp").glob("ame-hf-space-*")), "a refused option reached tune"

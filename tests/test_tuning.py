@@ -390,3 +390,31 @@ def test_tune_cli_over_adapters_with_base(lm_adapters, tmp_path, capsys):
     data = load_data(val, "text-generation")
     assert evaluate_model(str(tmp_path / "o"), data, "text-generation") == pytest.approx(scores[label], abs=1e-4)
     assert not (tmp_path / "o" / "adapter_config.json").exists()
+
+
+def test_every_output_kind_reproduces_its_weights_from_its_ame_config(berts, lm_experts, tmp_path, monkeypatch):
+    """Issue 23 item 1: a tune pick (an AME merge and the greedy soup) and the greedy soup's output record local
+    ingredients relative to the output folder, not to the scratch folder they were merged in, so
+    `merge --config OUT/ame_config.yaml` gives the same weights (it said 'no such local directory')."""
+    import ame_hf.selection as selection
+    from factories import weights_sha256
+
+    experts, val = berts
+    outputs = []
+    monkeypatch.setattr(tuning, "evaluate_model",  # an AME variant wins
+                        lambda model, data, task, metric=None, **kw: 0.9 if "cand2" in str(model) else 0.5)
+    outputs.append(tuning.tune(experts, tmp_path / "ame-pick", data=val, budget=2, progress=False).path)
+    monkeypatch.setattr(tuning, "evaluate_model",  # the greedy soup wins (it is scored in a "greedy" folder)
+                        lambda model, data, task, metric=None, **kw: 0.9 if "greedy" in str(model) else 0.5)
+    picked = tuning.tune(experts, tmp_path / "gpick", data=val, budget=1, progress=False)
+    assert picked.best.label.startswith("greedy soup") and picked.best.config is not None, picked.best
+    outputs.append(picked.path)
+    lm, lm_val, _ = lm_experts
+    monkeypatch.setattr(selection, "evaluate_model", lambda model, data, task, metric=None, **kw: 1.0)
+    outputs.append(selection.greedy_soup(lm, tmp_path / "greedy", data=lm_val, metric="loss").path)
+    for out in outputs:
+        again = tmp_path / f"{out.name}-again"
+        assert main(["merge", "--config", str(out / "ame_config.yaml"), "--out", str(again), "--quiet"]) == 0, out
+        assert weights_sha256(again) == weights_sha256(out), out
+        card = ModelCard.load(out / "README.md").text  # its YAML block is the file's text
+        assert (out / "ame_config.yaml").read_text().split("ame_hf_version")[0] in card, out

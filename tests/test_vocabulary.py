@@ -137,6 +137,9 @@ def test_union_soup_row_is_the_mean_over_the_ingredients_that_have_the_token(ext
     assert [tok.convert_ids_to_tokens(i) for i in range(15, 18)] == ["<|im_start|>", "<x>", "<pad2>"]
     assert tok.convert_tokens_to_ids("red") == toks[0].convert_tokens_to_ids("red")
     assert tok.added_tokens_decoder[15].special and not tok.added_tokens_decoder[17].special
+    table = (out / "README.md").read_text().split("## Ingredients")[1].split("**Pivot**")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert rows[0].endswith("| full checkpoint |") and "adds 2 tokens" in rows[1] and "adds 3 tokens" in rows[2], rows
 
 
 def test_tokenizer_source_index_keeps_that_vocabulary_exactly(extended, tmp_path):
