@@ -13,6 +13,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerFast
 
 from ame_hf import check
 from ame_hf.cli import main
+from factories import perturb
 
 WORDS = ["<pad>", "</s>", "<unk>", *(f"w{i}" for i in range(45))]  # 48 tokens
 
@@ -42,12 +43,8 @@ def save_family(root, model_fn, tokenizer_fn, added, *, resize=None):
             tokenizer.add_tokens(tokens)
             if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
                 model.resize_token_embeddings(resize or len(tokenizer), mean_resizing=False)
-        gen = torch.Generator().manual_seed(100 + i)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-            for b in [b for n, b in model.named_buffers() if "final_logits_bias" in n]:
-                b.add_(torch.randn(b.shape, generator=gen) * 0.05)
+        # BART's final_logits_bias is a buffer: moved too, so that a wrong row order shows
+        perturb([*model.parameters(), *(b for n, b in model.named_buffers() if "final_logits_bias" in n)], 100 + i)
         path = root / f"ft{i}"
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
