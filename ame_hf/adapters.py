@@ -66,12 +66,14 @@ class AdapterCheckpoint(Checkpoint):
         self._take_base(base)
         self.replaced: dict[str, torch.Tensor] = {}
         self.loras: dict[str, _Lora] = {}
+        self.stored_token_rows: dict[str, torch.Tensor] = {}  # trainable_token_indices: module weight -> trained rows
         self.refusals: list[str] = []
         factors = self._split(_load_adapter_tensors(self.adapter_path, name))
         self.tensors = dict(base.tensors)
         self._replace()
         self._take_base(base)  # its config, with the vocabulary the adapter resized to
         self._collect(factors)
+        self._trainable_tokens()
         self.stored = {n: n for n in self.tensors}
 
     def _take_base(self, base: Checkpoint) -> None:
@@ -92,9 +94,13 @@ class AdapterCheckpoint(Checkpoint):
     # -- what the adapter holds ---------------------------------------------------------------
     def _split(self, raw: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         """The LoRA factors by module; every other stored tensor goes to `replaced` under the base's name."""
-        names = {(k[len(_PREFIX):] if k.startswith(_PREFIX) else k): k for k in raw}
+        # peft's TrainableTokens wraps the module as `token_adapter`: its base layer is the module's weight
+        names = {(k[len(_PREFIX):] if k.startswith(_PREFIX) else k).replace(".token_adapter.", "."): k for k in raw}
         factors: dict[str, dict[str, torch.Tensor]] = {}
         for name, key in names.items():
+            if name.endswith(".trainable_tokens_delta"):
+                self.stored_token_rows[name[:-len("trainable_tokens_delta")] + "weight"] = raw[key]
+                continue
             match = re.match(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B)$",
                              name)
             wrapped = re.match(r"(.+)\.(?:modules_to_save|original_module)\.(.+)$", name)
@@ -163,6 +169,33 @@ class AdapterCheckpoint(Checkpoint):
                                  f"{base.name} has no vocab_size (in its text config) to record it in; {MERGE_FIRST}")
         else:
             self.vocab_rows = rows[0]
+
+    def _trainable_tokens(self) -> None:
+        """peft's TrainableTokens (`trainable_token_indices`): `merge_and_unload` writes the trained rows over the
+        module's weight at their indices (`index_copy`); a tied module's copy is its source's."""
+        spec = self.adapter_config.get("trainable_token_indices")
+        layout = _layout(self.base.config) if any(k not in self.tensors for k in self.stored_token_rows) else None
+        rows: dict[str, tuple[list[int], torch.Tensor]] = {}
+        if spec and not self.stored_token_rows:
+            self.refusals.append(f"{self.name} sets trainable_token_indices but stores no trained token rows "
+                                 f"(trainable_tokens_delta); {MERGE_FIRST}")
+        for key, values in sorted(self.stored_token_rows.items(), key=lambda kv: kv[0] not in self.tensors):
+            source = key if key in self.tensors else (layout.tied.get(key) if layout else None)
+            module = key[:-len(".weight")]
+            indices = spec if isinstance(spec, list) else next(
+                (v for k, v in (spec or {}).items() if module == k or module.endswith("." + k)), None)
+            if source in rows and key != source:  # the tied module's copy: the same rows
+                if not torch.equal(values, rows[source][1]):
+                    self.refusals.append(f"{self.name}: the trainable tokens of {key!r} and its tied {source!r} "
+                                         f"differ; {MERGE_FIRST}")
+                continue
+            if source not in self.tensors or indices is None or len(indices) != values.shape[0] or source in self.loras \
+                    or len(set(indices)) != len(indices) or not 0 <= min(indices) <= max(indices) < self.tensors[source].shape[0]:
+                self.refusals.append(f"{self.name}: trainable tokens {key!r} ({values.shape[0]} rows) do not fit "
+                                     f"trainable_token_indices {spec} over the base {self.base.name}; {MERGE_FIRST}")
+                continue
+            rows[source] = (list(indices), values)
+        self.trained_rows = rows
 
     def _base_name(self, name: str) -> str:
         """`name` as the base's files store it: peft names tensors as transformers loads the base, which renames
@@ -249,6 +282,7 @@ class AdapterCheckpoint(Checkpoint):
         extra = f", modules_to_save {sorted(cfg.get('modules_to_save') or [])}" if cfg.get("modules_to_save") else ""
         if self.vocab_rows is not None:
             extra += f", vocabulary resized to {self.vocab_rows} rows"
+        extra += "".join(f", {len(i)} trainable token row(s) of {k}" for k, (i, _) in self.trained_rows.items())
         return (f"{self.name} is a LoRA adapter (rank {'/'.join(map(str, ranks)) or '?'}, alpha "
                 f"{cfg.get('lora_alpha')}{', rsLoRA' if cfg.get('use_rslora') else ''}, targets "
                 f"{', '.join(targets) or 'none'}{extra}) on the base {self.base.name}")
@@ -268,6 +302,12 @@ class AdapterCheckpoint(Checkpoint):
         lora = self.loras.get(stored)
         if lora is not None:
             out += self._delta(lora, rows).to(dtype)
+        if stored in self.trained_rows:
+            indices, values = self.trained_rows[stored]
+            start, stop = rows or (0, info.shape[0])
+            for i, index in enumerate(indices):  # peft's index_copy, in the base's dtype
+                if start <= index < stop:
+                    out[index - start] = values[i].to(info.dtype).to(dtype)
         return out
 
     @staticmethod

@@ -8,6 +8,7 @@ other config differences are notes; quantized weights and remote-code architectu
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Sequence
 
 from ._differences import differing_fields, file_notes, updated, who_has
@@ -15,7 +16,8 @@ from ._text_config import vocab_size
 from .checkpoint import DTYPE_NAMES, Checkpoint
 from .labels import match_labels
 from .report import CompatibilityReport
-from .reconcile import TIE_FLAG, Layout, Renaming, UnknownArchitecture, model_layout, rename, tie_flags, untied
+from .reconcile import (TIE_FLAG, Layout, Renaming, UnknownArchitecture, model_layout,
+                        refuse_token_columns, rename, stale_keys, tie_flags, untied)
 from .vocabulary import (TokenizerFiles, VocabularyPlan, compare_tokenizers, plan_vocabulary, read_tokenizer,
                          token_ids)
 
@@ -140,6 +142,7 @@ def _reconcile(checkpoints: list[Checkpoint], pivot: Checkpoint | None,
     archs = [a or known.get(c.config.get("model_type"), ()) for c, a in zip(checkpoints, archs)]
     kinds = [(a, tie_flags(c.config)) for a, c in zip(archs, checkpoints)]  # same kind: same layout
     same = len(set(names)) == 1 and len(set(kinds)) == 1 and (pivot is None or frozenset(pivot.tensors) == names[0])
+    same = same and not (all(archs) and stale_keys({**checkpoints[0].config, "architectures": [*archs[0]]}, checkpoints[0].tensors))
     if same or not all(archs):
         return checkpoints, pivot, 0  # nothing to reconcile (or nothing to reconcile it with)
     layouts: dict[tuple, Layout] = {}
@@ -238,10 +241,10 @@ def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: 
         report.errors.append(f"the vocabularies differ (vocab_size {sizes}) and {views[0].name}'s architecture "
                              f"cannot be built to find its token-indexed tensors ({err})")
         return
-    keys = frozenset(k for k in layout.vocab_keys if all(k in c.tensors for c in views))
-    if not keys:
+    keys = frozenset(k for k in layout.vocab_keys | layout.token_columns if all(k in c.tensors for c in views))
+    if not keys or refuse_token_columns(layout, [c.name for c in views], report.errors):
         return
-    name = sorted(keys)[0]
+    name = sorted(keys - layout.token_columns)[0]
     counts = [c.tensors[name].shape[0] for c in views]
     union = source in ("auto", "union")
     names = [c.name for c in views]
@@ -253,7 +256,7 @@ def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: 
         names, tokenizers = [*names, "the tokenizer source"], [*tokenizers, source]
         counts, index = [*counts, len(token_ids(source) or {})], len(views)
     try:
-        plan = plan_vocabulary(names, tokenizers, counts, source=index, union=union)
+        plan = plan_vocabulary(names, tokenizers, counts, source=index, union=union, columns=keys & layout.token_columns)
     except ValueError as err:
         report.errors.append(str(err))
         return
@@ -263,14 +266,14 @@ def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: 
             report.errors.append(f"--tokenizer-source has {len(orphans)} token(s) no ingredient has; choose "
                                  "union, first or an ingredient index")
             return
-        plan = VocabularyPlan(size=plan.size, rows=plan.rows[:-1], new_tokens=[], source=0, tokenizer=source)
+        plan = replace(plan, rows=plan.rows[:-1], new_tokens=[], source=0, tokenizer=source)
     report.vocab, report.vocab_keys = plan, keys
     added = ", ".join(repr(t) for t, _ in plan.new_tokens[:8]) + (" ..." if len(plan.new_tokens) > 8 else "")
     report.notes.append(
         f"the vocabularies differ (rows {counts}): rows of {', '.join(sorted(keys))} are matched by token; the output "
-        + (f"has the union of {plan.size} tokens ("
+        + (f"has the union of {plan.described} ("
            + (f"{len(plan.new_tokens)} new: {added})" if plan.new_tokens else "no new token)") if union
-           else f"keeps the {plan.size} tokens of {views[index].name if index < len(views) else 'the tokenizer source'}")
+           else f"keeps the {plan.described} of {views[index].name if index < len(views) else 'the tokenizer source'}")
         + "; each row is merged over the ingredients that have its token")
 
 
@@ -298,7 +301,7 @@ def _compare_tensors(ref: Checkpoint, other: Checkpoint, report: CompatibilityRe
     for name in sorted(set(ref.tensors) & set(other.tensors)):
         a_info, b_info = ref.tensors[name], other.tensors[name]
         by_token = name in report.vocab_keys  # rows matched by token: only the other dims must agree
-        if (a_info.shape[1:] != b_info.shape[1:]) if by_token else (a_info.shape != b_info.shape):
+        if ((v := report.vocab).other_dims(name, a_info.shape) != v.other_dims(name, b_info.shape)) if by_token else (a_info.shape != b_info.shape):
             report.errors.append(
                 f"tensor {name!r}: shape {list(a_info.shape)} in {ref.name}, {list(b_info.shape)} in {other.name}"
             )

@@ -84,7 +84,8 @@ def save_union_tokenizer(source: Path, staging: Path, vocab: VocabularyPlan) -> 
     tokenizer = AutoTokenizer.from_pretrained(source)  # a tokenizer is data: no repo code is run
     first = len(tokenizer)
     tokenizer.add_tokens([AddedToken(t, special=special, normalized=not special) for t, special in vocab.new_tokens])
-    expected = list(range(vocab.size - len(vocab.new_tokens), vocab.size))
+    start = vocab.size - len(vocab.new_tokens) if vocab.first_new is None else vocab.first_new
+    expected = list(range(start, start + len(vocab.new_tokens)))
     got = tokenizer.convert_tokens_to_ids([t for t, _ in vocab.new_tokens])
     if got != expected:
         raise CheckpointError(f"the tokenizer of {source} gives the new tokens ids {got[:3]}..., not their rows "

@@ -161,7 +161,7 @@ def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, tok
                              pivot=pivot or (0 if config.pivot == "first" else config.pivot), device=str(setup.device),
                              recorded_at=recorded_at)
         tensors = {n: checkpoints[0].info(n) for n in checkpoints[0].names()}
-        shapes = {n: (report.vocab.size, *i.shape[1:]) if report.vocab and n in report.vocab_keys else i.shape
+        shapes = {n: report.vocab.shape_of(n, i.shape) if report.vocab and n in report.vocab_keys else i.shape
                   for n, i in tensors.items()}
         plan = plan_shards([(n, shapes[n], output_dtype(config, i.dtype)) for n, i in tensors.items()],
                            parse_size(config.max_shard_size), _stamp(result))

@@ -9,7 +9,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ._differences import flatten
 from .conversion import stored_names
@@ -32,6 +32,11 @@ class Layout:
         prefix: `base_model_prefix` (`transformer`, `model`, `bert`, ...), or "".
         ignored: regular expressions of stored names the class drops on load, and its buffers.
         vocab_keys: the stored tensors indexed by token (input and output embeddings, an output bias).
+        token_columns: stored tensors indexed by token along their last dimension, every other of size 1 (BART's
+            `final_logits_bias`, [1, vocab]), found by building the class with another `vocab_size`.
+        token_other: stored tensors indexed by token along another dimension in another way (refused).
+        modules: the names of the class's modules (a stored tensor of one of them the class lacks is a stale
+            buffer of an older version when it is 0-d, e.g. GPT-2's `attn.masked_bias`).
         tie_flags: the config's `tie_word_embeddings` of itself and each sub-config (dotted keys), defaults
             included: what decides which ties transformers makes.
         stored_as: loaded name -> stored name, for the names the conversion mapping renames (what a PEFT adapter,
@@ -46,6 +51,9 @@ class Layout:
     vocab_keys: frozenset[str] = frozenset()
     tie_flags: tuple[tuple[str, Any], ...] = ()
     stored_as: dict[str, str] = field(default_factory=dict)
+    modules: frozenset[str] = frozenset()
+    token_columns: frozenset[str] = frozenset()
+    token_other: frozenset[str] = frozenset()
 
 
 class UnknownArchitecture(Exception):
@@ -71,8 +79,7 @@ def _layout(config_json: str) -> Layout:
     stored_as = stored_names(model, sorted(state | buffers | set(loaded_tied)))
     stored = lambda name: stored_as.get(name, name)  # noqa: E731
     tied = {stored(a): stored(t) for a, t in loaded_tied.items()}
-    ignored = [*(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []),
-               *(re.escape(stored(b)) + "$" for b in buffers)]
+    ignored = [*_ignored_on_load(model), *(re.escape(stored(b)) + "$" for b in buffers)]
     keys = frozenset(stored(k) for k in state - set(loaded_tied))
     embeddings = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
     vocab_params = {id(getattr(m, attr)) for m in embeddings for attr in ("weight", "bias")
@@ -80,7 +87,66 @@ def _layout(config_json: str) -> Layout:
     vocab = {stored(n) for n, p in model.named_parameters(remove_duplicate=False) if id(p) in vocab_params} & keys
     return Layout(architecture=cls.__name__, keys=keys, tied=tied, prefix=getattr(cls, "base_model_prefix", "") or "",
                   ignored=tuple(ignored), vocab_keys=frozenset(vocab), tie_flags=tie_flags(cfg.to_dict()),
-                  stored_as=stored_as)
+                  stored_as=stored_as, modules=frozenset(stored(n) for n, _ in model.named_modules()),
+                  **_token_columns(json.loads(config_json), model, keys, stored))
+
+
+def _token_columns(config: dict[str, Any], model: Any, keys: frozenset[str],
+                   stored: Callable[[str], str]) -> dict[str, frozenset[str]]:
+    """The tensors whose size along a dimension other than the first follows `vocab_size`: `token_columns` (the
+    last, every other dimension 1) and `token_other`."""
+    if not isinstance(config.get("vocab_size"), int):
+        return {}
+    try:
+        _, _, wider = _on_meta({**config, "vocab_size": config["vocab_size"] + 8})
+    except Exception:  # noqa: BLE001  the class cannot be built wider: only its embeddings are known
+        return {}
+    before, after = model.state_dict(), wider.state_dict()
+    found = {k for k, v in before.items() if stored(k) in keys and k in after and v.shape[1:] != after[k].shape[1:]}
+    columns = {k for k in found if len(before[k].shape) > 1 and set(before[k].shape[:-1]) == {1}
+               and after[k].shape[:-1] == before[k].shape[:-1]}
+    return {"token_columns": frozenset(map(stored, columns)), "token_other": frozenset(map(stored, found - columns))}
+
+
+def refuse_token_columns(layout: Layout, names: list[str], errors: list[str]) -> bool:
+    """Vocabularies that differ cannot yet be matched along a tensor's other dimension: refused, naming it."""
+    if layout.token_other:
+        errors.append(f"the vocabularies of {', '.join(names)} differ and {layout.architecture} indexes "
+                      f"{', '.join(sorted(layout.token_other))} by token along a dimension other than the first, "
+                      "which ame-hf cannot match by token yet; merge ingredients of one tokenizer")
+    return bool(layout.token_other)
+
+
+def _ignored_on_load(model: Any) -> list[str]:
+    """The patterns of stored names the model drops on load without a word: its (and its submodules')
+    `_keys_to_ignore_on_load_unexpected`, and the old per-layer `rotary_emb.inv_freq` / persistent `position_ids`
+    transformers' `_adjust_missing_and_unexpected_keys` adds, found by asking that method itself."""
+    from types import SimpleNamespace
+
+    patterns = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
+    probes = ("model.layers.0.self_attn.rotary_emb.inv_freq", "embeddings.position_ids")
+    info = SimpleNamespace(missing_keys=set(), unexpected_keys=set(probes))
+    try:
+        model._adjust_missing_and_unexpected_keys(info)
+    except Exception:  # noqa: BLE001  another transformers: its class lists only
+        return patterns
+    extra = {probes[0]: r"rotary_emb\.inv_freq$", probes[1]: r"(^|\.)position_ids$"}
+    return patterns + [extra[p] for p in probes if p not in info.unexpected_keys]
+
+
+def stale_keys(config: dict[str, Any], stored: dict[str, Any]) -> bool:
+    """Whether the config's class drops some of `stored` on load (keys it ignores, stale buffers): then the
+    names need reconciling even when every checkpoint stores the same ones. `stored`: name -> TensorInfo.
+
+    Only names a layer's own tensors never have ask the class (importing a model class costs a second): one not
+    ending in `.weight`, or a `.bias` that is not 1-d (GPT-2's 4-d `attn.bias` mask)."""
+    if all(n.endswith(".weight") or (n.endswith(".bias") and len(getattr(i, "shape", ())) == 1)
+           for n, i in stored.items()):
+        return False
+    try:
+        return bool(rename(stored, model_layout(config)).dropped)
+    except Exception:  # noqa: BLE001  no class to ask: compared as stored
+        return False
 
 
 def _on_meta(config: dict[str, Any]) -> tuple[Any, Any, Any]:
@@ -155,7 +221,7 @@ class Renaming:
 
 
 def rename(stored: Iterable[str], layout: Layout) -> Renaming:
-    """Map stored tensor names onto `layout` the way transformers' loading does.
+    """Map stored tensor names (or a name -> TensorInfo dict) onto `layout` the way transformers' loading does.
 
     A name is kept if the layout has it; else with the base-model prefix added or removed (a `GPT2Model`
     checkpoint next to a `GPT2LMHeadModel`), or read as the name the model loads it by (a file saved with the
@@ -163,6 +229,7 @@ def rename(stored: Iterable[str], layout: Layout) -> Renaming:
     target is stored too, and stands for its target otherwise; buffers and keys the class ignores on load are
     dropped.
     """
+    stored_info = dict(stored) if isinstance(stored, dict) else {}
     stored = list(stored)
     names: dict[str, str] = {}
     dropped: dict[str, str] = {}
@@ -184,10 +251,18 @@ def rename(stored: Iterable[str], layout: Layout) -> Renaming:
                 names[source] = s
         elif any(re.search(p, s) for p in layout.ignored):
             dropped[s] = f"ignored by {layout.architecture} on load"
+        elif s.rpartition(".")[0] in layout.modules and _scalar(stored_info.get(s)):
+            dropped[s] = f"a buffer older versions stored, which {layout.architecture} does not have or load"
         else:
             unexpected.append(s)
     missing = sorted(layout.keys - set(names))
     return Renaming(names=names, dropped=dropped, unexpected=sorted(unexpected), missing=missing)
+
+
+def _scalar(info: Any) -> bool:
+    """A 0-d stored tensor (old GPT-2's `masked_bias`): a constant buffer, never a layer's trained weight (a renamed
+    legacy weight, e.g. `LayerNorm.gamma`, which transformers' conversion mapping loads, has a dimension)."""
+    return info is not None and tuple(getattr(info, "shape", (0,))) == ()
 
 
 def _candidates(name: str, prefix: str) -> list[str]:

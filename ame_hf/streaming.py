@@ -251,20 +251,24 @@ def merge_token_rows(merger: TensorMerger, name: str, out_dir: Path, plan: Shard
     vocab = merger.vocab
     assert vocab is not None
     info = merger.checkpoints[0].info(name)
-    shape = (vocab.size, *info.shape[1:])
+    columns = name in vocab.columns  # [1, vocab] (BART's final_logits_bias): whole tensors, seen as [vocab, 1]
+    shape = (vocab.size, 1) if columns else (vocab.size, *info.shape[1:])
+    if columns:
+        flat = {i: merger._read(c, name, None).reshape(-1, 1) for i, c in enumerate(merger.checkpoints)}
+        whole = torch.empty(shape, dtype=merger.compute_dtype)
     per_block = max(1, (tensor_blocks(shape, merger.device)[0] or (0, vocab.size))[1])
     groups = [(owners, rows[k:k + per_block]) for owners, rows in vocab.groups() for k in range(0, len(rows), per_block)]
     lr = merger.config.lr
     if merger.config.relative_lr is not None:
         squared, count = 0.0, 0
         for owners, rows in groups:
-            blocks = _gather_owners(merger, name, owners, rows)
+            blocks = _gather_columns(flat, vocab, owners, rows) if columns else _gather_owners(merger, name, owners, rows)
             _, dist = spread_sum(lambda j: blocks[owners[j]].clone(), len(owners), _row_pivot(merger, owners, rows, blocks))
             squared, count = squared + dist, count + len(owners) * len(rows) * math.prod(shape[1:])
         lr = relative_lr_value(merger.config.relative_lr, squared, count)
-    row_bytes = info.nbytes // max(1, info.shape[0])
+    row_bytes = info.nbytes // max(1, info.shape[-1] if columns else info.shape[0])
     for owners, rows in groups:
-        blocks = _gather_owners(merger, name, owners, rows)
+        blocks = _gather_columns(flat, vocab, owners, rows) if columns else _gather_owners(merger, name, owners, rows)
         order = [[i for i in epoch if i in owners] for epoch in merger.order]
         pivot = _row_pivot(merger, owners, rows, blocks)
         if pivot is None:
@@ -272,10 +276,20 @@ def merge_token_rows(merger: TensorMerger, name: str, out_dir: Path, plan: Shard
             pivot = mean.to(merger.compute_dtype)
         merged = pivot if lr == 0.0 else ame_block(lambda j: blocks[j].clone(), pivot, merger.config, order, lr)
         merged = merged.cpu()
-        for start, stop in _runs(rows):
+        if columns:
+            whole[rows] = merged
+        for start, stop in [] if columns else _runs(rows):
             offset = rows.index(start)
             merger._write(out_dir, plan, name, start, merged[offset:offset + stop - start])
         advance(row_bytes * len(rows))
+    if columns:
+        merger._write(out_dir, plan, name, 0, whole.reshape(vocab.shape_of(name, info.shape)))
+
+
+def _gather_columns(flat: dict[int, torch.Tensor], vocab: VocabularyPlan, owners: Sequence[int],
+                    rows: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Each owner's values for output `rows` of a [1, vocab] tensor read whole (and seen as [vocab, 1])."""
+    return {i: flat[i][[vocab.rows[i][r] for r in rows]] for i in owners}
 
 
 def _gather_owners(merger: TensorMerger, name: str, owners: Sequence[int], rows: Sequence[int]) -> dict[int, torch.Tensor]:
@@ -313,7 +327,7 @@ def _output_nbytes(merger: TensorMerger, name: str) -> int:
     ingredient's (the progress bar overshot its total when another ingredient added tokens)."""
     info = merger.checkpoints[0].info(name)
     if merger.vocab is not None and name in merger.vocab_keys and info.shape:
-        return info.nbytes // max(1, info.shape[0]) * merger.vocab.size
+        return info.nbytes // max(1, info.shape[-1] if name in merger.vocab.columns else info.shape[0]) * merger.vocab.size
     return info.nbytes
 
 

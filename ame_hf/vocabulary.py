@@ -32,7 +32,8 @@ class TokenizerFiles:
 
     Attributes:
         files: the tokenizer/processor file names present.
-        vocab: token -> id of the base vocabulary (`tokenizer.json` model.vocab, or `vocab.json`/`vocab.txt`).
+        vocab: token -> id of the base vocabulary (`tokenizer.json` model.vocab, a dict or Unigram's list of
+            [piece, score], or `vocab.json`/`vocab.txt`).
         added: added tokens, token -> id (`tokenizer.json` added_tokens / `added_tokens.json`).
         special: special-token roles -> token (`tokenizer_config.json`, `special_tokens_map.json`).
         chat_template: the chat template text (`chat_template.jinja`, or tokenizer_config.json's).
@@ -55,6 +56,8 @@ def read_tokenizer(path: str | os.PathLike | None) -> TokenizerFiles:
     tok = read_json(root / "tokenizer.json", None) or {}
     model = tok.get("model") if isinstance(tok.get("model"), dict) else {}
     vocab = model.get("vocab") if isinstance(model.get("vocab"), dict) else None
+    if isinstance(model.get("vocab"), list):  # Unigram (sentencepiece, T5): [piece, score] pairs, the id their index
+        vocab = {entry[0]: i for i, entry in enumerate(model["vocab"]) if isinstance(entry, list) and entry}
     if vocab is None and isinstance(read_json(root / "vocab.json", None), dict):
         vocab = read_json(root / "vocab.json", None)
     if vocab is None and (root / "vocab.txt").is_file():
@@ -137,6 +140,11 @@ class VocabularyPlan:
             whether each is special.
         source: the ingredient whose tokenizer (and ids) the output keeps.
         tokenizer: the tokenizer of another checkpoint whose vocabulary the output keeps, if any.
+        first_new: the row of the first new token (padding rows may follow the new tokens); None: the last
+            `len(new_tokens)` rows.
+        padding: how many output rows are padding (no token), matched by position.
+        columns: token-indexed tensors whose tokens run along the last dimension, every other of size 1
+            (BART's `final_logits_bias`, [1, vocab]).
     """
 
     size: int
@@ -144,6 +152,22 @@ class VocabularyPlan:
     new_tokens: list[tuple[str, bool]]
     source: int
     tokenizer: TokenizerFiles | None = None
+    first_new: int | None = None
+    padding: int = 0
+    columns: frozenset[str] = frozenset()
+
+    def other_dims(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """A token-indexed tensor's shape without its token dimension (the last for `columns`, else the first)."""
+        return tuple(shape[:-1]) if name in self.columns else tuple(shape[1:])
+
+    def shape_of(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The output shape of a token-indexed tensor of this `shape`."""
+        return (*shape[:-1], self.size) if name in self.columns else (self.size, *shape[1:])
+
+    @property
+    def described(self) -> str:
+        """`N tokens`, and the padding rows beside them if any."""
+        return f"{self.size - self.padding} tokens" + (f" and {self.padding} padding rows" if self.padding else "")
 
     def groups(self) -> list[tuple[tuple[int, ...], list[int]]]:
         """Output rows grouped by the ingredients that own them: [(owners, output rows)], owners in order."""
@@ -155,16 +179,18 @@ class VocabularyPlan:
 
 
 def plan_vocabulary(names: Sequence[str], tokenizers: Sequence[TokenizerFiles], row_counts: Sequence[int], *,
-                    source: int, union: bool) -> VocabularyPlan:
+                    source: int, union: bool, columns: frozenset[str] = frozenset()) -> VocabularyPlan:
     """Match token-indexed rows by token string.
 
-    With `union`, the source's rows keep their ids, then every token another ingredient added follows, in
-    ingredient order; else the output has exactly the source tokenizer's rows. A row beyond a tokenizer's
-    length (padding) is matched by its index among such rows.
+    A row beyond a tokenizer's tokens (padding, as Qwen and T5 pad their embeddings) is matched by its index
+    among the ingredients that have it as padding. With `union`, the source's rows keep their ids up to its last
+    token, every token another ingredient has follows in ingredient order (the ids the source tokenizer gives
+    tokens added to it), then padding rows up to the largest row count; else the output has exactly the source's
+    rows.
 
     Raises:
-        ValueError: an ingredient has no tokenizer (its rows cannot be mapped), naming it; or the source
-            has padding rows a union would collide with.
+        ValueError: an ingredient has no tokenizer (its rows cannot be mapped), naming it; or a padding row of
+            the output that no ingredient has as padding.
     """
     maps = []
     for name, tok, count in zip(names, tokenizers, row_counts):
@@ -176,10 +202,11 @@ def plan_vocabulary(names: Sequence[str], tokenizers: Sequence[TokenizerFiles], 
         maps.append({by_row.get(r, ("#row", r)): r for r in range(count)})
     keys = sorted(maps[source], key=maps[source].get)
     new_tokens: list[tuple[str, bool]] = []
+    first_new = None
     if union:
-        if any(isinstance(k, tuple) for k in keys) and any(k not in maps[source] for m in maps for k in m):
-            raise ValueError(f"{names[source]} has embedding rows beyond its tokenizer: new tokens would collide "
-                             "with them; choose --tokenizer-source of an ingredient without such rows")
+        last = max((r for k, r in maps[source].items() if isinstance(k, str)), default=-1)
+        keys = keys[:last + 1]
+        first_new = len(keys)
         seen = set(keys)
         for i, m in enumerate(maps):
             for key in sorted(m, key=m.get):
@@ -187,8 +214,15 @@ def plan_vocabulary(names: Sequence[str], tokenizers: Sequence[TokenizerFiles], 
                     seen.add(key)
                     keys.append(key)
                     new_tokens.append((key, key in _specials(tokenizers[i])))
+        keys += [("#row", r) for r in range(len(keys), max(len(keys), *row_counts))]
+        orphan = next((k for k in keys if isinstance(k, tuple) and all(k not in m for m in maps)), None)
+        if orphan is not None:
+            raise ValueError(f"row {orphan[1]} of the padded union is padding in no ingredient (the tokens of "
+                             f"{', '.join(n for n, c in zip(names, row_counts) if c > orphan[1])} reach past it); "
+                             "choose --tokenizer-source of one ingredient")
     rows = [[m.get(k, -1) for k in keys] for m in maps]
-    return VocabularyPlan(size=len(keys), rows=rows, new_tokens=new_tokens, source=source)
+    return VocabularyPlan(size=len(keys), rows=rows, new_tokens=new_tokens, source=source, first_new=first_new,
+                          padding=sum(isinstance(k, tuple) for k in keys), columns=columns)
 
 
 def _specials(tokenizer: TokenizerFiles) -> set[str]:
