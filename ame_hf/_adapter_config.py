@@ -26,13 +26,13 @@ _NO_EFFECT = frozenset({
 })
 # Computed here as peft computes it (`bias` and `init_lora_weights` checked by value below):
 _COMPUTED = frozenset({"r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out",
-                       "modules_to_save", "lora_bias", "bias", "init_lora_weights"})
+                       "modules_to_save", "lora_bias", "bias", "init_lora_weights",
+                       "target_parameters"})  # fused MoE experts and other parameters: _param_lora.py
 # Set, these make a model that is not `W_base + scaling * B @ A` over the base's tensors:
 _REFUSED = {
     "use_dora": "is a DoRA adapter (use_dora): its merge rescales every column by a trained magnitude",
     "use_qalora": "is a QA-LoRA adapter (use_qalora): its factors act on pooled inputs",
     "layer_replication": "replicates layers (layer_replication): its model has other layers than the base",
-    "target_parameters": "adapts parameters rather than modules (target_parameters, e.g. fused MoE experts)",
     "trainable_token_indices": "trains single token rows (trainable_token_indices)",
     "megatron_config": "adapts Megatron parallel layers (megatron_config), not a transformers model",
 }

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+
 def to_saved_layout(ckpt: Any) -> None:
     """Rename `ckpt`'s tensors (in place) to the names `save_pretrained` of the loaded model writes, when transformers
     converts what it stores on load (a fused expert tensor, split per expert): each saved tensor then reads as the
@@ -94,3 +95,25 @@ def _saved_views(config_json: str, stored_json: str) -> dict[str, tuple[str, int
             return f"{new} is not a contiguous piece of one stored tensor"
         views[new] = (src, t.storage_offset(), tuple(t.shape))
     return views
+
+
+def saved_pieces(config: dict[str, Any]) -> dict[str, list[tuple[str, int, tuple[int, ...]]]]:
+    """For each tensor of the model as transformers loads it (the config's class, on the meta device): the tensors
+    `save_pretrained` writes from it, each as (saved name, element offset in the loaded tensor, shape)."""
+    return _saved_pieces(json.dumps(config, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=16)
+def _saved_pieces(config_json: str) -> dict[str, list[tuple[str, int, tuple[int, ...]]]]:
+    from .reconcile import _on_meta
+
+    state = _on_meta(json.loads(config_json))[2].state_dict()
+    shapes = {k: (list(v.shape), str(v.dtype)) for k, v in state.items()}
+    views = _saved_views(config_json, json.dumps(shapes, sort_keys=True))
+    if isinstance(views, str):
+        raise ValueError(views)
+    views = views or {k: (k, 0, tuple(v.shape)) for k, v in state.items()}
+    pieces: dict[str, list[tuple[str, int, tuple[int, ...]]]] = {}
+    for saved, (loaded, offset, shape) in sorted(views.items()):
+        pieces.setdefault(loaded, []).append((saved, offset, shape))
+    return pieces

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ._adapter_config import MERGE_FIRST, adapter_refusals, read_adapter_config
+from ._param_lora import param_loras
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import CheckpointError
 from .reconcile import Layout, model_layout
@@ -70,6 +71,10 @@ class AdapterCheckpoint(Checkpoint):
         self.tensors = dict(base.tensors)
         self._replace()
         self._take_base(base)  # its config, with the vocabulary the adapter resized to
+        params, refused = param_loras(base.config, self.adapter_config, factors, name)  # target_parameters
+        self.refusals += refused + [f"{name}: the adapter changes {k!r}, which the base {base.name} lacks"
+                                    for k in params if k not in self.tensors]
+        self.loras.update({k: _Lora(**v) for k, v in params.items() if k in self.tensors})
         self._collect(factors)
         self.stored = {n: n for n in self.tensors}
 

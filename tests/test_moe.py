@@ -1,7 +1,7 @@
 """Mixture-of-experts checkpoints in the two layouts transformers loads into one model: per-expert tensors (what
 `save_pretrained` writes) and the fused 3-D expert tensors of the loaded model (`mlp.experts.gate_up_proj`), merged
-as transformers loads each (issue 22, item 8); and LoRA adapters on fused experts (`target_parameters`), refused by
-name (item 3)."""
+as transformers loads each (issue 22, item 8); and LoRA adapters on fused experts (`target_parameters`), merged as
+peft's `merge_and_unload` (item 3)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 
 from ame_hf import AmeConfig, check, merge
 from ame_hf import plan
+from factories import make_lora_adapter, peft_merged
 from test_engine import reference_ame_states
 from test_reconcile import perturbed
 
@@ -135,3 +136,73 @@ def test_a_fused_bin_checkpoint_is_refused_by_name(moe, tmp_path):
     assert not report.ok
     assert any(f"{folder} stores tensors transformers converts on load" in e and "fused MoE experts" in e
                for e in report.errors), report.errors
+
+
+# peft 0.21's `all-linear` on an MoE model adds the fused experts (and the router) as target_parameters, with a
+# rank/alpha pattern; the explicit form names one expert tensor.
+ADAPTERS = {
+    "all-linear": dict(r=2, lora_alpha=4, target_modules="all-linear"),
+    "down_proj": dict(r=3, lora_alpha=8, target_modules=["q_proj"], target_parameters=["mlp.experts.down_proj"]),
+    "rslora": dict(r=2, lora_alpha=4, use_rslora=True, target_modules=["v_proj"],
+                   target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
+}
+
+
+@pytest.fixture(scope="module")
+def moe_adapters(moe, tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe-adapters")
+    adapters = {k: make_lora_adapter(moe["base"], root / k, options, seed=i + 1) for i, (k, options) in
+                enumerate(ADAPTERS.items())}
+    return adapters, {k: peft_merged(moe["base"], a, root / f"{k}-merged") for k, a in adapters.items()}
+
+
+def test_target_parameters_adapters_merge_as_peft_merges_them(moe, moe_adapters, tmp_path):
+    adapters, merged = moe_adapters
+    if "mixtral" in str(moe["base"]):
+        pytest.importorskip("peft")
+    refs = [adapters["all-linear"], adapters["down_proj"], adapters["rslora"]]
+    config = json.loads((adapters["all-linear"] / "adapter_config.json").read_text())
+    assert config["target_parameters"]  # what peft 0.21 writes for all-linear on an MoE model
+    report = check(refs)
+    assert report.ok, report.errors
+    out = merge(refs, tmp_path / "soup", optimizer="sgd", progress=False).path
+    states = [loaded(merged[k]) for k in ("all-linear", "down_proj", "rslora")]
+    base = loaded(moe["base"])
+    assert all(not torch.equal(s[k], base[k]) for s in states for k in base if k.endswith("experts.down_proj"))
+    assert_close(out, {k: sum(s[k].double() for s in states) / len(states) for k in states[0]}, atol=1e-5)
+    assert saved_names(out) == saved_names(moe["split"])
+
+
+def test_a_target_parameters_adapter_merges_with_a_fused_checkpoint_in_small_blocks(moe, moe_adapters, tmp_path,
+                                                                                   monkeypatch):
+    adapters, merged = moe_adapters
+    refs = [adapters["down_proj"], moe["fused"]]
+    whole = merge(refs, tmp_path / "whole", optimizer="sgd", progress=False).path
+    monkeypatch.setattr(plan, "BLOCK_ELEMENTS", 24)
+    small = merge(refs, tmp_path / "small", optimizer="sgd", progress=False).path
+    assert (whole / "model.safetensors").read_bytes() == (small / "model.safetensors").read_bytes()
+    states = [loaded(merged["down_proj"]), loaded(moe["fused"])]
+    assert_close(small, {k: sum(s[k].double() for s in states) / len(states) for k in states[0]}, atol=1e-5)
+
+
+def test_an_adapter_on_a_fused_base_merges_as_peft_merges_it(moe, tmp_path):
+    adapter = make_lora_adapter(moe["fused"], tmp_path / "on-fused", ADAPTERS["rslora"], seed=7)
+    out = merge([adapter, moe["split"]], tmp_path / "soup", optimizer="sgd", progress=False).path
+    states = [loaded(peft_merged(moe["fused"], adapter, tmp_path / "merged")), loaded(moe["split"])]
+    assert_close(out, {k: sum(s[k].double() for s in states) / len(states) for k in states[0]}, atol=1e-5)
+
+
+def test_experts_stored_whole_as_3d_tensors_are_refused_by_name(tmp_path):
+    """GPT-OSS saves its experts fused ([experts, in, out]): no per-expert tensor to add the delta to."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    GptOssForCausalLM(GptOssConfig(vocab_size=64, hidden_size=16, intermediate_size=8, num_local_experts=4,
+                                   num_experts_per_tok=2, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, head_dim=8, layer_types=["full_attention"])
+                      ).save_pretrained(tmp_path / "base")
+    adapter = make_lora_adapter(tmp_path / "base", tmp_path / "a", ADAPTERS["down_proj"], seed=1)
+    report = check([adapter])
+    assert not report.ok and len(report.errors) == 1, report.errors
+    assert "target_parameters 'model.layers.0.mlp.experts.down_proj'" in report.errors[0], report.errors
+    assert "merge_and_unload" in report.errors[0]
