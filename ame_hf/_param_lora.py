@@ -87,11 +87,11 @@ def _wrappers(config_json: str, adapter_json: str) -> dict[str, _Wrapper]:
     import peft
     from peft.tuners.lora.layer import ParamWrapper
 
-    from .reconcile import _on_meta
+    from ._meta_model import on_meta
 
     fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
     config = peft.LoraConfig(**{k: v for k, v in json.loads(adapter_json).items() if k in fields})
-    _, _, model = _on_meta(json.loads(config_json))
+    _, _, model = on_meta(json.loads(config_json))
     with torch.device("meta"), warnings.catch_warnings():  # peft's notes on patterns: for its own load to say
         warnings.simplefilter("ignore")
         peft.inject_adapter_in_model(config, model, adapter_name="default", low_cpu_mem_usage=True)

@@ -68,7 +68,7 @@ def _saved_views(config_json: str, stored_json: str) -> dict[str, tuple[str, int
     from torch.utils._python_dispatch import TorchDispatchMode
     from transformers.core_model_loading import revert_weight_conversion
 
-    from .reconcile import _on_meta
+    from ._meta_model import on_meta
 
     class _Aliasing(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
@@ -76,7 +76,7 @@ def _saved_views(config_json: str, stored_json: str) -> dict[str, tuple[str, int
                 return args[0]
             return func(*args, **(kwargs or {}))
 
-    _, _, model = _on_meta(json.loads(config_json))
+    _, _, model = on_meta(json.loads(config_json))
     stored = {k: (tuple(shape), getattr(torch, dtype.split(".")[-1])) for k, (shape, dtype) in
               json.loads(stored_json).items()}
     roots = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in stored.items()}
@@ -105,9 +105,9 @@ def saved_pieces(config: dict[str, Any]) -> dict[str, list[tuple[str, int, tuple
 
 @functools.lru_cache(maxsize=16)
 def _saved_pieces(config_json: str) -> dict[str, list[tuple[str, int, tuple[int, ...]]]]:
-    from .reconcile import _on_meta
+    from ._meta_model import on_meta
 
-    state = _on_meta(json.loads(config_json))[2].state_dict()
+    state = on_meta(json.loads(config_json))[2].state_dict()
     shapes = {k: (list(v.shape), str(v.dtype)) for k, v in state.items()}
     views = _saved_views(config_json, json.dumps(shapes, sort_keys=True))
     if isinstance(views, str):
@@ -117,3 +117,15 @@ def _saved_pieces(config_json: str) -> dict[str, list[tuple[str, int, tuple[int,
     for saved, (loaded, offset, shape) in sorted(views.items()):
         pieces.setdefault(loaded, []).append((saved, offset, shape))
     return pieces
+
+
+def saved_keys(config: dict[str, Any], keys: set[str]) -> frozenset[str]:
+    """The names `save_pretrained` writes for these tensors of the loaded model (each fused expert tensor: its
+    per-expert tensors); the names themselves when transformers converts none, or not by a plain split."""
+    if not _converted(config.get("model_type"), sorted(keys)):
+        return frozenset(keys)
+    try:
+        pieces = saved_pieces(config)
+    except Exception:  # noqa: BLE001  not a plain split: checkpoints stored so are refused by name
+        return frozenset(keys)
+    return frozenset(saved for k in keys for saved, _, _ in pieces.get(k, [(k, 0, ())]))

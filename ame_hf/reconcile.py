@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from ._differences import flatten
+from ._meta_model import UnknownArchitecture, on_meta as _on_meta
+from ._saved_layout import saved_keys
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +45,6 @@ class Layout:
     tie_flags: tuple[tuple[str, Any], ...] = ()
 
 
-class UnknownArchitecture(Exception):
-    """The config names a model type or class transformers does not have (remote code)."""
-
-
 def model_layout(config: dict[str, Any]) -> Layout:
     """The layout of the config's first architecture, from the class built on the meta device.
 
@@ -65,33 +63,13 @@ def _layout(config_json: str) -> Layout:
     buffers = {name for name, _ in model.named_buffers()}
     ignored = [*(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []),
                *(re.escape(b) + "$" for b in buffers)]
-    keys = frozenset(state - set(tied))
+    keys = saved_keys(json.loads(config_json), state - set(tied))  # fused MoE experts: as saved, per expert
     embeddings = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
     vocab_params = {id(getattr(m, attr)) for m in embeddings for attr in ("weight", "bias")
                     if getattr(m, attr, None) is not None}
     vocab = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in vocab_params} & keys
     return Layout(architecture=cls.__name__, keys=keys, tied=tied, prefix=getattr(cls, "base_model_prefix", "") or "",
                   ignored=tuple(ignored), vocab_keys=frozenset(vocab), tie_flags=tie_flags(cfg.to_dict()))
-
-
-def _on_meta(config: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """(class, config object, model) of the config's first architecture, the model built on the meta device."""
-    import torch
-    import transformers
-    from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-    model_type = config.get("model_type")
-    if model_type not in CONFIG_MAPPING_NAMES:
-        raise UnknownArchitecture(f"model_type {model_type!r} is not part of transformers")
-    names = config.get("architectures") or []
-    cls = getattr(transformers, names[0], None) if names else None
-    if cls is None:
-        raise UnknownArchitecture(f"architecture {names[0] if names else None!r} is not part of transformers")
-    settings = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version", "auto_map")}
-    cfg = AutoConfig.for_model(model_type, **settings)
-    with torch.device("meta"):
-        return cls, cfg, cls(cfg)
 
 
 def label_tensors(config: dict[str, Any]) -> tuple[frozenset[str], frozenset[str]]:

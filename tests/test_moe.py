@@ -17,12 +17,12 @@ from test_engine import reference_ame_states
 from test_reconcile import perturbed
 
 
-def tiny_moe(family: str, seed: int):
+def tiny_moe(family: str, seed: int, tie: bool = False):
     from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(seed)
     common = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                  max_position_embeddings=32, num_experts_per_tok=2, tie_word_embeddings=False)
+                  max_position_embeddings=32, num_experts_per_tok=2, tie_word_embeddings=tie)
     if family == "qwen3_moe":
         return Qwen3MoeForCausalLM(Qwen3MoeConfig(intermediate_size=32, moe_intermediate_size=8, num_experts=4,
                                                   head_dim=8, **common))
@@ -206,3 +206,21 @@ def test_experts_stored_whole_as_3d_tensors_are_refused_by_name(tmp_path):
     assert not report.ok and len(report.errors) == 1, report.errors
     assert "target_parameters 'model.layers.0.mlp.experts.down_proj'" in report.errors[0], report.errors
     assert "merge_and_unload" in report.errors[0]
+
+
+@pytest.mark.parametrize("other", ["bare", "fused"])
+def test_moe_layouts_reconcile_under_the_per_expert_names(moe, tmp_path, other):
+    """Layouts are reconciled under the per-expert names: a head tied in one ingredient and trained in the other, a
+    bare model (no head, no base-model prefix) next to the causal LM."""
+    family = json.loads((moe["base"] / "config.json").read_text())["model_type"]
+    tied = perturbed(tiny_moe(family, 0, tie=True), 5, 0.05)
+    tied.save_pretrained(tmp_path / "tied")
+    if other == "bare":
+        perturbed(tiny_moe(family, 0, tie=True), 6, 0.05).model.save_pretrained(tmp_path / "bare")
+    refs = [tmp_path / "tied", tmp_path / "bare" if other == "bare" else moe[other]]
+    report = check(refs)
+    assert report.ok, report.errors
+    out = merge(refs, tmp_path / "soup", optimizer="sgd", progress=False).path
+    states = [loaded(r) for r in refs]
+    assert_close(out, {k: sum(s[k].double() for s in states) / len(states) for k in states[0]})
+    assert saved_names(out) - {"lm_head.weight"} == saved_names(moe["split"]) - {"lm_head.weight"}
