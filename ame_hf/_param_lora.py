@@ -20,11 +20,10 @@ _MERGE_FIRST = "merge_and_unload it with peft first and merge that full model"
 @dataclasses.dataclass(frozen=True)
 class _Wrapper:
     parameter: str           # the parameter as transformers loads it (`model.layers.0.mlp.experts.down_proj`)
-    experts: int             # 1 for a 2-D parameter
     rank: int
     scaling: float
     out_first: bool          # each expert's delta is [out, in] (peft swapped its features), else [in, out]
-    shape: tuple[int, ...]   # the parameter's shape, as [experts, d1, d2]
+    shape: tuple[int, ...]   # the parameter's shape, as [experts, d1, d2] ([1, out, in] for a 2-D one)
 
 
 def param_loras(base_config: dict[str, Any], adapter_config: dict[str, Any], factors: dict[str, dict[str, Any]],
@@ -104,6 +103,7 @@ def _wrappers(config_json: str, adapter_json: str) -> dict[str, _Wrapper]:
         shape = tuple(getattr(base, module.parameter_name).shape)
         out[module_name] = _Wrapper(
             parameter=f"{owner}.{module.parameter_name}".replace(".base_layer", ""),
-            experts=module.num_experts, rank=module.r["default"], scaling=float(module.scaling["default"]),
-            out_first=len(shape) == 2 or module._did_swap_in_out_features, shape=shape if len(shape) == 3 else (1, *shape))
+            rank=module.r["default"], scaling=float(module.scaling["default"]),
+            out_first=len(shape) == 2 or module._did_swap_in_out_features,
+            shape=shape if len(shape) == 3 else (1, *shape))
     return out

@@ -6,17 +6,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import sys
 from typing import Any
 
 import torch
 
+logger = logging.getLogger(__name__)
+_LAYOUT_OPS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default, torch.ops.aten._reshape_alias.default)
+
 
 def to_saved_layout(ckpt: Any) -> None:
     """Rename `ckpt`'s tensors (in place) to the names `save_pretrained` of the loaded model writes, when transformers
     converts what it stores on load (a fused expert tensor, split per expert): each saved tensor then reads as the
-    bytes of the stored tensor it is, and nothing is computed. Where that cannot be done exactly, `ckpt.refusals`
-    says so by name.
+    bytes of the stored tensor it is, and nothing is computed. A conversion that is not a plain split leaves the
+    names as stored; a split ame-hf cannot read in place (a `.bin` file) goes to `ckpt.refusals`, by name.
 
     >>> to_saved_layout(Checkpoint("./qwen3-moe-fused"))  # doctest: +SKIP
     """
@@ -25,19 +29,19 @@ def to_saved_layout(ckpt: Any) -> None:
     stored = {k: (tuple(i.shape), str(i.dtype)) for k, i in ckpt.tensors.items()}
     try:
         views = _saved_views(json.dumps(ckpt.config, sort_keys=True, default=str), json.dumps(stored, sort_keys=True))
-    except Exception as err:  # noqa: BLE001  a conversion that is not a plain split: refused below
-        views = str(err).splitlines()[0] if str(err) else type(err).__name__
-    if views is None:
+    except Exception as err:  # noqa: BLE001  no class to trace it on: names stay as stored (compared as such)
+        logger.debug("%s: cannot trace transformers' conversion (%s)", ckpt.name, err)
         return
-    why = views if isinstance(views, str) else None
+    if not isinstance(views, dict):
+        # Not a plain split (a Concatenate, a Transpose): names stay as stored, compared as such, as before.
+        logger.debug("%s: %s", ckpt.name, views)
+        return
     # Read by byte offset alone (a header-only checkpoint is never read: its opened files are converted again).
-    if why is None and (ckpt.format != "safetensors" or sys.byteorder != "little" or not ckpt.header_only
-                        and any(ckpt.tensors[src].offset < 0 for src, _, _ in views.values())):
-        why = "it is not a safetensors file read in place"
-    if why is not None:
+    if ckpt.format != "safetensors" or sys.byteorder != "little" or not ckpt.header_only and any(
+            ckpt.tensors[src].offset < 0 for src, _, _ in views.values()):
         ckpt.refusals = [*getattr(ckpt, "refusals", ()), f"{ckpt.name} stores tensors transformers converts on load "
-                         f"(e.g. fused MoE experts) in a way ame-hf cannot split exactly ({why}); load it with "
-                         "transformers and save_pretrained it, then merge that"]
+                         "(e.g. fused MoE experts) but not as a safetensors file ame-hf reads in place, so it cannot "
+                         "split them; load it with transformers and save_pretrained it, then merge that"]
         return
     tensors = {}
     for new, (src, offset, shape) in views.items():
@@ -63,8 +67,9 @@ def _converted(model_type: str | None, names: list[str]) -> bool:
 
 @functools.lru_cache(maxsize=32)
 def _saved_views(config_json: str, stored_json: str) -> dict[str, tuple[str, int, tuple[int, ...]]] | str | None:
-    """saved name -> (stored name, element offset of its data in the stored tensor, its shape), None when transformers converts
-    none of the stored tensors, or a reason when a saved tensor is not a contiguous piece of a stored one."""
+    """saved name -> (stored name, element offset of its data in the stored tensor, its shape), None when
+    transformers converts none of the stored tensors, or a reason when a saved tensor is not a contiguous piece of a
+    stored one."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from transformers.core_model_loading import revert_weight_conversion
 
@@ -74,6 +79,10 @@ def _saved_views(config_json: str, stored_json: str) -> dict[str, tuple[str, int
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
             if func is torch.ops.aten.clone.default:
                 return args[0]
+            # An aliased copy is not contiguous where the real one is: an op that then reads its memory layout
+            # (rather than its elements) would trace wrongly, so such a conversion is not traced at all.
+            if func in _LAYOUT_OPS and not args[0].is_contiguous() or func is torch.ops.aten.as_strided.default:
+                raise ValueError(f"its conversion uses {func} on a split")
             return func(*args, **(kwargs or {}))
 
     _, _, model = on_meta(json.loads(config_json))

@@ -224,3 +224,23 @@ def test_moe_layouts_reconcile_under_the_per_expert_names(moe, tmp_path, other):
     states = [loaded(r) for r in refs]
     assert_close(out, {k: sum(s[k].double() for s in states) / len(states) for k in states[0]})
     assert saved_names(out) - {"lm_head.weight"} == saved_names(moe["split"]) - {"lm_head.weight"}
+
+
+def test_split_fused_and_adapter_ingredients_are_bit_identical_over_two_processes(moe, moe_adapters, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from ame_hf.cli import main
+    from factories import weights_sha256
+
+    refs = [moe["fused"], moe["split"], moe_adapters[0]["all-linear"]]
+    common = ["--relative-lr", "0.1", "--shuffle", "--epochs", "2", "--max-shard-size", "8KB", "--device", "cpu",
+              "--quiet", "--base", str(moe["base"])]
+    assert main(["merge", *map(str, refs), "--out", str(tmp_path / "one"), *common]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ame_hf",
+           "merge", *map(str, refs), "--out", str(tmp_path / "two"), *common]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = weights_sha256(tmp_path / "one"), weights_sha256(tmp_path / "two")
+    assert len(one) > 2 and one == two
