@@ -244,3 +244,24 @@ def test_split_fused_and_adapter_ingredients_are_bit_identical_over_two_processe
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = weights_sha256(tmp_path / "one"), weights_sha256(tmp_path / "two")
     assert len(one) > 2 and one == two
+
+
+def test_fused_and_split_hub_repos_check_from_headers_and_merge_as_local_folders(moe, hub, hub_token, tmp_path):
+    from huggingface_hub import HfApi
+    from safetensors.torch import load_file
+
+    api = HfApi(token=hub_token)
+    family = json.loads((moe["base"] / "config.json").read_text())["model_type"]
+    repos = []
+    for kind in ("fused", "split"):
+        repo = f"org/moe-{family}-{kind}"
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(repo_id=repo, folder_path=moe[kind])
+        repos.append(repo)
+    report = check(repos)
+    assert report.ok, report.errors
+    out = merge(repos, tmp_path / "hub", optimizer="sgd", progress=False).path
+    local = merge([moe["fused"], moe["split"]], tmp_path / "local", optimizer="sgd", progress=False).path
+    merged, expected = load_file(out / "model.safetensors"), load_file(local / "model.safetensors")
+    assert merged.keys() == expected.keys()
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
