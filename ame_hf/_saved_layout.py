@@ -95,8 +95,10 @@ def _saved_views(config_json: str, stored_json: str) -> dict[str, tuple[str, int
     # keeps every saved tensor a view of the stored one, so torch itself says where its bytes lie.
     with _Aliasing():
         traced = revert_weight_conversion(model, dict(roots))
-    if set(plain) != set(traced) or set(traced) == set(roots):
-        return None if set(traced) == set(roots) else "its conversion is not a split"
+    if all(roots.get(k) is t for k, t in traced.items()) and set(traced) == set(roots):
+        return None  # nothing converted
+    if set(plain) != set(traced):
+        return "its conversion is not a split"
     views: dict[str, tuple[str, int, tuple[int, ...]]] = {}
     for new, t in traced.items():
         src = by_id.get(id(t)) or by_id.get(id(t._base))
