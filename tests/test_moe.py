@@ -265,3 +265,18 @@ def test_fused_and_split_hub_repos_check_from_headers_and_merge_as_local_folders
     merged, expected = load_file(out / "model.safetensors"), load_file(local / "model.safetensors")
     assert merged.keys() == expected.keys()
     assert all(torch.equal(merged[k], expected[k]) for k in expected)
+
+
+def test_target_parameters_on_plain_2d_weights_merge_as_peft_merges_them(tmp_path):
+    from factories import build_base
+
+    build_base("llama").save_pretrained(tmp_path / "base")
+    options = dict(r=2, lora_alpha=4, target_modules=["v_proj"],
+                   target_parameters=["self_attn.q_proj.weight", "mlp.down_proj.weight"])
+    adapters = [make_lora_adapter(tmp_path / "base", tmp_path / f"a{i}", options, seed=i + 1) for i in range(2)]
+    states = [loaded(peft_merged(tmp_path / "base", a, tmp_path / f"m{i}")) for i, a in enumerate(adapters)]
+    base = loaded(tmp_path / "base")
+    down = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(states[0][down], base[down])
+    out = merge(adapters, tmp_path / "soup", optimizer="sgd", progress=False).path
+    assert_close(out, {k: sum(s[k].double() for s in states) / len(states) for k in states[0]})
