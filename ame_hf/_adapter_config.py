@@ -26,13 +26,13 @@ _NO_EFFECT = frozenset({
 })
 # Computed here as peft computes it (`bias` and `init_lora_weights` checked by value below):
 _COMPUTED = frozenset({"r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out",
-                       "modules_to_save", "lora_bias", "bias", "init_lora_weights", "trainable_token_indices"})
+                       "modules_to_save", "lora_bias", "bias", "init_lora_weights", "trainable_token_indices",
+                       "target_parameters"})  # fused MoE experts and other parameters: _param_lora.py
 # Set, these make a model that is not `W_base + scaling * B @ A` over the base's tensors:
 _REFUSED = {
     "use_dora": "is a DoRA adapter (use_dora): its merge rescales every column by a trained magnitude",
     "use_qalora": "is a QA-LoRA adapter (use_qalora): its factors act on pooled inputs",
     "layer_replication": "replicates layers (layer_replication): its model has other layers than the base",
-    "target_parameters": "adapts parameters rather than modules (target_parameters, e.g. fused MoE experts)",
     "megatron_config": "adapts Megatron parallel layers (megatron_config), not a transformers model",
 }
 # `init_lora_weights` values whose saved factors are the trained ones over the untouched base:
@@ -135,3 +135,10 @@ def adapter_base(config: dict[str, Any]) -> str | None:
     if not base:
         return None
     return f"{base}@{config['revision']}" if config.get("revision") else str(base)
+
+
+def module_pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's per-module override (`rank_pattern`, `alpha_pattern`), matched by peft's own `get_pattern_key`."""
+    from peft.utils.other import get_pattern_key
+
+    return patterns.get(get_pattern_key(list(patterns), module), default)

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from ._adapter_config import MERGE_FIRST, adapter_refusals, read_adapter_config
+from ._adapter_config import MERGE_FIRST, adapter_refusals, module_pattern, read_adapter_config
+from ._param_lora import param_loras
 from ._text_config import vocab_size, with_vocab_size
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import CheckpointError
@@ -72,6 +73,10 @@ class AdapterCheckpoint(Checkpoint):
         self.tensors = dict(base.tensors)
         self._replace()
         self._take_base(base)  # its config, with the vocabulary the adapter resized to
+        params, refused = param_loras(base.config, self.adapter_config, factors, name)  # target_parameters
+        self.refusals += refused + [f"{name}: the adapter changes {k!r}, which the base {base.name} lacks"
+                                    for k in params if k not in self.tensors]
+        self.loras.update({k: _Lora(**v) for k, v in params.items() if k in self.tensors})
         self._collect(factors)
         self._trainable_tokens()
         self.stored = {n: n for n in self.tensors}
@@ -220,8 +225,8 @@ class AdapterCheckpoint(Checkpoint):
                 self.refusals.append(f"{self.name}: the adapter targets {key!r}, which the base {self.base.name} lacks")
                 continue
             rank = a.shape[0]
-            r = _pattern(cfg.get("rank_pattern") or {}, module, cfg.get("r", 8))
-            alpha = _pattern(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8))
+            r = module_pattern(cfg.get("rank_pattern") or {}, module, cfg.get("r", 8))
+            alpha = module_pattern(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8))
             if r != rank:
                 self.refusals.append(f"{self.name}: module {module!r} has rank-{rank} factors, but its config says "
                                      f"r={r} (peft cannot load it)")
@@ -337,13 +342,6 @@ class AdapterCheckpoint(Checkpoint):
 
     def __repr__(self) -> str:
         return f"AdapterCheckpoint({self.name!r} on {self.base.name!r}, {len(self.loras)} LoRA tensor(s))"
-
-
-def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's per-module override (`rank_pattern`, `alpha_pattern`), matched by peft's own `get_pattern_key`."""
-    from peft.utils.other import get_pattern_key
-
-    return patterns.get(get_pattern_key(list(patterns), module), default)
 
 
 def _layout(config: dict[str, Any]) -> Layout | None:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ._model_files import read_config
+from ._saved_layout import to_saved_layout
 from ._weight_files import index_shards, read_header, weight_layout
 from .errors import CheckpointError, IngredientNotFoundError
 
@@ -124,6 +125,7 @@ class Checkpoint:
         self.unsupported: dict[str, str] = {}
         self.tensors: dict[str, TensorInfo] = self._scan()
         self.stored: dict[str, str] = {n: n for n in self.tensors}  # name -> name in the file
+        to_saved_layout(self)  # fused MoE experts and the like: under the names save_pretrained writes
         if not self.tensors and not self.unsupported:
             raise CheckpointError(f"{self.name}: the weights contain no tensors", path=self.path)
 
@@ -150,6 +152,7 @@ class Checkpoint:
         ckpt.stored = {n: n for n in tensors}
         ckpt.reads = ReadCount()
         ckpt.format, ckpt.files = "safetensors", sorted({t.file for t in tensors.values()})
+        to_saved_layout(ckpt)
         return ckpt
 
     def renamed(self, names: dict[str, str]) -> "Checkpoint":

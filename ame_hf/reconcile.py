@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from ._differences import flatten
+from ._meta_model import UnknownArchitecture, on_meta as _on_meta
+from ._saved_layout import saved_keys
 from .conversion import stored_names
 
 logger = logging.getLogger(__name__)
@@ -56,10 +58,6 @@ class Layout:
     token_other: frozenset[str] = frozenset()
 
 
-class UnknownArchitecture(Exception):
-    """The config names a model type or class transformers does not have (remote code)."""
-
-
 def model_layout(config: dict[str, Any]) -> Layout:
     """The layout of the config's first architecture, from the class built on the meta device.
 
@@ -80,7 +78,8 @@ def _layout(config_json: str) -> Layout:
     stored = lambda name: stored_as.get(name, name)  # noqa: E731
     tied = {stored(a): stored(t) for a, t in loaded_tied.items()}
     ignored = [*_ignored_on_load(model), *(re.escape(stored(b)) + "$" for b in buffers)]
-    keys = frozenset(stored(k) for k in state - set(loaded_tied))
+    # Fused MoE experts as saved, per expert (saved_keys); renamed ones as stored (stored_as).
+    keys = frozenset(stored(k) for k in saved_keys(json.loads(config_json), state - set(loaded_tied)))
     embeddings = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
     vocab_params = {id(getattr(m, attr)) for m in embeddings for attr in ("weight", "bias")
                     if getattr(m, attr, None) is not None}
@@ -147,26 +146,6 @@ def stale_keys(config: dict[str, Any], stored: dict[str, Any]) -> bool:
         return bool(rename(stored, model_layout(config)).dropped)
     except Exception:  # noqa: BLE001  no class to ask: compared as stored
         return False
-
-
-def _on_meta(config: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """(class, config object, model) of the config's first architecture, the model built on the meta device."""
-    import torch
-    import transformers
-    from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-    model_type = config.get("model_type")
-    if model_type not in CONFIG_MAPPING_NAMES:
-        raise UnknownArchitecture(f"model_type {model_type!r} is not part of transformers")
-    names = config.get("architectures") or []
-    cls = getattr(transformers, names[0], None) if names else None
-    if cls is None:
-        raise UnknownArchitecture(f"architecture {names[0] if names else None!r} is not part of transformers")
-    settings = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version", "auto_map")}
-    cfg = AutoConfig.for_model(model_type, **settings)
-    with torch.device("meta"):
-        return cls, cfg, cls(cfg)
 
 
 def label_tensors(config: dict[str, Any]) -> tuple[frozenset[str], frozenset[str]]:

@@ -113,7 +113,6 @@ REFUSED_CONFIGS = [
     ({"init_lora_weights": "corda"}, ("CorDA", "path_initial_model_for_weight_conversion")),
     ({"init_lora_weights": "lora_ga"}, ("LoRA-GA", "path_initial_model_for_weight_conversion")),
     ({"init_lora_weights": "loftq"}, ("LoftQ", "merge_and_unload")),
-    ({"target_parameters": ["mlp.experts.down_proj"]}, ("target_parameters", "merge_and_unload")),
     ({"trainable_token_indices": [1, 2]}, ("trainable_token_indices", "merge_and_unload")),
     ({"layer_replication": [[0, 2], [1, 2]]}, ("layer_replication", "merge_and_unload")),
     ({"megatron_config": {"tensor_model_parallel_size": 2}}, ("megatron_config", "merge_and_unload")),
