@@ -12,7 +12,7 @@ from typing import Sequence
 # messages name keywords; the CLI shows them as these flags (and tests/test_interface.py reads this). The
 # commands listed are those whose options are the Python API's keywords: only their errors are rewritten.
 RENAMED = {
-    "merge": {"ingredients": "REF", "out_dir": "--out"},
+    "merge": {"ingredients": "REF", "out_dir": "--out", "data": "--eval-data"},
     "check": {"ingredients": "REF"},
     "evaluate": {"models": "MODEL", "batch_size": "--eval-batch-size"},
     "tune": {"ingredients": "REF", "out_dir": "--out", "batch_size": "--eval-batch-size"},

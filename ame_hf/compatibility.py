@@ -251,7 +251,7 @@ def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: 
     index: int | None = 0 if union or source in ("first", "pivot") else source if isinstance(source, int) else None
     if index is None:  # another checkpoint's tokenizer: its vocabulary exactly, every row from the ingredients
         if not isinstance(source, TokenizerFiles) or token_ids(source) is None:
-            report.errors.append(f"the vocabularies differ and --tokenizer-source {source!r} holds no tokenizer")
+            report.errors.append(f"the vocabularies differ and tokenizer_source={source!r} holds no tokenizer")
             return
         names, tokenizers = [*names, "the tokenizer source"], [*tokenizers, source]
         counts, index = [*counts, len(token_ids(source) or {})], len(views)
@@ -263,8 +263,8 @@ def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: 
     if index == len(views):  # drop the tokenizer-only source: every row must come from an ingredient
         orphans = [r for r in range(plan.size) if all(rows[r] < 0 for rows in plan.rows[:-1])]
         if orphans:
-            report.errors.append(f"--tokenizer-source has {len(orphans)} token(s) no ingredient has; choose "
-                                 "union, first or an ingredient index")
+            report.errors.append(f"the tokenizer source has {len(orphans)} token(s) no ingredient has; choose "
+                                 "tokenizer_source='union', 'first' or an ingredient index")
             return
         plan = replace(plan, rows=plan.rows[:-1], new_tokens=[], source=0, tokenizer=source)
     report.vocab, report.vocab_keys = plan, keys
@@ -322,7 +322,7 @@ def _compare_dtypes(views: Sequence[Checkpoint], report: CompatibilityReport, al
         if floating and allow_dtype_mismatch:
             report.notes.append(line)
         else:
-            report.errors.append(line + ("; choose the output dtype with --dtype" if floating else ""))
+            report.errors.append(line + ("; choose the output dtype: dtype='float32' (or bfloat16, float16)" if floating else ""))
 
 
 def _compare_pivot(ref: Checkpoint, pivot: Checkpoint, report: CompatibilityReport) -> None:

@@ -84,8 +84,8 @@ def default_metric(task: str, metric: str | None = None) -> str:
     if metric is None:
         return DEFAULT_METRICS.get(task, "accuracy")
     if task == "text-generation" and metric not in LM_METRICS:
-        raise InvalidConfigError(f"--metric {metric} does not apply to text-generation; use one of: "
-                                 f"{', '.join(LM_METRICS)}")
+        raise InvalidConfigError(f"metric={metric!r} does not apply to text-generation; use one of: "
+                                 f"{', '.join(LM_METRICS)}", field="metric")
     return metric
 
 
@@ -156,8 +156,8 @@ def task_for_models(models: Sequence[tuple[str, dict[str, Any]]], task: str | No
         task = infer_task(config)
         if task is None:
             archs = ", ".join(_architectures(config)) or "no architectures in config.json"
-            raise InvalidConfigError(f"cannot infer --task for {name} ({archs}); pass --task with one of: "
-                                     f"{_task_list()}")
+            raise InvalidConfigError(f"cannot infer the task for {name} ({archs}); pass task=NAME with one of: "
+                                     f"{_task_list()}", field="task")
     for name, config in models:
         check_task_fits(config, task, name)
     return task
@@ -187,10 +187,11 @@ def load_data(path: str | os.PathLike, task: str) -> LabelledData | TextData:
         return load_texts(path)
     path = Path(path)
     if not path.exists():
-        raise InvalidConfigError(f"--data {path} does not exist")
+        raise InvalidConfigError(f"data={str(path)!r} does not exist", field="data")
     if path.is_dir():
         if task != "image-classification":
-            raise InvalidConfigError(f"--data {path} is a folder; a folder of images needs --task image-classification")
+            raise InvalidConfigError(f"data={str(path)!r} is a folder; a folder of images needs "
+                                     "task='image-classification'", fields=("data", "task"))
         inputs, labels = [], []
         for label_dir in sorted(p for p in path.iterdir() if p.is_dir()):
             for image in sorted(label_dir.iterdir()):
@@ -198,12 +199,12 @@ def load_data(path: str | os.PathLike, task: str) -> LabelledData | TextData:
                     inputs.append(str(image))
                     labels.append(label_dir.name)
         if not inputs:
-            raise InvalidConfigError(f"--data {path}: no images found in {path}/<label>/ folders")
+            raise InvalidConfigError(f"data={str(path)!r}: no images found in {path}/<label>/ folders", field="data")
         return LabelledData(path.name, inputs, labels)
     rows = _read_rows(path)
     column = "text" if task == "text-classification" else "image"
     if not rows or column not in rows[0] or "label" not in rows[0]:
-        raise InvalidConfigError(f"--data {path}: every row needs `{column}` and `label` fields")
+        raise InvalidConfigError(f"data={str(path)!r}: every row needs `{column}` and `label` fields", field="data")
     inputs = [r[column] if column == "text" else str((path.parent / r[column]).resolve()) for r in rows]
     return LabelledData(path.stem, inputs, [r["label"] for r in rows])
 
@@ -215,7 +216,8 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
                 return list(csv.DictReader(f))
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as err:
-        raise InvalidConfigError(f"--data {path} cannot be read as {'CSV' if path.suffix == '.csv' else 'JSONL'}: {err}") from err
+        raise InvalidConfigError(f"data={str(path)!r} cannot be read as {'CSV' if path.suffix == '.csv' else 'JSONL'}: "
+                                 f"{err}", field="data") from err
 
 
 def load_metric(name: str):

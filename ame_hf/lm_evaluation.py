@@ -48,7 +48,8 @@ def load_texts(path: str | os.PathLike) -> TextData:
     """
     path = Path(path)
     if not path.is_file():
-        raise InvalidConfigError(f"--data {path} does not exist (text-generation needs a .txt or JSONL file)")
+        raise InvalidConfigError(f"data={str(path)!r} does not exist (text-generation needs a .txt or JSONL file)",
+                                 field="data")
     try:
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if path.suffix == ".txt":
@@ -56,13 +57,13 @@ def load_texts(path: str | os.PathLike) -> TextData:
         else:
             rows = [json.loads(line) for line in lines]
             if not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in rows):
-                raise InvalidConfigError(f"--data {path}: every row needs a `text` field (a string)")
+                raise InvalidConfigError(f"data={str(path)!r}: every row needs a `text` field (a string)", field="data")
             texts = [r["text"] for r in rows]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InvalidConfigError(f"--data {path} cannot be read as {'text' if path.suffix == '.txt' else 'JSONL'}: "
-                                 f"{err}") from err
+        raise InvalidConfigError(f"data={str(path)!r} cannot be read as {'text' if path.suffix == '.txt' else 'JSONL'}: "
+                                 f"{err}", field="data") from err
     if not texts:
-        raise InvalidConfigError(f"--data {path} holds no documents")
+        raise InvalidConfigError(f"data={str(path)!r} holds no documents", field="data")
     return TextData(path.stem, texts)
 
 
@@ -174,8 +175,8 @@ def _mean_token_nll(model: Any, data: TextData, *, limit: int | None, batch_size
             total += float(out.loss) * predicted
             count += predicted
     if count == 0:
-        raise InvalidConfigError(f"--data {data.name}: no document has 2 tokens or more after truncation "
-                                 "to score; give longer documents or a larger --max-length")
+        raise InvalidConfigError(f"data={data.name!r}: no document has 2 tokens or more after truncation "
+                                 "to score; give longer documents or a larger max_length=N", fields=("data", "max_length"))
     return total / count, count
 
 

@@ -219,7 +219,7 @@ def plan_vocabulary(names: Sequence[str], tokenizers: Sequence[TokenizerFiles], 
         if orphan is not None:
             raise ValueError(f"row {orphan[1]} of the padded union is padding in no ingredient (the tokens of "
                              f"{', '.join(n for n, c in zip(names, row_counts) if c > orphan[1])} reach past it); "
-                             "choose --tokenizer-source of one ingredient")
+                             "choose tokenizer_source=INDEX of one ingredient")
     rows = [[m.get(k, -1) for k in keys] for m in maps]
     return VocabularyPlan(size=len(keys), rows=rows, new_tokens=new_tokens, source=source, first_new=first_new,
                           padding=sum(isinstance(k, tuple) for k in keys), columns=columns)

@@ -120,8 +120,8 @@ def test_evaluate_infers_the_task_or_says_why_not(llamas, tmp_path, capsys):
     headless.mkdir()
     (headless / "config.json").write_text('{"architectures": ["BertModel"], "model_type": "bert"}')
     code = main(["evaluate", str(headless), "--data", str(val)])
-    assert_one_error_line(code, capsys.readouterr().err, "cannot infer --task", "BertModel", "text-classification",
-                          "image-classification", "text-generation", exit_code=1)
+    assert_one_error_line(code, capsys.readouterr().err, "cannot infer the task", "pass --task NAME", "BertModel",
+                          "text-classification", "image-classification", "text-generation", exit_code=1)
     code = main(["evaluate", str(experts[0]), "--data", str(val), "--task", "image-classification"])
     assert_one_error_line(code, capsys.readouterr().err, "cannot do image-classification", exit_code=1)
 
@@ -277,3 +277,21 @@ def test_a_hub_adapter_is_evaluated_by_repo_id(lm_adapters, hub, hub_token, tmp_
     result = evaluate(["org/eval-lora", lm_adapters["references"][1]], data=lm_adapters["val"], token=hub_token)
     assert result.scores[0][0] == "org/eval-lora"
     assert result.scores[0][1] == pytest.approx(result.scores[1][1], abs=1e-6)
+
+
+def test_data_errors_name_the_keyword_in_python_and_the_flag_in_the_cli(classifiers, tmp_path, capsys):
+    """Issue 20 item 4: a missing data file is `data='...'` from Python and `--data ...` (merge: `--eval-data`)
+    from the command line; neither names the other's form."""
+    import ame_hf
+    from ame_hf.errors import InvalidConfigError
+
+    experts, _ = classifiers
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(InvalidConfigError) as raised:
+        ame_hf.evaluate([experts[0]], data=missing)
+    assert f"data={str(missing)!r} does not exist" in str(raised.value) and "--data" not in str(raised.value)
+    assert main(["evaluate", str(experts[0]), "--data", str(missing)]) in (1, 2)
+    assert f"--data {missing} does not exist" in capsys.readouterr().err
+    assert main(["merge", *map(str, experts), "--out", str(tmp_path / "m"), "--eval-data", str(missing)]) in (1, 2)
+    err = capsys.readouterr().err
+    assert f"--eval-data {missing} does not exist" in err and "data=" not in err, err
