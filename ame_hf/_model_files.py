@@ -71,3 +71,20 @@ def module_folders(path: str | os.PathLike, name: str) -> list[str]:
             raise CheckpointError(f"{name}: {MODULES_NAME} names the module folder {folder!r}, outside the model",
                                   path=Path(path))
     return [f.strip("/") for f in folders if f.strip("/") not in ("", ".")]
+
+
+def project_url() -> str:
+    """The project's URL, set once in the package metadata (setup.cfg `url`): the card and the Space link it.
+
+    >>> project_url().startswith("https://")
+    True
+    """
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.metadata("ame-hf").get("Home-page") or PROJECT_URL
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return PROJECT_URL
+
+
+PROJECT_URL = "https://github.com/ame-hf/ame-hf"  # only when ame-hf is not installed; setup.cfg's url is the one

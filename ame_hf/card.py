@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from ._model_files import project_url
 from .config import AmeConfig
 from .optimizers import optimizer_class, reported_hyperparameters
 from .recipe import run_yaml, versions
@@ -221,6 +222,7 @@ def render_card(result: "MergeResult", checkpoints: Sequence["Checkpoint"], *,
         template_str=template,
         model_name=model_name or f"AME merge of {len(result.ingredients)} checkpoints",
         ingredients=_ingredient_rows(result, checkpoints),
+        project_url=project_url(),
         pivot=_pivot_text(result.pivot),
         optimizer_class=optimizer_class(cfg.optimizer).__name__,
         hyperparameters=reported_hyperparameters(cfg.optimizer, cfg.optimizer_args),

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from ._model_files import project_url
 from ._space_forms import (base_box, eval_batch_box, merge_advanced, output_advanced, push_advanced, result_tabs,
                            selection_options)
 from .output import clean_up_temp_dirs, process_temp_dir
@@ -29,7 +30,7 @@ Fuse fine-tuned checkpoints of one architecture into one model, **without any da
 pseudogradients `w − x_i` to a real `torch.optim` optimizer (Lee & Ngo, 2025,
 [arXiv:2508.14832](https://arxiv.org/abs/2508.14832)). SGD with the harmonic schedule is exactly the uniform
 soup. **Check** reports whether the ingredients can be merged; **Merge** runs
-[ame-hf](https://github.com/ame-hf/ame-hf) and shows the model card; **Evaluate** scores models on data you
+[ame-hf]({url}) and shows the model card; **Evaluate** scores models on data you
 upload; **Tune** picks the best of the soup, the greedy soup, each ingredient and AME variants on your validation
 data; **Push** uploads the latest Merge or Tune result with its card.
 """
@@ -130,7 +131,7 @@ def build_app(*, allow_local_paths: bool | None = None) -> gr.Blocks:
     clean_up_temp_dirs(WORK_DIR_PREFIX)
     handlers = _handlers(not on_spaces() if allow_local_paths is None else allow_local_paths)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
-        gr.Markdown(INTRO)
+        gr.Markdown(INTRO.format(url=project_url()))
         # The latest merge or tune output of this session (what Push uploads); deleted with the session.
         output_folder = gr.State(None, delete_callback=_remove_work_dir)
         with gr.Tabs():

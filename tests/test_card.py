@@ -219,3 +219,20 @@ def test_greedy_soup_card_with_held_out_data(berts, tmp_path, monkeypatch, soup_
     assert "selected by the greedy soup" in card.text and "## Greedy soup" in card.text
     assert f"| best ingredient: {experts[1]} | 0.7000 |" in card.text
     assert f"| greedy soup (kept {', '.join(map(str, result.kept))}) | {result.score:.4f} |" in card.text
+
+
+def test_the_project_url_is_set_once_in_the_package_metadata():
+    """Issue 23 item 9: the card and the Space link the URL of setup.cfg (the package metadata), and the Space's
+    requirements install from it; the fallback for an uninstalled tree is the same URL."""
+    import configparser
+    from pathlib import Path
+
+    from ame_hf._model_files import PROJECT_URL, project_url
+
+    root = Path(__file__).parent.parent
+    setup = configparser.ConfigParser()
+    setup.read(root / "setup.cfg")
+    url = setup["metadata"]["url"]
+    assert project_url() == url == PROJECT_URL
+    assert "{{ project_url }}" in (root / "model_cards" / "ame_model_card.md").read_text()
+    assert f"git+{url}.git" in (root / "examples" / "space" / "requirements.txt").read_text()
