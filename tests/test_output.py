@@ -167,7 +167,8 @@ def _staging(parent: Path):
 
 def test_sigint_mid_merge_cleans_up_and_rerun_succeeds(big_ingredients, tmp_path):
     out = tmp_path / "out"
-    proc = start_cli("merge", *big_ingredients, "--out", out, "--optimizer", "adam", "--lr", "1e-3", "--epochs", "3",
+    # 40 epochs: the streaming takes seconds, so the signal lands mid-merge (3 took 0.2 s on an idle machine).
+    proc = start_cli("merge", *big_ingredients, "--out", out, "--optimizer", "adam", "--lr", "1e-3", "--epochs", "40",
                      "--quiet")
     wait_for(lambda: any((s / "model.safetensors").exists() for s in _staging(tmp_path)))
     time.sleep(0.3)
@@ -185,7 +186,7 @@ def test_sigkill_mid_merge_keeps_previous_output(big_ingredients, tmp_path):
     (out / "ame_config.yaml").write_text("# a previous ame-hf output\n")
     (out / "previous.txt").write_text("previous")
     proc = start_cli("merge", *big_ingredients, "--out", out, "--overwrite", "--optimizer", "adam", "--lr", "1e-3",
-                     "--epochs", "3", "--quiet")
+                     "--epochs", "40", "--quiet")
     wait_for(lambda: any((s / "model.safetensors").exists() for s in _staging(tmp_path)))
     time.sleep(0.3)
     proc.kill()
