@@ -8,6 +8,7 @@ the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -15,7 +16,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 # Only modules that import neither torch nor transformers load here (errors must be instant, README
 # "Failure behaviour"); the commands import the heavy ones (merging, api, tune, ...) when they run.
@@ -289,22 +290,30 @@ def _say(args: argparse.Namespace, text: str) -> None:
         print(text, file=sys.stderr)
 
 
-def _setup_logging(args: argparse.Namespace) -> None:
-    # Our own handler on the package logger: the CLI prints ame-hf's warnings and info whatever
-    # the root logger is configured to (and replaces the handler of an earlier main() call).
+@contextlib.contextmanager
+def _cli_logging(args: argparse.Namespace) -> Iterator[None]:
+    # Our own handler on the package logger for the length of one main() call: the CLI prints
+    # ame-hf's warnings and info whatever the root logger is configured to, and a caller of main()
+    # (a script, a test) gets its logging and progress-bar settings back afterwards.
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
     logger = logging.getLogger("ame_hf")
-    for handler in [h for h in logger.handlers if getattr(h, "_ame_cli", False)]:
-        logger.removeHandler(handler)
+    saved = (logger.propagate, logger.level, are_progress_bars_disabled())
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    handler._ame_cli = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     logger.propagate = False
     logger.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     if getattr(args, "quiet", False):
-        from huggingface_hub.utils import disable_progress_bars
-
         disable_progress_bars()
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate, level, bars_were_disabled = saved
+        logger.setLevel(level)
+        if not bars_were_disabled:
+            enable_progress_bars()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -326,10 +335,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"ame-hf: error: {error_line(err, args.command)}", file=sys.stderr)
         return EXIT_USAGE
-    _setup_logging(args)
     func: Callable[[argparse.Namespace, Any], int] = args.func
     try:
-        return func(args, options)
+        with _cli_logging(args):
+            return func(args, options)
     except KeyboardInterrupt:
         if args.debug:
             raise

@@ -269,3 +269,19 @@ def test_help_guides_and_version_names_the_stack(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("ame-hf ") and [line.split()[0] for line in lines[1:4]] == [
         "torch", "transformers", "huggingface_hub"]
+
+
+def test_main_gives_the_callers_logging_back(llamas, tmp_path, capsys, caplog):
+    # main() from a script (or an earlier test) once left the package logger unpropagated with a
+    # handler on a stream that may be closed by now, so the caller's own logging never saw a warning.
+    import logging
+
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    logger = logging.getLogger("ame_hf")
+    before = (logger.propagate, logger.level, list(logger.handlers), are_progress_bars_disabled())
+    assert main(["check", str(llamas[0]), "--quiet"]) == 1
+    assert (logger.propagate, logger.level, list(logger.handlers), are_progress_bars_disabled()) == before
+    with caplog.at_level("WARNING", logger="ame_hf"):
+        logger.warning("still heard")
+    assert "still heard" in caplog.text
