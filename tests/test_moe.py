@@ -189,20 +189,63 @@ def test_an_adapter_on_a_fused_base_merges_as_peft_merges_it(moe, tmp_path):
     assert_close(out, {k: sum(s[k].double() for s in states) / len(states) for k in states[0]}, atol=1e-5)
 
 
-def test_experts_stored_whole_as_3d_tensors_are_refused_by_name(tmp_path):
-    """GPT-OSS saves its experts fused ([experts, in, out]): no per-expert tensor to add the delta to."""
-    from transformers import GptOssConfig, GptOssForCausalLM
+def tiny_transposed_moe(family: str):
+    """An MoE whose experts transformers keeps `[experts, in, out]` (`is_transposed`), saved whole as 3-D tensors:
+    GPT-OSS (built unquantized) and Aria's text model (saved under its legacy `fc1`/`fc2` names)."""
+    from transformers import AriaTextConfig, AriaTextForCausalLM, GptOssConfig, GptOssForCausalLM
 
     torch.manual_seed(0)
-    GptOssForCausalLM(GptOssConfig(vocab_size=64, hidden_size=16, intermediate_size=8, num_local_experts=4,
-                                   num_experts_per_tok=2, num_hidden_layers=1, num_attention_heads=2,
-                                   num_key_value_heads=1, head_dim=8, layer_types=["full_attention"])
-                      ).save_pretrained(tmp_path / "base")
-    adapter = make_lora_adapter(tmp_path / "base", tmp_path / "a", ADAPTERS["down_proj"], seed=1)
-    report = check([adapter])
-    assert not report.ok and len(report.errors) == 1, report.errors
-    assert "target_parameters 'model.layers.0.mlp.experts.down_proj'" in report.errors[0], report.errors
-    assert "merge_and_unload" in report.errors[0]
+    common = dict(vocab_size=64, hidden_size=16, intermediate_size=12, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=8)  # gate_up_proj [4, 16, 24]: its orientation shows
+    if family == "gpt_oss":
+        return GptOssForCausalLM(GptOssConfig(num_local_experts=4, num_experts_per_tok=2,
+                                              layer_types=["full_attention"], **common))
+    return AriaTextForCausalLM(AriaTextConfig(moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1, **common))
+
+
+TRANSPOSED_ADAPTERS = {
+    "down_proj": dict(r=3, lora_alpha=8, target_modules=["q_proj"], target_parameters=["mlp.experts.down_proj"]),
+    "rslora": dict(r=2, lora_alpha=4, use_rslora=True, target_modules=["v_proj"],
+                   target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
+}
+
+
+@pytest.fixture(scope="module", params=["gpt_oss", "aria_text"])
+def transposed(request, tmp_path_factory):
+    """A base whose experts are stored `[in, out]`, two target_parameters adapters of it and peft's merges."""
+    root = tmp_path_factory.mktemp(request.param)
+    tiny_transposed_moe(request.param).save_pretrained(root / "base")
+    adapters = {k: make_lora_adapter(root / "base", root / k, o, seed=i + 1)
+                for i, (k, o) in enumerate(TRANSPOSED_ADAPTERS.items())}
+    return root / "base", adapters, {k: peft_merged(root / "base", a, root / f"{k}-merged") for k, a in
+                                     adapters.items()}
+
+
+def test_adapters_on_experts_stored_in_out_merge_as_peft_merges_them(transposed, tmp_path, monkeypatch):
+    """peft leaves such a parameter's features unswapped, and its delta per expert is `(B_e @ A_e).T`."""
+    base, adapters, merged = transposed
+    refs = list(adapters.values())
+    report = check(refs)
+    assert report.ok, report.errors
+    out = merge(refs, tmp_path / "soup", optimizer="sgd", progress=False).path
+    states = [loaded(m) for m in merged.values()]
+    before = loaded(base)
+    experts = [k for k in before if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert len(experts) == 2 and all(before[k].dim() == 3 for k in experts)
+    assert all(not torch.equal(states[1][k], before[k]) for k in experts)  # peft really changed them
+    assert_close(out, {k: sum(s[k].double() for s in states) / len(states) for k in states[0]}, atol=1e-5)
+    assert saved_names(out) == saved_names(base)  # the layout save_pretrained writes: 3-D experts, whole
+    monkeypatch.setattr(plan, "BLOCK_ELEMENTS", 24)  # a block: less than one expert's matrix
+    small = merge(refs, tmp_path / "small", optimizer="sgd", progress=False).path
+    assert (out / "model.safetensors").read_bytes() == (small / "model.safetensors").read_bytes()
+
+
+def test_adam_over_adapters_on_experts_stored_in_out_equals_the_whole_model_reference(transposed, tmp_path):
+    base, adapters, merged = transposed
+    config = AmeConfig(optimizer="adam", lr=0.01, epochs=2, pivot=str(base))
+    out = merge(list(adapters.values()), tmp_path / "adam", config, progress=False).path
+    expected = reference_ame_states([loaded(m) for m in merged.values()], config, loaded(base))
+    assert_close(out, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("other", ["bare", "fused"])
