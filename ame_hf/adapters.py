@@ -273,8 +273,10 @@ class AdapterCheckpoint(Checkpoint):
     def describe(self) -> str:
         """One line for `check`: type, rank, alpha and the modules it targets."""
         cfg = self.adapter_config
-        targets = sorted({k.rsplit(".", 2)[-2] for k in self.loras if k.endswith(".weight")})
-        ranks = sorted({lora.a.shape[0] for lora in self.loras.values()})
+        # a module's weight, or a parameter (`mlp.experts.down_proj`, 3-D experts saved whole: `a` [experts, r, in])
+        targets = sorted({k.rsplit(".", 2)[-2] if k.endswith(".weight") else k.rsplit(".", 1)[-1]
+                          for k, lora in self.loras.items() if lora.bias is None})
+        ranks = sorted({lora.a.shape[-2] for lora in self.loras.values()})
         extra = f", modules_to_save {sorted(cfg.get('modules_to_save') or [])}" if cfg.get("modules_to_save") else ""
         if self.vocab_rows is not None:
             extra += f", vocabulary resized to {self.vocab_rows} rows"

@@ -227,6 +227,7 @@ def test_adapters_on_experts_stored_in_out_merge_as_peft_merges_them(transposed,
     refs = list(adapters.values())
     report = check(refs)
     assert report.ok, report.errors
+    assert any(f"{refs[0]} is a LoRA adapter (rank 3, alpha 8, targets " in n for n in report.notes), report.notes
     out = merge(refs, tmp_path / "soup", optimizer="sgd", progress=False).path
     states = [loaded(m) for m in merged.values()]
     before = loaded(base)
