@@ -67,10 +67,9 @@ def param_loras(base_config: dict[str, Any], adapter_config: dict[str, Any], fac
             refusals.append(f"{where} has factors of shapes {list(a.shape)} and {list(b.shape)}, which do not fit it "
                             f"{list(wrapper.shape)} at rank {wrapper.rank} (peft cannot load them)")
             continue
-        a3 = a.reshape(experts, wrapper.rank, dims_in)
-        b3 = b.reshape(dims_out, wrapper.rank, experts)
+        a_e, b_e = _expert_factors(a, b, wrapper)
         for saved, offset, shape in pieces.get(wrapper.parameter, ()):
-            delta = _piece(a3, b3, wrapper, offset, shape)
+            delta = _piece(a_e, b_e, wrapper, offset, shape)
             if delta is None:
                 refusals.append(f"{where}: its saved tensor {saved!r} {list(shape)} is neither rows of one expert nor "
                                 f"whole experts of {list(wrapper.shape)}; {_MERGE_FIRST}")
@@ -79,16 +78,21 @@ def param_loras(base_config: dict[str, Any], adapter_config: dict[str, Any], fac
     return out, refusals
 
 
-@functools.lru_cache(maxsize=8)
-def _piece(a3: torch.Tensor, b3: torch.Tensor, wrapper: _Wrapper, offset: int,
+def _expert_factors(a: torch.Tensor, b: torch.Tensor, wrapper: _Wrapper) -> tuple[torch.Tensor, torch.Tensor]:
+    """peft's factors per expert: `A` [r·E, in] as [E, r, in], `B` [out, r·E] as [out, r, E], then [E, out, r]."""
+    experts = wrapper.shape[0]
+    return (a.reshape(experts, wrapper.rank, a.shape[1]),
+            b.reshape(b.shape[0], wrapper.rank, experts).permute(2, 0, 1))
+
+
+def _piece(a_e: torch.Tensor, b_e: torch.Tensor, wrapper: _Wrapper, offset: int,
            shape: tuple[int, ...]) -> dict[str, Any] | None:
-    """The delta arguments of the saved tensor at element `offset` of the parameter, of `shape`: rows `[first,
-    first + n)` of expert `e`'s matrix [d1, d2] (the rows B's when peft swapped its features, else A's columns),
-    or experts `[e, e + n)` whole; None when it is neither."""
+    """The delta arguments of the saved tensor at element `offset` of the parameter, of `shape`, from the experts'
+    factors (`_expert_factors`): rows `[first, first + n)` of expert `e`'s matrix [d1, d2] (the rows B's when peft
+    swapped its features, else A's columns), or experts `[e, e + n)` whole; None when it is neither."""
     experts, d1, d2 = wrapper.shape
     expert, rest = divmod(offset, d1 * d2)
     first, column = divmod(rest, d2)
-    a_e, b_e = a3, b3.permute(2, 0, 1)  # [E, r, in], [E, out, r]
     if len(shape) == 3 and tuple(shape[1:]) == (d1, d2) and not rest and expert + shape[0] <= experts:
         picked = slice(expert, expert + shape[0])
         return dict(a=a_e[picked].clone(), b=b_e[picked].clone(), rows_from_a=not wrapper.out_first,
@@ -102,6 +106,7 @@ def _piece(a3: torch.Tensor, b3: torch.Tensor, wrapper: _Wrapper, offset: int,
     return dict(a=a_e[expert][:, rows].clone(), b=b_e[expert].clone(), rows_from_a=True, scaling=wrapper.scaling)
 
 
+@functools.lru_cache(maxsize=8)
 def _wrappers(config_json: str, adapter_json: str) -> dict[str, _Wrapper]:
     """module name (as the adapter stores it) -> its parameter wrapper, from peft itself on the meta device."""
     import peft

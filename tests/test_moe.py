@@ -321,3 +321,42 @@ def test_target_parameters_on_plain_2d_weights_merge_as_peft_merges_them(tmp_pat
     assert not torch.equal(states[0][down], base[down])
     out = merge(adapters, tmp_path / "soup", optimizer="sgd", progress=False).path
     assert_close(out, {k: sum(s[k].double() for s in states) / len(states) for k in states[0]})
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_every_saved_piece_of_an_expert_parameter_gets_peft_s_own_delta(transposed):
+    """Whichever piece of a fused expert parameter a checkpoint saves (rows of one expert's matrix, or whole experts)
+    and whichever rows a block holds, the delta is the slice of peft's `ParamWrapper.get_delta_weight`, for experts
+    kept [out, in] and for `is_transposed` ones kept [in, out]."""
+    import peft
+    from torch import nn
+
+    from ame_hf._lora_delta import Lora, lora_delta
+    from ame_hf._param_lora import _expert_factors, _piece, _Wrapper
+
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.is_transposed = transposed  # what transformers' experts say, and peft reads
+            self.down_proj = nn.Parameter(torch.zeros(3, 5, 7))
+
+    model = nn.Module()
+    model.experts = Experts()
+    config = peft.LoraConfig(r=2, lora_alpha=6, target_modules=[], target_parameters=["experts.down_proj"])
+    peft.inject_adapter_in_model(config, model)
+    wrapper = model.experts
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in (wrapper.lora_A["default"].weight, wrapper.lora_B["default"].weight):
+            p.normal_()
+    expected = wrapper.get_delta_weight("default").double()  # [3, 5, 7]
+    assert wrapper._did_swap_in_out_features is not transposed
+    spec = _Wrapper(parameter="experts.down_proj", rank=2, scaling=3.0, out_first=not transposed, shape=(3, 5, 7))
+    a_e, b_e = _expert_factors(wrapper.lora_A["default"].weight.detach(), wrapper.lora_B["default"].weight.detach(),
+                               spec)
+    for offset, shape, want in [(0, (3, 5, 7), expected), (35, (2, 5, 7), expected[1:]), (35 * 2 + 7, (3, 7),
+                                expected[2, 1:4]), (0, (5, 7), expected[0])]:
+        lora = Lora(**_piece(a_e, b_e, spec, offset, shape))
+        assert torch.allclose(lora_delta(lora, None).double(), want, atol=1e-6), (offset, shape)
+        assert torch.equal(lora_delta(lora, (1, 2)), lora_delta(lora, None)[1:2])  # a block: the same bytes
+    assert _piece(a_e, b_e, spec, 3, (5, 7)) is None  # not rows of one expert
