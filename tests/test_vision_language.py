@@ -51,6 +51,24 @@ def build_vlm(family: str, vocab_size: int = 64, seed: int = 0) -> transformers.
     raise ValueError(family)
 
 
+def added_token_vlms(root):
+    """Two LLaVA fine-tunes with tokenizers, the second of which added two tokens (its nested vocab_size 18)."""
+    from transformers import AddedToken
+
+    folders = []
+    for i, added in enumerate([[], ["<x>", "<|im_start|>"]]):
+        tok = tiny_tokenizer()
+        tok.add_tokens([AddedToken("<image>", special=True)])
+        model = build_vlm("llava", vocab_size=len(tok))
+        tok.add_tokens([AddedToken(t, special=t.startswith("<|")) for t in added])
+        model.resize_token_embeddings(len(tok))
+        perturb(model.parameters(), i)
+        folders.append(root / f"ft{i}")
+        model.save_pretrained(folders[-1])
+        tok.save_pretrained(folders[-1])
+    return folders
+
+
 def _loaded(folder, adapter=None):
     """The model as transformers (and peft, for an adapter: `merge_and_unload()`) loads it, and the load's report."""
     from peft import PeftModel
@@ -61,7 +79,7 @@ def _loaded(folder, adapter=None):
     return model, info
 
 
-def _make_adapter(base, out, seed):
+def make_vlm_adapter(base, out, seed):
     """A peft LoRA adapter of the model in `base`, every trained tensor moved by seeded noise (B starts at zero)."""
     from peft import LoraConfig, get_peft_model
 
@@ -83,7 +101,7 @@ LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", 
 def test_lora_on_a_vision_language_model_is_the_mean_of_peft_merges(family, tmp_path, monkeypatch):
     base = tmp_path / "base"
     build_vlm(family).save_pretrained(base)
-    adapters = [_make_adapter(base, tmp_path / f"lora{i}", seed=i) for i in (1, 2)]
+    adapters = [make_vlm_adapter(base, tmp_path / f"lora{i}", seed=i) for i in (1, 2)]
     out = merge(adapters, tmp_path / "soup", optimizer="sgd", progress=False).path
     references = [_loaded(base, a)[0] for a in adapters]
     merged, info = _loaded(out)
@@ -110,19 +128,9 @@ def test_lora_on_a_vision_language_model_is_the_mean_of_peft_merges(family, tmp_
 def test_vision_language_finetunes_that_added_tokens_merge_by_token(tmp_path):
     """Two LLaVA fine-tunes, one of which added tokens: rows are matched by token, the output's nested
     `text_config.vocab_size` and tokenizer match its rows, and it loads with no missing or unexpected key."""
-    from transformers import AddedToken, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    folders = []
-    for i, added in enumerate([[], ["<x>", "<|im_start|>"]]):
-        tok = tiny_tokenizer()
-        tok.add_tokens([AddedToken("<image>", special=True)])
-        model = build_vlm("llava", vocab_size=len(tok))
-        tok.add_tokens([AddedToken(t, special=t.startswith("<|")) for t in added])
-        model.resize_token_embeddings(len(tok))
-        perturb(model.parameters(), i)
-        folders.append(tmp_path / f"ft{i}")
-        model.save_pretrained(folders[-1])
-        tok.save_pretrained(folders[-1])
+    folders = added_token_vlms(tmp_path)
     out = tmp_path / "union"
     assert main(["merge", *map(str, folders), "--out", str(out), "--quiet", "--optimizer", "sgd"]) == 0
     tok, toks = AutoTokenizer.from_pretrained(out), [AutoTokenizer.from_pretrained(f) for f in folders]
