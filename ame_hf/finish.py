@@ -56,6 +56,7 @@ def finish(staging: Path, result: MergeResult, checkpoints: list[Checkpoint], *,
     if config.pop("auto_map", None) is not None:
         logger.warning("%s: config.json has auto_map (remote code); it is not copied and never run", source.name)
     config.pop("_name_or_path", None)
+    config.pop("quantization_config", None)  # FP8 / MXFP4 ingredients: the merge is written dequantized
     if result.config.dtype != "auto":
         config["dtype"] = result.config.dtype
     if vocab is not None:
