@@ -24,7 +24,6 @@ MERGED_METHODS = ("fp8", "mxfp4")
 STORED_ONLY = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu"}
 QUANTIZED_HINT = ("AME averages full-precision weights: merge the unquantized originals (e.g. the fine-tune's "
                   "float16/bfloat16 release), then quantize the merge (FP8 and MXFP4 checkpoints merge as they are)")
-_FP8_SCALE = "weight_scale_inv"
 _FP8_DROPPED = ("activation_scale", "input_scale")  # static activation scales: no parameter of the dequantized model
 
 
@@ -130,16 +129,16 @@ def dequantized_view(ckpt: Any) -> None:
         block = ckpt.config["quantization_config"].get("weight_block_size")
         block = tuple(block) if block else None
         for key, info in sorted(stored.items()):
-            scale = key.removesuffix("weight") + _FP8_SCALE
-            if not key.endswith(".weight") or scale not in stored or info.dtype not in _FP8_VALUES:
+            scale = key + "_scale_inv"  # transformers' names: `x.weight_scale_inv`, a fused `x.gate_up_proj_scale_inv`
+            if scale not in stored or info.dtype not in _FP8_VALUES:
                 continue
             why = _fp8_layout(info.shape, stored[scale].shape, block)
             if why:
                 ckpt.refusals = [*getattr(ckpt, "refusals", ()), f"{ckpt.name}: {key} {why}"]
                 continue
             quantized[key] = Quantized("fp8", key, scale, info, stored[scale], dtype, block)
-        owners = {q.values.removesuffix("weight") for q in quantized.values()}
-        dropped = {f"{o}{s}" for o in owners for s in (_FP8_SCALE, *_FP8_DROPPED)}
+        owners = {q.values.rsplit(".", 1)[0] for q in quantized.values()}
+        dropped = {q.scales for q in quantized.values()} | {f"{o}.{s}" for o in owners for s in _FP8_DROPPED}
     else:
         for key, info in sorted(stored.items()):
             base = key.removesuffix("_blocks")

@@ -262,3 +262,48 @@ def test_an_fp8_repo_on_the_hub_is_checked_from_its_headers_and_merged(fp8, hub,
 
     remote, local = load_file(remote / "model.safetensors"), load_file(local / "model.safetensors")
     assert set(remote) == set(local) and all(torch.equal(remote[k], local[k]) for k in local)
+
+
+def test_a_gguf_only_model_is_refused_with_what_to_do(fp8, tmp_path, capsys):
+    from factories import cli_error_line
+
+    folder = tmp_path / "gguf"
+    folder.mkdir()
+    (folder / "config.json").write_text((fp8["b"] / "config.json").read_text())
+    (folder / "model-Q4_K_M.gguf").write_bytes(b"GGUF")
+    line = cli_error_line(capsys, "check", folder, fp8["b"], needles=["model-Q4_K_M.gguf", "GGUF"])
+    assert line.endswith("merge the safetensors originals, then convert the merge to GGUF"), line
+
+
+def test_fp8_shapes_that_are_no_multiple_of_the_block_take_each_elements_own_block_scale(fp8, tmp_path):
+    """A matrix the block does not tile (DeepSeek-V3's 576-row `kv_a_proj_with_mqa` under 128x128 blocks): each
+    element is scaled by its own block's scale, as transformers' FP8 layers compute with it
+    (`_dequantize_fp8_weight`, given the config's block size), in float32, then rounded to the load dtype."""
+    from safetensors.torch import load_file
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    block = (24, 24)
+    state, stored = {}, {}
+    for k, v in load_file(fp8["a"] / "model.safetensors").items():
+        if "layers" not in k or v.ndim != 2:
+            state[k] = v
+            continue
+        rows, cols = v.shape
+        grid = (-(-rows // block[0]), -(-cols // block[1]))
+        padded = torch.zeros(grid[0] * block[0], grid[1] * block[1])
+        padded[:rows, :cols] = v.float()
+        tiles = padded.reshape(grid[0], block[0], grid[1], block[1])
+        scale_inv = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448
+        q = (tiles / scale_inv[:, None, :, None]).reshape(padded.shape)[:rows, :cols].to(torch.float8_e4m3fn)
+        state[k], state[k + "_scale_inv"], stored[k] = q, scale_inv, (q, scale_inv)
+    folder = tmp_path / "fp8-24"
+    _save_quantized(folder, state, json.loads((fp8["a"] / "config.json").read_text()),
+                    {"quant_method": "fp8", "weight_block_size": list(block), "activation_scheme": "dynamic"})
+    ckpt = Checkpoint(folder)
+    for name, (q, scale_inv) in stored.items():
+        expected = _dequantize_fp8_weight(q, scale_inv, list(block), torch.float32).to(torch.bfloat16)
+        assert torch.equal(ckpt.read(name), expected), name
+        stop = min(29, q.shape[0])  # rows across a block's edge, and a partial last block
+        assert torch.equal(ckpt.read(name, rows=(5, stop)), expected[5:stop]), name
+    report = check([folder, fp8["b"]])
+    assert report.ok, report.errors
