@@ -151,6 +151,10 @@ class AmeConfig:
                                          or "/" in self.variant or "." in self.variant):
             raise InvalidConfigError(f"variant must be a plain name such as fp16, got {self.variant!r}",
                                      field="variant")
+        if isinstance(self.dtype, str) and self.dtype.lower().startswith(("fp8", "float8", "mxfp4", "fp4", "int4")):
+            raise InvalidConfigError(f"dtype {self.dtype!r}: ame-hf writes merges unquantized (FP8 and MXFP4 "
+                                     f"ingredients dequantized) and does not quantize them back; choose one of: "
+                                     f"{', '.join(OUTPUT_DTYPES)}, then quantize the merge", field="dtype")
         choice("dtype", self.dtype, OUTPUT_DTYPES)
         choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         parse_size(self.max_shard_size, field="max_shard_size")

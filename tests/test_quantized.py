@@ -246,9 +246,11 @@ def test_fp8_scales_that_do_not_fit_the_blocks_are_refused_by_name(fp8, tmp_path
            "blocks need" in report.errors, report.errors
 
 
-def test_an_fp8_output_dtype_is_refused():
-    with pytest.raises(ValueError, match="dtype"):
-        AmeConfig(dtype="float8_e4m3fn")
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "fp8", "mxfp4"])
+def test_a_quantized_output_dtype_is_refused_saying_why(dtype):
+    with pytest.raises(ValueError, match=f"dtype '{dtype}': ame-hf writes merges unquantized .* does not quantize "
+                                         "them back; choose one of: auto, float32, bfloat16, float16, then quantize"):
+        AmeConfig(dtype=dtype)
 
 
 def test_an_fp8_repo_on_the_hub_is_checked_from_its_headers_and_merged(fp8, hub, hub_token, tmp_path):
@@ -307,3 +309,24 @@ def test_fp8_shapes_that_are_no_multiple_of_the_block_take_each_elements_own_blo
         assert torch.equal(ckpt.read(name, rows=(5, stop)), expected[5:stop]), name
     report = check([folder, fp8["b"]])
     assert report.ok, report.errors
+
+
+def test_a_lora_adapter_of_an_fp8_base_merges_as_peft_merges_it_into_the_dequantized_base(fp8, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+
+    from factories import make_lora_adapter
+
+    adapter = make_lora_adapter(fp8["a-fp8"], tmp_path / "adapter", {"r": 4, "lora_alpha": 8,
+                                                                      "target_modules": ["q_proj", "up_proj"]}, seed=3)
+    base = AutoModelForCausalLM.from_pretrained(fp8["a-fp8"], quantization_config=FineGrainedFP8Config(dequantize=True))
+    peft = PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict()
+    refs = [adapter, fp8["b"]]
+    out = merge(refs, tmp_path / "soup", AmeConfig(optimizer="sgd", dtype="float32"), progress=False).path
+    merged, expected = loaded(out), mean([peft, loaded(fp8["b"])])
+    assert set(merged) == set(expected)
+    for name, value in expected.items():  # peft adds the delta in the base's bf16, ame-hf in float32: one rounding
+        rounding = peft[name].double().abs() * 2 ** -8  # peft's bf16 roundings (at most an ulp), halved in the mean
+        assert ((merged[name].double() - value).abs() <= rounding + 1e-6).all(), name
+        if "q_proj" not in name and "up_proj" not in name:  # the tensors the adapter leaves: the dequantized base's
+            assert torch.allclose(merged[name].double(), value, rtol=0, atol=1e-6), name
