@@ -155,6 +155,18 @@ def test_check_says_the_format_in_one_line(fp8, mxfp4):
         "bfloat16 as transformers loads it (dequantize=True), block by block of rows"], report.notes
 
 
+def test_the_cli_check_says_the_format_and_merge_writes_a_plain_model(fp8, tmp_path, capsys):
+    from factories import run_cli
+
+    code, out, _ = run_cli(capsys, "check", fp8["a-fp8"], fp8["b"])
+    assert code == 0 and out.startswith("OK"), out
+    said = [line for line in out.splitlines() if "FP8" in line]
+    assert len(said) == 1 and "float8_e4m3fn, 16x16 blocks" in said[0] and "dequantized to bfloat16" in said[0], out
+    code, _, err = run_cli(capsys, "merge", fp8["a-fp8"], fp8["b"], "--out", tmp_path / "out", "--quiet")
+    assert code == 0, err
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+
+
 def test_a_checkpoint_reads_the_rows_transformers_loads_and_only_their_bytes(fp8):
     ckpt = Checkpoint(fp8["a-fp8"])
     name = "model.layers.0.mlp.gate_proj.weight"  # (64, 32): scales (4, 2) of 16x16 blocks
