@@ -4,6 +4,7 @@ item 1); other quantization methods refused by name."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -258,11 +259,81 @@ def test_fp8_scales_that_do_not_fit_the_blocks_are_refused_by_name(fp8, tmp_path
            "blocks need" in report.errors, report.errors
 
 
-@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "fp8", "mxfp4"])
-def test_a_quantized_output_dtype_is_refused_saying_why(dtype):
-    with pytest.raises(ValueError, match=f"dtype '{dtype}': ame-hf writes merges unquantized .* does not quantize "
-                                         "them back; choose one of: auto, float32, bfloat16, float16, then quantize"):
+@pytest.mark.parametrize("dtype", ["fp8", "mxfp4", "float8_e5m2"])
+def test_other_quantized_output_dtypes_are_refused_saying_why(dtype):
+    with pytest.raises(ValueError, match=f"dtype '{dtype}': ame-hf writes a merge back in its FP8 ingredients' format "
+                                         r"only as float8_e4m3fn \(MXFP4 is written dequantized\); choose one of: "
+                                         "auto, float32, bfloat16, float16, float8_e4m3fn"):
         AmeConfig(dtype=dtype)
+
+
+def _fp8_reference(bf16_output, names):
+    """transformers' `Fp8Quantize` over whole tensors of a dequantized merge: the FP8 output's expected tensors."""
+    from safetensors.torch import load_file
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+
+    quantize = Fp8Quantize(FineGrainedFP8HfQuantizer(FineGrainedFP8Config(weight_block_size=FP8_BLOCK)))
+    out = {}
+    for k, v in load_file(bf16_output / "model.safetensors").items():
+        out.update(quantize._quantize_one(k, v) if k in names else {k: v})
+    return out
+
+
+def test_fp8_ingredients_merge_back_into_fp8_with_their_block_layout(fp8, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    refs = [fp8["a-fp8"], fp8["b"], fp8["c-fp8"]]
+    config = AmeConfig(optimizer="adam", lr=0.01)
+    plain = merge(refs, tmp_path / "bf16", config, progress=False).path
+    back = merge(refs, tmp_path / "fp8", dataclasses.replace(config, dtype="float8_e4m3fn"), progress=False).path
+    stored = load_file(fp8["a-fp8"] / "model.safetensors")
+    quantized = {k for k, v in stored.items() if v.dtype == torch.float8_e4m3fn}
+    written = load_file(back / "model.safetensors")
+    expected = _fp8_reference(plain, quantized)
+    assert set(written) == set(stored) == set(expected)  # the ingredient's tensors and scales, by name
+    for k, v in expected.items():
+        assert written[k].dtype == stored[k].dtype and written[k].shape == stored[k].shape, k
+        assert torch.equal(written[k].view(torch.uint8) if v.dtype == torch.float8_e4m3fn else written[k],
+                           v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v), k
+    config_out = json.loads((back / "config.json").read_text())
+    assert config_out["quantization_config"]["weight_block_size"] == FP8_BLOCK
+    assert config_out["dtype"] == "bfloat16"
+    assert "float8_e4m3fn as its FP8 ingredients (14 tensors in 16x16 blocks" in (back / "README.md").read_text()
+    state = loaded(back)  # transformers loads it (dequantized), close to the bf16 merge
+    for k, v in loaded(plain).items():
+        assert torch.allclose(state[k].float(), v.float(), rtol=0.07, atol=1e-3), k
+    monkeypatch.setattr("ame_hf.requantize._BAND_ELEMENTS", 16 * 32)  # one band of block rows at a time
+    small = merge(refs, tmp_path / "small", dataclasses.replace(config, dtype="float8_e4m3fn"), progress=False).path
+    assert (small / "model.safetensors").read_bytes() == (back / "model.safetensors").read_bytes()
+
+
+def test_an_fp8_output_in_several_shards_lists_the_scales_in_its_index(fp8, tmp_path):
+    refs = [fp8["a-fp8"], fp8["c-fp8"]]
+    config = AmeConfig(optimizer="sgd", dtype="float8_e4m3fn", max_shard_size="8KB")
+    out = merge(refs, tmp_path / "fp8", config, progress=False).path
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    from safetensors import safe_open
+
+    sizes = 0
+    for shard in sorted(set(index["weight_map"].values())):
+        with safe_open(out / shard, framework="pt") as f:
+            assert all(index["weight_map"][k] == shard for k in f.keys())
+            sizes += sum(f.get_tensor(k).nbytes for k in f.keys())
+    assert sum(k.endswith("_scale_inv") for k in index["weight_map"]) == 14 and index["metadata"]["total_size"] == sizes
+    single = merge(refs, tmp_path / "one", dataclasses.replace(config, max_shard_size="5GB"), progress=False).path
+    merged, expected = loaded(out), loaded(single)
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+
+
+def test_an_fp8_output_needs_an_fp8_ingredient(fp8, tmp_path, capsys):
+    from factories import cli_error_line
+
+    line = cli_error_line(capsys, "merge", fp8["a"], fp8["b"], "--out", tmp_path / "out", "--dtype", "float8_e4m3fn",
+                          needles=["no ingredient is FP8"])
+    assert "--dtype" in line and not (tmp_path / "out").exists(), line
 
 
 def test_an_fp8_repo_on_the_hub_is_checked_from_its_headers_and_merged(fp8, hub, hub_token, tmp_path):
