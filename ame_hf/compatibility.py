@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from ._differences import differing_fields, file_notes, updated, who_has
 from ._text_config import vocab_size
 from .checkpoint import DTYPE_NAMES, Checkpoint
+from .dequantize import QUANTIZED_HINT, describe, quantization_refusal
 from .labels import match_labels
 from .report import CompatibilityReport
 from .reconcile import (TIE_FLAG, Layout, Renaming, UnknownArchitecture, model_layout,
@@ -94,6 +95,7 @@ def check_compatibility(
     if pivot_view is not None:
         _compare_pivot(ref, pivot_view, report)
     report.notes += compare_tokenizers([c.name for c in everything], tokenizers)
+    report.notes[:0] = [line for c in dict.fromkeys(everything) if (line := describe(c))]  # FP8, MXFP4: one line
     return report
 
 
@@ -103,22 +105,15 @@ def _refusals(ckpt: Checkpoint) -> list[str]:
     out = config_refusals(ckpt.name, ckpt.config)
     if ckpt.unsupported and not out:
         dtypes = ", ".join(sorted(set(ckpt.unsupported.values())))
-        out.append(f"{ckpt.name} holds {dtypes} tensors (quantized or FP8); {_QUANTIZED_HINT}")
+        out.append(f"{ckpt.name} holds {dtypes} tensors (quantized or FP8) without the quantization_config and "
+                   f"scales transformers dequantizes; {QUANTIZED_HINT}")
     return out + list(getattr(ckpt, "refusals", ()))
-
-
-_QUANTIZED_HINT = ("AME averages full-precision weights: merge the unquantized originals (e.g. the fine-tune's "
-                   "float16/bfloat16 release), then quantize the merge")
 
 
 def config_refusals(name: str, config: dict[str, Any]) -> list[str]:
     """What `config.json` alone refuses (so nothing else need be read): quantized weights, and an
     architecture only the repo's own code defines."""
-    out = []
-    quant = config.get("quantization_config")
-    if isinstance(quant, dict):
-        method = quant.get("quant_method") or quant.get("quant_type") or "an unnamed method"
-        out.append(f"{name} is quantized with {method} (quantization_config); {_QUANTIZED_HINT}")
+    out = [why for why in [quantization_refusal(name, config)] if why]  # FP8 and MXFP4 merge, dequantized
     if config.get("auto_map") is not None:
         try:
             model_layout({**config, "architectures": config.get("architectures") or []})
@@ -281,7 +276,9 @@ def _compare_configs(views: Sequence[Checkpoint], report: CompatibilityReport, t
     """One line per config field that differs, naming who has which value: an error for a field that means
     another architecture, else a note (the tensors' shapes decide)."""
     names = [v.name for v in views]
-    for key, who in differing_fields(names, [v.config for v in views], skip=QUIET_KEYS):
+    # quantization_config (FP8, MXFP4): said once per checkpoint (`describe`), and the output drops it
+    configs = [{k: x for k, x in v.config.items() if k != "quantization_config"} for v in views]
+    for key, who in differing_fields(names, configs, skip=QUIET_KEYS):
         if key in report.config_keys:
             continue
         report.config_keys.append(key)
