@@ -16,6 +16,7 @@ from ._text_config import vocab_size
 from .checkpoint import DTYPE_NAMES, Checkpoint
 from .labels import match_labels
 from .report import CompatibilityReport
+from ._loaded_ties import loose_aliases, untied_layout
 from .reconcile import (TIE_FLAG, Layout, Renaming, UnknownArchitecture, model_layout,
                         refuse_token_columns, rename, stale_keys, tie_flags, untied)
 from .vocabulary import (TokenizerFiles, VocabularyPlan, compare_tokenizers, plan_vocabulary, read_tokenizer,
@@ -143,16 +144,40 @@ def _reconcile(checkpoints: list[Checkpoint], pivot: Checkpoint | None,
     kinds = [(a, tie_flags(c.config)) for a, c in zip(archs, checkpoints)]  # same kind: same layout
     same = len(set(names)) == 1 and len(set(kinds)) == 1 and (pivot is None or frozenset(pivot.tensors) == names[0])
     same = same and not (all(archs) and stale_keys({**checkpoints[0].config, "architectures": [*archs[0]]}, checkpoints[0].tensors))
-    if same or not all(archs):
+    # A config that ties may store the alias with values of its own, which transformers loads untied.
+    if not all(archs) or same and not any(v is True for kind in kinds for _, v in kind[1]):
         return checkpoints, pivot, 0  # nothing to reconcile (or nothing to reconcile it with)
     layouts: dict[tuple, Layout] = {}
     for ckpt, kind in zip(checkpoints, kinds):
         try:
             layouts.setdefault(kind, model_layout({**ckpt.config, "architectures": list(kind[0])}))
         except Exception as err:  # noqa: BLE001  transformers cannot build it: compare names as stored
+            if same:
+                return checkpoints, pivot, 0
             report.notes.append(f"{ckpt.name}: cannot build {kind[0][0]} to reconcile its layout ({err}); "
                                 "tensor names are compared as stored")
             return checkpoints, pivot, 0
+    loose = [loose_aliases(c, layouts[k]) for c, k in zip(checkpoints, kinds)]
+    if same and not any(loose):  # (a store of every alias by all, unread: the output stores them too, as loaded)
+        return checkpoints, pivot, 0
+    for i, (ckpt, kind) in enumerate(zip(checkpoints, kinds)):
+        if loose[i]:
+            kinds[i] = (*kind, loose[i])
+            layouts[kinds[i]] = untied_layout(layouts[kind], {**ckpt.config, "architectures": list(kind[0])}, loose[i])
+            if layouts[kinds[i]] is None:
+                report.errors.append(f"{ckpt.name} stores {_listed(sorted(loose[i]))} with values other than what "
+                                     f"its config ties them to ({TIE_FLAG}), which transformers loads untied, and no "
+                                     f"{TIE_FLAG} setting of {kind[0][0]} unties exactly those; save it with the "
+                                     "matching config, or without them")
+                return checkpoints, pivot, 0
+            report.notes.append(f"{ckpt.name} stores {', '.join(sorted(loose[i]))} with values other than "
+                                f"{', '.join(sorted({layouts[kind].tied[a] for a in loose[i]}))} although its config "
+                                f"ties them ({TIE_FLAG}): transformers loads it untied, and so does the merge")
+    report.unread_ties = [c.name for c, found in zip(checkpoints, loose) if found is None]
+    report.notes += [f"{name} stores a tensor its config ties ({TIE_FLAG}) beside the one it ties it to: transformers "
+                     "loads it untied if their values differ, which is compared once its weights are downloaded"
+                     for name in report.unread_ties]
+    layouts = {k: layouts[k] for k in kinds}
     own = [layouts[k] for k in kinds]
     # Tied in one ingredient, stored (trained) by another: the output stores it.
     untie = {a: t for lay in own for a, t in lay.tied.items() if any(a in other.keys for other in own)}
@@ -167,12 +192,12 @@ def _reconcile(checkpoints: list[Checkpoint], pivot: Checkpoint | None,
     source = min((i for i in range(len(checkpoints)) if kinds[i] in fit), key=lambda i: (
         cost[kinds[i]], -len(layouts[kinds[i]].keys | set(layouts[kinds[i]].tied)), i))
     layout = layouts[kinds[source]]
-    if untie:
+    if untie or len(kinds[source]) > 2:  # (stored by every ingredient, but loaded untied: the config says so)
         report.config_updates.update(layout.tie_flags)
         report.config_said.update(k for k, _ in layout.tie_flags)
     everything = [*checkpoints, *([pivot] if pivot else [])]
     if pivot is not None:  # a pivot that ties what the output unties starts it from its target
-        own.append(_own_layout(pivot, archs[source]) if untie else layout)
+        own.append(_own_layout(pivot, archs[source], report) if untie else layout)
     views = []
     for i, c in enumerate(everything):
         renaming, taken = untied(rename(c.tensors, layout), own[i] or layout, untie)
@@ -185,12 +210,18 @@ def _reconcile(checkpoints: list[Checkpoint], pivot: Checkpoint | None,
     return views[:len(checkpoints)], views[-1] if pivot else None, source
 
 
-def _own_layout(ckpt: Checkpoint, arch: tuple[str, ...]) -> Layout | None:
-    """The layout of a checkpoint's own config (its architectures, else `arch`); None if it cannot be built."""
+def _own_layout(ckpt: Checkpoint, arch: tuple[str, ...], report: CompatibilityReport) -> Layout | None:
+    """The layout of a checkpoint's own config (its architectures, else `arch`) as transformers loads it (a tied
+    alias it stores with values of its own untied); None if it cannot be built."""
+    config = {**ckpt.config, "architectures": list(ckpt.config.get("architectures") or arch)}
     try:
-        return model_layout({**ckpt.config, "architectures": list(ckpt.config.get("architectures") or arch)})
+        layout = model_layout(config)
     except Exception:  # noqa: BLE001  then nothing of it is untied
         return None
+    found = loose_aliases(ckpt, layout)
+    if found is None:
+        report.unread_ties.append(ckpt.name)
+    return (untied_layout(layout, config, found) or layout) if found else layout
 
 
 def _check_untied(report: CompatibilityReport) -> None:

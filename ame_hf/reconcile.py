@@ -187,12 +187,15 @@ class Renaming:
         dropped: stored names the layout does not keep (tied aliases, ignored buffers), with why.
         unexpected: stored names that fit nowhere in the layout.
         missing: layout names the checkpoint does not provide.
+        aliases: tied alias (layout name) -> the stored name dropped for it, its target being stored too (what
+            transformers loads untied when the two hold different values: `_loaded_ties`).
     """
 
     names: dict[str, str]
     dropped: dict[str, str]
     unexpected: list[str]
     missing: list[str]
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @property
     def is_identity(self) -> bool:
@@ -212,6 +215,7 @@ def rename(stored: Iterable[str], layout: Layout) -> Renaming:
     stored = list(stored)
     names: dict[str, str] = {}
     dropped: dict[str, str] = {}
+    aliases: dict[str, str] = {}
     unexpected: list[str] = []
     prefix = layout.prefix + "." if layout.prefix else ""
     # a file may store a tensor under the name the model loads it by (what the conversion mapping renames to)
@@ -226,6 +230,7 @@ def rename(stored: Iterable[str], layout: Layout) -> Renaming:
             source = layout.tied[target]
             if source in present or source in names:
                 dropped[s] = f"tied to {source}"
+                aliases.setdefault(target, s)
             else:
                 names[source] = s
         elif any(re.search(p, s) for p in layout.ignored):
@@ -235,7 +240,7 @@ def rename(stored: Iterable[str], layout: Layout) -> Renaming:
         else:
             unexpected.append(s)
     missing = sorted(layout.keys - set(names))
-    return Renaming(names=names, dropped=dropped, unexpected=sorted(unexpected), missing=missing)
+    return Renaming(names=names, dropped=dropped, unexpected=sorted(unexpected), missing=missing, aliases=aliases)
 
 
 def _scalar(info: Any) -> bool:
@@ -262,4 +267,5 @@ def untied(renaming: Renaming, own: Layout, untie: dict[str, str]) -> tuple[Rena
             names[alias] = names[target]
             taken.append(alias)
     missing = [m for m in renaming.missing if m not in names]
-    return Renaming(names=names, dropped=renaming.dropped, unexpected=renaming.unexpected, missing=missing), taken
+    return Renaming(names=names, dropped=renaming.dropped, unexpected=renaming.unexpected, missing=missing,
+                    aliases=renaming.aliases), taken
