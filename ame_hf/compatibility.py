@@ -19,8 +19,8 @@ from .report import CompatibilityReport
 from ._loaded_ties import loose_aliases, untied_layout
 from .reconcile import (TIE_FLAG, Layout, Renaming, UnknownArchitecture, model_layout,
                         refuse_token_columns, rename, stale_keys, tie_flags, untied)
-from .vocabulary import (TokenizerFiles, VocabularyPlan, compare_tokenizers, plan_vocabulary, read_tokenizer,
-                         token_ids)
+from .vocabulary import (TokenizerFiles, compare_tokenizers, past_rows_line, plan_vocabulary, read_tokenizer,
+                         token_ids, tokens_past_rows)
 
 # Config keys whose difference means another architecture: errors. Any other difference is a note,
 # since the tensors' shapes (compared one by one) decide whether weights can be averaged.
@@ -264,7 +264,11 @@ def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: 
     of every token-indexed tensor by token string (a note), or say why that cannot be done (an error)."""
     sizes = [vocab_size(c.config) for c in views]
     maps = [token_ids(t) for t in tokenizers]
-    if len(set(sizes)) <= 1 and all(m == maps[0] for m in maps):
+    if len(set(sizes)) <= 1 and all(m == maps[0] for m in maps):  # one vocabulary; another tokenizer must fit it
+        past = tokens_past_rows(source, sizes[0]) if isinstance(source, TokenizerFiles) and isinstance(
+            sizes[0], int) else {}
+        if past:
+            report.errors.append(past_rows_line("the tokenizer source", past, sizes[0]))
         return
     try:
         layout = model_layout(updated(views[report.source].config, report.config_updates))
@@ -290,6 +294,10 @@ def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: 
         plan = plan_vocabulary(names, tokenizers, counts, source=index, union=union, columns=keys & layout.token_columns)
     except ValueError as err:
         report.errors.append(str(err))
+        return
+    past = tokens_past_rows(tokenizers[index], counts[index], plan if union else None) if index < len(views) else {}
+    if past:  # the output's tokenizer would name rows it lacks (and a union's new tokens would get other ids)
+        report.errors.append(past_rows_line(views[index].name, past, counts[index]))
         return
     if index == len(views):  # drop the tokenizer-only source: every row must come from an ingredient
         orphans = [r for r in range(plan.size) if all(rows[r] < 0 for rows in plan.rows[:-1])]
