@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable
 from ._differences import flatten
 from ._meta_model import UnknownArchitecture, on_meta as _on_meta
 from ._saved_layout import saved_keys
+from ._text_config import vocab_size, with_vocab_size
 from .conversion import stored_names
 
 logger = logging.getLogger(__name__)
@@ -92,12 +93,14 @@ def _layout(config_json: str) -> Layout:
 
 def _token_columns(config: dict[str, Any], model: Any, keys: frozenset[str],
                    stored: Callable[[str], str]) -> dict[str, frozenset[str]]:
-    """The tensors whose size along a dimension other than the first follows `vocab_size`: `token_columns` (the
-    last, every other dimension 1) and `token_other`."""
-    if not isinstance(config.get("vocab_size"), int):
+    """The tensors whose size along a dimension other than the first follows `vocab_size` (of the text config, as
+    the rows: nested in a vision-language model's): `token_columns` (the last, every other dimension 1) and
+    `token_other`."""
+    size = vocab_size(config)
+    if not isinstance(size, int):
         return {}
     try:
-        _, _, wider = _on_meta({**config, "vocab_size": config["vocab_size"] + 8})
+        _, _, wider = _on_meta(with_vocab_size(config, size + 8))
     except Exception:  # noqa: BLE001  the class cannot be built wider: only its embeddings are known
         return {}
     before, after = model.state_dict(), wider.state_dict()
