@@ -10,7 +10,8 @@ import torch
 
 from ._differences import updated
 from .checkpoint import Checkpoint
-from .reconcile import Layout, model_layout, rename
+from .reconcile import TIE_FLAG, Layout, model_layout, rename
+from .report import CompatibilityReport
 
 # Elements compared at a time (of each tensor, in float64): the memory a comparison takes stays bounded.
 _CHUNK = 1 << 22
@@ -70,3 +71,33 @@ def untied_layout(layout: Layout, config: dict[str, Any], aliases: frozenset[str
     tied = {a: t for a, t in layout.tied.items() if a not in aliases}
     return flipped if flipped.tied == tied and flipped.keys == layout.keys | aliases else None
 
+
+
+def untie_loaded(checkpoints: list[Checkpoint], kinds: list[tuple], layouts: dict[tuple, Layout],
+                 loose: list[frozenset[str] | None], report: CompatibilityReport) -> dict[str, str] | None:
+    """Each checkpoint that stores tied aliases with values of their own (`loose`) seen with its config's layout
+    untied: its kind (in `kinds`) gets them, and `layouts` that kind's layout; a note says so.
+
+    Returns:
+        alias -> target, of every alias some checkpoint loads untied; None when a config cannot untie exactly its
+        aliases (an error in `report`).
+    """
+    untied: dict[str, str] = {}
+    for i, (ckpt, kind) in enumerate(zip(checkpoints, list(kinds))):
+        found = loose[i]
+        if not found:
+            continue
+        targets = {a: layouts[kind].tied[a] for a in found}
+        untied.update(targets)
+        kinds[i] = (*kind, found)
+        layouts[kinds[i]] = untied_layout(layouts[kind], {**ckpt.config, "architectures": list(kind[0])}, found)
+        if layouts[kinds[i]] is None:
+            report.errors.append(f"{ckpt.name} stores {', '.join(sorted(found))} with values other than what its "
+                                 f"config ties them to ({TIE_FLAG}), which transformers loads untied, and no "
+                                 f"{TIE_FLAG} setting of {kind[0][0]} unties exactly those; save it with the matching "
+                                 "config, or without them")
+            return None
+        report.notes.append(f"{ckpt.name} stores {', '.join(sorted(found))} with values other than "
+                            f"{', '.join(sorted(set(targets.values())))} although its config ties them ({TIE_FLAG}): "
+                            "transformers loads it untied, and so does the merge")
+    return untied

@@ -16,7 +16,7 @@ from ._text_config import vocab_size
 from .checkpoint import DTYPE_NAMES, Checkpoint
 from .labels import match_labels
 from .report import CompatibilityReport
-from ._loaded_ties import loose_aliases, untied_layout
+from ._loaded_ties import loose_aliases, untie_loaded, untied_layout
 from .reconcile import (TIE_FLAG, Layout, Renaming, UnknownArchitecture, model_layout,
                         refuse_token_columns, rename, stale_keys, tie_flags, untied)
 from .vocabulary import (TokenizerFiles, compare_tokenizers, past_rows_line, plan_vocabulary, read_tokenizer,
@@ -160,19 +160,9 @@ def _reconcile(checkpoints: list[Checkpoint], pivot: Checkpoint | None,
     loose = [loose_aliases(c, layouts[k]) for c, k in zip(checkpoints, kinds)]
     if same and not any(loose):  # (a store of every alias by all, unread: the output stores them too, as loaded)
         return checkpoints, pivot, 0
-    for i, (ckpt, kind) in enumerate(zip(checkpoints, kinds)):
-        if loose[i]:
-            kinds[i] = (*kind, loose[i])
-            layouts[kinds[i]] = untied_layout(layouts[kind], {**ckpt.config, "architectures": list(kind[0])}, loose[i])
-            if layouts[kinds[i]] is None:
-                report.errors.append(f"{ckpt.name} stores {_listed(sorted(loose[i]))} with values other than what "
-                                     f"its config ties them to ({TIE_FLAG}), which transformers loads untied, and no "
-                                     f"{TIE_FLAG} setting of {kind[0][0]} unties exactly those; save it with the "
-                                     "matching config, or without them")
-                return checkpoints, pivot, 0
-            report.notes.append(f"{ckpt.name} stores {', '.join(sorted(loose[i]))} with values other than "
-                                f"{', '.join(sorted({layouts[kind].tied[a] for a in loose[i]}))} although its config "
-                                f"ties them ({TIE_FLAG}): transformers loads it untied, and so does the merge")
+    loaded_untied = untie_loaded(checkpoints, kinds, layouts, loose, report)
+    if loaded_untied is None:
+        return checkpoints, pivot, 0
     report.unread_ties = [c.name for c, found in zip(checkpoints, loose) if found is None]
     report.notes += [f"{name} stores a tensor its config ties ({TIE_FLAG}) beside the one it ties it to: transformers "
                      "loads it untied if their values differ, which is compared once its weights are downloaded"
@@ -181,6 +171,7 @@ def _reconcile(checkpoints: list[Checkpoint], pivot: Checkpoint | None,
     own = [layouts[k] for k in kinds]
     # Tied in one ingredient, stored (trained) by another: the output stores it.
     untie = {a: t for lay in own for a, t in lay.tied.items() if any(a in other.keys for other in own)}
+    untie.update(loaded_untied)  # (stored by every ingredient, but loaded untied: the output is untied too)
     fit = {k: lay for k, lay in layouts.items() if not set(lay.tied) & set(untie)}
     if not fit:
         report.errors.append(f"the ingredients tie and store {_listed(sorted(untie))} crosswise: no one layout stores "
@@ -192,7 +183,7 @@ def _reconcile(checkpoints: list[Checkpoint], pivot: Checkpoint | None,
     source = min((i for i in range(len(checkpoints)) if kinds[i] in fit), key=lambda i: (
         cost[kinds[i]], -len(layouts[kinds[i]].keys | set(layouts[kinds[i]].tied)), i))
     layout = layouts[kinds[source]]
-    if untie or len(kinds[source]) > 2:  # (stored by every ingredient, but loaded untied: the config says so)
+    if untie:
         report.config_updates.update(layout.tie_flags)
         report.config_said.update(k for k, _ in layout.tie_flags)
     everything = [*checkpoints, *([pivot] if pivot else [])]

@@ -147,3 +147,18 @@ def test_a_hub_ingredient_whose_stored_head_differs_is_seen_at_download(stored_h
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     states = [loaded(stored_heads[n]) for n in ("tied", "stored")]
     assert_close(out, {k: sum(s[k].double() for s in states) / len(states) for k in states[0]})
+
+
+@pytest.mark.parametrize("pivot", ["base", "mean"])
+def test_stored_heads_of_every_ingredient_start_from_the_loaded_head_of_a_tied_pivot(stored_heads, heads, tmp_path,
+                                                                                    pivot):
+    """Every ingredient loads untied (none ties): the output is untied all the same, and a tied base as the pivot
+    starts the head from its embedding, as transformers loads it."""
+    refs = [stored_heads["stored"], stored_heads["stored2"]]
+    config = AmeConfig(optimizer="adam", lr=0.01, epochs=2, pivot=str(heads["base"]) if pivot == "base" else pivot)
+    assert check(refs, pivot=config.pivot).ok
+    out = merge(refs, tmp_path / "adam", config, progress=False).path
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    expected = reference_ame_states([loaded(r) for r in refs], config,
+                                    loaded(heads["base"]) if pivot == "base" else None)
+    assert_close(out, expected)
