@@ -65,6 +65,7 @@ class Inputs:
         checked: the checkpoints the check saw (ingredients, then the pivot's).
         modules: the sentence-transformers module folders with weights, checked (merged beside the model).
         allow_dtype_mismatch: dtype differences are notes (an output dtype was chosen).
+        module_notes: the notes the check of the module folders added to the report.
     """
 
     stage: Any  # the `InputStage` (inputs.py, which imports this module)
@@ -78,6 +79,7 @@ class Inputs:
     checked: list[Checkpoint] = field(default_factory=list)
     modules: list[ModuleFolder] = field(default_factory=list)
     allow_dtype_mismatch: bool = False
+    module_notes: list[str] = field(default_factory=list)
 
     @property
     def paths(self) -> list[Path]:

@@ -259,7 +259,7 @@ def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: 
         past = tokens_past_rows(source, sizes[0]) if isinstance(source, TokenizerFiles) and isinstance(
             sizes[0], int) else {}
         if past:
-            report.errors.append(past_rows_line("the tokenizer source", past, sizes[0]))
+            report.errors.append(past_rows_line("the tokenizer of the tokenizer source", past, sizes[0]))
         return
     try:
         layout = model_layout(updated(views[report.source].config, report.config_updates))
@@ -287,9 +287,8 @@ def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: 
         report.errors.append(str(err))
         return
     past = tokens_past_rows(tokenizers[index], counts[index], plan if union else None) if index < len(views) else {}
-    if past:  # the output's tokenizer would name rows it lacks (and a union's new tokens would get other ids)
-        report.errors.append(past_rows_line(views[index].name, past, counts[index]))
-        return
+    if past:  # the output's tokenizer would name rows it lacks (a union's new tokens, other ids): refused
+        report.errors.append(past_rows_line(f"the tokenizer of {views[index].name}", past, counts[index]))
     if index == len(views):  # drop the tokenizer-only source: every row must come from an ingredient
         orphans = [r for r in range(plan.size) if all(rows[r] < 0 for rows in plan.rows[:-1])]
         if orphans:

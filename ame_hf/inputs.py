@@ -214,8 +214,10 @@ class InputStage:
         inputs.checked = [*ckpts, *([pivot_ckpt] if pivot_ckpt is not None else [])]
         self.report(inputs)
         if inputs.report.ok:  # the weights of sentence-transformers module folders are part of the model
+            before = len(inputs.report.notes)
             inputs.modules = check_modules(entries, pivot_entry or (base if pivot == "base" else None), self._checkpoint,
                                            inputs.report, allow_dtype_mismatch=allow_dtype_mismatch)
+            inputs.module_notes = inputs.report.notes[before:]
         return inputs
 
     def report(self, inputs: "Inputs") -> None:
@@ -237,6 +239,7 @@ class InputStage:
         inputs.report.notes[:0] = [c.describe() for c in ckpts if isinstance(c, AdapterCheckpoint)]
         inputs.report.notes += [f"{ref} has .bin weights (no header to read): downloaded to check it"
                                 for ref in dict.fromkeys(self.downloaded_to_check) if ref in inputs.report.names]
+        inputs.report.notes += inputs.module_notes  # (made again by `open`: the module folders' stay as checked)
 
     def _base(self, entries: list[Entry], base_ref: str | None, pivot_is_base: bool) -> tuple[Entry | None, list[str]]:
         """The one base model every adapter is a fine-tune of (`base`, else the adapters' own), or errors, which

@@ -256,10 +256,11 @@ def tokens_past_rows(tokenizer: TokenizerFiles, rows: int, plan: VocabularyPlan 
     return {token: i for token, i in ids if i >= rows and placed.get(token) != i}
 
 
-def past_rows_line(name: str, past: dict[str, int], rows: int) -> str:
-    """The one-line refusal of a tokenizer whose tokens `past` reach past its model's `rows` embedding rows."""
+def past_rows_line(tokenizer: str, past: dict[str, int], rows: int) -> str:
+    """The one-line refusal of a `tokenizer` (`the tokenizer of NAME`) whose tokens `past` reach past its model's
+    `rows` embedding rows."""
     shown = ", ".join(f"{t!r} id {i}" for t, i in list(past.items())[:5]) + (" ..." if len(past) > 5 else "")
-    return (f"the tokenizer of {name} gives {shown}, past the {rows} embedding rows of its model (tokens added without "
+    return (f"{tokenizer} gives {shown}, past the {rows} embedding rows (tokens added without "
             "resize_token_embeddings): the output could not embed them; choose tokenizer_source=INDEX of an ingredient "
             "whose tokenizer fits its rows, or resize that model to its tokenizer "
             "(model.resize_token_embeddings(len(tokenizer))) and save it again")
