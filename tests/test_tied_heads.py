@@ -162,3 +162,17 @@ def test_stored_heads_of_every_ingredient_start_from_the_loaded_head_of_a_tied_p
     expected = reference_ame_states([loaded(r) for r in refs], config,
                                     loaded(heads["base"]) if pivot == "base" else None)
     assert_close(out, expected)
+
+
+def test_an_adapter_of_a_base_whose_stored_head_differs_merges_as_peft_loads_it(stored_heads, tmp_path):
+    """A LoRA adapter over the `stored` base (transformers loads it untied, then peft merges into it) with a full
+    fine-tune that ties: the mean of peft's `merge_and_unload()` and the tied fine-tune as loaded."""
+    from test_adapter_forms import assert_mean, make_adapter, peft_model_of
+
+    adapter = make_adapter(stored_heads["stored"], tmp_path / "lora", 5, target_modules=["q_proj", "v_proj"])
+    refs = [adapter, stored_heads["tied"]]
+    report = check(refs)
+    assert report.ok, report.errors
+    out = merge(refs, tmp_path / "soup", optimizer="sgd", progress=False).path
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    assert_mean(out, [peft_model_of(stored_heads["stored"], adapter), loaded(stored_heads["tied"])])
