@@ -72,7 +72,6 @@ def untied_layout(layout: Layout, config: dict[str, Any], aliases: frozenset[str
     return flipped if flipped.tied == tied and flipped.keys == layout.keys | aliases else None
 
 
-
 def untie_loaded(checkpoints: list[Checkpoint], kinds: list[tuple], layouts: dict[tuple, Layout],
                  loose: list[frozenset[str] | None], report: CompatibilityReport) -> dict[str, str] | None:
     """Each checkpoint that stores tied aliases with values of their own (`loose`) seen with its config's layout

@@ -12,11 +12,11 @@ from dataclasses import replace
 from typing import Any, Sequence
 
 from ._differences import differing_fields, file_notes, updated, who_has
+from ._loaded_ties import loose_aliases, untie_loaded, untied_layout
 from ._text_config import vocab_size
 from .checkpoint import DTYPE_NAMES, Checkpoint
 from .labels import match_labels
 from .report import CompatibilityReport
-from ._loaded_ties import loose_aliases, untie_loaded, untied_layout
 from .reconcile import (TIE_FLAG, Layout, Renaming, UnknownArchitecture, model_layout,
                         refuse_token_columns, rename, stale_keys, tie_flags, untied)
 from .vocabulary import (TokenizerFiles, compare_tokenizers, past_rows_line, plan_vocabulary, read_tokenizer,
