@@ -207,3 +207,32 @@ def test_an_adapter_of_a_resized_vision_language_vocabulary_merges_by_token(tmp_
         shared = slice(0, 16) if name in ("model.language_model.embed_tokens.weight", "lm_head.weight") else slice(None)
         expected[shared] = (expected[shared] + fine_tune[name][shared].double()) / 2
         assert torch.allclose(value.double(), expected, atol=1e-6), name
+
+
+def blip2_led(rows: int = 56) -> transformers.PreTrainedModel:
+    """A tiny BLIP-2 whose language model is sequence-to-sequence (LED, as BLIP-2 takes Flan-T5): its
+    `language_model.final_logits_bias` ([1, vocab]) follows the vocabulary of the nested text config."""
+    text = dict(model_type="led", vocab_size=rows, d_model=16, encoder_layers=1, decoder_layers=1,
+                encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                max_encoder_position_embeddings=64, max_decoder_position_embeddings=64, attention_window=[4],
+                pad_token_id=0, bos_token_id=1, eos_token_id=1, decoder_start_token_id=1)
+    config = transformers.Blip2Config(vision_config=VISION, text_config=text, num_query_tokens=2,
+                                      qformer_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                          num_attention_heads=2, encoder_hidden_size=16, vocab_size=30))
+    return transformers.Blip2ForConditionalGeneration(config)
+
+
+@pytest.mark.parametrize("source", [None, "1"])
+def test_a_token_indexed_column_of_a_nested_text_config_is_matched_by_token(tmp_path, source):
+    """The vocabulary of a vision-language model lives in its text config: its token-indexed columns (the seq2seq
+    language model's final_logits_bias) are found from that vocabulary size too, and matched by token like the rows
+    (merged by index, the new tokens' biases would be averaged with another ingredient's padding)."""
+    from test_vocab_forms import assert_soup_by_token, merge as merge_cli, save_family, word_tokenizer
+    from ame_hf import check
+
+    paths = save_family(tmp_path / "in", blip2_led, word_tokenizer, [[], ["<a>", "<b>"]])
+    report = check(paths, **({"tokenizer_source": int(source)} if source else {}))
+    assert report.ok, report.errors
+    assert any("language_model.final_logits_bias" in n and "matched by token" in n for n in report.notes), report.notes
+    merge_cli(paths, tmp_path / "out", *(["--tokenizer-source", source] if source else []))
+    assert_soup_by_token(tmp_path / "out", paths, transformers.AutoModelForImageTextToText)
