@@ -85,6 +85,13 @@ def merge(
     refs = [os.fspath(r) for r in ingredients]
     merge_options(refs, config, threads=threads, max_memory=max_memory)
     _warn_repeated(refs)
+    if config.save_as == "adapter":  # the full merge into a scratch folder, then its LoRA adapter
+        from .adapter_out import merge_as_adapter
+
+        return merge_as_adapter(refs, Path(out_dir), config, started, run=_merge, stage=stage, token=token,
+                                overwrite=overwrite, progress=progress, callback=callback, device=device,
+                                threads=threads, max_memory=max_memory,
+                                recorded_at=Path(recorded_at) if recorded_at is not None else None)
     return _merge(refs, Path(out_dir), config, started, token=token, overwrite=overwrite, progress=progress,
                   callback=callback, device=device, threads=threads, max_memory=max_memory, stage=stage,
                   recorded_at=Path(recorded_at) if recorded_at is not None else None)

@@ -1,0 +1,179 @@
+"""Adapters out (issue 27): `save_as="adapter"` writes a merge as a PEFT LoRA adapter of its base. Checked against
+peft itself: `PeftModel.from_pretrained(base, out).merge_and_unload()` against ame-hf's full merge output, and
+against peft's own `add_weighted_adapter(..., combination_type="cat")`; the card's reported errors against the
+measured ones; the bytes against another block size."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ame_hf
+from ame_hf import AmeConfig, InvalidConfigError
+from ame_hf._lora_factors import factor_delta, relative_error
+from factories import (assert_one_error_line, load_state, make_finetunes, make_lora_adapter, run_cli, save_base)
+
+SOUP = {"optimizer": "sgd"}
+
+
+def _peft_merged(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    """What peft makes of an adapter folder: merge_and_unload() over the base, as a state dict."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload()
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in b)
+
+
+def _reported_errors(out: Path) -> dict[str, tuple[int, float]]:
+    """module -> (rank, relative error) from the card's "LoRA adapter" table."""
+    rows = re.findall(r"^\| `([^`]+)` \| (\d+) \| ([0-9.e+-]+) \| ", (out / "README.md").read_text(), re.M)
+    return {m: (int(r), float(e)) for m, r, e in rows}
+
+
+@pytest.fixture(scope="module")
+def two_loras(tmp_path_factory) -> dict:
+    """A tiny llama base and two LoRA adapters of it (ranks 4 and 2, overlapping targets, no modules_to_save)."""
+    root = tmp_path_factory.mktemp("loras")
+    base = save_base(root / "base")
+    adapters = [make_lora_adapter(base, root / "a", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), 1,
+                                  scale=0.3),
+                make_lora_adapter(base, root / "b", dict(r=2, lora_alpha=2, target_modules=["q_proj", "k_proj"]), 2,
+                                  scale=0.3)]
+    full = ame_hf.merge(adapters, root / "full", progress=False, **SOUP).path
+    return {"root": root, "base": base, "adapters": adapters, "full": full}
+
+
+def test_a_soup_of_loras_is_exact_as_an_adapter(two_loras, tmp_path):
+    """Rank of each merged delta <= the sum of the adapters' ranks: the adapter reproduces ame-hf's full merge
+    to float rounding, and peft's own `cat` combination of the two adapters (weights 1/2 each)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, adapters = two_loras["base"], two_loras["adapters"]
+    result = ame_hf.merge(adapters, tmp_path / "out", save_as="adapter", progress=False, **SOUP)
+    out = result.path
+    assert [p.name for p in out.glob("*.safetensors")] == ["adapter_model.safetensors"]
+    assert (out / "adapter_config.json").is_file() and not (out / "config.json").exists()
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == os.path.realpath(base) and config["peft_type"] == "LORA"
+    assert config["lora_alpha"] == config["r"] and all(config["alpha_pattern"][k] == v
+                                                      for k, v in config["rank_pattern"].items())
+    # q_proj holds both adapters (rank 4 + 2), v_proj and k_proj one each.
+    ranks = {m: r for m, (r, _) in _reported_errors(out).items()}
+    assert ranks == {f"model.layers.{i}.self_attn.{p}": r for i in range(2) for p, r in
+                     (("q_proj", 6), ("v_proj", 4), ("k_proj", 2))}
+    full = load_state(two_loras["full"])
+    ours = _peft_merged(base, out)
+    scale = max(float(t.abs().max()) for t in full.values())
+    assert _max_diff(ours, full) <= 4 * torch.finfo(torch.float32).eps * scale
+    # peft's own: the two adapters concatenated with weights 1/2 (a soup of two is their mean delta).
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapters[0], adapter_name="a")
+    model.load_adapter(adapters[1], adapter_name="b")
+    model.add_weighted_adapter(["a", "b"], [0.5, 0.5], "cat", combination_type="cat")
+    model.set_adapter("cat")
+    cat = {k: v.detach() for k, v in model.merge_and_unload(adapter_names=["cat"]).state_dict().items()}
+    assert _max_diff(ours, cat) <= 4 * torch.finfo(torch.float32).eps * scale
+    # With a rank cap at the sum of the ranks, the same adapter.
+    capped = ame_hf.merge(adapters, tmp_path / "capped", save_as="adapter", adapter_rank=6, progress=False, **SOUP)
+    assert (capped.path / "adapter_model.safetensors").read_bytes() == (out / "adapter_model.safetensors").read_bytes()
+    assert "save_as: adapter" in (out / "ame_config.yaml").read_text()
+
+
+def test_full_finetunes_as_an_adapter_report_the_error_they_have(tmp_path):
+    """A LoRA extracted from a merge of full fine-tunes (lossy at rank 2): each module's reported error is the
+    error measured on what peft loads; the changed norms and embeddings are saved whole, exactly."""
+    base = save_base(tmp_path / "base")
+    fts = make_finetunes(tmp_path, n=2, scale=0.02)
+    full = ame_hf.merge(fts, tmp_path / "full", progress=False, **SOUP).path
+    out = ame_hf.merge(fts, tmp_path / "out", save_as="adapter", adapter_rank=2, base=base, progress=False,
+                       **SOUP).path
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 2 and "model.norm" in config["modules_to_save"]
+    assert "model.embed_tokens" in config["modules_to_save"] and "lm_head" in config["target_modules"]
+    merged, reference, start = _peft_merged(base, out), load_state(full), load_state(base)
+    reported = _reported_errors(out)
+    assert len(reported) == len(config["target_modules"]) == 15  # 7 linear layers x 2 blocks + lm_head
+    for module, (rank, error) in reported.items():
+        name = f"{module}.weight"
+        delta = reference[name].double() - start[name].double()
+        measured = float((merged[name].double() - reference[name].double()).norm() / delta.norm())
+        assert rank == 2 and 0.1 < error < 1 and measured == pytest.approx(error, rel=1e-3), module
+    for name in ("model.norm.weight", "model.embed_tokens.weight", "model.layers.0.input_layernorm.weight"):
+        assert torch.equal(merged[name], reference[name])
+    card = (out / "README.md").read_text()
+    assert "library_name: peft" in card and "PeftModel.from_pretrained" in card and "randomized" not in card
+
+
+def test_an_energy_threshold_keeps_that_share_of_each_delta(tmp_path):
+    base = save_base(tmp_path / "base")
+    fts = make_finetunes(tmp_path, n=2, scale=0.02)
+    out = ame_hf.merge(fts, tmp_path / "out", save_as="adapter", adapter_energy=0.5, base=base, progress=False,
+                       **SOUP).path
+    config = json.loads((out / "adapter_config.json").read_text())
+    reported = _reported_errors(out)
+    ranks = {r for r, _ in reported.values()}
+    assert len(ranks) > 1 and config["r"] == max(ranks)  # ranks differ by module: rank_pattern / alpha_pattern
+    assert all(e <= 0.5 ** 0.5 + 1e-6 for _, e in reported.values())
+    full = ame_hf.merge(fts, tmp_path / "full", progress=False, **SOUP).path
+    merged, reference, start = _peft_merged(base, out), load_state(full), load_state(base)
+    for module, (rank, error) in reported.items():  # what peft loads is as far from the merge as the card says
+        name = f"{module}.weight"
+        delta = reference[name].double() - start[name].double()
+        measured = float((merged[name].double() - reference[name].double()).norm() / delta.norm())
+        assert measured == pytest.approx(error, rel=1e-3), module
+
+
+def test_without_a_base_it_refuses_in_one_line_before_the_merge(tmp_path, capsys):
+    fts = make_finetunes(tmp_path, n=2)
+    with pytest.raises(InvalidConfigError, match="needs the base model"):
+        ame_hf.merge(fts, tmp_path / "out", save_as="adapter", progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".ame-tmp-*"))
+    code, _, err = run_cli(capsys, "merge", *map(str, fts), "-o", str(tmp_path / "out"), "--save-as", "adapter")
+    assert_one_error_line(code, err, "--base")
+    code, _, err = run_cli(capsys, "merge", *map(str, fts), "-o", str(tmp_path / "out"), "--adapter-rank", "4")
+    assert_one_error_line(code, err, "--adapter-rank", "--save-as", exit_code=2)
+    with pytest.raises(InvalidConfigError, match="adapter_energy"):
+        AmeConfig(save_as="adapter", adapter_energy=1.5)
+
+
+def test_the_adapter_bytes_do_not_depend_on_the_block_size(two_loras, tmp_path):
+    adapters = [str(a) for a in two_loras["adapters"]]
+    ours = ame_hf.merge(adapters, tmp_path / "here", save_as="adapter", progress=False, **SOUP).path
+    env = {**os.environ, "AME_HF_BLOCK_ELEMENTS": "40"}
+    subprocess.run([sys.executable, "-m", "ame_hf", "merge", *adapters, "-o", str(tmp_path / "there"), "-q",
+                    "--optimizer", "sgd", "--save-as", "adapter"], check=True, env=env, capture_output=True)
+    digest = lambda p: hashlib.sha256((p / "adapter_model.safetensors").read_bytes()).hexdigest()  # noqa: E731
+    assert digest(ours) == digest(tmp_path / "there")
+
+
+def test_big_matrices_use_a_randomized_svd_with_its_error_measured():
+    """Above the exact-SVD size, with a rank cap: torch.svd_lowrank (seeded: the same factors every time), exact on
+    a delta of lower rank, and the reported error is the stored factors' measured one."""
+    gen = torch.Generator().manual_seed(0)
+    low = torch.randn(1300, 3, generator=gen, dtype=torch.float64) @ torch.randn(3, 1100, generator=gen,
+                                                                                dtype=torch.float64)
+    f = factor_delta(low, torch.float32, cap=8, energy=None, floor=1e-6)
+    assert f.method == "randomized SVD" and f.rank == 3 and f.error < 1e-6
+    noisy = low + 0.1 * torch.randn(1300, 1100, generator=gen, dtype=torch.float64)
+    g = factor_delta(noisy, torch.float32, cap=8, energy=None, floor=1e-6)
+    again = factor_delta(noisy, torch.float32, cap=8, energy=None, floor=1e-6)
+    assert g.rank == 8 and torch.equal(g.A, again.A) and torch.equal(g.B, again.B)
+    measured = float((noisy - g.B.double() @ g.A.double()).norm() / noisy.norm())
+    s = torch.linalg.svdvals(noisy)
+    best = float(s[8:].norm() / s.norm())  # the error of the exact rank-8 truncation (Eckart-Young)
+    assert g.error == pytest.approx(measured, rel=1e-9) and best <= g.error < 1.01 * best
+    exact = factor_delta(noisy[:, :1000], torch.float32, cap=8, energy=None, floor=1e-6)
+    assert exact.method == "exact SVD" and relative_error(noisy[:, :1000], exact.B, exact.A) == exact.error
