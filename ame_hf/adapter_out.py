@@ -166,8 +166,9 @@ def write_adapter(full_dir: Path, base: Ingredient, staging: Path, config: AmeCo
     """`adapter_config.json` and `adapter_model.safetensors` of the full model in `full_dir` over `base`.
 
     One tensor at a time (and its factors): a changed 2-D weight of an `nn.Linear` whose other tensors are the
-    base's is factored (`_lora_factors`); any other changed tensor, one of another shape (new vocabulary rows)
-    or one the base lacks puts its module into `modules_to_save`, written as peft saves it.
+    base's is factored (`_lora_factors`), unless its factors would be larger than itself; that weight, any other
+    changed tensor, one of another shape (new vocabulary rows) or one the base lacks puts its module into
+    `modules_to_save`, written as peft saves it.
 
     Raises:
         CheckpointError: a changed tensor that is no tensor of the model transformers builds, or nothing changed.
@@ -184,19 +185,27 @@ def write_adapter(full_dir: Path, base: Ingredient, staging: Path, config: AmeCo
         if not lora and not saved:
             raise CheckpointError(f"the merge equals its base {base.display_name}: there is no adapter to save; "
                                   "save it as a model", path=full_dir)
-        summary = AdapterSummary(saved=saved, base=base)
+        summary = AdapterSummary(saved=list(saved), base=base)
         for module in lora:
             name = f"{module}.weight"
             weights = merged.read(name)
             delta = weights.double() - base_ckpt.read(name).double()
-            summary.factors[module] = factor_delta(delta, weights.dtype, cap=config.adapter_rank,
-                                                   energy=config.adapter_energy, floor=rounding_floor(weights))
-            del delta, weights
+            factors = factor_delta(delta, weights.dtype, cap=config.adapter_rank, energy=config.adapter_energy,
+                                   floor=rounding_floor(weights))
+            if factors.A.numel() + factors.B.numel() < weights.numel():
+                summary.factors[module] = factors
+            else:  # the factors would be larger than the weight: saved whole, exactly
+                summary.saved.append(module)
+            del delta, weights, factors
+        summary.saved.sort()
     _write_tensors(staging, summary, merged)
     summary.nbytes = (staging / ADAPTER_WEIGHTS).stat().st_size
     _write_config(staging, summary, merged.config, base)
     for module, f in summary.factors.items():
-        logger.info("%s: rank %d, relative error %.3g (%s)", module, f.rank, f.error, f.method)
+        logger.debug("%s: rank %d, relative error %.3g (%s)", module, f.rank, f.error, f.method)
+    logger.info("adapter: %d module(s) factored (largest relative error %.3g), %d saved whole; %d bytes",
+                len(summary.factors), max((f.error for f in summary.factors.values()), default=0.0),
+                len(summary.saved), summary.nbytes)
     return summary
 
 

@@ -177,3 +177,26 @@ def test_big_matrices_use_a_randomized_svd_with_its_error_measured():
     assert g.error == pytest.approx(measured, rel=1e-9) and best <= g.error < 1.01 * best
     exact = factor_delta(noisy[:, :1000], torch.float32, cap=8, energy=None, floor=1e-6)
     assert exact.method == "exact SVD" and relative_error(noisy[:, :1000], exact.B, exact.A) == exact.error
+
+
+def test_tune_writes_its_pick_as_an_adapter(lm_adapters, tmp_path):
+    """`tune` with `save_as="adapter"` scores full models as always, then writes the selected one as a (lossless)
+    adapter of the adapters' base: what peft loads from it is the selected model, rebuilt independently."""
+    from ame_hf.adapter_out import full_model_config
+    from ame_hf.tuning import tune
+
+    adapters, base = lm_adapters["adapters"], lm_adapters["base"]
+    result = tune(adapters, tmp_path / "best", data=lm_adapters["val"], budget=1, progress=False,
+                  config=AmeConfig(save_as="adapter"))
+    out, best = result.path, result.best
+    assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+    if best.ingredient is not None:
+        selected = load_state(lm_adapters["references"][best.ingredient])
+    else:
+        refs = [adapters[i] for i in best.kept] if best.kept is not None else adapters
+        config = full_model_config(best.config) if best.kept is None else AmeConfig.soup()
+        selected = load_state(ame_hf.merge(refs, tmp_path / "selected", config, progress=False).path)
+    assert _max_diff(_peft_merged(base, out), selected) < 1e-6
+    card = (out / "README.md").read_text()
+    assert "## LoRA adapter" in card and "Selection by" in card and "save_as: adapter" in (
+        out / "ame_config.yaml").read_text()
