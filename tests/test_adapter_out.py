@@ -149,6 +149,19 @@ def test_without_a_base_it_refuses_in_one_line_before_the_merge(tmp_path, capsys
         AmeConfig(save_as="adapter", adapter_energy=1.5)
 
 
+def test_the_space_merge_tab_saves_an_adapter(two_loras, tmp_path):
+    """The Merge tab's Save as / Adapter rank / Adapter energy boxes (0 and blank: the defaults) reach `merge`."""
+    from ame_hf._space_forms import adapter_options
+    from ame_hf.space_merge import run_merge
+
+    options = {"optimizer": "sgd", **adapter_options("adapter", 0, "")}
+    view = run_merge("\n".join(map(str, two_loras["adapters"])), options, tmp_path)
+    assert (view.folder / "adapter_config.json").is_file() and "save_as: adapter" in view.config_yaml
+    assert "## LoRA adapter" in view.card_markdown
+    here = ame_hf.merge(two_loras["adapters"], tmp_path / "here", save_as="adapter", progress=False, **SOUP).path
+    assert (view.folder / "adapter_model.safetensors").read_bytes() == (here / "adapter_model.safetensors").read_bytes()
+
+
 def test_the_adapter_bytes_do_not_depend_on_the_block_size(two_loras, tmp_path):
     adapters = [str(a) for a in two_loras["adapters"]]
     ours = ame_hf.merge(adapters, tmp_path / "here", save_as="adapter", progress=False, **SOUP).path
