@@ -186,6 +186,7 @@ def write_adapter(full_dir: Path, base: Ingredient, staging: Path, config: AmeCo
             raise CheckpointError(f"the merge equals its base {base.display_name}: there is no adapter to save; "
                                   "save it as a model", path=full_dir)
         summary = AdapterSummary(saved=list(saved), base=base)
+        spare: tuple[str, Any] | None = None
         for module in lora:
             name = f"{module}.weight"
             weights = merged.read(name)
@@ -196,7 +197,11 @@ def write_adapter(full_dir: Path, base: Ingredient, staging: Path, config: AmeCo
                 summary.factors[module] = factors
             else:  # the factors would be larger than the weight: saved whole, exactly
                 summary.saved.append(module)
+                spare = spare or (module, factors)
             del delta, weights, factors
+        if not summary.factors and spare:  # peft loads no adapter without a LoRA module: keep one factored
+            summary.saved.remove(spare[0])
+            summary.factors[spare[0]] = spare[1]
         summary.saved.sort()
     _write_tensors(staging, summary, merged)
     summary.nbytes = (staging / ADAPTER_WEIGHTS).stat().st_size

@@ -136,6 +136,30 @@ def test_an_energy_threshold_keeps_that_share_of_each_delta(tmp_path):
         assert measured == pytest.approx(error, rel=1e-3), module
 
 
+def test_new_vocabulary_rows_are_saved_whole_and_load_on_the_resized_base(tmp_path):
+    """An adapter and a fine-tune that added a token (`examples/adapters/run.py`): the output's embeddings and head
+    (new rows included) are `modules_to_save`, its tokenizer has the new token, and peft loads it on the base
+    resized to that tokenizer as ame-hf's full merge."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    example = Path(__file__).parents[1] / "examples" / "adapters" / "run.py"
+    subprocess.run([sys.executable, str(example), "--out", str(tmp_path / "ex")], check=True, capture_output=True)
+    refs = [tmp_path / "ex" / "adapter-0", tmp_path / "ex" / "full-ft"]
+    out = ame_hf.merge(refs, tmp_path / "out", save_as="adapter", progress=False, **SOUP).path
+    full = load_state(ame_hf.merge(refs, tmp_path / "full", progress=False, **SOUP).path)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert {"model.embed_tokens", "lm_head"} <= set(config["modules_to_save"]) and config["target_modules"]
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "ex" / "base")
+    assert len(tokenizer) == full["lm_head.weight"].shape[0] > base.config.vocab_size
+    base.resize_token_embeddings(len(tokenizer))
+    merged = {k: v.detach() for k, v in PeftModel.from_pretrained(base, out).merge_and_unload().state_dict().items()}
+    assert _max_diff(merged, full) <= 4 * torch.finfo(torch.float32).eps * max(float(t.abs().max())
+                                                                              for t in full.values())
+    assert "resize_token_embeddings" in (out / "README.md").read_text()
+
+
 def test_without_a_base_it_refuses_in_one_line_before_the_merge(tmp_path, capsys):
     fts = make_finetunes(tmp_path, n=2)
     with pytest.raises(InvalidConfigError, match="needs the base model"):
