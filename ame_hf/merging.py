@@ -49,6 +49,9 @@ def merge(
 ) -> MergeResult:
     """Merge checkpoints with AME and write a `from_pretrained`-loadable model to `out_dir`.
 
+    With `save_as="adapter"` (and `adapter_rank` / `adapter_energy`) the output is instead a PEFT LoRA adapter of
+    the base (`base`, or the adapters' own) that `PeftModel.from_pretrained(base, out_dir)` loads (`adapter_out`).
+
     Args:
         ingredients: local directories and/or Hub repo IDs (`org/name`, `org/name@revision`).
         out_dir: the output directory; written in a staging directory and moved into place at the end.
