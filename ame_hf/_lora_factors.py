@@ -10,8 +10,10 @@ import torch
 
 from .records import Ingredient
 
-# At or below this smaller dimension the SVD is exact; above it, with a rank cap, torch.svd_lowrank.
+# At or below this smaller dimension the SVD is exact; above it torch.svd_lowrank (see `factor_delta`).
 EXACT_SVD_MAX_DIM = 1024
+# Without a rank cap, the sketch of a big delta: kept when the delta's rank is below it.
+PROBE_RANK = 128
 # torch.svd_lowrank's oversampling and power iterations, and the seed of its random start (fixed: same bytes).
 OVERSAMPLE = 10
 POWER_ITERATIONS = 4
@@ -96,15 +98,23 @@ def factor_delta(delta: torch.Tensor, dtype: torch.dtype, *, cap: int | None, en
     rows, cols = delta.shape
     total = float((delta * delta).sum())
     small = min(rows, cols)
-    if cap is not None and small > EXACT_SVD_MAX_DIM and cap + OVERSAMPLE < small // 2:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(SEED)
-            u, s, v = torch.svd_lowrank(delta, q=cap + OVERSAMPLE, niter=POWER_ITERATIONS)
-        vh, method = v.T, "randomized SVD"
-    else:
+    rank, method = 0, "randomized SVD"
+    if small > EXACT_SVD_MAX_DIM:
+        # A rank cap sets the sketch's size; without one, a sketch of PROBE_RANK is kept when the delta's rank (or
+        # energy) is reached within it (a LoRA soup's delta), else the SVD is exact.
+        wanted = cap if cap is not None else PROBE_RANK
+        if wanted + OVERSAMPLE < small // 2:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(SEED)
+                u, s, v = torch.svd_lowrank(delta, q=wanted + OVERSAMPLE, niter=POWER_ITERATIONS)
+            vh = v.T
+            rank = choose_rank(s, total, cap=wanted, energy=energy, floor=floor)
+            if cap is None and rank == wanted:  # not reached within the sketch
+                rank = 0
+    if not rank:
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         method = "exact SVD"
-    rank = choose_rank(s, total, cap=cap, energy=energy, floor=floor)
+        rank = choose_rank(s, total, cap=cap, energy=energy, floor=floor)
     root = s[:rank].sqrt()
     b = (u[:, :rank] * root).to(dtype).contiguous()
     a = (root[:, None] * vh[:rank]).to(dtype).contiguous()

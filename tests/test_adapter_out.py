@@ -212,6 +212,11 @@ def test_big_matrices_use_a_randomized_svd_with_its_error_measured():
     s = torch.linalg.svdvals(noisy)
     best = float(s[8:].norm() / s.norm())  # the error of the exact rank-8 truncation (Eckart-Young)
     assert g.error == pytest.approx(measured, rel=1e-9) and best <= g.error < 1.01 * best
+    # Without a cap: a sketch when the delta's rank is reached within it (lossless), else the exact SVD.
+    lossless = factor_delta(low, torch.float32, cap=None, energy=None, floor=1e-6)
+    assert lossless.method == "randomized SVD" and lossless.rank == 3 and lossless.error < 1e-6
+    full = factor_delta(noisy, torch.float32, cap=None, energy=None, floor=1e-6)
+    assert full.method == "exact SVD" and full.rank == 1100 and full.error < 1e-6
     exact = factor_delta(noisy[:, :1000], torch.float32, cap=8, energy=None, floor=1e-6)
     assert exact.method == "exact SVD" and relative_error(noisy[:, :1000], exact.B, exact.A) == exact.error
 
