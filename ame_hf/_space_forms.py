@@ -142,8 +142,11 @@ def push_advanced() -> dict[str, Any]:
 def adapter_options(save_as: str | None, adapter_rank: float | None, adapter_energy: str | None) -> dict[str, Any]:
     """The adapter boxes as `AmeConfig` keywords: a rank of 0 (an empty box) and a blank energy are the defaults.
 
-    >>> adapter_options("adapter", 8.0, ""), adapter_options("model", 0, " ")
-    ({'save_as': 'adapter', 'adapter_rank': 8, 'adapter_energy': None}, {'save_as': 'model', 'adapter_rank': None, 'adapter_energy': None})
+    >>> adapter_options("adapter", 8.0, "0.99")
+    {'save_as': 'adapter', 'adapter_rank': 8, 'adapter_energy': '0.99'}
+    >>> adapter_options("model", 0, " ")
+    {'save_as': 'model', 'adapter_rank': None, 'adapter_energy': None}
     """
     rank = int(adapter_rank) if adapter_rank and float(adapter_rank) == int(adapter_rank) else adapter_rank or None
-    return {"save_as": save_as or "model", "adapter_rank": rank, "adapter_energy": (adapter_energy or "").strip() or None}
+    energy = (adapter_energy or "").strip() or None
+    return {"save_as": save_as or "model", "adapter_rank": rank, "adapter_energy": energy}
