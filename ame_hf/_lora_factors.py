@@ -46,12 +46,13 @@ class Factors:
 @dataclass
 class AdapterSummary:
     """What an adapter output holds: each factored module's `Factors` (by module name), the modules saved whole,
-    the size of `adapter_model.safetensors` and the base."""
+    the size of `adapter_model.safetensors`, the base, and the tied tensors saved as copies."""
 
     factors: dict[str, Factors] = field(default_factory=dict)
     saved: list[str] = field(default_factory=list)
     nbytes: int = 0
     base: Ingredient | None = None
+    tied: dict[str, str] = field(default_factory=dict)  # a saved tensor tied to a stored one -> the stored one
 
 
 def choose_rank(s: torch.Tensor, total: float, *, cap: int | None, energy: float | None, floor: float) -> int:

@@ -175,7 +175,8 @@ def write_adapter(full_dir: Path, base: Ingredient, staging: Path, config: AmeCo
     """
     merged = Checkpoint(full_dir)
     base_ckpt = Checkpoint(base.path, base.display_name, variant=config.variant)
-    modules = _modules(merged)
+    model = _meta_model(merged)
+    modules = dict(model.named_modules())
     changed: list[str] = []
     with cpu_threads(torch.device("cpu"), None):  # one thread: the same bytes on any machine
         for name in sorted(merged.names()):
@@ -202,7 +203,8 @@ def write_adapter(full_dir: Path, base: Ingredient, staging: Path, config: AmeCo
         if not summary.factors and spare:  # peft loads no adapter without a LoRA module: keep one factored
             summary.saved.remove(spare[0])
             summary.factors[spare[0]] = spare[1]
-        summary.saved.sort()
+        summary.tied = _tied_copies(model, summary.saved, merged)
+        summary.saved = sorted({*summary.saved, *(n.rpartition(".")[0] for n in summary.tied)})
     _write_tensors(staging, summary, merged)
     summary.nbytes = (staging / ADAPTER_WEIGHTS).stat().st_size
     _write_config(staging, summary, merged.config, base)
@@ -214,12 +216,25 @@ def write_adapter(full_dir: Path, base: Ingredient, staging: Path, config: AmeCo
     return summary
 
 
-def _modules(merged: Checkpoint) -> dict[str, torch.nn.Module]:
+def _meta_model(merged: Checkpoint) -> torch.nn.Module:
     try:
-        _, _, model = on_meta(merged.config)
+        return on_meta(merged.config)[2]
     except UnknownArchitecture as err:
         raise CheckpointError(f"save_as='adapter' needs a transformers architecture: {err}", path=merged.path) from err
-    return dict(model.named_modules())
+
+
+def _tied_copies(model: torch.nn.Module, saved: list[str], merged: Checkpoint) -> dict[str, str]:
+    """Tensors tied to a saved one that the checkpoint does not store (a tied head): {name: the stored name}. peft
+    keeps them tied (`ensure_weight_tying`) only when the tied module is saved with the same weights."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    stored = set(merged.names())
+    copies = {}
+    for names in groups.values():
+        source = next((n for n in names if n in stored and any(n.startswith(f"{m}.") for m in saved)), None)
+        copies.update({n: source for n in names if source is not None and n not in stored})
+    return dict(sorted(copies.items()))
 
 
 def _same_as_base(merged: Checkpoint, base: Checkpoint, name: str) -> bool:
@@ -262,6 +277,7 @@ def _write_tensors(staging: Path, summary: AdapterSummary, merged: Checkpoint) -
                     (f"{PEFT_PREFIX}{module}.lora_B.weight", tuple(f.B.shape), f.B.dtype)]
     saved = _saved_tensors(summary, merged)
     entries += [(PEFT_PREFIX + n, tuple(merged.info(n).shape), merged.info(n).dtype) for n in saved]
+    entries += [(PEFT_PREFIX + n, tuple(merged.info(s).shape), merged.info(s).dtype) for n, s in summary.tied.items()]
     plan = plan_shards(entries, 1 << 62, {"format": "pt", "ame_hf": __version__})
     create_shard_files(staging, plan)
     for module, f in sorted(summary.factors.items()):
@@ -269,6 +285,8 @@ def _write_tensors(staging: Path, summary: AdapterSummary, merged: Checkpoint) -
         write_rows(staging, plan, f"{PEFT_PREFIX}{module}.lora_B.weight", 0, f.B)
     for n in saved:
         write_rows(staging, plan, PEFT_PREFIX + n, 0, merged.read(n))
+    for n, source in summary.tied.items():
+        write_rows(staging, plan, PEFT_PREFIX + n, 0, merged.read(source))
     os.replace(staging / plan.shards[0].name, staging / ADAPTER_WEIGHTS)
 
 
@@ -283,6 +301,7 @@ def _write_config(staging: Path, summary: AdapterSummary, model_config: dict[str
     config = LoraConfig(
         r=top, lora_alpha=top, target_modules=sorted(ranks), modules_to_save=summary.saved or None,
         rank_pattern=pattern, alpha_pattern=dict(pattern), lora_dropout=0.0, bias="none",
+        ensure_weight_tying=bool(summary.tied),
         task_type=next((t for suffix, t in _TASK_TYPES if arch.endswith(suffix)), None),
         base_model_name_or_path=base.repo_id or os.path.realpath(base.path), revision=base.sha or base.revision)
     values = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.to_dict().items()}

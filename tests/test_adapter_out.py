@@ -160,6 +160,26 @@ def test_new_vocabulary_rows_are_saved_whole_and_load_on_the_resized_base(tmp_pa
     assert "resize_token_embeddings" in (out / "README.md").read_text()
 
 
+def test_a_tied_head_stays_tied_to_the_saved_embeddings(tmp_path):
+    """A model whose head is its input embeddings (stored once): the changed embeddings are saved with the head as
+    their copy and peft's `ensure_weight_tying`, so what peft loads is ame-hf's full merge, head included."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = save_base(tmp_path / "base", tie_word_embeddings=True)
+    fts = make_finetunes(tmp_path, n=2, tie_word_embeddings=True)
+    out = ame_hf.merge(fts, tmp_path / "out", save_as="adapter", base=base, progress=False, **SOUP).path
+    full = AutoModelForCausalLM.from_pretrained(ame_hf.merge(fts, tmp_path / "full", progress=False, **SOUP).path)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["ensure_weight_tying"] and {"lm_head", "model.embed_tokens"} <= set(config["modules_to_save"])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out).merge_and_unload()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(model.lm_head.weight, full.lm_head.weight)
+    tokens = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert float((model(tokens).logits - full(tokens).logits).abs().max()) < 1e-5
+
+
 def test_without_a_base_it_refuses_in_one_line_before_the_merge(tmp_path, capsys):
     fts = make_finetunes(tmp_path, n=2)
     with pytest.raises(InvalidConfigError, match="needs the base model"):
