@@ -262,3 +262,30 @@ def test_tune_writes_its_pick_as_an_adapter(lm_adapters, tmp_path):
     card = (out / "README.md").read_text()
     assert "## LoRA adapter" in card and "Selection by" in card and "save_as: adapter" in (
         out / "ame_config.yaml").read_text()
+
+
+def test_a_hub_base_is_recorded_with_its_revision(two_loras, hub, hub_token, tmp_path):
+    """Adapters and their base on the (local) Hub: the adapter names the base by repo ID and its resolved commit,
+    the card links it as the adapter's base, and the weights are those of the same merge from local folders."""
+    from huggingface_hub import HfApi, ModelCard
+
+    api = HfApi(token=hub_token)
+    api.create_repo("org/ao-base", exist_ok=True)
+    sha = api.upload_folder(repo_id="org/ao-base", folder_path=two_loras["base"]).oid
+    repos = []
+    for i, adapter in enumerate(two_loras["adapters"]):
+        folder = tmp_path / f"up{i}"
+        folder.mkdir()
+        config = {**json.loads((adapter / "adapter_config.json").read_text()), "base_model_name_or_path": "org/ao-base"}
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        (folder / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
+        api.create_repo(f"org/ao-lora-{i}", exist_ok=True)
+        api.upload_folder(repo_id=f"org/ao-lora-{i}", folder_path=folder)
+        repos.append(f"org/ao-lora-{i}")
+    out = ame_hf.merge(repos, tmp_path / "out", save_as="adapter", token=hub_token, progress=False, **SOUP).path
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "org/ao-base" and config["revision"] == sha
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "org/ao-base" and card.data.base_model_relation == "adapter"
+    local = ame_hf.merge(two_loras["adapters"], tmp_path / "local", save_as="adapter", progress=False, **SOUP).path
+    assert (out / "adapter_model.safetensors").read_bytes() == (local / "adapter_model.safetensors").read_bytes()
