@@ -92,6 +92,17 @@ def test_a_soup_of_loras_is_exact_as_an_adapter(two_loras, tmp_path):
     assert "save_as: adapter" in (out / "ame_config.yaml").read_text()
 
 
+def test_the_recorded_config_reproduces_the_adapter(two_loras, tmp_path, capsys):
+    out = ame_hf.merge(two_loras["adapters"], tmp_path / "out", save_as="adapter", adapter_energy=0.9,
+                       progress=False, **SOUP).path
+    code, _, err = run_cli(capsys, "merge", "--config", str(out / "ame_config.yaml"), "-o", str(tmp_path / "again"),
+                           "-q")
+    assert code == 0, err
+    assert (tmp_path / "again" / "adapter_model.safetensors").read_bytes() == (
+        out / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "again" / "adapter_config.json").read_text() == (out / "adapter_config.json").read_text()
+
+
 def test_full_finetunes_as_an_adapter_report_the_error_they_have(tmp_path):
     """A LoRA extracted from a merge of full fine-tunes (lossy at rank 2): each module's reported error is the
     error measured on what peft loads; the changed norms and embeddings are saved whole, exactly."""
