@@ -6,12 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .card import _auto_class
+from .card import _auto_class, reproduce_command
 from .card_results import _put_section
 from .fetch import format_size
+from .recipe import run_yaml
 
 if TYPE_CHECKING:
     from ._lora_factors import AdapterSummary
+    from .records import MergeResult
 
 ADAPTER_HEADING = "## LoRA adapter"
 USAGE_HEADING = "## How to use"
@@ -60,8 +62,15 @@ def usage_section(summary: "AdapterSummary", name: str, model_config: dict[str, 
     return "\n".join(lines)
 
 
+def reproduce_section(result: "MergeResult") -> str:
+    """The card's "Reproduce" section for the adapter: the command and `ame_config.yaml` with `--save-as adapter`."""
+    return (f"The same adapter, from the pinned ingredients:\n\n```bash\n{reproduce_command(result)}\n```\n\n"
+            "or, with the configuration below saved as `ame_config.yaml`:\n\n```bash\n"
+            f"ame-hf merge --config ame_config.yaml --out merged\n```\n\n```yaml\n{run_yaml(result)}```")
+
+
 def write_adapter_card(source: Path, staging: Path, summary: "AdapterSummary", *, name: str,
-                       model_config: dict[str, Any]) -> None:
+                       model_config: dict[str, Any], result: "MergeResult | None" = None) -> None:
     """`staging/README.md`: the card at `source` (a merge's) as an adapter's card.
 
     Args:
@@ -70,6 +79,7 @@ def write_adapter_card(source: Path, staging: Path, summary: "AdapterSummary", *
         summary: what was written.
         name: the output folder's name (for the usage example).
         model_config: the merged model's config (its Auto class).
+        result: the merge's record: its Reproduce section is rewritten for the adapter (else kept).
     """
     from huggingface_hub import ModelCard
 
@@ -86,4 +96,6 @@ def write_adapter_card(source: Path, staging: Path, summary: "AdapterSummary", *
     text = _put_section(text, USAGE_HEADING, f"\n{USAGE_HEADING}\n\n{usage_section(summary, name, model_config)}\n", ())
     text = _put_section(text, ADAPTER_HEADING, f"\n{ADAPTER_HEADING}\n\n{adapter_section(summary)}\n",
                         ("\n## Ingredients",))
+    if result is not None:
+        text = _put_section(text, "## Reproduce", f"\n## Reproduce\n\n{reproduce_section(result)}\n", ())
     (staging / "README.md").write_text(text, encoding="utf-8")

@@ -146,7 +146,8 @@ def save_adapter(full_dir: Path, out: Path, base: Ingredient, config: AmeConfig,
         from .adapter_card import write_adapter_card
 
         write_adapter_card(full_dir / "README.md", staging, summary, name=out.absolute().name,
-                           model_config=json.loads((full_dir / "config.json").read_text(encoding="utf-8")))
+                           model_config=json.loads((full_dir / "config.json").read_text(encoding="utf-8")),
+                           result=result)
         publish(staging, out, overwrite)
     return summary
 

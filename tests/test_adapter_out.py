@@ -101,6 +101,8 @@ def test_the_recorded_config_reproduces_the_adapter(two_loras, tmp_path, capsys)
     assert (tmp_path / "again" / "adapter_model.safetensors").read_bytes() == (
         out / "adapter_model.safetensors").read_bytes()
     assert (tmp_path / "again" / "adapter_config.json").read_text() == (out / "adapter_config.json").read_text()
+    reproduce = (out / "README.md").read_text().split("## Reproduce", 1)[1]
+    assert "--save-as adapter --adapter-energy 0.9" in reproduce and "save_as: adapter" in reproduce
 
 
 def test_full_finetunes_as_an_adapter_report_the_error_they_have(tmp_path):
