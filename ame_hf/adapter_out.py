@@ -204,6 +204,10 @@ def write_adapter(full_dir: Path, base: Ingredient, staging: Path, config: AmeCo
         if not summary.factors and spare:  # peft loads no adapter without a LoRA module: keep one factored
             summary.saved.remove(spare[0])
             summary.factors[spare[0]] = spare[1]
+        if not summary.factors:
+            raise CheckpointError(f"no linear weight of the merge differs from its base {base.display_name} (only "
+                                  f"{', '.join(summary.saved)}), and peft loads no LoRA adapter without one; save "
+                                  "it as a model", path=full_dir)
         summary.tied = _tied_copies(model, summary.saved, merged)
         summary.saved = sorted({*summary.saved, *(n.rpartition(".")[0] for n in summary.tied)})
     _write_tensors(staging, summary, merged)
