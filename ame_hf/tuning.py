@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ._options import tune_options
+from .adapter_out import base_of, checked_base, full_model_config, save_adapter
 from .card_results import add_card_section, update_card
 from .config import OUTPUT_FIELDS, AmeConfig
 from .evaluation import LabelledData, TextData, evaluate_model
 from .full_models import FullModels
 from .inputs import InputStage
 from .merging import merge
-from .adapter_out import base_of, checked_base, full_model_config, save_adapter
 from .output import make_staging_dir, publish
 from .selection import (Candidate, GreedySoup, Selection, best_candidate, greedy_label, greedy_section, ranked,
                         run_greedy_soup, start_selection, write_selected)
