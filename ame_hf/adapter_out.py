@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 
 from . import __version__
-from ._lora_factors import AdapterSummary, factor_delta, rounding_floor
+from ._lora_factors import AdapterSummary, factor_delta
 from ._meta_model import UnknownArchitecture, on_meta
 from .checkpoint import Checkpoint
 from .config import AmeConfig
@@ -38,6 +38,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # How peft names what it saves: `base_model.model.<module>.lora_A.weight`, a saved module's own tensor names.
 PEFT_PREFIX = "base_model.model."
+# Rows of a weight read at once into its float64 delta (a fixed number: the same bytes whatever the merge's blocks).
+DELTA_ROWS = 1024
 # The AmeConfig fields that say how an output is saved, and their values for a full model.
 AS_MODEL = {"save_as": "model", "adapter_rank": None, "adapter_energy": None}
 NO_BASE = ("save_as='adapter' needs the base model the adapter applies to: pass base=REF (the model the ingredients "
@@ -191,16 +193,17 @@ def write_adapter(full_dir: Path, base: Ingredient, staging: Path, config: AmeCo
         spare: tuple[str, Any] | None = None
         for module in lora:
             name = f"{module}.weight"
-            weights = merged.read(name)
-            delta = weights.double() - base_ckpt.read(name).double()
-            factors = factor_delta(delta, weights.dtype, cap=config.adapter_rank, energy=config.adapter_energy,
-                                   floor=rounding_floor(weights))
-            if factors.A.numel() + factors.B.numel() < weights.numel():
+            delta, floor = _delta(merged, base_ckpt, name)
+            factors = factor_delta(delta, merged.info(name).dtype, cap=config.adapter_rank,
+                                   energy=config.adapter_energy, floor=floor)
+            numel = delta.numel()
+            del delta
+            if factors.A.numel() + factors.B.numel() < numel:
                 summary.factors[module] = factors
             else:  # the factors would be larger than the weight: saved whole, exactly
                 summary.saved.append(module)
                 spare = spare or (module, factors)
-            del delta, weights, factors
+            del factors
         if not summary.factors and spare:  # peft loads no adapter without a LoRA module: keep one factored
             summary.saved.remove(spare[0])
             summary.factors[spare[0]] = spare[1]
@@ -219,6 +222,22 @@ def write_adapter(full_dir: Path, base: Ingredient, staging: Path, config: AmeCo
                 len(summary.factors), max((f.error for f in summary.factors.values()), default=0.0),
                 len(summary.saved), summary.nbytes)
     return summary
+
+
+def _delta(merged: Checkpoint, base: Checkpoint, name: str) -> tuple[torch.Tensor, float]:
+    """Merged minus base in float64, filled `DELTA_ROWS` rows at a time (memory: the delta and one block of each),
+    and the float rounding of the merged weights (`eps * ||merged||_F`, see `factor_delta`). Each element is
+    computed alone: the blocks change no value."""
+    shape = tuple(merged.info(name).shape)
+    delta = torch.empty(shape, dtype=torch.float64)
+    squares = 0.0
+    for start in range(0, shape[0], DELTA_ROWS):
+        rows = (start, min(start + DELTA_ROWS, shape[0]))
+        block = merged.read(name, rows=rows)
+        squares += float(torch.linalg.vector_norm(block, dtype=torch.float64)) ** 2
+        delta[rows[0]:rows[1]] = block
+        delta[rows[0]:rows[1]] -= base.read(name, rows=rows, dtype=torch.float64)
+    return delta, torch.finfo(merged.info(name).dtype).eps * squares ** 0.5
 
 
 def _meta_model(merged: Checkpoint) -> torch.nn.Module:
