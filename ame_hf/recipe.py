@@ -37,6 +37,9 @@ def recipe_digest(config: AmeConfig, ingredients: Sequence[Ingredient], pivot: A
     values = config.to_dict()
     if values.get("order") == "given":
         values.pop("order")  # the default of a later option: stamps of earlier merges stay the same
+    for key, default in (("save_as", "model"), ("adapter_rank", None), ("adapter_energy", None)):
+        if values.get(key, default) == default:
+            values.pop(key, None)  # likewise
     payload = json.dumps({"config": values, "ingredients": [i.identity for i in ingredients],
                           "pivot": pivot.identity if isinstance(pivot, Ingredient) else pivot},
                          sort_keys=True)
