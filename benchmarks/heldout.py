@@ -13,10 +13,10 @@ A case *wins* when tune's test score is at least max(soup, best expert on valida
 the min). The margin over the soup is in accuracy points (digits) or nats (lm), positive when tune is better.
 
     python benchmarks/heldout.py [--seeds 0,1,2] [--digits-n 2,4] [--lm-steps 60,120] [--budget 12]
-                                 [--out DIR] [--update-results]
+                                 [--out DIR] [--report-only] [--update-results]
 
-A run writes cases.json and results.md into --out (default benchmarks/_work/heldout, git-ignored); only
-`--update-results` also rewrites the committed benchmarks/RESULTS-heldout.md (recording the command and
+A run writes cases.json and results.md into --out (default benchmarks/_work/heldout, git-ignored);
+`--report-only` rebuilds results.md from cases.json; only `--update-results` also rewrites the committed benchmarks/RESULTS-heldout.md (recording the command and
 the ame-hf commit). The examples' functions are imported from their scripts, not copied.
 """
 
@@ -187,6 +187,10 @@ def tune_case(family: str, size: str, seed: int, higher: bool, result: Any, seco
                     [(c.label, c.score) for c in result.candidates], p_not_better)
 
 
+def signed(x: float) -> str:
+    return f"{x + 0.0:+.4g}"  # + 0.0: a loss margin of -0.0 reads +0
+
+
 def fmt(row: dict[str, Any], value: float) -> str:
     return f"{100 * value:.1f}" if row["higher_is_better"] else f"{value:.4f}"
 
@@ -195,7 +199,7 @@ def summary_line(row: dict[str, Any]) -> str:
     t = row["test"]
     return (f"  {row['family']} {row['size']} seed {row['seed']}: test soup {fmt(row, t['soup'])}, best expert "
             f"{fmt(row, t['best expert'])}, tune {fmt(row, t['tune'])} ({row['pick']}); "
-            f"{'wins' if row['wins'] else 'LOSES'}, margin {row['margin']:+.4g} ({row['seconds']:.0f} s)")
+            f"{'wins' if row['wins'] else 'LOSES'}, margin {signed(row['margin'])} ({row['seconds']:.0f} s)")
 
 
 def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -214,11 +218,11 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              "|---" * 12 + "|"]
     for r in rows:
         v, t = r["val"], r["test"]
-        guarded = ("yes" if r["guarded_wins"] else "**no**") + f", {r['guarded_margin']:+.4g}" + (
+        guarded = ("yes" if r["guarded_wins"] else "**no**") + f", {signed(r['guarded_margin'])}" + (
             "" if r["guarded_keeps_pick"] else " (soup)")
         lines.append(f"| {r['family']} | {r['size']} | {r['seed']} | {fmt(r, v['soup'])} / {fmt(r, v['best expert'])}"
                      f" / {fmt(r, v['tune'])} | {fmt(r, t['soup'])} | {fmt(r, t['best expert'])} | "
-                     f"{fmt(r, t['tune'])} | {r['pick']} | {'yes' if r['wins'] else '**no**'} | {r['margin']:+.4g} | "
+                     f"{fmt(r, t['tune'])} | {r['pick']} | {'yes' if r['wins'] else '**no**'} | {signed(r['margin'])} | "
                      f"{r['p_not_better']:.3f} | {guarded} |")
     lines += ["", "| family | rule | cases | ≥ max(soup, best expert) on test | mean margin over soup | worst margin | "
               "took the soup |", "|---|---|---|---|---|---|---|"]
@@ -228,7 +232,7 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             margins = [r[prefix + "margin"] for r in mine]
             wins = sum(r[prefix + "wins"] for r in mine)
             soup = sum(r["pick"] == "soup" or (bool(prefix) and not r["guarded_keeps_pick"]) for r in mine)
-            mean = (f"{statistics.mean(margins):+.4g}", f"{min(margins):+.4g}") if family != "all" else ("—", "—")
+            mean = (signed(statistics.mean(margins)), signed(min(margins))) if family != "all" else ("—", "—")
             lines.append(f"| {family} | {rule} | {len(mine)} | {wins}/{len(mine)} ({100 * wins / len(mine):.0f} %) | "
                          f"{mean[0]} | {mean[1]} | {soup}/{len(mine)} |")
     wins = sum(r["wins"] for r in rows)
@@ -248,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help=f"tune budget (default {DEFAULT_BUDGET})")
     parser.add_argument("--out", type=Path, default=HERE / "_work" / "heldout",
                         help="work folder: models, cases.json and results.md (default benchmarks/_work/heldout)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild results.md from --out/cases.json without running anything")
     parser.add_argument("--update-results", action="store_true",
                         help="also rewrite the committed benchmarks/RESULTS-heldout.md")
     args = parser.parse_args(argv)
@@ -260,6 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.path.insert(0, str(REPO / "examples"))
     from _results import recorded_command, shown, source_commit
 
+    if args.report_only:
+        saved = json.loads((args.out / "cases.json").read_text(encoding="utf-8"))
+        return write(report(saved["cases"], saved["meta"]), args.out, args.update_results, shown)
     commit = source_commit(("ame_hf", "examples", "benchmarks"))  # the code as it runs, before this run writes
     torch.set_num_threads(1)
     hf_logging.set_verbosity_error()
@@ -274,9 +283,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "commit": commit, "date": datetime.date.today().isoformat(), "budget": args.budget,
             "default_budget": DEFAULT_BUDGET, "seconds": time.perf_counter() - started}
     (args.out / "cases.json").write_text(json.dumps({"meta": meta, "cases": rows}, indent=1), encoding="utf-8")
-    text = report(rows, meta)
+    return write(report(rows, meta), args.out, args.update_results, shown)
+
+
+def write(text: str, out: Path, update_results: bool, shown: Any) -> int:
+    """Print the report and write it to out/results.md (and the committed file with --update-results)."""
     print(text)
-    for target in [args.out / "results.md", *([COMMITTED] if args.update_results else [])]:
+    for target in [out / "results.md", *([COMMITTED] if update_results else [])]:
         target.write_text(text, encoding="utf-8")
         print(f"wrote {shown(target)}")
     return 0

@@ -104,5 +104,9 @@ def test_heldout_runs_both_families_at_the_tiniest_size(tmp_path, monkeypatch):
     assert "| digits | N=2 | 0 |" in text and "| lm | 5 steps | 0 |" in text
     wins = sum(c["wins"] for c in cases)
     assert f"test in {wins}/2 (" in text
+    # --report-only rebuilds the same report from cases.json, running nothing.
+    (out / "results.md").unlink()
+    assert heldout.main(["--report-only", "--out", str(out)]) == 0
+    assert (out / "results.md").read_text(encoding="utf-8") == text
     # Without --update-results the committed results are untouched.
     assert (heldout.COMMITTED.read_bytes() if heldout.COMMITTED.exists() else None) == committed
