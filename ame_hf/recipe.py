@@ -23,6 +23,11 @@ from .resolve import rebase_ref
 VERSIONED = ("ame-hf", "torch", "transformers", "huggingface_hub", "safetensors", "accelerate")
 
 
+# Options added after the first stamps, at their defaults (left out of the stamp).
+LATER_DEFAULTS = {"weights": None, "transform": "none", "density": 1.0, "gamma": 0.01, "rescale": None,
+                  "disjoint_sum": False}
+
+
 def recipe_digest(config: AmeConfig, ingredients: Sequence[Ingredient], pivot: Any) -> str:
     """A short hash of everything that determines the weights (stamped into every shard).
 
@@ -35,8 +40,9 @@ def recipe_digest(config: AmeConfig, ingredients: Sequence[Ingredient], pivot: A
         16 hex digits.
     """
     values = config.to_dict()
-    if values.get("order") == "given":
-        values.pop("order")  # the default of a later option: stamps of earlier merges stay the same
+    for key, default in (("order", "given"), *LATER_DEFAULTS.items()):
+        if values.get(key) == default:
+            values.pop(key)  # the default of a later option: stamps of earlier merges stay the same
     payload = json.dumps({"config": values, "ingredients": [i.identity for i in ingredients],
                           "pivot": pivot.identity if isinstance(pivot, Ingredient) else pivot},
                          sort_keys=True)
