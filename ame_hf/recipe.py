@@ -4,6 +4,7 @@ form (`ame_config.yaml`) is written into every output and read back by `merge --
 from __future__ import annotations
 
 import functools
+import logging
 import hashlib
 import importlib.metadata
 import json
@@ -176,10 +177,17 @@ def read_recipe(path: str | Path) -> Recipe:
 
     Raises:
         InvalidConfigError: unreadable YAML, a malformed `ingredients` list, or a `tune` copy of an ingredient.
+            A mergekit config (`merge_method:`) is read as its AME form (`mergekit_config.translate`).
     """
     path = Path(path)
     data = load_yaml_mapping(path)
     folder = path.parent
+    from .mergekit_config import is_mergekit, translate
+
+    if is_mergekit(data):  # mergekit's paths are relative to the working directory, as mergekit reads them
+        refs, values, summary = translate(data)
+        logging.getLogger(__name__).info("mergekit config %s: %s", path, summary)
+        return Recipe(refs=refs, out=None, values=values)
     if data.get("selected_by") == "tune":
         adapter = f" (a PEFT adapter, merged into its base {data['selected_base']})" if data.get("selected_base") else ""
         raise InvalidConfigError(
