@@ -14,7 +14,7 @@ import torch
 
 from .config import AmeConfig, order_indices
 from .optimizers import new_optimizer, optimizer_class, take_step
-from .weights import relative_weights
+from .weights import relative_weights, weighted_batch_mean
 
 Loader = Callable[[int], torch.Tensor]
 
@@ -149,8 +149,6 @@ def batch_mean(load: Loader, batch: Sequence[int], weights: Sequence[float] | No
     if len(batch) == 1:
         return load(batch[0])
     if weights is not None:
-        from .weights import weighted_batch_mean
-
         return weighted_batch_mean(load, batch, weights)
     first = load(batch[0])
     total = load(batch[1]) - first  # a tensor of our own

@@ -20,7 +20,7 @@ import hashlib
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -29,9 +29,6 @@ from . import plan as _plan
 from .plan import Rows, ShardPlan, row_blocks
 from .transform_options import ELECTS, SPARSIFY, per_ingredient, rescale_of
 from .weights import relative_weights, weighted_mean
-
-if TYPE_CHECKING:
-    from .streaming import TensorMerger
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +94,7 @@ def _rowsum_abs(t: torch.Tensor) -> float:
 class TensorTransform:
     """The transform of one tensor: its per-ingredient statistics (thresholds, L1 factors), then block by block."""
 
-    def __init__(self, merger: "TensorMerger", name: str, blocks: list[Rows], pivot_block: Callable) -> None:
+    def __init__(self, merger: Any, name: str, blocks: list[Rows], pivot_block: Callable) -> None:
         self.merger, self.name, self.blocks, self.pivot_block = merger, name, blocks, pivot_block
         cfg = merger.config
         self.n, self.dtype = len(merger.checkpoints), merger.compute_dtype
@@ -180,7 +177,7 @@ class TensorTransform:
         return [pivot + d for d in deltas]
 
 
-def merge_transformed(merger: "TensorMerger", name: str, out_dir: Path, plan: ShardPlan,
+def merge_transformed(merger: Any, name: str, out_dir: Path, plan: ShardPlan,
                       advance: Callable[[int], None]) -> None:
     """`TensorMerger.run` for a floating tensor under a transform: blocks of 1/N the usual size, each ingredient's
     transformed block in memory at once, AME on them from the pivot, written in place.
