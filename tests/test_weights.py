@@ -76,7 +76,7 @@ def test_weighted_soup_is_the_weighted_mean(finetunes, tmp_path, batch_size):
     assert max_abs_diff(floats(load_state(result.path)), weighted_mean(states, [1, 1, 1, 1])) > 1e-3
     recorded = yaml.safe_load((result.path / "ame_config.yaml").read_text())
     assert recorded["config"]["weights"] == WEIGHTS if "config" in recorded else recorded["weights"] == WEIGHTS
-    assert "0.5, 0.3, 0.2, 1.0" in (result.path / "README.md").read_text()
+    assert "--weights 0.5,0.3,0.2,1.0" in (result.path / "README.md").read_text()  # the reproduce command
 
 
 @pytest.mark.parametrize("options", [dict(), dict(optimizer="sgd"), dict(optimizer="adam", lr=0.02, batch_size=2)])
