@@ -20,6 +20,7 @@ from .errors import InvalidConfigError
 from .optimizers import optimizer_class, reported_hyperparameters
 from .records import Ingredient, MergeResult
 from .resolve import rebase_ref
+from .weights import weighted_entries
 
 VERSIONED = ("ame-hf", "torch", "transformers", "huggingface_hub", "safetensors", "accelerate")
 
@@ -195,7 +196,11 @@ def read_recipe(path: str | Path) -> Recipe:
             f"{data.get('selected_ingredient')}{adapter}, not a merge: there is no merge to reproduce; use that ingredient")
     for key in INFO_KEYS:
         data.pop(key, None)
-    refs = data.pop("ingredients", None) or []
+    refs, weights = weighted_entries(data.pop("ingredients", None) or [], str(path))
+    if weights is not None:
+        if data.get("weights") is not None:
+            raise InvalidConfigError(f"{path}: give the weights once, as weights: or as weight: in ingredients")
+        data["weights"] = weights
     if not (isinstance(refs, list) and all(isinstance(r, str) for r in refs)):
         raise InvalidConfigError(f"{path}: ingredients must be a list of references")
     # A keyword or an index is never a path, even when a folder of that name sits beside the YAML: the

@@ -53,7 +53,7 @@ def kth_largest(magnitudes: Callable[[], Iterator[torch.Tensor]], k: int, dtype:
             bits = m.reshape(-1).view(torch.int32 if single else torch.int64).to(torch.int64)
             if known:
                 bits = bits[(bits >> (total - known)) == prefix]
-            hist += torch.bincount((bits >> shift) & (2 ** width - 1), minlength=2 ** width)
+            hist += torch.bincount((bits >> shift) & (2 ** width - 1), minlength=2 ** width).cpu()
         cum = hist.flip(0).cumsum(0)
         index = int(torch.searchsorted(cum, torch.tensor(k)))
         k -= int(cum[index - 1]) if index else 0
@@ -62,7 +62,8 @@ def kth_largest(magnitudes: Callable[[], Iterator[torch.Tensor]], k: int, dtype:
     return float(bits.view(dtype)[0])
 
 
-def keep_mask(seed: int, name: str, ingredient: int, offset: int, numel: int, density: float) -> torch.Tensor:
+def keep_mask(seed: int, name: str, ingredient: int, offset: int, numel: int, density: float,
+              device: torch.device | str = "cpu") -> torch.Tensor:
     """DARE's keep mask of elements `offset .. offset+numel` of tensor `name` for `ingredient`: a 32-bit hash of
     (seed, name, ingredient, element index) below `density * 2**32`, so the mask does not depend on the blocks.
 
@@ -72,7 +73,7 @@ def keep_mask(seed: int, name: str, ingredient: int, offset: int, numel: int, de
     """
     digest = hashlib.sha256(f"ame-hf-dare:{seed}:{name}:{ingredient}".encode()).digest()
     k1, k2 = int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:8], "little")
-    index = torch.arange(offset, offset + numel, dtype=torch.int64)
+    index = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
     h = _mix((index & _M32) ^ k1)
     h = _mix(h ^ (index >> 32) ^ k2)
     return h < int(density * 2 ** 32)
@@ -143,7 +144,8 @@ class TensorTransform:
         density = per_ingredient(self.merger.config.density, i)
         if self.sparsify == "random" and density < 1:
             offset = rows[0] * self.row if rows else 0
-            return keep_mask(self.merger.config.seed, self.name, i, offset, d.numel(), density).reshape(d.shape)
+            return keep_mask(self.merger.config.seed, self.name, i, offset, d.numel(), density,
+                             d.device).reshape(d.shape)
         band = self.bands[i]
         if band is None:
             return 1.0
@@ -190,7 +192,7 @@ def merge_transformed(merger: Any, name: str, out_dir: Path, plan: ShardPlan,
     blocks = row_blocks(info.shape, max(1, _plan.BLOCK_ELEMENTS // n))
     source = merger.checkpoints[merger.pivot] if isinstance(merger.pivot, int) else merger.pivot
     dtype = merger.compute_dtype
-    if name not in source.tensors:
+    if isinstance(source, str) or name not in source.tensors:  # "mean": a module folder the pivot lacks
         logger.debug("%s: the pivot has no such tensor: merged from the mean, without the transform", name)
         weights = relative_weights(merger.config.weights) or [1.0] * n
 

@@ -54,6 +54,32 @@ def parse_weights(value: Any) -> list[float] | None:
     return out
 
 
+def weighted_entries(items: Any, source: str) -> tuple[Any, list[float] | None]:
+    """A YAML recipe's `ingredients:` list, whose entries may be `{model: REF, weight: W}` (`weight:` in YAML): the
+    references, and the weights (None when no entry has one; an entry without one weighs 1).
+
+    Raises:
+        InvalidConfigError: an entry mapping without `model`, or with other keys.
+
+    >>> weighted_entries(["a", {"model": "b", "weight": 3}], "x.yaml")
+    (['a', 'b'], [1.0, 3.0])
+    """
+    if not isinstance(items, list) or not any(isinstance(item, dict) for item in items):
+        return items, None
+    refs, weights = [], []
+    for item in items:
+        if isinstance(item, dict):
+            if "model" not in item or set(item) - {"model", "weight"}:
+                raise InvalidConfigError(f"{source}: an ingredients entry is a reference or {{model: REF, weight: W}}, "
+                                         f"got {item!r}", field="weights")
+            refs.append(item["model"])
+            weights.append(item.get("weight", 1.0))
+        else:
+            refs.append(item)
+            weights.append(1.0)
+    return refs, parse_weights(weights)
+
+
 def check_weights(weights: Sequence[float] | None, n: int, schedule: str) -> None:
     """What weights ask of a run of `n` ingredients with `schedule` (known once both are).
 

@@ -132,3 +132,15 @@ def test_weights_on_the_command_line_and_bad_weights(finetunes, tmp_path, capsys
     with pytest.raises(InvalidConfigError, match="not a finite number"):
         AmeConfig(weights="1,x")
     assert not (tmp_path / "x").exists()
+
+
+def test_weight_in_the_yaml_ingredients(finetunes, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"optimizer": "sgd", "ingredients": [
+        {"model": str(p), "weight": w} for p, w in zip(finetunes, WEIGHTS)]}))
+    code, _, err = run_cli(capsys, "merge", "--config", str(recipe), "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    states = [load_state(p) for p in finetunes]
+    assert max_abs_diff(floats(load_state(tmp_path / "out")), weighted_mean(states, WEIGHTS)) <= 1e-6
+    again = yaml.safe_load((tmp_path / "out" / "ame_config.yaml").read_text())
+    assert again["weights"] == WEIGHTS
