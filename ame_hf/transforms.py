@@ -87,8 +87,9 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rowsum_abs(t: torch.Tensor) -> float:
-    """The exact-order sum of |t| in float64: per-row sums combined by `math.fsum` (block cuts are by rows)."""
-    rows = t.reshape(t.shape[0] if t.dim() > 1 else 1, -1).abs().double().sum(dim=1)
+    """The sum of |t| in float64, the same however the tensor is cut into blocks of rows: per-row sums (each
+    element of a 1-D tensor is a row) combined exactly by `math.fsum`."""
+    rows = t.reshape(t.shape[0] if t.dim() else 1, -1).abs().double().sum(dim=1)
     return math.fsum(rows.tolist())
 
 
