@@ -33,6 +33,13 @@ def models(tmp_path_factory):
     return save_base(root / "base"), make_finetunes(root, n=3, scale=0.05)
 
 
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """Two fine-tunes with 4096-token embeddings (2 x 65536 entries): drop rates measured to about 0.0015."""
+    root = tmp_path_factory.mktemp("wide")
+    return save_base(root / "base", vocab_size=4096), make_finetunes(root, n=2, scale=0.05, vocab_size=4096)
+
+
 def both(mergekit_yaml, capsys, tmp_path, config):
     path = tmp_path / "mergekit.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -76,19 +83,20 @@ def test_deterministic_methods_give_mergekits_weights(mergekit_yaml, models, cap
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
-def test_dare_has_mergekits_drop_rate_and_expectation(mergekit_yaml, models, capsys, tmp_path, method):
-    base, paths = models
+def test_dare_has_mergekits_drop_rate_and_expectation(mergekit_yaml, wide, capsys, tmp_path, method):
+    base, paths = wide
     config = {"merge_method": method, "base_model": str(base), "dtype": "float32",
-              "models": [{"model": str(p), "parameters": {"weight": 1.0, "density": 0.3}} for p in paths[:2]]}
+              "models": [{"model": str(p), "parameters": {"weight": 1.0, "density": 0.3}} for p in paths]}
     mk, ame = both(mergekit_yaml, capsys, tmp_path, config)
     b = load_state(base)
-    big = [k for k in b if b[k].numel() >= 1000]
+    big = [k for k in b if b[k].numel() >= 65536]
+    assert len(big) == 2
     count = sum(b[k].numel() for k in big)
     dropped = {name: sum(int((s[k] == b[k]).sum()) for k in big) / count for name, s in (("mk", mk), ("ame", ame))}
     # an entry stays at the base where both task vectors are dropped (or, with ties, where the kept ones disagree)
-    assert abs(dropped["mk"] - dropped["ame"]) < 0.02, dropped
+    assert abs(dropped["mk"] - dropped["ame"]) < 0.01, dropped  # about 5 standard deviations
     if method == "dare_linear":
-        assert abs(dropped["ame"] - 0.7 ** 2) < 0.02, dropped
+        assert abs(dropped["ame"] - 0.7 ** 2) < 0.01, dropped
     l1 = {name: sum(float((s[k].double() - b[k].double()).abs().sum()) for k in big) for name, s in
           (("mk", mk), ("ame", ame))}
     assert abs(l1["mk"] / l1["ame"] - 1) < 0.03, l1
