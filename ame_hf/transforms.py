@@ -109,9 +109,10 @@ class TensorTransform:
         self.factors = [1.0] * self.n
         first_pass = self.sparsify in ("magnitude", "outliers") or self.rescale == "l1"
         if first_pass:
+            selects = {"magnitude": 1, "outliers": 2}.get(self.sparsify or "", 0)
+            reads = selects * (2 if self.dtype == torch.float32 else 4) + (self.rescale == "l1")
             logger.debug("%s: %s needs a first pass over the tensor (the magnitude threshold or L1 norm of each task "
-                         "vector): each ingredient is read %s more time(s)", name, cfg.transform,
-                         "2-4" if self.sparsify != "random" else "1")
+                         "vector): each ingredient and the pivot are read %d more time(s)", name, cfg.transform, reads)
         for i in range(self.n):
             density = per_ingredient(cfg.density, i)
             if self.sparsify == "magnitude" and density < 1:
