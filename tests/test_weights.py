@@ -144,3 +144,29 @@ def test_weight_in_the_yaml_ingredients(finetunes, tmp_path, capsys):
     assert max_abs_diff(floats(load_state(tmp_path / "out")), weighted_mean(states, WEIGHTS)) <= 1e-6
     again = yaml.safe_load((tmp_path / "out" / "ame_config.yaml").read_text())
     assert again["weights"] == WEIGHTS
+
+
+def test_weighted_soup_of_differing_vocabularies_goes_by_token(tmp_path):
+    """Token rows matched by token (streaming.merge_token_rows): a shared token's row is the weighted mean, a token
+    only one ingredient has keeps that ingredient's row."""
+    from transformers import AddedToken
+
+    from factories import build_base, tiny_tokenizer
+
+    folders = []
+    for i, added in enumerate([[], ["<extra>"]]):
+        tok = tiny_tokenizer()
+        tok.add_tokens([AddedToken(t) for t in added])
+        build_base("llama", seed=i, vocab_size=len(tok)).save_pretrained(tmp_path / f"ft{i}")
+        tok.save_pretrained(tmp_path / f"ft{i}")
+        folders.append(tmp_path / f"ft{i}")
+    out = load_state(merge(folders, tmp_path / "out", AmeConfig.soup(weights=[3, 1]), progress=False).path)
+    a, b = load_state(folders[0]), load_state(folders[1])
+    key = "model.embed_tokens.weight"
+    shared = a[key].shape[0]
+    assert out[key].shape[0] == shared + 1
+    want = (3 * a[key].double() + b[key][:shared].double()) / 4
+    assert float((out[key][:shared].double() - want).abs().max()) <= 1e-6
+    assert torch.equal(out[key][shared], b[key][shared])
+    assert float((out["model.norm.weight"].double() - (3 * a["model.norm.weight"].double()
+                                                        + b["model.norm.weight"].double()) / 4).abs().max()) <= 1e-6
