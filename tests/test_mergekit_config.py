@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from factories import cli_error_line, load_state, make_finetunes, run_cli, save_base
@@ -117,10 +116,9 @@ def test_other_methods_are_refused_naming_the_closest_command(models, capsys, tm
     assert not (tmp_path / "out").exists()
 
 
-def test_the_translation_is_the_ame_form(models, tmp_path):
+def test_the_translation_is_the_ame_form():
     from ame_hf.mergekit_config import translate
 
-    base, paths = models
     refs, values, summary = translate({"merge_method": "dare_ties", "base_model": "org/base",
                                        "models": [{"model": "org/a", "parameters": {"weight": 2, "density": 0.5}},
                                                   {"model": "org/b", "parameters": {"weight": 1, "density": 0.4}},
@@ -130,4 +128,15 @@ def test_the_translation_is_the_ame_form(models, tmp_path):
     assert values == {"dtype": "bfloat16", "tokenizer_source": "org/base", "optimizer": "sgd", "lr": 3.0,
                       "schedule": "constant", "batch_size": 2, "epochs": 1, "pivot": "org/base", "weights": [2.0, 1.0],
                       "transform": "dare_ties", "density": [0.5, 0.4], "rescale": "l1", "disjoint_sum": True}
-    assert torch.tensor(1.0).item() == 1.0
+
+
+def test_flags_change_the_ame_form_of_a_mergekit_config(models, capsys, tmp_path):
+    base, paths = models
+    path = tmp_path / "ties.yml"
+    path.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": str(base), "models": [
+        {"model": str(p), "parameters": {"weight": 1.0, "density": 0.5}} for p in paths]}))
+    code, _, err = run_cli(capsys, "merge", "--config", str(path), "--out", str(tmp_path / "adam"), "--optimizer",
+                           "adam", "--lr", "0.01", "--epochs", "2")
+    assert code == 0, err
+    recorded = yaml.safe_load((tmp_path / "adam" / "ame_config.yaml").read_text())
+    assert (recorded["optimizer"], recorded["lr"], recorded["epochs"], recorded["transform"]) == ("adam", 0.01, 2, "ties")
