@@ -81,7 +81,8 @@ class AmeConfig:
         density: fraction of each task vector kept, one number or one per ingredient.
         gamma: breadcrumbs' fraction of largest entries dropped.
         rescale: `density`, `l1` or `none` (default: density for DARE, else none).
-        disjoint_sum: sign-electing transforms sum the agreeing task vectors instead of averaging them.
+        disjoint_sum: sign-electing transforms average the agreeing entries over all ingredients (a sum, once the
+            lr is multiplied by the weights' sum), not only over those that agree.
         dtype: output dtype; `auto` keeps each tensor's ingredient dtype.
         compute_dtype: `float32` or `float64`.
         max_shard_size: largest output shard (`5GB`, `500MB`, ...).
@@ -121,8 +122,8 @@ class AmeConfig:
                                          "dropped (default 0.01)")
     rescale: str | None = _option(None, RESCALES, "rescale what --transform keeps: density (1/density, DARE's "
                                   "default), l1 (the task vector's L1 norm, mergekit's), none (the others' default)")
-    disjoint_sum: bool = _option(False, "flag", "ties/dare_ties: sum the agreeing task vectors instead of averaging "
-                                 "them (mergekit's normalize: false)")
+    disjoint_sum: bool = _option(False, "flag", "ties/dare_ties: average the agreeing entries over all ingredients, "
+                                 "not only those that agree (mergekit's normalize: false, lr x weights' sum)")
     dtype: str = _option("auto", OUTPUT_DTYPES, "output dtype (default auto: the ingredients')")
     compute_dtype: str = _option("float32", COMPUTE_DTYPES, "compute dtype (default float32)")
     max_shard_size: str | int = _option(DEFAULT_MAX_SHARD_SIZE, "text", "largest output shard, e.g. 5GB "

@@ -6,8 +6,9 @@ mask that is a hash of (seed, tensor name, ingredient index, element index); `br
 largest and the smallest), rescales what it keeps (`density`: 1/density; `l1`: to the task vector's L1 norm),
 and the `*ties` transforms elect a sign per element (the sign of the weighted sum) and keep only the entries
 that agree, scaled so that the (weighted) mean over all ingredients is the mean over those that agree (TIES's
-disjoint mean; `disjoint_sum`: their sum). AME then runs on `pivot + d_i'`, with any optimizer, so
-`sgd, lr 1, constant, batch = all` from the base is mergekit's merge.
+disjoint mean; `disjoint_sum`: averaged over all ingredients, a sum once lr is multiplied by the weights' sum).
+AME then runs on `pivot + d_i'`, with any optimizer, so `sgd, lr 1, constant, batch = all` from the base is
+mergekit's merge.
 
 A per-tensor magnitude threshold is found exactly by a radix select over the tensor's blocks (a first pass over
 the tensor, 2 reads of each ingredient in float32), and L1 norms by exact sums of row sums: so no byte depends on
