@@ -255,7 +255,8 @@ def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: 
             sizes[0], int) else {}
         if past:
             report.errors.append(past_rows_line("the tokenizer of the tokenizer source", past, sizes[0]))
-        return
+        if past or not isinstance(source, TokenizerFiles) or token_ids(source) in (None, maps[0]):
+            return  # else another checkpoint's tokenizer gives tokens other ids: rows matched by token, below
     try:
         layout = model_layout(updated(views[report.source].config, report.config_updates))
     except Exception as err:  # noqa: BLE001  no class to say which tensors are token-indexed

@@ -11,9 +11,9 @@ import difflib
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
+from . import _yaml_mapping
 from ._validators import choice, flag, parse_size, positive_number, whole_number
 from .errors import InvalidConfigError
 from .optimizers import OPTIMIZERS
@@ -33,6 +33,8 @@ SOURCE_WORDS = ("auto", "union", "pivot", "first")
 # Pivot keywords (anything else that is no index is a checkpoint reference).
 PIVOT_WORDS = ("mean", "first", "base")
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+# What a merge writes: a full model, or a PEFT LoRA adapter of the base (`adapter_out`).
+SAVE_AS = ("model", "adapter")
 
 # The fields that choose the AME steps themselves: a soup fixes them, `tune` tries its own. The others
 # (`OUTPUT_FIELDS`) say which files are read (base, variant, tokenizer_source) and how the output is written.
@@ -139,6 +141,12 @@ class AmeConfig:
                                           "ingredient's; union when vocabularies differ), union (the source's tokens, "
                                           "then every token the others added), pivot, first, an ingredient index, "
                                           "or a REF")
+    save_as: str = _option("model", SAVE_AS, "write a full model (default) or a PEFT LoRA adapter of the base "
+                           "model (--base, or the adapters' own base)")
+    adapter_rank: int | None = _option(None, "whole", "with --save-as adapter: the largest LoRA rank of a module "
+                                       "(default: each module's delta's own rank, lossless)")
+    adapter_energy: float | None = _option(None, "number", "with --save-as adapter: the smallest rank keeping this "
+                                           "fraction of each delta's squared singular values, e.g. 0.99")
 
     def __post_init__(self) -> None:
         from .optimizers import check_optimizer_name, validate_optimizer_args
@@ -181,6 +189,7 @@ class AmeConfig:
         choice("dtype", self.dtype, OUTPUT_DTYPES)
         choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         parse_size(self.max_shard_size, field="max_shard_size")
+        _check_adapter_options(self)
         # Last: only the arguments need torch (the optimizer is built once), every other error comes first.
         args = validate_optimizer_args(self.optimizer, self.optimizer_args)
         set_("optimizer_args", {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()})
@@ -262,6 +271,23 @@ class AmeConfig:
 
 
 OUTPUT_FIELDS = tuple(f.name for f in dataclasses.fields(AmeConfig) if f.name not in WEIGHT_FIELDS)
+
+
+def _check_adapter_options(config: AmeConfig) -> None:
+    """`save_as` and the rank options, which apply only to an adapter."""
+    choice("save_as", config.save_as, SAVE_AS)
+    if config.adapter_rank is not None:
+        object.__setattr__(config, "adapter_rank", whole_number("adapter_rank", config.adapter_rank))
+    if config.adapter_energy is not None:
+        energy = positive_number("adapter_energy", config.adapter_energy)
+        if energy > 1:
+            raise InvalidConfigError(f"adapter_energy is a fraction in (0, 1], got {energy:g}; e.g. 0.99",
+                                     field="adapter_energy")
+        object.__setattr__(config, "adapter_energy", energy)
+    given = [f for f in ("adapter_rank", "adapter_energy") if getattr(config, f) is not None]
+    if given and config.save_as != "adapter":
+        raise InvalidConfigError(f"{' and '.join(given)} apply only to an adapter: add save_as='adapter'",
+                                 fields=(*given, "save_as"))
 
 
 def normalize_pivot(pivot: Any) -> str | int:
@@ -353,30 +379,5 @@ def parse_optimizer_args(text: str) -> dict[str, Any]:
     return value
 
 
-def load_yaml_mapping(text_or_path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML mapping from a file path or from YAML text."""
-    import yaml
-
-    text = str(text_or_path)
-    source = "config"
-    if isinstance(text_or_path, os.PathLike) or ("\n" not in text and (
-            text.endswith((".yaml", ".yml")) or Path(text).is_file())):
-        path = Path(text_or_path)
-        if not path.is_file():
-            raise InvalidConfigError(f"config file {path} does not exist")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise InvalidConfigError(f"cannot read config file {path}: {err}") from err
-        source = str(path)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        at = f" (line {where.line + 1})" if where is not None else ""
-        raise InvalidConfigError(f"{source} is not valid YAML{at}: {getattr(err, 'problem', err)}") from err
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise InvalidConfigError(f"{source} must be a YAML mapping of option: value")
-    return data
+# Re-exported: `--config` files are read where the config is.
+load_yaml_mapping = _yaml_mapping.load_yaml_mapping

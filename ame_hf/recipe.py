@@ -42,9 +42,10 @@ def recipe_digest(config: AmeConfig, ingredients: Sequence[Ingredient], pivot: A
         16 hex digits.
     """
     values = config.to_dict()
-    for key, default in (("order", "given"), *LATER_DEFAULTS.items()):
-        if values.get(key) == default:
-            values.pop(key)  # the default of a later option: stamps of earlier merges stay the same
+    for key, default in (("order", "given"), ("save_as", "model"), ("adapter_rank", None), ("adapter_energy", None),
+                         *LATER_DEFAULTS.items()):
+        if values.get(key, default) == default:
+            values.pop(key, None)  # the default of a later option: stamps of earlier merges stay the same
     payload = json.dumps({"config": values, "ingredients": [i.identity for i in ingredients],
                           "pivot": pivot.identity if isinstance(pivot, Ingredient) else pivot},
                          sort_keys=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ._options import tune_options
+from .adapter_out import base_of, checked_base, full_model_config, save_adapter
 from .card_results import add_card_section, update_card
 from .config import OUTPUT_FIELDS, AmeConfig
 from .evaluation import LabelledData, TextData, evaluate_model
@@ -151,7 +152,8 @@ def tune(
     model's score on that held-out data instead (the soup's and the best ingredient's beside it).
 
     PEFT LoRA adapters are ingredients as in `merge`: each is scored as the full model it makes of its base,
-    and when one is selected the output is that full model (not the adapter's files).
+    and when one is selected the output is that full model (not the adapter's files). With
+    `config=AmeConfig(save_as="adapter")` the selected model is written as a LoRA adapter of the base instead.
 
     Args:
         ingredients: local directories and/or Hub repo IDs.
@@ -190,9 +192,12 @@ def tune(
     out = Path(out_dir)
     sel = start_selection(ingredients, out, overwrite, data=data, test_data=test_data, task=task, metric=metric,
                           base=output.base, token=token, config=output)
+    # An adapter output: every candidate is a full model, and the pick is saved as an adapter of the base at the end.
+    adapter_base = checked_base(sel.stage, sel.refs, output) if output.save_as == "adapter" else None
     known_base = output.base is not None or any(m.is_adapter for m in sel.models)
     extra = base_grid(len(sel.refs)) if known_base and grid is None else []
-    configs = _candidate_configs([*extra, *(grid if grid is not None else default_grid())], budget + len(extra), output)
+    configs = _candidate_configs([*extra, *(grid if grid is not None else default_grid())], budget + len(extra),
+                                 full_model_config(output))
     search = _Search(metric=sel.metric, test=sel.test, log=log, total=len(sel.refs) + 1 + len(configs),
                      score=lambda path, d=sel.val: evaluate_model(str(path), d, sel.task, sel.metric,
                                                                   max_length=max_length, batch_size=batch_size,
@@ -214,9 +219,13 @@ def tune(
                     log(f"about {per:.1f}s per candidate (merge + evaluation): {len(configs) - 1} AME variants and "
                         f"the greedy soup ({len(sel.refs) - 1} merges) left, about "
                         f"{per * (len(configs) + len(sel.refs) - 2):.0f}s")
-                _try_greedy_soup(search, full, sel.refs, scores, scratch / "greedy", name, output, token=token,
-                                 stage=sel.stage, home=out)
+                _try_greedy_soup(search, full, sel.refs, scores, scratch / "greedy", name, full_model_config(output),
+                                 token=token, stage=sel.stage, home=out)
         best, final = _write_selected(search, full, sel, scratch, name)
+        if adapter_base is not None:
+            (scratch / "adapter").mkdir()
+            save_adapter(final, scratch / "adapter" / name, base_of(sel.stage, adapter_base), output, overwrite=False)
+            final = scratch / "adapter" / name
         publish(final, out, overwrite)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -245,3 +245,22 @@ def test_a_tokenizer_source_whose_ids_reach_past_the_rows_of_agreeing_ingredient
     report = check([folders["same"], tmp_path / "same2"], tokenizer_source=str(folders["past"]))
     assert not report.ok and "'<a>' id 48" in report.errors[0], report.errors
     assert check([folders["same"], tmp_path / "same2"], tokenizer_source=str(folders["same"])).ok
+
+
+def test_a_tokenizer_source_of_other_ids_over_agreeing_ingredients_is_matched_by_token(tmp_path):
+    """Ingredients of one vocabulary, the tokenizer of another checkpoint that gives the same tokens other ids (and
+    lacks one): the output's rows follow that tokenizer, each merged from the ingredients' row of its token. Before,
+    the rows were kept by position under the other tokenizer's ids: a silent wrong merge."""
+    from transformers import AutoModelForCausalLM
+
+    paths = save_family(tmp_path / "in", llama, word_tokenizer, [[], []])
+    words = [*WORDS[:3], *reversed(WORDS[3:-1])]  # w0..w43 in reverse order; w44 left out
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                            eos_token="</s>").save_pretrained(tmp_path / "other")
+    report = check(paths, tokenizer_source=str(tmp_path / "other"))
+    assert report.ok and any("matched by token" in n for n in report.notes), (report.errors, report.notes)
+    merge(paths, tmp_path / "out", "--tokenizer-source", str(tmp_path / "other"))
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").get_input_embeddings().weight.shape[0] == 47
+    assert_soup_by_token(tmp_path / "out", paths, AutoModelForCausalLM)
