@@ -104,8 +104,31 @@ def merge_advanced() -> dict[str, Any]:
             order = gr.Dropdown(list(ORDERS), value=DEFAULT_ORDER, label="Order", allow_custom_value=True,
                                 elem_id="order", info="given, reverse, or indices such as 2,0,1")
         boxes = weights_file_options("merge")
+        boxes.update(transform_options())
     return {"optimizer_args": optimizer_args, "schedule": schedule, "batch_size": batch_size, "order": order,
             **boxes}
+
+
+def transform_options() -> dict[str, Any]:
+    """The Merge tab's ingredient weights and task-vector transform boxes (README "Ingredient weights", "TIES and
+    DARE"), by keyword."""
+    import gradio as gr
+
+    from .transform_options import RESCALES, TRANSFORMS
+
+    weights = gr.Textbox("", label="Ingredient weights", placeholder="0.5,0.3,0.2", elem_id="weights",
+                         info="one per ingredient (default: equal)")
+    with gr.Row():
+        transform = gr.Dropdown(list(TRANSFORMS), value="none", label="Transform", elem_id="transform",
+                                info="TIES / DARE on the task vectors (ingredient - pivot; set the pivot to the base)")
+        density = gr.Textbox("", label="Density", placeholder="1", elem_id="density",
+                             info="fraction kept, or one per ingredient")
+        gamma = gr.Textbox("", label="Gamma", placeholder="0.01", elem_id="gamma", info="breadcrumbs: largest dropped")
+        rescale = gr.Dropdown([("default", ""), *((r, r) for r in RESCALES)], value="", label="Rescale",
+                              elem_id="rescale", info="what the transform keeps")
+        disjoint_sum = gr.Checkbox(False, label="Sum the agreeing task vectors", elem_id="disjoint-sum")
+    return {"weights": weights, "transform": transform, "density": density, "gamma": gamma, "rescale": rescale,
+            "disjoint_sum": disjoint_sum}
 
 
 def output_advanced() -> dict[str, Any]:

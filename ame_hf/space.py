@@ -163,14 +163,17 @@ def _handlers(local: bool) -> dict[str, Callable[..., Any]]:
               base: str = "", optimizer_args: str = "", schedule: str = "", batch_size: float = 1, order: str = "given",
               compute_dtype: str = "float32", max_shard_size: str = "", allow_nonfinite: bool = False,
               variant: str = "", save_as: str = "model", adapter_rank: float | None = 0, adapter_energy: str = "",
-              oauth_token: gr.OAuthToken | None = None,
+              weights: str = "", transform: str = "none", density: str = "", gamma: str = "", rescale: str = "",
+              disjoint_sum: bool = False, oauth_token: gr.OAuthToken | None = None,
               progress: gr.Progress = gr.Progress()) -> tuple[str, str, str, str]:
         options = {"optimizer": optimizer, "lr": lr, "relative_lr": relative_lr, "epochs": epochs, "pivot": pivot,
                    "seed": seed, "shuffle": bool(shuffle), "dtype": dtype, "tokenizer_source": tokenizer_source,
                    "base": base, "optimizer_args": optimizer_args, "schedule": schedule, "batch_size": batch_size,
                    "order": order, "compute_dtype": compute_dtype, "max_shard_size": max_shard_size,
                    "allow_nonfinite": bool(allow_nonfinite), "variant": variant,
-                   **adapter_options(save_as, adapter_rank, adapter_energy)}
+                   **adapter_options(save_as, adapter_rank, adapter_energy), "weights": weights,
+                   "transform": transform, "density": density, "gamma": gamma, "rescale": rescale,
+                   "disjoint_sum": bool(disjoint_sum)}
         view = _in_fresh_work_dir(lambda work_dir: run_merge(
             ingredients, options, work_dir, _user_token(token, oauth_token),
             progress=lambda fraction, desc: progress(fraction, desc=desc), allow_local_paths=local), previous)
@@ -349,7 +352,8 @@ def _connect(handlers: dict[str, Callable[..., Any]], merge: dict[str, Any], eva
                                   "dtype", "tokenizer_source")] + [token, output_folder, merge["base"]]
         + [merge_advanced[name] for name in ("optimizer_args", "schedule", "batch_size", "order", "compute_dtype",
                                              "max_shard_size", "allow_nonfinite", "variant", "save_as",
-                                             "adapter_rank", "adapter_energy")],
+                                             "adapter_rank", "adapter_energy", "weights", "transform", "density",
+                                             "gamma", "rescale", "disjoint_sum")],
         [merge["card"], merge["config_yaml"], merge["summary"], output_folder], api_name="merge",
     )
     evaluate["evaluate_button"].click(

@@ -25,7 +25,7 @@ from .output import make_staging_dir, publish
 from .selection import (Candidate, GreedySoup, Selection, best_candidate, greedy_label, greedy_section, ranked,
                         run_greedy_soup, start_selection, write_selected)
 
-__all__ = ["Candidate", "TuneResult", "default_grid", "tune"]
+__all__ = ["Candidate", "TuneResult", "base_grid", "default_grid", "tune"]
 
 logger = logging.getLogger(__name__)
 DEFAULT_BUDGET = 12
@@ -94,10 +94,26 @@ class TuneResult:
     test_scores: dict[str, float] = field(default_factory=dict)
 
 
+def base_grid(n: int) -> list[AmeConfig]:
+    """The merges known from mergekit, from the base (`pivot="base"`): task arithmetic (the mean task vector
+    scaled by 1.5 and 2: `lr`) and TIES (density 0.2 and 0.5, the disjoint mean), as one SGD step over all `n`
+    ingredients. `tune` tries them when a base is known (`base=`, or the adapters' base).
+
+    >>> [(c.transform, c.lr) for c in base_grid(3)]
+    [('none', 1.5), ('none', 2.0), ('ties', 1.0), ('ties', 1.0)]
+    """
+    step = dict(optimizer="sgd", schedule="constant", batch_size=n, pivot="base")
+    return ([AmeConfig(lr=scale, **step) for scale in (1.5, 2.0)]
+            + [AmeConfig(lr=1.0, transform="ties", density=d, **step) for d in (0.2, 0.5)])
+
+
 def _label(cfg: AmeConfig) -> str:
     cfg = cfg.resolved()
     if cfg.is_soup:
         return "soup"
+    if cfg.pivot == "base" and cfg.optimizer == "sgd" and cfg.schedule == "constant" and cfg.epochs == 1:
+        kind = "task arithmetic" if cfg.transform == "none" else f"{cfg.transform.upper()} density {cfg.density}"
+        return f"{kind}, scale {cfg.lr:g} (one sgd step from the base)"
     lr = f"rel {cfg.relative_lr:g}" if cfg.relative_lr is not None else f"lr {cfg.lr:g}"
     extra = "".join(f" {k}={v}" for k, v in cfg.optimizer_args.items())
     order = cfg.order if isinstance(cfg.order, str) else "order " + ",".join(map(str, cfg.order))
@@ -126,7 +142,8 @@ def tune(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> TuneResult:
-    """Pick the best of {soup, greedy soup, each ingredient, `budget` AME variants} on validation data.
+    """Pick the best of {soup, greedy soup, each ingredient, `budget` AME variants} on validation data; with a known
+    base (`base`, or the adapters' own), also task arithmetic and TIES from it (`base_grid`).
 
     By construction the result is never worse on this validation data than the soup, the greedy soup or
     the best single ingredient. Each ingredient is evaluated once, each candidate as soon as it is
@@ -177,7 +194,10 @@ def tune(
                           base=output.base, token=token, config=output)
     # An adapter output: every candidate is a full model, and the pick is saved as an adapter of the base at the end.
     adapter_base = checked_base(sel.stage, sel.refs, output) if output.save_as == "adapter" else None
-    configs = _candidate_configs(grid if grid is not None else default_grid(), budget, full_model_config(output))
+    known_base = output.base is not None or any(m.is_adapter for m in sel.models)
+    extra = base_grid(len(sel.refs)) if known_base and grid is None else []
+    configs = _candidate_configs([*extra, *(grid if grid is not None else default_grid())], budget + len(extra),
+                                 full_model_config(output))
     search = _Search(metric=sel.metric, test=sel.test, log=log, total=len(sel.refs) + 1 + len(configs),
                      score=lambda path, d=sel.val: evaluate_model(str(path), d, sel.task, sel.metric,
                                                                   max_length=max_length, batch_size=batch_size,
