@@ -240,18 +240,23 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie (killed, not yet reaped: its parent is gone too where nothing reaps) writes nothing
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 @contextmanager
-def staging_cleanup(staging: Path, out: str | os.PathLike, *, owner: bool = True) -> Iterator[None]:
+def staging_cleanup(staging: Path, out: str | os.PathLike, *, owner: bool = True,
+                    keep: bool = False) -> Iterator[None]:
     """Errors and Ctrl-C alike never leave a half-written model behind: the owner of `staging` removes
-    it, and an OSError becomes one `OutputError` line about `out`.
+    it (or, with `keep`, leaves it for `resume=True`), and an OSError becomes one `OutputError` line about `out`.
 
     Args:
         staging: the staging directory.
         out: the output directory (for the message).
         owner: this block made `staging` and removes it on failure.
+        keep: leave `staging` on failure, for a run with `resume=True` to continue (never at `out`).
 
     Returns:
         A context manager.
@@ -262,7 +267,10 @@ def staging_cleanup(staging: Path, out: str | os.PathLike, *, owner: bool = True
     try:
         yield
     except BaseException as err:
-        if owner:
+        if owner and keep:
+            logger.warning("the finished part of the merge is kept in %s: run the same command with --resume "
+                           "(Python: resume=True) to continue", staging)
+        elif owner:
             shutil.rmtree(staging, ignore_errors=True)
         if isinstance(err, OSError) and not isinstance(err, OutputError):
             raise OutputError(describe_os_error(err, Path(out)), path=out, field="out_dir") from err
