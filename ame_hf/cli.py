@@ -202,7 +202,8 @@ def validate_merge(args: argparse.Namespace) -> MergeRun:
 def cmd_merge(args: argparse.Namespace, run: MergeRun) -> int:
     refs, out = run.refs, run.out
     # Before torch and the Hub client load: a bad path or --out fails in a fraction of a second.
-    check_output_dir(Path(out), args.overwrite, inputs=local_inputs([*refs, *run.config.other_refs]))
+    check_output_dir(Path(out), args.overwrite, inputs=local_inputs([*refs, *run.config.other_refs]),
+                     resume=args.resume)
     stage = check_before_merge(args, refs, run.config)
     from .devices import keep_freed_memory
 

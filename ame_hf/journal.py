@@ -24,7 +24,8 @@ from typing import Any, Sequence
 
 from . import __version__
 from .errors import OutputError
-from .output import STAGING_PREFIX, _owned, _pid_alive
+from ._weight_files import SAFE_INDEX, SAFE_SINGLE
+from .output import RUN_FILE, STAGING_PREFIX, _owned, _pid_alive
 from .plan import ShardPlan
 from .recipe import recipe_digest
 from .records import Ingredient
@@ -236,6 +237,31 @@ class Journal:
             os.write(fd, line.encode("utf-8"))
         finally:
             os.close(fd)
+
+
+def finished(out: str | os.PathLike, stamp: dict[str, str]) -> bool:
+    """`out` already holds this merge, published (a job submitted again after it finished): its first shard's
+    header carries the same stamp (ame-hf version, optimizer, ingredient count, recipe digest).
+
+    Args:
+        out: the output directory.
+        stamp: this merge's shard stamp.
+
+    Returns:
+        True when there is nothing left to do.
+    """
+    out = Path(out)
+    index = out / SAFE_INDEX
+    try:
+        first = (sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))[0]
+                 if index.is_file() else SAFE_SINGLE)
+        if "/" in first or not (out / RUN_FILE).is_file():
+            return False
+        with open(out / first, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        return all(header.get("__metadata__", {}).get(k) == v for k, v in stamp.items())
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return False
 
 
 def close(staging: Path) -> None:

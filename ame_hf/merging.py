@@ -136,7 +136,7 @@ def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, tok
            recorded_at: Path | None = None, resume: bool = False) -> MergeResult:
     """`merge` once its config is resolved and the ingredients counted."""
     extra = [*config.pivot_refs, *([config.base] if config.base else []), *config.tokenizer_refs]
-    check_output_dir(out, overwrite, inputs=local_inputs([*refs, *extra]))
+    check_output_dir(out, overwrite, inputs=local_inputs([*refs, *extra]), resume=resume)
     setup = process_setup(device)
     with cpu_threads(setup.device, threads):
         with main_process_first(setup):  # the main process downloads; the others find it in the cache
@@ -145,7 +145,7 @@ def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, tok
                 allow_dtype_mismatch=config.dtype != "auto")
             inputs.raise_for_errors()
             # Again with every input's real folder (a Hub ingredient's is in the cache), before the download.
-            check_output_dir(out, overwrite, inputs=inputs.paths)
+            check_output_dir(out, overwrite, inputs=inputs.paths, resume=resume)
             pivot = inputs.pivot_ingredient
             key = journal.run_key(config, inputs.ingredients, pivot or (0 if config.pivot == "first" else config.pivot),
                                   [e.light for e in (inputs.pivot, inputs.base) if e is not None])
@@ -171,6 +171,10 @@ def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, tok
                              base=inputs.base.light if inputs.base else None,
                              pivot=pivot or (0 if config.pivot == "first" else config.pivot), device=str(setup.device),
                              recorded_at=recorded_at)
+        if resume and journal.finished(out, _stamp(result)):  # submitted again after it finished: nothing to do
+            logger.info("%s already holds this merge, finished: nothing to do", out)
+            return dataclasses.replace(result, seconds=time.perf_counter() - started, bytes_read=0)
+        check_output_dir(out, overwrite)  # with resume, a previous output that is another merge: as without
         tensors = {n: checkpoints[0].info(n) for n in checkpoints[0].names()}
         shapes = {n: report.vocab.shape_of(n, i.shape) if report.vocab and n in report.vocab_keys else i.shape
                   for n, i in tensors.items()}

@@ -130,10 +130,19 @@ def test_a_full_disk_keeps_the_finished_part_for_resume(ingredients, reference, 
     assert not _staging(tmp_path)
 
 
-def test_resume_with_nothing_to_resume_starts_from_the_beginning(ingredients, reference, tmp_path):
-    merge(ingredients, tmp_path / "out", resume=True, optimizer="adam", relative_lr=0.1, epochs=40,
-          max_shard_size="12KB", device="cpu", progress=False)
-    assert snapshot(tmp_path / "out") == snapshot(reference)
+def test_resume_is_idempotent(ingredients, reference, tmp_path, monkeypatch, capsys):
+    """With nothing to resume it starts from the beginning; once finished, the same command does nothing (a job
+    submitted again); another merge over the finished output is refused as without --resume."""
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        capsys.readouterr()
+        assert main(["merge", *map(str, ingredients), "--out", "out", "--resume", *COMMON]) == 0
+        assert snapshot(tmp_path / "out") == snapshot(reference)
+    assert "out already holds this merge, finished: nothing to do" in capsys.readouterr().err
+    other = [c if c != "0.1" else "0.2" for c in COMMON]
+    cli_error_line(capsys, "merge", *ingredients, "--out", "out", "--resume", *other, "--quiet",
+                   needles=["holds a previous ame-hf output", "--overwrite"], exit_code=1)
+    assert snapshot(tmp_path / "out") == snapshot(reference) and not _staging(tmp_path)
 
 
 # -- across machines: node ranks of torchrun sharing the output's folder ---------------------------------------
