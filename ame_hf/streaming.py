@@ -370,10 +370,18 @@ def stream_tensors(merger: TensorMerger, names: Sequence[str], staging: Path, pl
                 if on_done is not None:  # queued after the tensor's last write: the one I/O thread keeps the order
                     if recorded is not None:
                         recorded.result()
-                    recorded = io.submit(on_done, name)
+                    recorded = io.submit(_after_write, merger._pending_write, on_done, name)
             merger.flush()
             if recorded is not None:
                 recorded.result()
     finally:
         merger.io = None
         io.shutdown(wait=True, cancel_futures=True)
+
+
+def _after_write(write: Future | None, on_done: Callable[[str], None], name: str) -> None:
+    """`on_done(name)` in the I/O thread once the tensor's last write is done, never after a failed one (a full
+    disk): its bytes are then not what the merge computed, and a journal must not vouch for them."""
+    if write is not None:
+        write.result()
+    on_done(name)

@@ -130,6 +130,25 @@ def test_a_full_disk_keeps_the_finished_part_for_resume(ingredients, reference, 
     assert not _staging(tmp_path)
 
 
+def test_a_tensor_whose_write_failed_is_never_recorded():
+    """The record is queued after the tensor's last write; if that write failed (a full disk, part of the bytes
+    written), the journal must not vouch for what is in the file."""
+    from concurrent.futures import Future
+
+    from ame_hf.streaming import _after_write
+
+    failed: Future = Future()
+    failed.set_exception(OSError(errno.ENOSPC, "No space left on device"))
+    recorded: list[str] = []
+    with pytest.raises(OSError):
+        _after_write(failed, recorded.append, "w")
+    assert recorded == []
+    done: Future = Future()
+    done.set_result(None)
+    _after_write(done, recorded.append, "w")
+    assert recorded == ["w"]
+
+
 def test_resume_is_idempotent(ingredients, reference, tmp_path, monkeypatch, capsys):
     """With nothing to resume it starts from the beginning; once finished, the same command does nothing (a job
     submitted again); another merge over the finished output is refused as without --resume."""
