@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 JOURNAL_DIR = ".ame-journal"
 KEY_FILE = "key.json"
-_CHUNK = 2**20  # read back in small pieces: no large buffer in the I/O thread's malloc arena
+_CHUNK = 2**20  # read back in small pieces into one buffer: little memory in the I/O thread
 # How the refusal of another merge's resume names each part of the key that differs.
 _KEY_WORDS = {"ame_hf": "another ame-hf version", "recipe": "another recipe (options or resolved ingredient revisions)",
               "local_files": "other files in a local input folder"}
@@ -197,14 +197,16 @@ def tensor_sha256(directory: Path, plan: ShardPlan, name: str) -> str:
     _, _, start, end = shard.entries[name]
     digest = hashlib.sha256()
     offset, stop = shard.offset(name), shard.offset(name) + end - start
+    buffer = bytearray(min(_CHUNK, stop - offset))  # one buffer, read into again and again
+    view = memoryview(buffer)
     fd = os.open(directory / shard.name, os.O_RDONLY)
     try:
         while offset < stop:
-            chunk = os.pread(fd, min(_CHUNK, stop - offset), offset)
-            if not chunk:
+            got = os.preadv(fd, [view[:min(len(buffer), stop - offset)]], offset)
+            if not got:
                 break
-            digest.update(chunk)
-            offset += len(chunk)
+            digest.update(view[:got])
+            offset += got
     finally:
         os.close(fd)
     return digest.hexdigest()

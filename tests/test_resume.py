@@ -130,6 +130,28 @@ def test_a_full_disk_keeps_the_finished_part_for_resume(ingredients, reference, 
     assert not _staging(tmp_path)
 
 
+def test_the_recorded_hash_is_the_sha256_of_the_tensors_bytes(tmp_path, monkeypatch):
+    """Read back in pieces (here 1000 bytes, so across piece boundaries), as hashlib hashes the bytes written."""
+    import hashlib
+
+    import torch
+
+    import ame_hf.journal
+    from ame_hf.plan import plan_shards
+    from ame_hf.writer import create_shard_files, write_rows
+
+    monkeypatch.setattr(ame_hf.journal, "_CHUNK", 1000)
+    plan = plan_shards([("w", (300, 7), torch.float32), ("b", (5,), torch.bfloat16), ("e", (0,), torch.float32)],
+                       2**20, {})
+    create_shard_files(tmp_path, plan)
+    w, b = torch.randn(300, 7), torch.randn(5).bfloat16()
+    write_rows(tmp_path, plan, "w", 0, w)
+    write_rows(tmp_path, plan, "b", 0, b)
+    assert ame_hf.journal.tensor_sha256(tmp_path, plan, "w") == hashlib.sha256(w.numpy().tobytes()).hexdigest()
+    assert ame_hf.journal.tensor_sha256(tmp_path, plan, "b") == hashlib.sha256(b.view(torch.int16).numpy().tobytes()).hexdigest()
+    assert ame_hf.journal.tensor_sha256(tmp_path, plan, "e") == hashlib.sha256(b"").hexdigest()
+
+
 def test_a_tensor_whose_write_failed_is_never_recorded():
     """The record is queued after the tensor's last write; if that write failed (a full disk, part of the bytes
     written), the journal must not vouch for what is in the file."""
