@@ -347,7 +347,7 @@ def _output_nbytes(merger: TensorMerger, name: str) -> int:
 
 
 def stream_tensors(merger: TensorMerger, names: Sequence[str], staging: Path, plan: ShardPlan, *, show: bool,
-                   callback: ProgressCallback | None = None) -> None:
+                   callback: ProgressCallback | None = None, on_done: Callable[[str], None] | None = None) -> None:
     """Merge and write `names` (this process's share) with a progress bar in bytes of output.
 
     Args:
@@ -357,6 +357,8 @@ def stream_tensors(merger: TensorMerger, names: Sequence[str], staging: Path, pl
         plan: the output's `ShardPlan`.
         show: show the progress bar.
         callback: called as `callback(done_bytes, total_bytes)` as tensors finish.
+        on_done: called (in the I/O thread) with each tensor's name once all its bytes are written
+            (`journal.Journal.record`).
 
     Raises:
         CheckpointError, IncompatibleCheckpointsError: as `TensorMerger.run`.
@@ -376,10 +378,25 @@ def stream_tensors(merger: TensorMerger, names: Sequence[str], staging: Path, pl
                 if callback is not None:
                     callback(done, total)
 
+            recorded: Future | None = None
             for name in names:
                 bar.set_postfix_str(name[-40:], refresh=False)
                 merger.run(name, staging, plan, advance)
+                if on_done is not None:  # queued after the tensor's last write: the one I/O thread keeps the order
+                    if recorded is not None:
+                        recorded.result()
+                    recorded = io.submit(_after_write, merger._pending_write, on_done, name)
             merger.flush()
+            if recorded is not None:
+                recorded.result()
     finally:
         merger.io = None
         io.shutdown(wait=True, cancel_futures=True)
+
+
+def _after_write(write: Future | None, on_done: Callable[[str], None], name: str) -> None:
+    """`on_done(name)` in the I/O thread once the tensor's last write is done, never after a failed one (a full
+    disk): its bytes are then not what the merge computed, and a journal must not vouch for them."""
+    if write is not None:
+        write.result()
+    on_done(name)
