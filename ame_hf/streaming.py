@@ -357,12 +357,10 @@ def stream_tensors(merger: TensorMerger, names: Sequence[str], staging: Path, pl
         plan: the output's `ShardPlan`.
         show: show the progress bar.
         callback: called as `callback(done_bytes, total_bytes)` as tensors finish.
-        on_done: called (in the I/O thread) with each tensor's name once all its bytes are written
-            (`journal.Journal.record`).
+        on_done: called (in the I/O thread) with each tensor's name once its bytes are written (the journal).
 
     Raises:
-        CheckpointError, IncompatibleCheckpointsError: as `TensorMerger.run`.
-        OSError: a shard cannot be written.
+        CheckpointError, IncompatibleCheckpointsError: as `TensorMerger.run`; OSError: a shard cannot be written.
     """
     sizes = {n: _output_nbytes(merger, n) for n in names}
     total = sum(sizes.values())
