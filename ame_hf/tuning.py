@@ -19,6 +19,7 @@ from .config import OUTPUT_FIELDS, AmeConfig
 from .evaluation import LabelledData, TextData, evaluate_model
 from .full_models import FullModels
 from .inputs import InputStage
+from .lm_harness import LmEvalTasks, data_or_tasks, record
 from .merging import merge
 from .output import make_staging_dir, publish
 from .selection import (Candidate, GreedySoup, Selection, best_candidate, greedy_label, greedy_section, ranked,
@@ -109,7 +110,7 @@ def tune(
     ingredients: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     *,
-    data: str | os.PathLike | LabelledData | TextData,
+    data: str | os.PathLike | LabelledData | TextData | LmEvalTasks | None = None,
     test_data: str | os.PathLike | LabelledData | TextData | None = None,
     task: str | None = None,
     metric: str | None = None,
@@ -124,6 +125,11 @@ def tune(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    lm_eval_tasks: str | Sequence[str] | None = None,
+    lm_eval_include: str | os.PathLike | None = None,
+    lm_eval_metric: str | None = None,
+    lm_eval_limit: int | None = None,
+    lm_eval_num_fewshot: int | None = None,
 ) -> TuneResult:
     """Pick the best of {soup, greedy soup, each ingredient, `budget` AME variants} on validation data.
 
@@ -156,6 +162,9 @@ def tune(
         overwrite: replace a previous ame-hf output at `out_dir`.
         progress: progress bars of the evaluations.
         log: called with one line per candidate, and the time estimate after the first merge.
+        lm_eval_tasks, lm_eval_include, lm_eval_metric, lm_eval_limit, lm_eval_num_fewshot: lm-eval tasks as
+            the score instead of `data` (see `ame_hf.evaluate`); the output keeps the selected model's lm-eval
+            results (`lm_eval_results.json`) and its task scores in the card's model-index.
 
     Returns:
         A `TuneResult`.
@@ -171,6 +180,9 @@ def tune(
     output = tune_options(ingredients, budget=budget, config=config, base=base, max_length=max_length,
                           batch_size=batch_size)
     out = Path(out_dir)
+    data = data_or_tasks(data, lm_eval_tasks=lm_eval_tasks, lm_eval_include=lm_eval_include,
+                         lm_eval_metric=lm_eval_metric, lm_eval_limit=lm_eval_limit,
+                         lm_eval_num_fewshot=lm_eval_num_fewshot)
     sel = start_selection(ingredients, out, overwrite, data=data, test_data=test_data, task=task, metric=metric,
                           base=output.base, token=token, config=output)
     configs = _candidate_configs(grid if grid is not None else default_grid(), budget, output)
@@ -198,6 +210,9 @@ def tune(
                 _try_greedy_soup(search, full, sel.refs, scores, scratch / "greedy", name, output, token=token,
                                  stage=sel.stage, home=out)
         best, final = _write_selected(search, full, sel, scratch, name)
+        if isinstance(sel.val, LmEvalTasks):
+            record(final, sel.val, scored_as=search.scored, device=device, batch_size=batch_size,
+                   max_length=max_length)
         publish(final, out, overwrite)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -227,6 +242,7 @@ class _Search:
     tests: dict[str, float] = field(default_factory=dict)
     tested: dict[tuple, float] = field(default_factory=dict)  # ("ingredient", i), ("soup",), ... -> test score
     trace: GreedySoup | None = None
+    scored: Path | None = None  # the folder the selected model was scored in
 
     def consider(self, cand: Candidate, folder: Path | None) -> None:
         """Add a scored candidate; keep its folder only while it is the best."""
@@ -288,10 +304,11 @@ def _write_selected(search: _Search, full: FullModels, sel: Selection, scratch: 
     if test is not None:  # before an adapter's full model may move into the output
         search.test_score("best ingredient", val_best, lambda: full.path(val_best.ingredient))
     if id(best) in search.kept_dir:
-        final = search.kept_dir[id(best)]
+        final = search.scored = search.kept_dir[id(best)]
     else:
-        final = write_selected(scratch / "ingredient", full, best.ingredient if best.ingredient is not None
-                               else best.kept[0], sel.refs, search.total)
+        index = best.ingredient if best.ingredient is not None else best.kept[0]
+        search.scored = full.path(index)  # where it was scored, before an adapter's full model moves
+        final = write_selected(scratch / "ingredient", full, index, sel.refs, search.total)
     test_rows = None
     if test is not None:
         search.test_score("selected", best, lambda: final)
