@@ -272,6 +272,8 @@ def predict(model: Any, data: LabelledData, task: str, batch_size: int = 32, dev
     kwargs: dict[str, Any] = {"model": model, "device": device or "cpu"}
     if isinstance(model, (str, os.PathLike)):
         kwargs["model"] = str(model)
+    elif task == "text-classification" and getattr(model, "name_or_path", None):
+        kwargs["tokenizer"] = model.name_or_path  # a model built in memory (`in_memory`): its tokenizer's folder
     try:
         pipe = pipeline(task, **kwargs)
     except Exception as err:
