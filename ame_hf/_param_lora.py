@@ -29,12 +29,15 @@ class _Wrapper:
 def param_loras(base_config: dict[str, Any], adapter_config: dict[str, Any], factors: dict[str, dict[str, Any]],
                 name: str) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Take from `factors` (module -> its stored LoRA tensors) those of peft's parameter wrappers; return, per saved
-    tensor they change, the arguments of its low-rank delta (`a` [r, in], `b` [rows, r], `scaling`, `rows_from_a`),
+    tensor they change, the arguments of its low-rank delta (`a` [r, in], `b` [rows, r], `scaling`, `rows_from_a`;
+    per expert for whole experts: `experts`),
     and why any cannot be computed exactly (one line each).
 
     peft's delta of an expert `e` (`ParamWrapper.get_delta_weight`): `A` [r·E, in] read as [E, r, in] and `B`
-    [out, r·E] as [out, r, E], so `delta[e] = scaling * B[:, :, e] @ A[e]`, transposed where peft did not swap the
-    parameter's features (then refused: untested here).
+    [out, r·E] as [out, r, E], so `delta[e] = scaling * B[:, :, e] @ A[e]` where peft swapped the parameter's
+    features (its experts kept [out, in]), its transpose where it did not (transformers' `is_transposed` experts,
+    GPT-OSS's [in, out]). A saved tensor is rows of one expert's matrix, or whole experts (a 3-D tensor saved as
+    loaded, rows being experts).
     """
     if not adapter_config.get("target_parameters"):
         return {}, []
@@ -64,20 +67,43 @@ def param_loras(base_config: dict[str, Any], adapter_config: dict[str, Any], fac
             refusals.append(f"{where} has factors of shapes {list(a.shape)} and {list(b.shape)}, which do not fit it "
                             f"{list(wrapper.shape)} at rank {wrapper.rank} (peft cannot load them)")
             continue
-        a3 = a.reshape(experts, wrapper.rank, dims_in)
-        b3 = b.reshape(dims_out, wrapper.rank, experts)
+        a_e, b_e = _expert_factors(a, b, wrapper)
         for saved, offset, shape in pieces.get(wrapper.parameter, ()):
-            expert, rest = divmod(offset, d1 * d2)
-            first, column = divmod(rest, d2)
-            if len(shape) != 2 or shape[1] != d2 or column or first + shape[0] > d1 or not wrapper.out_first:
-                # a 3-D tensor saved whole (rows would be experts), or experts kept [in, out] (peft transposes them)
-                refusals.append(f"{where}: its saved tensor {saved!r} is not rows of one expert's [out, in] weight, "
-                                f"the one form whose delta ame-hf computes; {_MERGE_FIRST}")
-                continue
-            rows = slice(first, first + shape[0])  # delta[e] [out, in] = B_e @ A_e: the saved rows are B_e's
-            out[saved] = dict(a=a3[expert].clone(), b=b3[rows, :, expert].clone(), rows_from_a=False,
-                              scaling=wrapper.scaling)
+            delta = _piece(a_e, b_e, wrapper, offset, shape)
+            if delta is None:
+                refusals.append(f"{where}: its saved tensor {saved!r} {list(shape)} is neither rows of one expert nor "
+                                f"whole experts of {list(wrapper.shape)}; {_MERGE_FIRST}")
+            else:
+                out[saved] = delta
     return out, refusals
+
+
+def _expert_factors(a: torch.Tensor, b: torch.Tensor, wrapper: _Wrapper) -> tuple[torch.Tensor, torch.Tensor]:
+    """peft's factors per expert: `A` [r·E, in] as [E, r, in], `B` [out, r·E] as [out, r, E], then [E, out, r]."""
+    experts = wrapper.shape[0]
+    return (a.reshape(experts, wrapper.rank, a.shape[1]),
+            b.reshape(b.shape[0], wrapper.rank, experts).permute(2, 0, 1))
+
+
+def _piece(a_e: torch.Tensor, b_e: torch.Tensor, wrapper: _Wrapper, offset: int,
+           shape: tuple[int, ...]) -> dict[str, Any] | None:
+    """The delta arguments of the saved tensor at element `offset` of the parameter, of `shape`, from the experts'
+    factors (`_expert_factors`): rows `[first, first + n)` of expert `e`'s matrix [d1, d2] (the rows B's when peft
+    swapped its features, else A's columns), or experts `[e, e + n)` whole; None when it is neither."""
+    experts, d1, d2 = wrapper.shape
+    expert, rest = divmod(offset, d1 * d2)
+    first, column = divmod(rest, d2)
+    if len(shape) == 3 and tuple(shape[1:]) == (d1, d2) and not rest and expert + shape[0] <= experts:
+        picked = slice(expert, expert + shape[0])
+        return dict(a=a_e[picked].clone(), b=b_e[picked].clone(), rows_from_a=not wrapper.out_first,
+                    scaling=wrapper.scaling, experts=True)
+    if len(shape) != 2 or shape[1] != d2 or column or first + shape[0] > d1:
+        return None
+    rows = slice(first, first + shape[0])
+    if wrapper.out_first:  # delta[e] [out, in] = B_e @ A_e: the saved rows are B_e's
+        return dict(a=a_e[expert].clone(), b=b_e[expert, rows].clone(), rows_from_a=False, scaling=wrapper.scaling)
+    # delta[e] [in, out] = (B_e @ A_e).T: the saved rows are A_e's columns
+    return dict(a=a_e[expert][:, rows].clone(), b=b_e[expert].clone(), rows_from_a=True, scaling=wrapper.scaling)
 
 
 @functools.lru_cache(maxsize=8)

@@ -36,6 +36,11 @@ def to_saved_layout(ckpt: Any) -> None:
         # Not a plain split (a Concatenate, a Transpose): names stay as stored, compared as such, as before.
         logger.debug("%s: %s", ckpt.name, views)
         return
+    if any(src != new and src in getattr(ckpt, "dequantized", {}) for new, (src, _, _) in views.items()):
+        ckpt.refusals = [*getattr(ckpt, "refusals", ()), f"{ckpt.name} stores quantized tensors transformers also "
+                         "converts on load (e.g. fused FP8 MoE experts), which ame-hf does not split; load it with "
+                         "transformers (dequantize=True) and save_pretrained it, then merge that"]
+        return
     # Read by byte offset alone (a header-only checkpoint is never read: its opened files are converted again).
     if ckpt.format != "safetensors" or sys.byteorder != "little" or not ckpt.header_only and any(
             ckpt.tensors[src].offset < 0 for src, _, _ in views.values()):

@@ -64,6 +64,10 @@ def weight_layout(files: set[str], variant: str | None = None) -> tuple[str, str
     others = sorted({f.split(".")[1] for f in files if f.count(".") >= 2 and f.startswith(("model.", "pytorch_model."))
                      and f.endswith((".safetensors", ".bin")) and "-of-" not in f})
     hint = f"; this model has the variant(s) {', '.join(others)}: pass variant=NAME" if others else ""
+    gguf = sorted(f for f in files if f.endswith(".gguf"))
+    if gguf and not others:  # llama.cpp's quantized files: say what to merge instead
+        hint = (f"; it holds GGUF weights ({gguf[0]}{', ...' if len(gguf) > 1 else ''}), quantized for llama.cpp, "
+                "which ame-hf does not merge: merge the safetensors originals, then convert the merge to GGUF")
     raise CheckpointError(f"no weights{wanted} found (expected {with_variant(SAFE_SINGLE, variant)}, "
                           f"{with_variant(SAFE_INDEX, variant)}, {with_variant(BIN_SINGLE, variant)} or "
                           f"{with_variant(BIN_INDEX, variant)}){hint}", fields=("variant",) if others else ())

@@ -11,13 +11,14 @@ import functools
 import json
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ._adapter_config import MERGE_FIRST, adapter_refusals, module_pattern, read_adapter_config
+from ._lora_delta import Lora as _Lora
+from ._lora_delta import lora_delta
 from ._param_lora import param_loras
 from ._text_config import vocab_size, with_vocab_size
 from .checkpoint import Checkpoint, TensorInfo
@@ -27,16 +28,6 @@ from .reconcile import Layout, model_layout
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 ADAPTER_FILES = ADAPTER_WEIGHTS  # what a Hub adapter repo adds to its light files
 _PREFIX = "base_model.model."
-
-
-@dataclass(frozen=True)
-class _Lora:
-    a: torch.Tensor          # [r, in] (Linear), [r, num_embeddings] (Embedding), [r, in * kernel] (ConvNd)
-    b: torch.Tensor          # [out, r] (Linear, ConvNd) or [dim, r] (Embedding)
-    scaling: float
-    rows_from_a: bool        # rows of W index A's columns (embedding, fan_in_fan_out), else B's rows
-    shape: tuple[int, ...] = ()  # W's shape after its first dimension (a ConvNd delta is reshaped to it)
-    bias: torch.Tensor | None = None
 
 
 class AdapterCheckpoint(Checkpoint):
@@ -282,8 +273,10 @@ class AdapterCheckpoint(Checkpoint):
     def describe(self) -> str:
         """One line for `check`: type, rank, alpha and the modules it targets."""
         cfg = self.adapter_config
-        targets = sorted({k.rsplit(".", 2)[-2] for k in self.loras if k.endswith(".weight")})
-        ranks = sorted({lora.a.shape[0] for lora in self.loras.values()})
+        # a module's weight, or a parameter (`mlp.experts.down_proj`, 3-D experts saved whole: `a` [experts, r, in])
+        targets = sorted({k.rsplit(".", 2)[-2] if k.endswith(".weight") else k.rsplit(".", 1)[-1]
+                          for k, lora in self.loras.items() if lora.bias is None})
+        ranks = sorted({lora.a.shape[-2] for lora in self.loras.values()})
         extra = f", modules_to_save {sorted(cfg.get('modules_to_save') or [])}" if cfg.get("modules_to_save") else ""
         if self.vocab_rows is not None:
             extra += f", vocabulary resized to {self.vocab_rows} rows"
@@ -306,7 +299,7 @@ class AdapterCheckpoint(Checkpoint):
             out = self.base.read(self.base.stored[stored], rows, dtype=dtype)
         lora = self.loras.get(stored)
         if lora is not None:
-            out += self._delta(lora, rows).to(dtype)
+            out += lora_delta(lora, rows).to(dtype)
         if stored in self.trained_rows:
             indices, values = self.trained_rows[stored]
             start, stop = rows or (0, info.shape[0])
@@ -314,31 +307,6 @@ class AdapterCheckpoint(Checkpoint):
                 if start <= index < stop:
                     out[index - start] = values[i].to(info.dtype).to(dtype)
         return out
-
-    @staticmethod
-    def _delta(lora: _Lora, rows: tuple[int, int] | None) -> torch.Tensor:
-        """The rows `[start, stop)` of `scaling * (B @ A)` (transposed where PEFT transposes it, reshaped to a
-        convolution's kernel).
-
-        Summed one rank term at a time, each an element-wise product then an addition, in the same order for every
-        element: a value does not depend on which rows its block holds nor on the device (a matrix product rounds
-        differently with the shape of the block, so the bytes of a merge depended on the block size).
-        """
-        if lora.bias is not None:
-            bias = lora.bias.float()
-            return (bias if rows is None else bias[rows[0]:rows[1]]) * lora.scaling
-        a, b = lora.a.float(), lora.b.float()
-        if lora.rows_from_a:  # W = (B @ A).T: its rows are A's columns
-            left, right = (a if rows is None else a[:, rows[0]:rows[1]]).T, b.T
-        else:
-            left, right = (b if rows is None else b[rows[0]:rows[1]]), a
-        out = left[:, :1] * right[:1]
-        term = torch.empty_like(out)
-        for k in range(1, left.shape[1]):
-            torch.mul(left[:, k:k + 1], right[k:k + 1], out=term)
-            out += term
-        out *= lora.scaling
-        return out.reshape(out.shape[0], *lora.shape) if len(lora.shape) > 1 else out
 
     def __repr__(self) -> str:
         return f"AdapterCheckpoint({self.name!r} on {self.base.name!r}, {len(self.loras)} LoRA tensor(s))"

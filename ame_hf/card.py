@@ -139,7 +139,7 @@ def reproduce_command(result: "MergeResult", out: str = REPRODUCE_OUT) -> str:
             args += [flag, result.pivot.pinned_ref]
         elif name == "optimizer_args":
             args += [flag, json.dumps(dict(value))]
-        elif name == "order" and isinstance(value, list):
+        elif isinstance(value, list):  # order, weights, per-ingredient density: 2,0,1
             args += [flag, ",".join(map(str, value))]
         elif isinstance(value, bool):
             args.append(flag)  # store_true flags; the default is False
@@ -158,6 +158,10 @@ def output_dtype_text(result: "MergeResult", checkpoints: Sequence["Checkpoint"]
     Returns:
         A phrase for the card, e.g. `bfloat16` or `float32 (the ingredients' dtype)`.
     """
+    if result.config.dtype == "float8_e4m3fn":
+        from .requantize import card_text  # torch: only for an FP8 output
+
+        return card_text(checkpoints)
     if result.config.dtype != "auto":
         return result.config.dtype
     found = sorted({str(ckpt.info(n).dtype).removeprefix("torch.") for ckpt in checkpoints[:1]

@@ -64,6 +64,8 @@ class Inputs:
         report: the compatibility report (made once; its views are upgraded by `open`).
         checked: the checkpoints the check saw (ingredients, then the pivot's).
         modules: the sentence-transformers module folders with weights, checked (merged beside the model).
+        allow_dtype_mismatch: dtype differences are notes (an output dtype was chosen).
+        module_notes: the notes the check of the module folders added to the report.
     """
 
     stage: Any  # the `InputStage` (inputs.py, which imports this module)
@@ -76,6 +78,8 @@ class Inputs:
     report: CompatibilityReport
     checked: list[Checkpoint] = field(default_factory=list)
     modules: list[ModuleFolder] = field(default_factory=list)
+    allow_dtype_mismatch: bool = False
+    module_notes: list[str] = field(default_factory=list)
 
     @property
     def paths(self) -> list[Path]:
@@ -136,6 +140,10 @@ class Inputs:
             views = [_upgraded(view, c, self.stage.opened(c)) for c, view in pairs]
             report.checkpoints, report.pivot = views[:len(report.checkpoints)], (
                 views[-1] if report.pivot is not None else None)
+        if self.report.unread_ties:  # a tied alias stored beside its target: its values say how it loads
+            self.checked = [self.stage.opened(c) for c in self.checked]
+            self.stage.report(self)
+            self.raise_for_errors()
         return self
 
     # -- which model the output's files come from -------------------------------------------------

@@ -18,6 +18,7 @@ import torch
 from ._model_files import read_config
 from ._saved_layout import to_saved_layout
 from ._weight_files import index_shards, read_header, weight_layout
+from .dequantize import STORED_ONLY, Quantized, dequantized_view, read_dequantized
 from .errors import CheckpointError, IngredientNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,15 @@ def dtype_from_name(name: str) -> torch.dtype | None:
     (torch.bfloat16, None)
     """
     return _DTYPES.get(name)
+
+
+def stored_dtype(name: str) -> torch.dtype | None:
+    """The torch dtype a safetensors dtype name is read as, FP8 ones too (which only dequantization averages).
+
+    >>> stored_dtype("F8_E4M3"), stored_dtype("C64")
+    (torch.float8_e4m3fn, None)
+    """
+    return _DTYPES.get(name) or getattr(torch, STORED_ONLY.get(name, "-"), None)
 
 
 @dataclass(frozen=True)
@@ -91,7 +101,7 @@ class ReadCount:
 
 
 class Checkpoint:
-    """Lazy view over the weights of one model directory.
+    """Lazy view over the weights of one model directory (an FP8 or MXFP4 one dequantized, as transformers loads it).
 
     Args:
         path: a directory with `model.safetensors`, a sharded `model.safetensors.index.json`,
@@ -116,22 +126,27 @@ class Checkpoint:
         self.variant = variant
         self.reads = ReadCount()
         self.header_only = False
+        self.dequantized: dict[str, Quantized] = {}  # stored name -> its quantized parts (`dequantized_view`)
         if not self.path.is_dir():
             raise IngredientNotFoundError(f"{self.name}: no such directory {self.path}", ref=self.name)
         # The input stage passes the config it already read: each config.json is parsed once a run.
         self.config = config if config is not None else read_config(self.path, self.name)
         self._bin: dict[str, torch.Tensor] | None = None
-        # Tensors in dtypes torch cannot hold here (FP8 and other quantized formats): name -> dtype.
+        # Tensors in dtypes torch cannot average (FP8 and other quantized formats): name -> dtype; `raw`: where
+        # those torch can hold lie (an FP8 checkpoint's values, dequantized by `dequantized_view`).
         self.unsupported: dict[str, str] = {}
+        self.raw: dict[str, TensorInfo] = {}
         self.tensors: dict[str, TensorInfo] = self._scan()
         self.stored: dict[str, str] = {n: n for n in self.tensors}  # name -> name in the file
+        dequantized_view(self)  # FP8 and MXFP4: the tensors transformers loads, dequantized
         to_saved_layout(self)  # fused MoE experts and the like: under the names save_pretrained writes
         if not self.tensors and not self.unsupported:
             raise CheckpointError(f"{self.name}: the weights contain no tensors", path=self.path)
 
     @classmethod
     def from_header(cls, name: str, config: dict[str, Any], tensors: dict[str, TensorInfo],
-                    unsupported: dict[str, str] | None = None, path: Path | None = None) -> "Checkpoint":
+                    unsupported: dict[str, str] | None = None, path: Path | None = None,
+                    raw: dict[str, TensorInfo] | None = None) -> "Checkpoint":
         """A checkpoint known only by its config and safetensors headers (read from the Hub with range
         requests): enough to check it, not to read it.
 
@@ -141,6 +156,7 @@ class Checkpoint:
             tensors: its tensors by name (their files, shapes and dtypes).
             unsupported: tensors in dtypes torch cannot hold here (FP8, ...): name -> safetensors dtype.
             path: the folder of its light files, if any.
+            raw: of the unsupported tensors, those torch can hold (FP8): name -> `TensorInfo`.
 
         Returns:
             The header-only checkpoint (`header_only` is True; `read` refuses).
@@ -152,6 +168,8 @@ class Checkpoint:
         ckpt.stored = {n: n for n in tensors}
         ckpt.reads = ReadCount()
         ckpt.format, ckpt.files = "safetensors", sorted({t.file for t in tensors.values()})
+        ckpt.raw, ckpt.dequantized = dict(raw or {}), {}
+        dequantized_view(ckpt)
         to_saved_layout(ckpt)
         return ckpt
 
@@ -205,6 +223,8 @@ class Checkpoint:
                 dtype = _DTYPES.get(dtype_name)
                 if dtype is None:
                     self.unsupported[key] = dtype_name
+                    if stored_dtype(dtype_name) is not None:
+                        self.raw[key] = TensorInfo(file=f, shape=shape, dtype=stored_dtype(dtype_name), offset=offset)
                     continue
                 if key in tensors:
                     raise CheckpointError(f"{self.name}: tensor {key!r} appears in two shards", path=self.path, tensor=key)
@@ -281,6 +301,13 @@ class Checkpoint:
         if self.path is None:
             raise CheckpointError(f"{self.name}: only its headers were read; download it to read {name!r}",
                                   tensor=name)
+        quantized = self.dequantized.get(self.stored[name])
+        if quantized is not None:
+            try:
+                return read_dequantized(self, quantized, rows).to(dtype)
+            except (OSError, RuntimeError) as err:
+                raise CheckpointError(f"{self.name}: cannot dequantize tensor {name!r} ({err})", path=self.path,
+                                      tensor=name) from err
         self.reads.add(info.nbytes * (rows[1] - rows[0]) // info.shape[0] if rows is not None and info.shape
                        else info.nbytes)
         if self._bin is not None:

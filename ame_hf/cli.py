@@ -295,24 +295,29 @@ def _cli_logging(args: argparse.Namespace) -> Iterator[None]:
     # Our own handler on the package logger for the length of one main() call: the CLI prints
     # ame-hf's warnings and info whatever the root logger is configured to, and a caller of main()
     # (a script, a test) gets its logging and progress-bar settings back afterwards.
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
+    quiet = getattr(args, "quiet", False)
     logger = logging.getLogger("ame_hf")
-    saved = (logger.propagate, logger.level, are_progress_bars_disabled())
+    saved = (logger.propagate, logger.level)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     logger.addHandler(handler)
     logger.propagate = False
-    logger.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
-    if getattr(args, "quiet", False):
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    bars_were_disabled = True
+    if quiet:  # huggingface_hub only here: a usage error must stay instant (no heavy import)
+        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+
+        bars_were_disabled = are_progress_bars_disabled()
         disable_progress_bars()
     try:
         yield
     finally:
         logger.removeHandler(handler)
-        logger.propagate, level, bars_were_disabled = saved
+        logger.propagate, level = saved
         logger.setLevel(level)
         if not bars_were_disabled:
+            from huggingface_hub.utils import enable_progress_bars
+
             enable_progress_bars()
 
 

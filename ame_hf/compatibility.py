@@ -12,14 +12,16 @@ from dataclasses import replace
 from typing import Any, Sequence
 
 from ._differences import differing_fields, file_notes, updated, who_has
+from ._loaded_ties import loose_aliases, untie_loaded, untied_layout
 from ._text_config import vocab_size
 from .checkpoint import DTYPE_NAMES, Checkpoint
+from .dequantize import QUANTIZED_HINT, describe, quantization_refusal
 from .labels import match_labels
 from .report import CompatibilityReport
 from .reconcile import (TIE_FLAG, Layout, Renaming, UnknownArchitecture, model_layout,
                         refuse_token_columns, rename, stale_keys, tie_flags, untied)
-from .vocabulary import (TokenizerFiles, VocabularyPlan, compare_tokenizers, plan_vocabulary, read_tokenizer,
-                         token_ids)
+from .vocabulary import (TokenizerFiles, compare_tokenizers, past_rows_line, plan_vocabulary, read_tokenizer,
+                         token_ids, tokens_past_rows)
 
 # Config keys whose difference means another architecture: errors. Any other difference is a note,
 # since the tensors' shapes (compared one by one) decide whether weights can be averaged.
@@ -94,6 +96,7 @@ def check_compatibility(
     if pivot_view is not None:
         _compare_pivot(ref, pivot_view, report)
     report.notes += compare_tokenizers([c.name for c in everything], tokenizers)
+    report.notes[:0] = [line for c in dict.fromkeys(everything) if (line := describe(c))]  # FP8, MXFP4: one line
     return report
 
 
@@ -103,22 +106,15 @@ def _refusals(ckpt: Checkpoint) -> list[str]:
     out = config_refusals(ckpt.name, ckpt.config)
     if ckpt.unsupported and not out:
         dtypes = ", ".join(sorted(set(ckpt.unsupported.values())))
-        out.append(f"{ckpt.name} holds {dtypes} tensors (quantized or FP8); {_QUANTIZED_HINT}")
+        out.append(f"{ckpt.name} holds {dtypes} tensors (quantized or FP8) without the quantization_config and "
+                   f"scales transformers dequantizes; {QUANTIZED_HINT}")
     return out + list(getattr(ckpt, "refusals", ()))
-
-
-_QUANTIZED_HINT = ("AME averages full-precision weights: merge the unquantized originals (e.g. the fine-tune's "
-                   "float16/bfloat16 release), then quantize the merge")
 
 
 def config_refusals(name: str, config: dict[str, Any]) -> list[str]:
     """What `config.json` alone refuses (so nothing else need be read): quantized weights, and an
     architecture only the repo's own code defines."""
-    out = []
-    quant = config.get("quantization_config")
-    if isinstance(quant, dict):
-        method = quant.get("quant_method") or quant.get("quant_type") or "an unnamed method"
-        out.append(f"{name} is quantized with {method} (quantization_config); {_QUANTIZED_HINT}")
+    out = [why for why in [quantization_refusal(name, config)] if why]  # FP8 and MXFP4 merge, dequantized
     if config.get("auto_map") is not None:
         try:
             model_layout({**config, "architectures": config.get("architectures") or []})
@@ -143,19 +139,34 @@ def _reconcile(checkpoints: list[Checkpoint], pivot: Checkpoint | None,
     kinds = [(a, tie_flags(c.config)) for a, c in zip(archs, checkpoints)]  # same kind: same layout
     same = len(set(names)) == 1 and len(set(kinds)) == 1 and (pivot is None or frozenset(pivot.tensors) == names[0])
     same = same and not (all(archs) and stale_keys({**checkpoints[0].config, "architectures": [*archs[0]]}, checkpoints[0].tensors))
-    if same or not all(archs):
+    # A config that ties may store the alias with values of its own, which transformers loads untied.
+    if not all(archs) or same and not any(v is True for kind in kinds for _, v in kind[1]):
         return checkpoints, pivot, 0  # nothing to reconcile (or nothing to reconcile it with)
     layouts: dict[tuple, Layout] = {}
     for ckpt, kind in zip(checkpoints, kinds):
         try:
             layouts.setdefault(kind, model_layout({**ckpt.config, "architectures": list(kind[0])}))
         except Exception as err:  # noqa: BLE001  transformers cannot build it: compare names as stored
+            if same:
+                return checkpoints, pivot, 0
             report.notes.append(f"{ckpt.name}: cannot build {kind[0][0]} to reconcile its layout ({err}); "
                                 "tensor names are compared as stored")
             return checkpoints, pivot, 0
+    loose = [loose_aliases(c, layouts[k]) for c, k in zip(checkpoints, kinds)]
+    if same and not any(loose):  # (a store of every alias by all, unread: the output stores them too, as loaded)
+        return checkpoints, pivot, 0
+    loaded_untied = untie_loaded(checkpoints, kinds, layouts, loose, report)
+    if loaded_untied is None:
+        return checkpoints, pivot, 0
+    report.unread_ties = [c.name for c, found in zip(checkpoints, loose) if found is None]
+    report.notes += [f"{name} stores a tensor its config ties ({TIE_FLAG}) beside the one it ties it to: transformers "
+                     "loads it untied if their values differ, which is compared once its weights are downloaded"
+                     for name in report.unread_ties]
+    layouts = {k: layouts[k] for k in kinds}
     own = [layouts[k] for k in kinds]
     # Tied in one ingredient, stored (trained) by another: the output stores it.
     untie = {a: t for lay in own for a, t in lay.tied.items() if any(a in other.keys for other in own)}
+    untie.update(loaded_untied)  # (stored by every ingredient, but loaded untied: the output is untied too)
     fit = {k: lay for k, lay in layouts.items() if not set(lay.tied) & set(untie)}
     if not fit:
         report.errors.append(f"the ingredients tie and store {_listed(sorted(untie))} crosswise: no one layout stores "
@@ -172,7 +183,7 @@ def _reconcile(checkpoints: list[Checkpoint], pivot: Checkpoint | None,
         report.config_said.update(k for k, _ in layout.tie_flags)
     everything = [*checkpoints, *([pivot] if pivot else [])]
     if pivot is not None:  # a pivot that ties what the output unties starts it from its target
-        own.append(_own_layout(pivot, archs[source]) if untie else layout)
+        own.append(_own_layout(pivot, archs[source], report) if untie else layout)
     views = []
     for i, c in enumerate(everything):
         renaming, taken = untied(rename(c.tensors, layout), own[i] or layout, untie)
@@ -185,12 +196,18 @@ def _reconcile(checkpoints: list[Checkpoint], pivot: Checkpoint | None,
     return views[:len(checkpoints)], views[-1] if pivot else None, source
 
 
-def _own_layout(ckpt: Checkpoint, arch: tuple[str, ...]) -> Layout | None:
-    """The layout of a checkpoint's own config (its architectures, else `arch`); None if it cannot be built."""
+def _own_layout(ckpt: Checkpoint, arch: tuple[str, ...], report: CompatibilityReport) -> Layout | None:
+    """The layout of a checkpoint's own config (its architectures, else `arch`) as transformers loads it (a tied
+    alias it stores with values of its own untied); None if it cannot be built."""
+    config = {**ckpt.config, "architectures": list(ckpt.config.get("architectures") or arch)}
     try:
-        return model_layout({**ckpt.config, "architectures": list(ckpt.config.get("architectures") or arch)})
+        layout = model_layout(config)
     except Exception:  # noqa: BLE001  then nothing of it is untied
         return None
+    found = loose_aliases(ckpt, layout)
+    if found is None:
+        report.unread_ties.append(ckpt.name)
+    return (untied_layout(layout, config, found) or layout) if found else layout
 
 
 def _check_untied(report: CompatibilityReport) -> None:
@@ -233,8 +250,13 @@ def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: 
     of every token-indexed tensor by token string (a note), or say why that cannot be done (an error)."""
     sizes = [vocab_size(c.config) for c in views]
     maps = [token_ids(t) for t in tokenizers]
-    if len(set(sizes)) <= 1 and all(m == maps[0] for m in maps):
-        return
+    if len(set(sizes)) <= 1 and all(m == maps[0] for m in maps):  # one vocabulary; another tokenizer must fit it
+        past = tokens_past_rows(source, sizes[0]) if isinstance(source, TokenizerFiles) and isinstance(
+            sizes[0], int) else {}
+        if past:
+            report.errors.append(past_rows_line("the tokenizer of the tokenizer source", past, sizes[0]))
+        if past or not isinstance(source, TokenizerFiles) or token_ids(source) in (None, maps[0]):
+            return  # else another checkpoint's tokenizer gives tokens other ids: rows matched by token, below
     try:
         layout = model_layout(updated(views[report.source].config, report.config_updates))
     except Exception as err:  # noqa: BLE001  no class to say which tensors are token-indexed
@@ -260,6 +282,9 @@ def _vocabulary(views: Sequence[Checkpoint], tokenizers: Sequence[Any], report: 
     except ValueError as err:
         report.errors.append(str(err))
         return
+    past = tokens_past_rows(tokenizers[index], counts[index], plan if union else None) if index < len(views) else {}
+    if past:  # the output's tokenizer would name rows it lacks (a union's new tokens, other ids): refused
+        report.errors.append(past_rows_line(f"the tokenizer of {views[index].name}", past, counts[index]))
     if index == len(views):  # drop the tokenizer-only source: every row must come from an ingredient
         orphans = [r for r in range(plan.size) if all(rows[r] < 0 for rows in plan.rows[:-1])]
         if orphans:
@@ -281,7 +306,9 @@ def _compare_configs(views: Sequence[Checkpoint], report: CompatibilityReport, t
     """One line per config field that differs, naming who has which value: an error for a field that means
     another architecture, else a note (the tensors' shapes decide)."""
     names = [v.name for v in views]
-    for key, who in differing_fields(names, [v.config for v in views], skip=QUIET_KEYS):
+    # quantization_config (FP8, MXFP4): said once per checkpoint (`describe`), and the output drops it
+    configs = [{k: x for k, x in v.config.items() if k != "quantization_config"} for v in views]
+    for key, who in differing_fields(names, configs, skip=QUIET_KEYS):
         if key in report.config_keys:
             continue
         report.config_keys.append(key)

@@ -14,6 +14,7 @@ import torch
 
 from .config import AmeConfig, order_indices
 from .optimizers import new_optimizer, optimizer_class, take_step
+from .weights import relative_weights, weighted_batch_mean
 
 Loader = Callable[[int], torch.Tensor]
 
@@ -70,11 +71,15 @@ def batches(order: Sequence[int], batch_size: int) -> list[list[int]]:
     return [list(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
 
 
-def step_lrs(order: Sequence[Sequence[int]], batch_size: int, lr: float, schedule: str) -> list[float]:
+def step_lrs(order: Sequence[Sequence[int]], batch_size: int, lr: float, schedule: str,
+             weights: Sequence[float] | None = None) -> list[float]:
     """The learning rate of every step.
 
     `constant`: lr. `harmonic`: lr * |batch| / ingredients seen so far this epoch, so that SGD with
     lr 1 is the running mean of the ingredients, i.e. exactly the uniform soup after each epoch.
+    With ingredient `weights` (`weights.relative_weights`: mean 1) a batch counts as its weight, not its
+    size: `constant` is lr * mean weight of the batch, `harmonic` lr * batch weight / weight seen this epoch
+    (SGD, lr 1 is then the weighted running mean: the weighted soup).
 
     Args:
         order: the ingredient indices of each epoch (`ingredient_order`).
@@ -92,6 +97,11 @@ def step_lrs(order: Sequence[Sequence[int]], batch_size: int, lr: float, schedul
     for epoch_order in order:
         seen = 0
         for batch in batches(epoch_order, batch_size):
+            if weights is not None:
+                weight = sum(weights[i] for i in batch)
+                seen += weight
+                lrs.append(lr * (weight / len(batch) if schedule == "constant" else weight / seen))
+                continue
             seen += len(batch)
             lrs.append(lr if schedule == "constant" else lr * len(batch) / seen)
     return lrs
@@ -114,7 +124,7 @@ def pseudogradient(w: torch.Tensor, target: torch.Tensor, out: torch.Tensor | No
     return torch.sub(w, target, out=out) if out is not None else w - target
 
 
-def batch_mean(load: Loader, batch: Sequence[int]) -> torch.Tensor:
+def batch_mean(load: Loader, batch: Sequence[int], weights: Sequence[float] | None = None) -> torch.Tensor:
     """Mean of the ingredients in `batch` as `x_0 + mean(x_i - x_0)`, loading one at a time; what `load` returns
     is not modified (one ingredient: it is the mean).
 
@@ -122,9 +132,12 @@ def batch_mean(load: Loader, batch: Sequence[int]) -> torch.Tensor:
     pseudogradient there exactly zero, for every optimizer (a plain float sum of equal values, divided, is not
     always that value: Adam turned the residue into an lr-sized step).
 
+    With `weights` it is the weighted mean `x_0 + sum w_i (x_i - x_0) / sum w_i`: exact where they agree too.
+
     Args:
         load: `load(i)` gives ingredient `i`'s values (never modified here).
         batch: the ingredient indices to average.
+        weights: every ingredient's weight (indexed by ingredient), or None for the plain mean.
 
     Returns:
         Their mean: a tensor of its own, or `load(i)` itself for a batch of one.
@@ -135,6 +148,8 @@ def batch_mean(load: Loader, batch: Sequence[int]) -> torch.Tensor:
     """
     if len(batch) == 1:
         return load(batch[0])
+    if weights is not None:
+        return weighted_batch_mean(load, batch, weights)
     first = load(batch[0])
     total = load(batch[1]) - first  # a tensor of our own
     for i in batch[2:]:
@@ -179,11 +194,12 @@ def ame_block(
     optimizer = new_optimizer(optimizer_class(config.optimizer), [w], lr=lr, **device_defaults(config, w.device),
                               **dict(config.optimizer_args))
     group = optimizer.param_groups[0]
-    lrs = iter(step_lrs(order, config.batch_size, lr, config.schedule or "constant"))
+    weights = relative_weights(config.weights)
+    lrs = iter(step_lrs(order, config.batch_size, lr, config.schedule or "constant", weights))
     grad = torch.empty_like(w)  # one buffer for every step: no allocation per ingredient
     for epoch_order in order:
         for batch in batches(epoch_order, config.batch_size):
-            w.grad = pseudogradient(w, batch_mean(load, batch), out=grad)
+            w.grad = pseudogradient(w, batch_mean(load, batch, weights), out=grad)
             group["lr"] = next(lrs)
             take_step(optimizer)
     w.grad = None

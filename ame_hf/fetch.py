@@ -16,7 +16,7 @@ from ._hub_errors import hub_errors
 from ._model_files import CODE_PATTERNS, WEIGHT_PATTERNS
 from ._model_files import module_folders
 from ._weight_files import BIN_INDEX, BIN_SINGLE, SAFE_INDEX, SAFE_SINGLE, index_shards, weight_layout
-from .checkpoint import Checkpoint, TensorInfo, dtype_from_name
+from .checkpoint import Checkpoint, TensorInfo, dtype_from_name, stored_dtype
 from .errors import HubError, InsufficientSpaceError
 from .records import HubSource, Ingredient
 
@@ -146,6 +146,7 @@ def header_checkpoint(source: HubSource, light: Ingredient, config: dict, *, var
         return None
     tensors: dict[str, TensorInfo] = {}
     unsupported: dict[str, str] = {}
+    raw: dict[str, TensorInfo] = {}  # FP8 values: dequantized by the checkpoint
     api = HfApi(token=token)
     for file in files:
         with hub_errors(source.ref, source.repo_id, source.revision):
@@ -154,10 +155,12 @@ def header_checkpoint(source: HubSource, light: Ingredient, config: dict, *, var
             dtype = dtype_from_name(info.dtype)
             if dtype is None:
                 unsupported[key] = info.dtype
+                if stored_dtype(info.dtype) is not None:
+                    raw[key] = TensorInfo(file=file, shape=tuple(info.shape), dtype=stored_dtype(info.dtype))
             else:
                 tensors[key] = TensorInfo(file=file, shape=tuple(info.shape), dtype=dtype)
     return Checkpoint.from_header(f"{light.ref}/{folder}" if folder else light.ref, config, tensors, unsupported,
-                                  path=light.path / folder)
+                                  path=light.path / folder, raw=raw)
 
 
 def download_size(sources: Sequence[HubSource], lights: Sequence[Ingredient], variant: str | None = None) -> int:

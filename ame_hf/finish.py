@@ -22,6 +22,7 @@ from .errors import CheckpointError
 from .output import RUN_FILE
 from .recipe import write_run_file
 from .records import MergeResult
+from .requantize import FP8_OUTPUT, fp8_layout
 from .vocabulary import VocabularyPlan, is_tokenizer_file
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,10 @@ def finish(staging: Path, result: MergeResult, checkpoints: list[Checkpoint], *,
     if config.pop("auto_map", None) is not None:
         logger.warning("%s: config.json has auto_map (remote code); it is not copied and never run", source.name)
     config.pop("_name_or_path", None)
-    if result.config.dtype != "auto":
+    config.pop("quantization_config", None)  # FP8 / MXFP4 ingredients: the merge is written dequantized
+    if result.config.dtype == FP8_OUTPUT:  # ... unless asked for back in FP8: their layout, tensors in their dtype
+        config["quantization_config"] = fp8_layout(checkpoints)[0]
+    elif result.config.dtype != "auto":
         config["dtype"] = result.config.dtype
     if vocab is not None:
         config = with_vocab_size(config, vocab.size)

@@ -12,6 +12,7 @@ from .devices import cpu_threads, process_setup
 from .engine import ingredient_order
 from .inputs import InputStage
 from .plan import output_dtype, plan_shards
+from .requantize import FP8_OUTPUT
 from .streaming import DEFAULT_MAX_MEMORY, TensorMerger, stream_tensors
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def merge_model(refs: Sequence[str | os.PathLike], config: AmeConfig, task: str,
                 device: str | None = None) -> Any | None:
     """The model `merge(refs, out, config)` would write, built in memory and ready to score; None when it cannot
     be: a distributed run, sentence-transformers module folders, differing vocabularies (their finish rewrites
-    config and tokenizer), a task without an auto class, or tensors that do not fit in the RAM available.
+    config and tokenizer), fp8 or adapter output, a task without an auto class, or tensors beyond the RAM available.
 
     The tensors are the bytes `merge` writes (the engine's writer fills a state dict instead of the shards: same
     blocks, same dtype conversion); transformers builds the model from them as `from_pretrained` would from the
@@ -60,7 +61,8 @@ def merge_model(refs: Sequence[str | os.PathLike], config: AmeConfig, task: str,
     config = config.resolved()
     refs = [os.fspath(r) for r in refs]
     setup = process_setup(device)
-    if setup.world > 1 or task not in _AUTO:
+    # fp8 output is requantized after the writing, and an adapter output is factored from a written full model.
+    if setup.world > 1 or task not in _AUTO or config.dtype == FP8_OUTPUT or config.save_as == "adapter":
         return None
     inputs = stage.check(refs, pivot=config.pivot, base=config.base, tokenizer_source=config.tokenizer_source,
                          allow_dtype_mismatch=config.dtype != "auto")

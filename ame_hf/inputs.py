@@ -210,19 +210,36 @@ class InputStage:
         base_ckpt = self._checkpoint(base) if base else None
         ckpts = [self._checkpoint(e, base_ckpt) for e in entries]
         pivot_ckpt = self._checkpoint(pivot_entry) if pivot_entry else (base_ckpt if pivot == "base" else None)
-        every = [*entries, *([pivot_entry] if pivot_entry else [base] if pivot == "base" and base else [])]
+        inputs.allow_dtype_mismatch = allow_dtype_mismatch
+        inputs.checked = [*ckpts, *([pivot_ckpt] if pivot_ckpt is not None else [])]
+        self.report(inputs)
+        if inputs.report.ok:  # the weights of sentence-transformers module folders are part of the model
+            before = len(inputs.report.notes)
+            inputs.modules = check_modules(entries, pivot_entry or (base if pivot == "base" else None), self._checkpoint,
+                                           inputs.report, allow_dtype_mismatch=allow_dtype_mismatch)
+            inputs.module_notes = inputs.report.notes[before:]
+        return inputs
+
+    def report(self, inputs: "Inputs") -> None:
+        """The compatibility report of `inputs.checked` (the ingredients, then the pivot's checkpoint), made again
+        by `Inputs.open` over the opened checkpoints when only their values say how transformers loads them.
+
+        Args:
+            inputs: the checked inputs, whose `report` is replaced.
+        """
+        n = len(inputs.entries)
+        ckpts, pivot_ckpt = inputs.checked[:n], (inputs.checked[n] if len(inputs.checked) > n else None)
+        every = [*inputs.entries, *([inputs.pivot] if inputs.pivot else [inputs.base] if inputs.pivot_is_base
+                                    and inputs.base else [])]
         inputs.report = check_compatibility(
-            ckpts, pivot=pivot_ckpt, allow_dtype_mismatch=allow_dtype_mismatch,
+            ckpts, pivot=pivot_ckpt, allow_dtype_mismatch=inputs.allow_dtype_mismatch,
             tokenizer_source=inputs.vocabulary_source(),
-            tokenizers=[self.tokenizer(self.tokenizer_dir(e, base)) for e in every], pivot_index=inputs.pivot_index)
+            tokenizers=[self.tokenizer(self.tokenizer_dir(e, inputs.base)) for e in every],
+            pivot_index=inputs.pivot_index)
         inputs.report.notes[:0] = [c.describe() for c in ckpts if isinstance(c, AdapterCheckpoint)]
         inputs.report.notes += [f"{ref} has .bin weights (no header to read): downloaded to check it"
                                 for ref in dict.fromkeys(self.downloaded_to_check) if ref in inputs.report.names]
-        inputs.checked = [*ckpts, *([pivot_ckpt] if pivot_ckpt is not None else [])]
-        if inputs.report.ok:  # the weights of sentence-transformers module folders are part of the model
-            inputs.modules = check_modules(entries, pivot_entry or (base if pivot == "base" else None), self._checkpoint,
-                                           inputs.report, allow_dtype_mismatch=allow_dtype_mismatch)
-        return inputs
+        inputs.report.notes += inputs.module_notes  # (made again by `open`: the module folders' stay as checked)
 
     def _base(self, entries: list[Entry], base_ref: str | None, pivot_is_base: bool) -> tuple[Entry | None, list[str]]:
         """The one base model every adapter is a fine-tune of (`base`, else the adapters' own), or errors, which

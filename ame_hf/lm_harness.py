@@ -264,6 +264,7 @@ def record(folder: str | os.PathLike, spec: LmEvalTasks, *, scored_as: str | os.
     out = _RESULTS.get(key) if key else None
     if out is None:
         out = run_tasks(folder, spec, device=device, batch_size=batch_size, max_length=max_length)
+    _RESULTS[str(Path(folder).resolve())] = out  # an output made from this one (an adapter) reuses them
     scores = task_scores(out, spec)
     kept = {k: out[k] for k in _KEPT if k in out}
     kept["ame_hf"] = {"metric": spec.metric, "weights": dict(spec.tasks), "score": combined(scores, spec),

@@ -24,6 +24,7 @@ from .output import check_output_dir, make_staging_dir, publish, staging_cleanup
 from .plan import assign_to_processes, output_dtype, plan_shards
 from .recipe import recipe_digest
 from .records import MergeResult
+from .requantize import FP8_OUTPUT, fp8_output_check, requantize
 from .resolve import local_inputs
 from .streaming import DEFAULT_MAX_MEMORY, ProgressCallback, TensorMerger, stream_tensors
 from .writer import create_shard_files, write_index
@@ -48,6 +49,9 @@ def merge(
     **options: Any,
 ) -> MergeResult:
     """Merge checkpoints with AME and write a `from_pretrained`-loadable model to `out_dir`.
+
+    With `save_as="adapter"` (and `adapter_rank` / `adapter_energy`) the output is instead a PEFT LoRA adapter of
+    the base (`base`, or the adapters' own) that `PeftModel.from_pretrained(base, out_dir)` loads (`adapter_out`).
 
     Args:
         ingredients: local directories and/or Hub repo IDs (`org/name`, `org/name@revision`).
@@ -85,6 +89,13 @@ def merge(
     refs = [os.fspath(r) for r in ingredients]
     merge_options(refs, config, threads=threads, max_memory=max_memory)
     _warn_repeated(refs)
+    if config.save_as == "adapter":  # the full merge into a scratch folder, then its LoRA adapter
+        from .adapter_out import merge_as_adapter
+
+        return merge_as_adapter(refs, Path(out_dir), config, started, run=_merge, stage=stage, token=token,
+                                overwrite=overwrite, progress=progress, callback=callback, device=device,
+                                threads=threads, max_memory=max_memory,
+                                recorded_at=Path(recorded_at) if recorded_at is not None else None)
     return _merge(refs, Path(out_dir), config, started, token=token, overwrite=overwrite, progress=progress,
                   callback=callback, device=device, threads=threads, max_memory=max_memory, stage=stage,
                   recorded_at=Path(recorded_at) if recorded_at is not None else None)
@@ -137,6 +148,7 @@ def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, tok
                 refs, pivot=config.pivot, base=config.base, tokenizer_source=config.tokenizer_source,
                 allow_dtype_mismatch=config.dtype != "auto")
             inputs.raise_for_errors()
+            fp8_output_check(config, inputs.report.checkpoints)  # before the download
             # Again with every input's real folder (a Hub ingredient's is in the cache), before the download.
             check_output_dir(out, overwrite, inputs=inputs.paths)
             inputs.open()
@@ -185,6 +197,8 @@ def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, tok
                                      max_memory=merger.max_memory)
                 warm.join()
                 write_index(staging, plan)
+                if config.dtype == FP8_OUTPUT:
+                    requantize(staging, report.checkpoints)
                 source = report.config_source()
                 tokens = inputs.tokenizer_dir()
                 finish(staging, result, checkpoints, source=source,

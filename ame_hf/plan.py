@@ -98,7 +98,7 @@ def output_dtype(config: AmeConfig, stored: torch.dtype) -> torch.dtype:
     >>> output_dtype(AmeConfig(dtype="bfloat16"), torch.float32), output_dtype(AmeConfig(dtype="bfloat16"), torch.int64)
     (torch.bfloat16, torch.int64)
     """
-    if not stored.is_floating_point or config.dtype == "auto":
+    if not stored.is_floating_point or config.dtype in ("auto", "float8_e4m3fn"):  # FP8: quantized when finished
         return stored
     return getattr(torch, config.dtype)
 

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable
 from ._differences import flatten
 from ._meta_model import UnknownArchitecture, on_meta as _on_meta
 from ._saved_layout import saved_keys
+from ._text_config import vocab_size, with_vocab_size
 from .conversion import stored_names
 
 logger = logging.getLogger(__name__)
@@ -92,12 +93,14 @@ def _layout(config_json: str) -> Layout:
 
 def _token_columns(config: dict[str, Any], model: Any, keys: frozenset[str],
                    stored: Callable[[str], str]) -> dict[str, frozenset[str]]:
-    """The tensors whose size along a dimension other than the first follows `vocab_size`: `token_columns` (the
-    last, every other dimension 1) and `token_other`."""
-    if not isinstance(config.get("vocab_size"), int):
+    """The tensors whose size along a dimension other than the first follows `vocab_size` (of the text config, as
+    the rows: nested in a vision-language model's): `token_columns` (the last, every other dimension 1) and
+    `token_other`."""
+    size = vocab_size(config)
+    if not isinstance(size, int):
         return {}
     try:
-        _, _, wider = _on_meta({**config, "vocab_size": config["vocab_size"] + 8})
+        _, _, wider = _on_meta(with_vocab_size(config, size + 8))
     except Exception:  # noqa: BLE001  the class cannot be built wider: only its embeddings are known
         return {}
     before, after = model.state_dict(), wider.state_dict()
@@ -187,12 +190,15 @@ class Renaming:
         dropped: stored names the layout does not keep (tied aliases, ignored buffers), with why.
         unexpected: stored names that fit nowhere in the layout.
         missing: layout names the checkpoint does not provide.
+        aliases: tied alias (layout name) -> the stored name dropped for it, its target being stored too (what
+            transformers loads untied when the two hold different values: `_loaded_ties`).
     """
 
     names: dict[str, str]
     dropped: dict[str, str]
     unexpected: list[str]
     missing: list[str]
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @property
     def is_identity(self) -> bool:
@@ -212,6 +218,7 @@ def rename(stored: Iterable[str], layout: Layout) -> Renaming:
     stored = list(stored)
     names: dict[str, str] = {}
     dropped: dict[str, str] = {}
+    aliases: dict[str, str] = {}
     unexpected: list[str] = []
     prefix = layout.prefix + "." if layout.prefix else ""
     # a file may store a tensor under the name the model loads it by (what the conversion mapping renames to)
@@ -226,6 +233,7 @@ def rename(stored: Iterable[str], layout: Layout) -> Renaming:
             source = layout.tied[target]
             if source in present or source in names:
                 dropped[s] = f"tied to {source}"
+                aliases.setdefault(target, s)
             else:
                 names[source] = s
         elif any(re.search(p, s) for p in layout.ignored):
@@ -235,7 +243,7 @@ def rename(stored: Iterable[str], layout: Layout) -> Renaming:
         else:
             unexpected.append(s)
     missing = sorted(layout.keys - set(names))
-    return Renaming(names=names, dropped=dropped, unexpected=sorted(unexpected), missing=missing)
+    return Renaming(names=names, dropped=dropped, unexpected=sorted(unexpected), missing=missing, aliases=aliases)
 
 
 def _scalar(info: Any) -> bool:
@@ -262,4 +270,5 @@ def untied(renaming: Renaming, own: Layout, untie: dict[str, str]) -> tuple[Rena
             names[alias] = names[target]
             taken.append(alias)
     missing = [m for m in renaming.missing if m not in names]
-    return Renaming(names=names, dropped=renaming.dropped, unexpected=renaming.unexpected, missing=missing), taken
+    return Renaming(names=names, dropped=renaming.dropped, unexpected=renaming.unexpected, missing=missing,
+                    aliases=renaming.aliases), taken

@@ -35,6 +35,9 @@ class CompatibilityReport:
     # config.json changes from its source's (dotted keys: an untied head, the labels of the merged rows).
     config_said: set[str] = field(default_factory=set)
     config_updates: dict[str, Any] = field(default_factory=dict)
+    # Checkpoints known from their headers that store a tied alias beside its target: whether transformers loads
+    # them untied is known once their values are downloaded (`Inputs.open` checks again then).
+    unread_ties: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:

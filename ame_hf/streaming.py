@@ -19,6 +19,7 @@ from .engine import ame_block, relative_lr_value, spread_sum
 from .errors import CheckpointError, IncompatibleCheckpointsError
 from .plan import Rows, ShardPlan, tensor_blocks
 from .vocabulary import VocabularyPlan
+from .weights import relative_weights, weighted_mean
 from .writer import write_rows
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class TensorMerger:
         self.device = device
         self.compute_dtype = getattr(torch, config.compute_dtype)
         self.soup = config.is_soup
+        self.weights = relative_weights(config.weights)  # None: unweighted
         self.io = io
         self._pending_write: Future | None = None
         # The ingredient indices the engine reads for one block, in order (batches are consecutive).
@@ -150,6 +152,8 @@ class TensorMerger:
         return self._read(source, name, rows) if name in source.tensors else None
 
     def _mean_block(self, load: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        if self.weights is not None:
+            return weighted_mean(load, len(self.checkpoints), self.weights, self.compute_dtype)
         total = load(0).to(torch.float64, copy=True)  # what the loader returns is not ours to modify
         for i in range(1, len(self.checkpoints)):
             total.add_(load(i))  # accumulates in float64 without a float64 copy of each ingredient
@@ -177,6 +181,11 @@ class TensorMerger:
             self._copy_exact(name, out_dir, plan)
             advance(info.nbytes)
             return
+        if self.config.transform != "none":
+            from .transforms import merge_transformed
+
+            merge_transformed(self, name, out_dir, plan, advance)
+            return
         blocks = tensor_blocks(info.shape, self.device)
         n = len(self.checkpoints)
         lr = self.config.lr
@@ -198,7 +207,7 @@ class TensorMerger:
             for rows in blocks:
                 s1, dist = spread_sum(loader(rows, range(n)), n, self._pivot_block(name, rows))
                 squared += dist
-                if len(blocks) == 1 and self.pivot == "mean":
+                if len(blocks) == 1 and self.pivot == "mean" and self.weights is None:
                     cached_pivot = (s1 / n).to(self.compute_dtype)
                 del s1
             lr = relative_lr_value(self.config.relative_lr, squared, n * info.numel)
@@ -261,6 +270,9 @@ def merge_token_rows(merger: TensorMerger, name: str, out_dir: Path, plan: Shard
     """
     vocab = merger.vocab
     assert vocab is not None
+    if merger.config.transform != "none":
+        raise IncompatibleCheckpointsError(f"transform {merger.config.transform} needs one vocabulary; {name!r} has "
+                                           "token rows that differ between the ingredients: merge without it")
     info = merger.checkpoints[0].info(name)
     columns = name in vocab.columns  # [1, vocab] (BART's final_logits_bias): whole tensors, seen as [vocab, 1]
     shape = (vocab.size, 1) if columns else (vocab.size, *info.shape[1:])
@@ -282,7 +294,10 @@ def merge_token_rows(merger: TensorMerger, name: str, out_dir: Path, plan: Shard
         blocks = _gather_columns(flat, vocab, owners, rows) if columns else _gather_owners(merger, name, owners, rows)
         order = [[i for i in epoch if i in owners] for epoch in merger.order]
         pivot = _row_pivot(merger, owners, rows, blocks)
-        if pivot is None:
+        if pivot is None and merger.weights is not None:
+            pivot = weighted_mean(lambda j: blocks[owners[j]], len(owners), [merger.weights[i] for i in owners],
+                                  merger.compute_dtype)
+        elif pivot is None:
             mean = sum(blocks[i].double() for i in owners) / len(owners)
             pivot = mean.to(merger.compute_dtype)
         merged = pivot if lr == 0.0 else ame_block(lambda j: blocks[j].clone(), pivot, merger.config, order, lr)

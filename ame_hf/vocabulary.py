@@ -230,3 +230,37 @@ def _specials(tokenizer: TokenizerFiles) -> set[str]:
     for value in tokenizer.special.values():
         out.update(value if isinstance(value, list) else [value])
     return out | set(tokenizer.special_added)
+
+
+def tokens_past_rows(tokenizer: TokenizerFiles, rows: int, plan: VocabularyPlan | None = None) -> dict[str, int]:
+    """The tokens `tokenizer` gives an id at or past `rows` (the embedding rows it is used with): tokens added to a
+    tokenizer without `resize_token_embeddings`, which no row embeds. A union's new token at the id its row has
+    (`plan`: another ingredient's, placed there) is not one.
+
+    Args:
+        tokenizer: the tokenizer the output would take.
+        rows: the embedding rows of its model.
+        plan: the vocabulary plan, when the output adds a union's new tokens to it.
+
+    Returns:
+        token -> id, in id order (empty when every token has its row).
+
+    >>> tokens_past_rows(TokenizerFiles(vocab={"a": 0, "b": 1}, added={"<x>": 2}), 2)
+    {'<x>': 2}
+    """
+    placed: dict[str, int] = {}
+    if plan is not None and plan.new_tokens:
+        start = plan.size - len(plan.new_tokens) if plan.first_new is None else plan.first_new
+        placed = {token: start + j for j, (token, _) in enumerate(plan.new_tokens)}
+    ids = sorted((token_ids(tokenizer) or {}).items(), key=lambda kv: kv[1])
+    return {token: i for token, i in ids if i >= rows and placed.get(token) != i}
+
+
+def past_rows_line(tokenizer: str, past: dict[str, int], rows: int) -> str:
+    """The one-line refusal of a `tokenizer` (`the tokenizer of NAME`) whose tokens `past` reach past its model's
+    `rows` embedding rows."""
+    shown = ", ".join(f"{t!r} id {i}" for t, i in list(past.items())[:5]) + (" ..." if len(past) > 5 else "")
+    return (f"{tokenizer} gives {shown}, past the {rows} embedding rows (tokens added without "
+            "resize_token_embeddings): the output could not embed them; choose tokenizer_source=INDEX of an ingredient "
+            "whose tokenizer fits its rows, or resize that model to its tokenizer "
+            "(model.resize_token_embeddings(len(tokenizer))) and save it again")

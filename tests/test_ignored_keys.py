@@ -28,7 +28,7 @@ def _llama(root, n):
     return paths
 
 
-def _gpt2(root, n):
+def gpt2_with_ignored_keys(root, n):
     paths = []
     for i in range(2):
         torch.manual_seed(i)
@@ -49,7 +49,7 @@ def _loaded(path):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("holders", [2, 1])  # every ingredient stores the ignored keys, or only the first
 def test_keys_ignored_on_load_are_dropped_as_transformers_drops_them(tmp_path, family, holders):
-    paths = (_llama if family == "llama" else _gpt2)(tmp_path / "in", holders)
+    paths = (_llama if family == "llama" else gpt2_with_ignored_keys)(tmp_path / "in", holders)
     report = check(paths)
     assert report.ok, report.errors
     assert any("is not used" in n and ("inv_freq" in n or "masked_bias" in n) for n in report.notes), report.notes

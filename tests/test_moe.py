@@ -189,20 +189,64 @@ def test_an_adapter_on_a_fused_base_merges_as_peft_merges_it(moe, tmp_path):
     assert_close(out, {k: sum(s[k].double() for s in states) / len(states) for k in states[0]}, atol=1e-5)
 
 
-def test_experts_stored_whole_as_3d_tensors_are_refused_by_name(tmp_path):
-    """GPT-OSS saves its experts fused ([experts, in, out]): no per-expert tensor to add the delta to."""
-    from transformers import GptOssConfig, GptOssForCausalLM
+def tiny_transposed_moe(family: str):
+    """An MoE whose experts transformers keeps `[experts, in, out]` (`is_transposed`), saved whole as 3-D tensors:
+    GPT-OSS (built unquantized) and Aria's text model (saved under its legacy `fc1`/`fc2` names)."""
+    from transformers import AriaTextConfig, AriaTextForCausalLM, GptOssConfig, GptOssForCausalLM
 
     torch.manual_seed(0)
-    GptOssForCausalLM(GptOssConfig(vocab_size=64, hidden_size=16, intermediate_size=8, num_local_experts=4,
-                                   num_experts_per_tok=2, num_hidden_layers=1, num_attention_heads=2,
-                                   num_key_value_heads=1, head_dim=8, layer_types=["full_attention"])
-                      ).save_pretrained(tmp_path / "base")
-    adapter = make_lora_adapter(tmp_path / "base", tmp_path / "a", ADAPTERS["down_proj"], seed=1)
-    report = check([adapter])
-    assert not report.ok and len(report.errors) == 1, report.errors
-    assert "target_parameters 'model.layers.0.mlp.experts.down_proj'" in report.errors[0], report.errors
-    assert "merge_and_unload" in report.errors[0]
+    common = dict(vocab_size=64, hidden_size=16, intermediate_size=12, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=8)  # gate_up_proj [4, 16, 24]: its orientation shows
+    if family == "gpt_oss":
+        return GptOssForCausalLM(GptOssConfig(num_local_experts=4, num_experts_per_tok=2,
+                                              layer_types=["full_attention"], **common))
+    return AriaTextForCausalLM(AriaTextConfig(moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1, **common))
+
+
+TRANSPOSED_ADAPTERS = {
+    "down_proj": dict(r=3, lora_alpha=8, target_modules=["q_proj"], target_parameters=["mlp.experts.down_proj"]),
+    "rslora": dict(r=2, lora_alpha=4, use_rslora=True, target_modules=["v_proj"],
+                   target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
+}
+
+
+@pytest.fixture(scope="module", params=["gpt_oss", "aria_text"])
+def transposed(request, tmp_path_factory):
+    """A base whose experts are stored `[in, out]`, two target_parameters adapters of it and peft's merges."""
+    root = tmp_path_factory.mktemp(request.param)
+    tiny_transposed_moe(request.param).save_pretrained(root / "base")
+    adapters = {k: make_lora_adapter(root / "base", root / k, o, seed=i + 1)
+                for i, (k, o) in enumerate(TRANSPOSED_ADAPTERS.items())}
+    return root / "base", adapters, {k: peft_merged(root / "base", a, root / f"{k}-merged") for k, a in
+                                     adapters.items()}
+
+
+def test_adapters_on_experts_stored_in_out_merge_as_peft_merges_them(transposed, tmp_path, monkeypatch):
+    """peft leaves such a parameter's features unswapped, and its delta per expert is `(B_e @ A_e).T`."""
+    base, adapters, merged = transposed
+    refs = list(adapters.values())
+    report = check(refs)
+    assert report.ok, report.errors
+    assert any(f"{refs[0]} is a LoRA adapter (rank 3, alpha 8, targets " in n for n in report.notes), report.notes
+    out = merge(refs, tmp_path / "soup", optimizer="sgd", progress=False).path
+    states = [loaded(m) for m in merged.values()]
+    before = loaded(base)
+    experts = [k for k in before if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert len(experts) == 2 and all(before[k].dim() == 3 for k in experts)
+    assert all(not torch.equal(states[1][k], before[k]) for k in experts)  # peft really changed them
+    assert_close(out, {k: sum(s[k].double() for s in states) / len(states) for k in states[0]}, atol=1e-5)
+    assert saved_names(out) == saved_names(base)  # the layout save_pretrained writes: 3-D experts, whole
+    monkeypatch.setattr(plan, "BLOCK_ELEMENTS", 24)  # a block: less than one expert's matrix
+    small = merge(refs, tmp_path / "small", optimizer="sgd", progress=False).path
+    assert (out / "model.safetensors").read_bytes() == (small / "model.safetensors").read_bytes()
+
+
+def test_adam_over_adapters_on_experts_stored_in_out_equals_the_whole_model_reference(transposed, tmp_path):
+    base, adapters, merged = transposed
+    config = AmeConfig(optimizer="adam", lr=0.01, epochs=2, pivot=str(base))
+    out = merge(list(adapters.values()), tmp_path / "adam", config, progress=False).path
+    expected = reference_ame_states([loaded(m) for m in merged.values()], config, loaded(base))
+    assert_close(out, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("other", ["bare", "fused"])
@@ -277,3 +321,42 @@ def test_target_parameters_on_plain_2d_weights_merge_as_peft_merges_them(tmp_pat
     assert not torch.equal(states[0][down], base[down])
     out = merge(adapters, tmp_path / "soup", optimizer="sgd", progress=False).path
     assert_close(out, {k: sum(s[k].double() for s in states) / len(states) for k in states[0]})
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_every_saved_piece_of_an_expert_parameter_gets_peft_s_own_delta(transposed):
+    """Whichever piece of a fused expert parameter a checkpoint saves (rows of one expert's matrix, or whole experts)
+    and whichever rows a block holds, the delta is the slice of peft's `ParamWrapper.get_delta_weight`, for experts
+    kept [out, in] and for `is_transposed` ones kept [in, out]."""
+    import peft
+    from torch import nn
+
+    from ame_hf._lora_delta import Lora, lora_delta
+    from ame_hf._param_lora import _expert_factors, _piece, _Wrapper
+
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.is_transposed = transposed  # what transformers' experts say, and peft reads
+            self.down_proj = nn.Parameter(torch.zeros(3, 5, 7))
+
+    model = nn.Module()
+    model.experts = Experts()
+    config = peft.LoraConfig(r=2, lora_alpha=6, target_modules=[], target_parameters=["experts.down_proj"])
+    peft.inject_adapter_in_model(config, model)
+    wrapper = model.experts
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in (wrapper.lora_A["default"].weight, wrapper.lora_B["default"].weight):
+            p.normal_()
+    expected = wrapper.get_delta_weight("default").double()  # [3, 5, 7]
+    assert wrapper._did_swap_in_out_features is not transposed
+    spec = _Wrapper(parameter="experts.down_proj", rank=2, scaling=3.0, out_first=not transposed, shape=(3, 5, 7))
+    a_e, b_e = _expert_factors(wrapper.lora_A["default"].weight.detach(), wrapper.lora_B["default"].weight.detach(),
+                               spec)
+    for offset, shape, want in [(0, (3, 5, 7), expected), (35, (2, 5, 7), expected[1:]), (35 * 2 + 7, (3, 7),
+                                expected[2, 1:4]), (0, (5, 7), expected[0])]:
+        lora = Lora(**_piece(a_e, b_e, spec, offset, shape))
+        assert torch.allclose(lora_delta(lora, None).double(), want, atol=1e-6), (offset, shape)
+        assert torch.equal(lora_delta(lora, (1, 2)), lora_delta(lora, None)[1:2])  # a block: the same bytes
+    assert _piece(a_e, b_e, spec, 3, (5, 7)) is None  # not rows of one expert

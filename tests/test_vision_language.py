@@ -51,6 +51,24 @@ def build_vlm(family: str, vocab_size: int = 64, seed: int = 0) -> transformers.
     raise ValueError(family)
 
 
+def added_token_vlms(root):
+    """Two LLaVA fine-tunes with tokenizers, the second of which added two tokens (its nested vocab_size 18)."""
+    from transformers import AddedToken
+
+    folders = []
+    for i, added in enumerate([[], ["<x>", "<|im_start|>"]]):
+        tok = tiny_tokenizer()
+        tok.add_tokens([AddedToken("<image>", special=True)])
+        model = build_vlm("llava", vocab_size=len(tok))
+        tok.add_tokens([AddedToken(t, special=t.startswith("<|")) for t in added])
+        model.resize_token_embeddings(len(tok))
+        perturb(model.parameters(), i)
+        folders.append(root / f"ft{i}")
+        model.save_pretrained(folders[-1])
+        tok.save_pretrained(folders[-1])
+    return folders
+
+
 def _loaded(folder, adapter=None):
     """The model as transformers (and peft, for an adapter: `merge_and_unload()`) loads it, and the load's report."""
     from peft import PeftModel
@@ -61,7 +79,7 @@ def _loaded(folder, adapter=None):
     return model, info
 
 
-def _make_adapter(base, out, seed):
+def make_vlm_adapter(base, out, seed):
     """A peft LoRA adapter of the model in `base`, every trained tensor moved by seeded noise (B starts at zero)."""
     from peft import LoraConfig, get_peft_model
 
@@ -83,7 +101,7 @@ LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", 
 def test_lora_on_a_vision_language_model_is_the_mean_of_peft_merges(family, tmp_path, monkeypatch):
     base = tmp_path / "base"
     build_vlm(family).save_pretrained(base)
-    adapters = [_make_adapter(base, tmp_path / f"lora{i}", seed=i) for i in (1, 2)]
+    adapters = [make_vlm_adapter(base, tmp_path / f"lora{i}", seed=i) for i in (1, 2)]
     out = merge(adapters, tmp_path / "soup", optimizer="sgd", progress=False).path
     references = [_loaded(base, a)[0] for a in adapters]
     merged, info = _loaded(out)
@@ -110,19 +128,9 @@ def test_lora_on_a_vision_language_model_is_the_mean_of_peft_merges(family, tmp_
 def test_vision_language_finetunes_that_added_tokens_merge_by_token(tmp_path):
     """Two LLaVA fine-tunes, one of which added tokens: rows are matched by token, the output's nested
     `text_config.vocab_size` and tokenizer match its rows, and it loads with no missing or unexpected key."""
-    from transformers import AddedToken, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    folders = []
-    for i, added in enumerate([[], ["<x>", "<|im_start|>"]]):
-        tok = tiny_tokenizer()
-        tok.add_tokens([AddedToken("<image>", special=True)])
-        model = build_vlm("llava", vocab_size=len(tok))
-        tok.add_tokens([AddedToken(t, special=t.startswith("<|")) for t in added])
-        model.resize_token_embeddings(len(tok))
-        perturb(model.parameters(), i)
-        folders.append(tmp_path / f"ft{i}")
-        model.save_pretrained(folders[-1])
-        tok.save_pretrained(folders[-1])
+    folders = added_token_vlms(tmp_path)
     out = tmp_path / "union"
     assert main(["merge", *map(str, folders), "--out", str(out), "--quiet", "--optimizer", "sgd"]) == 0
     tok, toks = AutoTokenizer.from_pretrained(out), [AutoTokenizer.from_pretrained(f) for f in folders]
@@ -199,3 +207,32 @@ def test_an_adapter_of_a_resized_vision_language_vocabulary_merges_by_token(tmp_
         shared = slice(0, 16) if name in ("model.language_model.embed_tokens.weight", "lm_head.weight") else slice(None)
         expected[shared] = (expected[shared] + fine_tune[name][shared].double()) / 2
         assert torch.allclose(value.double(), expected, atol=1e-6), name
+
+
+def blip2_led(rows: int = 56) -> transformers.PreTrainedModel:
+    """A tiny BLIP-2 whose language model is sequence-to-sequence (LED, as BLIP-2 takes Flan-T5): its
+    `language_model.final_logits_bias` ([1, vocab]) follows the vocabulary of the nested text config."""
+    text = dict(model_type="led", vocab_size=rows, d_model=16, encoder_layers=1, decoder_layers=1,
+                encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                max_encoder_position_embeddings=64, max_decoder_position_embeddings=64, attention_window=[4],
+                pad_token_id=0, bos_token_id=1, eos_token_id=1, decoder_start_token_id=1)
+    config = transformers.Blip2Config(vision_config=VISION, text_config=text, num_query_tokens=2,
+                                      qformer_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                          num_attention_heads=2, encoder_hidden_size=16, vocab_size=30))
+    return transformers.Blip2ForConditionalGeneration(config)
+
+
+@pytest.mark.parametrize("source", [None, "1"])
+def test_a_token_indexed_column_of_a_nested_text_config_is_matched_by_token(tmp_path, source):
+    """The vocabulary of a vision-language model lives in its text config: its token-indexed columns (the seq2seq
+    language model's final_logits_bias) are found from that vocabulary size too, and matched by token like the rows
+    (merged by index, the new tokens' biases would be averaged with another ingredient's padding)."""
+    from test_vocab_forms import assert_soup_by_token, merge as merge_cli, save_family, word_tokenizer
+    from ame_hf import check
+
+    paths = save_family(tmp_path / "in", blip2_led, word_tokenizer, [[], ["<a>", "<b>"]])
+    report = check(paths, **({"tokenizer_source": int(source)} if source else {}))
+    assert report.ok, report.errors
+    assert any("language_model.final_logits_bias" in n and "matched by token" in n for n in report.notes), report.notes
+    merge_cli(paths, tmp_path / "out", *(["--tokenizer-source", source] if source else []))
+    assert_soup_by_token(tmp_path / "out", paths, transformers.AutoModelForImageTextToText)

@@ -6,6 +6,8 @@ with no missing or unexpected key, and its tokenizer encode every token to its r
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -179,3 +181,86 @@ def test_bart_final_logits_bias_is_matched_by_token_too(tmp_path, rows, source):
     assert any("final_logits_bias" in n and "matched by token" in n for n in report.notes), report.notes
     merge(paths, tmp_path / "out", *extra)
     assert_soup_by_token(tmp_path / "out", paths, AutoModelForSeq2SeqLM)
+
+
+def llama(rows=48):
+    from factories import build_base
+
+    return build_base("llama", vocab_size=rows)
+
+
+def save_unresized(root):
+    """`past`: a fine-tune that added '<a>' to its tokenizer without resizing its 48 embedding rows (the token's id,
+    48, has no row); `grown`: one that added '<b>' and resized to 49 rows; `same`: the base tokenizer and rows."""
+    folders = {}
+    for i, (name, added, rows) in enumerate((("past", ["<a>"], 48), ("grown", ["<b>"], 49), ("same", [], 48))):
+        torch.manual_seed(0)
+        model, tokenizer = llama(), word_tokenizer()
+        tokenizer.add_tokens(added)
+        if rows > 48:
+            model.resize_token_embeddings(rows, mean_resizing=False)
+        perturb(model.parameters(), 200 + i)
+        folders[name] = root / name
+        model.save_pretrained(folders[name])
+        tokenizer.save_pretrained(folders[name])
+    return folders
+
+
+@pytest.mark.parametrize("source", [None, "0"])
+def test_a_source_tokenizer_whose_ids_reach_past_the_rows_is_refused_by_check(tmp_path, capsys, source):
+    """The output's tokenizer from a fine-tune whose added token has no embedding row: `check` refuses it naming
+    the tokenizer, the token, its id and what to do (it passed, then `finish` failed after the merge)."""
+    from factories import cli_error_line
+
+    folders = save_unresized(tmp_path / "in")
+    refs, extra = [folders["past"], folders["grown"]], (["--tokenizer-source", source] if source else [])
+    report = check(refs, **({"tokenizer_source": int(source)} if source else {}))
+    assert not report.ok
+    line = report.errors[0]
+    assert f"tokenizer of {folders['past']}" in line and "'<a>' id 48" in line and "48 embedding rows" in line, line
+    assert "tokenizer_source" in line and "resize_token_embeddings" in line, line
+    line = cli_error_line(capsys, "merge", *refs, "--out", tmp_path / "out", "--optimizer", "sgd", *extra,
+                          needles=[f"tokenizer of {folders['past']}", "--tokenizer-source"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_ingredient_tokenizer_that_fits_its_rows_is_the_way_out(tmp_path):
+    """With the resized fine-tune's tokenizer the merge goes: '<b>' is its row, the unresized one's '<a>' (which it
+    cannot embed either) is no token of the output."""
+    from transformers import AutoModelForCausalLM
+
+    folders = save_unresized(tmp_path / "in")
+    refs = [folders["past"], folders["grown"]]
+    assert check(refs, tokenizer_source=1).ok
+    merge(refs, tmp_path / "out", "--tokenizer-source", "1")
+    assert "<a>" not in AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab()
+    assert_soup_by_token(tmp_path / "out", refs, AutoModelForCausalLM)
+
+
+def test_a_tokenizer_source_whose_ids_reach_past_the_rows_of_agreeing_ingredients_is_refused(tmp_path):
+    """Ingredients of one vocabulary, the tokenizer of another checkpoint (tokenizer_source=REF) with a token past
+    their rows: refused, not an output whose tokenizer names a row it lacks."""
+    folders = save_unresized(tmp_path / "in")
+    shutil.copytree(folders["same"], tmp_path / "same2")
+    report = check([folders["same"], tmp_path / "same2"], tokenizer_source=str(folders["past"]))
+    assert not report.ok and "'<a>' id 48" in report.errors[0], report.errors
+    assert check([folders["same"], tmp_path / "same2"], tokenizer_source=str(folders["same"])).ok
+
+
+def test_a_tokenizer_source_of_other_ids_over_agreeing_ingredients_is_matched_by_token(tmp_path):
+    """Ingredients of one vocabulary, the tokenizer of another checkpoint that gives the same tokens other ids (and
+    lacks one): the output's rows follow that tokenizer, each merged from the ingredients' row of its token. Before,
+    the rows were kept by position under the other tokenizer's ids: a silent wrong merge."""
+    from transformers import AutoModelForCausalLM
+
+    paths = save_family(tmp_path / "in", llama, word_tokenizer, [[], []])
+    words = [*WORDS[:3], *reversed(WORDS[3:-1])]  # w0..w43 in reverse order; w44 left out
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                            eos_token="</s>").save_pretrained(tmp_path / "other")
+    report = check(paths, tokenizer_source=str(tmp_path / "other"))
+    assert report.ok and any("matched by token" in n for n in report.notes), (report.errors, report.notes)
+    merge(paths, tmp_path / "out", "--tokenizer-source", str(tmp_path / "other"))
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").get_input_embeddings().weight.shape[0] == 47
+    assert_soup_by_token(tmp_path / "out", paths, AutoModelForCausalLM)
