@@ -158,3 +158,15 @@ def test_parsing_the_options():
     spec = lm_eval_tasks("a=2, b", metric="acc_norm", limit=5, num_fewshot=0)
     assert spec.tasks == (("a", 2.0), ("b", 1.0)) and spec.metric == "acc_norm,none" and spec.name == "lm-eval a+b"
     assert lm_eval_tasks(None) is None
+
+
+def test_merge_scores_its_output_and_ingredients_on_lm_eval_tasks(mc, tmp_path, capsys):
+    experts, tasks = mc
+    out = tmp_path / "merged"
+    code, stdout, err = run_cli(capsys, "merge", *experts[:2], "-o", out, "--lm-eval-tasks", "count_mc",
+                                "--lm-eval-include", tasks, "--quiet")
+    assert code == 0, err
+    scores = score_table(stdout)
+    assert list(scores.values())[1:] == [1.0, 0.0]  # the ingredients, after the merge
+    kept = json.loads((out / RESULTS_FILE).read_text())
+    assert kept["ame_hf"]["score"] == list(scores.values())[0] == reference(out, tasks)["count_mc"]["acc,none"]
