@@ -115,7 +115,18 @@ class TensorMerger:
 
         return load
 
+    # Set by `in_memory.merge_state_dict`: the output tensors go into this dict instead of the shard files.
+    into: dict[str, torch.Tensor] | None = None
+
     def _write(self, out_dir: Path, plan: ShardPlan, name: str, row: int, values: torch.Tensor) -> None:
+        if self.into is not None:  # the values `write_rows` would write, in the same dtype, into the tensor
+            dtype, shape, _, _ = plan.location[name].entries[name]
+            if name not in self.into:
+                self.into[name] = torch.empty(shape, dtype=dtype)
+            target = self.into[name]
+            start = row * math.prod(shape[1:])
+            target.view(-1)[start:start + values.numel()].copy_(values.to(dtype).reshape(-1))
+            return
         if self.io is None:
             write_rows(out_dir, plan, name, row, values)
             return
