@@ -193,3 +193,14 @@ def _header_bytes(shard: ShardFile, metadata: dict[str, str]) -> bytes:
         header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [start, end]}
     raw = json.dumps(header, separators=(",", ":"), sort_keys=False).encode("utf-8")
     return raw + b" " * (-len(raw) % 8)
+
+
+def index_runs(indices: Sequence[int]) -> list[tuple[int, int]]:
+    """Consecutive runs of `indices` as [start, stop) ranges, in order."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs

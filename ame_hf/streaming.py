@@ -17,7 +17,7 @@ from .checkpoint import Checkpoint
 from .config import AmeConfig
 from .engine import ame_block, relative_lr_value, spread_sum
 from .errors import CheckpointError, IncompatibleCheckpointsError
-from .plan import Rows, ShardPlan, tensor_blocks
+from .plan import Rows, ShardPlan, index_runs, tensor_blocks
 from .vocabulary import VocabularyPlan
 from .weights import relative_weights, weighted_mean
 from .writer import write_rows
@@ -304,7 +304,7 @@ def merge_token_rows(merger: TensorMerger, name: str, out_dir: Path, plan: Shard
         merged = merged.cpu()
         if columns:
             whole[rows] = merged
-        for start, stop in [] if columns else _runs(rows):
+        for start, stop in [] if columns else index_runs(rows):
             offset = rows.index(start)
             merger._write(out_dir, plan, name, start, merged[offset:offset + stop - start])
         advance(row_bytes * len(rows))
@@ -324,7 +324,7 @@ def _gather_owners(merger: TensorMerger, name: str, owners: Sequence[int], rows:
     out = {}
     for i in owners:
         source = [merger.vocab.rows[i][r] for r in rows]
-        parts = [merger._read(merger.checkpoints[i], name, run) for run in _runs(source)]
+        parts = [merger._read(merger.checkpoints[i], name, run) for run in index_runs(source)]
         out[i] = torch.cat(parts) if len(parts) > 1 else parts[0]
     return out
 
@@ -335,17 +335,6 @@ def _row_pivot(merger: TensorMerger, owners: Sequence[int], rows: Sequence[int],
     if isinstance(merger.pivot, int) and merger.pivot in owners:
         return blocks[merger.pivot].clone()
     return None
-
-
-def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:
-    """Consecutive runs of `indices` as [start, stop) ranges, in order."""
-    runs: list[tuple[int, int]] = []
-    for i in indices:
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs
 
 
 def _output_nbytes(merger: TensorMerger, name: str) -> int:
