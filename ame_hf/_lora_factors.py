@@ -53,6 +53,7 @@ class AdapterSummary:
     nbytes: int = 0
     base: Ingredient | None = None
     tied: dict[str, str] = field(default_factory=dict)  # a saved tensor tied to a stored one -> the stored one
+    transposed: set[str] = field(default_factory=set)  # Conv1D modules (weight [in, out]): fan_in_fan_out
 
 
 def choose_rank(s: torch.Tensor, total: float, *, cap: int | None, energy: float | None, floor: float) -> int:

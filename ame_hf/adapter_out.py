@@ -194,6 +194,9 @@ def write_adapter(full_dir: Path, base: Ingredient, staging: Path, config: AmeCo
         for module in lora:
             name = f"{module}.weight"
             delta, floor = _delta(merged, base_ckpt, name)
+            if _is_conv1d(modules[module]):  # weight [in, out]: peft's delta is (B @ A).T (fan_in_fan_out)
+                delta = delta.T
+                summary.transposed.add(module)
             factors = factor_delta(delta, merged.info(name).dtype, cap=config.adapter_rank,
                                    energy=config.adapter_energy, floor=floor)
             numel = delta.numel()
@@ -281,12 +284,20 @@ def _split(changed: list[str], merged: Checkpoint, base: Checkpoint,
     lora, saved = [], []
     for module, leaves in sorted(by_module.items()):
         name = f"{module}.weight"
-        factorable = (isinstance(modules[module], torch.nn.Linear) and leaves == ["weight"] and name in base.tensors
+        factorable = ((isinstance(modules[module], torch.nn.Linear) or _is_conv1d(modules[module]))
+                      and leaves == ["weight"] and name in base.tensors
                       and tuple(base.info(name).shape) == tuple(merged.info(name).shape))
         (lora if factorable else saved).append(module)
     saved = [m for m in saved if not any(m.startswith(f"{s}.") for s in saved)]
     lora = [m for m in lora if not any(m.startswith(f"{s}.") for s in saved)]
     return lora, saved
+
+
+def _is_conv1d(module: torch.nn.Module) -> bool:
+    """transformers' `Conv1D` (GPT-2 and kin): a linear layer whose weight is stored [in, out]."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
 
 
 def _saved_tensors(summary: AdapterSummary, merged: Checkpoint) -> list[str]:
@@ -325,6 +336,7 @@ def _write_config(staging: Path, summary: AdapterSummary, model_config: dict[str
     config = LoraConfig(
         r=top, lora_alpha=top, target_modules=sorted(ranks), modules_to_save=summary.saved or None,
         rank_pattern=pattern, alpha_pattern=dict(pattern), lora_dropout=0.0, bias="none",
+        fan_in_fan_out=bool(summary.factors) and all(m in summary.transposed for m in summary.factors),
         ensure_weight_tying=bool(summary.tied),
         task_type=next((t for suffix, t in _TASK_TYPES if arch.endswith(suffix)), None),
         base_model_name_or_path=base.repo_id or os.path.realpath(base.path), revision=base.sha or base.revision)

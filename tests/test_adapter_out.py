@@ -302,3 +302,31 @@ def test_a_hub_base_is_recorded_with_its_revision(two_loras, hub, hub_token, tmp
     assert card.data.base_model == "org/ao-base" and card.data.base_model_relation == "adapter"
     local = ame_hf.merge(two_loras["adapters"], tmp_path / "local", save_as="adapter", progress=False, **SOUP).path
     assert (out / "adapter_model.safetensors").read_bytes() == (local / "adapter_model.safetensors").read_bytes()
+
+
+def test_conv1d_layers_are_factored_as_peft_reads_them(tmp_path):
+    """GPT-2's Conv1D keeps its weight [in, out]: the delta is factored transposed (peft's fan_in_fan_out), so the
+    attention and MLP become LoRA modules, not whole copies, and peft's merge gives ame-hf's full merge back."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=48, n_positions=32))
+    model.save_pretrained(tmp_path / "base")
+    fts = []
+    for i in range(2):
+        ft = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        with torch.no_grad():
+            for name, p in ft.named_parameters():
+                if ".h.0." in name and name.endswith("weight") and p.dim() == 2:
+                    g = torch.Generator().manual_seed(i * 100 + len(name))  # a rank-2 change: worth factoring
+                    p.add_(torch.randn(p.shape[0], 2, generator=g) @ torch.randn(2, p.shape[1], generator=g) * 0.02)
+        ft.save_pretrained(tmp_path / f"ft{i}")
+        fts.append(tmp_path / f"ft{i}")
+    full = ame_hf.merge(fts, tmp_path / "full", progress=False, **SOUP).path
+    out = ame_hf.merge(fts, tmp_path / "out", save_as="adapter", base=tmp_path / "base", progress=False,
+                       **SOUP).path
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] and not config["modules_to_save"], config
+    assert sorted(config["target_modules"]) == sorted(f"transformer.h.0.{m}" for m in (
+        "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    assert _max_diff(_peft_merged(tmp_path / "base", out), load_state(full)) < 1e-6
