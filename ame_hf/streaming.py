@@ -3,7 +3,6 @@ engine, write the result in place, with one I/O thread overlapping reads, comput
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -15,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint
 from .config import AmeConfig
-from .engine import ame_block, relative_lr_value, spread_sum
+from .engine import ame_block, mean_of, relative_lr_value, row_spreads, spread_total
 from .errors import CheckpointError, IncompatibleCheckpointsError
 from .plan import Rows, ShardPlan, tensor_blocks
 from .vocabulary import VocabularyPlan
@@ -66,8 +65,8 @@ class TensorMerger:
         # The ingredient indices the engine reads for one block, in order (batches are consecutive).
         self._ame_reads = [i for epoch in order for i in epoch]
 
-    def _read(self, ckpt: Checkpoint, name: str, rows: Rows) -> torch.Tensor:
-        t = ckpt.read(name, rows, dtype=self.compute_dtype).to(self.device)
+    def _read(self, ckpt: Checkpoint, name: str, rows: Rows, dtype: torch.dtype | None = None) -> torch.Tensor:
+        t = ckpt.read(name, rows, dtype=dtype or self.compute_dtype).to(self.device)
         # A plain sum is one fast pass with no temporary, and NaN/Inf propagate into it; only when
         # it is not finite (a NaN, an Inf, or a rare overflow of huge values) is each value checked.
         if (not self.config.allow_nonfinite and not math.isfinite(float(t.sum()))
@@ -78,15 +77,15 @@ class TensorMerger:
             )
         return t
 
-    def _loader(self, name: str, rows: Rows,
-                expected: Sequence[int] = ()) -> Callable[[int], torch.Tensor]:
-        """`load(i)`: ingredient i's block. The engine asks in the `expected` order, so each read is
-        started one ahead in the I/O thread."""
+    def _loader(self, name: str, rows: Rows, expected: Sequence[int] = (),
+                dtype: torch.dtype | None = None) -> Callable[[int], torch.Tensor]:
+        """`load(i)`: ingredient i's block (in `dtype`, default the compute dtype). The engine asks in the
+        `expected` order, so each read is started one ahead in the I/O thread."""
         if self.io is None or not expected:
-            return lambda i: self._read(self.checkpoints[i], name, rows)
+            return lambda i: self._read(self.checkpoints[i], name, rows, dtype)
         io, upcoming = self.io, list(expected)
         pos = 0
-        ahead = io.submit(self._read, self.checkpoints[upcoming[0]], name, rows)
+        ahead = io.submit(self._read, self.checkpoints[upcoming[0]], name, rows, dtype)
 
         def load(i: int) -> torch.Tensor:
             nonlocal pos, ahead
@@ -94,24 +93,51 @@ class TensorMerger:
             current = ahead
             pos += 1
             if pos < len(upcoming):
-                ahead = io.submit(self._read, self.checkpoints[upcoming[pos]], name, rows)
+                ahead = io.submit(self._read, self.checkpoints[upcoming[pos]], name, rows, dtype)
             return current.result()
 
         return load
 
     def _kept_loader(self, kept: dict[tuple[Rows, int], torch.Tensor], name: str, rows: Rows,
-                     expected: Sequence[int] = ()) -> Callable[[int], torch.Tensor]:
+                     expected: Sequence[int] = (), dtype: torch.dtype | None = None) -> Callable[[int], torch.Tensor]:
         """`_loader`, but each block is read once and kept for the later passes (the engine never
-        modifies what it loads), so the arithmetic and the bytes written are the same."""
+        modifies what it loads), so the arithmetic and the bytes written are the same. With `dtype` (the
+        stored one, e.g. bfloat16) blocks are kept in it and converted to the compute dtype on each load:
+        the same values in half the memory."""
         fresh = list(dict.fromkeys(i for i in expected if (rows, i) not in kept))
-        read = self._loader(name, rows, fresh)
+        if self.io is None or not fresh:
+            read = lambda i: self._read(self.checkpoints[i], name, rows, dtype)  # noqa: E731
+        else:
+            read = self._loader(name, rows, fresh, dtype)
 
         def load(i: int) -> torch.Tensor:
             if (rows, i) not in kept:
                 kept[(rows, i)] = read(i)
-            return kept[(rows, i)]
+            return kept[(rows, i)].to(self.compute_dtype)  # the kept tensor itself in the compute dtype
 
         return load
+
+    def _keep_dtype(self, name: str) -> torch.dtype:
+        """The dtype blocks of `name` are kept in: the stored one where it is smaller than the compute dtype and
+        converting it is exact (plain checkpoints sharing a dtype), else the compute dtype."""
+        dtypes = {c.info(name).dtype for c in self.checkpoints}
+        stored = dtypes.pop() if len(dtypes) == 1 else self.compute_dtype
+        if (stored.is_floating_point and stored.itemsize < self.compute_dtype.itemsize and stored.itemsize >= 2
+                and all(type(c) is Checkpoint and c.stored[name] not in c.dequantized for c in self.checkpoints)):
+            return stored
+        return self.compute_dtype
+
+    def _block_loader(self, kept: dict[tuple[Rows, int], torch.Tensor] | None, name: str, rows: Rows,
+                      reads: Sequence[int], shape: tuple[int, ...], dtype: torch.dtype) -> Callable[[int], torch.Tensor]:
+        """The loader of one block that the engine reads in the order `reads`: from the tensor's kept blocks,
+        else each of this block's ingredients read once when they fit `max_memory` and are read more than once,
+        else read as asked."""
+        if kept is not None:
+            return self._kept_loader(kept, name, rows, reads, dtype)
+        block_bytes = len(self.checkpoints) * math.prod(self._block_shape(shape, rows)) * dtype.itemsize
+        if len(reads) > len(set(reads)) and block_bytes <= self.max_memory:
+            return self._kept_loader({}, name, rows, reads, dtype)
+        return self._loader(name, rows, reads)
 
     def _write(self, out_dir: Path, plan: ShardPlan, name: str, row: int, values: torch.Tensor) -> None:
         if self.io is None:
@@ -139,10 +165,7 @@ class TensorMerger:
         return self._read(source, name, rows) if name in source.tensors else None
 
     def _mean_block(self, load: Callable[[int], torch.Tensor]) -> torch.Tensor:
-        total = load(0).to(torch.float64, copy=True)  # what the loader returns is not ours to modify
-        for i in range(1, len(self.checkpoints)):
-            total.add_(load(i))  # accumulates in float64 without a float64 copy of each ingredient
-        return total.div_(len(self.checkpoints)).to(self.compute_dtype)
+        return mean_of(load, len(self.checkpoints))
 
     def run(self, name: str, out_dir: Path, plan: ShardPlan, advance: Callable[[int], None]) -> None:
         """Merge tensor `name` block by block and write it into its shard (integer tensors are copied, and
@@ -169,37 +192,27 @@ class TensorMerger:
         blocks = tensor_blocks(info.shape, self.device)
         n = len(self.checkpoints)
         lr = self.config.lr
-        cached_pivot = None
-        kept: dict[tuple[Rows, int], torch.Tensor] | None = None
-        passes = ((self.config.relative_lr is not None) + (self.pivot == "mean" and not self.soup)
-                  + (len(self.order) if lr != 0.0 else 0))
-        if passes <= 1:
-            pass  # one pass reads each block once anyway (the soup): keeping them would only cost memory
-        elif n * info.numel * self.compute_dtype.itemsize <= self.max_memory:
-            kept = {}  # every ingredient's blocks of this tensor, each read once
-        else:
-            logger.debug("%s: %d copies of %.1f MB exceed --max-memory: kept one block at a time, so the "
-                         "learning-rate spread reads it once more", name, n, info.numel * self.compute_dtype.itemsize / 1e6)
-        loader = functools.partial(self._kept_loader, kept, name) if kept is not None else functools.partial(
-            self._loader, name)
-        if self.config.relative_lr is not None:
-            squared = 0.0
+        relative = self.config.relative_lr is not None
+        passes = relative + (self.pivot == "mean" and not self.soup) + (len(self.order) if lr != 0.0 else 0)
+        kept, pivots, dtype = self._keeping(name, info.numel, passes)
+        if relative:
+            # The spread needs the whole tensor before the first step. Each block's pivot (the mean: the costly
+            # part) is computed here, and kept for the steps when `max_memory` allows.
+            spreads = []
             for rows in blocks:
-                s1, dist = spread_sum(loader(rows, range(n)), n, self._pivot_block(name, rows))
-                squared += dist
-                if len(blocks) == 1 and self.pivot == "mean":
-                    cached_pivot = (s1 / n).to(self.compute_dtype)
-                del s1
-            lr = relative_lr_value(self.config.relative_lr, squared, n * info.numel)
+                pivot = self._pivot_block(name, rows)
+                reads = [*range(n), *(range(n) if pivot is None else ())]
+                pivot, spread = row_spreads(self._block_loader(kept, name, rows, reads, info.shape, dtype), n, pivot)
+                spreads.append(spread)
+                if pivots is not None:
+                    pivots[rows] = pivot
+                del pivot
+            lr = relative_lr_value(self.config.relative_lr, spread_total(spreads), n * info.numel)
         for rows in blocks:
-            pivot = cached_pivot if cached_pivot is not None else self._pivot_block(name, rows)
+            pivot = pivots.pop(rows) if pivots else self._pivot_block(name, rows)
             mean_pass = pivot is None and not self.soup
             reads = [*(range(n) if mean_pass else ()), *(self._ame_reads if lr != 0.0 else ())]
-            block_bytes = n * math.prod(self._block_shape(info.shape, rows)) * self.compute_dtype.itemsize
-            if kept is None and len(reads) > len(set(reads)) and block_bytes <= self.max_memory:
-                load = self._kept_loader({}, name, rows, reads)  # this block's mean and steps: one read
-            else:
-                load = loader(rows, reads)
+            load = self._block_loader(kept, name, rows, reads, info.shape, dtype)
             if pivot is None and self.soup:
                 # The soup's first step (SGD, lr 1) replaces w by the first ingredient whatever the
                 # pivot; from zeros that step is exact, so the mean pass would only cost a read.
@@ -214,6 +227,25 @@ class TensorMerger:
                 for i in range(n):
                     kept.pop((rows, i), None)
             advance(info.nbytes * (rows[1] - rows[0]) // info.shape[0] if rows else info.nbytes)
+
+    def _keeping(self, name: str, numel: int, passes: int) -> tuple[dict | None, dict | None, torch.dtype]:
+        """What of tensor `name` is kept within `max_memory`: every ingredient's blocks (each input byte read
+        once; in the stored dtype when only that fits), and with a relative lr the spread's pivots too (each
+        mean computed once). Returns (kept blocks or None, kept pivots or None, the kept blocks' dtype)."""
+        relative = self.config.relative_lr is not None
+        dtype = self.compute_dtype
+        if passes <= 1:  # one pass reads each block once anyway (the soup): keeping them would only cost memory
+            return None, None, dtype
+        pivot_bytes = numel * self.compute_dtype.itemsize
+        n = len(self.checkpoints)
+        if n * numel * dtype.itemsize > self.max_memory:
+            dtype = self._keep_dtype(name)  # half the memory for bfloat16 blocks, converted on each load
+        if n * numel * dtype.itemsize <= self.max_memory:
+            both = relative and n * numel * dtype.itemsize + pivot_bytes <= self.max_memory
+            return {}, {} if both else None, dtype
+        logger.debug("%s: %d copies of %.1f MB exceed --max-memory: kept one block at a time, so the learning-rate "
+                     "spread reads it once more", name, n, numel * dtype.itemsize / 1e6)
+        return None, {} if relative and pivot_bytes <= self.max_memory else None, dtype
 
     @staticmethod
     def _block_shape(shape: tuple[int, ...], rows: Rows) -> tuple[int, ...]:
@@ -260,12 +292,12 @@ def merge_token_rows(merger: TensorMerger, name: str, out_dir: Path, plan: Shard
     groups = [(owners, rows[k:k + per_block]) for owners, rows in vocab.groups() for k in range(0, len(rows), per_block)]
     lr = merger.config.lr
     if merger.config.relative_lr is not None:
-        squared, count = 0.0, 0
+        spreads, count = [], 0
         for owners, rows in groups:
             blocks = _gather_columns(flat, vocab, owners, rows) if columns else _gather_owners(merger, name, owners, rows)
-            _, dist = spread_sum(lambda j: blocks[owners[j]].clone(), len(owners), _row_pivot(merger, owners, rows, blocks))
-            squared, count = squared + dist, count + len(owners) * len(rows) * math.prod(shape[1:])
-        lr = relative_lr_value(merger.config.relative_lr, squared, count)
+            spreads.append(row_spreads(lambda j: blocks[owners[j]], len(owners), _row_pivot(merger, owners, rows, blocks))[1])
+            count += len(owners) * len(rows) * math.prod(shape[1:])
+        lr = relative_lr_value(merger.config.relative_lr, spread_total(spreads), count)
     row_bytes = info.nbytes // max(1, info.shape[-1] if columns else info.shape[0])
     for owners, rows in groups:
         blocks = _gather_columns(flat, vocab, owners, rows) if columns else _gather_owners(merger, name, owners, rows)
