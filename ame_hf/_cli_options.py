@@ -29,7 +29,8 @@ def whole(text: str) -> int:
 # What each AmeConfig option's value is, as `--help` shows it (argparse's default is the flag in capitals).
 METAVARS = {"optimizer": "NAME", "lr": "LR", "relative_lr": "C", "optimizer_args": "JSON", "epochs": "N",
             "batch_size": "N", "pivot": "PIVOT", "order": "ORDER", "seed": "N", "max_shard_size": "SIZE",
-            "base": "REF", "variant": "NAME", "tokenizer_source": "SOURCE"}
+            "base": "REF", "variant": "NAME", "tokenizer_source": "SOURCE",
+            "adapter_rank": "R", "adapter_energy": "FRACTION"}
 REF_HELP = "a local model folder, or a Hub repo ID org/name[@revision] (a PEFT LoRA adapter too)"
 
 

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 from ._validators import parse_size, whole_number
 from .config import CHECK_FIELDS, WEIGHT_FIELDS, AmeConfig, order_indices
 from .errors import InvalidConfigError
+from .transform_options import check_ingredient_lists
 
 
 def config_with(config: AmeConfig | None, options: Mapping[str, Any]) -> AmeConfig:
@@ -46,6 +47,7 @@ def ingredient_count(config: AmeConfig, n: int, *, least: int = 2) -> None:
         raise InvalidConfigError(f"tokenizer_source index {config.tokenizer_source} is out of range for {n} "
                                  f"ingredients (use 0..{n - 1})", field="tokenizer_source")
     order_indices(config.order, n)
+    check_ingredient_lists(config, n)
     if config.batch_size > n:
         raise InvalidConfigError(f"batch_size {config.batch_size} is larger than the number of ingredients ({n})",
                                  field="batch_size")

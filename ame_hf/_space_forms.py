@@ -59,10 +59,10 @@ def eval_batch_box(prefix: str) -> gr.Number:
 
 def weights_file_options(prefix: str) -> dict[str, Any]:
     """What merge and tune share of how the output is computed and written: `compute_dtype`, `max_shard_size`,
-    `variant`, `allow_nonfinite`. Returns the boxes by keyword."""
+    `variant`, `allow_nonfinite`, and `save_as` with the adapter's rank options. Returns the boxes by keyword."""
     import gradio as gr
 
-    from .config import COMPUTE_DTYPES, DEFAULT_MAX_SHARD_SIZE
+    from .config import COMPUTE_DTYPES, DEFAULT_MAX_SHARD_SIZE, SAVE_AS
 
     with gr.Row():
         compute_dtype = gr.Dropdown(list(COMPUTE_DTYPES), value=COMPUTE_DTYPES[0], label="Compute dtype",
@@ -74,8 +74,16 @@ def weights_file_options(prefix: str) -> dict[str, Any]:
         variant = gr.Textbox("", label="Weights variant", placeholder="fp16", elem_id=f"{prefix}-variant",
                              info="read and write model.NAME.safetensors; blank: none")
         allow_nonfinite = gr.Checkbox(False, label="Allow NaN/Inf in the output", elem_id=f"{prefix}-allow-nonfinite")
+    with gr.Row():
+        save_as = gr.Dropdown(list(SAVE_AS), value=SAVE_AS[0], label="Save as", elem_id=f"{prefix}-save-as",
+                              info="adapter: a PEFT LoRA adapter of the base (Base model box, or the adapters' own)")
+        adapter_rank = gr.Number(0, label="Adapter rank", precision=0, minimum=0, elem_id=f"{prefix}-adapter-rank",
+                                 info="largest LoRA rank; 0: each delta's own rank (lossless)")
+        adapter_energy = gr.Textbox("", label="Adapter energy", placeholder="0.99", elem_id=f"{prefix}-adapter-energy",
+                                    info="keep this fraction of each delta's squared singular values; blank: all")
     return {"compute_dtype": compute_dtype, "max_shard_size": max_shard_size, "variant": variant,
-            "allow_nonfinite": allow_nonfinite}
+            "allow_nonfinite": allow_nonfinite, "save_as": save_as, "adapter_rank": adapter_rank,
+            "adapter_energy": adapter_energy}
 
 
 def merge_advanced() -> dict[str, Any]:
@@ -96,8 +104,31 @@ def merge_advanced() -> dict[str, Any]:
             order = gr.Dropdown(list(ORDERS), value=DEFAULT_ORDER, label="Order", allow_custom_value=True,
                                 elem_id="order", info="given, reverse, or indices such as 2,0,1")
         boxes = weights_file_options("merge")
+        boxes.update(transform_options())
     return {"optimizer_args": optimizer_args, "schedule": schedule, "batch_size": batch_size, "order": order,
             **boxes}
+
+
+def transform_options() -> dict[str, Any]:
+    """The Merge tab's ingredient weights and task-vector transform boxes (README "Ingredient weights", "TIES and
+    DARE"), by keyword."""
+    import gradio as gr
+
+    from .transform_options import RESCALES, TRANSFORMS
+
+    weights = gr.Textbox("", label="Ingredient weights", placeholder="0.5,0.3,0.2", elem_id="weights",
+                         info="one per ingredient (default: equal)")
+    with gr.Row():
+        transform = gr.Dropdown(list(TRANSFORMS), value="none", label="Transform", elem_id="transform",
+                                info="TIES / DARE on the task vectors (ingredient - pivot; set the pivot to the base)")
+        density = gr.Textbox("", label="Density", placeholder="1", elem_id="density",
+                             info="fraction kept, or one per ingredient")
+        gamma = gr.Textbox("", label="Gamma", placeholder="0.01", elem_id="gamma", info="breadcrumbs: largest dropped")
+        rescale = gr.Dropdown([("default", ""), *((r, r) for r in RESCALES)], value="", label="Rescale",
+                              elem_id="rescale", info="what the transform keeps")
+        disjoint_sum = gr.Checkbox(False, label="Sum the agreeing task vectors", elem_id="disjoint-sum")
+    return {"weights": weights, "transform": transform, "density": density, "gamma": gamma, "rescale": rescale,
+            "disjoint_sum": disjoint_sum}
 
 
 def output_advanced() -> dict[str, Any]:
@@ -129,3 +160,16 @@ def push_advanced() -> dict[str, Any]:
             create_pr = gr.Checkbox(False, label="Open a pull request", elem_id="create-pr")
             commit_message = gr.Textbox("", label="Commit message", placeholder="default", elem_id="commit-message")
     return {"revision": revision, "create_pr": create_pr, "commit_message": commit_message}
+
+
+def adapter_options(save_as: str | None, adapter_rank: float | None, adapter_energy: str | None) -> dict[str, Any]:
+    """The adapter boxes as `AmeConfig` keywords: a rank of 0 (an empty box) and a blank energy are the defaults.
+
+    >>> adapter_options("adapter", 8.0, "0.99")
+    {'save_as': 'adapter', 'adapter_rank': 8, 'adapter_energy': '0.99'}
+    >>> adapter_options("model", 0, " ")
+    {'save_as': 'model', 'adapter_rank': None, 'adapter_energy': None}
+    """
+    rank = int(adapter_rank) if adapter_rank and float(adapter_rank) == int(adapter_rank) else adapter_rank or None
+    energy = (adapter_energy or "").strip() or None
+    return {"save_as": save_as or "model", "adapter_rank": rank, "adapter_energy": energy}

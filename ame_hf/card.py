@@ -139,7 +139,7 @@ def reproduce_command(result: "MergeResult", out: str = REPRODUCE_OUT) -> str:
             args += [flag, result.pivot.pinned_ref]
         elif name == "optimizer_args":
             args += [flag, json.dumps(dict(value))]
-        elif name == "order" and isinstance(value, list):
+        elif isinstance(value, list):  # order, weights, per-ingredient density: 2,0,1
             args += [flag, ",".join(map(str, value))]
         elif isinstance(value, bool):
             args.append(flag)  # store_true flags; the default is False

@@ -11,12 +11,13 @@ import difflib
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
+from . import _yaml_mapping
 from ._validators import choice, flag, parse_size, positive_number, whole_number
 from .errors import InvalidConfigError
 from .optimizers import OPTIMIZERS
+from .transform_options import RESCALES, TRANSFORMS, check_transform
 
 # Adaptive optimizers (Adam and friends) move each weight by about `lr` per step, whatever the
 # distance to the ingredients, so the default learning rate is relative: `DEFAULT_RELATIVE_LR`
@@ -32,11 +33,13 @@ SOURCE_WORDS = ("auto", "union", "pivot", "first")
 # Pivot keywords (anything else that is no index is a checkpoint reference).
 PIVOT_WORDS = ("mean", "first", "base")
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+# What a merge writes: a full model, or a PEFT LoRA adapter of the base (`adapter_out`).
+SAVE_AS = ("model", "adapter")
 
 # The fields that choose the AME steps themselves: a soup fixes them, `tune` tries its own. The others
 # (`OUTPUT_FIELDS`) say which files are read (base, variant, tokenizer_source) and how the output is written.
 WEIGHT_FIELDS = ("optimizer", "lr", "relative_lr", "optimizer_args", "schedule", "epochs", "batch_size", "pivot",
-                 "order", "shuffle", "seed")
+                 "order", "shuffle", "seed", "weights", "transform", "density", "gamma", "rescale", "disjoint_sum")
 # The fields that change what `check` reads or reports.
 CHECK_FIELDS = ("dtype", "pivot", "base", "variant", "tokenizer_source")
 
@@ -73,7 +76,15 @@ class AmeConfig:
         order: the ingredient order of every epoch: `given`, `reverse`, or a permutation of the
             ingredient indices (`[2, 0, 1]`, or the text `"2,0,1"`).
         shuffle: shuffle the ingredient order every epoch from `seed` (a permutation of `order`).
-        seed: the seed of the shuffle.
+        seed: the seed of the shuffle and of DARE's drop mask.
+        weights: one weight per ingredient (README "Ingredient weights"), or None.
+        transform: `none`, `ties`, `dare`, `dare_ties`, `breadcrumbs`, `breadcrumbs_ties`: how the task vectors
+            (ingredient - pivot) are sparsified and sign-elected before AME (README "TIES and DARE").
+        density: fraction of each task vector kept, one number or one per ingredient.
+        gamma: breadcrumbs' fraction of largest entries dropped.
+        rescale: `density`, `l1` or `none` (default: density for DARE, else none).
+        disjoint_sum: sign-electing transforms average the agreeing entries over all ingredients (a sum, once the
+            lr is multiplied by the weights' sum), not only over those that agree.
         dtype: output dtype; `auto` keeps each tensor's ingredient dtype.
         compute_dtype: `float32` or `float64`.
         max_shard_size: largest output shard (`5GB`, `500MB`, ...).
@@ -102,7 +113,19 @@ class AmeConfig:
     order: str | list[int] = _option(DEFAULT_ORDER, "text", "ingredient order of every epoch: given (default), "
                                      "reverse, or indices such as 2,0,1 (--shuffle then permutes this order)")
     shuffle: bool = _option(False, "flag", "shuffle the ingredient order every epoch")
-    seed: int = _option(0, "whole", "seed of --shuffle (default 0)")
+    seed: int = _option(0, "whole", "seed of --shuffle and of DARE's drop mask (default 0)")
+    weights: list[float] | None = _option(None, "text", "ingredient weights, one per ingredient, e.g. 0.5,0.3,0.2 "
+                                          "(README: Ingredient weights)")
+    transform: str = _option("none", TRANSFORMS, "transform the task vectors (ingredient - pivot) before AME: ties, "
+                             "dare, dare_ties, breadcrumbs, breadcrumbs_ties (default none)")
+    density: float | list[float] = _option(1.0, "text", "fraction of each task vector kept by --transform, or one "
+                                           "per ingredient (default 1)")
+    gamma: float | list[float] = _option(0.01, "text", "breadcrumbs: fraction of largest task-vector entries "
+                                         "dropped (default 0.01)")
+    rescale: str | None = _option(None, RESCALES, "rescale what --transform keeps: density (1/density, DARE's "
+                                  "default), l1 (the task vector's L1 norm, mergekit's), none (the others' default)")
+    disjoint_sum: bool = _option(False, "flag", "ties/dare_ties: average the agreeing entries over all ingredients, "
+                                 "not only those that agree (mergekit's normalize: false, lr x weights' sum)")
     dtype: str = _option("auto", OUTPUT_DTYPES, "output dtype (default auto: the ingredients')")
     compute_dtype: str = _option("float32", COMPUTE_DTYPES, "compute dtype (default float32)")
     max_shard_size: str | int = _option(DEFAULT_MAX_SHARD_SIZE, "text", "largest output shard, e.g. 5GB "
@@ -118,6 +141,12 @@ class AmeConfig:
                                           "ingredient's; union when vocabularies differ), union (the source's tokens, "
                                           "then every token the others added), pivot, first, an ingredient index, "
                                           "or a REF")
+    save_as: str = _option("model", SAVE_AS, "write a full model (default) or a PEFT LoRA adapter of the base "
+                           "model (--base, or the adapters' own base)")
+    adapter_rank: int | None = _option(None, "whole", "with --save-as adapter: the largest LoRA rank of a module "
+                                       "(default: each module's delta's own rank, lossless)")
+    adapter_energy: float | None = _option(None, "number", "with --save-as adapter: the smallest rank keeping this "
+                                           "fraction of each delta's squared singular values, e.g. 0.99")
 
     def __post_init__(self) -> None:
         from .optimizers import check_optimizer_name, validate_optimizer_args
@@ -143,6 +172,8 @@ class AmeConfig:
         flag("shuffle", self.shuffle)
         flag("allow_nonfinite", self.allow_nonfinite)
         set_("pivot", normalize_pivot(self.pivot))
+        for key, value in check_transform(self).items():
+            set_(key, value)
         set_("order", normalize_order(self.order))
         set_("tokenizer_source", normalize_source(self.tokenizer_source))
         if isinstance(self.base, os.PathLike):
@@ -158,6 +189,7 @@ class AmeConfig:
         choice("dtype", self.dtype, OUTPUT_DTYPES)
         choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         parse_size(self.max_shard_size, field="max_shard_size")
+        _check_adapter_options(self)
         # Last: only the arguments need torch (the optimizer is built once), every other error comes first.
         args = validate_optimizer_args(self.optimizer, self.optimizer_args)
         set_("optimizer_args", {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()})
@@ -196,10 +228,10 @@ class AmeConfig:
 
     @property
     def is_soup(self) -> bool:
-        """True when this config computes exactly the uniform soup (DESIGN §1)."""
+        """True when this config computes exactly the soup: uniform, or weighted by `weights` (DESIGN §1)."""
         cfg = self.resolved()
         return (
-            cfg.optimizer == "sgd" and cfg.lr == 1.0 and cfg.schedule == "harmonic"
+            cfg.optimizer == "sgd" and cfg.lr == 1.0 and cfg.schedule == "harmonic" and cfg.transform == "none"
             and cfg.batch_size == 1 and not any(cfg.optimizer_args.get(k) for k in
                                                ("momentum", "weight_decay", "dampening", "nesterov"))
         )
@@ -239,6 +271,23 @@ class AmeConfig:
 
 
 OUTPUT_FIELDS = tuple(f.name for f in dataclasses.fields(AmeConfig) if f.name not in WEIGHT_FIELDS)
+
+
+def _check_adapter_options(config: AmeConfig) -> None:
+    """`save_as` and the rank options, which apply only to an adapter."""
+    choice("save_as", config.save_as, SAVE_AS)
+    if config.adapter_rank is not None:
+        object.__setattr__(config, "adapter_rank", whole_number("adapter_rank", config.adapter_rank))
+    if config.adapter_energy is not None:
+        energy = positive_number("adapter_energy", config.adapter_energy)
+        if energy > 1:
+            raise InvalidConfigError(f"adapter_energy is a fraction in (0, 1], got {energy:g}; e.g. 0.99",
+                                     field="adapter_energy")
+        object.__setattr__(config, "adapter_energy", energy)
+    given = [f for f in ("adapter_rank", "adapter_energy") if getattr(config, f) is not None]
+    if given and config.save_as != "adapter":
+        raise InvalidConfigError(f"{' and '.join(given)} apply only to an adapter: add save_as='adapter'",
+                                 fields=(*given, "save_as"))
 
 
 def normalize_pivot(pivot: Any) -> str | int:
@@ -330,30 +379,5 @@ def parse_optimizer_args(text: str) -> dict[str, Any]:
     return value
 
 
-def load_yaml_mapping(text_or_path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML mapping from a file path or from YAML text."""
-    import yaml
-
-    text = str(text_or_path)
-    source = "config"
-    if isinstance(text_or_path, os.PathLike) or ("\n" not in text and (
-            text.endswith((".yaml", ".yml")) or Path(text).is_file())):
-        path = Path(text_or_path)
-        if not path.is_file():
-            raise InvalidConfigError(f"config file {path} does not exist")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise InvalidConfigError(f"cannot read config file {path}: {err}") from err
-        source = str(path)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        at = f" (line {where.line + 1})" if where is not None else ""
-        raise InvalidConfigError(f"{source} is not valid YAML{at}: {getattr(err, 'problem', err)}") from err
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise InvalidConfigError(f"{source} must be a YAML mapping of option: value")
-    return data
+# Re-exported: `--config` files are read where the config is.
+load_yaml_mapping = _yaml_mapping.load_yaml_mapping

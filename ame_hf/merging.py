@@ -50,6 +50,9 @@ def merge(
 ) -> MergeResult:
     """Merge checkpoints with AME and write a `from_pretrained`-loadable model to `out_dir`.
 
+    With `save_as="adapter"` (and `adapter_rank` / `adapter_energy`) the output is instead a PEFT LoRA adapter of
+    the base (`base`, or the adapters' own) that `PeftModel.from_pretrained(base, out_dir)` loads (`adapter_out`).
+
     Args:
         ingredients: local directories and/or Hub repo IDs (`org/name`, `org/name@revision`).
         out_dir: the output directory; written in a staging directory and moved into place at the end.
@@ -86,6 +89,13 @@ def merge(
     refs = [os.fspath(r) for r in ingredients]
     merge_options(refs, config, threads=threads, max_memory=max_memory)
     _warn_repeated(refs)
+    if config.save_as == "adapter":  # the full merge into a scratch folder, then its LoRA adapter
+        from .adapter_out import merge_as_adapter
+
+        return merge_as_adapter(refs, Path(out_dir), config, started, run=_merge, stage=stage, token=token,
+                                overwrite=overwrite, progress=progress, callback=callback, device=device,
+                                threads=threads, max_memory=max_memory,
+                                recorded_at=Path(recorded_at) if recorded_at is not None else None)
     return _merge(refs, Path(out_dir), config, started, token=token, overwrite=overwrite, progress=progress,
                   callback=callback, device=device, threads=threads, max_memory=max_memory, stage=stage,
                   recorded_at=Path(recorded_at) if recorded_at is not None else None)

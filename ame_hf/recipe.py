@@ -4,6 +4,7 @@ form (`ame_config.yaml`) is written into every output and read back by `merge --
 from __future__ import annotations
 
 import functools
+import logging
 import hashlib
 import importlib.metadata
 import json
@@ -19,8 +20,14 @@ from .errors import InvalidConfigError
 from .optimizers import optimizer_class, reported_hyperparameters
 from .records import Ingredient, MergeResult
 from .resolve import rebase_ref
+from .weights import weighted_entries
 
 VERSIONED = ("ame-hf", "torch", "transformers", "huggingface_hub", "safetensors", "accelerate")
+
+
+# Options added after the first stamps, at their defaults (left out of the stamp).
+LATER_DEFAULTS = {"weights": None, "transform": "none", "density": 1.0, "gamma": 0.01, "rescale": None,
+                  "disjoint_sum": False}
 
 
 def recipe_digest(config: AmeConfig, ingredients: Sequence[Ingredient], pivot: Any) -> str:
@@ -35,8 +42,10 @@ def recipe_digest(config: AmeConfig, ingredients: Sequence[Ingredient], pivot: A
         16 hex digits.
     """
     values = config.to_dict()
-    if values.get("order") == "given":
-        values.pop("order")  # the default of a later option: stamps of earlier merges stay the same
+    for key, default in (("order", "given"), ("save_as", "model"), ("adapter_rank", None), ("adapter_energy", None),
+                         *LATER_DEFAULTS.items()):
+        if values.get(key, default) == default:
+            values.pop(key, None)  # the default of a later option: stamps of earlier merges stay the same
     payload = json.dumps({"config": values, "ingredients": [i.identity for i in ingredients],
                           "pivot": pivot.identity if isinstance(pivot, Ingredient) else pivot},
                          sort_keys=True)
@@ -170,10 +179,17 @@ def read_recipe(path: str | Path) -> Recipe:
 
     Raises:
         InvalidConfigError: unreadable YAML, a malformed `ingredients` list, or a `tune` copy of an ingredient.
+            A mergekit config (`merge_method:`) is read as its AME form (`mergekit_config.translate`).
     """
     path = Path(path)
     data = load_yaml_mapping(path)
     folder = path.parent
+    from .mergekit_config import is_mergekit, translate
+
+    if is_mergekit(data):  # mergekit's paths are relative to the working directory, as mergekit reads them
+        refs, values, summary = translate(data)
+        logging.getLogger(__name__).info("mergekit config %s: %s", path, summary)
+        return Recipe(refs=refs, out=None, values=values)
     if data.get("selected_by") == "tune":
         adapter = f" (a PEFT adapter, merged into its base {data['selected_base']})" if data.get("selected_base") else ""
         raise InvalidConfigError(
@@ -181,7 +197,11 @@ def read_recipe(path: str | Path) -> Recipe:
             f"{data.get('selected_ingredient')}{adapter}, not a merge: there is no merge to reproduce; use that ingredient")
     for key in INFO_KEYS:
         data.pop(key, None)
-    refs = data.pop("ingredients", None) or []
+    refs, weights = weighted_entries(data.pop("ingredients", None) or [], str(path))
+    if weights is not None:
+        if data.get("weights") is not None:
+            raise InvalidConfigError(f"{path}: give the weights once, as weights: or as weight: in ingredients")
+        data["weights"] = weights
     if not (isinstance(refs, list) and all(isinstance(r, str) for r in refs)):
         raise InvalidConfigError(f"{path}: ingredients must be a list of references")
     # A keyword or an index is never a path, even when a folder of that name sits beside the YAML: the

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ._model_files import project_url
-from ._space_forms import (base_box, eval_batch_box, merge_advanced, output_advanced, push_advanced, result_tabs,
-                           selection_options)
+from ._space_forms import (adapter_options, base_box, eval_batch_box, merge_advanced, output_advanced, push_advanced,
+                           result_tabs, selection_options)
 from .output import clean_up_temp_dirs, process_temp_dir
 from .space_merge import MergeView, one_line, run_check, run_merge, run_push
 from .space_select import evaluation_markdown, parse_ingredients, run_evaluate, run_tune
@@ -162,13 +162,18 @@ def _handlers(local: bool) -> dict[str, Callable[..., Any]]:
               seed: float, shuffle: bool, dtype: str, tokenizer_source: str, token: str, previous: str | None,
               base: str = "", optimizer_args: str = "", schedule: str = "", batch_size: float = 1, order: str = "given",
               compute_dtype: str = "float32", max_shard_size: str = "", allow_nonfinite: bool = False,
-              variant: str = "", oauth_token: gr.OAuthToken | None = None,
+              variant: str = "", save_as: str = "model", adapter_rank: float | None = 0, adapter_energy: str = "",
+              weights: str = "", transform: str = "none", density: str = "", gamma: str = "", rescale: str = "",
+              disjoint_sum: bool = False, oauth_token: gr.OAuthToken | None = None,
               progress: gr.Progress = gr.Progress()) -> tuple[str, str, str, str]:
         options = {"optimizer": optimizer, "lr": lr, "relative_lr": relative_lr, "epochs": epochs, "pivot": pivot,
                    "seed": seed, "shuffle": bool(shuffle), "dtype": dtype, "tokenizer_source": tokenizer_source,
                    "base": base, "optimizer_args": optimizer_args, "schedule": schedule, "batch_size": batch_size,
                    "order": order, "compute_dtype": compute_dtype, "max_shard_size": max_shard_size,
-                   "allow_nonfinite": bool(allow_nonfinite), "variant": variant}
+                   "allow_nonfinite": bool(allow_nonfinite), "variant": variant,
+                   **adapter_options(save_as, adapter_rank, adapter_energy), "weights": weights,
+                   "transform": transform, "density": density, "gamma": gamma, "rescale": rescale,
+                   "disjoint_sum": bool(disjoint_sum)}
         view = _in_fresh_work_dir(lambda work_dir: run_merge(
             ingredients, options, work_dir, _user_token(token, oauth_token),
             progress=lambda fraction, desc: progress(fraction, desc=desc), allow_local_paths=local), previous)
@@ -187,10 +192,12 @@ def _handlers(local: bool) -> dict[str, Callable[..., Any]]:
              metric: str = "", budget: float | None = DEFAULT_BUDGET, max_length: float | None = None, token: str = "",
              previous: str | None = None, base: str = "", batch_size: float | None = 0, dtype: str = "auto",
              tokenizer_source: str = "auto", compute_dtype: str = "float32", max_shard_size: str = "",
-             allow_nonfinite: bool = False, variant: str = "", oauth_token: gr.OAuthToken | None = None,
+             allow_nonfinite: bool = False, variant: str = "", save_as: str = "model", adapter_rank: float | None = 0,
+             adapter_energy: str = "", oauth_token: gr.OAuthToken | None = None,
              progress: gr.Progress = gr.Progress()) -> tuple[str, str, str, str, str]:
         options = {"dtype": dtype, "tokenizer_source": tokenizer_source, "compute_dtype": compute_dtype,
-                   "max_shard_size": max_shard_size, "allow_nonfinite": bool(allow_nonfinite), "variant": variant}
+                   "max_shard_size": max_shard_size, "allow_nonfinite": bool(allow_nonfinite), "variant": variant,
+                   **adapter_options(save_as, adapter_rank, adapter_energy)}
         view = _in_fresh_work_dir(lambda work_dir: run_tune(
             ingredients, data, test_data, work_dir, _user_token(token, oauth_token), task=task, metric=metric,
             budget=budget, max_length=max_length, base=base, batch_size=batch_size, options=options,
@@ -344,7 +351,9 @@ def _connect(handlers: dict[str, Callable[..., Any]], merge: dict[str, Any], eva
         [merge[name] for name in ("ingredients", "optimizer", "lr", "relative_lr", "epochs", "pivot", "seed", "shuffle",
                                   "dtype", "tokenizer_source")] + [token, output_folder, merge["base"]]
         + [merge_advanced[name] for name in ("optimizer_args", "schedule", "batch_size", "order", "compute_dtype",
-                                             "max_shard_size", "allow_nonfinite", "variant")],
+                                             "max_shard_size", "allow_nonfinite", "variant", "save_as",
+                                             "adapter_rank", "adapter_energy", "weights", "transform", "density",
+                                             "gamma", "rescale", "disjoint_sum")],
         [merge["card"], merge["config_yaml"], merge["summary"], output_folder], api_name="merge",
     )
     evaluate["evaluate_button"].click(
@@ -357,7 +366,8 @@ def _connect(handlers: dict[str, Callable[..., Any]], merge: dict[str, Any], eva
         [tune[name] for name in ("ingredients", "data", "test_data", "task", "metric", "budget", "max_length")]
         + [token, output_folder, tune["base"]]
         + [tune["advanced"][name] for name in ("batch_size", "dtype", "tokenizer_source", "compute_dtype",
-                                               "max_shard_size", "allow_nonfinite", "variant")],
+                                               "max_shard_size", "allow_nonfinite", "variant", "save_as",
+                                               "adapter_rank", "adapter_energy")],
         [tune["summary"], tune["candidates"], tune["card"], tune["config_yaml"], output_folder], api_name="tune",
     )
     push["push_button"].click(

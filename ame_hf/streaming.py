@@ -14,10 +14,13 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint
 from .config import AmeConfig
-from .engine import ame_block, mean_of, relative_lr_value, row_spreads, spread_total
+from ._keeping import keeping
+from .engine import ame_block
 from .errors import CheckpointError, IncompatibleCheckpointsError
 from .plan import Rows, ShardPlan, tensor_blocks
+from .spread import mean_of, relative_lr_value, row_spreads, spread_total
 from .vocabulary import VocabularyPlan
+from .weights import relative_weights, weighted_mean
 from .writer import write_rows
 
 logger = logging.getLogger(__name__)
@@ -60,6 +63,7 @@ class TensorMerger:
         self.device = device
         self.compute_dtype = getattr(torch, config.compute_dtype)
         self.soup = config.is_soup
+        self.weights = relative_weights(config.weights)  # None: unweighted
         self.io = io
         self._pending_write: Future | None = None
         # The ingredient indices the engine reads for one block, in order (batches are consecutive).
@@ -117,16 +121,6 @@ class TensorMerger:
 
         return load
 
-    def _keep_dtype(self, name: str) -> torch.dtype:
-        """The dtype blocks of `name` are kept in: the stored one where it is smaller than the compute dtype and
-        converting it is exact (plain checkpoints sharing a dtype), else the compute dtype."""
-        dtypes = {c.info(name).dtype for c in self.checkpoints}
-        stored = dtypes.pop() if len(dtypes) == 1 else self.compute_dtype
-        if (stored.is_floating_point and stored.itemsize < self.compute_dtype.itemsize and stored.itemsize >= 2
-                and all(type(c) is Checkpoint and c.stored[name] not in c.dequantized for c in self.checkpoints)):
-            return stored
-        return self.compute_dtype
-
     def _block_loader(self, kept: dict[tuple[Rows, int], torch.Tensor] | None, name: str, rows: Rows,
                       reads: Sequence[int], shape: tuple[int, ...], dtype: torch.dtype) -> Callable[[int], torch.Tensor]:
         """The loader of one block that the engine reads in the order `reads`: from the tensor's kept blocks,
@@ -165,6 +159,8 @@ class TensorMerger:
         return self._read(source, name, rows) if name in source.tensors else None
 
     def _mean_block(self, load: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        if self.weights is not None:
+            return weighted_mean(load, len(self.checkpoints), self.weights, self.compute_dtype)
         return mean_of(load, len(self.checkpoints))
 
     def run(self, name: str, out_dir: Path, plan: ShardPlan, advance: Callable[[int], None]) -> None:
@@ -189,27 +185,35 @@ class TensorMerger:
             self._copy_exact(name, out_dir, plan)
             advance(info.nbytes)
             return
+        if self.config.transform != "none":
+            from .transforms import merge_transformed
+
+            merge_transformed(self, name, out_dir, plan, advance)
+            return
         blocks = tensor_blocks(info.shape, self.device)
         n = len(self.checkpoints)
         lr = self.config.lr
         relative = self.config.relative_lr is not None
         passes = relative + (self.pivot == "mean" and not self.soup) + (len(self.order) if lr != 0.0 else 0)
-        kept, pivots, dtype = self._keeping(name, info.numel, passes)
+        kept, pivots, dtype = keeping(self.checkpoints, name, passes, self.compute_dtype, self.max_memory,
+                                      relative=relative)
         if relative:
             # The spread needs the whole tensor before the first step. Each block's pivot (the mean: the costly
             # part) is computed here, and kept for the steps when `max_memory` allows.
             spreads = []
             for rows in blocks:
-                pivot = self._pivot_block(name, rows)
-                reads = [*range(n), *(range(n) if pivot is None else ())]
-                pivot, spread = row_spreads(self._block_loader(kept, name, rows, reads, info.shape, dtype), n, pivot)
+                given = self._pivot_block(name, rows)
+                reads = [*range(n), *(range(n) if given is None else ())]
+                pivot, spread = row_spreads(self._block_loader(kept, name, rows, reads, info.shape, dtype), n, given)
                 spreads.append(spread)
-                if pivots is not None:
+                # The spread is to the plain mean; a weighted merge starts from its weighted mean instead.
+                if pivots is not None and (given is not None or self.weights is None):
                     pivots[rows] = pivot
-                del pivot
+                del pivot, given
             lr = relative_lr_value(self.config.relative_lr, spread_total(spreads), n * info.numel)
         for rows in blocks:
-            pivot = pivots.pop(rows) if pivots else self._pivot_block(name, rows)
+            pivot = pivots.pop(rows, None) if pivots else None
+            pivot = self._pivot_block(name, rows) if pivot is None else pivot
             mean_pass = pivot is None and not self.soup
             reads = [*(range(n) if mean_pass else ()), *(self._ame_reads if lr != 0.0 else ())]
             load = self._block_loader(kept, name, rows, reads, info.shape, dtype)
@@ -227,25 +231,6 @@ class TensorMerger:
                 for i in range(n):
                     kept.pop((rows, i), None)
             advance(info.nbytes * (rows[1] - rows[0]) // info.shape[0] if rows else info.nbytes)
-
-    def _keeping(self, name: str, numel: int, passes: int) -> tuple[dict | None, dict | None, torch.dtype]:
-        """What of tensor `name` is kept within `max_memory`: every ingredient's blocks (each input byte read
-        once; in the stored dtype when only that fits), and with a relative lr the spread's pivots too (each
-        mean computed once). Returns (kept blocks or None, kept pivots or None, the kept blocks' dtype)."""
-        relative = self.config.relative_lr is not None
-        dtype = self.compute_dtype
-        if passes <= 1:  # one pass reads each block once anyway (the soup): keeping them would only cost memory
-            return None, None, dtype
-        pivot_bytes = numel * self.compute_dtype.itemsize
-        n = len(self.checkpoints)
-        if n * numel * dtype.itemsize > self.max_memory:
-            dtype = self._keep_dtype(name)  # half the memory for bfloat16 blocks, converted on each load
-        if n * numel * dtype.itemsize <= self.max_memory:
-            both = relative and n * numel * dtype.itemsize + pivot_bytes <= self.max_memory
-            return {}, {} if both else None, dtype
-        logger.debug("%s: %d copies of %.1f MB exceed --max-memory: kept one block at a time, so the learning-rate "
-                     "spread reads it once more", name, n, numel * dtype.itemsize / 1e6)
-        return None, {} if relative and pivot_bytes <= self.max_memory else None, dtype
 
     @staticmethod
     def _block_shape(shape: tuple[int, ...], rows: Rows) -> tuple[int, ...]:
@@ -282,6 +267,9 @@ def merge_token_rows(merger: TensorMerger, name: str, out_dir: Path, plan: Shard
     """
     vocab = merger.vocab
     assert vocab is not None
+    if merger.config.transform != "none":
+        raise IncompatibleCheckpointsError(f"transform {merger.config.transform} needs one vocabulary; {name!r} has "
+                                           "token rows that differ between the ingredients: merge without it")
     info = merger.checkpoints[0].info(name)
     columns = name in vocab.columns  # [1, vocab] (BART's final_logits_bias): whole tensors, seen as [vocab, 1]
     shape = (vocab.size, 1) if columns else (vocab.size, *info.shape[1:])
@@ -303,7 +291,10 @@ def merge_token_rows(merger: TensorMerger, name: str, out_dir: Path, plan: Shard
         blocks = _gather_columns(flat, vocab, owners, rows) if columns else _gather_owners(merger, name, owners, rows)
         order = [[i for i in epoch if i in owners] for epoch in merger.order]
         pivot = _row_pivot(merger, owners, rows, blocks)
-        if pivot is None:
+        if pivot is None and merger.weights is not None:
+            pivot = weighted_mean(lambda j: blocks[owners[j]], len(owners), [merger.weights[i] for i in owners],
+                                  merger.compute_dtype)
+        elif pivot is None:
             mean = sum(blocks[i].double() for i in owners) / len(owners)
             pivot = mean.to(merger.compute_dtype)
         merged = pivot if lr == 0.0 else ame_block(lambda j: blocks[j].clone(), pivot, merger.config, order, lr)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ._options import tune_options
+from .adapter_out import base_of, checked_base, full_model_config, save_adapter
 from .card_results import add_card_section, update_card
 from .config import OUTPUT_FIELDS, AmeConfig
 from .evaluation import LabelledData, TextData, evaluate_model
@@ -24,7 +25,7 @@ from .output import make_staging_dir, publish
 from .selection import (Candidate, GreedySoup, Selection, best_candidate, greedy_label, greedy_section, ranked,
                         run_greedy_soup, start_selection, write_selected)
 
-__all__ = ["Candidate", "TuneResult", "default_grid", "tune"]
+__all__ = ["Candidate", "TuneResult", "base_grid", "default_grid", "tune"]
 
 logger = logging.getLogger(__name__)
 DEFAULT_BUDGET = 12
@@ -93,10 +94,26 @@ class TuneResult:
     test_scores: dict[str, float] = field(default_factory=dict)
 
 
+def base_grid(n: int) -> list[AmeConfig]:
+    """The merges known from mergekit, from the base (`pivot="base"`): task arithmetic (the mean task vector
+    scaled by 1.5 and 2: `lr`) and TIES (density 0.2 and 0.5, the disjoint mean), as one SGD step over all `n`
+    ingredients. `tune` tries them when a base is known (`base=`, or the adapters' base).
+
+    >>> [(c.transform, c.lr) for c in base_grid(3)]
+    [('none', 1.5), ('none', 2.0), ('ties', 1.0), ('ties', 1.0)]
+    """
+    step = dict(optimizer="sgd", schedule="constant", batch_size=n, pivot="base")
+    return ([AmeConfig(lr=scale, **step) for scale in (1.5, 2.0)]
+            + [AmeConfig(lr=1.0, transform="ties", density=d, **step) for d in (0.2, 0.5)])
+
+
 def _label(cfg: AmeConfig) -> str:
     cfg = cfg.resolved()
     if cfg.is_soup:
         return "soup"
+    if cfg.pivot == "base" and cfg.optimizer == "sgd" and cfg.schedule == "constant" and cfg.epochs == 1:
+        kind = "task arithmetic" if cfg.transform == "none" else f"{cfg.transform.upper()} density {cfg.density}"
+        return f"{kind}, scale {cfg.lr:g} (one sgd step from the base)"
     lr = f"rel {cfg.relative_lr:g}" if cfg.relative_lr is not None else f"lr {cfg.lr:g}"
     extra = "".join(f" {k}={v}" for k, v in cfg.optimizer_args.items())
     order = cfg.order if isinstance(cfg.order, str) else "order " + ",".join(map(str, cfg.order))
@@ -125,7 +142,8 @@ def tune(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> TuneResult:
-    """Pick the best of {soup, greedy soup, each ingredient, `budget` AME variants} on validation data.
+    """Pick the best of {soup, greedy soup, each ingredient, `budget` AME variants} on validation data; with a known
+    base (`base`, or the adapters' own), also task arithmetic and TIES from it (`base_grid`).
 
     By construction the result is never worse on this validation data than the soup, the greedy soup or
     the best single ingredient. Each ingredient is evaluated once, each candidate as soon as it is
@@ -134,7 +152,8 @@ def tune(
     model's score on that held-out data instead (the soup's and the best ingredient's beside it).
 
     PEFT LoRA adapters are ingredients as in `merge`: each is scored as the full model it makes of its base,
-    and when one is selected the output is that full model (not the adapter's files).
+    and when one is selected the output is that full model (not the adapter's files). With
+    `config=AmeConfig(save_as="adapter")` the selected model is written as a LoRA adapter of the base instead.
 
     Args:
         ingredients: local directories and/or Hub repo IDs.
@@ -173,7 +192,12 @@ def tune(
     out = Path(out_dir)
     sel = start_selection(ingredients, out, overwrite, data=data, test_data=test_data, task=task, metric=metric,
                           base=output.base, token=token, config=output)
-    configs = _candidate_configs(grid if grid is not None else default_grid(), budget, output)
+    # An adapter output: every candidate is a full model, and the pick is saved as an adapter of the base at the end.
+    adapter_base = checked_base(sel.stage, sel.refs, output) if output.save_as == "adapter" else None
+    known_base = output.base is not None or any(m.is_adapter for m in sel.models)
+    extra = base_grid(len(sel.refs)) if known_base and grid is None else []
+    configs = _candidate_configs([*extra, *(grid if grid is not None else default_grid())], budget + len(extra),
+                                 full_model_config(output))
     search = _Search(metric=sel.metric, test=sel.test, log=log, total=len(sel.refs) + 1 + len(configs),
                      score=lambda path, d=sel.val: evaluate_model(str(path), d, sel.task, sel.metric,
                                                                   max_length=max_length, batch_size=batch_size,
@@ -195,9 +219,13 @@ def tune(
                     log(f"about {per:.1f}s per candidate (merge + evaluation): {len(configs) - 1} AME variants and "
                         f"the greedy soup ({len(sel.refs) - 1} merges) left, about "
                         f"{per * (len(configs) + len(sel.refs) - 2):.0f}s")
-                _try_greedy_soup(search, full, sel.refs, scores, scratch / "greedy", name, output, token=token,
-                                 stage=sel.stage, home=out)
+                _try_greedy_soup(search, full, sel.refs, scores, scratch / "greedy", name, full_model_config(output),
+                                 token=token, stage=sel.stage, home=out)
         best, final = _write_selected(search, full, sel, scratch, name)
+        if adapter_base is not None:
+            (scratch / "adapter").mkdir()
+            save_adapter(final, scratch / "adapter" / name, base_of(sel.stage, adapter_base), output, overwrite=False)
+            final = scratch / "adapter" / name
         publish(final, out, overwrite)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -67,3 +67,46 @@ def test_a_report_records_the_command_without_output_locations():
                                                            "--results=/root/out/r.md", "--update-results"],
                                    run.OUTPUT_OPTIONS)
     assert command == "python benchmarks/run.py --gpu --runs 2"  # was: --out /tmp/bench --results /root/...
+
+
+def test_heldout_runs_both_families_at_the_tiniest_size(tmp_path, monkeypatch):
+    # benchmarks/heldout.py (issue 24): one seed, two digits experts, LM experts of 5 steps, budget 1, so
+    # that the script that measures tune's default budget on held-out data cannot rot.
+    import importlib.util
+    import json
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts examples/ first for its imports
+    spec = importlib.util.spec_from_file_location("benchmarks_heldout", BENCHMARKS / "heldout.py")
+    heldout = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "benchmarks_heldout", heldout)
+    spec.loader.exec_module(heldout)
+    committed = heldout.COMMITTED.read_bytes() if heldout.COMMITTED.exists() else None
+    out = tmp_path / "heldout"
+    assert heldout.main(["--seeds", "0", "--digits-n", "2", "--lm-steps", "5", "--budget", "1",
+                         "--out", str(out)]) == 0
+    cases = json.loads((out / "cases.json").read_text(encoding="utf-8"))["cases"]
+    assert [(c["family"], c["size"]) for c in cases] == [("digits", "N=2"), ("lm", "5 steps")]
+    for c in cases:
+        sign = 1 if c["higher_is_better"] else -1
+        val, test = c["val"], c["test"]
+        # tune chose on validation: never worse there than the soup or the best expert.
+        assert sign * val["tune"] >= max(sign * val["soup"], sign * val["best expert"]) - 1e-12
+        assert c["wins"] == (sign * test["tune"] >= max(sign * test["soup"], sign * test["best expert"]) - 1e-12)
+        assert abs(c["margin"] - sign * (test["tune"] - test["soup"]) * (100 if sign > 0 else 1)) < 1e-9
+        # The what-if rule takes the soup unless the bootstrap says the pick is better on validation.
+        assert 0 <= c["p_not_better"] <= 1
+        assert c["guarded_keeps_pick"] == (c["p_not_better"] < heldout.GUARD_LEVEL)
+        assert c["guarded_margin"] == (c["margin"] if c["guarded_keeps_pick"] else 0)
+        # soup, greedy soup, the ingredients and the one grid variant of budget 1
+        assert len(c["candidates"]) == 2 + (2 if c["family"] == "digits" else 3) + 1
+    text = (out / "results.md").read_text(encoding="utf-8")
+    assert "python benchmarks/heldout.py --seeds 0 --digits-n 2 --lm-steps 5 --budget 1`" in text
+    assert "| digits | N=2 | 0 |" in text and "| lm | 5 steps | 0 |" in text
+    wins = sum(c["wins"] for c in cases)
+    assert f"test in {wins}/2 (" in text
+    # --report-only rebuilds the same report from cases.json, running nothing.
+    (out / "results.md").unlink()
+    assert heldout.main(["--report-only", "--out", str(out)]) == 0
+    assert (out / "results.md").read_text(encoding="utf-8") == text
+    # Without --update-results the committed results are untouched.
+    assert (heldout.COMMITTED.read_bytes() if heldout.COMMITTED.exists() else None) == committed

@@ -343,9 +343,10 @@ def test_a_selected_adapter_is_written_as_its_full_merge_and_each_ingredient_sco
     assert result.best.ingredient == 1 and result.best.label.startswith("ingredient 1")
     # An L2 norm over every weight: float32 rounding of the delta (summed in a fixed rank order, DESIGN §1) against
     # peft's matrix product leaves ~1e-8 per element; the element-wise comparison below holds at 1e-6.
-    assert len(result.candidates) == 3 + 2 + 1 and result.test_scores["best ingredient"] == pytest.approx(0, abs=1e-5)
+    # + task arithmetic and TIES from the adapters' base (tuning.base_grid)
+    assert len(result.candidates) == 3 + 2 + 1 + 4 and result.test_scores["best ingredient"] == pytest.approx(0, abs=1e-5)
     validation = [path for path, name in calls if name == "val"]
-    assert len(validation) == 3 + 1 + 2 + 1  # ingredients, soup, greedy soup trials, AME: each evaluated once
+    assert len(validation) == 3 + 1 + 2 + 1 + 4  # ingredients, soup, greedy soup trials, AME: each evaluated once
     assert [Path(p).name for p in validation[:2]] == ["model0", "model1"] and validation[2] == str(full)
     assert not any("/ingredients/" in p or p == str(full) for p in validation[3:])
     out = result.path
@@ -384,7 +385,7 @@ def test_tune_cli_over_adapters_with_base(lm_adapters, tmp_path, capsys):
     assert code == 0, captured.err
     table, selected = captured.out.split("\nselected: ")
     scores = score_table(table)
-    assert len(scores) == 3 + 2 + 1
+    assert len(scores) == 3 + 2 + 1 + 4  # + task arithmetic and TIES from the base
     label = selected.split(" (validation ")[0]
     assert scores[label] == min(scores.values())
     data = load_data(val, "text-generation")
@@ -418,3 +419,23 @@ def test_every_output_kind_reproduces_its_weights_from_its_ame_config(berts, lm_
         assert weights_sha256(again) == weights_sha256(out), out
         card = ModelCard.load(out / "README.md").text  # its YAML block is the file's text
         assert (out / "ame_config.yaml").read_text().split("ame_hf_version")[0] in card, out
+
+
+def test_with_a_known_base_tune_tries_task_arithmetic_and_ties(berts, tmp_path):
+    """Issue 26: with `base=`, the candidates include task arithmetic and TIES from the base, labelled as such, each
+    the AME configuration that computes it (one sgd step from the base over all ingredients)."""
+    from factories import save_base
+
+    experts, val = berts
+    base = save_base(tmp_path / "base", kind="bert")  # the base the fine-tunes were perturbed from
+    result = tuning.tune(experts, tmp_path / "best", data=val, base=str(base), budget=1, progress=False)
+    labels = [c.label for c in result.candidates]
+    assert len(labels) == 2 + 2 + 1 + 4
+    known = {c.label: c.config for c in result.candidates if "from the base" in c.label}
+    assert sorted(known) == sorted(["task arithmetic, scale 1.5 (one sgd step from the base)",
+                                    "task arithmetic, scale 2 (one sgd step from the base)",
+                                    "TIES density 0.2, scale 1 (one sgd step from the base)",
+                                    "TIES density 0.5, scale 1 (one sgd step from the base)"])
+    assert all(c.pivot == "base" and c.batch_size == 2 and c.optimizer == "sgd" for c in known.values())
+    assert {c.transform for c in known.values()} == {"none", "ties"}
+    assert all(0 <= c.score <= 1 for c in result.candidates)  # each merged and scored

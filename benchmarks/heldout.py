@@ -1,0 +1,299 @@
+"""Does `tune` with its default budget win on held-out data? (issue 24, item 3)
+
+Two families of experts, each over several seeds and sizes; in every case `tune` (default grid and
+budget) chooses on validation data only and the chosen model, the soup and the best expert on validation
+are scored on test data that played no part in any choice:
+
+- **digits**: the paper-style example (`examples/digits/run.py`): a tiny ViT base, N experts fine-tuned
+  on label-skewed shards of scikit-learn's digits (the "strong" fine-tuning), accuracy (higher is better).
+- **lm**: the language example (`examples/lm/run.py`): three tiny GPT-2 experts (`ame_hf.demo`) fine-tuned
+  for a number of steps, mean next-token loss in nats on the 2:1:1 task mixture (lower is better).
+
+A case *wins* when tune's test score is at least max(soup, best expert on validation) (for a loss: at most
+the min). The margin over the soup is in accuracy points (digits) or nats (lm), positive when tune is better.
+
+    python benchmarks/heldout.py [--seeds 0,1,2] [--digits-n 2,4] [--lm-steps 60,120] [--budget 12]
+                                 [--out DIR] [--report-only] [--update-results]
+
+A run writes cases.json and results.md into --out (default benchmarks/_work/heldout, git-ignored);
+`--report-only` rebuilds results.md from cases.json; only `--update-results` also rewrites the committed benchmarks/RESULTS-heldout.md (recording the command and
+the ame-hf commit). The examples' functions are imported from their scripts, not copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.util
+import io
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built locally
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+COMMITTED = HERE / "RESULTS-heldout.md"
+BOOTSTRAP, GUARD_LEVEL = 2000, 0.05  # the what-if rule: keep tune's pick only if P(not better than the soup) < 5 %
+DIGITS_LR = 3e-3  # the digits example's "strong" fine-tuning: experts far enough apart for AME to differ
+
+
+def example(name: str) -> Any:
+    """examples/<name>/run.py as a module (both scripts are called run.py: load each under its own name)."""
+    key = f"heldout_example_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, REPO / "examples" / name / "run.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+def not_better(soup: Any, pick: Any, higher: bool, seed: int) -> float:
+    """Paired bootstrap over the validation examples: the share of resamples in which tune's pick is not
+    better than the soup. `soup` and `pick` are (per-example numerator, per-example denominator) arrays:
+    correct/1 for accuracy, summed NLL/predicted tokens per document for a loss."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(soup[0]), size=(BOOTSTRAP, len(soup[0])))
+    stat = lambda pair: pair[0][idx].sum(1) / pair[1][idx].sum(1)  # noqa: E731
+    lead = (stat(pick) - stat(soup)) * (1.0 if higher else -1.0)
+    return float((lead <= 0).mean())
+
+
+def case_row(family: str, size: str, seed: int, higher: bool, val: dict[str, float], test: dict[str, float],
+             pick: str, seconds: float, candidates: list[tuple[str, float]], p_not_better: float) -> dict[str, Any]:
+    """One case: the three scores on validation and test, whether tune reached max(soup, best expert)
+    on test, and tune's margin over the soup (positive: better); the same for the what-if rule that keeps
+    tune's pick only when its validation lead over the soup is beyond the bootstrap noise."""
+    sign = 1.0 if higher else -1.0
+    bar = max(sign * test["soup"], sign * test["best expert"])
+    guarded = test["tune"] if p_not_better < GUARD_LEVEL else test["soup"]
+    return {"family": family, "size": size, "seed": seed, "higher_is_better": higher, "val": val, "test": test,
+            "pick": pick, "wins": sign * test["tune"] >= bar - 1e-12,
+            "margin": sign * (test["tune"] - test["soup"]) * (100.0 if higher else 1.0), "seconds": seconds,
+            "candidates": candidates, "p_not_better": p_not_better, "guarded_keeps_pick": p_not_better < GUARD_LEVEL,
+            "guarded_wins": sign * guarded >= bar - 1e-12,
+            "guarded_margin": sign * (guarded - test["soup"]) * (100.0 if higher else 1.0)}
+
+
+def digits_cases(seeds: Sequence[int], ns: Sequence[int], budget: int, out: Path) -> list[dict[str, Any]]:
+    import numpy as np
+
+    from ame_hf import AmeConfig, merge
+    from ame_hf.evaluation import load_data
+    from ame_hf.tuning import default_grid, tune
+
+    d = example("digits")
+    splits = d.load_splits()
+    pixels_01 = splits["public"].images / 255.0
+    pixels = d.Pixels(mean=round(float(pixels_01.mean()), 3), std=round(float(pixels_01.std()), 3))
+    data = out / "digits" / "data"
+    if not (data / "test").exists():
+        d.write_image_folder(splits["val"], data / "val")
+        d.write_image_folder(splits["test"], data / "test")
+    val, test = load_data(data / "val", d.TASK), load_data(data / "test", d.TASK)
+    plan, rows = d.FULL, []
+    for seed in seeds:
+        work = out / "digits" / f"seed{seed}"
+        base = d.train(d.build_init(seed, pixels, work / "init"), splits["public"], plan.base_steps, d.BASE_LR,
+                       seed, pixels, work / "base")
+        private = splits["private"]
+        for n in ns:
+            started = time.perf_counter()
+            shards = d.dirichlet_shards(private.labels, n, np.random.default_rng([seed, n]))
+            # As the example's SeedRun.fine_tune: epochs, not steps, and the same per-expert seeds.
+            experts = [d.train(base, private.subset(s), plan.expert_epochs * -(-len(s) // d.BATCH), DIGITS_LR,
+                               1000 * seed + 10 * n + i, pixels, work / f"n{n}" / f"expert{i}")
+                       for i, s in enumerate(shards)]
+            result = tune(experts, work / f"n{n}" / "tune", data=val, test_data=test, task=d.TASK, budget=budget,
+                          grid=default_grid(), overwrite=True, progress=False)
+            soup = merge(experts, work / f"n{n}" / "soup", AmeConfig.soup(), overwrite=True, progress=False).path
+            correct = [per_example_correct(m, pixels.tensor(splits["val"].images), splits["val"].labels)
+                       for m in (soup, result.path)]
+            p = not_better(*[(c, np.ones_like(c)) for c in correct], higher=True, seed=seed)
+            rows.append(tune_case("digits", f"N={n}", seed, True, result, time.perf_counter() - started, p))
+            print(summary_line(rows[-1]), flush=True)
+    return rows
+
+
+def per_example_correct(model_dir: Path, x: Any, labels: Any) -> Any:
+    """1.0 where the model's class is the label, per validation digit (one batched forward pass)."""
+    import numpy as np
+    import torch
+    from transformers import ViTForImageClassification
+
+    with torch.no_grad():
+        model = ViTForImageClassification.from_pretrained(model_dir).eval()
+        return (model(pixel_values=x).logits.argmax(-1).numpy() == labels).astype(np.float64)
+
+
+def per_document_nll(model_dir: Path, texts: Sequence[str]) -> tuple[Any, Any]:
+    """(summed NLL, predicted tokens) per document, as `mean_token_nll` counts them."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from ame_hf.lm_evaluation import TextData, mean_token_nll
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    scored = [mean_token_nll(model, TextData("doc", [t]), batch_size=1, device="cpu") for t in texts]
+    return np.array([loss * n for loss, n in scored]), np.array([float(n) for _, n in scored])
+
+
+def lm_cases(seeds: Sequence[int], steps: Sequence[int], budget: int, out: Path) -> list[dict[str, Any]]:
+    from ame_hf import AmeConfig, merge
+    from ame_hf.demo import build_experts
+    from ame_hf.lm_evaluation import load_texts
+
+    lm, rows = example("lm"), []
+    for n_steps in steps:
+        # The demo's experts are deterministic for a number of steps; a seed draws other val and test text.
+        experts = build_experts(out / "lm" / f"steps{n_steps}" / "experts", steps=n_steps)
+        for seed in seeds:
+            started = time.perf_counter()
+            with contextlib.redirect_stderr(io.StringIO()):  # run_seed logs every candidate
+                r = lm.run_seed(out / "lm" / f"steps{n_steps}" / f"seed{seed}", experts, seed, budget)
+            work = out / "lm" / f"steps{n_steps}" / f"seed{seed}"
+            soup = merge(experts, work / "soup", AmeConfig.soup(), overwrite=True, progress=False).path
+            texts = load_texts(work / "val.txt").texts
+            p = not_better(per_document_nll(soup, texts), per_document_nll(work / "best", texts), higher=False,
+                           seed=seed)
+            names = {"soup": "soup", "best ingredient": "best expert", "tune pick": "tune"}
+            rows.append(case_row("lm", f"{n_steps} steps", seed, False,
+                                 {names[k]: r["val"][k] for k in names}, {names[k]: r["test"][k] for k in names},
+                                 r["pick"], time.perf_counter() - started, r["table"], p))
+            print(summary_line(rows[-1]), flush=True)
+    return rows
+
+
+def tune_case(family: str, size: str, seed: int, higher: bool, result: Any, seconds: float,
+              p_not_better: float) -> dict[str, Any]:
+    """A case from a `TuneResult` run with test data."""
+    by_label = {c.label: c for c in result.candidates}
+    ingredients = [c for c in result.candidates if c.config is None and c.kept is None]
+    pick = result.best.label if result.best.ingredient is None else f"expert {result.best.ingredient}"
+    best_val = (max if higher else min)(c.score for c in ingredients)
+    val = {"soup": by_label["soup"].score, "best expert": best_val, "tune": result.best.score}
+    test = {"soup": result.test_scores["soup"], "best expert": result.test_scores["best ingredient"],
+            "tune": result.test_scores["selected"]}
+    return case_row(family, size, seed, higher, val, test, pick, seconds,
+                    [(c.label, c.score) for c in result.candidates], p_not_better)
+
+
+def signed(x: float) -> str:
+    return f"{x + 0.0:+.4g}"  # + 0.0: a loss margin of -0.0 reads +0
+
+
+def fmt(row: dict[str, Any], value: float) -> str:
+    return f"{100 * value:.1f}" if row["higher_is_better"] else f"{value:.4f}"
+
+
+def summary_line(row: dict[str, Any]) -> str:
+    t = row["test"]
+    return (f"  {row['family']} {row['size']} seed {row['seed']}: test soup {fmt(row, t['soup'])}, best expert "
+            f"{fmt(row, t['best expert'])}, tune {fmt(row, t['tune'])} ({row['pick']}); "
+            f"{'wins' if row['wins'] else 'LOSES'}, margin {signed(row['margin'])} ({row['seconds']:.0f} s)")
+
+
+def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The per-case table and the summary per family, computed from the rows."""
+    lines = ["# tune's default budget on held-out data", "",
+             f"Generated by `{meta['command']}` at ame-hf commit {meta['commit']} on {meta['date']} "
+             f"({meta['seconds']:.0f} s, torch.set_num_threads(1)). `tune` budget {meta['budget']} (the default is "
+             f"{meta['default_budget']}). digits: accuracy % (higher is better), margin in points; lm: mean "
+             "next-token loss in nats (lower is better), margin in nats. *wins*: tune's test score is at least "
+             "max(soup, best expert on validation). Test data played no part in any choice. *P(not better)*: "
+             f"paired bootstrap ({BOOTSTRAP} resamples of the validation examples) of tune's pick against the soup; "
+             f"the *guarded* what-if rule keeps the pick only when it is below {GUARD_LEVEL:g} and takes the soup "
+             "otherwise (computed here from the same models; `tune` itself does not apply it).", "",
+             "| family | size | seed | val: soup / best expert / tune | test: soup | test: best expert (val) | "
+             "test: tune | tune pick | wins | margin over soup | P(not better) | guarded: wins, margin |",
+             "|---" * 12 + "|"]
+    for r in rows:
+        v, t = r["val"], r["test"]
+        guarded = ("yes" if r["guarded_wins"] else "**no**") + f", {signed(r['guarded_margin'])}" + (
+            "" if r["guarded_keeps_pick"] else " (soup)")
+        lines.append(f"| {r['family']} | {r['size']} | {r['seed']} | {fmt(r, v['soup'])} / {fmt(r, v['best expert'])}"
+                     f" / {fmt(r, v['tune'])} | {fmt(r, t['soup'])} | {fmt(r, t['best expert'])} | "
+                     f"{fmt(r, t['tune'])} | {r['pick']} | {'yes' if r['wins'] else '**no**'} | {signed(r['margin'])} | "
+                     f"{r['p_not_better']:.3f} | {guarded} |")
+    lines += ["", "| family | rule | cases | ≥ max(soup, best expert) on test | mean margin over soup | worst margin | "
+              "took the soup |", "|---|---|---|---|---|---|---|"]
+    for family in [*dict.fromkeys(r["family"] for r in rows), "all"]:
+        mine = [r for r in rows if family in ("all", r["family"])]
+        for rule, prefix in (("tune (default)", ""), ("guarded (what-if)", "guarded_")):
+            margins = [r[prefix + "margin"] for r in mine]
+            wins = sum(r[prefix + "wins"] for r in mine)
+            soup = sum(r["pick"] == "soup" or (bool(prefix) and not r["guarded_keeps_pick"]) for r in mine)
+            mean = (signed(statistics.mean(margins)), signed(min(margins))) if family != "all" else ("—", "—")
+            lines.append(f"| {family} | {rule} | {len(mine)} | {wins}/{len(mine)} ({100 * wins / len(mine):.0f} %) | "
+                         f"{mean[0]} | {mean[1]} | {soup}/{len(mine)} |")
+    wins = sum(r["wins"] for r in rows)
+    lines += ["", f"All cases: tune reached max(soup, best expert) on test in {wins}/{len(rows)} "
+              f"({100 * wins / len(rows):.0f} %; the issue's target is ≥ 80 %)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ame_hf.tuning import DEFAULT_BUDGET
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument("--digits-n", default="2,4", help="numbers of digits experts (default 2,4); '' skips digits")
+    parser.add_argument("--lm-steps", default="60,120",
+                        help="fine-tuning steps of the LM experts (default 60,120); '' skips lm")
+    parser.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help=f"tune budget (default {DEFAULT_BUDGET})")
+    parser.add_argument("--out", type=Path, default=HERE / "_work" / "heldout",
+                        help="work folder: models, cases.json and results.md (default benchmarks/_work/heldout)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild results.md from --out/cases.json without running anything")
+    parser.add_argument("--update-results", action="store_true",
+                        help="also rewrite the committed benchmarks/RESULTS-heldout.md")
+    args = parser.parse_args(argv)
+    ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
+    seeds, ns, steps = ints(args.seeds), ints(args.digits_n), ints(args.lm_steps)
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    sys.path.insert(0, str(REPO / "examples"))
+    from _results import recorded_command, shown, source_commit
+
+    if args.report_only:
+        saved = json.loads((args.out / "cases.json").read_text(encoding="utf-8"))
+        return write(report(saved["cases"], saved["meta"]), args.out, args.update_results, shown)
+    commit = source_commit(("ame_hf", "examples", "benchmarks"))  # the code as it runs, before this run writes
+    torch.set_num_threads(1)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    rows = digits_cases(seeds, ns, args.budget, args.out) + lm_cases(seeds, steps, args.budget, args.out)
+    if not rows:
+        parser.error("nothing to run: give --digits-n or --lm-steps")
+    meta = {"command": recorded_command(__file__, sys.argv[1:] if argv is None else list(argv),
+                                        {"--out": True, "--update-results": False}),
+            "commit": commit, "date": datetime.date.today().isoformat(), "budget": args.budget,
+            "default_budget": DEFAULT_BUDGET, "seconds": time.perf_counter() - started}
+    (args.out / "cases.json").write_text(json.dumps({"meta": meta, "cases": rows}, indent=1), encoding="utf-8")
+    return write(report(rows, meta), args.out, args.update_results, shown)
+
+
+def write(text: str, out: Path, update_results: bool, shown: Any) -> int:
+    """Print the report and write it to out/results.md (and the committed file with --update-results)."""
+    print(text)
+    for target in [out / "results.md", *([COMMITTED] if update_results else [])]:
+        target.write_text(text, encoding="utf-8")
+        print(f"wrote {shown(target)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
