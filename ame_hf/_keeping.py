@@ -1,5 +1,5 @@
 """What of one tensor a merge keeps in memory within `--max-memory`: every ingredient's blocks (each input
-byte read once), in their stored dtype when only that fits, and the relative lr's pivots (each mean computed once)."""
+byte read once), in their stored dtype when only that fits, and the relative lr's pivots beside them."""
 
 from __future__ import annotations
 
@@ -36,8 +36,10 @@ def keep_dtype(checkpoints: Sequence[Checkpoint], name: str, compute: torch.dtyp
 def keeping(checkpoints: Sequence[Checkpoint], name: str, passes: int, compute: torch.dtype, max_memory: int, *,
             relative: bool) -> tuple[dict | None, dict | None, torch.dtype]:
     """What of tensor `name` is kept: every ingredient's blocks when they fit `max_memory` (in the compute dtype,
-    else in the stored one), and with a relative lr the spread's pivots too when they fit beside them (or alone,
-    when the blocks do not fit: the mean is then computed once, the blocks read twice).
+    else in the stored one), and with a relative lr the spread's pivots too when they fit beside them. A tensor
+    whose blocks do not fit keeps nothing: its spread pass reads it once more and its means are computed twice
+    (keeping the pivots alone would hold a float32 copy of the tensor: the 134M model's embedding took the
+    merge's peak memory from about 390 to 510 MiB, to save about 0.1 s).
 
     Args:
         checkpoints: the ingredients.
@@ -62,4 +64,4 @@ def keeping(checkpoints: Sequence[Checkpoint], name: str, passes: int, compute: 
         return {}, {} if relative and blocks_bytes + pivot_bytes <= max_memory else None, dtype
     logger.debug("%s: %d copies of %.1f MB exceed --max-memory: kept one block at a time, so the learning-rate "
                  "spread reads it once more", name, n, numel * dtype.itemsize / 1e6)
-    return None, {} if relative and pivot_bytes <= max_memory else None, dtype
+    return None, None, dtype
