@@ -76,8 +76,8 @@ def row_spreads(load: Loader, n: int, pivot: torch.Tensor | None) -> tuple[torch
     """The pivot of a block and, per row, the ingredients' summed squared distance to it (the relative lr's
     spread; `spread_total` adds the rows of a whole tensor).
 
-    With `pivot=None` the pivot is their mean (`mean_of`, as the merge starts from it): `load` is then called
-    twice for each ingredient, in order (`0..n-1`, then again). Each ingredient's row sums are computed in the
+    With `pivot=None` the pivot is their mean (`mean_of`, as the merge starts from it), from the same blocks:
+    `load` is called once for each ingredient, in order, and the `n` blocks are held together. Each ingredient's row sums are computed in the
     block's dtype (`squared_distance`) and added in float64: within 1e-6 relative of a float64 computation
     (tests/test_spread.py), without converting every block to float64.
 
@@ -93,7 +93,9 @@ def row_spreads(load: Loader, n: int, pivot: torch.Tensor | None) -> tuple[torch
     >>> row_spreads(values.__getitem__, 2, None)
     (tensor([1., 2.]), tensor([2., 0.], dtype=torch.float64))
     """
-    if pivot is None:
+    loaded = [load(i) for i in range(n)] if pivot is None else None  # the mean's blocks serve the distances too
+    if loaded is not None:
+        load = loaded.__getitem__
         pivot = mean_of(load, n)
     buffer = torch.empty_like(pivot)
     total = squared_distance(load(0), pivot, buffer).double()

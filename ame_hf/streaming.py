@@ -197,14 +197,15 @@ class TensorMerger:
         passes = relative + (self.pivot == "mean" and not self.soup) + (len(self.order) if lr != 0.0 else 0)
         kept, pivots, dtype = keeping(self.checkpoints, name, passes, self.compute_dtype, self.max_memory,
                                       relative=relative)
+        if pivots is None and relative and len(blocks) == 1:
+            pivots = {}  # the pivot of a one-block tensor is one block: held by the steps anyway
         if relative:
             # The spread needs the whole tensor before the first step. Each block's pivot (the mean: the costly
             # part) is computed here, and kept for the steps when `max_memory` allows.
             spreads = []
             for rows in blocks:
                 given = self._pivot_block(name, rows)
-                reads = [*range(n), *(range(n) if given is None else ())]
-                pivot, spread = row_spreads(self._block_loader(kept, name, rows, reads, info.shape, dtype), n, given)
+                pivot, spread = row_spreads(self._block_loader(kept, name, rows, range(n), info.shape, dtype), n, given)
                 spreads.append(spread)
                 # The spread is to the plain mean; a weighted merge starts from its weighted mean instead.
                 if pivots is not None and (given is not None or self.weights is None):
