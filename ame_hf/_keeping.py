@@ -4,7 +4,8 @@ byte read once), in their stored dtype when only that fits, and the relative lr'
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+import math
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -65,3 +66,37 @@ def keeping(checkpoints: Sequence[Checkpoint], name: str, passes: int, compute: 
     logger.debug("%s: %d copies of %.1f MB exceed --max-memory: kept one block at a time, so the learning-rate "
                  "spread reads it once more", name, n, numel * dtype.itemsize / 1e6)
     return None, None, dtype
+
+
+def kept_loader(merger: Any, kept: dict, name: str, rows: Any, expected: Sequence[int] = (),
+                dtype: torch.dtype | None = None) -> Callable[[int], torch.Tensor]:
+    """`merger._loader`, but each block is read once and kept for the later passes (the engine never modifies
+    what it loads), so the arithmetic and the bytes written are the same. With `dtype` (the stored one, e.g.
+    bfloat16) blocks are kept in it and converted to the compute dtype on each load: the same values in half
+    the memory."""
+    fresh = list(dict.fromkeys(i for i in expected if (rows, i) not in kept))
+    if merger.io is None or not fresh:
+        read = lambda i: merger._read(merger.checkpoints[i], name, rows, dtype)  # noqa: E731
+    else:
+        read = merger._loader(name, rows, fresh, dtype)
+
+    def load(i: int) -> torch.Tensor:
+        if (rows, i) not in kept:
+            kept[(rows, i)] = read(i)
+        return kept[(rows, i)].to(merger.compute_dtype)  # the kept tensor itself in the compute dtype
+
+    return load
+
+
+def block_loader(merger: Any, kept: dict | None, name: str, rows: Any, reads: Sequence[int], shape: tuple[int, ...],
+                 dtype: torch.dtype) -> Callable[[int], torch.Tensor]:
+    """The loader of one block of a `TensorMerger` that the engine reads in the order `reads`: from the tensor's
+    kept blocks, else each of this block's ingredients read once when they fit `max_memory` and are read more
+    than once, else read as asked."""
+    if kept is not None:
+        return kept_loader(merger, kept, name, rows, reads, dtype)
+    block_rows = shape if rows is None else (rows[1] - rows[0], *shape[1:])
+    block_bytes = len(merger.checkpoints) * math.prod(block_rows) * dtype.itemsize
+    if len(reads) > len(set(reads)) and block_bytes <= merger.max_memory:
+        return kept_loader(merger, {}, name, rows, reads, dtype)
+    return merger._loader(name, rows, reads)

@@ -11,9 +11,10 @@ from ._options import check_options, evaluation_options
 from .compatibility import CompatibilityReport
 from .config import AmeConfig
 from .errors import InvalidConfigError
-from .evaluation import check_scorable, default_metric, evaluate_model, load_data, task_for_models
+from .evaluation import check_scorable, evaluate_model, load_data, metric_for, task_for_models
 from .full_models import FullModels, fetch_models, resolve_models
 from .inputs import InputStage
+from .lm_harness import data_or_tasks
 from .merging import merge
 from .output import clean_up_temp_dirs, process_temp_dir, remove_temp_dir
 from .push import upload_output
@@ -68,7 +69,7 @@ def check(ingredients: Sequence[str | os.PathLike], *, token: str | None = None,
 def evaluate(
     models: Sequence[str | os.PathLike],
     *,
-    data: str | os.PathLike,
+    data: str | os.PathLike | None = None,
     task: str | None = None,
     metric: str | None = None,
     base: str | os.PathLike | None = None,
@@ -77,6 +78,11 @@ def evaluate(
     batch_size: int | None = None,
     device: str | None = None,
     progress: bool = False,
+    lm_eval_tasks: str | Sequence[str] | None = None,
+    lm_eval_include: str | os.PathLike | None = None,
+    lm_eval_metric: str | None = None,
+    lm_eval_limit: int | None = None,
+    lm_eval_num_fewshot: int | None = None,
 ) -> Evaluation:
     """Score models (merge outputs, local directories or Hub repo IDs) on local data, offline.
 
@@ -98,6 +104,12 @@ def evaluate(
         batch_size: examples per forward pass.
         device: where the models run (text-generation default: the GPU when there is one).
         progress: a progress bar over the batches (text-generation).
+        lm_eval_tasks: instead of `data`, lm-evaluation-harness tasks (`NAME[=WEIGHT],...` or a list): the
+            score is `lm_eval_metric` averaged over them with their weights (extra: `pip install 'ame-hf[lm-eval]'`).
+        lm_eval_include: a folder of local task YAMLs (lm-eval's `--include_path`).
+        lm_eval_metric: the metric as lm-eval names it in its results (default `acc,none`; `acc_norm,none`, ...).
+        lm_eval_limit: score only the first N documents of each task.
+        lm_eval_num_fewshot: few-shot examples per prompt (default: each task's own).
 
     Returns:
         An `Evaluation` with the task and metric used and `[(model, score)]`.
@@ -112,11 +124,14 @@ def evaluate(
     [('./lora', 0.84)]
     """
     evaluation_options(max_length=max_length, batch_size=batch_size)
+    data = data_or_tasks(data, lm_eval_tasks=lm_eval_tasks, lm_eval_include=lm_eval_include,
+                         lm_eval_metric=lm_eval_metric, lm_eval_limit=lm_eval_limit,
+                         lm_eval_num_fewshot=lm_eval_num_fewshot)
     refs = [os.fspath(m) for m in models]
     resolved = resolve_models(refs, base=base, token=token)  # light files only: every check before a download
     task = task_for_models([(r, m.config) for r, m in zip(refs, resolved)], task)
-    metric = default_metric(task, metric)
     dataset = load_data(data, task)
+    metric = metric_for(task, metric, dataset)
     check_scorable([m.tokenizer for m in resolved], task)
     fetch_models(resolved)
     with FullModels(resolved, token=token, device=device) as full:

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder: new or empty (with --overwrite: a previous ame-hf output)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace a previous ame-hf output at --out (never an input, the cwd or a folder of yours)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the unfinished merge of --out that the same command started (kill -9, power loss, "
+                        "full disk): finished tensors are verified and kept; if there is none, start from the beginning")
     add_config_options(g, only=[f for f in OUTPUT_FIELDS if f != "base"])
     g = m.add_argument_group("Hub and push")
     g.add_argument("--push", action="store_true", help="push the output to the Hub (needs --repo-id)")
@@ -188,6 +191,8 @@ def validate_merge(args: argparse.Namespace) -> MergeRun:
         raise InvalidConfigError("no output directory: pass --out DIR")
     if args.push and not args.repo_id:
         raise InvalidConfigError("--push needs --repo-id ORG/NAME")
+    if args.resume and args.greedy_soup:
+        raise InvalidConfigError("--resume continues a plain merge; --greedy-soup runs its merges again: drop --resume")
     config = config_with(None, values)
     merge_options(refs, config, threads=args.threads, max_memory=args.max_memory)
     validate_merge_evaluation(args, values)
@@ -197,7 +202,8 @@ def validate_merge(args: argparse.Namespace) -> MergeRun:
 def cmd_merge(args: argparse.Namespace, run: MergeRun) -> int:
     refs, out = run.refs, run.out
     # Before torch and the Hub client load: a bad path or --out fails in a fraction of a second.
-    check_output_dir(Path(out), args.overwrite, inputs=local_inputs([*refs, *run.config.other_refs]))
+    check_output_dir(Path(out), args.overwrite, inputs=local_inputs([*refs, *run.config.other_refs]),
+                     resume=args.resume)
     stage = check_before_merge(args, refs, run.config)
     from .devices import keep_freed_memory
 
@@ -209,7 +215,7 @@ def cmd_merge(args: argparse.Namespace, run: MergeRun) -> int:
         return 0
     from .merging import merge
 
-    result = merge(refs, out, run.config, token=args.token, overwrite=args.overwrite,
+    result = merge(refs, out, run.config, token=args.token, overwrite=args.overwrite, resume=args.resume,
                    progress=not args.quiet, device=args.device, threads=args.threads,
                    max_memory=args.max_memory, stage=stage)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch: the main process reports

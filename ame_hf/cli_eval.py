@@ -15,7 +15,7 @@ from ._validators import whole_number
 from .card_results import update_card
 from .config import OUTPUT_FIELDS, WEIGHT_FIELDS, AmeConfig
 from .errors import InvalidConfigError
-from .evaluation import TASKS, check_scorable, default_metric, higher_is_better, load_data, task_for_models
+from .evaluation import TASKS, check_scorable, higher_is_better, load_data, metric_for, task_for_models
 from .lm_evaluation import perplexity
 
 DEFAULT_BUDGET = 12  # tuning.DEFAULT_BUDGET (not imported: it loads torch)
@@ -34,10 +34,51 @@ def add_task_options(p: argparse.ArgumentParser, *, test_data: bool) -> None:
                    help="text-generation: truncate documents to this many tokens (default: the model's limit)")
     p.add_argument("--eval-batch-size", type=whole, default=None, metavar="N",
                    help="examples per forward pass (default 32; text-generation 8 documents)")
+    add_lm_eval_options(p)
     if test_data:
         p.add_argument("--test-data", default=None, metavar="FILE",
                        help="held-out data, used for no choice: scores the selected model, the soup and the best "
                             "ingredient, and that goes into the card's model-index")
+
+
+def add_lm_eval_options(p: argparse.ArgumentParser) -> None:
+    """lm-evaluation-harness tasks as the score (`lm_harness`): the flags of the `lm_eval_*` keywords."""
+    g = p.add_argument_group("lm-evaluation-harness tasks as the score (pip install 'ame-hf[lm-eval]')")
+    g.add_argument("--lm-eval-tasks", metavar="NAME[=W],...", help="score by these lm-eval tasks instead of "
+                   "data: the metric averaged over them, weighted by W (default 1)")
+    g.add_argument("--lm-eval-include", metavar="DIR", help="a folder of local task YAMLs (lm-eval's --include_path)")
+    g.add_argument("--lm-eval-metric", metavar="NAME", help="the metric as lm-eval names it (default acc,none; "
+                   "acc_norm,none, ...)")
+    g.add_argument("--lm-eval-limit", type=whole, metavar="N", help="score the first N documents of each task")
+    g.add_argument("--lm-eval-num-fewshot", type=whole, metavar="N",
+                   help="few-shot examples per prompt (default: each task's own)")
+
+
+def lm_eval_data(args: argparse.Namespace, data_flag: str = "--data") -> None:
+    """`args.data` becomes the `LmEvalTasks` the `--lm-eval-*` flags describe (one of the two is the score).
+
+    Raises:
+        InvalidConfigError: both given, or an `--lm-eval-*` flag without `--lm-eval-tasks` (exit 2).
+    """
+    from .lm_harness import lm_eval_tasks
+
+    spec = lm_eval_tasks(args.lm_eval_tasks, include=args.lm_eval_include, metric=args.lm_eval_metric,
+                         limit=args.lm_eval_limit, num_fewshot=args.lm_eval_num_fewshot)
+    if spec is None:
+        return
+    if args.data:
+        raise InvalidConfigError(f"give {data_flag} or --lm-eval-tasks, not both: each is the score")
+    if args.metric is not None:
+        raise InvalidConfigError("with --lm-eval-tasks the metric is --lm-eval-metric (e.g. acc_norm,none)")
+    if getattr(args, "test_data", None):
+        raise InvalidConfigError("--test-data goes with data files, not --lm-eval-tasks; score the output on other "
+                                 "tasks with `ame-hf evaluate`")
+    args.data = spec
+
+
+def data_name(data: Any) -> str:
+    """How the card names the data: a file's stem, or the lm-eval tasks."""
+    return data.name if hasattr(data, "tasks") else Path(data).stem
 
 
 _DATA_HELP = ("data: JSONL/CSV with text|image and label columns, or an image folder; text-generation: a .txt "
@@ -52,7 +93,7 @@ def add_evaluate_parser(sub: Any) -> argparse.ArgumentParser:
                                  "ame-hf evaluate merged --data val.txt --metric perplexity --update-card merged",
                                  "ame-hf evaluate ./lora-a --data val.txt --base org/base --device cuda"])
     e.add_argument("models", nargs="+", metavar="MODEL", help="a model: " + REF_HELP)
-    e.add_argument("--data", required=True, metavar="FILE", help=_DATA_HELP)
+    e.add_argument("--data", metavar="FILE", help=_DATA_HELP + " (or --lm-eval-tasks)")
     add_task_options(e, test_data=False)
     e.add_argument("--device", help="where the models run (default: the GPU when there is one)")
     e.add_argument("--update-card", metavar="DIR",
@@ -75,7 +116,7 @@ def add_tune_parser(sub: Any) -> argparse.ArgumentParser:
     t.add_argument("refs", nargs="+", metavar="REF", help="ingredient: " + REF_HELP)
     # Not required by argparse: a missing --out is the validation step's usage error, as for merge.
     t.add_argument("-o", "--out", metavar="DIR", help="output folder for the chosen model")
-    t.add_argument("--data", required=True, metavar="FILE", help="validation " + _DATA_HELP)
+    t.add_argument("--data", metavar="FILE", help="validation " + _DATA_HELP + " (or --lm-eval-tasks)")
     add_task_options(t, test_data=True)
     t.add_argument("--budget", type=whole, default=DEFAULT_BUDGET,
                    help=f"number of AME variants to try (default {DEFAULT_BUDGET}; each is a merge and an evaluation)")
@@ -106,8 +147,9 @@ def validate_merge_evaluation(args: argparse.Namespace, values: dict[str, Any]) 
     Raises:
         InvalidConfigError: a usage error (exit 2).
     """
+    lm_eval_data(args, "--eval-data")
     if args.greedy_soup and not args.data:
-        raise InvalidConfigError("--greedy-soup needs --eval-data (validation data to choose the ingredients by)")
+        raise InvalidConfigError("--greedy-soup needs --eval-data or --lm-eval-tasks (what to choose the ingredients by)")
     if args.test_data and not args.greedy_soup:
         raise InvalidConfigError("--test-data goes with --greedy-soup (or `ame-hf tune`); to score a merge on more "
                                  "data, use `ame-hf evaluate`")
@@ -123,8 +165,15 @@ def validate_merge_evaluation(args: argparse.Namespace, values: dict[str, Any]) 
 
 def validate_evaluate(args: argparse.Namespace) -> None:
     """`evaluate`'s options. Raises: InvalidConfigError, a usage error (exit 2)."""
+    _need_data(args)
     evaluation_options(max_length=args.max_length, batch_size=args.eval_batch_size)
     config_with(None, config_values(args))  # --base
+
+
+def _need_data(args: argparse.Namespace) -> None:
+    lm_eval_data(args)
+    if not args.data:
+        raise InvalidConfigError("no data to score on: pass --data FILE or --lm-eval-tasks NAME")
 
 
 def validate_tune(args: argparse.Namespace) -> AmeConfig:
@@ -135,6 +184,7 @@ def validate_tune(args: argparse.Namespace) -> AmeConfig:
     """
     if not args.out:
         raise InvalidConfigError("no output directory: pass --out DIR")
+    _need_data(args)
     return tune_options(args.refs, budget=args.budget, config=config_with(None, config_values(args)),
                         max_length=args.max_length, batch_size=args.eval_batch_size)
 
@@ -154,10 +204,10 @@ def check_before_merge(args: argparse.Namespace, refs: Sequence[str], config: Am
                 allow_dtype_mismatch=config.dtype != "auto").raise_for_errors()
     models = resolve_models(refs, base=config.base, stage=stage)
     args.task = task_for_models([(m.name, m.config) for m in models], args.task)
-    args.metric = default_metric(args.task, args.metric)
     for path in (args.data, args.test_data):
         if path:
             load_data(path, args.task)
+    args.metric = metric_for(args.task, args.metric, args.data)
     check_scorable([m.tokenizer for m in models], args.task)
     return stage
 
@@ -181,7 +231,12 @@ def evaluate_merge(args: argparse.Namespace, result: Any) -> None:
     label = Path(result.path).absolute().name  # the output as the user named it (not "merged" whatever --out is)
     rows = _evaluate_rows([str(result.path)] + [str(i.path) for i in result.ingredients], args,
                           labels=[label] + [i.display_name for i in result.ingredients], base=result.config.base)
-    update_card(result.path, rows, task=args.task, dataset=Path(args.data).stem, metric=args.metric)
+    update_card(result.path, rows, task=args.task, dataset=data_name(args.data), metric=args.metric)
+    if hasattr(args.data, "tasks"):
+        from .lm_harness import record
+
+        record(result.path, args.data, scored_as=result.path, device=getattr(args, "device", None),
+               batch_size=args.eval_batch_size, max_length=args.max_length)
     print(table(rows, args.metric))
 
 
@@ -215,7 +270,7 @@ def cmd_evaluate(args: argparse.Namespace, options: None) -> int:
     rows = _evaluate_rows(args.models, args)  # the task (given or inferred) fits every model, or nothing runs
     print(table(rows, args.metric))
     if args.update_card:
-        update_card(args.update_card, rows, task=args.task, dataset=Path(args.data).stem, metric=args.metric)
+        update_card(args.update_card, rows, task=args.task, dataset=data_name(args.data), metric=args.metric)
         if not args.quiet:
             _err(f"updated the model card in {args.update_card}")
     return 0

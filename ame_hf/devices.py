@@ -143,6 +143,26 @@ def share_path(setup: ProcessSetup, path: Path | None) -> Path:
     return path
 
 
+def share_object(setup: ProcessSetup, value: Any) -> Any:
+    """The main process's `value` (picklable), on every process.
+
+    Args:
+        setup: this process's `ProcessSetup`.
+        value: the main process's value (the others' is ignored).
+
+    Returns:
+        The main process's value.
+
+    >>> share_object(process_setup("cpu"), {"a"})
+    {'a'}
+    """
+    if setup.world > 1:
+        from accelerate.utils import broadcast_object_list
+
+        value = broadcast_object_list([value])[0]
+    return value
+
+
 @contextmanager
 def cpu_threads(device: torch.device, threads: int | None) -> Iterator[None]:
     """torch intra-op threads for a CPU merge (default 1), restored afterwards.

@@ -1,5 +1,6 @@
 """Evaluate models on local data: classifiers through transformers pipelines and `evaluate` metrics,
-causal LMs by their per-token loss (`lm_evaluation`); which way each metric is better. Works offline."""
+causal LMs by their per-token loss (`lm_evaluation`) or lm-eval tasks (`lm_harness`); which way each metric is
+better. Works offline."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any, Sequence
 from ._quiet import quiet_libraries
 from .errors import CheckpointError, InvalidConfigError
 from .lm_evaluation import TextData, check_tokenizer, load_texts, mean_token_nll, perplexity
+from .lm_harness import LmEvalTasks, check_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -89,13 +91,27 @@ def default_metric(task: str, metric: str | None = None) -> str:
     return metric
 
 
+def metric_for(task: str, metric: str | None, data: Any) -> str:
+    """The metric of a score on `data`: an `LmEvalTasks`' own (`--lm-eval-metric`), else `default_metric`.
+
+    Raises:
+        InvalidConfigError: `metric` given with lm-eval tasks (their metric is `lm_eval_metric`).
+    """
+    if isinstance(data, LmEvalTasks):
+        if metric is not None and metric != data.metric:
+            raise InvalidConfigError("with lm-eval tasks the metric is lm_eval_metric (e.g. acc_norm,none), not metric",
+                                     fields=("metric", "lm_eval_metric"))
+        return data.metric
+    return default_metric(task, metric)
+
+
 def higher_is_better(metric: str) -> bool:
     """Whether a larger value of `metric` is better (`accuracy`: yes; `loss`, `perplexity`: no).
 
     >>> higher_is_better("accuracy"), higher_is_better("loss")
     (True, False)
     """
-    name = Path(str(metric)).name.lower()
+    name = Path(str(metric)).name.lower().split(",")[0]  # lm-eval's `acc,none`: the metric, then its filter
     return not (name in LOWER_IS_BETTER or name.endswith(("_loss", "_error")))
 
 
@@ -174,13 +190,16 @@ def check_scorable(paths: Sequence[str | os.PathLike], task: str) -> None:
             check_tokenizer(path)
 
 
-def load_data(path: str | os.PathLike, task: str) -> LabelledData | TextData:
+def load_data(path: str | os.PathLike | LmEvalTasks, task: str) -> LabelledData | TextData | LmEvalTasks:
     """Read a JSONL/CSV file (`text` or `image`, and `label` columns) or an image folder
     (`root/<label>/<image>`); for text-generation, a `.txt` file (one document per line) or JSONL (`text`).
+    `LmEvalTasks` are returned as they are once checked (`lm_harness.check_tasks`).
 
     Raises:
         InvalidConfigError: the file is missing, unreadable or lacks the needed columns.
     """
+    if isinstance(path, LmEvalTasks):
+        return check_tasks(path, task)
     if task not in TASKS:
         raise InvalidConfigError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
     if task == "text-generation":
@@ -253,6 +272,8 @@ def predict(model: Any, data: LabelledData, task: str, batch_size: int = 32, dev
     kwargs: dict[str, Any] = {"model": model, "device": device or "cpu"}
     if isinstance(model, (str, os.PathLike)):
         kwargs["model"] = str(model)
+    elif task == "text-classification" and getattr(model, "name_or_path", None):
+        kwargs["tokenizer"] = model.name_or_path  # a model built in memory (`in_memory`): its tokenizer's folder
     try:
         pipe = pipeline(task, **kwargs)
     except Exception as err:
@@ -266,7 +287,7 @@ def predict(model: Any, data: LabelledData, task: str, batch_size: int = 32, dev
     return preds
 
 
-def evaluate_model(model: Any, data: LabelledData | TextData, task: str, metric: str | None = None, *,
+def evaluate_model(model: Any, data: LabelledData | TextData | LmEvalTasks, task: str, metric: str | None = None, *,
                    max_length: int | None = None, batch_size: int | None = None, device: str | None = None,
                    progress: bool = False) -> float:
     """The metric's main value for one model (a directory or a loaded transformers model).
@@ -291,10 +312,14 @@ def evaluate_model(model: Any, data: LabelledData | TextData, task: str, metric:
                                device=device, progress=progress)
 
 
-def _evaluate_model(model: Any, data: LabelledData | TextData, task: str, metric: str | None, *,
+def _evaluate_model(model: Any, data: LabelledData | TextData | LmEvalTasks, task: str, metric: str | None, *,
                     max_length: int | None, batch_size: int | None, device: str | None, progress: bool) -> float:
     from transformers import AutoConfig
 
+    if isinstance(data, LmEvalTasks):
+        from .lm_harness import score
+
+        return score(model, data, device=device, batch_size=batch_size, max_length=max_length)
     metric = default_metric(task, metric)
     if task == "text-generation":
         if not isinstance(data, TextData):

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 from . import __version__
 from ._options import config_with, merge_options
 from .config import AmeConfig, parse_size
-from .devices import barrier, cpu_threads, main_process_first, process_setup, share_path
+from . import journal
+from .devices import barrier, cpu_threads, main_process_first, process_setup, share_object, share_path
 from .engine import decay_arguments, ingredient_order
 from .finish import finish
 from .inputs import InputStage
@@ -27,7 +28,7 @@ from .records import MergeResult
 from .requantize import FP8_OUTPUT, fp8_output_check, requantize
 from .resolve import local_inputs
 from .streaming import DEFAULT_MAX_MEMORY, ProgressCallback, TensorMerger, stream_tensors
-from .writer import create_shard_files, write_index
+from .writer import write_index
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ def merge(
     max_memory: str | int | None = None,
     stage: InputStage | None = None,
     recorded_at: str | os.PathLike | None = None,
+    resume: bool = False,
     **options: Any,
 ) -> MergeResult:
     """Merge checkpoints with AME and write a `from_pretrained`-loadable model to `out_dir`.
@@ -72,13 +74,18 @@ def merge(
             each reference is resolved, fetched and parsed once; default: a new one (with `token`).
         recorded_at: where the output will live if you move it there after the merge (as `tune` moves its
             pick): `ame_config.yaml` and the card record local references relative to it (default: `out_dir`).
+        resume: continue the unfinished merge of `out_dir` that the same call started (stopped by kill -9, a
+            power loss, a full disk): the tensors it finished are verified and kept, the output is bit-identical
+            to a run that never stopped; without one, start from the beginning. A failed run then keeps its
+            finished part beside `out_dir` for the next `resume=True` (without `resume` it is removed).
 
     Returns:
         A `MergeResult` with the output path, resolved config, ingredients and order.
 
     Raises:
         InvalidConfigError, IngredientNotFoundError, CheckpointError, IncompatibleCheckpointsError,
-        OutputError, HubError (all `AmeError`s).
+        OutputError, HubError (all `AmeError`s); with `resume`, an unfinished merge of `out_dir` started with
+        another config or other inputs: OutputError, one line.
 
     >>> result = merge(["./expert-a", "./expert-b"], "merged", optimizer="sgd")  # doctest: +SKIP
     >>> result.path                                                             # doctest: +SKIP
@@ -98,7 +105,7 @@ def merge(
                                 recorded_at=Path(recorded_at) if recorded_at is not None else None)
     return _merge(refs, Path(out_dir), config, started, token=token, overwrite=overwrite, progress=progress,
                   callback=callback, device=device, threads=threads, max_memory=max_memory, stage=stage,
-                  recorded_at=Path(recorded_at) if recorded_at is not None else None)
+                  recorded_at=Path(recorded_at) if recorded_at is not None else None, resume=resume)
 
 
 def materialize(ingredient: str | os.PathLike, out_dir: str | os.PathLike, *, base: str | os.PathLike | None = None,
@@ -137,10 +144,10 @@ def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, tok
            overwrite: bool = False, progress: bool = True, callback: ProgressCallback | None = None,
            device: str | None = None, threads: int | None = None,
            max_memory: str | int | None = None, stage: InputStage | None = None,
-           recorded_at: Path | None = None) -> MergeResult:
+           recorded_at: Path | None = None, resume: bool = False) -> MergeResult:
     """`merge` once its config is resolved and the ingredients counted."""
     extra = [*config.pivot_refs, *([config.base] if config.base else []), *config.tokenizer_refs]
-    check_output_dir(out, overwrite, inputs=local_inputs([*refs, *extra]))
+    check_output_dir(out, overwrite, inputs=local_inputs([*refs, *extra]), resume=resume)
     setup = process_setup(device)
     with cpu_threads(setup.device, threads):
         with main_process_first(setup):  # the main process downloads; the others find it in the cache
@@ -150,7 +157,12 @@ def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, tok
             inputs.raise_for_errors()
             fp8_output_check(config, inputs.report.checkpoints)  # before the download
             # Again with every input's real folder (a Hub ingredient's is in the cache), before the download.
-            check_output_dir(out, overwrite, inputs=inputs.paths)
+            check_output_dir(out, overwrite, inputs=inputs.paths, resume=resume)
+            pivot = inputs.pivot_ingredient
+            key = journal.run_key(config, inputs.ingredients, pivot or (0 if config.pivot == "first" else config.pivot),
+                                  [e.light for e in (inputs.pivot, inputs.base) if e is not None])
+            # Before the download: a resume of another merge is refused at once.
+            resumed = journal.take_up(out, key) if resume and setup.is_main else None
             inputs.open()
         report, checkpoints, pivot_ckpt = inputs.report, inputs.checkpoints, inputs.pivot_checkpoint
         readers = [c for r in [report, *(m.report for m in inputs.modules)]  # module folders' weights too
@@ -165,31 +177,36 @@ def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, tok
             logger.warning("%s's %s shrinks every weight at every step, also where all ingredients agree; pass "
                            "optimizer_args with %s 0 to keep agreed weights exact", config.optimizer, shown,
                            " and ".join(decay))
-        pivot = inputs.pivot_ingredient
         order = ingredient_order(len(refs), config.epochs, shuffle=config.shuffle, seed=config.seed,
                                  order=config.order)
         result = MergeResult(path=out, config=config, ingredients=inputs.ingredients, order=order, report=report,
                              base=inputs.base.light if inputs.base else None,
                              pivot=pivot or (0 if config.pivot == "first" else config.pivot), device=str(setup.device),
                              recorded_at=recorded_at)
+        if resume and journal.finished(out, _stamp(result)):  # submitted again after it finished: nothing to do
+            logger.info("%s already holds this merge, finished: nothing to do", out)
+            return dataclasses.replace(result, seconds=time.perf_counter() - started, bytes_read=0)
+        check_output_dir(out, overwrite)  # with resume, a previous output that is another merge: as without
         tensors = {n: checkpoints[0].info(n) for n in checkpoints[0].names()}
         shapes = {n: report.vocab.shape_of(n, i.shape) if report.vocab and n in report.vocab_keys else i.shape
                   for n, i in tensors.items()}
         plan = plan_shards([(n, shapes[n], output_dtype(config, i.dtype)) for n, i in tensors.items()],
                            parse_size(config.max_shard_size), _stamp(result))
-        staging = share_path(setup, make_staging_dir(out) if setup.is_main else None)
-        with staging_cleanup(staging, out, owner=setup.is_main):
-            if setup.is_main:
-                create_shard_files(staging, plan)
+        staging = share_path(setup, (resumed or make_staging_dir(out)) if setup.is_main else None)
+        with staging_cleanup(staging, out, owner=setup.is_main, keep=resume):
+            # The units of work: every tensor not yet written (all of them, unless resumed), split by bytes.
+            done = share_object(setup, journal.prepare(staging, plan, key) if setup.is_main else None)
             barrier(setup)
-            mine = assign_to_processes({n: i.nbytes for n, i in tensors.items()}, setup.world)[setup.rank]
+            mine = assign_to_processes({n: i.nbytes for n, i in tensors.items() if n not in done},
+                                       setup.world)[setup.rank]
             logger.log(logging.INFO if setup.world > 1 else logging.DEBUG, "process %d of %d on %s: %d tensor(s), %.1f MB",
                        setup.rank + 1, setup.world, setup.device, len(mine), sum(tensors[n].nbytes for n in mine) / 1e6)
             merger = TensorMerger(checkpoints, pivot_ckpt or result.pivot, config, order, setup.device,
                                   vocab=report.vocab, vocab_keys=report.vocab_keys,
                                   max_memory=DEFAULT_MAX_MEMORY if max_memory is None else parse_size(max_memory))
             warm = _warm_imports(setup.is_main)
-            stream_tensors(merger, mine, staging, plan, show=progress and setup.is_main, callback=callback)
+            stream_tensors(merger, mine, staging, plan, show=progress and setup.is_main, callback=callback,
+                           on_done=journal.Journal(staging, plan).record)
             barrier(setup)
             if setup.is_main:
                 merge_module_folders(inputs.modules, staging, config, order, setup.device, stamp=_stamp(result),
@@ -203,6 +220,7 @@ def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, tok
                 tokens = inputs.tokenizer_dir()
                 finish(staging, result, checkpoints, source=source,
                        tokenizer_dir=None if tokens == source.path else tokens, vocab=report.vocab)
+                journal.close(staging)
                 publish(staging, out, overwrite)
             barrier(setup)
     read = sum({id(c.reads): c.reads.bytes - before.get(id(c.reads), 0) for c in readers}.values())

@@ -39,7 +39,8 @@ def _related(a: Path, b: Path) -> bool:
     return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
 
-def check_output_dir(out: str | os.PathLike, overwrite: bool, *, inputs: Iterable[str | os.PathLike] = ()) -> None:
+def check_output_dir(out: str | os.PathLike, overwrite: bool, *, inputs: Iterable[str | os.PathLike] = (),
+                     resume: bool = False) -> None:
     """Refuse an `out_dir` that would destroy or alter files the user did not ask ame-hf to write.
 
     Checked before any work, and again before the output is moved into place.
@@ -49,6 +50,8 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool, *, inputs: Iterabl
         overwrite: the user asked to replace an existing output.
         inputs: local directories the run reads (ingredients, pivot, tokenizer source): `out` may be
             none of them, and may neither contain nor lie inside one.
+        resume: a previous ame-hf output passes for now: the merge then finds whether it is this merge, finished
+            (`journal.finished`), and checks again without `resume` if not.
 
     Raises:
         OutputError: one line saying why and what to pass instead (naming `out_dir` and `overwrite`, which the
@@ -82,7 +85,7 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool, *, inputs: Iterabl
             raise OutputError(f"out_dir {_quoted(out)} is not empty and is not an ame-hf output (no {RUN_FILE}); "
                               "ame-hf replaces only its own outputs: choose a new or empty directory", path=out,
                               field="out_dir")
-        if not overwrite:
+        if not overwrite and not resume:
             raise OutputError(f"out_dir {_quoted(out)} holds a previous ame-hf output; pass overwrite=True to "
                               "replace it, or choose another path", path=out, fields=("out_dir", "overwrite"))
     parent = out.absolute().parent
@@ -240,18 +243,23 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie (killed, not yet reaped: its parent is gone too where nothing reaps) writes nothing
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 @contextmanager
-def staging_cleanup(staging: Path, out: str | os.PathLike, *, owner: bool = True) -> Iterator[None]:
+def staging_cleanup(staging: Path, out: str | os.PathLike, *, owner: bool = True,
+                    keep: bool = False) -> Iterator[None]:
     """Errors and Ctrl-C alike never leave a half-written model behind: the owner of `staging` removes
-    it, and an OSError becomes one `OutputError` line about `out`.
+    it (or, with `keep`, leaves it for `resume=True`), and an OSError becomes one `OutputError` line about `out`.
 
     Args:
         staging: the staging directory.
         out: the output directory (for the message).
         owner: this block made `staging` and removes it on failure.
+        keep: leave `staging` on failure, for a run with `resume=True` to continue (never at `out`).
 
     Returns:
         A context manager.
@@ -262,7 +270,10 @@ def staging_cleanup(staging: Path, out: str | os.PathLike, *, owner: bool = True
     try:
         yield
     except BaseException as err:
-        if owner:
+        if owner and keep:
+            logger.warning("the finished part of the merge is kept in %s: run the same command with --resume "
+                           "(Python: resume=True) to continue", staging)
+        elif owner:
             shutil.rmtree(staging, ignore_errors=True)
         if isinstance(err, OSError) and not isinstance(err, OutputError):
             raise OutputError(describe_os_error(err, Path(out)), path=out, field="out_dir") from err

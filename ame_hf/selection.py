@@ -15,11 +15,12 @@ from .card import selection_card
 from .card_results import add_card_section, update_card
 from .config import WEIGHT_FIELDS, AmeConfig
 from .errors import InvalidConfigError
-from .evaluation import (TextData, LabelledData, check_scorable, default_metric, evaluate_model, is_better, load_data,
+from .evaluation import (TextData, LabelledData, check_scorable, evaluate_model, is_better, load_data, metric_for,
                          sort_key, task_for_models)
 from .finish import copy_model_files
 from .full_models import FullModels, ResolvedModel, fetch_models, input_paths, resolve_models
 from .inputs import InputStage
+from .lm_harness import LmEvalTasks, data_or_tasks, record
 from .merging import merge
 from .output import RUN_FILE, check_output_dir, make_staging_dir, publish
 from .recipe import write_selection_file
@@ -252,10 +253,14 @@ def start_selection(ingredients: Sequence[str | os.PathLike], out: Path, overwri
     task = task_for_models([(m.name, m.config) for m in models], task)
     load = lambda d: d if isinstance(d, (LabelledData, TextData)) else load_data(d, task)  # noqa: E731
     val, test = load(data), None if test_data is None else load(test_data)
+    if isinstance(val, LmEvalTasks) and test is not None:
+        raise InvalidConfigError("test_data goes with data, not with lm_eval_tasks: score the output on other "
+                                 "lm-eval tasks with `ame-hf evaluate`", fields=("test_data", "lm_eval_tasks"))
+    metric = metric_for(task, metric, val)
     check_scorable([m.tokenizer for m in models], task)
     fetch_models(models)
     resolved = [m.ingredient for m in models]
-    return Selection(models=models, task=task, metric=default_metric(task, metric), val=val, test=test,
+    return Selection(models=models, task=task, metric=metric, val=val, test=test,
                      refs=[i.pinned_ref if i.repo_id else str(i.path) for i in resolved],
                      names=[i.display_name for i in resolved], stage=stage)
 
@@ -285,7 +290,7 @@ def greedy_soup(
     ingredients: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     *,
-    data: str | os.PathLike | LabelledData | TextData,
+    data: str | os.PathLike | LabelledData | TextData | LmEvalTasks | None = None,
     test_data: str | os.PathLike | LabelledData | TextData | None = None,
     task: str | None = None,
     metric: str | None = None,
@@ -296,6 +301,11 @@ def greedy_soup(
     token: str | None = None,
     overwrite: bool = False,
     log: Callable[[str], None] | None = None,
+    lm_eval_tasks: str | Sequence[str] | None = None,
+    lm_eval_include: str | os.PathLike | None = None,
+    lm_eval_metric: str | None = None,
+    lm_eval_limit: int | None = None,
+    lm_eval_num_fewshot: int | None = None,
 ) -> GreedySoupResult:
     """Write the greedy soup of the ingredients on validation `data` (`ame-hf merge --greedy-soup`).
 
@@ -316,6 +326,8 @@ def greedy_soup(
         token: Hub token.
         overwrite: replace a previous ame-hf output.
         log: called with one line per step.
+        lm_eval_tasks, lm_eval_include, lm_eval_metric, lm_eval_limit, lm_eval_num_fewshot: lm-eval tasks as
+            the score instead of `data` (see `ame_hf.evaluate`); the output keeps its lm-eval results.
 
     Returns:
         A `GreedySoupResult`.
@@ -329,6 +341,9 @@ def greedy_soup(
     """
     out = Path(out_dir)
     soup_config(config)  # a weight option is refused before anything is downloaded
+    data = data_or_tasks(data, lm_eval_tasks=lm_eval_tasks, lm_eval_include=lm_eval_include,
+                         lm_eval_metric=lm_eval_metric, lm_eval_limit=lm_eval_limit,
+                         lm_eval_num_fewshot=lm_eval_num_fewshot)
     sel = start_selection(ingredients, out, overwrite, data=data, test_data=test_data, task=task, metric=metric,
                           base=config.base if config is not None else None, token=token, config=config)
     task, metric, val, test, refs = sel.task, sel.metric, sel.val, sel.test, sel.refs
@@ -343,12 +358,16 @@ def greedy_soup(
         best = trace.steps[0][0]
         # The best ingredient's, before an adapter's full model moves into the output.
         best_on_test = evaluate(full.path(best), test) if test is not None else None
+        scored = trace.path or full.path(best)  # where the output was scored (before a move)
         if trace.path is None:
             final = write_selected(scratch / "ingredient", full, best, refs, len(refs), by="the greedy soup")
         else:
             final = trace.path
         tests = _greedy_test_scores(trace, best_on_test, lambda: evaluate(final, test))
         _write_greedy_card(final, trace, sel, scores, tests, model_name=out.absolute().name)
+        if isinstance(val, LmEvalTasks):
+            record(final, val, scored_as=scored, device=device,
+                   batch_size=batch_size, max_length=max_length)
         publish(final, out, overwrite)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -77,9 +77,9 @@ def row_spreads(load: Loader, n: int, pivot: torch.Tensor | None) -> tuple[torch
     spread; `spread_total` adds the rows of a whole tensor).
 
     With `pivot=None` the pivot is their mean (`mean_of`, as the merge starts from it), from the same blocks:
-    `load` is called once for each ingredient, in order, and the `n` blocks are held together. Each ingredient's row sums are computed in the
-    block's dtype (`squared_distance`) and added in float64: within 1e-6 relative of a float64 computation
-    (tests/test_spread.py), without converting every block to float64.
+    `load` is called once for each ingredient, in order, and the `n` blocks are held together. Each
+    ingredient's row sums are computed in the block's dtype (`squared_distance`) and added in float64: within
+    1e-6 relative of a float64 computation (tests/test_spread.py), without converting every block to float64.
 
     Args:
         load: `load(i)` gives ingredient `i`'s values for the block (never modified here).

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint
 from .config import AmeConfig
-from ._keeping import keeping
+from ._keeping import block_loader, keeping
 from .engine import ame_block
 from .errors import CheckpointError, IncompatibleCheckpointsError
 from .plan import Rows, ShardPlan, tensor_blocks
@@ -102,38 +102,18 @@ class TensorMerger:
 
         return load
 
-    def _kept_loader(self, kept: dict[tuple[Rows, int], torch.Tensor], name: str, rows: Rows,
-                     expected: Sequence[int] = (), dtype: torch.dtype | None = None) -> Callable[[int], torch.Tensor]:
-        """`_loader`, but each block is read once and kept for the later passes (the engine never
-        modifies what it loads), so the arithmetic and the bytes written are the same. With `dtype` (the
-        stored one, e.g. bfloat16) blocks are kept in it and converted to the compute dtype on each load:
-        the same values in half the memory."""
-        fresh = list(dict.fromkeys(i for i in expected if (rows, i) not in kept))
-        if self.io is None or not fresh:
-            read = lambda i: self._read(self.checkpoints[i], name, rows, dtype)  # noqa: E731
-        else:
-            read = self._loader(name, rows, fresh, dtype)
-
-        def load(i: int) -> torch.Tensor:
-            if (rows, i) not in kept:
-                kept[(rows, i)] = read(i)
-            return kept[(rows, i)].to(self.compute_dtype)  # the kept tensor itself in the compute dtype
-
-        return load
-
-    def _block_loader(self, kept: dict[tuple[Rows, int], torch.Tensor] | None, name: str, rows: Rows,
-                      reads: Sequence[int], shape: tuple[int, ...], dtype: torch.dtype) -> Callable[[int], torch.Tensor]:
-        """The loader of one block that the engine reads in the order `reads`: from the tensor's kept blocks,
-        else each of this block's ingredients read once when they fit `max_memory` and are read more than once,
-        else read as asked."""
-        if kept is not None:
-            return self._kept_loader(kept, name, rows, reads, dtype)
-        block_bytes = len(self.checkpoints) * math.prod(self._block_shape(shape, rows)) * dtype.itemsize
-        if len(reads) > len(set(reads)) and block_bytes <= self.max_memory:
-            return self._kept_loader({}, name, rows, reads, dtype)
-        return self._loader(name, rows, reads)
+    # Set by `in_memory.merge_state_dict`: the output tensors go into this dict instead of the shard files.
+    into: dict[str, torch.Tensor] | None = None
 
     def _write(self, out_dir: Path, plan: ShardPlan, name: str, row: int, values: torch.Tensor) -> None:
+        if self.into is not None:  # the values `write_rows` would write, in the same dtype, into the tensor
+            dtype, shape, _, _ = plan.location[name].entries[name]
+            if name not in self.into:
+                self.into[name] = torch.empty(shape, dtype=dtype)
+            target = self.into[name]
+            start = row * math.prod(shape[1:])
+            target.view(-1)[start:start + values.numel()].copy_(values.to(dtype).reshape(-1))
+            return
         if self.io is None:
             write_rows(out_dir, plan, name, row, values)
             return
@@ -205,7 +185,7 @@ class TensorMerger:
             spreads = []
             for rows in blocks:
                 given = self._pivot_block(name, rows)
-                pivot, spread = row_spreads(self._block_loader(kept, name, rows, range(n), info.shape, dtype), n, given)
+                pivot, spread = row_spreads(block_loader(self, kept, name, rows, range(n), info.shape, dtype), n, given)
                 spreads.append(spread)
                 # The spread is to the plain mean; a weighted merge starts from its weighted mean instead.
                 if pivots is not None and (given is not None or self.weights is None):
@@ -217,7 +197,7 @@ class TensorMerger:
             pivot = self._pivot_block(name, rows) if pivot is None else pivot
             mean_pass = pivot is None and not self.soup
             reads = [*(range(n) if mean_pass else ()), *(self._ame_reads if lr != 0.0 else ())]
-            load = self._block_loader(kept, name, rows, reads, info.shape, dtype)
+            load = block_loader(self, kept, name, rows, reads, info.shape, dtype)
             if pivot is None and self.soup:
                 # The soup's first step (SGD, lr 1) replaces w by the first ingredient whatever the
                 # pivot; from zeros that step is exact, so the mean pass would only cost a read.
@@ -356,7 +336,7 @@ def _output_nbytes(merger: TensorMerger, name: str) -> int:
 
 
 def stream_tensors(merger: TensorMerger, names: Sequence[str], staging: Path, plan: ShardPlan, *, show: bool,
-                   callback: ProgressCallback | None = None) -> None:
+                   callback: ProgressCallback | None = None, on_done: Callable[[str], None] | None = None) -> None:
     """Merge and write `names` (this process's share) with a progress bar in bytes of output.
 
     Args:
@@ -366,10 +346,10 @@ def stream_tensors(merger: TensorMerger, names: Sequence[str], staging: Path, pl
         plan: the output's `ShardPlan`.
         show: show the progress bar.
         callback: called as `callback(done_bytes, total_bytes)` as tensors finish.
+        on_done: called (in the I/O thread) with each tensor's name once its bytes are written (the journal).
 
     Raises:
-        CheckpointError, IncompatibleCheckpointsError: as `TensorMerger.run`.
-        OSError: a shard cannot be written.
+        CheckpointError, IncompatibleCheckpointsError: as `TensorMerger.run`; OSError: a shard cannot be written.
     """
     sizes = {n: _output_nbytes(merger, n) for n in names}
     total = sum(sizes.values())
@@ -385,10 +365,25 @@ def stream_tensors(merger: TensorMerger, names: Sequence[str], staging: Path, pl
                 if callback is not None:
                     callback(done, total)
 
+            recorded: Future | None = None
             for name in names:
                 bar.set_postfix_str(name[-40:], refresh=False)
                 merger.run(name, staging, plan, advance)
+                if on_done is not None:  # queued after the tensor's last write: the one I/O thread keeps the order
+                    if recorded is not None:
+                        recorded.result()
+                    recorded = io.submit(_after_write, merger._pending_write, on_done, name)
             merger.flush()
+            if recorded is not None:
+                recorded.result()
     finally:
         merger.io = None
         io.shutdown(wait=True, cancel_futures=True)
+
+
+def _after_write(write: Future | None, on_done: Callable[[str], None], name: str) -> None:
+    """`on_done(name)` in the I/O thread once the tensor's last write is done, never after a failed one (a full
+    disk): its bytes are then not what the merge computed, and a journal must not vouch for them."""
+    if write is not None:
+        write.result()
+    on_done(name)

@@ -11,7 +11,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from ._options import tune_options
 from .adapter_out import base_of, checked_base, full_model_config, save_adapter
@@ -19,7 +19,9 @@ from .card_results import add_card_section, update_card
 from .config import OUTPUT_FIELDS, AmeConfig
 from .evaluation import LabelledData, TextData, evaluate_model
 from .full_models import FullModels
+from .in_memory import merge_model
 from .inputs import InputStage
+from .lm_harness import LmEvalTasks, data_or_tasks, record
 from .merging import merge
 from .output import make_staging_dir, publish
 from .selection import (Candidate, GreedySoup, Selection, best_candidate, greedy_label, greedy_section, ranked,
@@ -126,7 +128,7 @@ def tune(
     ingredients: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     *,
-    data: str | os.PathLike | LabelledData | TextData,
+    data: str | os.PathLike | LabelledData | TextData | LmEvalTasks | None = None,
     test_data: str | os.PathLike | LabelledData | TextData | None = None,
     task: str | None = None,
     metric: str | None = None,
@@ -141,6 +143,11 @@ def tune(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    lm_eval_tasks: str | Sequence[str] | None = None,
+    lm_eval_include: str | os.PathLike | None = None,
+    lm_eval_metric: str | None = None,
+    lm_eval_limit: int | None = None,
+    lm_eval_num_fewshot: int | None = None,
 ) -> TuneResult:
     """Pick the best of {soup, greedy soup, each ingredient, `budget` AME variants} on validation data; with a known
     base (`base`, or the adapters' own), also task arithmetic and TIES from it (`base_grid`).
@@ -175,6 +182,9 @@ def tune(
         overwrite: replace a previous ame-hf output at `out_dir`.
         progress: progress bars of the evaluations.
         log: called with one line per candidate, and the time estimate after the first merge.
+        lm_eval_tasks, lm_eval_include, lm_eval_metric, lm_eval_limit, lm_eval_num_fewshot: lm-eval tasks as
+            the score instead of `data` (see `ame_hf.evaluate`); the output keeps the selected model's lm-eval
+            results (`lm_eval_results.json`) and its task scores in the card's model-index.
 
     Returns:
         A `TuneResult`.
@@ -190,6 +200,9 @@ def tune(
     output = tune_options(ingredients, budget=budget, config=config, base=base, max_length=max_length,
                           batch_size=batch_size)
     out = Path(out_dir)
+    data = data_or_tasks(data, lm_eval_tasks=lm_eval_tasks, lm_eval_include=lm_eval_include,
+                         lm_eval_metric=lm_eval_metric, lm_eval_limit=lm_eval_limit,
+                         lm_eval_num_fewshot=lm_eval_num_fewshot)
     sel = start_selection(ingredients, out, overwrite, data=data, test_data=test_data, task=task, metric=metric,
                           base=output.base, token=token, config=output)
     # An adapter output: every candidate is a full model, and the pick is saved as an adapter of the base at the end.
@@ -199,9 +212,12 @@ def tune(
     configs = _candidate_configs([*extra, *(grid if grid is not None else default_grid())], budget + len(extra),
                                  full_model_config(output))
     search = _Search(metric=sel.metric, test=sel.test, log=log, total=len(sel.refs) + 1 + len(configs),
-                     score=lambda path, d=sel.val: evaluate_model(str(path), d, sel.task, sel.metric,
-                                                                  max_length=max_length, batch_size=batch_size,
-                                                                  device=device, progress=progress))
+                     score=lambda model, d=sel.val: evaluate_model(_loadable(model), d, sel.task, sel.metric,
+                                                                   max_length=max_length, batch_size=batch_size,
+                                                                   device=device, progress=progress))
+    # The pick of the candidates built in memory is written by `merge` itself: the bytes `merge` writes.
+    search.write = lambda cfg, target: merge(sel.refs, target, cfg, token=token, progress=False, device=device,
+                                             stage=sel.stage, recorded_at=out).path
     name = out.absolute().name  # named like the output: the card's "How to use" names the merge's folder
     scratch = make_staging_dir(out)
     try:
@@ -212,7 +228,7 @@ def tune(
         for n, cfg in enumerate(configs):
             started = time.perf_counter()
             _try_variant(search, n, cfg, sel.refs, scratch / f"cand{n}" / name, token=token, device=device,
-                         stage=sel.stage, home=out)
+                         stage=sel.stage, home=out, task=sel.task)
             if n == 0:  # after the soup: the time estimate, then the greedy soup
                 if log:
                     per = time.perf_counter() - started
@@ -222,10 +238,15 @@ def tune(
                 _try_greedy_soup(search, full, sel.refs, scores, scratch / "greedy", name, full_model_config(output),
                                  token=token, stage=sel.stage, home=out)
         best, final = _write_selected(search, full, sel, scratch, name)
+        if isinstance(sel.val, LmEvalTasks):
+            record(final, sel.val, scored_as=search.scored, device=device, batch_size=batch_size,
+                   max_length=max_length)
         if adapter_base is not None:
             (scratch / "adapter").mkdir()
             save_adapter(final, scratch / "adapter" / name, base_of(sel.stage, adapter_base), output, overwrite=False)
-            final = scratch / "adapter" / name
+            full, final = final, scratch / "adapter" / name
+            if isinstance(sel.val, LmEvalTasks):  # the adapter's results are its full model's
+                record(final, sel.val, scored_as=full)
         publish(final, out, overwrite)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -255,14 +276,21 @@ class _Search:
     tests: dict[str, float] = field(default_factory=dict)
     tested: dict[tuple, float] = field(default_factory=dict)  # ("ingredient", i), ("soup",), ... -> test score
     trace: GreedySoup | None = None
+    write: Callable[[AmeConfig, Path], Path] | None = None  # writes a candidate built in memory (its config)
+    scored: Path | None = None  # the folder the selected model was scored in
 
     def consider(self, cand: Candidate, folder: Path | None) -> None:
         """Add a scored candidate; keep its folder only while it is the best."""
         self.candidates.append(cand)
         _say(self.log, cand)
+        best = best_candidate(self.candidates, self.metric) is cand
         if folder is None:
+            if best:  # an ingredient, or a candidate built in memory: a kept folder is no longer the best
+                for old in list(self.kept_dir.values()):
+                    shutil.rmtree(old.parent, ignore_errors=True)
+                self.kept_dir.clear()
             return
-        if best_candidate(self.candidates, self.metric) is cand:
+        if best:
             for old in list(self.kept_dir.values()):
                 shutil.rmtree(old.parent, ignore_errors=True)
             self.kept_dir.clear()
@@ -279,9 +307,17 @@ class _Search:
 
 
 def _try_variant(search: _Search, n: int, cfg: AmeConfig, refs: Sequence[str], target: Path, *,
-                 token: str | None, device: str | None, stage: InputStage, home: Path) -> None:
-    """Merge candidate `n` into `target` (with the run's input stage: every input read once for all candidates),
-    score it, and consider it (the soup, n = 0, is scored on test data)."""
+                 token: str | None, device: str | None, stage: InputStage, home: Path, task: str) -> None:
+    """Merge candidate `n` (with the run's input stage: every input read once for all candidates) into a model in
+    memory, or into `target` when it cannot be, score it, and consider it (the soup, n = 0, is scored on test data)."""
+    model = merge_model(refs, cfg, task, stage=stage, device=device)
+    if model is not None:  # never on disk; written at the end only if it is the pick
+        model.ame_candidate = target.parent.name  # named like the folder it would have had (`cand{n}`)
+        cand = Candidate(_label(cfg), search.score(model), config=cfg.resolved())
+        if search.test is not None and n == 0:
+            search.test_score("soup", cand, lambda: model)
+        search.consider(cand, None)
+        return
     target.parent.mkdir()
     # Recorded relative to the output it may become (`home`), not to the scratch folder it is written in.
     result = merge(refs, target, cfg, token=token, progress=False, device=device, stage=stage, recorded_at=home)
@@ -316,10 +352,15 @@ def _write_selected(search: _Search, full: FullModels, sel: Selection, scratch: 
     if test is not None:  # before an adapter's full model may move into the output
         search.test_score("best ingredient", val_best, lambda: full.path(val_best.ingredient))
     if id(best) in search.kept_dir:
-        final = search.kept_dir[id(best)]
+        final = search.scored = search.kept_dir[id(best)]
+    elif best.config is not None and best.kept is None and search.write is not None:  # built in memory
+        target = scratch / "selected" / name
+        target.parent.mkdir()
+        final = search.scored = search.write(best.config, target)
     else:
-        final = write_selected(scratch / "ingredient", full, best.ingredient if best.ingredient is not None
-                               else best.kept[0], sel.refs, search.total)
+        index = best.ingredient if best.ingredient is not None else best.kept[0]
+        search.scored = full.path(index)  # where it was scored, before an adapter's full model moves
+        final = write_selected(scratch / "ingredient", full, index, sel.refs, search.total)
     test_rows = None
     if test is not None:
         search.test_score("selected", best, lambda: final)
@@ -333,6 +374,11 @@ def _write_selected(search: _Search, full: FullModels, sel: Selection, scratch: 
     if best.kept is not None and trace is not None:
         add_card_section(final, "## Greedy soup", greedy_section(trace, sel.names, metric))
     return best, final
+
+
+def _loadable(model: Any) -> Any:
+    """What `evaluate_model` takes: a folder as a string, or a model built in memory as it is."""
+    return str(model) if isinstance(model, (str, os.PathLike)) else model
 
 
 def _key(cand: Candidate) -> tuple:

@@ -8,24 +8,26 @@ import math
 import os
 import struct
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from ._weight_files import SAFE_INDEX
-from .plan import ShardPlan
+from .plan import ShardFile, ShardPlan
 
 
-def create_shard_files(directory: Path, plan: ShardPlan) -> None:
+def create_shard_files(directory: Path, plan: ShardPlan, shards: Sequence[ShardFile] | None = None) -> None:
     """Write every shard's header and size the file; tensors are then written in place.
 
     Args:
         directory: the staging directory.
         plan: the output's `ShardPlan`.
+        shards: only these of its shards (default: all).
 
     Raises:
         OSError: a file cannot be written (the caller turns it into an `OutputError`).
     """
-    for shard in plan.shards:
+    for shard in plan.shards if shards is None else shards:
         with open(directory / shard.name, "wb") as f:
             f.write(struct.pack("<Q", len(shard.header)))
             f.write(shard.header)

@@ -153,7 +153,8 @@ def _tune_with_scores(monkeypatch, experts, val, out, winner):
     import ame_hf.tuning as tune_module
 
     def fake_score(model, data, task, metric=None, **kwargs):
-        return 0.9 if winner(str(model)) else 0.5
+        # A candidate built in memory is named like the folder it would have had (`cand{n}`).
+        return 0.9 if winner(str(getattr(model, "ame_candidate", model))) else 0.5
 
     monkeypatch.setattr(tune_module, "evaluate_model", fake_score)
     return tune_module.tune(experts, out, data=val, budget=2, progress=False)

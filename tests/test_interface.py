@@ -53,7 +53,8 @@ CLI_ONLY = {
        for f in ("--push", "--repo-id", "--private", "--push-branch", "--create-pr", "--commit-message")},
     **{("merge", f): "merge's evaluation: ame_hf.evaluate(...) after the merge, or ame_hf.greedy_soup(...)"
        for f in ("--eval-data", "--greedy-soup", "--task", "--metric", "--max-length", "--eval-batch-size",
-                 "--test-data")},
+                 "--test-data", "--lm-eval-tasks", "--lm-eval-include", "--lm-eval-metric", "--lm-eval-limit",
+                 "--lm-eval-num-fewshot")},
     **{(c, "--quiet"): "progress=False where Python shows progress; logging's level for the messages"
        for c in API},
     **{(c, "--debug"): "Python raises the exception itself, traceback and cause included" for c in API},
@@ -186,12 +187,15 @@ NOT_IN_SPACE = {
     **{(c, "progress"): "the Space shows its own progress bar" for c in ("merge", "evaluate", "tune")},
     ("merge", "callback"): "a Python function; it feeds the Space's progress bar",
     ("tune", "log"): "a Python function; it feeds the Space's progress bar",
+    ("merge", "resume"): "a Space run writes a fresh folder and is not restarted by a command: nothing to resume",
     ("merge", "stage"): "an InputStage shared by the merges of one Python run; a Space run is one run",
     ("merge", "recorded_at"): "where a Python caller will move the output; the Space writes its own folder",
     ("merge", "config"): "an AmeConfig: its fields are the form's boxes",
     ("tune", "config"): "an AmeConfig of output options: they are the Advanced options' boxes",
     ("tune", "grid"): "a list of AmeConfig objects; the Space tries the default grid, Budget sets its size",
     ("push", "source"): "the latest Merge or Tune result of the session",
+    **{(c, f"lm_eval_{k}"): "lm-eval tasks need the optional lm-eval extra and task YAMLs on disk; the Space scores "
+       "uploaded data files" for c in ("evaluate", "tune") for k in ("tasks", "include", "metric", "limit", "num_fewshot")},
 }
 
 

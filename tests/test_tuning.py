@@ -13,6 +13,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
+import ame_hf.in_memory as in_memory
 import ame_hf.tuning as tuning
 from ame_hf import AmeConfig, InvalidConfigError, merge
 from ame_hf.cli import main
@@ -56,12 +57,18 @@ def test_tune_never_loses_to_soup_or_ingredients(classifiers, tmp_path, capsys):
 
 
 def test_an_ame_winner_is_written_as_its_merge(berts, tmp_path, monkeypatch):
-    """With scores fixed by candidate (the third merge wins), the output holds exactly that merge's weights."""
+    """With scores fixed by candidate (the third merge wins), the output holds exactly that merge's weights (the
+    candidates are built in memory: only the winner is written, by merge)."""
     experts, val = berts
-    monkeypatch.setattr(tuning, "evaluate_model",
-                        lambda model, data, task, metric=None, **kw: 0.9 if "cand2" in str(model) else 0.5)
-    result = tuning.tune(experts, tmp_path / "best", data=val, budget=2, progress=False)
     soup, *grid = [AmeConfig.soup(), *tuning.default_grid()[:2]]
+    winner = load_state(merge(experts, tmp_path / "winner", grid[1], progress=False).path)
+
+    def score(model, data, task, metric=None, **kw):
+        state = model.state_dict() if hasattr(model, "state_dict") else load_state(Path(model))
+        return 0.9 if all(k in state and torch.equal(state[k], v) for k, v in winner.items()) else 0.5
+
+    monkeypatch.setattr(tuning, "evaluate_model", score)
+    result = tuning.tune(experts, tmp_path / "best", data=val, budget=2, progress=False)
     assert len(result.candidates) == 2 + 4 and result.best.score == max(c.score for c in result.candidates) == 0.9
     assert result.best.label == tuning._label(grid[1]) and result.best.config is not None
     written = load_state(result.path)
@@ -87,11 +94,14 @@ def test_output_options_reach_every_merge_and_weight_options_are_refused(berts, 
         return run
 
     monkeypatch.setattr(tuning, "merge", recording(tuning.merge))
+    monkeypatch.setattr(tuning, "merge_model", lambda refs, config, *a, **kw: used.append(config) or  # in memory
+                        in_memory.merge_model(refs, config, *a, **kw))
     monkeypatch.setattr(selection, "merge", recording(selection.merge))
     _fixed_scores(monkeypatch, lambda path: 0.9 if "cand1" in path else 0.5)
     result = tuning.tune(experts, tmp_path / "best", data=val, budget=1, progress=False,
                          config=AmeConfig(max_shard_size="8KB", compute_dtype="float64"))
-    assert len(used) == 2 + len(experts) - 1  # soup, one variant, the greedy soup's trials
+    # Soup and one variant (in memory), the greedy soup's trials, the pick written by merge.
+    assert len(used) == 2 + len(experts) - 1 + 1
     assert all(c.max_shard_size == "8KB" and c.compute_dtype == "float64" for c in used), used
     assert result.best.label == tuning._label(tuning.default_grid()[0])
     assert (result.path / "model.safetensors.index.json").is_file()  # written in 8KB shards
@@ -135,7 +145,12 @@ def test_a_loss_metric_picks_the_minimum_and_accuracy_the_maximum():
 
 def _fixed_scores(monkeypatch, scores):
     """Validation scores fixed by model folder: `scores(path) -> float` for ingredients and merges alike."""
-    monkeypatch.setattr(tuning, "evaluate_model", lambda model, data, task, metric=None, **kw: scores(str(model)))
+    monkeypatch.setattr(tuning, "evaluate_model", lambda model, data, task, metric=None, **kw: scores(_name(model)))
+
+
+def _name(model) -> str:
+    """A model folder's path; a candidate built in memory is named like the folder it would have had (`cand{n}`)."""
+    return str(getattr(model, "ame_candidate", model))
 
 
 @pytest.mark.parametrize("metric, best_value, other", [("accuracy", 0.99, 0.5), ("loss", 0.1, 2.0)])
@@ -214,8 +229,8 @@ def test_tune_refuses_a_task_that_does_not_fit_before_any_merge(llamas, berts, t
 
 def _distance_scores(experts, target):
     """A validation "loss" whose effect we control: the distance of a model's weights to `target`."""
-    def score(path: str) -> float:
-        state = load_state(path)
+    def score(model) -> float:  # a folder, or a candidate built in memory
+        state = model.state_dict() if hasattr(model, "state_dict") else load_state(model)
         return float(sum(((state[k].double() - target[k]) ** 2).sum() for k in target) ** 0.5)
     return score
 
@@ -332,8 +347,8 @@ def test_a_selected_adapter_is_written_as_its_full_merge_and_each_ingredient_sco
     calls = []
 
     def score(model, data, task, metric=None, **kw):
-        calls.append((str(model), data.name))
-        return distance(str(model))  # a "loss": adapter 1 alone is 0
+        calls.append((_name(model), data.name))
+        return distance(model if hasattr(model, "state_dict") else str(model))  # a "loss": adapter 1 alone is 0
 
     monkeypatch.setattr(tuning, "evaluate_model", score)
     ingredients = [adapters[0], adapters[1], full]
@@ -403,7 +418,7 @@ def test_every_output_kind_reproduces_its_weights_from_its_ame_config(berts, lm_
     experts, val = berts
     outputs = []
     monkeypatch.setattr(tuning, "evaluate_model",  # an AME variant wins
-                        lambda model, data, task, metric=None, **kw: 0.9 if "cand2" in str(model) else 0.5)
+                        lambda model, data, task, metric=None, **kw: 0.9 if "cand2" in _name(model) else 0.5)
     outputs.append(tuning.tune(experts, tmp_path / "ame-pick", data=val, budget=2, progress=False).path)
     monkeypatch.setattr(tuning, "evaluate_model",  # the greedy soup wins (it is scored in a "greedy" folder)
                         lambda model, data, task, metric=None, **kw: 0.9 if "greedy" in str(model) else 0.5)
