@@ -6,7 +6,6 @@ Works on one tensor (or one slice of rows of it) at a time; knows nothing about 
 from __future__ import annotations
 
 import functools
-import math
 import random
 from typing import Callable, Sequence
 
@@ -262,53 +261,3 @@ def _fused_supported(cls: type, device_type: str) -> bool:
     except (RuntimeError, ValueError, TypeError):
         return False
     return True
-
-
-def spread_sum(load: Loader, n: int, pivot: torch.Tensor | None) -> tuple[torch.Tensor, float]:
-    """One pass over the ingredients of a block: (sum in float64, sum of squared distance to pivot).
-
-    With `pivot=None` the pivot is the mean of the block (computed from the same pass).
-    The squared distance uses sum x^2 - 2 p.sum x + n p^2 in float64, so one pass suffices.
-
-    Args:
-        load: `load(i)` gives ingredient `i`'s values for the block.
-        n: the number of ingredients.
-        pivot: the block's pivot, or None for their mean.
-
-    Returns:
-        The float64 sum of the ingredients, and their summed squared distance to the pivot.
-
-    >>> values = [torch.tensor([0.0, 2.0]), torch.tensor([2.0, 2.0])]
-    >>> spread_sum(values.__getitem__, 2, None)
-    (tensor([2., 4.], dtype=torch.float64), 2.0)
-    """
-    s1: torch.Tensor | None = None
-    s2 = 0.0
-    for i in range(n):
-        loaded = load(i)
-        x = loaded.double()
-        s2 += float(torch.dot(x.reshape(-1), x.reshape(-1)))
-        # The first float64 copy becomes the sum (a float64 block is the loader's own: copied).
-        s1 = (x.clone() if x is loaded else x) if s1 is None else s1.add_(x)
-        del x, loaded
-    assert s1 is not None
-    p = s1 / n if pivot is None else pivot.double()
-    dist = s2 - 2.0 * float(torch.dot(p.reshape(-1), s1.reshape(-1))) + n * float(torch.dot(p.reshape(-1), p.reshape(-1)))
-    return s1, max(dist, 0.0)
-
-
-def relative_lr_value(relative_lr: float, squared_distance: float, count: int) -> float:
-    """relative_lr times the RMS of (ingredient - pivot) over a whole tensor (`count` values).
-
-    Args:
-        relative_lr: the learning rate relative to the spread.
-        squared_distance: the summed squared distance of the ingredients to the pivot (`spread_sum`'s).
-        count: how many values that sum is over (ingredients x elements).
-
-    Returns:
-        The tensor's learning rate (0 for an empty tensor).
-
-    >>> relative_lr_value(0.5, squared_distance=16.0, count=4)
-    1.0
-    """
-    return relative_lr * math.sqrt(squared_distance / count) if count else 0.0

@@ -3,7 +3,6 @@ engine, write the result in place, with one I/O thread overlapping reads, comput
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -15,9 +14,11 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint
 from .config import AmeConfig
-from .engine import ame_block, relative_lr_value, spread_sum
+from ._keeping import block_loader, keeping
+from .engine import ame_block
 from .errors import CheckpointError, IncompatibleCheckpointsError
 from .plan import Rows, ShardPlan, index_runs, tensor_blocks
+from .spread import mean_of, relative_lr_value, row_spreads, spread_total
 from .vocabulary import VocabularyPlan
 from .weights import relative_weights, weighted_mean
 from .writer import write_rows
@@ -68,8 +69,8 @@ class TensorMerger:
         # The ingredient indices the engine reads for one block, in order (batches are consecutive).
         self._ame_reads = [i for epoch in order for i in epoch]
 
-    def _read(self, ckpt: Checkpoint, name: str, rows: Rows) -> torch.Tensor:
-        t = ckpt.read(name, rows, dtype=self.compute_dtype).to(self.device)
+    def _read(self, ckpt: Checkpoint, name: str, rows: Rows, dtype: torch.dtype | None = None) -> torch.Tensor:
+        t = ckpt.read(name, rows, dtype=dtype or self.compute_dtype).to(self.device)
         # A plain sum is one fast pass with no temporary, and NaN/Inf propagate into it; only when
         # it is not finite (a NaN, an Inf, or a rare overflow of huge values) is each value checked.
         if (not self.config.allow_nonfinite and not math.isfinite(float(t.sum()))
@@ -80,15 +81,15 @@ class TensorMerger:
             )
         return t
 
-    def _loader(self, name: str, rows: Rows,
-                expected: Sequence[int] = ()) -> Callable[[int], torch.Tensor]:
-        """`load(i)`: ingredient i's block. The engine asks in the `expected` order, so each read is
-        started one ahead in the I/O thread."""
+    def _loader(self, name: str, rows: Rows, expected: Sequence[int] = (),
+                dtype: torch.dtype | None = None) -> Callable[[int], torch.Tensor]:
+        """`load(i)`: ingredient i's block (in `dtype`, default the compute dtype). The engine asks in the
+        `expected` order, so each read is started one ahead in the I/O thread."""
         if self.io is None or not expected:
-            return lambda i: self._read(self.checkpoints[i], name, rows)
+            return lambda i: self._read(self.checkpoints[i], name, rows, dtype)
         io, upcoming = self.io, list(expected)
         pos = 0
-        ahead = io.submit(self._read, self.checkpoints[upcoming[0]], name, rows)
+        ahead = io.submit(self._read, self.checkpoints[upcoming[0]], name, rows, dtype)
 
         def load(i: int) -> torch.Tensor:
             nonlocal pos, ahead
@@ -96,22 +97,8 @@ class TensorMerger:
             current = ahead
             pos += 1
             if pos < len(upcoming):
-                ahead = io.submit(self._read, self.checkpoints[upcoming[pos]], name, rows)
+                ahead = io.submit(self._read, self.checkpoints[upcoming[pos]], name, rows, dtype)
             return current.result()
-
-        return load
-
-    def _kept_loader(self, kept: dict[tuple[Rows, int], torch.Tensor], name: str, rows: Rows,
-                     expected: Sequence[int] = ()) -> Callable[[int], torch.Tensor]:
-        """`_loader`, but each block is read once and kept for the later passes (the engine never
-        modifies what it loads), so the arithmetic and the bytes written are the same."""
-        fresh = list(dict.fromkeys(i for i in expected if (rows, i) not in kept))
-        read = self._loader(name, rows, fresh)
-
-        def load(i: int) -> torch.Tensor:
-            if (rows, i) not in kept:
-                kept[(rows, i)] = read(i)
-            return kept[(rows, i)]
 
         return load
 
@@ -154,10 +141,7 @@ class TensorMerger:
     def _mean_block(self, load: Callable[[int], torch.Tensor]) -> torch.Tensor:
         if self.weights is not None:
             return weighted_mean(load, len(self.checkpoints), self.weights, self.compute_dtype)
-        total = load(0).to(torch.float64, copy=True)  # what the loader returns is not ours to modify
-        for i in range(1, len(self.checkpoints)):
-            total.add_(load(i))  # accumulates in float64 without a float64 copy of each ingredient
-        return total.div_(len(self.checkpoints)).to(self.compute_dtype)
+        return mean_of(load, len(self.checkpoints))
 
     def run(self, name: str, out_dir: Path, plan: ShardPlan, advance: Callable[[int], None]) -> None:
         """Merge tensor `name` block by block and write it into its shard (integer tensors are copied, and
@@ -189,37 +173,31 @@ class TensorMerger:
         blocks = tensor_blocks(info.shape, self.device)
         n = len(self.checkpoints)
         lr = self.config.lr
-        cached_pivot = None
-        kept: dict[tuple[Rows, int], torch.Tensor] | None = None
-        passes = ((self.config.relative_lr is not None) + (self.pivot == "mean" and not self.soup)
-                  + (len(self.order) if lr != 0.0 else 0))
-        if passes <= 1:
-            pass  # one pass reads each block once anyway (the soup): keeping them would only cost memory
-        elif n * info.numel * self.compute_dtype.itemsize <= self.max_memory:
-            kept = {}  # every ingredient's blocks of this tensor, each read once
-        else:
-            logger.debug("%s: %d copies of %.1f MB exceed --max-memory: kept one block at a time, so the "
-                         "learning-rate spread reads it once more", name, n, info.numel * self.compute_dtype.itemsize / 1e6)
-        loader = functools.partial(self._kept_loader, kept, name) if kept is not None else functools.partial(
-            self._loader, name)
-        if self.config.relative_lr is not None:
-            squared = 0.0
+        relative = self.config.relative_lr is not None
+        passes = relative + (self.pivot == "mean" and not self.soup) + (len(self.order) if lr != 0.0 else 0)
+        kept, pivots, dtype = keeping(self.checkpoints, name, passes, self.compute_dtype, self.max_memory,
+                                      relative=relative)
+        if pivots is None and relative and len(blocks) == 1:
+            pivots = {}  # the pivot of a one-block tensor is one block: held by the steps anyway
+        if relative:
+            # The spread needs the whole tensor before the first step. Each block's pivot (the mean: the costly
+            # part) is computed here, and kept for the steps when `max_memory` allows.
+            spreads = []
             for rows in blocks:
-                s1, dist = spread_sum(loader(rows, range(n)), n, self._pivot_block(name, rows))
-                squared += dist
-                if len(blocks) == 1 and self.pivot == "mean" and self.weights is None:
-                    cached_pivot = (s1 / n).to(self.compute_dtype)
-                del s1
-            lr = relative_lr_value(self.config.relative_lr, squared, n * info.numel)
+                given = self._pivot_block(name, rows)
+                pivot, spread = row_spreads(block_loader(self, kept, name, rows, range(n), info.shape, dtype), n, given)
+                spreads.append(spread)
+                # The spread is to the plain mean; a weighted merge starts from its weighted mean instead.
+                if pivots is not None and (given is not None or self.weights is None):
+                    pivots[rows] = pivot
+                del pivot, given
+            lr = relative_lr_value(self.config.relative_lr, spread_total(spreads), n * info.numel)
         for rows in blocks:
-            pivot = cached_pivot if cached_pivot is not None else self._pivot_block(name, rows)
+            pivot = pivots.pop(rows, None) if pivots else None
+            pivot = self._pivot_block(name, rows) if pivot is None else pivot
             mean_pass = pivot is None and not self.soup
             reads = [*(range(n) if mean_pass else ()), *(self._ame_reads if lr != 0.0 else ())]
-            block_bytes = n * math.prod(self._block_shape(info.shape, rows)) * self.compute_dtype.itemsize
-            if kept is None and len(reads) > len(set(reads)) and block_bytes <= self.max_memory:
-                load = self._kept_loader({}, name, rows, reads)  # this block's mean and steps: one read
-            else:
-                load = loader(rows, reads)
+            load = block_loader(self, kept, name, rows, reads, info.shape, dtype)
             if pivot is None and self.soup:
                 # The soup's first step (SGD, lr 1) replaces w by the first ingredient whatever the
                 # pivot; from zeros that step is exact, so the mean pass would only cost a read.
@@ -283,12 +261,12 @@ def merge_token_rows(merger: TensorMerger, name: str, out_dir: Path, plan: Shard
     groups = [(owners, rows[k:k + per_block]) for owners, rows in vocab.groups() for k in range(0, len(rows), per_block)]
     lr = merger.config.lr
     if merger.config.relative_lr is not None:
-        squared, count = 0.0, 0
+        spreads, count = [], 0
         for owners, rows in groups:
             blocks = _gather_columns(flat, vocab, owners, rows) if columns else _gather_owners(merger, name, owners, rows)
-            _, dist = spread_sum(lambda j: blocks[owners[j]].clone(), len(owners), _row_pivot(merger, owners, rows, blocks))
-            squared, count = squared + dist, count + len(owners) * len(rows) * math.prod(shape[1:])
-        lr = relative_lr_value(merger.config.relative_lr, squared, count)
+            spreads.append(row_spreads(lambda j: blocks[owners[j]], len(owners), _row_pivot(merger, owners, rows, blocks))[1])
+            count += len(owners) * len(rows) * math.prod(shape[1:])
+        lr = relative_lr_value(merger.config.relative_lr, spread_total(spreads), count)
     row_bytes = info.nbytes // max(1, info.shape[-1] if columns else info.shape[0])
     for owners, rows in groups:
         blocks = _gather_columns(flat, vocab, owners, rows) if columns else _gather_owners(merger, name, owners, rows)

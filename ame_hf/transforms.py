@@ -25,9 +25,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .engine import ame_block, relative_lr_value, spread_sum
+from .engine import ame_block
 from . import plan as _plan
 from .plan import Rows, ShardPlan, row_blocks
+from .spread import relative_lr_value, row_spreads, spread_total
 from .transform_options import ELECTS, SPARSIFY, per_ingredient, rescale_of
 from .weights import relative_weights, weighted_mean
 
@@ -210,11 +211,11 @@ def merge_transformed(merger: Any, name: str, out_dir: Path, plan: ShardPlan,
             return pivot, transform.block(rows, pivot)
     lr = merger.config.lr
     if merger.config.relative_lr is not None:
-        squared = 0.0
+        spreads = []
         for rows in blocks:
             pivot, xs = transformed(rows)
-            squared += spread_sum(xs.__getitem__, n, pivot)[1]
-        lr = relative_lr_value(merger.config.relative_lr, squared, n * info.numel)
+            spreads.append(row_spreads(xs.__getitem__, n, pivot)[1])
+        lr = relative_lr_value(merger.config.relative_lr, spread_total(spreads), n * info.numel)
     for rows in blocks:
         pivot, xs = transformed(rows)
         merged = pivot if lr == 0.0 else ame_block(xs.__getitem__, pivot, merger.config, merger.order, lr,

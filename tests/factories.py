@@ -93,9 +93,10 @@ def save_base(root: Path, kind: str = "llama", seed: int = 0, dtype: torch.dtype
     return root
 
 
-def make_big_checkpoints(root: Path, n: int = 3, rows: int = 60_000, cols: int = 256) -> list[Path]:
+def make_big_checkpoints(root: Path, n: int = 3, rows: int = 60_000, cols: int = 256,
+                         dtype: torch.dtype = torch.float32) -> list[Path]:
     """`n` checkpoints `root/big{i}` of one `rows x cols` float32 tensor (`embed.weight`, seeded by i) and a
-    `norm.weight`, with a minimal llama config.json. The default is 61 MB each: long enough to interrupt a
+    `norm.weight` (both in `dtype`), with a minimal llama config.json. The default is 61 MB each: long enough to interrupt a
     merge mid-write; 400_000 rows (391 MiB) make whole-tensor processing show in a memory measurement."""
     from safetensors.torch import save_file
 
@@ -104,7 +105,8 @@ def make_big_checkpoints(root: Path, n: int = 3, rows: int = 60_000, cols: int =
         d = root / f"big{i}"
         d.mkdir(parents=True)
         gen = torch.Generator().manual_seed(i)
-        save_file({"embed.weight": torch.randn(rows, cols, generator=gen), "norm.weight": torch.ones(cols)},
+        save_file({"embed.weight": torch.randn(rows, cols, generator=gen).to(dtype),
+                   "norm.weight": torch.ones(cols, dtype=dtype)},
                   d / "model.safetensors", metadata={"format": "pt"})
         (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": cols, "vocab_size": rows}))
         paths.append(d)

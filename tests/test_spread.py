@@ -1,0 +1,82 @@
+"""The relative learning rate's spread and the mean pivot (ame_hf/spread.py): computed in the blocks' dtype, they
+stay within 1e-6 relative of a float64 computation, give the same float however a tensor is cut into blocks, and
+the mean is the float64 mean rounded once; bfloat16 blocks kept in their stored dtype change no byte."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ame_hf import merge
+from ame_hf.plan import row_blocks
+from ame_hf.spread import mean_of, relative_lr_value, row_spreads, spread_sum, spread_total
+from factories import make_big_checkpoints, weights_sha256
+
+
+def _ingredients(shape, n, *, offset, scale, seed=0):
+    """Ingredients far from zero (`offset`) that differ by little (`scale`): where a float32 sum of squares
+    minus the square of a sum would lose every digit."""
+    g = torch.Generator().manual_seed(seed)
+    base = offset + torch.randn(shape, generator=g)
+    return [base + scale * torch.randn(shape, generator=g) for _ in range(n)]
+
+
+def _reference(xs, pivot):
+    """float64 throughout: the summed squared distance of the ingredients to the pivot."""
+    return math.fsum(float(((x.double() - pivot.double()) ** 2).sum()) for x in xs)
+
+
+@pytest.mark.parametrize("shape", [(4096, 768), (300, 65536), (1_000_003,), (7, 3, 5), ()])
+@pytest.mark.parametrize("scale", [1e-2, 1e-4])
+def test_spread_is_within_1e_6_of_float64(shape, scale):
+    xs = _ingredients(shape, 4, offset=3.0, scale=scale)
+    pivot, spread = spread_sum(xs.__getitem__, 4, None)
+    assert torch.equal(pivot, (sum(x.double() for x in xs) / 4).float())  # the mean the merge starts from
+    reference = _reference(xs, pivot)
+    assert abs(spread - reference) <= 1e-6 * reference
+    given = xs[2] + scale  # a pivot of its own (a base model)
+    assert abs(spread_sum(xs.__getitem__, 4, given)[1] - _reference(xs, given)) <= 1e-6 * _reference(xs, given)
+
+
+def test_spread_in_float64_is_float64():
+    xs = [x.double() for x in _ingredients((64, 33), 3, offset=1.0, scale=1e-3)]
+    pivot, spread = spread_sum(xs.__getitem__, 3, None)
+    assert pivot.dtype == torch.float64
+    assert abs(spread - _reference(xs, pivot)) <= 1e-12 * _reference(xs, pivot)
+
+
+@pytest.mark.parametrize("shape", [(1000, 37), (5000,)])
+def test_the_spread_does_not_depend_on_the_blocks(shape):
+    """The cut never shows: per-row sums added exactly once give one float, whatever the block size."""
+    xs = _ingredients(shape, 3, offset=0.5, scale=1e-3, seed=1)
+    totals = set()
+    for elements in (10**9, 4096, 999, 37):
+        parts = []
+        for rows in row_blocks(shape, elements):
+            block = [x if rows is None else x[rows[0]:rows[1]] for x in xs]
+            parts.append(row_spreads(block.__getitem__, 3, None)[1])
+        totals.add(spread_total(parts))
+    assert len(totals) == 1
+
+
+def test_the_mean_is_the_float64_mean_rounded_once_and_exact_where_all_agree():
+    xs = _ingredients((3, 200_000), 5, offset=0.0, scale=1.0, seed=2)
+    for x in xs[1:]:
+        x[0] = xs[0][0]  # the first row agrees in all
+    mean = mean_of(xs.__getitem__, 5)
+    assert torch.equal(mean, (sum(x.double() for x in xs) / 5).float())
+    assert torch.equal(mean[0], xs[0][0])
+    assert relative_lr_value(0.5, spread_sum(([xs[0][0]] * 3).__getitem__, 3, None)[1], 3) == 0.0
+
+
+def test_bfloat16_blocks_kept_in_their_dtype_are_read_once_and_change_no_byte(tmp_path):
+    """3 x 8 MiB of float32 exceed a 16 MiB --max-memory, the same blocks kept in bfloat16 (12 MiB) do not."""
+    paths = make_big_checkpoints(tmp_path / "big", n=3, rows=8192, cols=256, dtype=torch.bfloat16)
+    embed, norm = 3 * 8192 * 256 * 2, 3 * 256 * 2
+    whole = merge(paths, tmp_path / "whole", progress=False, device="cpu")
+    assert whole.bytes_read == embed + norm
+    kept = merge(paths, tmp_path / "kept", progress=False, device="cpu", max_memory=16 * 2**20)
+    assert kept.bytes_read == embed + norm
+    assert weights_sha256(whole.path) == weights_sha256(kept.path)
