@@ -168,7 +168,23 @@ def check_tasks(spec: LmEvalTasks, task: str) -> LmEvalTasks:
         where = f" or in {spec.include}" if spec.include else "; pass lm_eval_include=DIR for local task YAMLs"
         raise InvalidConfigError(f"unknown lm-eval task(s) {', '.join(unknown)}: not among lm-eval's tasks{where}",
                                  field="lm_eval_tasks")
+    for name in spec.task_names:
+        reported = _declared_metrics(_manager(spec.include).task_index.get(name))
+        if reported is not None and spec.metric not in reported:
+            raise InvalidConfigError(f"lm-eval task {name} has no metric {spec.metric!r}; it reports: "
+                                     f"{', '.join(sorted(reported))}", field="lm_eval_metric")
     return spec
+
+
+def _declared_metrics(entry: Any) -> set[str] | None:
+    """The `metric,filter` keys a plain task's own YAML declares, or None where only running it tells (a group, a
+    task that includes another YAML or declares no metric_list: its results are checked after the first run)."""
+    cfg = getattr(entry, "cfg", None)
+    if not isinstance(cfg, dict) or getattr(getattr(entry, "kind", None), "name", None) != "TASK" \
+            or "include" in cfg or not isinstance(cfg.get("metric_list"), list):
+        return None
+    filters = [f.get("name") for f in cfg.get("filter_list") or [] if isinstance(f, dict)] or ["none"]
+    return {f"{m['metric']},{f}" for m in cfg["metric_list"] if isinstance(m, dict) and "metric" in m for f in filters}
 
 
 def run_tasks(model: Any, spec: LmEvalTasks, *, device: str | None = None, batch_size: int | None = None,

@@ -139,10 +139,11 @@ def test_lm_eval_options_are_checked_before_any_merge(mc, tmp_path, capsys):
         code, _, err = run_cli(capsys, "tune", *experts[:2], "-o", tmp_path / "out", *map(str, flags), "--quiet")
         assert_one_error_line(code, err, *needles)
         assert not (tmp_path / "out").exists()
-    # A metric the task does not report is known once lm-eval has run it: at the first model scored.
-    code, _, err = run_cli(capsys, "evaluate", experts[0], "--lm-eval-tasks", "count_mc", "--lm-eval-include", tasks,
-                           "--lm-eval-metric", "f1,none", "--quiet")
-    assert code != 0 and "has no metric 'f1,none'; it reports: acc,none" in err.splitlines()[-1]
+    # A metric the task's own YAML does not declare: refused before any merge too.
+    code, _, err = run_cli(capsys, "tune", *experts[:2], "-o", tmp_path / "out", "--lm-eval-tasks", "count_mc",
+                           "--lm-eval-include", tasks, "--lm-eval-metric", "f1,none", "--quiet")
+    assert_one_error_line(code, err, "has no metric 'f1,none'; it reports: acc,none")
+    assert not (tmp_path / "out").exists()
     with pytest.raises(InvalidConfigError, match="not both"):
         evaluate(experts[:1], data=tasks / "count_mc.jsonl", lm_eval_tasks="count_mc")
 
