@@ -7,7 +7,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .card import selection_card
 from .config import AmeConfig
@@ -102,11 +102,13 @@ def start_selection(ingredients: Sequence[str | os.PathLike], out: Path, overwri
                     data: str | os.PathLike | LabelledData | TextData,
                     test_data: str | os.PathLike | LabelledData | TextData | None, task: str | None,
                     metric: str | None, base: str | None, token: str | None,
-                    config: AmeConfig | None = None) -> Selection:
+                    config: AmeConfig | None = None,
+                    before_fetch: Callable[[Selection], None] | None = None) -> Selection:
     """What `tune` and `greedy_soup` share, every check before any weight is downloaded: `--out` (before and after
     resolving), the ingredients checked as a merge checks them (adapters against their base), the task every model
     can do, its metric and the data loaded; then the weights fetched (announced, disk checked). `config` holds the
-    output options (variant, tokenizer source, dtype) the merges will run with."""
+    output options (variant, tokenizer source, dtype) the merges will run with; `before_fetch` is called with the
+    `Selection` before any weight is fetched (a resumed `tune` refuses another command's journal there)."""
     check_output_dir(out, overwrite, inputs=local_inputs([*ingredients, *([base] if base else [])]))
     output = config or AmeConfig()  # the output options every merge of the selection runs with
     stage = InputStage(token=token, variant=output.variant)
@@ -124,8 +126,11 @@ def start_selection(ingredients: Sequence[str | os.PathLike], out: Path, overwri
                                  "lm-eval tasks with `ame-hf evaluate`", fields=("test_data", "lm_eval_tasks"))
     metric = metric_for(task, metric, val)
     check_scorable([m.tokenizer for m in models], task)
-    fetch_models(models)
     resolved = [m.ingredient for m in models]
-    return Selection(models=models, task=task, metric=metric, val=val, test=test,
-                     refs=[i.pinned_ref if i.repo_id else str(i.path) for i in resolved],
-                     names=[i.display_name for i in resolved], stage=stage)
+    sel = Selection(models=models, task=task, metric=metric, val=val, test=test,
+                    refs=[i.pinned_ref if i.repo_id else str(i.path) for i in resolved],
+                    names=[i.display_name for i in resolved], stage=stage)
+    if before_fetch is not None:
+        before_fetch(sel)
+    fetch_models(models)
+    return sel

@@ -123,6 +123,9 @@ def add_tune_parser(sub: Any) -> argparse.ArgumentParser:
     t.add_argument("--device", help="where merges and evaluations run (default: GPU when there is one)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace a previous ame-hf output at --out (never an input, the cwd or a folder of yours)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the tune of --out that the same command started and that stopped (kill -9, power "
+                        "loss): recorded scores are not computed again; if there is none, start from the beginning")
     # The output options of every merge tune runs (it tries its own optimizer, lr, pivot, ...).
     add_config_options(t, only=OUTPUT_FIELDS)
     add_token(t)
@@ -284,7 +287,7 @@ def cmd_tune(args: argparse.Namespace, output: AmeConfig) -> int:
     result = tune(args.refs, args.out, data=args.data, test_data=args.test_data, task=args.task, metric=args.metric,
                   config=output, budget=args.budget, max_length=args.max_length, batch_size=args.eval_batch_size,
                   device=args.device, token=args.token, overwrite=args.overwrite, progress=not args.quiet,
-                  log=None if args.quiet else _err)
+                  log=None if args.quiet else _err, resume=args.resume)
     print(table([(c.label, c.score) for c in result.candidates], result.metric))
     if result.test_scores:
         print("\n" + table(list(result.test_scores.items()), f"{result.metric} (test, not used for the choice)"))

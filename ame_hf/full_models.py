@@ -202,13 +202,16 @@ class FullModels:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def score_each(self, score: Callable[[Path], float], metric: str | None = None) -> list[float]:
+    def score_each(self, score: Callable[[Path], float], metric: str | None = None, *,
+                   memo: Callable[[str, Callable[[], float]], float] | None = None) -> list[float]:
         """Every model's score, each evaluated once. With `metric`, the best one's adapter folder stays
         written (the one a selection may still need: the best single model, the first among equals).
 
         Args:
             score: scores one folder of full weights.
             metric: the metric, whose direction says which score is best; None: no folder is kept.
+            memo: `memo(key, compute)` gives model i's score under `val ingredient {i}` (a resumed `tune`'s
+                journal: recorded, so nothing is written or scored, or computed now).
 
         Returns:
             The scores, in the order of `models`.
@@ -218,7 +221,8 @@ class FullModels:
         """
         scores: list[float] = []
         for i in range(len(self.models)):
-            scores.append(score(self.path(i)))
+            compute = lambda i=i: score(self.path(i))  # noqa: E731
+            scores.append(memo(f"val ingredient {i}", compute) if memo else compute())
             keep = min(range(len(scores)), key=lambda k: (-sort_key(scores[k], metric), k)) if metric else None
             for k in [k for k in self._written if k != keep]:
                 self.release(k)

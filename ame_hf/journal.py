@@ -38,7 +38,8 @@ KEY_FILE = "key.json"
 _CHUNK = 2**20  # read back in small pieces into one buffer: little memory in the I/O thread
 # How the refusal of another merge's resume names each part of the key that differs.
 _KEY_WORDS = {"ame_hf": "another ame-hf version", "recipe": "another recipe (options or resolved ingredient revisions)",
-              "local_files": "other files in a local input folder"}
+              "local_files": "other files in a local input folder", "ingredients": "other ingredients or revisions",
+              "data": "other data", "options": "other options"}
 
 
 def run_key(config: Any, ingredients: Sequence[Ingredient], pivot: Any, others: Sequence[Ingredient] = ()) -> dict:
@@ -67,34 +68,37 @@ def run_key(config: Any, ingredients: Sequence[Ingredient], pivot: Any, others: 
             "local_files": files.hexdigest()[:16]}
 
 
-def _candidates(out: Path) -> list[Path]:
-    """Staging folders of `out` with a journal, left by processes that are gone or by an earlier call in this one
-    (a Python caller trying again); newest first."""
+def _candidates(out: Path, marker: str = f"{JOURNAL_DIR}/{KEY_FILE}") -> list[Path]:
+    """Staging folders of `out` with a journal (`marker`: its key file), left by processes that are gone or by an
+    earlier call in this one (a Python caller trying again); newest first."""
     pattern = re.compile(re.escape(STAGING_PREFIX) + r"(\d+)-" + re.escape(out.name) + r"-([a-z0-9_]+)")
     found = []
     for path in out.parent.glob(f"{STAGING_PREFIX}*"):
         match = pattern.fullmatch(path.name)
         if (match and path.is_dir() and not path.is_symlink() and _owned(path)
                 and (int(match[1]) == os.getpid() or not _pid_alive(int(match[1])))
-                and (path / JOURNAL_DIR / KEY_FILE).is_file()):
+                and (path / marker).is_file()):
             found.append(path)
     return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
 
 
-def _read_key(path: Path) -> dict | None:
+def _read_key(path: Path, marker: str = f"{JOURNAL_DIR}/{KEY_FILE}") -> dict | None:
     try:
-        return json.loads((path / JOURNAL_DIR / KEY_FILE).read_text(encoding="utf-8"))
+        return json.loads((path / marker).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
 
-def take_up(out: str | os.PathLike, key: dict) -> Path | None:
+def take_up(out: str | os.PathLike, key: dict, *, marker: str = f"{JOURNAL_DIR}/{KEY_FILE}",
+            kind: str = "merge") -> Path | None:
     """The staging folder of an unfinished merge of `out` with the same `key`, renamed as this process's
     (so that no other run removes it as stale); None when there is none.
 
     Args:
         out: the output directory.
         key: this merge's `run_key`.
+        marker: the key file that marks such a staging folder (a `tune`'s is its own).
+        kind: what the run is, as the refusal names it.
 
     Returns:
         The staging folder taken up, or None (the merge starts from the beginning).
@@ -103,9 +107,9 @@ def take_up(out: str | os.PathLike, key: dict) -> Path | None:
         OutputError: an unfinished merge of `out` exists but was started with another config or other inputs.
     """
     out = Path(out).absolute()
-    candidates = _candidates(out)
+    candidates = _candidates(out, marker)
     for path in candidates:
-        if _read_key(path) != key:
+        if _read_key(path, marker) != key:
             continue
         suffix = path.name.rsplit("-", 1)[1]
         mine = out.parent / f"{STAGING_PREFIX}{os.getpid()}-{out.name}-{suffix}"
@@ -113,12 +117,12 @@ def take_up(out: str | os.PathLike, key: dict) -> Path | None:
             os.rename(path, mine)
         except OSError:
             continue  # another run took it up first
-        logger.info("resuming the unfinished merge in %s", mine)
+        logger.info("resuming the unfinished %s in %s", kind, mine)
         return mine
     if candidates:
-        theirs = _read_key(candidates[0]) or {}
-        what = " and ".join(_KEY_WORDS[k] for k in key if theirs.get(k) != key[k])
-        raise OutputError(f"resume=True: the unfinished merge of out_dir {os.fspath(out)!r} in {candidates[0].name} "
+        theirs = _read_key(candidates[0], marker) or {}
+        what = " and ".join(_KEY_WORDS.get(k, k) for k in key if theirs.get(k) != key[k])
+        raise OutputError(f"resume=True: the unfinished {kind} of out_dir {os.fspath(out)!r} in {candidates[0].name} "
                           f"was started with {what}; run it again exactly as then, or without resume=True to start "
                           "over (which removes it)", path=out, fields=("resume", "out_dir"))
     logger.info("nothing to resume for %s: starting from the beginning", out)

@@ -9,7 +9,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from .card_results import add_card_section, update_card
 from .choosing import Selection, copy_ingredient, start_selection, write_selected  # noqa: F401 (tune's, tests')
@@ -17,6 +17,7 @@ from .config import WEIGHT_FIELDS, AmeConfig
 from .errors import InvalidConfigError
 from .evaluation import TextData, LabelledData, evaluate_model, is_better, sort_key
 from .full_models import FullModels
+from .in_memory import merge_model
 from .inputs import InputStage
 from .lm_harness import LmEvalTasks, data_or_tasks, record
 from .merging import merge
@@ -36,13 +37,16 @@ class GreedySoup:
         score: the validation score of the kept soup (of the single best ingredient when only it is kept).
         steps: `(ingredient, validation score of the soup with it, kept?)` in the order tried; the
             first step is the best ingredient alone.
-        path: the merge of the kept ingredients (None when only one ingredient is kept).
+        path: the merge of the kept ingredients, when it was written to disk (it did not fit in memory).
+        model: the kept merge built in memory, when it was (`kept_soup` writes it); None when only one ingredient
+            is kept, or when its score came from a resumed run's journal.
     """
 
     kept: list[int]
     score: float
     steps: list[tuple[int, float, bool]] = field(default_factory=list)
     path: Path | None = None
+    model: Any = field(default=None, repr=False)
 
 
 def soup_config(config: AmeConfig | None = None) -> AmeConfig:
@@ -68,24 +72,31 @@ def soup_config(config: AmeConfig | None = None) -> AmeConfig:
                              if f.name not in WEIGHT_FIELDS})
 
 
-def run_greedy_soup(refs: Sequence[str], scores: Sequence[float], score: Callable[[Path], float], metric: str,
+def run_greedy_soup(refs: Sequence[str], scores: Sequence[float], score: Callable[[Any], float], metric: str,
                     scratch: Path, name: str, *, config: AmeConfig | None = None, token: str | None = None,
                     log: Callable[[str], None] | None = None, stage: InputStage | None = None,
-                    recorded_at: Path | None = None) -> GreedySoup:
+                    recorded_at: Path | None = None, task: str | None = None, device: str | None = None,
+                    memo: Callable[[str, Callable[[], float]], float] | None = None) -> GreedySoup:
     """The greedy soup: ingredients sorted by validation score (best first); each is added to the running
     uniform soup only if the soup's validation score does not get worse (Wortsman et al. 2022, Recipe 1).
+
+    With `task`, each trial soup is built in memory when it fits (`in_memory.merge_model`: the tensors `merge`
+    writes), scored and dropped; only the kept one is held. Otherwise it is merged into `scratch` and scored there.
 
     Args:
         refs: the ingredients (pinned references or local paths).
         scores: each ingredient's validation score (evaluated once, by the caller).
-        score: the validation score of a merged model folder.
+        score: the validation score of a merged model folder, or of a model built in memory.
         metric: the metric of the scores (its direction decides "worse").
-        scratch: a folder for the trial merges; only the kept soup stays there.
+        scratch: a folder for the trial merges that do not fit in memory; only the kept soup stays there.
         name: the folder name of each merge (the card's "How to use" names it).
         config: output options for the merges (see `soup_config`).
         stage: the run's `InputStage`, shared by the trial merges.
         recorded_at: the output folder the kept soup will be moved to (its local references are recorded
             relative to it).
+        task: the evaluation task (which model class a trial in memory is); None: every trial on disk.
+        device: where the merges compute.
+        memo: `memo(key, compute)` gives a trial's score (a resumed `tune`'s journal: recorded, or computed now).
 
     Returns:
         A `GreedySoup`.
@@ -97,12 +108,26 @@ def run_greedy_soup(refs: Sequence[str], scores: Sequence[float], score: Callabl
     order = sorted(range(len(refs)), key=lambda i: -sort_key(scores[i], metric))  # stable: ties by index
     kept, best = [order[0]], scores[order[0]]
     trace = GreedySoup(kept=kept, score=best, steps=[(order[0], best, True)])
+    if task is not None and stage is None:
+        stage = InputStage(token=token, variant=cfg.variant)
     for n, i in enumerate(order[1:]):
         trial = sorted(kept + [i])
-        target = scratch / f"greedy{n}" / name
-        target.parent.mkdir(parents=True)
-        merge([refs[k] for k in trial], target, cfg, token=token, progress=False, stage=stage, recorded_at=recorded_at)
-        value = score(target)
+        built: list[Any] = []  # what the trial left: a model in memory, or a folder
+
+        def compute() -> float:
+            model = merge_model([refs[k] for k in trial], cfg, task, stage=stage, device=device) if task else None
+            if model is not None:
+                model.ame_candidate = f"greedy{n}"  # named like the folder it would have had
+                built.append(model)
+                return score(model)
+            target = scratch / f"greedy{n}" / name
+            target.parent.mkdir(parents=True)
+            merge([refs[k] for k in trial], target, cfg, token=token, progress=False, stage=stage, device=device,
+                  recorded_at=recorded_at)
+            built.append(target)
+            return score(target)
+
+        value = memo(f"greedy soup {','.join(map(str, trial))}", compute) if memo else compute()
         keep = not is_better(best, value, metric)  # "does not get worse": equal is kept
         trace.steps.append((i, value, keep))
         if log:
@@ -110,11 +135,40 @@ def run_greedy_soup(refs: Sequence[str], scores: Sequence[float], score: Callabl
         if keep:
             if trace.path is not None:
                 shutil.rmtree(trace.path.parent, ignore_errors=True)
-            kept, best, trace.path = trial, value, target
-        else:
-            shutil.rmtree(target.parent, ignore_errors=True)
+            kept, best = trial, value
+            trace.model = built[0] if built and not isinstance(built[0], Path) else None
+            trace.path = built[0] if built and isinstance(built[0], Path) else None
+        elif built and isinstance(built[0], Path):
+            shutil.rmtree(built[0].parent, ignore_errors=True)
+        built.clear()
     trace.kept, trace.score = kept, best
     return trace
+
+
+def kept_soup(trace: GreedySoup, refs: Sequence[str], target: Path, *, config: AmeConfig | None = None,
+              token: str | None = None, stage: InputStage | None = None, device: str | None = None,
+              recorded_at: Path | None = None, resume: bool = False) -> Path:
+    """The folder of the greedy soup's merge (more than one ingredient kept): where it was written, or written now
+    by `merge` itself (a soup kept in memory, or scored in a resumed run) into `target`; the model held is dropped.
+
+    Args:
+        trace: the greedy soup.
+        refs: the ingredients.
+        target: the folder to write (its parent is made).
+        config: output options (see `soup_config`).
+        token, stage, device: of the merge.
+        recorded_at: the output folder it will become.
+        resume: continue an unfinished merge of `target` (`merge`'s `resume`).
+
+    Returns:
+        The folder.
+    """
+    trace.model = None
+    if trace.path is None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        trace.path = merge([refs[k] for k in trace.kept], target, soup_config(config), token=token, progress=False,
+                           stage=stage, device=device, recorded_at=recorded_at, resume=resume).path
+    return trace.path
 
 
 def greedy_label(kept: Sequence[int]) -> str:
@@ -197,7 +251,8 @@ def greedy_soup(
     """Write the greedy soup of the ingredients on validation `data` (`ame-hf merge --greedy-soup`).
 
     Each ingredient is evaluated once; each trial soup is a real merge (SGD, lr 1, harmonic) of the
-    ingredients kept so far plus one, and only the kept soup stays on disk. The output is that merge,
+    ingredients kept so far plus one, built in memory when it fits (scored and dropped), and only the kept soup
+    is written. The output is that merge,
     with its `ame_config.yaml` (listing the kept ingredients) and a card naming them; when no soup beats
     the best single ingredient, it is a marked copy of that ingredient.
 
@@ -234,22 +289,28 @@ def greedy_soup(
     sel = start_selection(ingredients, out, overwrite, data=data, test_data=test_data, task=task, metric=metric,
                           base=config.base if config is not None else None, token=token, config=config)
     task, metric, val, test, refs = sel.task, sel.metric, sel.val, sel.test, sel.refs
-    evaluate = lambda path, d: evaluate_model(str(path), d, task, metric, max_length=max_length,  # noqa: E731
-                                              batch_size=batch_size, device=device)
+    # A folder as a string, or a trial built in memory as it is.
+    evaluate = lambda model, d: evaluate_model(  # noqa: E731
+        str(model) if isinstance(model, (str, os.PathLike)) else model, d, task, metric, max_length=max_length,
+        batch_size=batch_size, device=device)
     scratch = make_staging_dir(out)
     try:
         full = FullModels(sel.models, scratch / "ingredients", token=token, device=device)
         scores = full.score_each(lambda p: evaluate(p, val), metric)
         trace = run_greedy_soup(refs, scores, lambda p: evaluate(p, val), metric, scratch, out.absolute().name,
-                                config=config, token=token, log=log, stage=sel.stage, recorded_at=out)
+                                config=config, token=token, log=log, stage=sel.stage, recorded_at=out, task=task,
+                                device=device)
         best = trace.steps[0][0]
         # The best ingredient's, before an adapter's full model moves into the output.
         best_on_test = evaluate(full.path(best), test) if test is not None else None
-        scored = trace.path or full.path(best)  # where the output was scored (before a move)
-        if trace.path is None:
+        if len(trace.kept) == 1:
+            scored = full.path(best)  # where the output was scored (before a move)
             final = write_selected(scratch / "ingredient", full, best, refs, len(refs), by="the greedy soup")
-        else:
-            final = trace.path
+        else:  # only the kept soup is written, by `merge` itself (its trials were scored in memory when they fit)
+            in_memory = trace.path is None
+            final = kept_soup(trace, refs, scratch / "greedy" / out.absolute().name, config=config, token=token,
+                              stage=sel.stage, device=device, recorded_at=out)
+            scored = None if in_memory else final  # lm-eval's results of a model in memory are not kept: scored again
         tests = _greedy_test_scores(trace, best_on_test, lambda: evaluate(final, test))
         _write_greedy_card(final, trace, sel, scores, tests, model_name=out.absolute().name)
         if isinstance(val, LmEvalTasks):
@@ -268,7 +329,7 @@ def _greedy_test_scores(trace: GreedySoup, best_on_test: float | None,
     ingredient is kept it is the greedy soup, already scored: the output is scored only when it is a merge."""
     if best_on_test is None:
         return {}
-    return {"greedy soup": best_on_test if trace.path is None else score_output(), "best ingredient": best_on_test}
+    return {"greedy soup": best_on_test if len(trace.kept) == 1 else score_output(), "best ingredient": best_on_test}
 
 
 def _write_greedy_card(folder: Path, trace: GreedySoup, sel: Selection, scores: Sequence[float],

@@ -23,8 +23,10 @@ from .inputs import InputStage
 from .lm_harness import LmEvalTasks, data_or_tasks, record
 from .merging import merge
 from .output import make_staging_dir, publish
-from .selection import (Candidate, GreedySoup, Selection, best_candidate, greedy_label, greedy_section, ranked,
-                        run_greedy_soup, start_selection, write_selected)
+from . import tune_journal
+from .selection import (Candidate, GreedySoup, Selection, best_candidate, greedy_label, greedy_section, kept_soup,
+                        ranked, run_greedy_soup, start_selection, write_selected)
+from .tune_journal import SELECTED, ScoreJournal, tune_key
 
 __all__ = ["Candidate", "TuneResult", "base_grid", "default_grid", "tune"]
 
@@ -76,6 +78,7 @@ def tune(
     lm_eval_metric: str | None = None,
     lm_eval_limit: int | None = None,
     lm_eval_num_fewshot: int | None = None,
+    resume: bool = False,
 ) -> TuneResult:
     """Pick the best of {soup, greedy soup, each ingredient, `budget` AME variants} on validation data; with a known
     base (`base`, or the adapters' own), also task arithmetic and TIES from it (`base_grid`).
@@ -113,6 +116,9 @@ def tune(
         lm_eval_tasks, lm_eval_include, lm_eval_metric, lm_eval_limit, lm_eval_num_fewshot: lm-eval tasks as
             the score instead of `data` (see `ame_hf.evaluate`); the output keeps the selected model's lm-eval
             results (`lm_eval_results.json`) and its task scores in the card's model-index.
+        resume: continue the tune of `out_dir` that stopped (kill -9, power loss, an error) when started with the
+            same ingredients, data and options: the scores it recorded are not computed again, and the result is
+            the one an uninterrupted tune gives. Without it, a stopped tune's staging folder is removed.
 
     Returns:
         A `TuneResult`.
@@ -120,7 +126,8 @@ def tune(
     Raises:
         InvalidConfigError: an invalid option (before anything is read), a task the ingredients cannot do or
             unreadable data (before any merge).
-        OutputError, IngredientNotFoundError, IncompatibleCheckpointsError, HubError: as `merge`.
+        OutputError, IngredientNotFoundError, IncompatibleCheckpointsError, HubError: as `merge`; with `resume`, an
+            unfinished tune of `out_dir` started with another command (`OutputError`, before any download).
 
     >>> tune(["org/a", "org/b"], "best", data="val.jsonl", task="text-classification")  # doctest: +SKIP
     >>> tune(["org/a", "org/b"], "best", data="val.jsonl", config=AmeConfig(dtype="bfloat16"))  # doctest: +SKIP
@@ -131,40 +138,51 @@ def tune(
     data = data_or_tasks(data, lm_eval_tasks=lm_eval_tasks, lm_eval_include=lm_eval_include,
                          lm_eval_metric=lm_eval_metric, lm_eval_limit=lm_eval_limit,
                          lm_eval_num_fewshot=lm_eval_num_fewshot)
+    taken: list[Path | None] = []
+
+    def take_up(sel: Selection) -> None:  # before any download: another command's unfinished tune is refused
+        key = tune_key(sel, _configs(sel, output, grid, budget), output, device=device, max_length=max_length,
+                       batch_size=batch_size)
+        taken.extend([tune_journal.take_up(out, key) if resume else None, key])
+
     sel = start_selection(ingredients, out, overwrite, data=data, test_data=test_data, task=task, metric=metric,
-                          base=output.base, token=token, config=output)
+                          base=output.base, token=token, config=output, before_fetch=take_up)
     # An adapter output: every candidate is a full model, and the pick is saved as an adapter of the base at the end.
     adapter_base = checked_base(sel.stage, sel.refs, output) if output.save_as == "adapter" else None
-    known_base = output.base is not None or any(m.is_adapter for m in sel.models)
-    extra = base_grid(len(sel.refs)) if known_base and grid is None else []
-    configs = candidate_configs([*extra, *(grid if grid is not None else default_grid())], budget + len(extra),
-                                 full_model_config(output))
+    configs = _configs(sel, output, grid, budget)
     search = _Search(metric=sel.metric, test=sel.test, log=log, total=len(sel.refs) + 1 + len(configs),
                      score=lambda model, d=sel.val: evaluate_model(_loadable(model), d, sel.task, sel.metric,
                                                                    max_length=max_length, batch_size=batch_size,
                                                                    device=device, progress=progress))
     # The pick of the candidates built in memory is written by `merge` itself: the bytes `merge` writes.
     search.write = lambda cfg, target: merge(sel.refs, target, cfg, token=token, progress=False, device=device,
-                                             stage=sel.stage, recorded_at=out).path
+                                             stage=sel.stage, recorded_at=out, resume=resume).path
+    search.write_soup = lambda trace, target: kept_soup(trace, sel.refs, target, config=full_model_config(output),
+                                                        token=token, stage=sel.stage, device=device, recorded_at=out,
+                                                        resume=resume)
     name = out.absolute().name  # named like the output: the card's "How to use" names the merge's folder
-    scratch = make_staging_dir(out)
+    scratch = taken[0] or make_staging_dir(out)
+    finished = False
     try:
+        search.memo = ScoreJournal(scratch, taken[1])  # every score recorded as it is computed (`resume=True`)
+        search.resumed = set(search.memo.recorded)
         full = FullModels(sel.models, scratch / "ingredients", token=token, device=device)
-        scores = full.score_each(search.score, sel.metric)  # each once; the best adapter's full model stays written
+        scores = full.score_each(search.score, sel.metric, memo=search.memo)  # the best adapter's full model stays
         for i, s in enumerate(scores):
-            search.consider(Candidate(f"ingredient {i}: {sel.names[i]}", s, ingredient=i), None)
+            search.consider(Candidate(f"ingredient {i}: {sel.names[i]}", s, ingredient=i), None,
+                            recorded=f"val ingredient {i}" in search.resumed)
         for n, cfg in enumerate(configs):
             started = time.perf_counter()
             _try_variant(search, n, cfg, sel.refs, scratch / f"cand{n}" / name, token=token, device=device,
                          stage=sel.stage, home=out, task=sel.task)
             if n == 0:  # after the soup: the time estimate, then the greedy soup
-                if log:
+                if log and "val candidate 0" not in search.resumed:
                     per = time.perf_counter() - started
                     log(f"about {per:.1f}s per candidate (merge + evaluation): {len(configs) - 1} AME variants and "
                         f"the greedy soup ({len(sel.refs) - 1} merges) left, about "
                         f"{per * (len(configs) + len(sel.refs) - 2):.0f}s")
                 _try_greedy_soup(search, full, sel.refs, scores, scratch / "greedy", name, full_model_config(output),
-                                 token=token, stage=sel.stage, home=out)
+                                 token=token, stage=sel.stage, home=out, task=sel.task, device=device)
         best, final = _write_selected(search, full, sel, scratch, name)
         if isinstance(sel.val, LmEvalTasks):
             record(final, sel.val, scored_as=search.scored, device=device, batch_size=batch_size,
@@ -175,11 +193,26 @@ def tune(
             full, final = final, scratch / "adapter" / name
             if isinstance(sel.val, LmEvalTasks):  # the adapter's results are its full model's
                 record(final, sel.val, scored_as=full)
+        if log and search.memo.reused:
+            log(f"resumed: {search.memo.reused} score(s) taken from the journal of the tune that stopped")
         publish(final, out, overwrite)
+        finished = True
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if finished or not resume:
+            shutil.rmtree(scratch, ignore_errors=True)
+        else:
+            logger.warning("the scores computed so far are kept in %s: run the same command with --resume "
+                           "(Python: resume=True) to continue", scratch)
     return TuneResult(path=out, best=best, candidates=ranked(search.candidates, sel.metric), metric=sel.metric,
                       test_scores=search.tests)
+
+
+def _configs(sel: Selection, output: AmeConfig, grid: Sequence[AmeConfig] | None, budget: int) -> list[AmeConfig]:
+    """The candidates' configs: the soup, the base grid when a base is known, the first `budget` of the grid."""
+    known_base = output.base is not None or any(m.is_adapter for m in sel.models)
+    extra = base_grid(len(sel.refs)) if known_base and grid is None else []
+    return candidate_configs([*extra, *(grid if grid is not None else default_grid())], budget + len(extra),
+                             full_model_config(output))
 
 
 @dataclass
@@ -198,12 +231,15 @@ class _Search:
     tested: dict[tuple, float] = field(default_factory=dict)  # ("ingredient", i), ("soup",), ... -> test score
     trace: GreedySoup | None = None
     write: Callable[[AmeConfig, Path], Path] | None = None  # writes a candidate built in memory (its config)
+    write_soup: Callable[[GreedySoup, Path], Path] | None = None  # writes the greedy soup's kept merge
     scored: Path | None = None  # the folder the selected model was scored in
+    memo: Any = None  # the run's `ScoreJournal`: each score recorded as computed, or taken from a resumed run's
+    resumed: set[str] = field(default_factory=set)  # the keys of the scores a resumed run took from the journal
 
-    def consider(self, cand: Candidate, folder: Path | None) -> None:
+    def consider(self, cand: Candidate, folder: Path | None, *, recorded: bool = False) -> None:
         """Add a scored candidate; keep its folder only while it is the best."""
         self.candidates.append(cand)
-        _say(self.log, cand)
+        _say(self.log, cand, recorded)
         best = best_candidate(self.candidates, self.metric) is cand
         if folder is None:
             if best:  # an ingredient, or a candidate built in memory: a kept folder is no longer the best
@@ -223,7 +259,7 @@ class _Search:
         """`tests[row]`: the candidate's score on the test data (scored once per model)."""
         key = _key(cand)
         if key not in self.tested:
-            self.tested[key] = self.score(path(), self.test)
+            self.tested[key] = self.memo(f"test {key}", lambda: self.score(path(), self.test))
         self.tests[row] = self.tested[key]
 
 
@@ -231,10 +267,19 @@ def _try_variant(search: _Search, n: int, cfg: AmeConfig, refs: Sequence[str], t
                  token: str | None, device: str | None, stage: InputStage, home: Path, task: str) -> None:
     """Merge candidate `n` (with the run's input stage: every input read once for all candidates) into a model in
     memory, or into `target` when it cannot be, score it, and consider it (the soup, n = 0, is scored on test data)."""
+    key = f"val candidate {n}"
+    if key in search.resumed:  # scored before the tune stopped: not merged again unless it is the pick
+        cand = Candidate(_label(cfg), search.memo(key, float), config=cfg.resolved())
+        if search.test is not None and n == 0:
+            search.test_score("soup", cand, lambda: merge_model(refs, cfg, task, stage=stage, device=device)
+                              or merge(refs, target, cfg, token=token, progress=False, device=device, stage=stage,
+                                       recorded_at=home).path)
+        search.consider(cand, None, recorded=True)
+        return
     model = merge_model(refs, cfg, task, stage=stage, device=device)
     if model is not None:  # never on disk; written at the end only if it is the pick
         model.ame_candidate = target.parent.name  # named like the folder it would have had (`cand{n}`)
-        cand = Candidate(_label(cfg), search.score(model), config=cfg.resolved())
+        cand = Candidate(_label(cfg), search.memo(key, lambda: search.score(model)), config=cfg.resolved())
         if search.test is not None and n == 0:
             search.test_score("soup", cand, lambda: model)
         search.consider(cand, None)
@@ -242,7 +287,7 @@ def _try_variant(search: _Search, n: int, cfg: AmeConfig, refs: Sequence[str], t
     target.parent.mkdir()
     # Recorded relative to the output it may become (`home`), not to the scratch folder it is written in.
     result = merge(refs, target, cfg, token=token, progress=False, device=device, stage=stage, recorded_at=home)
-    cand = Candidate(_label(cfg), search.score(result.path), config=result.config)
+    cand = Candidate(_label(cfg), search.memo(key, lambda: search.score(result.path)), config=result.config)
     if search.test is not None and n == 0:
         search.test_score("soup", cand, lambda: result.path)
     search.consider(cand, target)
@@ -250,16 +295,20 @@ def _try_variant(search: _Search, n: int, cfg: AmeConfig, refs: Sequence[str], t
 
 def _try_greedy_soup(search: _Search, full: FullModels, refs: Sequence[str], scores: Sequence[float],
                      scratch: Path, name: str, output: AmeConfig, *, token: str | None, stage: InputStage,
-                     home: Path) -> None:
-    """Run the greedy soup (with the output options) and consider it; it is a single ingredient when only the
-    best one is kept."""
+                     home: Path, task: str, device: str | None) -> None:
+    """Run the greedy soup (with the output options; its trials in memory when they fit) and consider it; it is a
+    single ingredient when only the best one is kept."""
     trace = search.trace = run_greedy_soup(refs, scores, search.score, search.metric, scratch, name, token=token,
-                                           log=search.log, config=output, stage=stage, recorded_at=home)
+                                           log=search.log, config=output, stage=stage, recorded_at=home, task=task,
+                                           device=device, memo=search.memo)
     kept = Candidate(greedy_label(trace.kept), trace.score, config=AmeConfig.soup(), kept=trace.kept)
-    if trace.path is None:  # only the best ingredient kept: the greedy soup is that ingredient
+    if len(trace.kept) == 1:  # only the best ingredient kept: the greedy soup is that ingredient
         kept.config, kept.ingredient = None, trace.kept[0]
     if search.test is not None:
-        search.test_score("greedy soup", kept, lambda: trace.path or full.path(trace.kept[0]))
+        search.test_score("greedy soup", kept, lambda: full.path(trace.kept[0]) if len(trace.kept) == 1 else
+                          trace.model or kept_soup(trace, refs, scratch / name, config=output, token=token,
+                                                   stage=stage, device=device, recorded_at=home))
+    trace.model = None  # dropped: written at the end only if it is the pick
     search.consider(kept, trace.path)
 
 
@@ -272,12 +321,14 @@ def _write_selected(search: _Search, full: FullModels, sel: Selection, scratch: 
     val_best = best_candidate([c for c in search.candidates if c.config is None and c.kept is None], metric)
     if test is not None:  # before an adapter's full model may move into the output
         search.test_score("best ingredient", val_best, lambda: full.path(val_best.ingredient))
+    target = scratch / SELECTED / name  # a resumed tune continues an unfinished merge of it (`merge`'s resume)
     if id(best) in search.kept_dir:
         final = search.scored = search.kept_dir[id(best)]
     elif best.config is not None and best.kept is None and search.write is not None:  # built in memory
-        target = scratch / "selected" / name
-        target.parent.mkdir()
+        target.parent.mkdir(exist_ok=True)
         final = search.scored = search.write(best.config, target)
+    elif best.config is not None and trace is not None:  # the greedy soup, kept in memory (or scored before a resume)
+        final = search.scored = search.write_soup(trace, target)
     else:
         index = best.ingredient if best.ingredient is not None else best.kept[0]
         search.scored = full.path(index)  # where it was scored, before an adapter's full model moves
@@ -310,9 +361,9 @@ def _key(cand: Candidate) -> tuple:
     if cand.kept is not None:
         return ("greedy",)
     assert cand.config is not None
-    return ("soup",) if cand.config.is_soup else ("config", id(cand))
+    return ("soup",) if cand.config.is_soup else ("config", cand.label)  # labels are unique within a run
 
 
-def _say(log: Callable[[str], None] | None, cand: Candidate) -> None:
+def _say(log: Callable[[str], None] | None, cand: Candidate, recorded: bool = False) -> None:
     if log:
-        log(f"{cand.score:8.4f}  {cand.label}")
+        log(f"{cand.score:8.4f}  {cand.label}{'  (recorded before the resume)' if recorded else ''}")

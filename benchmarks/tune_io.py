@@ -1,6 +1,7 @@
-"""What `tune` writes and where its time goes: bytes written (the process's write() calls, /proc/self/io `wchar`,
-and what reached the storage layer, `write_bytes`) and wall time against the sum of its evaluations alone, with
-the candidates built in memory (the default) and written to disk (as before issue 24: `in_memory` disabled).
+"""What `tune` and the greedy soup (`merge --greedy-soup`) write and where their time goes: bytes written (the
+process's write() calls, /proc/self/io `wchar`, and what reached the storage layer, `write_bytes`) and wall time
+against the sum of the evaluations alone, with the candidates (and greedy-soup trials) built in memory (the default)
+and written to disk (as before issue 24: `in_memory` disabled).
 
 Ingredients: N copies of a Llama built from a config (a shared init plus seeded deltas) with a word-level tokenizer,
 scored on random token text by the mean token loss. Results go to --out (default benchmarks/_work/tune_io/), never
@@ -8,6 +9,7 @@ to a tracked file:
 
     python benchmarks/tune_io.py                       # 4.2M and 17M parameters, 3 ingredients, default budget
     python benchmarks/tune_io.py --sizes 4m --budget 4 # quicker
+    python benchmarks/tune_io.py --runs greedy         # the greedy soup alone
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def build(root: Path, size: str, copies: int, docs: int) -> tuple[list[Path], Pa
     return paths, text
 
 
-def run_tune(paths: list[Path], data: Path, out: Path, budget: int, in_memory: bool) -> dict[str, float]:
+def run_tune(paths: list[Path], data: Path, out: Path, budget: int, in_memory: bool,
+             greedy: bool = False) -> dict[str, float]:
     import ame_hf.in_memory
     import ame_hf.selection as selection
     import ame_hf.tuning as tuning
@@ -78,20 +81,24 @@ def run_tune(paths: list[Path], data: Path, out: Path, budget: int, in_memory: b
                 spent[0] += time.perf_counter() - started
         return run
 
-    saved = tuning.evaluate_model, selection.evaluate_model, tuning.merge_model
+    saved = tuning.evaluate_model, selection.evaluate_model, tuning.merge_model, selection.merge_model
     tuning.evaluate_model, selection.evaluate_model = timed(saved[0]), timed(saved[1])
-    if not in_memory:
-        tuning.merge_model = lambda *args, **kwargs: None  # every candidate written to disk, as before
+    if not in_memory:  # every candidate and greedy-soup trial written to disk, as before
+        tuning.merge_model = selection.merge_model = lambda *args, **kwargs: None
     try:
         before, started = _io(), time.perf_counter()
-        result = tuning.tune(paths, out, data=data, budget=budget, progress=False, device="cpu")
+        if greedy:
+            result = selection.greedy_soup(paths, out, data=data, device="cpu")
+        else:
+            result = tuning.tune(paths, out, data=data, budget=budget, progress=False, device="cpu")
         wall, after = time.perf_counter() - started, _io()
     finally:
-        tuning.evaluate_model, selection.evaluate_model, tuning.merge_model = saved
+        tuning.evaluate_model, selection.evaluate_model, tuning.merge_model, selection.merge_model = saved
     output = sum(f.stat().st_size for f in out.iterdir() if f.name.endswith(".safetensors"))
+    what = ({"candidates": len(result.steps), "best": f"greedy soup (kept {result.kept})"} if greedy else
+            {"candidates": len(result.candidates), "best": result.best.label})
     return {"wall_s": wall, "evaluations_s": spent[0], "wchar": after["wchar"] - before["wchar"],
-            "write_bytes": after["write_bytes"] - before["write_bytes"], "output_bytes": output,
-            "candidates": len(result.candidates), "best": result.best.label}
+            "write_bytes": after["write_bytes"] - before["write_bytes"], "output_bytes": output, **what}
 
 
 def main() -> None:
@@ -100,6 +107,7 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=3)
     parser.add_argument("--budget", type=int, default=12)
     parser.add_argument("--docs", type=int, default=32)
+    parser.add_argument("--runs", default="tune,greedy", help="tune, greedy (merge --greedy-soup) or both")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "_work" / "tune_io")
     args = parser.parse_args()
     import shutil
@@ -108,18 +116,20 @@ def main() -> None:
     rows = []
     for size in args.sizes.split(","):
         paths, data = build(args.out, size, args.copies, args.docs)
-        for in_memory in (True, False):
-            target = args.out / f"{size}-{'memory' if in_memory else 'disk'}"
-            shutil.rmtree(target, ignore_errors=True)
-            row = {"size": size, "mode": "in memory" if in_memory else "on disk",
-                   **run_tune(paths, data, target, args.budget, in_memory)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    lines = ["| model | candidates | wall s | evaluations s | merges etc. | written (wchar) | output |",
-             "|---|---|---|---|---|---|---|"]
+        for run in args.runs.split(","):
+            for in_memory in (True, False):
+                target = args.out / f"{size}-{run}-{'memory' if in_memory else 'disk'}"
+                shutil.rmtree(target, ignore_errors=True)
+                row = {"size": size, "run": run, "mode": "in memory" if in_memory else "on disk",
+                       **run_tune(paths, data, target, args.budget, in_memory, greedy=run == "greedy")}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    lines = ["| model | run | candidates | wall s | evaluations s | merges etc. | written (wchar) | output |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         extra = r["wall_s"] - r["evaluations_s"]
-        lines.append(f"| {r['size']}, {r['mode']} | {r['candidates']} | {r['wall_s']:.1f} | {r['evaluations_s']:.1f} | "
+        lines.append(f"| {r['size']}, {r['mode']} | {r['run']} | {r['candidates']} | {r['wall_s']:.1f} | "
+                     f"{r['evaluations_s']:.1f} | "
                      f"{extra:.1f} (+{100 * extra / r['evaluations_s']:.0f} %) | {r['wchar'] / 1e6:.1f} MB | "
                      f"{r['output_bytes'] / 1e6:.1f} MB |")
     (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")

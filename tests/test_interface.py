@@ -187,7 +187,8 @@ NOT_IN_SPACE = {
     **{(c, "progress"): "the Space shows its own progress bar" for c in ("merge", "evaluate", "tune")},
     ("merge", "callback"): "a Python function; it feeds the Space's progress bar",
     ("tune", "log"): "a Python function; it feeds the Space's progress bar",
-    ("merge", "resume"): "a Space run writes a fresh folder and is not restarted by a command: nothing to resume",
+    **{(c, "resume"): "a Space run writes a fresh folder and is not restarted by a command: nothing to resume"
+       for c in ("merge", "tune")},
     ("merge", "stage"): "an InputStage shared by the merges of one Python run; a Space run is one run",
     ("merge", "recorded_at"): "where a Python caller will move the output; the Space writes its own folder",
     ("merge", "config"): "an AmeConfig: its fields are the form's boxes",

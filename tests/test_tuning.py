@@ -97,6 +97,8 @@ def test_output_options_reach_every_merge_and_weight_options_are_refused(berts, 
     monkeypatch.setattr(tuning, "merge_model", lambda refs, config, *a, **kw: used.append(config) or  # in memory
                         in_memory.merge_model(refs, config, *a, **kw))
     monkeypatch.setattr(selection, "merge", recording(selection.merge))
+    monkeypatch.setattr(selection, "merge_model", lambda refs, config, *a, **kw: used.append(config) or  # in memory
+                        in_memory.merge_model(refs, config, *a, **kw))
     _fixed_scores(monkeypatch, lambda path: 0.9 if "cand1" in path else 0.5)
     result = tuning.tune(experts, tmp_path / "best", data=val, budget=1, progress=False,
                          config=AmeConfig(max_shard_size="8KB", compute_dtype="float64"))
@@ -244,7 +246,9 @@ def test_greedy_soup_keeps_exactly_the_ingredients_that_do_not_make_it_worse(lm_
     states = [load_state(e) for e in experts]
     target = {k: (states[0][k].double() + states[2][k].double()) / 2 for k in states[0] if states[0][k].is_floating_point()}
     score = _distance_scores(experts, target)
-    monkeypatch.setattr(selection, "evaluate_model", lambda model, data, task, metric=None, **kw: score(str(model)))
+    # (its trials are scored as models built in memory, the ingredients by folder)
+    monkeypatch.setattr(selection, "evaluate_model", lambda model, data, task, metric=None, **kw: score(
+        model if hasattr(model, "state_dict") else str(model)))
     result = selection.greedy_soup(experts, tmp_path / "greedy", data=val, metric="loss")
     assert result.kept == [0, 2]
     assert [(i, ok) for i, _, ok in result.steps][1:] == [(2 if result.steps[0][0] == 0 else 0, True), (1, False)]
@@ -421,7 +425,7 @@ def test_every_output_kind_reproduces_its_weights_from_its_ame_config(berts, lm_
                         lambda model, data, task, metric=None, **kw: 0.9 if "cand2" in _name(model) else 0.5)
     outputs.append(tuning.tune(experts, tmp_path / "ame-pick", data=val, budget=2, progress=False).path)
     monkeypatch.setattr(tuning, "evaluate_model",  # the greedy soup wins (it is scored in a "greedy" folder)
-                        lambda model, data, task, metric=None, **kw: 0.9 if "greedy" in str(model) else 0.5)
+                        lambda model, data, task, metric=None, **kw: 0.9 if "greedy" in _name(model) else 0.5)
     picked = tuning.tune(experts, tmp_path / "gpick", data=val, budget=1, progress=False)
     assert picked.best.label.startswith("greedy soup") and picked.best.config is not None, picked.best
     outputs.append(picked.path)
