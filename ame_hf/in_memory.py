@@ -1,5 +1,6 @@
 """Candidates that never touch the disk: a merge built by the streaming engine straight into a transformers model in
-memory (the tensors `merge` would write, in its dtype), for `tune` to score and drop; only its pick is written."""
+memory (the tensors `merge` would write, in its dtype), for `tune` and the greedy soup to score and drop; only their
+pick is written."""
 
 from __future__ import annotations
 
