@@ -271,9 +271,8 @@ def _try_variant(search: _Search, n: int, cfg: AmeConfig, refs: Sequence[str], t
     if key in search.resumed:  # scored before the tune stopped: not merged again unless it is the pick
         cand = Candidate(_label(cfg), search.memo(key, float), config=cfg.resolved())
         if search.test is not None and n == 0:
-            search.test_score("soup", cand, lambda: merge_model(refs, cfg, task, stage=stage, device=device)
-                              or merge(refs, target, cfg, token=token, progress=False, device=device, stage=stage,
-                                       recorded_at=home).path)
+            search.test_score("soup", cand, lambda: _soup_again(refs, cfg, target, task=task, token=token,
+                                                                 device=device, stage=stage, home=home))
         search.consider(cand, None, recorded=True)
         return
     model = merge_model(refs, cfg, task, stage=stage, device=device)
@@ -293,6 +292,15 @@ def _try_variant(search: _Search, n: int, cfg: AmeConfig, refs: Sequence[str], t
     search.consider(cand, target)
 
 
+def _soup_again(refs: Sequence[str], cfg: AmeConfig, target: Path, *, task: str, token: str | None,
+                device: str | None, stage: InputStage, home: Path) -> Any:
+    """The soup of a resumed tune, built again for its test score (in memory, or written to `target`)."""
+    model = merge_model(refs, cfg, task, stage=stage, device=device)
+    if model is not None:
+        return model
+    return merge(refs, target, cfg, token=token, progress=False, device=device, stage=stage, recorded_at=home).path
+
+
 def _try_greedy_soup(search: _Search, full: FullModels, refs: Sequence[str], scores: Sequence[float],
                      scratch: Path, name: str, output: AmeConfig, *, token: str | None, stage: InputStage,
                      home: Path, task: str, device: str | None) -> None:
@@ -306,8 +314,9 @@ def _try_greedy_soup(search: _Search, full: FullModels, refs: Sequence[str], sco
         kept.config, kept.ingredient = None, trace.kept[0]
     if search.test is not None:
         search.test_score("greedy soup", kept, lambda: full.path(trace.kept[0]) if len(trace.kept) == 1 else
-                          trace.model or kept_soup(trace, refs, scratch / name, config=output, token=token,
-                                                   stage=stage, device=device, recorded_at=home))
+                          trace.model if trace.model is not None else
+                          kept_soup(trace, refs, scratch / name, config=output, token=token, stage=stage,
+                                    device=device, recorded_at=home))
     trace.model = None  # dropped: written at the end only if it is the pick
     search.consider(kept, trace.path)
 
