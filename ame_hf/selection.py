@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .card_results import add_card_section, update_card
-from .choosing import Selection, copy_ingredient, start_selection, write_selected  # noqa: F401 (tune's, tests')
+from .choosing import Selection, start_selection, write_selected
 from .config import WEIGHT_FIELDS, AmeConfig
 from .errors import InvalidConfigError
 from .evaluation import TextData, LabelledData, evaluate_model, is_better, sort_key

@@ -196,7 +196,7 @@ def test_a_tune_output_that_copies_an_ingredient_is_ame_hfs_own(classifiers, tmp
     """It may be replaced by `--overwrite` and pushed, and `merge --config` explains it is no merge."""
     from ame_hf.output import check_output_dir
     from ame_hf.records import Ingredient
-    from ame_hf.selection import copy_ingredient
+    from ame_hf.choosing import copy_ingredient
 
     experts, _ = classifiers
     copy = copy_ingredient(tmp_path / "copy", Ingredient(ref=str(experts[0]), path=experts[0]), ["a", "b"], 5)
