@@ -108,3 +108,20 @@ def test_tune_resume_with_nothing_to_resume_starts_over_and_without_it_stale_sta
     again = tmp_path / "again"
     assert main([*_tune_args(experts, val, test, again)[:-4], "--budget", "1", "--quiet", "--resume"]) == 0
     assert _files(again).keys() == _files(out).keys()
+
+
+def test_journal_lines_are_verified_and_scores_read_back_bit_for_bit(tmp_path):
+    """A line whose score was altered, or torn, is ignored (that score is computed again); a recorded float comes back
+    with every bit (the pick and the card of a resumed tune are computed from it)."""
+    from ame_hf.tune_journal import ScoreJournal
+
+    journal = ScoreJournal(tmp_path, {"key": 1})
+    value = 0.1 + 0.2  # 0.30000000000000004: not a short decimal
+    assert journal("val candidate 0", lambda: value) == value and journal("val candidate 1", lambda: 2.5) == 2.5
+    path = tmp_path / ".ame-tune-journal" / "scores.jsonl"
+    path.write_text(path.read_text().replace("2.5", "0.5") + '{"key": "val candidate 2", "score": 1.0, "sha')
+    again, calls = ScoreJournal(tmp_path, {"key": 2}), []
+    assert again.recorded == {"val candidate 0": value}  # the key file is the first run's (not rewritten)
+    assert again("val candidate 0", lambda: calls.append(0) or 9.0) == value and not calls
+    assert again("val candidate 1", lambda: calls.append(1) or 2.5) == 2.5 and calls == [1]
+    assert json.loads((tmp_path / ".ame-tune-journal" / "key.json").read_text()) == {"key": 1}
