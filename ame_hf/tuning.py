@@ -11,7 +11,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from ._options import tune_options
 from .adapter_out import base_of, checked_base, full_model_config, save_adapter
@@ -19,6 +19,7 @@ from .card_results import add_card_section, update_card
 from .config import OUTPUT_FIELDS, AmeConfig
 from .evaluation import LabelledData, TextData, evaluate_model
 from .full_models import FullModels
+from .guard import DEFAULT_SELECTION, Examples, check_selection
 from .in_memory import merge_model
 from .inputs import InputStage
 from .lm_harness import LmEvalTasks, data_or_tasks, record
@@ -148,12 +149,13 @@ def tune(
     lm_eval_metric: str | None = None,
     lm_eval_limit: int | None = None,
     lm_eval_num_fewshot: int | None = None,
+    selection: str = DEFAULT_SELECTION,
 ) -> TuneResult:
     """Pick the best of {soup, greedy soup, each ingredient, `budget` AME variants} on validation data; with a known
     base (`base`, or the adapters' own), also task arithmetic and TIES from it (`base_grid`).
 
-    By construction the result is never worse on this validation data than the soup, the greedy soup or
-    the best single ingredient. Each ingredient is evaluated once, each candidate as soon as it is
+    With `selection="best"` the result is never worse on this validation data than the soup, the greedy soup or
+    the best single ingredient; the default keeps the soup unless a lead over it is beyond noise. Each ingredient is evaluated once, each candidate as soon as it is
     merged, and only the best so far stays on disk. The card lists every candidate's score, labelled as
     the validation scores used for the selection; with `test_data`, the model-index holds the selected
     model's score on that held-out data instead (the soup's and the best ingredient's beside it).
@@ -185,6 +187,8 @@ def tune(
         lm_eval_tasks, lm_eval_include, lm_eval_metric, lm_eval_limit, lm_eval_num_fewshot: lm-eval tasks as
             the score instead of `data` (see `ame_hf.evaluate`); the output keeps the selected model's lm-eval
             results (`lm_eval_results.json`) and its task scores in the card's model-index.
+        selection: `guarded` (default): the candidate whose validation lead over the soup is largest beyond noise
+            (a paired bound over the examples), else the soup (`ame_hf.guard`); `best`: the best validation score.
 
     Returns:
         A `TuneResult`.
@@ -199,6 +203,7 @@ def tune(
     """
     output = tune_options(ingredients, budget=budget, config=config, base=base, max_length=max_length,
                           batch_size=batch_size)
+    book = Examples(check_selection(selection))
     out = Path(out_dir)
     data = data_or_tasks(data, lm_eval_tasks=lm_eval_tasks, lm_eval_include=lm_eval_include,
                          lm_eval_metric=lm_eval_metric, lm_eval_limit=lm_eval_limit,
@@ -211,10 +216,10 @@ def tune(
     extra = base_grid(len(sel.refs)) if known_base and grid is None else []
     configs = _candidate_configs([*extra, *(grid if grid is not None else default_grid())], budget + len(extra),
                                  full_model_config(output))
-    search = _Search(metric=sel.metric, test=sel.test, log=log, total=len(sel.refs) + 1 + len(configs),
-                     score=lambda model, d=sel.val: evaluate_model(_loadable(model), d, sel.task, sel.metric,
-                                                                   max_length=max_length, batch_size=batch_size,
-                                                                   device=device, progress=progress))
+    search = _Search(metric=sel.metric, test=sel.test, log=log, total=len(sel.refs) + 1 + len(configs), book=book,
+                     score=book.scorer(lambda model, d, each: evaluate_model(model, d, sel.task, sel.metric,
+                                       max_length=max_length, batch_size=batch_size, device=device,
+                                       progress=progress, per_example=each), sel.val, sel.metric))
     # The pick of the candidates built in memory is written by `merge` itself: the bytes `merge` writes.
     search.write = lambda cfg, target: merge(sel.refs, target, cfg, token=token, progress=False, device=device,
                                              stage=sel.stage, recorded_at=out).path
@@ -278,12 +283,14 @@ class _Search:
     trace: GreedySoup | None = None
     write: Callable[[AmeConfig, Path], Path] | None = None  # writes a candidate built in memory (its config)
     scored: Path | None = None  # the folder the selected model was scored in
+    book: Examples | None = None  # per-example validation scores and the selection rule (`guard`)
 
     def consider(self, cand: Candidate, folder: Path | None) -> None:
         """Add a scored candidate; keep its folder only while it is the best."""
         self.candidates.append(cand)
         _say(self.log, cand)
-        best = best_candidate(self.candidates, self.metric) is cand
+        self.book.attach(cand, folder)
+        best = self.book.choose(self.candidates)[0] is cand
         if folder is None:
             if best:  # an ingredient, or a candidate built in memory: a kept folder is no longer the best
                 for old in list(self.kept_dir.values()):
@@ -347,7 +354,7 @@ def _write_selected(search: _Search, full: FullModels, sel: Selection, scratch: 
     """The best candidate's folder (a merge kept on disk, or a written ingredient) with its card; and the
     test scores of the selected model and the best ingredient."""
     metric, test, trace = search.metric, search.test, search.trace
-    best = best_candidate(search.candidates, metric)  # among equals: by kind, then grid order
+    best, why = search.book.choose(search.candidates)  # `guard`'s rule; among equals: by kind, then grid order
     val_best = best_candidate([c for c in search.candidates if c.config is None and c.kept is None], metric)
     if test is not None:  # before an adapter's full model may move into the output
         search.test_score("best ingredient", val_best, lambda: full.path(val_best.ingredient))
@@ -373,12 +380,8 @@ def _write_selected(search: _Search, full: FullModels, sel: Selection, scratch: 
                 test_results=test_rows, test_dataset=test.name if test is not None else None)
     if best.kept is not None and trace is not None:
         add_card_section(final, "## Greedy soup", greedy_section(trace, sel.names, metric))
+    add_card_section(final, "## Why this pick", why)
     return best, final
-
-
-def _loadable(model: Any) -> Any:
-    """What `evaluate_model` takes: a folder as a string, or a model built in memory as it is."""
-    return str(model) if isinstance(model, (str, os.PathLike)) else model
 
 
 def _key(cand: Candidate) -> tuple:

@@ -306,8 +306,9 @@ def test_tune_text_generation_with_test_data(lm_experts, tmp_path, capsys):
     scores = score_table(table)
     assert len(scores) == 3 + 2 + 2 and any(k.startswith("greedy soup (kept") for k in scores)
     label = selected.split(" (validation ")[0]
-    assert scores[label] == min(scores.values()), (label, scores)
     card = ModelCard.load(out / "README.md")
+    # The default (guarded) selection: the lowest loss, or the soup when no lead over it is beyond validation noise.
+    assert scores[label] == min(scores.values()) or (label == "soup" and "no candidate beats it" in card.text), label
     results = card.data.eval_results
     assert results[0].dataset_split == "test" and results[0].metric_type == "loss" and results[0].dataset_name == "test"
     assert results[1].metric_type == "perplexity" and "not used for the selection" in results[0].metric_name
