@@ -72,6 +72,15 @@ def test_a_lead_within_noise_falls_back_to_the_soup_and_a_clear_win_is_kept():
     assert pick.label == "clear" and "8.00 points" in why and "above 0" in why
 
 
+def test_without_per_example_scores_the_best_score_is_kept():
+    """A metric that is no mean over examples (macro_f1, lm-eval tasks) leaves the candidates without per-example
+    scores: the guard cannot apply, and the card says so."""
+    book, cands = _book({"soup": SOUP, "noisy": NOISY})
+    book.of = dict.fromkeys(book.of)
+    pick, why = book.choose(cands)
+    assert pick.label == "noisy" and "cannot apply" in why
+
+
 def test_the_surest_lead_wins_over_the_best_score():
     """A candidate with the best validation score but a lead built on many flipped examples loses to one whose
     smaller lead is sure; `selection="best"` takes the best score."""
