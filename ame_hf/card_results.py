@@ -71,7 +71,7 @@ def update_card(directory: str | os.PathLike, results: Sequence[tuple[str, float
                     f"data. Evaluate on held-out data for that (`--test-data`, or `ame-hf evaluate MODEL --data "
                     f"test.jsonl --update-card DIR`).\n\n")
         section = (f"\n{marker}\n\nThis model was **selected by {selected_by}** from {selected_from} candidates "
-                   f"as the best {metric} ({better} is better) on `{dataset}` ({task}). {held_out}"
+                   f"on {metric} ({better} is better) on `{dataset}` ({task}). {held_out}"
                    f"| candidate | {metric} (validation) |\n|---|---|\n{table}\n")
         before = ("\n## How to use", "\n## Ingredients", "\n## Reproduce")
     else:

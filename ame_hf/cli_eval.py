@@ -120,6 +120,9 @@ def add_tune_parser(sub: Any) -> argparse.ArgumentParser:
     add_task_options(t, test_data=True)
     t.add_argument("--budget", type=whole, default=DEFAULT_BUDGET,
                    help=f"number of AME variants to try (default {DEFAULT_BUDGET}; each is a merge and an evaluation)")
+    t.add_argument("--selection", choices=("guarded", "best"), default="guarded",
+                   help="guarded (default): the candidate that beats the soup by most beyond validation noise, else "
+                        "the soup; best: the best validation score")
     t.add_argument("--device", help="where merges and evaluations run (default: GPU when there is one)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace a previous ame-hf output at --out (never an input, the cwd or a folder of yours)")
@@ -287,7 +290,7 @@ def cmd_tune(args: argparse.Namespace, output: AmeConfig) -> int:
     result = tune(args.refs, args.out, data=args.data, test_data=args.test_data, task=args.task, metric=args.metric,
                   config=output, budget=args.budget, max_length=args.max_length, batch_size=args.eval_batch_size,
                   device=args.device, token=args.token, overwrite=args.overwrite, progress=not args.quiet,
-                  log=None if args.quiet else _err, resume=args.resume)
+                  log=None if args.quiet else _err, selection=args.selection, resume=args.resume)
     print(table([(c.label, c.score) for c in result.candidates], result.metric))
     if result.test_scores:
         print("\n" + table(list(result.test_scores.items()), f"{result.metric} (test, not used for the choice)"))

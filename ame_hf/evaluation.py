@@ -32,6 +32,10 @@ LOWER_IS_BETTER = ("loss", "perplexity", "nll", "mse", "mae", "rmse", "wer", "ce
 LM_METRICS = ("loss", "perplexity")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 _BUNDLED_METRICS = Path(__file__).parent / "metrics"
+# Per-example scores: (numerators, denominators), the score being sum(numerators) / sum(denominators): for
+# `accuracy` 1.0/0.0 per example over 1.0, for `loss`/`perplexity` the summed NLL per document over its
+# predicted tokens (perplexity is exp of that). What `guard` compares two models on, example by example.
+PerExample = tuple[list[float], list[float]]
 
 
 @dataclass(frozen=True)
@@ -289,7 +293,7 @@ def predict(model: Any, data: LabelledData, task: str, batch_size: int = 32, dev
 
 def evaluate_model(model: Any, data: LabelledData | TextData | LmEvalTasks, task: str, metric: str | None = None, *,
                    max_length: int | None = None, batch_size: int | None = None, device: str | None = None,
-                   progress: bool = False) -> float:
+                   progress: bool = False, per_example: list[PerExample] | None = None) -> float:
     """The metric's main value for one model (a directory or a loaded transformers model).
 
     Args:
@@ -303,33 +307,43 @@ def evaluate_model(model: Any, data: LabelledData | TextData | LmEvalTasks, task
         progress: text-generation: a progress bar over the batches. False also keeps transformers and
             huggingface_hub quiet while the model loads and runs (no "Loading weights" bars, no advisory
             warnings; `quiet_libraries`), and leaves their settings as they were.
+        per_example: a list that receives the per-example scores the score is made of (`PerExample`, in the data's
+            order) where the metric is a mean over examples (`accuracy`, `loss`, `perplexity`); nothing is added
+            for other metrics (`macro_f1`, lm-eval tasks). `tune`'s selection rule compares them (`guard`).
 
     Returns:
         The score (see `higher_is_better(metric)` for its direction).
     """
     with quiet_libraries(not progress):
-        return _evaluate_model(model, data, task, metric, max_length=max_length, batch_size=batch_size,
-                               device=device, progress=progress)
+        value, each = _evaluate_model(model, data, task, metric, max_length=max_length, batch_size=batch_size,
+                                      device=device, progress=progress)
+    if per_example is not None and each is not None:
+        per_example.append(each)
+    return value
 
 
 def _evaluate_model(model: Any, data: LabelledData | TextData | LmEvalTasks, task: str, metric: str | None, *,
-                    max_length: int | None, batch_size: int | None, device: str | None, progress: bool) -> float:
+                    max_length: int | None, batch_size: int | None, device: str | None,
+                    progress: bool) -> tuple[float, PerExample | None]:
     from transformers import AutoConfig
 
     if isinstance(data, LmEvalTasks):
         from .lm_harness import score
 
-        return score(model, data, device=device, batch_size=batch_size, max_length=max_length)
+        return score(model, data, device=device, batch_size=batch_size, max_length=max_length), None
     metric = default_metric(task, metric)
     if task == "text-generation":
         if not isinstance(data, TextData):
             raise InvalidConfigError("text-generation needs text documents (load_data(path, 'text-generation'))")
+        docs: list[tuple[float, int]] = []
         loss, _ = mean_token_nll(model, data, max_length=max_length, batch_size=batch_size or 8, device=device,
-                                 progress=progress)
-        return perplexity(loss) if metric == "perplexity" else loss
+                                 progress=progress, per_document=docs)
+        each = ([nll for nll, _ in docs], [float(n) for _, n in docs])
+        return (perplexity(loss) if metric == "perplexity" else loss), each
     predictions = predict(model, data, task, batch_size=batch_size or 32, device=device)
     config = model.config if hasattr(model, "config") else AutoConfig.from_pretrained(str(model))
     label2id = {str(k): int(v) for k, v in (config.label2id or {}).items()}
     references = [_label_id(label, label2id) for label in data.labels]
     result = load_metric(metric).compute(predictions=predictions, references=references)
-    return float(result.get(metric, next(iter(result.values()))))
+    each = ([float(p == r) for p, r in zip(predictions, references)], [1.0] * len(references))
+    return float(result.get(metric, next(iter(result.values())))), each if metric == "accuracy" else None

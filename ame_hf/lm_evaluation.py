@@ -110,7 +110,8 @@ def _load(model: Any, device: str) -> tuple[Any, Any]:
 
 
 def mean_token_nll(model: Any, data: TextData, *, max_length: int | None = None, batch_size: int = 8,
-                   device: str | None = None, progress: bool = False) -> tuple[float, int]:
+                   device: str | None = None, progress: bool = False,
+                   per_document: list[tuple[float, int]] | None = None) -> tuple[float, int]:
     """The mean negative log-likelihood per predicted token (nats) of a causal LM over all documents.
 
     Each batch goes through the model's forward with `labels` (transformers shifts them and masks
@@ -127,6 +128,8 @@ def mean_token_nll(model: Any, data: TextData, *, max_length: int | None = None,
         device: `cpu`, `cuda`, ... (default: CUDA when available, else the CPU).
         progress: show a tqdm bar over the batches; False also keeps transformers quiet while the model
             loads and runs (`quiet_libraries`).
+        per_document: a list that receives `(summed NLL, predicted tokens)` of every document, in the order of
+            `data.texts`, from the same forward passes (for `guard`'s paired comparison; the mean is unchanged).
 
     Returns:
         (mean NLL per token, number of predicted tokens).
@@ -142,11 +145,11 @@ def mean_token_nll(model: Any, data: TextData, *, max_length: int | None = None,
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with quiet_libraries(not progress):
         return _mean_token_nll(model, data, limit=max_length, batch_size=batch_size, device=device,
-                               progress=progress)
+                               progress=progress, per_document=per_document)
 
 
 def _mean_token_nll(model: Any, data: TextData, *, limit: int | None, batch_size: int, device: str,
-                    progress: bool) -> tuple[float, int]:
+                    progress: bool, per_document: list[tuple[float, int]] | None) -> tuple[float, int]:
     import torch
     from tqdm.auto import tqdm
 
@@ -154,13 +157,15 @@ def _mean_token_nll(model: Any, data: TextData, *, limit: int | None, batch_size
     limit = limit or model_max_length(model.config, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     encoded = [tokenizer(t, truncation=True, max_length=limit)["input_ids"][:limit] for t in data.texts]
-    # Longest first: batches of similar length waste less compute on padding.
-    encoded.sort(key=len, reverse=True)
+    # Longest first: batches of similar length waste less compute on padding (a stable order: ties as given).
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+    each = [(0.0, 0)] * len(encoded)  # per document, in the order of `data.texts`
     total, count = 0.0, 0
-    batches = range(0, len(encoded), batch_size)
+    batches = range(0, len(order), batch_size)
     with torch.no_grad():
         for start in tqdm(batches, desc=f"scoring {data.name}", unit="batch", disable=not progress, leave=False):
-            docs = [d for d in encoded[start:start + batch_size] if len(d) >= 2]
+            rows = [i for i in order[start:start + batch_size] if len(encoded[i]) >= 2]
+            docs = [encoded[i] for i in rows]
             if not docs:
                 continue
             width = max(len(d) for d in docs)
@@ -174,9 +179,16 @@ def _mean_token_nll(model: Any, data: TextData, *, limit: int | None, batch_size
             predicted = int((labels[:, 1:] != -100).sum())
             total += float(out.loss) * predicted
             count += predicted
+            if per_document is not None:
+                nll = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().transpose(1, 2),
+                                                        labels[:, 1:].to(out.logits.device), reduction="none")
+                for row, i in enumerate(rows):
+                    each[i] = (float(nll[row].sum()), len(docs[row]) - 1)
     if count == 0:
         raise InvalidConfigError(f"data={data.name!r}: no document has 2 tokens or more after truncation "
                                  "to score; give longer documents or a larger max_length=N", fields=("data", "max_length"))
+    if per_document is not None:
+        per_document.extend(each)
     return total / count, count
 
 

@@ -352,7 +352,8 @@ def tune_summary(result: TuneResult) -> str:
     """
     better = "higher" if higher_is_better(result.metric) else "lower"
     text = (f"Selected **{_cell(result.best.label)}**: validation {result.metric} **{result.best.score:.4f}** "
-            f"({better} is better), the best of {len(result.candidates)} candidates. Validation scores chose it, "
+            f"({better} is better), chosen from {len(result.candidates)} candidates (the card's *Why this pick* "
+            "says why). Validation scores chose it, "
             "so they overestimate what to expect on new data.")
     if result.test_scores:
         text += ("\n\nOn the test data, which played no part in the choice:\n\n"

@@ -3,8 +3,9 @@
 
 The journal is `.ame-tune-journal/` in the staging folder: `key.json` (what the run must share with the one it
 continues: ame-hf's version, the resolved ingredients and their local files, the data, the options) and
-`scores.jsonl`, one line per score (`{"key", "score", "sha256"}`; the sha256 covers key and score, so a torn or
-altered line is ignored and that score computed again). A score read back is the float that was written (JSON
+`scores.jsonl`, one line per score (`{"key", "score", "each"?, "sha256"}`: a validation score keeps its
+per-example scores, which `guard`'s rule needs; the sha256 covers the rest, so a torn or altered line is ignored
+and that score computed again). A score read back is the float that was written (JSON
 keeps a float's every bit), so a resumed tune ranks, selects and writes what an uninterrupted one does.
 """
 
@@ -120,17 +121,20 @@ class ScoreJournal:
             (folder / "key.tmp").write_text(json.dumps(key, sort_keys=True), encoding="utf-8")
             os.replace(folder / "key.tmp", folder / journal.KEY_FILE)
         self.path = folder / _SCORES
-        self.recorded = _read(self.path)
+        self.recorded, self.each = _read(self.path)
         self.reused = 0
         if self.recorded:
             logger.info("resuming: %d score(s) recorded by the tune that stopped", len(self.recorded))
 
-    def __call__(self, key: str, compute: Callable[[], float]) -> float:
+    def __call__(self, key: str, compute: Callable[[], float],
+                 each: Callable[[], tuple[bool, Any]] | None = None) -> float:
         """The score recorded under `key`, or `compute()` recorded now (durably, before it is used).
 
         Args:
             key: which model on which data (e.g. `val candidate 3`).
             compute: scores it.
+            each: after `compute`, `(True, per-example scores)` to record with the score (`evaluation.PerExample`
+                or None), or `(False, None)`.
 
         Returns:
             The score.
@@ -139,7 +143,11 @@ class ScoreJournal:
             self.reused += 1
             return self.recorded[key]
         value = float(compute())
-        entry = {"key": key, "score": value}
+        entry: dict[str, Any] = {"key": key, "score": value}
+        has, per_example = each() if each is not None else (False, None)
+        if has:
+            entry["each"] = None if per_example is None else [[float(x) for x in part] for part in per_example]
+            self.each[key] = entry["each"]
         line = json.dumps({**entry, "sha256": _digest(entry)}) + "\n"
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
@@ -155,19 +163,23 @@ class ScoreJournal:
         return key in self.recorded
 
 
-def _read(path: Path) -> dict[str, float]:
-    """key -> score from the lines that verify (a torn or altered line is skipped)."""
+def _read(path: Path) -> tuple[dict[str, float], dict[str, Any]]:
+    """key -> score, and key -> per-example scores where recorded, from the lines that verify (a torn or altered
+    line is skipped)."""
     scores: dict[str, float] = {}
+    each: dict[str, Any] = {}
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
-        return scores
+        return scores, each
     for line in text.splitlines():
         try:
             entry = json.loads(line)
-            body = {"key": entry["key"], "score": entry["score"]}
+            body = {k: entry[k] for k in ("key", "score", "each") if k in entry}
             if isinstance(body["key"], str) and isinstance(body["score"], float) and entry["sha256"] == _digest(body):
                 scores[body["key"]] = body["score"]
+                if "each" in body:
+                    each[body["key"]] = None if body["each"] is None else tuple(body["each"])
         except (ValueError, KeyError, TypeError):
             continue
-    return scores
+    return scores, each

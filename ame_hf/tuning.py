@@ -18,6 +18,7 @@ from .config import AmeConfig
 from .evaluation import LabelledData, TextData, evaluate_model
 from .full_models import FullModels
 from .grid import base_grid, candidate_configs, candidate_label as _label, default_grid
+from .guard import DEFAULT_SELECTION, Examples, check_selection
 from .in_memory import merge_model
 from .inputs import InputStage
 from .lm_harness import LmEvalTasks, data_or_tasks, record
@@ -79,12 +80,13 @@ def tune(
     lm_eval_limit: int | None = None,
     lm_eval_num_fewshot: int | None = None,
     resume: bool = False,
+    selection: str = DEFAULT_SELECTION,
 ) -> TuneResult:
     """Pick the best of {soup, greedy soup, each ingredient, `budget` AME variants} on validation data; with a known
     base (`base`, or the adapters' own), also task arithmetic and TIES from it (`base_grid`).
 
-    By construction the result is never worse on this validation data than the soup, the greedy soup or
-    the best single ingredient. Each ingredient is evaluated once, each candidate as soon as it is
+    With `selection="best"` the result is never worse on this validation data than the soup, the greedy soup or
+    the best single ingredient; the default keeps the soup unless a lead over it is beyond noise. Each ingredient is evaluated once, each candidate as soon as it is
     merged, and only the best so far stays on disk. The card lists every candidate's score, labelled as
     the validation scores used for the selection; with `test_data`, the model-index holds the selected
     model's score on that held-out data instead (the soup's and the best ingredient's beside it).
@@ -119,6 +121,8 @@ def tune(
         resume: continue the tune of `out_dir` that stopped (kill -9, power loss, an error) when started with the
             same ingredients, data and options: the scores it recorded are not computed again, and the result is
             the one an uninterrupted tune gives. Without it, a stopped tune's staging folder is removed.
+        selection: `guarded` (default): the candidate whose validation lead over the soup is largest beyond noise
+            (a paired bound over the examples), else the soup (`ame_hf.guard`); `best`: the best validation score.
 
     Returns:
         A `TuneResult`.
@@ -134,6 +138,7 @@ def tune(
     """
     output = tune_options(ingredients, budget=budget, config=config, base=base, max_length=max_length,
                           batch_size=batch_size)
+    book = Examples(check_selection(selection))
     out = Path(out_dir)
     data = data_or_tasks(data, lm_eval_tasks=lm_eval_tasks, lm_eval_include=lm_eval_include,
                          lm_eval_metric=lm_eval_metric, lm_eval_limit=lm_eval_limit,
@@ -142,7 +147,7 @@ def tune(
 
     def take_up(sel: Selection) -> None:  # before any download: another command's unfinished tune is refused
         key = tune_key(sel, _configs(sel, output, grid, budget), output, device=device, max_length=max_length,
-                       batch_size=batch_size)
+                       batch_size=batch_size, selection=selection)
         taken.extend([tune_journal.take_up(out, key) if resume else None, key])
 
     sel = start_selection(ingredients, out, overwrite, data=data, test_data=test_data, task=task, metric=metric,
@@ -150,10 +155,10 @@ def tune(
     # An adapter output: every candidate is a full model, and the pick is saved as an adapter of the base at the end.
     adapter_base = checked_base(sel.stage, sel.refs, output) if output.save_as == "adapter" else None
     configs = _configs(sel, output, grid, budget)
-    search = _Search(metric=sel.metric, test=sel.test, log=log, total=len(sel.refs) + 1 + len(configs),
-                     score=lambda model, d=sel.val: evaluate_model(_loadable(model), d, sel.task, sel.metric,
-                                                                   max_length=max_length, batch_size=batch_size,
-                                                                   device=device, progress=progress))
+    search = _Search(metric=sel.metric, test=sel.test, log=log, total=len(sel.refs) + 1 + len(configs), book=book,
+                     score=book.scorer(lambda model, d, each: evaluate_model(model, d, sel.task, sel.metric,
+                                       max_length=max_length, batch_size=batch_size, device=device,
+                                       progress=progress, per_example=each), sel.val, sel.metric))
     # The pick of the candidates built in memory is written by `merge` itself: the bytes `merge` writes.
     search.write = lambda cfg, target: merge(sel.refs, target, cfg, token=token, progress=False, device=device,
                                              stage=sel.stage, recorded_at=out, resume=resume).path
@@ -167,7 +172,7 @@ def tune(
         search.memo = ScoreJournal(scratch, taken[1])  # every score recorded as it is computed (`resume=True`)
         search.resumed = set(search.memo.recorded)
         full = FullModels(sel.models, scratch / "ingredients", token=token, device=device)
-        scores = full.score_each(search.score, sel.metric, memo=search.memo)  # the best adapter's full model stays
+        scores = full.score_each(search.score, sel.metric, memo=search.remember)  # the best adapter's full model stays
         for i, s in enumerate(scores):
             search.consider(Candidate(f"ingredient {i}: {sel.names[i]}", s, ingredient=i), None,
                             recorded=f"val ingredient {i}" in search.resumed)
@@ -235,12 +240,25 @@ class _Search:
     scored: Path | None = None  # the folder the selected model was scored in
     memo: Any = None  # the run's `ScoreJournal`: each score recorded as computed, or taken from a resumed run's
     resumed: set[str] = field(default_factory=set)  # the keys of the scores a resumed run took from the journal
+    book: Examples | None = None  # per-example validation scores and the selection rule (`guard`)
+
+    def remember(self, key: str, compute: Callable[[], float]) -> float:
+        """The score recorded under `key` (a resumed run's; its per-example validation scores are handed to `guard`
+        as if it had just been scored), or `compute()`, recorded now with the per-example scores it gave."""
+        calls = self.book.calls
+        if key in self.memo.recorded:
+            if key in self.memo.each:
+                calls.append((("journal", key), self.memo.each[key]))
+            return self.memo(key, float)
+        before = len(calls)
+        return self.memo(key, compute, each=lambda: (True, calls[-1][1]) if len(calls) > before else (False, None))
 
     def consider(self, cand: Candidate, folder: Path | None, *, recorded: bool = False) -> None:
         """Add a scored candidate; keep its folder only while it is the best."""
         self.candidates.append(cand)
         _say(self.log, cand, recorded)
-        best = best_candidate(self.candidates, self.metric) is cand
+        self.book.attach(cand, folder)
+        best = self.book.choose(self.candidates)[0] is cand
         if folder is None:
             if best:  # an ingredient, or a candidate built in memory: a kept folder is no longer the best
                 for old in list(self.kept_dir.values()):
@@ -259,7 +277,7 @@ class _Search:
         """`tests[row]`: the candidate's score on the test data (scored once per model)."""
         key = _key(cand)
         if key not in self.tested:
-            self.tested[key] = self.memo(f"test {key}", lambda: self.score(path(), self.test))
+            self.tested[key] = self.remember(f"test {key}", lambda: self.score(path(), self.test))
         self.tests[row] = self.tested[key]
 
 
@@ -269,7 +287,7 @@ def _try_variant(search: _Search, n: int, cfg: AmeConfig, refs: Sequence[str], t
     memory, or into `target` when it cannot be, score it, and consider it (the soup, n = 0, is scored on test data)."""
     key = f"val candidate {n}"
     if key in search.resumed:  # scored before the tune stopped: not merged again unless it is the pick
-        cand = Candidate(_label(cfg), search.memo(key, float), config=cfg.resolved())
+        cand = Candidate(_label(cfg), search.remember(key, float), config=cfg.resolved())
         if search.test is not None and n == 0:
             search.test_score("soup", cand, lambda: _soup_again(refs, cfg, target, task=task, token=token,
                                                                  device=device, stage=stage, home=home))
@@ -278,7 +296,7 @@ def _try_variant(search: _Search, n: int, cfg: AmeConfig, refs: Sequence[str], t
     model = merge_model(refs, cfg, task, stage=stage, device=device)
     if model is not None:  # never on disk; written at the end only if it is the pick
         model.ame_candidate = target.parent.name  # named like the folder it would have had (`cand{n}`)
-        cand = Candidate(_label(cfg), search.memo(key, lambda: search.score(model)), config=cfg.resolved())
+        cand = Candidate(_label(cfg), search.remember(key, lambda: search.score(model)), config=cfg.resolved())
         if search.test is not None and n == 0:
             search.test_score("soup", cand, lambda: model)
         search.consider(cand, None)
@@ -286,7 +304,7 @@ def _try_variant(search: _Search, n: int, cfg: AmeConfig, refs: Sequence[str], t
     target.parent.mkdir()
     # Recorded relative to the output it may become (`home`), not to the scratch folder it is written in.
     result = merge(refs, target, cfg, token=token, progress=False, device=device, stage=stage, recorded_at=home)
-    cand = Candidate(_label(cfg), search.memo(key, lambda: search.score(result.path)), config=result.config)
+    cand = Candidate(_label(cfg), search.remember(key, lambda: search.score(result.path)), config=result.config)
     if search.test is not None and n == 0:
         search.test_score("soup", cand, lambda: result.path)
     search.consider(cand, target)
@@ -308,7 +326,7 @@ def _try_greedy_soup(search: _Search, full: FullModels, refs: Sequence[str], sco
     single ingredient when only the best one is kept."""
     trace = search.trace = run_greedy_soup(refs, scores, search.score, search.metric, scratch, name, token=token,
                                            log=search.log, config=output, stage=stage, recorded_at=home, task=task,
-                                           device=device, memo=search.memo)
+                                           device=device, memo=search.remember)
     kept = Candidate(greedy_label(trace.kept), trace.score, config=AmeConfig.soup(), kept=trace.kept)
     if len(trace.kept) == 1:  # only the best ingredient kept: the greedy soup is that ingredient
         kept.config, kept.ingredient = None, trace.kept[0]
@@ -318,6 +336,8 @@ def _try_greedy_soup(search: _Search, full: FullModels, refs: Sequence[str], sco
                           kept_soup(trace, refs, scratch / name, config=output, token=token, stage=stage,
                                     device=device, recorded_at=home))
     trace.model = None  # dropped: written at the end only if it is the pick
+    if trace.path is None and len(trace.kept) > 1:  # built in memory: `guard` takes the kept trial's scores
+        search.book.calls.append((("greedy",), search.memo.each.get(f"greedy soup {','.join(map(str, trace.kept))}")))
     search.consider(kept, trace.path)
 
 
@@ -326,7 +346,7 @@ def _write_selected(search: _Search, full: FullModels, sel: Selection, scratch: 
     """The best candidate's folder (a merge kept on disk, or a written ingredient) with its card; and the
     test scores of the selected model and the best ingredient."""
     metric, test, trace = search.metric, search.test, search.trace
-    best = best_candidate(search.candidates, metric)  # among equals: by kind, then grid order
+    best, why = search.book.choose(search.candidates)  # `guard`'s rule; among equals: by kind, then grid order
     val_best = best_candidate([c for c in search.candidates if c.config is None and c.kept is None], metric)
     if test is not None:  # before an adapter's full model may move into the output
         search.test_score("best ingredient", val_best, lambda: full.path(val_best.ingredient))
@@ -354,12 +374,8 @@ def _write_selected(search: _Search, full: FullModels, sel: Selection, scratch: 
                 test_results=test_rows, test_dataset=test.name if test is not None else None)
     if best.kept is not None and trace is not None:
         add_card_section(final, "## Greedy soup", greedy_section(trace, sel.names, metric))
+    add_card_section(final, "## Why this pick", why)
     return best, final
-
-
-def _loadable(model: Any) -> Any:
-    """What `evaluate_model` takes: a folder as a string, or a model built in memory as it is."""
-    return str(model) if isinstance(model, (str, os.PathLike)) else model
 
 
 def _key(cand: Candidate) -> tuple:

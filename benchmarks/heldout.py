@@ -1,7 +1,7 @@
 """Does `tune` with its default budget win on held-out data? (issue 24, item 3)
 
-Two families of experts, each over several seeds and sizes; in every case `tune` (default grid and
-budget) chooses on validation data only and the chosen model, the soup and the best expert on validation
+Two families of experts, each over several seeds and sizes; in every case `tune` (default grid, budget and
+selection rule) chooses on validation data only and the chosen model, the soup and the best expert on validation
 are scored on test data that played no part in any choice:
 
 - **digits**: the paper-style example (`examples/digits/run.py`): a tiny ViT base, N experts fine-tuned
@@ -11,6 +11,9 @@ are scored on test data that played no part in any choice:
 
 A case *wins* when tune's test score is at least max(soup, best expert on validation) (for a loss: at most
 the min). The margin over the soup is in accuracy points (digits) or nats (lm), positive when tune is better.
+`tune` selects with its default rule (`selection="guarded"`, `ame_hf.guard`); the what-if columns show what
+`selection="best"` (the best validation score, the rule before) would have given: that candidate is rebuilt
+from its config (or is the expert, or the greedy soup's kept experts) and scored on test, in the same run.
 
     python benchmarks/heldout.py [--seeds 0,1,2] [--digits-n 2,4] [--lm-steps 60,120] [--budget 12]
                                  [--out DIR] [--report-only] [--update-results]
@@ -23,10 +26,8 @@ the ame-hf commit). The examples' functions are imported from their scripts, not
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import importlib.util
-import io
 import json
 import os
 import statistics
@@ -40,7 +41,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built locally
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 COMMITTED = HERE / "RESULTS-heldout.md"
-BOOTSTRAP, GUARD_LEVEL = 2000, 0.05  # the what-if rule: keep tune's pick only if P(not better than the soup) < 5 %
 DIGITS_LR = 3e-3  # the digits example's "strong" fine-tuning: experts far enough apart for AME to differ
 
 
@@ -55,39 +55,24 @@ def example(name: str) -> Any:
     return sys.modules[key]
 
 
-def not_better(soup: Any, pick: Any, higher: bool, seed: int) -> float:
-    """Paired bootstrap over the validation examples: the share of resamples in which tune's pick is not
-    better than the soup. `soup` and `pick` are (per-example numerator, per-example denominator) arrays:
-    correct/1 for accuracy, summed NLL/predicted tokens per document for a loss."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(soup[0]), size=(BOOTSTRAP, len(soup[0])))
-    stat = lambda pair: pair[0][idx].sum(1) / pair[1][idx].sum(1)  # noqa: E731
-    lead = (stat(pick) - stat(soup)) * (1.0 if higher else -1.0)
-    return float((lead <= 0).mean())
-
-
 def case_row(family: str, size: str, seed: int, higher: bool, val: dict[str, float], test: dict[str, float],
-             pick: str, seconds: float, candidates: list[tuple[str, float]], p_not_better: float) -> dict[str, Any]:
-    """One case: the three scores on validation and test, whether tune reached max(soup, best expert)
-    on test, and tune's margin over the soup (positive: better); the same for the what-if rule that keeps
-    tune's pick only when its validation lead over the soup is beyond the bootstrap noise."""
+             pick: str, seconds: float, candidates: list[tuple[str, float]], best_pick: str,
+             best_test: float) -> dict[str, Any]:
+    """One case: the three scores on validation and test, whether tune reached max(soup, best expert) on test,
+    and tune's margin over the soup (positive: better); the same for the what-if `selection="best"` pick."""
     sign = 1.0 if higher else -1.0
     bar = max(sign * test["soup"], sign * test["best expert"])
-    guarded = test["tune"] if p_not_better < GUARD_LEVEL else test["soup"]
     return {"family": family, "size": size, "seed": seed, "higher_is_better": higher, "val": val, "test": test,
             "pick": pick, "wins": sign * test["tune"] >= bar - 1e-12,
             "margin": sign * (test["tune"] - test["soup"]) * (100.0 if higher else 1.0), "seconds": seconds,
-            "candidates": candidates, "p_not_better": p_not_better, "guarded_keeps_pick": p_not_better < GUARD_LEVEL,
-            "guarded_wins": sign * guarded >= bar - 1e-12,
-            "guarded_margin": sign * (guarded - test["soup"]) * (100.0 if higher else 1.0)}
+            "candidates": candidates, "best_pick": best_pick, "best_test": best_test,
+            "best_wins": sign * best_test >= bar - 1e-12,
+            "best_margin": sign * (best_test - test["soup"]) * (100.0 if higher else 1.0)}
 
 
 def digits_cases(seeds: Sequence[int], ns: Sequence[int], budget: int, out: Path) -> list[dict[str, Any]]:
     import numpy as np
 
-    from ame_hf import AmeConfig, merge
     from ame_hf.evaluation import load_data
     from ame_hf.tuning import default_grid, tune
 
@@ -115,11 +100,8 @@ def digits_cases(seeds: Sequence[int], ns: Sequence[int], budget: int, out: Path
                        for i, s in enumerate(shards)]
             result = tune(experts, work / f"n{n}" / "tune", data=val, test_data=test, task=d.TASK, budget=budget,
                           grid=default_grid(), overwrite=True, progress=False)
-            soup = merge(experts, work / f"n{n}" / "soup", AmeConfig.soup(), overwrite=True, progress=False).path
-            correct = [per_example_correct(m, pixels.tensor(splits["val"].images), splits["val"].labels)
-                       for m in (soup, result.path)]
-            p = not_better(*[(c, np.ones_like(c)) for c in correct], higher=True, seed=seed)
-            rows.append(tune_case("digits", f"N={n}", seed, True, result, time.perf_counter() - started, p))
+            rows.append(tune_case("digits", f"N={n}", seed, True, result, time.perf_counter() - started,
+                                  what_if_best(result, experts, test, d.TASK, work / f"n{n}" / "best")))
             print(summary_line(rows[-1]), flush=True)
     return rows
 
@@ -148,9 +130,9 @@ def per_document_nll(model_dir: Path, texts: Sequence[str]) -> tuple[Any, Any]:
 
 
 def lm_cases(seeds: Sequence[int], steps: Sequence[int], budget: int, out: Path) -> list[dict[str, Any]]:
-    from ame_hf import AmeConfig, merge
     from ame_hf.demo import build_experts
-    from ame_hf.lm_evaluation import load_texts
+    from ame_hf.evaluation import load_data
+    from ame_hf.tuning import tune
 
     lm, rows = example("lm"), []
     for n_steps in steps:
@@ -158,33 +140,55 @@ def lm_cases(seeds: Sequence[int], steps: Sequence[int], budget: int, out: Path)
         experts = build_experts(out / "lm" / f"steps{n_steps}" / "experts", steps=n_steps)
         for seed in seeds:
             started = time.perf_counter()
-            with contextlib.redirect_stderr(io.StringIO()):  # run_seed logs every candidate
-                r = lm.run_seed(out / "lm" / f"steps{n_steps}" / f"seed{seed}", experts, seed, budget)
             work = out / "lm" / f"steps{n_steps}" / f"seed{seed}"
-            soup = merge(experts, work / "soup", AmeConfig.soup(), overwrite=True, progress=False).path
-            texts = load_texts(work / "val.txt").texts
-            p = not_better(per_document_nll(soup, texts), per_document_nll(work / "best", texts), higher=False,
-                           seed=seed)
-            names = {"soup": "soup", "best ingredient": "best expert", "tune pick": "tune"}
-            rows.append(case_row("lm", f"{n_steps} steps", seed, False,
-                                 {names[k]: r["val"][k] for k in names}, {names[k]: r["test"][k] for k in names},
-                                 r["pick"], time.perf_counter() - started, r["table"], p))
+            # As the example's run_seed: its validation and test text for this seed.
+            val = lm.write_text(work / "val.txt", lm.VAL_PER_TASK, seed=1000 + seed)
+            test = lm.write_text(work / "test.txt", lm.TEST_PER_TASK, seed=2000 + seed)
+            result = tune(experts, work / "tune", data=val, test_data=test, task="text-generation", budget=budget,
+                          overwrite=True, progress=False)
+            test_data = load_data(test, "text-generation")
+            rows.append(tune_case("lm", f"{n_steps} steps", seed, False, result, time.perf_counter() - started,
+                                  what_if_best(result, experts, test_data, "text-generation", work / "best")))
             print(summary_line(rows[-1]), flush=True)
     return rows
 
 
+def what_if_best(result: Any, experts: Sequence[Path], test: Any, task: str, work: Path) -> tuple[str, float]:
+    """The candidate `selection="best"` takes (the best validation score, first of `result.candidates`) and its test
+    score: tune's own when it is tune's pick, else the candidate rebuilt (a merge of its config, the greedy soup's
+    kept experts, or the expert itself) and scored on `test`."""
+    from ame_hf import AmeConfig, merge
+    from ame_hf.evaluation import evaluate_model
+
+    top = result.candidates[0]
+    if top is result.best:
+        return label_of(top), result.test_scores["selected"]
+    if top.ingredient is not None:
+        path = experts[top.ingredient]
+    elif top.kept is not None:
+        path = merge([experts[k] for k in top.kept], work, AmeConfig.soup(), overwrite=True, progress=False).path
+    else:
+        path = merge(experts, work, top.config, overwrite=True, progress=False).path
+    return label_of(top), evaluate_model(str(path), test, task)
+
+
+def label_of(cand: Any) -> str:
+    """How the tables name a candidate: a single expert (a greedy soup that kept one included) by its index."""
+    return cand.label if cand.ingredient is None else f"expert {cand.ingredient}"
+
+
 def tune_case(family: str, size: str, seed: int, higher: bool, result: Any, seconds: float,
-              p_not_better: float) -> dict[str, Any]:
-    """A case from a `TuneResult` run with test data."""
+              best: tuple[str, float]) -> dict[str, Any]:
+    """A case from a `TuneResult` run with test data, and the what-if `selection="best"` (pick, test score)."""
     by_label = {c.label: c for c in result.candidates}
     ingredients = [c for c in result.candidates if c.config is None and c.kept is None]
-    pick = result.best.label if result.best.ingredient is None else f"expert {result.best.ingredient}"
+    pick = label_of(result.best)
     best_val = (max if higher else min)(c.score for c in ingredients)
     val = {"soup": by_label["soup"].score, "best expert": best_val, "tune": result.best.score}
     test = {"soup": result.test_scores["soup"], "best expert": result.test_scores["best ingredient"],
             "tune": result.test_scores["selected"]}
     return case_row(family, size, seed, higher, val, test, pick, seconds,
-                    [(c.label, c.score) for c in result.candidates], p_not_better)
+                    [(c.label, c.score) for c in result.candidates], *best)
 
 
 def signed(x: float) -> str:
@@ -207,31 +211,32 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = ["# tune's default budget on held-out data", "",
              f"Generated by `{meta['command']}` at ame-hf commit {meta['commit']} on {meta['date']} "
              f"({meta['seconds']:.0f} s, torch.set_num_threads(1)). `tune` budget {meta['budget']} (the default is "
-             f"{meta['default_budget']}). digits: accuracy % (higher is better), margin in points; lm: mean "
-             "next-token loss in nats (lower is better), margin in nats. *wins*: tune's test score is at least "
-             "max(soup, best expert on validation). Test data played no part in any choice. *P(not better)*: "
-             f"paired bootstrap ({BOOTSTRAP} resamples of the validation examples) of tune's pick against the soup; "
-             f"the *guarded* what-if rule keeps the pick only when it is below {GUARD_LEVEL:g} and takes the soup "
-             "otherwise (computed here from the same models; `tune` itself does not apply it).", "",
+             f"{meta['default_budget']}), default selection (`guarded`: the candidate with the largest one-sided 95 % "
+             "lower bound on its paired per-example validation lead over the soup, when above 0; else the soup). "
+             "digits: accuracy % (higher is better), margin in points; lm: mean next-token loss in nats (lower is "
+             "better), margin in nats. *wins*: tune's test score is at least max(soup, best expert on validation). "
+             "Test data played no part in any choice. *what-if best*: the candidate `selection=\"best\"` (the best "
+             "validation score, the rule before) takes, rebuilt and scored on test in the same run.", "",
              "| family | size | seed | val: soup / best expert / tune | test: soup | test: best expert (val) | "
-             "test: tune | tune pick | wins | margin over soup | P(not better) | guarded: wins, margin |",
-             "|---" * 12 + "|"]
+             "test: tune | tune pick | wins | margin over soup | what-if best: pick | test | wins, margin |",
+             "|---" * 13 + "|"]
     for r in rows:
         v, t = r["val"], r["test"]
-        guarded = ("yes" if r["guarded_wins"] else "**no**") + f", {signed(r['guarded_margin'])}" + (
-            "" if r["guarded_keeps_pick"] else " (soup)")
+        same = r["best_pick"] == r["pick"]
+        what_if = ("yes" if r["best_wins"] else "**no**") + f", {signed(r['best_margin'])}"
         lines.append(f"| {r['family']} | {r['size']} | {r['seed']} | {fmt(r, v['soup'])} / {fmt(r, v['best expert'])}"
                      f" / {fmt(r, v['tune'])} | {fmt(r, t['soup'])} | {fmt(r, t['best expert'])} | "
                      f"{fmt(r, t['tune'])} | {r['pick']} | {'yes' if r['wins'] else '**no**'} | {signed(r['margin'])} | "
-                     f"{r['p_not_better']:.3f} | {guarded} |")
+                     f"{'(the same)' if same else r['best_pick']} | {fmt(r, r['best_test'])} | {what_if} |")
     lines += ["", "| family | rule | cases | ≥ max(soup, best expert) on test | mean margin over soup | worst margin | "
               "took the soup |", "|---|---|---|---|---|---|---|"]
     for family in [*dict.fromkeys(r["family"] for r in rows), "all"]:
         mine = [r for r in rows if family in ("all", r["family"])]
-        for rule, prefix in (("tune (default)", ""), ("guarded (what-if)", "guarded_")):
+        for rule, prefix, pick in (("tune (default: guarded)", "", "pick"), ("what-if: selection=best", "best_",
+                                                                              "best_pick")):
             margins = [r[prefix + "margin"] for r in mine]
             wins = sum(r[prefix + "wins"] for r in mine)
-            soup = sum(r["pick"] == "soup" or (bool(prefix) and not r["guarded_keeps_pick"]) for r in mine)
+            soup = sum(r[pick] == "soup" for r in mine)
             mean = (signed(statistics.mean(margins)), signed(min(margins))) if family != "all" else ("—", "—")
             lines.append(f"| {family} | {rule} | {len(mine)} | {wins}/{len(mine)} ({100 * wins / len(mine):.0f} %) | "
                          f"{mean[0]} | {mean[1]} | {soup}/{len(mine)} |")
