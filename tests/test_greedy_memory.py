@@ -125,3 +125,18 @@ def test_tune_writes_no_greedy_soup_trial(berts, tmp_path, monkeypatch, winner):
         recipe = tuning.default_grid()[0]
     fresh = real(experts, tmp_path / "fresh", recipe, progress=False).path
     assert weights_sha256(result.path) == weights_sha256(fresh)
+
+
+def test_tune_with_greedy_trials_in_memory_writes_what_it_wrote_with_them_on_disk(lm_experts, tmp_path, monkeypatch):
+    """Real validation losses and the default (guarded) selection, which reads each candidate's per-example scores:
+    every output file (weights, card with its "Why this pick", ame_config.yaml) is the same as with the greedy
+    soup's trials written to disk and scored from their folders."""
+    experts, val, test = lm_experts
+    outputs = []
+    for where in ("memory", "disk"):
+        if where == "disk":
+            monkeypatch.setattr(selection, "merge_model", lambda *args, **kwargs: None)
+        out = tmp_path / where / "best"
+        tuning.tune(experts, out, data=val, test_data=test, budget=2, max_length=12, progress=False)
+        outputs.append({p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()})
+    assert outputs[0] == outputs[1]
