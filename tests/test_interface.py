@@ -194,8 +194,6 @@ NOT_IN_SPACE = {
     ("tune", "config"): "an AmeConfig of output options: they are the Advanced options' boxes",
     ("tune", "grid"): "a list of AmeConfig objects; the Space tries the default grid, Budget sets its size",
     ("push", "source"): "the latest Merge or Tune result of the session",
-    **{(c, f"lm_eval_{k}"): "lm-eval tasks need the optional lm-eval extra and task YAMLs on disk; the Space scores "
-       "uploaded data files" for c in ("evaluate", "tune") for k in ("tasks", "include", "metric", "limit", "num_fewshot")},
 }
 
 
