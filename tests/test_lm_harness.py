@@ -5,6 +5,7 @@ it right and the others wrong, and lm-eval's own entry point on the same written
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -229,8 +230,13 @@ def grouped(mc, tmp_path_factory) -> Path:
 def test_groups_includes_and_tags_are_checked_before_any_merge(mc, grouped, tmp_path, capsys, name, metric, reports):
     """The metric a group, an including task or a tag reports is read from lm-eval's task index, so a metric it
     does not have is refused before anything is scored or merged (before, a group's was found only after the
-    first model was scored)."""
+    first model was scored). The tasks' data file is gone: any run would fail on it instead."""
     experts, _ = mc
+    source, grouped = grouped, Path(shutil.copytree(grouped, tmp_path / "nodata"))
+    (grouped / "count_mc.jsonl").unlink()
+    yaml = grouped / "count_mc.yaml"
+    yaml.write_text(yaml.read_text().replace(str(source), str(grouped)))
+    assert str(grouped / "count_mc.jsonl") in yaml.read_text()
     lines: list[str] = []
     with pytest.raises(InvalidConfigError) as caught:
         tune(experts[:2], tmp_path / "out", lm_eval_tasks=name, lm_eval_include=grouped, lm_eval_metric=metric,
