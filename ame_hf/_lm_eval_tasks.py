@@ -109,3 +109,35 @@ def _members(index: Mapping[str, Any], name: str, cfg: dict[str, Any], overrides
             return None
         out |= got
     return out
+
+
+def leaf_tasks(index: Mapping[str, Any], name: str, _seen: frozenset[str] = frozenset()) -> set[str] | None:
+    """The tasks lm-eval runs for `name` (a task itself; a group's members, nested groups and tags expanded; a
+    tag's tasks), as its task manager names them when it refuses one run twice; None where the index cannot tell."""
+    entry = index.get(name)
+    kind = getattr(getattr(entry, "kind", None), "name", None)
+    if kind in ("TASK", "PY_TASK"):
+        return {name}
+    if kind == "TAG":
+        return set(entry.tags)
+    if kind != "GROUP" or name in _seen:
+        return None
+    return _group_leaves(index, name, (entry.cfg or {}).get("task") or [], _seen | {name})
+
+
+def _group_leaves(index: Mapping[str, Any], group: str, members: list[Any], seen: frozenset[str]) -> set[str] | None:
+    out: set[str] = set()
+    for item in members:
+        ref = item if isinstance(item, str) else item.get("task") if isinstance(item, dict) else None
+        if isinstance(item, dict) and isinstance(item.get("group"), str):
+            ref = item["group"]
+            got = leaf_tasks(index, ref, seen) if ref in index else _group_leaves(
+                index, f"{group}::{ref}", item.get("task") or [], seen)
+        elif isinstance(ref, str):
+            got = leaf_tasks(index, ref, seen) if ref in index else {f"{group}::{ref}"}
+        else:
+            got = None
+        if got is None:
+            return None
+        out |= got
+    return out

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ._lm_eval_tasks import reported_metrics
+from ._lm_eval_tasks import leaf_tasks, reported_metrics
 from .errors import InvalidConfigError
 
 logger = logging.getLogger(__name__)
@@ -170,6 +170,7 @@ def check_tasks(spec: LmEvalTasks, task: str) -> LmEvalTasks:
         raise InvalidConfigError(f"unknown lm-eval task(s) {', '.join(unknown)}: not among lm-eval's tasks{where}",
                                  field="lm_eval_tasks")
     index = _manager(spec.include).task_index
+    _refuse_overlaps(index, spec.task_names)
     for name in spec.task_names:
         reported = reported_metrics(index, name)
         if reported is not None and spec.metric not in reported:
@@ -177,6 +178,16 @@ def check_tasks(spec: LmEvalTasks, task: str) -> LmEvalTasks:
                                      f"{', '.join(sorted(reported)) or _why_nothing(index[name])}",
                                      field="lm_eval_metric")
     return spec
+
+
+def _refuse_overlaps(index: Any, names: Sequence[str]) -> None:
+    """lm-eval refuses to run a task twice (`count_grp,count_mc` where the group holds count_mc): before any merge."""
+    runs: dict[str, str] = {}
+    for name in names:
+        for leaf in sorted(leaf_tasks(index, name) or ()):
+            if runs.setdefault(leaf, name) != name:
+                raise InvalidConfigError(f"lm-eval tasks {runs[leaf]} and {name} both run {leaf} (lm-eval runs a task "
+                                         "once): name one of them", field="lm_eval_tasks")
 
 
 def _why_nothing(entry: Any) -> str:

@@ -258,3 +258,7 @@ def test_a_group_and_an_including_task_score_as_lm_eval_scores_them(mc, grouped)
     assert got.scores[0][1] == ref["count_grp"]["acc,none"] == 1.0  # expert 0 answers both right
     with pytest.raises(InvalidConfigError, match="unknown lm-eval task"):
         evaluate([experts[0]], lm_eval_tasks="count_grp,nope", lm_eval_include=grouped, device="cpu")
+    # lm-eval runs a task once: a group and one of its tasks together are refused before any model is scored.
+    with pytest.raises(InvalidConfigError, match="lm-eval tasks count_grp and count_mc both run count_mc"):
+        tune(experts[:2], grouped / "out", lm_eval_tasks="count_grp,count_mc", lm_eval_include=grouped,
+             progress=False, log=lambda line: pytest.fail(f"scored before the refusal: {line}"))
