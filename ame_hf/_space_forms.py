@@ -11,8 +11,8 @@ from .space_select import TASK_CHOICES
 if TYPE_CHECKING:
     import gradio as gr
 
-__all__ = ["base_box", "eval_batch_box", "merge_advanced", "output_advanced", "push_advanced", "result_tabs", "selection_options",
-           "weights_file_options"]
+__all__ = ["base_box", "eval_batch_box", "lm_eval_options", "merge_advanced", "output_advanced", "push_advanced",
+           "result_tabs", "selection_options", "weights_file_options"]
 
 
 def result_tabs(card_id: str, config_id: str) -> tuple[gr.Markdown, gr.Code]:
@@ -47,6 +47,29 @@ def selection_options(prefix: str) -> tuple[gr.Dropdown, gr.Textbox, gr.Number]:
         max_length = gr.Number(0, label="Max length", precision=0, minimum=0, elem_id=f"{prefix}-max-length",
                                info="text-generation: tokens per document; 0: the model's limit")
     return task, metric, max_length
+
+
+def lm_eval_options(prefix: str) -> dict[str, Any]:
+    """lm-evaluation-harness tasks as the score instead of the data (closed by default). Returns the boxes by
+    keyword (`_space_lm_eval.LM_EVAL_KEYS`)."""
+    import gradio as gr
+
+    with gr.Accordion("lm-evaluation-harness tasks (instead of the data)", open=False, elem_id=f"{prefix}-lm-eval"):
+        with gr.Row():
+            tasks = gr.Textbox("", label="lm-eval tasks", placeholder="arc_easy,hellaswag=2",
+                               elem_id=f"{prefix}-lm-eval-tasks", info="NAME[=WEIGHT],...; needs ame-hf[lm-eval]")
+            include = gr.Textbox("", label="Task folder", placeholder="/path/to/task-yamls",
+                                 elem_id=f"{prefix}-lm-eval-include",
+                                 info="local task YAMLs on this machine (not on a public Space)")
+            metric = gr.Textbox("", label="lm-eval metric", placeholder="acc,none", elem_id=f"{prefix}-lm-eval-metric",
+                                info="as lm-eval names it; blank: acc,none")
+        with gr.Row():
+            limit = gr.Number(0, label="Documents per task", precision=0, minimum=0,
+                              elem_id=f"{prefix}-lm-eval-limit", info="0: all")
+            fewshot = gr.Textbox("", label="Few-shot examples", placeholder="task default",
+                                 elem_id=f"{prefix}-lm-eval-num-fewshot", info="blank: each task's own")
+    return {"lm_eval_tasks": tasks, "lm_eval_include": include, "lm_eval_metric": metric, "lm_eval_limit": limit,
+            "lm_eval_num_fewshot": fewshot}
 
 
 def eval_batch_box(prefix: str) -> gr.Number:

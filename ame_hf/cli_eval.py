@@ -242,7 +242,7 @@ def evaluate_merge(args: argparse.Namespace, result: Any) -> None:
         from .lm_harness import record
 
         record(result.path, args.data, scored_as=result.path, device=getattr(args, "device", None),
-               batch_size=args.eval_batch_size, max_length=args.max_length)
+               batch_size=args.eval_batch_size, max_length=args.max_length, progress=not args.quiet)
     print(table(rows, args.metric))
 
 

@@ -330,7 +330,8 @@ def _evaluate_model(model: Any, data: LabelledData | TextData | LmEvalTasks, tas
     if isinstance(data, LmEvalTasks):
         from .lm_harness import score
 
-        return score(model, data, device=device, batch_size=batch_size, max_length=max_length), None
+        return (score(model, data, device=device, batch_size=batch_size, max_length=max_length, progress=progress),
+                None)
     metric = default_metric(task, metric)
     if task == "text-generation":
         if not isinstance(data, TextData):

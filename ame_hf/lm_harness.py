@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from ._lm_eval_tasks import leaf_tasks, reported_metrics
 from .errors import InvalidConfigError
 
 logger = logging.getLogger(__name__)
@@ -168,38 +169,47 @@ def check_tasks(spec: LmEvalTasks, task: str) -> LmEvalTasks:
         where = f" or in {spec.include}" if spec.include else "; pass lm_eval_include=DIR for local task YAMLs"
         raise InvalidConfigError(f"unknown lm-eval task(s) {', '.join(unknown)}: not among lm-eval's tasks{where}",
                                  field="lm_eval_tasks")
+    index = _manager(spec.include).task_index
+    _refuse_overlaps(index, spec.task_names)
     for name in spec.task_names:
-        reported = _declared_metrics(_manager(spec.include).task_index.get(name))
+        reported = reported_metrics(index, name)
         if reported is not None and spec.metric not in reported:
             raise InvalidConfigError(f"lm-eval task {name} has no metric {spec.metric!r}; it reports: "
-                                     f"{', '.join(sorted(reported))}", field="lm_eval_metric")
+                                     f"{', '.join(sorted(reported)) or _why_nothing(index[name])}",
+                                     field="lm_eval_metric")
     return spec
 
 
-def _declared_metrics(entry: Any) -> set[str] | None:
-    """The `metric,filter` keys a plain task's own YAML declares, or None where only running it tells (a group, a
-    task that includes another YAML or declares no metric_list: its results are checked after the first run)."""
-    cfg = getattr(entry, "cfg", None)
-    if not isinstance(cfg, dict) or getattr(getattr(entry, "kind", None), "name", None) != "TASK" \
-            or "include" in cfg or not isinstance(cfg.get("metric_list"), list):
-        return None
-    filters = [f.get("name") for f in cfg.get("filter_list") or [] if isinstance(f, dict)] or ["none"]
-    return {f"{m['metric']},{f}" for m in cfg["metric_list"] if isinstance(m, dict) and "metric" in m for f in filters}
+def _refuse_overlaps(index: Any, names: Sequence[str]) -> None:
+    """lm-eval refuses to run a task twice (`count_grp,count_mc` where the group holds count_mc): before any merge."""
+    runs: dict[str, str] = {}
+    for name in names:
+        for leaf in sorted(leaf_tasks(index, name) or ()):
+            if runs.setdefault(leaf, name) != name:
+                raise InvalidConfigError(f"lm-eval tasks {runs[leaf]} and {name} both run {leaf} (lm-eval runs a task "
+                                         "once): name one of them", field="lm_eval_tasks")
+
+
+def _why_nothing(entry: Any) -> str:
+    if entry.kind.name == "TAG":
+        return f"nothing (a tag: name its tasks, {', '.join(sorted(entry.tags))})"
+    return "nothing (a group without aggregate_metric_list: name its tasks, or give it one)"
 
 
 def run_tasks(model: Any, spec: LmEvalTasks, *, device: str | None = None, batch_size: int | None = None,
-              max_length: int | None = None) -> dict[str, Any]:
+              max_length: int | None = None, progress: bool = False) -> dict[str, Any]:
     """lm-eval's results for one model (a folder, or a loaded causal LM whose `name_or_path` has its tokenizer).
 
     Each call builds its own `HFLM` and runs without lm-eval's request cache (`use_cache=None`, no cached
     requests): lm-eval keys that cache by request, not by model, so a shared one would give every model the
-    first one's scores.
+    first one's scores. Without `progress`, lm-eval's bars and its `git` line are not shown (`_lm_eval_quiet`).
 
     Returns:
         lm-eval's output (`results`, `configs`, `n-shot`, ...).
     """
     import torch
 
+    from ._lm_eval_quiet import quiet_lm_eval, quiet_requests
     from .lm_evaluation import _load
 
     lm_eval, HFLM = _import()
@@ -210,9 +220,11 @@ def run_tasks(model: Any, spec: LmEvalTasks, *, device: str | None = None, batch
     try:
         lm = HFLM(pretrained=loaded, tokenizer=tokenizer, batch_size=batch_size or 8, device=device,
                   **({"max_length": max_length} if max_length else {}))
-        out = lm_eval.simple_evaluate(model=lm, tasks=spec.task_names, task_manager=_manager(spec.include),
-                                      num_fewshot=spec.num_fewshot, limit=spec.limit, use_cache=None,
-                                      cache_requests=False, log_samples=False, verbosity="ERROR")
+        with quiet_lm_eval(not progress):
+            out = lm_eval.simple_evaluate(model=lm if progress else quiet_requests(lm), tasks=spec.task_names,
+                                          task_manager=_manager(spec.include), num_fewshot=spec.num_fewshot,
+                                          limit=spec.limit, use_cache=None, cache_requests=False, log_samples=False,
+                                          verbosity="ERROR")
     finally:
         quiet.setLevel(level)
     if out is None:
@@ -253,14 +265,15 @@ def combined(scores: dict[str, float], spec: LmEvalTasks) -> float:
 
 
 def score(model: Any, spec: LmEvalTasks, *, device: str | None = None, batch_size: int | None = None,
-          max_length: int | None = None) -> float:
+          max_length: int | None = None, progress: bool = False) -> float:
     """The score of one model: `spec.metric` averaged over the tasks with their weights (`evaluate_model`'s)."""
     return combined(task_scores(run_tasks(model, spec, device=device, batch_size=batch_size,
-                                          max_length=max_length), spec), spec)
+                                          max_length=max_length, progress=progress), spec), spec)
 
 
 def record(folder: str | os.PathLike, spec: LmEvalTasks, *, scored_as: str | os.PathLike | None = None,
-           device: str | None = None, batch_size: int | None = None, max_length: int | None = None) -> Path:
+           device: str | None = None, batch_size: int | None = None, max_length: int | None = None,
+           progress: bool = False) -> Path:
     """Write the output's lm-eval results beside its `ame_config.yaml` and its task scores into the card's
     `model-index`.
 
@@ -269,7 +282,7 @@ def record(folder: str | os.PathLike, spec: LmEvalTasks, *, scored_as: str | os.
         spec: the tasks.
         scored_as: the folder this same model was scored in during the run (its results are reused); otherwise,
             or when that run's results are gone, `folder` itself is scored.
-        device, batch_size, max_length: of that scoring.
+        device, batch_size, max_length, progress: of that scoring.
 
     Returns:
         The results file.
@@ -279,7 +292,7 @@ def record(folder: str | os.PathLike, spec: LmEvalTasks, *, scored_as: str | os.
     key = str(Path(scored_as).resolve()) if scored_as is not None else None
     out = _RESULTS.get(key) if key else None
     if out is None:
-        out = run_tasks(folder, spec, device=device, batch_size=batch_size, max_length=max_length)
+        out = run_tasks(folder, spec, device=device, batch_size=batch_size, max_length=max_length, progress=progress)
     _RESULTS[str(Path(folder).resolve())] = out  # an output made from this one (an adapter) reuses them
     scores = task_scores(out, spec)
     kept = {k: out[k] for k in _KEPT if k in out}

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ._model_files import project_url
-from ._space_forms import (adapter_options, base_box, eval_batch_box, merge_advanced, output_advanced, push_advanced,
-                           result_tabs, selection_options)
+from ._space_forms import (adapter_options, base_box, eval_batch_box, lm_eval_options, merge_advanced, output_advanced,
+                           push_advanced, result_tabs, selection_options)
+from ._space_lm_eval import LM_EVAL_KEYS
 from .output import clean_up_temp_dirs, process_temp_dir
 from .space_merge import MergeView, one_line, run_check, run_merge, run_push
 from .space_select import evaluation_markdown, parse_ingredients, run_evaluate, run_tune
@@ -182,10 +183,14 @@ def _handlers(local: bool) -> dict[str, Callable[..., Any]]:
     # Defaults of None make the uploads optional for gradio_client too (it then gets the one-line error).
     def evaluate(models: str, data: str | None = None, task: str = "auto", metric: str = "",
                  max_length: float | None = None, token: str = "", base: str = "", batch_size: float | None = 0,
+                 lm_eval_tasks: str = "", lm_eval_include: str = "", lm_eval_metric: str = "",
+                 lm_eval_limit: float | None = 0, lm_eval_num_fewshot: str = "",
                  oauth_token: gr.OAuthToken | None = None) -> str:
+        lm_eval = dict(zip(LM_EVAL_KEYS, (lm_eval_tasks, lm_eval_include, lm_eval_metric, lm_eval_limit,
+                                          lm_eval_num_fewshot)))
         with _shown_as_gradio_errors():
             result = run_evaluate(models, data, task, metric, max_length, _user_token(token, oauth_token), base=base,
-                                  batch_size=batch_size, allow_local_paths=local)
+                                  batch_size=batch_size, lm_eval=lm_eval, allow_local_paths=local)
         return evaluation_markdown(result)
 
     def tune(ingredients: str, data: str | None = None, test_data: str | None = None, task: str = "auto",
@@ -193,15 +198,19 @@ def _handlers(local: bool) -> dict[str, Callable[..., Any]]:
              previous: str | None = None, base: str = "", batch_size: float | None = 0, dtype: str = "auto",
              tokenizer_source: str = "auto", compute_dtype: str = "float32", max_shard_size: str = "",
              allow_nonfinite: bool = False, variant: str = "", save_as: str = "model", adapter_rank: float | None = 0,
-             adapter_energy: str = "", oauth_token: gr.OAuthToken | None = None,
+             adapter_energy: str = "", lm_eval_tasks: str = "", lm_eval_include: str = "", lm_eval_metric: str = "",
+             lm_eval_limit: float | None = 0, lm_eval_num_fewshot: str = "", oauth_token: gr.OAuthToken | None = None,
              progress: gr.Progress = gr.Progress()) -> tuple[str, str, str, str, str]:
+        lm_eval = dict(zip(LM_EVAL_KEYS, (lm_eval_tasks, lm_eval_include, lm_eval_metric, lm_eval_limit,
+                                          lm_eval_num_fewshot)))
         options = {"dtype": dtype, "tokenizer_source": tokenizer_source, "compute_dtype": compute_dtype,
                    "max_shard_size": max_shard_size, "allow_nonfinite": bool(allow_nonfinite), "variant": variant,
                    **adapter_options(save_as, adapter_rank, adapter_energy)}
         view = _in_fresh_work_dir(lambda work_dir: run_tune(
             ingredients, data, test_data, work_dir, _user_token(token, oauth_token), task=task, metric=metric,
             budget=budget, max_length=max_length, base=base, batch_size=batch_size, options=options,
-            progress=lambda fraction, desc: progress(fraction, desc=desc), allow_local_paths=local), previous)
+            progress=lambda fraction, desc: progress(fraction, desc=desc), lm_eval=lm_eval, allow_local_paths=local),
+            previous)
         return view.summary_markdown, view.candidates_markdown, view.card_markdown, view.config_yaml, str(view.folder)
 
     def push(repo_id: str, private: bool, token: str, folder: str | None, revision: str = "", create_pr: bool = False,
@@ -280,12 +289,13 @@ def _evaluate_tab() -> dict[str, Any]:
             data = gr.File(label="Data", file_types=DATA_TYPES, elem_id="eval-data")
             task, metric, max_length = selection_options("eval")
         base = base_box("eval")
+        lm_eval = lm_eval_options("eval")
         with gr.Accordion("Advanced options", open=False, elem_id="eval-advanced"):
             batch_size = eval_batch_box("eval")
         evaluate_button = gr.Button("Evaluate", variant="primary", elem_id="evaluate-button")
         scores = gr.Markdown(label="Scores", elem_id="scores")
     return {"models": models, "data": data, "task": task, "metric": metric, "max_length": max_length, "base": base,
-            "batch_size": batch_size, "evaluate_button": evaluate_button, "scores": scores}
+            "batch_size": batch_size, "evaluate_button": evaluate_button, "scores": scores, "lm_eval": lm_eval}
 
 
 def _tune_tab() -> dict[str, Any]:
@@ -305,6 +315,7 @@ def _tune_tab() -> dict[str, Any]:
             budget = gr.Number(DEFAULT_BUDGET, label="Budget", precision=0, minimum=0, elem_id="budget",
                                info="AME variants to try, besides soup, greedy soup and ingredients")
         base = base_box("tune")
+        lm_eval = lm_eval_options("tune")
         advanced = output_advanced()
         tune_button = gr.Button("Tune", variant="primary", elem_id="tune-button")
         summary = gr.Markdown(label="Selected", elem_id="tune-summary")
@@ -313,7 +324,7 @@ def _tune_tab() -> dict[str, Any]:
         card, config_yaml = result_tabs("tune-card", "tune-config")
     return {"ingredients": ingredients, "data": data, "test_data": test_data, "task": task, "metric": metric,
             "max_length": max_length, "budget": budget, "base": base, "tune_button": tune_button, "summary": summary,
-            "candidates": candidates, "card": card, "config_yaml": config_yaml, "advanced": advanced}
+            "candidates": candidates, "card": card, "config_yaml": config_yaml, "advanced": advanced, "lm_eval": lm_eval}
 
 
 def _push_group() -> dict[str, Any]:
@@ -359,7 +370,7 @@ def _connect(handlers: dict[str, Callable[..., Any]], merge: dict[str, Any], eva
     evaluate["evaluate_button"].click(
         handlers["evaluate"],
         [evaluate[name] for name in ("models", "data", "task", "metric", "max_length")]
-        + [token, evaluate["base"], evaluate["batch_size"]],
+        + [token, evaluate["base"], evaluate["batch_size"]] + [evaluate["lm_eval"][k] for k in LM_EVAL_KEYS],
         evaluate["scores"], api_name="evaluate")
     tune["tune_button"].click(
         handlers["tune"],
@@ -367,7 +378,8 @@ def _connect(handlers: dict[str, Callable[..., Any]], merge: dict[str, Any], eva
         + [token, output_folder, tune["base"]]
         + [tune["advanced"][name] for name in ("batch_size", "dtype", "tokenizer_source", "compute_dtype",
                                                "max_shard_size", "allow_nonfinite", "variant", "save_as",
-                                               "adapter_rank", "adapter_energy")],
+                                               "adapter_rank", "adapter_energy")]
+        + [tune["lm_eval"][k] for k in LM_EVAL_KEYS],
         [tune["summary"], tune["candidates"], tune["card"], tune["config_yaml"], output_folder], api_name="tune",
     )
     push["push_button"].click(

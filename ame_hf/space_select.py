@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
+from ._space_lm_eval import lm_eval_keywords
 from .errors import InvalidConfigError
 from .evaluation import LM_METRICS, TASKS, higher_is_better, load_data
 from .lm_evaluation import perplexity
@@ -174,7 +175,8 @@ def _base(text: str | None, allow_local_paths: bool) -> str | None:
 
 def run_evaluate(models: str | None, data: str | Path | None, task: str | None = "auto", metric: str | None = None,
                  max_length: Any = None, token: str | None = None, *, base: str | None = None,
-                 batch_size: Any = None, allow_local_paths: bool = True) -> Evaluation:
+                 batch_size: Any = None, lm_eval: Mapping[str, Any] | None = None,
+                 allow_local_paths: bool = True) -> Evaluation:
     """Score the models (one a line) on the uploaded data with `ame_hf.evaluate`.
 
     Blank boxes mean the default: `task` "auto" (from the models' architecture), the task's metric, and (blank
@@ -187,7 +189,9 @@ def run_evaluate(models: str | None, data: str | Path | None, task: str | None =
         token: Hub token.
         base: the base model of LoRA adapters among the models (blank: each adapter's own).
         batch_size: the evaluation's batch size (blank or 0: the default).
-        allow_local_paths: accept local directories and metric scripts (False on a public Space).
+        lm_eval: the lm-eval boxes by keyword, the score instead of `data` when tasks are named
+            (`_space_lm_eval.lm_eval_keywords`).
+        allow_local_paths: accept local directories, metric scripts and task folders (False on a public Space).
 
     Returns:
         The library's `Evaluation`.
@@ -198,13 +202,14 @@ def run_evaluate(models: str | None, data: str | Path | None, task: str | None =
     import ame_hf
 
     refs = _refs(models, "model", allow_local_paths)
-    if not data:
+    lm = lm_eval_keywords(lm_eval, allow_local_paths=allow_local_paths)
+    if not data and "lm_eval_tasks" not in lm:
         raise InvalidConfigError("upload the data to score on (JSONL/CSV with text and label; .txt for "
-                                 "text-generation)")
+                                 "text-generation), or name lm-eval tasks")
     task, metric, length = _selection_inputs(task, metric, max_length, [data], allow_local_paths)
     batch = _whole(batch_size, "batch_size", None, 0) or None  # 0: the default
-    return ame_hf.evaluate(refs, data=data, task=task, metric=metric, token=token, max_length=length,
-                           base=_base(base, allow_local_paths), batch_size=batch)
+    return ame_hf.evaluate(refs, data=data or None, task=task, metric=metric, token=token, max_length=length,
+                           base=_base(base, allow_local_paths), batch_size=batch, **lm)
 
 
 def scores_markdown(rows: Sequence[tuple[str, float]], metric: str, what: str = "model") -> str:
@@ -278,7 +283,7 @@ def run_tune(ingredients: str | None, data: str | Path | None, test_data: str | 
              token: str | None = None, *, task: str | None = "auto", metric: str | None = None,
              budget: Any = None, max_length: Any = None, base: str | None = None, batch_size: Any = None,
              options: dict[str, Any] | None = None, progress: Progress | None = None,
-             allow_local_paths: bool = True) -> TuneView:
+             lm_eval: Mapping[str, Any] | None = None, allow_local_paths: bool = True) -> TuneView:
     """Select with `ame_hf.tune` into `work_dir/merged` and render the candidates, the choice and the card.
 
     Blank boxes mean the default: `task` "auto", the task's metric, `budget` the library's `DEFAULT_BUDGET`.
@@ -295,7 +300,8 @@ def run_tune(ingredients: str | None, data: str | Path | None, test_data: str | 
         options: the output options `tune` passes to its merges (`AmeConfig` keywords: dtype, tokenizer_source,
             compute_dtype, max_shard_size, allow_nonfinite, variant), as `form_config` reads them.
         progress: called with (fraction done, description), a step per line `tune` logs.
-        allow_local_paths: accept local directories and metric scripts (False on a public Space).
+        lm_eval: the lm-eval boxes, the score instead of `data` when tasks are named (as `run_evaluate`).
+        allow_local_paths: accept local directories, metric scripts and task folders (False on a public Space).
 
     Returns:
         A `TuneView` of the selected model.
@@ -307,9 +313,10 @@ def run_tune(ingredients: str | None, data: str | Path | None, test_data: str | 
     from .tuning import DEFAULT_BUDGET
 
     refs = _refs(ingredients, "ingredient", allow_local_paths)
-    if not data:
+    lm = lm_eval_keywords(lm_eval, allow_local_paths=allow_local_paths)
+    if not data and "lm_eval_tasks" not in lm:
         raise InvalidConfigError("upload the validation data to select on (JSONL/CSV with text and label; .txt for "
-                                 "text-generation)")
+                                 "text-generation), or name lm-eval tasks")
     task, metric, length = _selection_inputs(task, metric, max_length, [data, test_data], allow_local_paths)
     budget = _whole(budget, "budget", DEFAULT_BUDGET, 0)
     base = _base(base, allow_local_paths)
@@ -327,9 +334,9 @@ def run_tune(ingredients: str | None, data: str | Path | None, test_data: str | 
 
     if progress is not None:
         progress(0.0, "Downloading the ingredients and scoring them on the validation data")
-    result = ame_hf.tune(refs, work_dir / "merged", data=data, test_data=test_data or None, task=task, metric=metric,
-                         budget=budget, max_length=length, base=base, token=token,
-                         config=config, batch_size=batch, progress=False, log=log)
+    result = ame_hf.tune(refs, work_dir / "merged", data=data or None, test_data=test_data or None, task=task,
+                         metric=metric, budget=budget, max_length=length, base=base, token=token,
+                         config=config, batch_size=batch, progress=False, log=log, **lm)
     return TuneView(
         folder=result.path,
         result=result,

@@ -191,7 +191,7 @@ def tune(
         best, final = _write_selected(search, full, sel, scratch, name)
         if isinstance(sel.val, LmEvalTasks):
             record(final, sel.val, scored_as=search.scored, device=device, batch_size=batch_size,
-                   max_length=max_length)
+                   max_length=max_length, progress=progress)
         if adapter_base is not None:
             (scratch / "adapter").mkdir()
             save_adapter(final, scratch / "adapter" / name, base_of(sel.stage, adapter_base), output, overwrite=False)

@@ -197,8 +197,6 @@ NOT_IN_SPACE = {
     ("tune", "selection"): "the Space selects with tune's default (guarded: the soup unless a candidate beats it "
                            "beyond validation noise), which its summary explains",
     ("push", "source"): "the latest Merge or Tune result of the session",
-    **{(c, f"lm_eval_{k}"): "lm-eval tasks need the optional lm-eval extra and task YAMLs on disk; the Space scores "
-       "uploaded data files" for c in ("evaluate", "tune") for k in ("tasks", "include", "metric", "limit", "num_fewshot")},
 }
 
 

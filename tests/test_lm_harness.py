@@ -5,6 +5,8 @@ it right and the others wrong, and lm-eval's own entry point on the same written
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -171,3 +173,92 @@ def test_merge_scores_its_output_and_ingredients_on_lm_eval_tasks(mc, tmp_path, 
     assert list(scores.values())[1:] == [1.0, 0.0]  # the ingredients, after the merge
     kept = json.loads((out / RESULTS_FILE).read_text())
     assert kept["ame_hf"]["score"] == list(scores.values())[0] == reference(out, tasks)["count_mc"]["acc,none"]
+
+
+def _cli(*args, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ame_hf", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_quiet_means_quiet_and_progress_stays_without_it(mc, tmp_path):
+    """`--quiet`: lm-eval's bars (its documents, tokenizing, requests), datasets' and git's `fatal: not a git
+    repository` (lm-eval asks git for a commit hash; tmp_path is no repository) are not printed, only the result.
+    Without it, lm-eval's progress bars stay."""
+    experts, tasks = mc
+    args = ("evaluate", experts[0], experts[1], "--lm-eval-tasks", "count_mc", "--lm-eval-include", tasks,
+            "--device", "cpu")
+    quiet = _cli(*args, "--quiet", cwd=tmp_path)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == "", quiet.stderr
+    lines = quiet.stdout.splitlines()
+    assert lines[0].split() == ["model", "acc,none", "(higher", "is", "better)"] and set(lines[1]) == {"-"}
+    assert [line.split()[0] for line in lines[2:]] == [str(experts[0]), str(experts[1])], quiet.stdout
+    loud = _cli(*args, cwd=tmp_path)
+    assert loud.returncode == 0 and loud.stdout == quiet.stdout, loud.stderr
+    assert "Running loglikelihood requests" in loud.stderr and "100%|" in loud.stderr
+
+
+def test_tune_quiet_prints_only_its_lines(mc, tmp_path):
+    experts, tasks = mc
+    run = _cli("tune", *experts[:2], "-o", tmp_path / "best", "--lm-eval-tasks", "count_mc", "--lm-eval-include",
+               tasks, "--budget", "0", "--device", "cpu", "--quiet", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == "", run.stderr
+    assert "%|" not in run.stdout and "fatal" not in run.stdout and (tmp_path / "best" / RESULTS_FILE).is_file()
+
+
+@pytest.fixture(scope="module")
+def grouped(mc, tmp_path_factory) -> Path:
+    """Local task YAMLs beside count_mc: a task that `include`s it and adds acc_norm, a group of both that
+    aggregates acc, a group that aggregates nothing, and a tag."""
+    _, tasks = mc
+    folder = write_task(tmp_path_factory.mktemp("grouped"))
+    (folder / "count_inc.yaml").write_text("include: count_mc.yaml\ntask: count_inc\ntag: count_tag\n"
+                                           "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    (folder / "count_grp.yaml").write_text("group: count_grp\ntask:\n  - count_mc\n  - count_inc\n"
+                                           "aggregate_metric_list:\n  - metric: acc\n")
+    (folder / "count_bare.yaml").write_text("group: count_bare\ntask:\n  - count_mc\n")
+    return folder
+
+
+@pytest.mark.parametrize("name, metric, reports", [
+    ("count_grp", "acc_norm", "acc,none"),  # the group aggregates acc only, though count_inc has acc_norm
+    ("count_inc", "f1", "acc,none, acc_norm,none"),  # its metric_list, its data from the included YAML
+    ("count_bare", "acc", "nothing (a group without aggregate_metric_list"),
+    ("count_tag", "acc", "nothing (a tag: name its tasks, count_inc)"),
+])
+def test_groups_includes_and_tags_are_checked_before_any_merge(mc, grouped, tmp_path, capsys, name, metric, reports):
+    """The metric a group, an including task or a tag reports is read from lm-eval's task index, so a metric it
+    does not have is refused before anything is scored or merged (before, a group's was found only after the
+    first model was scored). The tasks' data file is gone: any run would fail on it instead."""
+    experts, _ = mc
+    source, grouped = grouped, Path(shutil.copytree(grouped, tmp_path / "nodata"))
+    (grouped / "count_mc.jsonl").unlink()
+    yaml = grouped / "count_mc.yaml"
+    yaml.write_text(yaml.read_text().replace(str(source), str(grouped)))
+    assert str(grouped / "count_mc.jsonl") in yaml.read_text()
+    lines: list[str] = []
+    with pytest.raises(InvalidConfigError) as caught:
+        tune(experts[:2], tmp_path / "out", lm_eval_tasks=name, lm_eval_include=grouped, lm_eval_metric=metric,
+             device="cpu", progress=False, log=lines.append)
+    assert f"lm-eval task {name} has no metric '{metric},none'; it reports: {reports}" in str(caught.value)
+    assert lines == [] and not (tmp_path / "out").exists(), "something was scored or merged before the refusal"
+    code, _, err = run_cli(capsys, "evaluate", *experts[:2], "--lm-eval-tasks", name, "--lm-eval-include", grouped,
+                           "--lm-eval-metric", metric, "--quiet")
+    assert_one_error_line(code, err, f"lm-eval task {name} has no metric '{metric},none'")
+
+
+def test_a_group_and_an_including_task_score_as_lm_eval_scores_them(mc, grouped):
+    experts, _ = mc
+    got = evaluate([experts[0]], lm_eval_tasks="count_grp", lm_eval_include=grouped, device="cpu")
+    from lm_eval.tasks import TaskManager
+
+    ref = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={experts[0]}", tasks=["count_grp"],
+                                  device="cpu", task_manager=TaskManager(include_path=str(grouped)))["results"]
+    assert got.scores[0][1] == ref["count_grp"]["acc,none"] == 1.0  # expert 0 answers both right
+    with pytest.raises(InvalidConfigError, match="unknown lm-eval task"):
+        evaluate([experts[0]], lm_eval_tasks="count_grp,nope", lm_eval_include=grouped, device="cpu")
+    # lm-eval runs a task once: a group and one of its tasks together are refused before any model is scored.
+    with pytest.raises(InvalidConfigError, match="lm-eval tasks count_grp and count_mc both run count_mc"):
+        tune(experts[:2], grouped / "out", lm_eval_tasks="count_grp,count_mc", lm_eval_include=grouped,
+             progress=False, log=lambda line: pytest.fail(f"scored before the refusal: {line}"))

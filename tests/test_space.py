@@ -405,6 +405,68 @@ def test_gradio_client_evaluate_tune_push(space_url, classifier_repos, hub, hub_
     assert "ame-hf tune" in readme and picked.best.label in readme
 
 
+@pytest.fixture(scope="module")
+def lm_eval_repos(lm_experts, hub, hub_token, tmp_path_factory) -> tuple[list[str], Path]:
+    """Two tiny GPT-2 experts on the test Hub, and a local lm-eval task folder (tests/test_lm_harness.py's)."""
+    pytest.importorskip("lm_eval", reason="the lm-eval extra is in `dev`")
+    from test_lm_harness import write_task
+
+    from factories import upload_to_hub
+
+    experts, _, _ = lm_experts
+    repos = upload_to_hub(hub_token, {f"org/space-lm-{i}": e for i, e in enumerate(experts[:2])})
+    return repos, write_task(tmp_path_factory.mktemp("space-lm-eval") / "tasks")
+
+
+def test_gradio_client_evaluate_and_tune_on_lm_eval_tasks(space_url, lm_eval_repos, monkeypatch):
+    """The served Space's Evaluate and Tune score lm-eval tasks (a local task folder: this Space allows local paths)
+    as the library does, instead of uploaded data."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    repos, tasks = lm_eval_repos
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    client = Client(space_url, verbose=False, download_files=False)
+    try:
+        lm = {"lm_eval_tasks": "count_mc", "lm_eval_include": str(tasks), "lm_eval_limit": 5}
+        scores = client.predict(models="\n".join(repos), api_name="/evaluate", **lm)
+        direct = ame_hf.evaluate(repos, lm_eval_tasks="count_mc", lm_eval_include=tasks, lm_eval_limit=5)
+        assert "acc,none (higher is better)" in scores
+        assert sorted(markdown_rows(scores)) == sorted((ref, round(value, 4)) for ref, value in direct.scores)
+        with pytest.raises(AppError, match="has no metric 'f1,none'; it reports: acc,none"):
+            client.predict(models=repos[0], api_name="/evaluate", lm_eval_metric="f1", **lm)
+        summary, candidates, _, _ = client.predict(ingredients="\n".join(repos), budget=0, api_name="/tune", **lm)
+        assert "acc,none" in summary and len(markdown_rows(candidates)) == len(repos) + 2
+    finally:
+        client.close()
+
+
+def test_browser_evaluate_on_lm_eval_tasks(browser, space_url, lm_eval_repos):
+    """The Evaluate tab's lm-eval boxes start closed; opened and filled, they are the score."""
+    from playwright.sync_api import expect
+
+    repos, tasks = lm_eval_repos
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(UI_TIMEOUT)
+    page.goto(space_url)
+    page.get_by_role("tab", name="Evaluate").click()
+    expect(page.locator("#evaluate-button")).to_be_visible(timeout=UI_TIMEOUT)
+    page.locator("#eval-models textarea").fill("\n".join(repos))
+    expect(page.locator("#eval-models textarea")).to_have_value("\n".join(repos))
+    expect(page.locator("#eval-lm-eval-tasks")).to_be_hidden()
+    page.locator("#eval-lm-eval").get_by_text("lm-evaluation-harness tasks").click()
+    for box, value in (("tasks", "count_mc"), ("include", str(tasks))):
+        page.locator(f"#eval-lm-eval-{box} textarea").fill(value)
+        expect(page.locator(f"#eval-lm-eval-{box} textarea")).to_have_value(value)
+    page.locator("#eval-lm-eval-limit input").fill("4")
+    expect(page.locator("#eval-lm-eval-limit input")).to_have_value("4")
+    page.locator("#evaluate-button").click()
+    scores = page.locator("#scores")
+    expect(scores).to_contain_text("acc,none (higher is better)", timeout=UI_TIMEOUT)
+    assert all(repo in scores.inner_text() for repo in repos)
+    page.close()
+
+
 def test_browser_evaluate_and_tune(browser, space_url, classifier_repos):
     """The Evaluate and Tune tabs in the browser: upload the data, run, read the tables."""
     from playwright.sync_api import expect

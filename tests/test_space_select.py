@@ -269,3 +269,60 @@ def test_the_advanced_options_reach_evaluate_and_tune(monkeypatch, tmp_path):
     public = handler(build_app(allow_local_paths=False), "tune")
     assert "local paths are disabled" in _one_line_error(public, *first, 0, "auto", str(tmp_path))
     assert not seen and not list((tmp_path / "tmp").glob("ame-hf-space-*")), "a refused option reached tune"
+
+
+def test_lm_eval_tasks_are_a_score_in_evaluate_and_tune(tmp_path, monkeypatch):
+    """The lm-eval boxes reach `ame_hf.evaluate` and `ame_hf.tune` as their `lm_eval_*` keywords, instead of the
+    data (blank boxes left out; the limit's 0 is no limit, a blank few-shot each task's own); on a public Space a
+    task folder is refused, since its YAMLs can run code and read the server's disk."""
+    from ame_hf.space import build_app
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    seen: dict = {}
+
+    def stop(name):
+        def run(refs, *args, **kwargs):
+            seen[name] = kwargs
+            raise ame_hf.InvalidConfigError("stop here")
+        return run
+
+    monkeypatch.setattr(ame_hf, "evaluate", stop("evaluate"))
+    monkeypatch.setattr(ame_hf, "tune", stop("tune"))
+    app = build_app()
+    evaluate, tune = handler(app, "evaluate"), handler(app, "tune")
+    lm = (" count_mc=2 ", str(tmp_path), "acc_norm", 6.0, "1")
+    assert _one_line_error(evaluate, "org/a", None, "auto", "", 0, "", "", 0, *lm) == "stop here"
+    want = {"lm_eval_tasks": "count_mc=2", "lm_eval_include": str(tmp_path), "lm_eval_metric": "acc_norm",
+            "lm_eval_limit": 6, "lm_eval_num_fewshot": 1}
+    assert {k: v for k, v in seen["evaluate"].items() if k.startswith("lm_eval")} == want
+    assert seen["evaluate"]["data"] is None
+    _one_line_error(tune, "org/a\norg/b", None, None, "auto", "", 0, None, "", None, "", 0, "auto", "auto",
+                    "float32", "", False, "", "model", 0, "", "count_mc", "", "", 0, "")
+    assert {k: v for k, v in seen["tune"].items() if k.startswith("lm_eval")} == {"lm_eval_tasks": "count_mc"}
+    assert "upload the data to score on" in _one_line_error(evaluate, "org/a", None, "auto", "", 0, "", "", 0,
+                                                            "", "", "", 0, "")
+    assert "lm_eval_limit must be a whole number >= 0" in _one_line_error(
+        evaluate, "org/a", None, "auto", "", 0, "", "", 0, "count_mc", "", "", 2.5, "")
+    public = build_app(allow_local_paths=False)
+    seen.clear()
+    assert "task folders are disabled in this app" in _one_line_error(handler(public, "evaluate"), "org/a", None,
+                                                                      "auto", "", 0, "", "", 0, *lm)
+    assert _one_line_error(handler(public, "evaluate"), "org/a", None, "auto", "", 0, "", "", 0, "arc_easy", "",
+                           "", 0, "") == "stop here"
+    assert not list((tmp_path / "tmp").glob("ame-hf-space-*")), "a refused option left a work folder"
+
+
+def test_the_space_scores_lm_eval_tasks_as_the_library_does(lm_experts, tmp_path):
+    pytest.importorskip("lm_eval", reason="the lm-eval extra is in `dev`")
+    from test_lm_harness import write_task
+
+    from ame_hf.space_select import evaluation_markdown, run_evaluate
+
+    experts, _, _ = lm_experts
+    tasks = write_task(tmp_path / "tasks")
+    form = {"lm_eval_tasks": "count_mc", "lm_eval_include": str(tasks), "lm_eval_limit": 5.0}
+    result = run_evaluate("\n".join(map(str, experts[:2])), None, "auto", "", 0, lm_eval=form)
+    direct = ame_hf.evaluate(experts[:2], lm_eval_tasks="count_mc", lm_eval_include=tasks, lm_eval_limit=5)
+    assert result.scores == direct.scores and result.metric == "acc,none"
+    assert "| model | acc,none (higher is better) |" in evaluation_markdown(result)
