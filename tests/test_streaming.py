@@ -89,7 +89,7 @@ def test_a_tensor_too_big_to_keep_is_kept_one_block_at_a_time(tmp_path):
     """8 MiB tensors x 3 exceed a 16 MiB --max-memory, their 4 MiB blocks x 3 do not: the spread reads the
     tensor once, the mean pivot and the steps share one more read per block; the bytes are the same."""
     from ame_hf import merge
-    from factories import load_state, make_big_checkpoints, weights_sha256
+    from factories import make_big_checkpoints, weights_sha256
 
     paths = make_big_checkpoints(tmp_path / "big", n=3, rows=8192, cols=256)
     embed = 3 * 8192 * 256 * 4
