@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,6 +62,8 @@ def to_saved_layout(ckpt: Any) -> None:
 def _converted(model_type: str | None, names: list[str]) -> bool:
     """Whether transformers' saving would convert any of these stored names (its reversed converters, matched by
     transformers itself): only then is the model class built."""
+    if not _may_convert(model_type):
+        return False
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
         from transformers.core_model_loading import WeightConverter, apply_converters
@@ -68,6 +72,33 @@ def _converted(model_type: str | None, names: list[str]) -> bool:
     mapping = get_checkpoint_conversion_mapping(model_type) if model_type else None
     converters = [t.reverse_transform() for t in mapping or () if isinstance(t, WeightConverter)]
     return bool(converters) and any(apply_converters(n, converters)[1] is not None for n in names)
+
+
+def _may_convert(model_type: str | None) -> bool:
+    """False when transformers holds no conversion for `model_type`, found without importing it: importing
+    `transformers.conversion_mapping` pulls in transformers, torch.distributed and sympy, 73 MiB of a merge's
+    peak memory and about 1 s of its start (Llama, Qwen, ...: most models have no conversion). Every model type its
+    mapping holds is a quoted literal in that module's source (its dict keys, `_MODEL_TO_CONVERSION_PATTERN`), so
+    a model type the file never quotes has none; anything else (the file unreadable, or the module already
+    imported: a mapping may have been registered at run time) asks transformers itself."""
+    if not model_type:
+        return False
+    if "transformers.conversion_mapping" in sys.modules:
+        return True
+    return _quoted(model_type)
+
+
+@functools.lru_cache(maxsize=64)
+def _quoted(model_type: str) -> bool:
+    """Whether transformers' `conversion_mapping.py` quotes `model_type` (True when it cannot be read)."""
+    spec = importlib.util.find_spec("transformers")  # the top-level package: found, not imported
+    if spec is None:
+        return False  # no transformers, no conversion (as `_converted` finds when its import fails)
+    try:
+        text = (Path(next(iter(spec.submodule_search_locations or ()))) / "conversion_mapping.py").read_text("utf-8")
+    except (OSError, StopIteration, UnicodeDecodeError):
+        return True
+    return any(f"{q}{model_type}{q}" in text for q in ('"', "'"))
 
 
 @functools.lru_cache(maxsize=32)

@@ -16,8 +16,8 @@ Loader = Callable[[int], torch.Tensor]
 MEAN_CHUNK = 1 << 17
 
 
-def mean_of(load: Loader, n: int) -> torch.Tensor:
-    """The mean of `n` ingredients' blocks: summed in float64 in order, divided, rounded once to their dtype (so
+def mean_of(load: Loader, n: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The mean of `n` ingredients' blocks: summed in float64 in order, divided, rounded once to `dtype` (so
     the mean of equal values is that value).
 
     Computed `MEAN_CHUNK` values at a time, each ingredient's chunk converted into a float64 buffer before it
@@ -27,9 +27,11 @@ def mean_of(load: Loader, n: int) -> torch.Tensor:
     Args:
         load: `load(i)` gives ingredient `i`'s values for the block (never modified here).
         n: the number of ingredients.
+        dtype: the mean's dtype (default: the loaded one). Blocks kept in their stored dtype (bfloat16) are read
+            as they are: each value goes into float64 exactly, as it would from a float32 copy, without that copy.
 
     Returns:
-        Their mean, a tensor of its own in the loaded dtype.
+        Their mean, a tensor of its own.
 
     >>> mean_of([torch.tensor([0.0, 2.0]), torch.tensor([1.0, 2.0])].__getitem__, 2)
     tensor([0.5000, 2.0000])
@@ -37,7 +39,7 @@ def mean_of(load: Loader, n: int) -> torch.Tensor:
     loaded = [load(i) for i in range(n)]  # all n at once (a block each), as the steps of a kept block hold them
     blocks = [x.reshape(-1) for x in loaded]
     first = blocks[0]
-    out = torch.empty(loaded[0].shape, dtype=first.dtype, device=first.device)
+    out = torch.empty(loaded[0].shape, dtype=dtype or first.dtype, device=first.device)
     flat = out.view(-1)
     size = min(MEAN_CHUNK, first.numel())
     total = torch.empty(size, dtype=torch.float64, device=first.device)
@@ -72,7 +74,8 @@ def squared_distance(x: torch.Tensor, pivot: torch.Tensor, buffer: torch.Tensor)
     return d.reshape(rows, -1).sum(1) if d.numel() else d.new_zeros(rows)
 
 
-def row_spreads(load: Loader, n: int, pivot: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def row_spreads(load: Loader, n: int, pivot: torch.Tensor | None,
+                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The pivot of a block and, per row, the ingredients' summed squared distance to it (the relative lr's
     spread; `spread_total` adds the rows of a whole tensor).
 
@@ -85,6 +88,9 @@ def row_spreads(load: Loader, n: int, pivot: torch.Tensor | None) -> tuple[torch
         load: `load(i)` gives ingredient `i`'s values for the block (never modified here).
         n: the number of ingredients.
         pivot: the block's pivot, or None for their mean.
+        dtype: the compute dtype, when `load` gives blocks in a dtype that converts to it exactly (bfloat16 blocks
+            kept as stored): the mean reads them as they are, the distances from a converted copy (faster than a
+            subtraction that mixes dtypes). Default: the loaded dtype.
 
     Returns:
         The pivot (`pivot` itself, or the mean: a tensor of its own), and a float64 sum per row.
@@ -96,11 +102,11 @@ def row_spreads(load: Loader, n: int, pivot: torch.Tensor | None) -> tuple[torch
     loaded = [load(i) for i in range(n)] if pivot is None else None  # the mean's blocks serve the distances too
     if loaded is not None:
         load = loaded.__getitem__
-        pivot = mean_of(load, n)
+        pivot = mean_of(load, n, dtype)
     buffer = torch.empty_like(pivot)
-    total = squared_distance(load(0), pivot, buffer).double()
+    total = squared_distance(load(0).to(pivot.dtype), pivot, buffer).double()
     for i in range(1, n):
-        total += squared_distance(load(i), pivot, buffer)
+        total += squared_distance(load(i).to(pivot.dtype), pivot, buffer)
     return pivot, total
 
 

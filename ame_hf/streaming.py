@@ -185,7 +185,8 @@ class TensorMerger:
             spreads = []
             for rows in blocks:
                 given = self._pivot_block(name, rows)
-                pivot, spread = row_spreads(block_loader(self, kept, name, rows, range(n), info.shape, dtype), n, given)
+                load = block_loader(self, kept, name, rows, range(n), info.shape, dtype, raw=True)
+                pivot, spread = row_spreads(load, n, given, self.compute_dtype)
                 spreads.append(spread)
                 # The spread is to the plain mean; a weighted merge starts from its weighted mean instead.
                 if pivots is not None and (given is not None or self.weights is None):
