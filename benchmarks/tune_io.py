@@ -10,17 +10,23 @@ to a tracked file:
     python benchmarks/tune_io.py                       # 4.2M and 17M parameters, 3 ingredients, default budget
     python benchmarks/tune_io.py --sizes 4m --budget 4 # quicker
     python benchmarks/tune_io.py --runs greedy         # the greedy soup alone
+    python benchmarks/tune_io.py --sizes 134m --runs tune  # the run.py 134M shape (about 30 min here, both modes)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from build_inputs import MODELS  # noqa: E402  (no torch at import time)
+
 SIZES = {"4m": dict(hidden_size=256, num_hidden_layers=4, intermediate_size=688, vocab_size=2048),
-         "17m": dict(hidden_size=512, num_hidden_layers=4, intermediate_size=1376, vocab_size=4096)}
+         "17m": dict(hidden_size=512, num_hidden_layers=4, intermediate_size=1376, vocab_size=4096),
+         "134m": MODELS["small"]}  # run.py's 134M Llama: 12 heads, untied
 
 
 def _io() -> dict[str, int]:
@@ -42,8 +48,8 @@ def build(root: Path, size: str, copies: int, docs: int) -> tuple[list[Path], Pa
     tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w0", eos_token="w1")
-    config = LlamaConfig(num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         tie_word_embeddings=False, **fields)
+    config = LlamaConfig(**{"num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256,
+                            "tie_word_embeddings": False, **fields})
     torch.manual_seed(0)
     base = LlamaForCausalLM(config)
     paths = []
@@ -108,6 +114,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=12)
     parser.add_argument("--docs", type=int, default=32)
     parser.add_argument("--runs", default="tune,greedy", help="tune, greedy (merge --greedy-soup) or both")
+    parser.add_argument("--modes", default="memory,disk", help="memory, disk or both (default)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "_work" / "tune_io")
     args = parser.parse_args()
     import shutil
@@ -117,7 +124,7 @@ def main() -> None:
     for size in args.sizes.split(","):
         paths, data = build(args.out, size, args.copies, args.docs)
         for run in args.runs.split(","):
-            for in_memory in (True, False):
+            for in_memory in [mode == "memory" for mode in args.modes.split(",")]:
                 target = args.out / f"{size}-{run}-{'memory' if in_memory else 'disk'}"
                 shutil.rmtree(target, ignore_errors=True)
                 row = {"size": size, "run": run, "mode": "in memory" if in_memory else "on disk",

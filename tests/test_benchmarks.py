@@ -110,3 +110,44 @@ def test_heldout_runs_both_families_at_the_tiniest_size(tmp_path, monkeypatch):
     assert (out / "results.md").read_text(encoding="utf-8") == text
     # Without --update-results the committed results are untouched.
     assert (heldout.COMMITTED.read_bytes() if heldout.COMMITTED.exists() else None) == committed
+
+
+def test_the_3b_set_is_built_tensor_by_tensor_and_run_only_when_named(tmp_path, monkeypatch):
+    # Issue 25: a 3 x 3B-shaped bf16 row beside `cat`. Its inputs are written tensor by tensor (never a whole
+    # model in memory) and it is too big for a full run, so only `--set 3b-bf16-n3` selects it.
+    import argparse
+    import subprocess
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    run = _bench_run()
+    build_inputs = sys.modules["build_inputs"]
+    args = argparse.Namespace(gpu=False, smoke=False, quick=False, set=None)
+    assert "3b-bf16-n3" not in [s.key for s in run.input_sets(args)]
+    (big,) = run.input_sets(argparse.Namespace(**{**vars(args), "set": ["3b-bf16-n3"]}))
+    assert big.jobs == ("cat", "plain", "soup", "default") and big.one_output and big.size == "3213M"
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(LlamaConfig(**build_inputs.MODELS["3b"]))
+    assert sum(p.numel() for p in meta.parameters()) == build_inputs.param_count("3b") == 3_212_749_824
+
+    monkeypatch.setitem(build_inputs.MODELS, "tied", {**build_inputs.MODELS["tiny"], "tie_word_embeddings": True})
+    build_inputs.build_direct("tied", 2, tmp_path, shard_bytes=100_000, chunk=1000)
+    models = []
+    for i in range(2):
+        folder = build_inputs.copy_dir(tmp_path, "tied", "bf16", i)
+        assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1  # sharded, with an index
+        model, info = LlamaForCausalLM.from_pretrained(folder, output_loading_info=True)
+        assert not any(info.values()), info
+        assert model.dtype == torch.bfloat16 and model.lm_head.weight is model.model.embed_tokens.weight
+        models.append(dict(model.named_parameters()))
+    assert sum(p.numel() for p in models[0].values()) == build_inputs.param_count("tied")
+    for name, p in models[0].items():  # a shared init plus a small delta per copy
+        diff = (p.float() - models[1][name].float()).std().item()
+        assert 0.01 < diff < 0.02, (name, diff)
+        assert abs(p.float().mean().item() - (1.0 if name.endswith("norm.weight") else 0.0)) < 0.01, name
+
+    cat = run.job_command("cat", big, [build_inputs.copy_dir(tmp_path, "tied", "bf16", i) for i in range(2)],
+                          tmp_path / "out", tmp_path, None)
+    assert sum(a.endswith(".safetensors") for a in cat) == 6
+    assert subprocess.run(cat, capture_output=True).returncode == 0
