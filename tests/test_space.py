@@ -441,18 +441,28 @@ def test_gradio_client_evaluate_and_tune_on_lm_eval_tasks(space_url, lm_eval_rep
         client.close()
 
 
+def _evaluate_tab_with(browser, space_url: str, repos) -> object:
+    """A new page on the Space's Evaluate tab with `repos` in its models box."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(UI_TIMEOUT)
+    page.goto(space_url)
+    # A tab's form is drawn when the tab is first shown: a box filled before that loses its text (seen on a
+    # loaded machine), so wait for the form, and for the text to stay, before clicking.
+    page.get_by_role("tab", name="Evaluate").click()
+    expect(page.locator("#evaluate-button")).to_be_visible(timeout=UI_TIMEOUT)
+    page.locator("#eval-models textarea").fill("\n".join(repos))
+    expect(page.locator("#eval-models textarea")).to_have_value("\n".join(repos))
+    return page
+
+
 def test_browser_evaluate_on_lm_eval_tasks(browser, space_url, lm_eval_repos):
     """The Evaluate tab's lm-eval boxes start closed; opened and filled, they are the score."""
     from playwright.sync_api import expect
 
     repos, tasks = lm_eval_repos
-    page = browser.new_page(viewport={"width": 1280, "height": 1000})
-    page.set_default_timeout(UI_TIMEOUT)
-    page.goto(space_url)
-    page.get_by_role("tab", name="Evaluate").click()
-    expect(page.locator("#evaluate-button")).to_be_visible(timeout=UI_TIMEOUT)
-    page.locator("#eval-models textarea").fill("\n".join(repos))
-    expect(page.locator("#eval-models textarea")).to_have_value("\n".join(repos))
+    page = _evaluate_tab_with(browser, space_url, repos)
     expect(page.locator("#eval-lm-eval-tasks")).to_be_hidden()
     page.locator("#eval-lm-eval").get_by_text("lm-evaluation-harness tasks").click()
     for box, value in (("tasks", "count_mc"), ("include", str(tasks))):
@@ -472,15 +482,7 @@ def test_browser_evaluate_and_tune(browser, space_url, classifier_repos):
     from playwright.sync_api import expect
 
     repos, val = classifier_repos
-    page = browser.new_page(viewport={"width": 1280, "height": 1000})
-    page.set_default_timeout(UI_TIMEOUT)
-    page.goto(space_url)
-    # A tab's form is drawn when the tab is first shown: a box filled before that loses its text (seen on a
-    # loaded machine), so wait for the form, and for the text to stay, before clicking.
-    page.get_by_role("tab", name="Evaluate").click()
-    expect(page.locator("#evaluate-button")).to_be_visible(timeout=UI_TIMEOUT)
-    page.locator("#eval-models textarea").fill("\n".join(repos))
-    expect(page.locator("#eval-models textarea")).to_have_value("\n".join(repos))
+    page = _evaluate_tab_with(browser, space_url, repos)
     page.locator("#eval-data input[type=file]").set_input_files(str(val))
     expect(page.locator("#eval-data")).to_contain_text(val.name, timeout=UI_TIMEOUT)
     page.locator("#evaluate-button").click()

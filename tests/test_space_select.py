@@ -224,12 +224,9 @@ def test_the_base_box_reaches_evaluate_and_tune_for_adapters(lm_adapters, tmp_pa
     assert (view.folder / "config.json").is_file() and not (view.folder / "adapter_config.json").exists()
 
 
-def test_the_advanced_options_reach_evaluate_and_tune(monkeypatch, tmp_path):
-    """Evaluate's and Tune's Advanced options reach the library under their keywords (the evaluation's
-    `batch_size`; tune's output options as its `config=`); blanks and 0 are the defaults, a bad value is the
-    library's own message on one Gradio error line, and on a public Space a local tokenizer source is refused."""
-    from ame_hf.space import build_app, one_line
-
+def _stop_evaluate_and_tune(monkeypatch, tmp_path) -> dict:
+    """`ame_hf.evaluate` and `ame_hf.tune` record their keywords (in the returned dict, by name) and stop there;
+    the Space's temporary folders go under tmp_path/tmp, so a test can see that none was left."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     seen: dict = {}
@@ -242,6 +239,16 @@ def test_the_advanced_options_reach_evaluate_and_tune(monkeypatch, tmp_path):
 
     monkeypatch.setattr(ame_hf, "evaluate", stop("evaluate"))
     monkeypatch.setattr(ame_hf, "tune", stop("tune"))
+    return seen
+
+
+def test_the_advanced_options_reach_evaluate_and_tune(monkeypatch, tmp_path):
+    """Evaluate's and Tune's Advanced options reach the library under their keywords (the evaluation's
+    `batch_size`; tune's output options as its `config=`); blanks and 0 are the defaults, a bad value is the
+    library's own message on one Gradio error line, and on a public Space a local tokenizer source is refused."""
+    from ame_hf.space import build_app, one_line
+
+    seen = _stop_evaluate_and_tune(monkeypatch, tmp_path)
     data = tmp_path / "val.jsonl"
     data.write_text('{"text": "red", "label": 0}\n')
     evaluate, tune = handler(build_app(), "evaluate"), handler(build_app(), "tune")
@@ -277,18 +284,7 @@ def test_lm_eval_tasks_are_a_score_in_evaluate_and_tune(tmp_path, monkeypatch):
     task folder is refused, since its YAMLs can run code and read the server's disk."""
     from ame_hf.space import build_app
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
-    seen: dict = {}
-
-    def stop(name):
-        def run(refs, *args, **kwargs):
-            seen[name] = kwargs
-            raise ame_hf.InvalidConfigError("stop here")
-        return run
-
-    monkeypatch.setattr(ame_hf, "evaluate", stop("evaluate"))
-    monkeypatch.setattr(ame_hf, "tune", stop("tune"))
+    seen = _stop_evaluate_and_tune(monkeypatch, tmp_path)
     app = build_app()
     evaluate, tune = handler(app, "evaluate"), handler(app, "tune")
     lm = (" count_mc=2 ", str(tmp_path), "acc_norm", 6.0, "1")
