@@ -16,7 +16,10 @@ the min). The margin over the soup is in accuracy points (digits) or nats (lm), 
 from its config (or is the expert, or the greedy soup's kept experts) and scored on test, in the same run.
 
     python benchmarks/heldout.py [--seeds 0,1,2] [--digits-n 2,4] [--lm-steps 60,120] [--budget 12]
-                                 [--out DIR] [--report-only] [--update-results]
+                                 [--oracle] [--out DIR] [--report-only] [--update-results]
+
+`--oracle` (off by default) also scores every candidate tune built on test, after tune chose, and reports the
+best one there: the ceiling of any selection rule with this candidate set.
 
 A run writes cases.json and results.md into --out (default benchmarks/_work/heldout, git-ignored);
 `--report-only` rebuilds results.md from cases.json; only `--update-results` also rewrites the committed benchmarks/RESULTS-heldout.md (recording the command and
@@ -70,7 +73,8 @@ def case_row(family: str, size: str, seed: int, higher: bool, val: dict[str, flo
             "best_margin": sign * (best_test - test["soup"]) * (100.0 if higher else 1.0)}
 
 
-def digits_cases(seeds: Sequence[int], ns: Sequence[int], budget: int, out: Path) -> list[dict[str, Any]]:
+def digits_cases(seeds: Sequence[int], ns: Sequence[int], budget: int, out: Path,
+                 oracle: bool = False) -> list[dict[str, Any]]:
     import numpy as np
 
     from ame_hf.evaluation import load_data
@@ -102,6 +106,8 @@ def digits_cases(seeds: Sequence[int], ns: Sequence[int], budget: int, out: Path
                           grid=default_grid(), overwrite=True, progress=False)
             rows.append(tune_case("digits", f"N={n}", seed, True, result, time.perf_counter() - started,
                                   what_if_best(result, experts, test, d.TASK, work / f"n{n}" / "best")))
+            if oracle:
+                add_oracle(rows[-1], *oracle_of(result, experts, test, d.TASK, work / f"n{n}" / "oracle"))
             print(summary_line(rows[-1]), flush=True)
     return rows
 
@@ -129,7 +135,8 @@ def per_document_nll(model_dir: Path, texts: Sequence[str]) -> tuple[Any, Any]:
     return np.array([loss * n for loss, n in scored]), np.array([float(n) for _, n in scored])
 
 
-def lm_cases(seeds: Sequence[int], steps: Sequence[int], budget: int, out: Path) -> list[dict[str, Any]]:
+def lm_cases(seeds: Sequence[int], steps: Sequence[int], budget: int, out: Path,
+             oracle: bool = False) -> list[dict[str, Any]]:
     from ame_hf.demo import build_experts
     from ame_hf.evaluation import load_data
     from ame_hf.tuning import tune
@@ -149,27 +156,80 @@ def lm_cases(seeds: Sequence[int], steps: Sequence[int], budget: int, out: Path)
             test_data = load_data(test, "text-generation")
             rows.append(tune_case("lm", f"{n_steps} steps", seed, False, result, time.perf_counter() - started,
                                   what_if_best(result, experts, test_data, "text-generation", work / "best")))
+            if oracle:
+                add_oracle(rows[-1], *oracle_of(result, experts, test_data, "text-generation", work / "oracle"))
             print(summary_line(rows[-1]), flush=True)
     return rows
 
 
 def what_if_best(result: Any, experts: Sequence[Path], test: Any, task: str, work: Path) -> tuple[str, float]:
     """The candidate `selection="best"` takes (the best validation score, first of `result.candidates`) and its test
-    score: tune's own when it is tune's pick, else the candidate rebuilt (a merge of its config, the greedy soup's
-    kept experts, or the expert itself) and scored on `test`."""
+    score (`test_of`)."""
+    top = result.candidates[0]
+    return label_of(top), test_of(top, result, experts, test, task, work)
+
+
+def test_of(cand: Any, result: Any, experts: Sequence[Path], test: Any, task: str, work: Path,
+            each: list[Any] | None = None) -> float:
+    """A candidate's score on `test`: tune's own for its pick and the soup, else the candidate rebuilt (a merge of
+    its config, the greedy soup's kept experts, or the expert itself) and scored; always rebuilt when `each` (a
+    list that receives the per-example test scores) is given."""
     from ame_hf import AmeConfig, merge
     from ame_hf.evaluation import evaluate_model
 
-    top = result.candidates[0]
-    if top is result.best:
-        return label_of(top), result.test_scores["selected"]
-    if top.ingredient is not None:
-        path = experts[top.ingredient]
-    elif top.kept is not None:
-        path = merge([experts[k] for k in top.kept], work, AmeConfig.soup(), overwrite=True, progress=False).path
+    if each is None and cand is result.best:
+        return result.test_scores["selected"]
+    if each is None and cand.label == "soup" and cand.ingredient is None and cand.kept is None:
+        return result.test_scores["soup"]
+    if cand.ingredient is not None:
+        path = experts[cand.ingredient]
+    elif cand.kept is not None:
+        path = merge([experts[k] for k in cand.kept], work, AmeConfig.soup(), overwrite=True, progress=False).path
     else:
-        path = merge(experts, work, top.config, overwrite=True, progress=False).path
-    return label_of(top), evaluate_model(str(path), test, task)
+        path = merge(experts, work, cand.config, overwrite=True, progress=False).path
+    return evaluate_model(str(path), test, task, per_example=each)
+
+
+def oracle_of(result: Any, experts: Sequence[Path], test: Any, task: str, work: Path) -> tuple[list[list[Any]], list]:
+    """`--oracle`: every candidate tune built, [label, validation score, test score], in `result.candidates` order
+    (best on validation first), and each one's per-example test scores (values, weights). Measured after tune
+    chose: the test scores change no choice."""
+    scored, per = [], []
+    for c in result.candidates:
+        each: list[Any] = []
+        scored.append([label_of(c), c.score, test_of(c, result, experts, test, task, work, each)])
+        per.append(each[0])
+    return scored, per
+
+
+def add_oracle(row: dict[str, Any], scored: list[list[Any]], per: list[Any]) -> None:
+    """`row["oracle"]`: every candidate's [label, val, test, test on even examples, on odd]; the best on test (the oracle: no selection rule on
+    this candidate set can do better), its margin over the soup and whether it beats max(soup, best expert) on
+    test; the same for the best on test among the top 3 on validation, and the top 3's mean margin.
+
+    The oracle's margin is biased up: it is the largest of many noisy test margins. `split_margin` removes that
+    bias: the candidate best on one half of the test examples (alternate examples), scored against the soup on
+    the other half, averaged over the two ways round (`per`: each candidate's per-example test scores)."""
+    import numpy as np
+
+    sign, unit = (1.0, 100.0) if row["higher_is_better"] else (-1.0, 1.0)
+    values, weights = np.array([p[0] for p in per]), np.array([p[1] for p in per])
+    halves = np.arange(values.shape[1]) % 2 == 0
+    on = lambda i, half: values[i, half].sum() / weights[i, half].sum()  # noqa: E731
+    soup = [c[0] for c in scored].index("soup")
+    split = []
+    for chosen, scored_on in ((halves, ~halves), (~halves, halves)):
+        pick = max(range(len(scored)), key=lambda i: sign * on(i, chosen))  # the first of equals
+        split.append(sign * (on(pick, scored_on) - on(soup, scored_on)) * unit)
+    scored = [[*c, on(i, halves), on(i, ~halves)] for i, c in enumerate(scored)]  # + the even, the odd half
+    margin = lambda score: sign * (score - row["test"]["soup"]) * unit  # noqa: E731
+    bar = max(sign * row["test"]["soup"], sign * row["test"]["best expert"])
+    best = max(scored, key=lambda c: sign * c[2])  # the first of equals: the better on validation
+    top3 = max(scored[:3], key=lambda c: sign * c[2])
+    row["oracle"] = {"candidates": scored, "pick": best[0], "test": best[2], "margin": margin(best[2]),
+                     "beats": sign * best[2] > bar + 1e-12, "top3_pick": top3[0], "top3_margin": margin(top3[2]),
+                     "top3_mean_margin": statistics.mean(margin(c[2]) for c in scored[:3]),
+                     "split_margin": statistics.mean(split)}
 
 
 def label_of(cand: Any) -> str:
@@ -240,10 +300,47 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             mean = (signed(statistics.mean(margins)), signed(min(margins))) if family != "all" else ("—", "—")
             lines.append(f"| {family} | {rule} | {len(mine)} | {wins}/{len(mine)} ({100 * wins / len(mine):.0f} %) | "
                          f"{mean[0]} | {mean[1]} | {soup}/{len(mine)} |")
+    if any("oracle" in r for r in rows):
+        lines += oracle_report([r for r in rows if "oracle" in r])
     wins = sum(r["wins"] for r in rows)
     lines += ["", f"All cases: tune reached max(soup, best expert) on test in {wins}/{len(rows)} "
               f"({100 * wins / len(rows):.0f} %; the issue's target is ≥ 80 %)."]
     return "\n".join(lines) + "\n"
+
+
+def oracle_report(rows: list[dict[str, Any]]) -> list[str]:
+    """`--oracle`: per case and per family, the best candidate on test against the soup and tune's pick."""
+    lines = ["", "## The ceiling: every candidate scored on test (`--oracle`)", "",
+             "*oracle*: the candidate tune built (soup, greedy soup, experts, grid variants) that is best on test, "
+             "chosen with the test data, so no rule choosing on validation can do better with these candidates. "
+             "*beats*: its test score is above max(soup, best expert on validation). *top 3 on val*: the best on "
+             "test among the 3 best on validation, and the mean margin of those 3. *split-half oracle*: the "
+             "oracle's margin is the largest of many noisy test margins, so it is biased up; this one picks the best "
+             "candidate on alternate test examples and scores its margin over the soup on the others (both ways "
+             "round, averaged).", "",
+             "| family | size | seed | candidates | test: soup | test: tune | oracle pick | test: oracle | "
+             "oracle margin over soup | beats | split-half oracle margin | top 3 on val: best pick | its margin | "
+             "top 3 mean margin | tune margin |", "|---" * 15 + "|"]
+    for r in rows:
+        o = r["oracle"]
+        lines.append(f"| {r['family']} | {r['size']} | {r['seed']} | {len(o['candidates'])} | "
+                     f"{fmt(r, r['test']['soup'])} | {fmt(r, r['test']['tune'])} | {o['pick']} | "
+                     f"{fmt(r, o['test'])} | {signed(o['margin'])} | {'yes' if o['beats'] else 'no'} | "
+                     f"{signed(o['split_margin'])} | {o['top3_pick']} | {signed(o['top3_margin'])} | "
+                     f"{signed(o['top3_mean_margin'])} | {signed(r['margin'])} |")
+    lines += ["", "| family | cases | oracle: mean margin over soup | min / max | beats max(soup, best expert) | "
+              "split-half oracle: mean margin | top 3 on val, best on test: mean margin | top 3 on val: mean margin | "
+              "tune: mean margin |", "|---" * 9 + "|"]
+    for family in dict.fromkeys(r["family"] for r in rows):
+        mine = [r for r in rows if r["family"] == family]
+        mean = lambda key: signed(statistics.mean(r["oracle"][key] for r in mine))  # noqa: E731
+        margins = [r["oracle"]["margin"] for r in mine]
+        beats = sum(r["oracle"]["beats"] for r in mine)
+        lines.append(f"| {family} | {len(mine)} | {mean('margin')} | {signed(min(margins))} / "
+                     f"{signed(max(margins))} | {beats}/{len(mine)} | {mean('split_margin')} | "
+                     f"{mean('top3_margin')} | "
+                     f"{mean('top3_mean_margin')} | {signed(statistics.mean(r['margin'] for r in mine))} |")
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -257,6 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help=f"tune budget (default {DEFAULT_BUDGET})")
     parser.add_argument("--out", type=Path, default=HERE / "_work" / "heldout",
                         help="work folder: models, cases.json and results.md (default benchmarks/_work/heldout)")
+    parser.add_argument("--oracle", action="store_true",
+                        help="also score every candidate tune built on test and report the best there (the ceiling "
+                             "of any selection rule on this candidate set); chooses nothing")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild results.md from --out/cases.json without running anything")
     parser.add_argument("--update-results", action="store_true",
@@ -280,7 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    rows = digits_cases(seeds, ns, args.budget, args.out) + lm_cases(seeds, steps, args.budget, args.out)
+    rows = (digits_cases(seeds, ns, args.budget, args.out, args.oracle)
+            + lm_cases(seeds, steps, args.budget, args.out, args.oracle))
     if not rows:
         parser.error("nothing to run: give --digits-n or --lm-steps")
     meta = {"command": recorded_command(__file__, sys.argv[1:] if argv is None else list(argv),

@@ -114,6 +114,57 @@ def test_heldout_runs_both_families_at_the_tiniest_size(tmp_path, monkeypatch):
     assert (heldout.COMMITTED.read_bytes() if heldout.COMMITTED.exists() else None) == committed
 
 
+def test_heldout_oracle_is_the_best_candidate_on_test(tmp_path, monkeypatch):
+    # benchmarks/heldout.py --oracle (issue 24): after tune chose, every candidate it built is rebuilt and scored on
+    # test; the oracle is the best there, so it is at least every candidate's score and at least tune's pick.
+    import importlib.util
+    import json
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts examples/ first for its imports
+    spec = importlib.util.spec_from_file_location("benchmarks_heldout_oracle", BENCHMARKS / "heldout.py")
+    heldout = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "benchmarks_heldout_oracle", heldout)
+    spec.loader.exec_module(heldout)
+    out = tmp_path / "heldout"
+    assert heldout.main(["--seeds", "0", "--digits-n", "2", "--lm-steps", "5", "--budget", "1", "--oracle",
+                         "--out", str(out)]) == 0
+    cases = json.loads((out / "cases.json").read_text(encoding="utf-8"))["cases"]
+    assert [(c["family"], c["size"]) for c in cases] == [("digits", "N=2"), ("lm", "5 steps")]
+    for c in cases:
+        sign, unit = (1, 100) if c["higher_is_better"] else (-1, 1)
+        o, test = c["oracle"], c["test"]
+        # the same candidates as tune's table, in its order (best on validation first), each with a test score
+        assert [val for _, val, *_ in o["candidates"]] == [val for _, val in c["candidates"]]
+        tests = [t for _, _, t, _, _ in o["candidates"]]
+        assert all(sign * o["test"] >= sign * t for t in tests)
+        assert o["test"] in tests and o["pick"] == o["candidates"][tests.index(o["test"])][0]
+        assert sign * o["test"] >= sign * test["tune"] and sign * o["test"] >= sign * test["soup"]
+        assert sign * o["test"] >= sign * test["best expert"]
+        # the rebuilt candidates score as tune scored them: its pick and the best expert on validation
+        assert test["tune"] in tests and test["best expert"] in tests
+        assert abs(o["margin"] - sign * (o["test"] - test["soup"]) * unit) < 1e-9
+        assert o["beats"] == (sign * o["test"] > max(sign * test["soup"], sign * test["best expert"]) + 1e-12)
+        top3 = tests[:3]
+        assert abs(o["top3_margin"] - max(sign * (t - test["soup"]) * unit for t in top3)) < 1e-9
+        assert o["top3_margin"] <= o["margin"] + 1e-12
+        # the split-half oracle: the best on the even test examples scored against the soup on the odd ones, and
+        # the other way round (the halves are recorded per candidate: on digits, 540 examples, their mean is the
+        # test score)
+        halves = [(even, odd) for _, _, _, even, odd in o["candidates"]]
+        if c["family"] == "digits":
+            assert all(abs((even + odd) / 2 - t) < 1e-12 for (even, odd), t in zip(halves, tests))
+        soup = [label for label, *_ in o["candidates"]].index("soup")
+        split = [sign * (halves[max(range(len(halves)), key=lambda i: sign * halves[i][k])][1 - k]
+                         - halves[soup][1 - k]) * unit for k in (0, 1)]
+        assert abs(o["split_margin"] - sum(split) / 2) < 1e-9
+    text = (out / "results.md").read_text(encoding="utf-8")
+    assert "--budget 1 --oracle`" in text and "## The ceiling" in text
+    assert "| digits | N=2 | 0 | 5 |" in text and "| lm | 5 steps | 0 | 6 |" in text
+    (out / "results.md").unlink()  # --report-only rebuilds the ceiling tables too
+    assert heldout.main(["--report-only", "--out", str(out)]) == 0
+    assert (out / "results.md").read_text(encoding="utf-8") == text
+
+
 def test_the_3b_set_is_built_tensor_by_tensor_and_run_only_when_named(tmp_path, monkeypatch):
     # Issue 25: a 3 x 3B-shaped bf16 row beside `cat`. Its inputs are written tensor by tensor (never a whole
     # model in memory) and it is too big for a full run, so only `--set 3b-bf16-n3` selects it.
