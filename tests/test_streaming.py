@@ -28,7 +28,7 @@ def test_slicing_changes_no_value(finetunes, tmp_path, monkeypatch):
 # The child's own high-water mark (VmHWM of its address space). Not ru_maxrss: Python starts
 # children with vfork, and Linux charges the parent's peak (here: pytest's) to the child at exec.
 # The merge runs through the Python API, which leaves glibc's allocator as it is (the CLI lets glibc keep up to
-# 256 MiB of freed blocks for reuse, `devices.keep_freed_memory`), and with glibc's mmap threshold fixed at
+# 64 MiB of freed blocks for reuse, `devices.keep_freed_memory`), and with glibc's mmap threshold fixed at
 # 128 KiB (`MALLOC_MMAP_THRESHOLD_`): every block is then its own mapping, returned to the system when freed, so
 # the high-water mark is what the code holds at once, not what the allocator chose to keep. Measured with the
 # CLI instead, the freed blocks glibc kept made Adam's peak over the baseline 63-219 MiB from run to run (more
