@@ -266,12 +266,15 @@ def merge_token_rows(merger: TensorMerger, name: str, out_dir: Path, plan: Shard
     groups = [(owners, rows[k:k + per_block]) for owners, rows in vocab.groups() for k in range(0, len(rows), per_block)]
     lr = merger.config.lr
     if merger.config.relative_lr is not None:
-        spreads, count = [], 0
+        # One float64 per row, made before the first group (as `TensorMerger.run` does).
+        spreads, done, count = torch.empty(sum(len(rows) for _, rows in groups), dtype=torch.float64), 0, 0
         for owners, rows in groups:
             blocks = _gather_columns(flat, vocab, owners, rows) if columns else _gather_owners(merger, name, owners, rows)
-            spreads.append(row_spreads(lambda j: blocks[owners[j]], len(owners), _row_pivot(merger, owners, rows, blocks))[1])
+            spread = row_spreads(lambda j: blocks[owners[j]], len(owners), _row_pivot(merger, owners, rows, blocks))[1]
+            spreads[done:done + len(rows)].copy_(spread.reshape(-1))
+            done += len(rows)
             count += len(owners) * len(rows) * math.prod(shape[1:])
-        lr = relative_lr_value(merger.config.relative_lr, spread_total(spreads), count)
+        lr = relative_lr_value(merger.config.relative_lr, spread_total([spreads]), count)
     row_bytes = info.nbytes // max(1, info.shape[-1] if columns else info.shape[0])
     for owners, rows in groups:
         blocks = _gather_columns(flat, vocab, owners, rows) if columns else _gather_owners(merger, name, owners, rows)
