@@ -182,17 +182,21 @@ class TensorMerger:
         if relative:
             # The spread needs the whole tensor before the first step. Each block's pivot (the mean: the costly
             # part) is computed here, and kept for the steps when `max_memory` allows.
-            spreads = []
+            # One float64 per row, made before the first block: a small tensor kept from each block would be
+            # carved out of that block's freed memory, so glibc could not reuse it for the next block, and a
+            # large tensor's spread pass grew the process by about one block per block (1.3 GB at 3B).
+            spreads = torch.empty(info.shape[0] if info.shape else 1, dtype=torch.float64)
             for rows in blocks:
                 given = self._pivot_block(name, rows)
                 load = block_loader(self, kept, name, rows, range(n), info.shape, dtype, raw=True)
                 pivot, spread = row_spreads(load, n, given, self.compute_dtype)
-                spreads.append(spread)
+                (spreads[rows[0]:rows[1]] if rows else spreads).copy_(spread.reshape(-1))
+                del spread
                 # The spread is to the plain mean; a weighted merge starts from its weighted mean instead.
                 if pivots is not None and (given is not None or self.weights is None):
                     pivots[rows] = pivot
                 del pivot, given
-            lr = relative_lr_value(self.config.relative_lr, spread_total(spreads), n * info.numel)
+            lr = relative_lr_value(self.config.relative_lr, spread_total([spreads]), n * info.numel)
         for rows in blocks:
             pivot = pivots.pop(rows, None) if pivots else None
             pivot = self._pivot_block(name, rows) if pivot is None else pivot
@@ -262,12 +266,15 @@ def merge_token_rows(merger: TensorMerger, name: str, out_dir: Path, plan: Shard
     groups = [(owners, rows[k:k + per_block]) for owners, rows in vocab.groups() for k in range(0, len(rows), per_block)]
     lr = merger.config.lr
     if merger.config.relative_lr is not None:
-        spreads, count = [], 0
+        # One float64 per row, made before the first group (as `TensorMerger.run` does).
+        spreads, done, count = torch.empty(sum(len(rows) for _, rows in groups), dtype=torch.float64), 0, 0
         for owners, rows in groups:
             blocks = _gather_columns(flat, vocab, owners, rows) if columns else _gather_owners(merger, name, owners, rows)
-            spreads.append(row_spreads(lambda j: blocks[owners[j]], len(owners), _row_pivot(merger, owners, rows, blocks))[1])
+            spread = row_spreads(lambda j: blocks[owners[j]], len(owners), _row_pivot(merger, owners, rows, blocks))[1]
+            spreads[done:done + len(rows)].copy_(spread.reshape(-1))
+            done += len(rows)
             count += len(owners) * len(rows) * math.prod(shape[1:])
-        lr = relative_lr_value(merger.config.relative_lr, spread_total(spreads), count)
+        lr = relative_lr_value(merger.config.relative_lr, spread_total([spreads]), count)
     row_bytes = info.nbytes // max(1, info.shape[-1] if columns else info.shape[0])
     for owners, rows in groups:
         blocks = _gather_columns(flat, vocab, owners, rows) if columns else _gather_owners(merger, name, owners, rows)

@@ -211,11 +211,11 @@ def merge_transformed(merger: Any, name: str, out_dir: Path, plan: ShardPlan,
             return pivot, transform.block(rows, pivot)
     lr = merger.config.lr
     if merger.config.relative_lr is not None:
-        spreads = []
+        spreads = torch.empty(info.shape[0] if info.shape else 1, dtype=torch.float64)  # as TensorMerger.run
         for rows in blocks:
             pivot, xs = transformed(rows)
-            spreads.append(row_spreads(xs.__getitem__, n, pivot)[1])
-        lr = relative_lr_value(merger.config.relative_lr, spread_total(spreads), n * info.numel)
+            (spreads[rows[0]:rows[1]] if rows else spreads).copy_(row_spreads(xs.__getitem__, n, pivot)[1].reshape(-1))
+        lr = relative_lr_value(merger.config.relative_lr, spread_total([spreads]), n * info.numel)
     for rows in blocks:
         pivot, xs = transformed(rows)
         merged = pivot if lr == 0.0 else ame_block(xs.__getitem__, pivot, merger.config, merger.order, lr,
