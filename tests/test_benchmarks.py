@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -69,21 +71,32 @@ def test_a_report_records_the_command_without_output_locations():
     assert command == "python benchmarks/run.py --gpu --runs 2"  # was: --out /tmp/bench --results /root/...
 
 
-def test_heldout_runs_both_families_at_the_tiniest_size(tmp_path, monkeypatch):
-    # benchmarks/heldout.py (issue 24): one seed, two digits experts, LM experts of 5 steps, budget 1, so
-    # that the script that measures tune's default budget on held-out data cannot rot.
+@pytest.fixture(scope="module")
+def heldout_run(tmp_path_factory):
+    """benchmarks/heldout.py (issue 24) run once at its tiniest size (one seed, two digits experts, LM experts of 5
+    steps, budget 1) with `--oracle`, which adds its ceiling section to the same run: (the module, its out folder,
+    the committed results' bytes before the run)."""
     import importlib.util
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "path", list(sys.path))  # the script puts examples/ first for its imports
+        spec = importlib.util.spec_from_file_location("benchmarks_heldout", BENCHMARKS / "heldout.py")
+        heldout = importlib.util.module_from_spec(spec)
+        mp.setitem(sys.modules, "benchmarks_heldout", heldout)
+        spec.loader.exec_module(heldout)
+        committed = heldout.COMMITTED.read_bytes() if heldout.COMMITTED.exists() else None
+        out = tmp_path_factory.mktemp("heldout")
+        assert heldout.main(["--seeds", "0", "--digits-n", "2", "--lm-steps", "5", "--budget", "1", "--oracle",
+                             "--out", str(out)]) == 0
+        yield heldout, out, committed
+
+
+def test_heldout_runs_both_families_at_the_tiniest_size(heldout_run):
+    # benchmarks/heldout.py (issue 24), so that the script that measures tune's default budget on held-out data
+    # cannot rot.
     import json
 
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts examples/ first for its imports
-    spec = importlib.util.spec_from_file_location("benchmarks_heldout", BENCHMARKS / "heldout.py")
-    heldout = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "benchmarks_heldout", heldout)
-    spec.loader.exec_module(heldout)
-    committed = heldout.COMMITTED.read_bytes() if heldout.COMMITTED.exists() else None
-    out = tmp_path / "heldout"
-    assert heldout.main(["--seeds", "0", "--digits-n", "2", "--lm-steps", "5", "--budget", "1",
-                         "--out", str(out)]) == 0
+    heldout, out, committed = heldout_run
     cases = json.loads((out / "cases.json").read_text(encoding="utf-8"))["cases"]
     assert [(c["family"], c["size"]) for c in cases] == [("digits", "N=2"), ("lm", "5 steps")]
     for c in cases:
@@ -102,7 +115,7 @@ def test_heldout_runs_both_families_at_the_tiniest_size(tmp_path, monkeypatch):
         # soup, greedy soup, the ingredients and the one grid variant of budget 1
         assert len(c["candidates"]) == 2 + (2 if c["family"] == "digits" else 3) + 1
     text = (out / "results.md").read_text(encoding="utf-8")
-    assert "python benchmarks/heldout.py --seeds 0 --digits-n 2 --lm-steps 5 --budget 1`" in text
+    assert "python benchmarks/heldout.py --seeds 0 --digits-n 2 --lm-steps 5 --budget 1 --oracle`" in text
     assert "| digits | N=2 | 0 |" in text and "| lm | 5 steps | 0 |" in text
     wins = sum(c["wins"] for c in cases)
     assert f"test in {wins}/2 (" in text
@@ -114,20 +127,12 @@ def test_heldout_runs_both_families_at_the_tiniest_size(tmp_path, monkeypatch):
     assert (heldout.COMMITTED.read_bytes() if heldout.COMMITTED.exists() else None) == committed
 
 
-def test_heldout_oracle_is_the_best_candidate_on_test(tmp_path, monkeypatch):
+def test_heldout_oracle_is_the_best_candidate_on_test(heldout_run):
     # benchmarks/heldout.py --oracle (issue 24): after tune chose, every candidate it built is rebuilt and scored on
     # test; the oracle is the best there, so it is at least every candidate's score and at least tune's pick.
-    import importlib.util
     import json
 
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts examples/ first for its imports
-    spec = importlib.util.spec_from_file_location("benchmarks_heldout_oracle", BENCHMARKS / "heldout.py")
-    heldout = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "benchmarks_heldout_oracle", heldout)
-    spec.loader.exec_module(heldout)
-    out = tmp_path / "heldout"
-    assert heldout.main(["--seeds", "0", "--digits-n", "2", "--lm-steps", "5", "--budget", "1", "--oracle",
-                         "--out", str(out)]) == 0
+    heldout, out, _ = heldout_run
     cases = json.loads((out / "cases.json").read_text(encoding="utf-8"))["cases"]
     assert [(c["family"], c["size"]) for c in cases] == [("digits", "N=2"), ("lm", "5 steps")]
     for c in cases:
