@@ -38,6 +38,12 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:32]
 
 
+def _file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, read in pieces (a task's data file may be large)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def data_digest(data: Any) -> str:
     """What identifies validation or test data: its content (texts, inputs and labels), or for lm-eval tasks their
     settings and the files of their include folder.
@@ -50,7 +56,7 @@ def data_digest(data: Any) -> str:
     """
     if isinstance(data, LmEvalTasks):
         folder = Path(data.include) if data.include else None
-        files = [(str(p), p.stat().st_size, p.read_bytes().hex()) for p in sorted(folder.rglob("*")) if p.is_file()
+        files = [(str(p), _file_digest(p)) for p in sorted(folder.rglob("*")) if p.is_file()
                  ] if folder is not None and folder.is_dir() else []
         return _digest([dataclasses.asdict(data), files])
     if data is None:
