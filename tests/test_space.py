@@ -213,7 +213,11 @@ def test_browser_check_merge_and_push(browser, space_url, ingredients, hub, hub_
     # The Advanced options start closed, so the simple form stays simple; opened, they reach the merge.
     expect(page.locator("#batch-size")).to_be_hidden()
     page.locator("#merge-advanced").get_by_text("Advanced options").click()
+    # A box filled while its section is still being drawn can lose its text (seen once in CI: the merge ran with the
+    # default batch size): wait for the value to stay before merging.
+    expect(page.locator("#batch-size input")).to_be_visible(timeout=UI_TIMEOUT)
     page.locator("#batch-size input").fill("2")
+    expect(page.locator("#batch-size input")).to_have_value("2")
     page.locator("#merge-button").click()
     card = page.locator("#card")
     expect(card.get_by_role("heading", name="Ingredients")).to_be_visible(timeout=UI_TIMEOUT)
