@@ -37,7 +37,8 @@ def keep_dtype(checkpoints: Sequence[Checkpoint], name: str, compute: torch.dtyp
 def keeping(checkpoints: Sequence[Checkpoint], name: str, passes: int, compute: torch.dtype, max_memory: int, *,
             relative: bool) -> tuple[dict | None, dict | None, torch.dtype]:
     """What of tensor `name` is kept: every ingredient's blocks when they fit `max_memory` (in the compute dtype,
-    else in the stored one), and with a relative lr the spread's pivots too when they fit beside them. A tensor
+    else in the stored one), and with a relative lr the spread's pivots too when they fit beside them (blocks are
+    kept in the stored dtype also where only that leaves room for the pivots: the mean computed once). A tensor
     whose blocks do not fit keeps nothing: its spread pass reads it once more and its means are computed twice
     (keeping the pivots alone would hold a float32 copy of the tensor: the 134M model's embedding took the
     merge's peak memory from about 390 to 510 MiB, to save about 0.1 s).
@@ -58,8 +59,12 @@ def keeping(checkpoints: Sequence[Checkpoint], name: str, passes: int, compute: 
     numel = checkpoints[0].info(name).numel
     pivot_bytes = numel * compute.itemsize
     n, dtype = len(checkpoints), compute
-    if n * numel * dtype.itemsize > max_memory:
-        dtype = keep_dtype(checkpoints, name, compute)  # half the memory for bfloat16 blocks, converted on load
+    if n * numel * dtype.itemsize + (pivot_bytes if relative else 0) > max_memory:
+        # Half the memory for bfloat16 blocks, converted on load; with a relative lr, also where only that
+        # leaves room for the pivots (the mean then computed once, and less kept).
+        stored = keep_dtype(checkpoints, name, compute)
+        if n * numel * dtype.itemsize > max_memory or n * numel * stored.itemsize + pivot_bytes <= max_memory:
+            dtype = stored
     blocks_bytes = n * numel * dtype.itemsize
     if blocks_bytes <= max_memory:
         return {}, {} if relative and blocks_bytes + pivot_bytes <= max_memory else None, dtype
