@@ -11,7 +11,7 @@ import torch
 
 from ame_hf import merge
 from ame_hf.plan import row_blocks
-from ame_hf.spread import mean_of, relative_lr_value, row_spreads, spread_sum, spread_total
+from ame_hf.spread import mean_of, relative_lr_value, row_spreads, spread_sum, spread_total, squared_distance
 from factories import make_big_checkpoints, weights_sha256
 
 
@@ -59,6 +59,28 @@ def test_the_spread_does_not_depend_on_the_blocks(shape):
             parts.append(row_spreads(block.__getitem__, 3, None)[1])
         totals.add(spread_total(parts))
     assert len(totals) == 1
+
+
+@pytest.mark.parametrize("shape", [(512, 2048), (3, 65536), (2, 65537), (64, 2049), (7, 3, 5), (1_000_003,)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_distances_computed_in_the_means_chunks_are_those_of_the_whole_block(shape, dtype, threads):
+    """row_spreads computes the distances to the mean chunk by chunk, inside the mean's loop: bit for bit the
+    row sums of `squared_distance` over the whole block (added in float64 in order), with one or two threads
+    (a last chunk of one row, whose sum threads would split, is taken by the chunk before)."""
+    xs = [x.to(dtype) for x in _ingredients(shape, 3, offset=1.0, scale=1e-3, seed=3)]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        pivot, rows = row_spreads(xs.__getitem__, 3, None, torch.float32)
+        buffer = torch.empty_like(pivot)
+        expected = squared_distance(xs[0].float(), pivot, buffer).double()
+        for x in xs[1:]:
+            expected += squared_distance(x.float(), pivot, buffer)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(pivot, mean_of(xs.__getitem__, 3, torch.float32))
+    assert rows.dtype == torch.float64 and torch.equal(rows, expected)
 
 
 def test_the_mean_is_the_float64_mean_rounded_once_and_exact_where_all_agree():
