@@ -102,3 +102,22 @@ def test_bfloat16_blocks_kept_in_their_dtype_are_read_once_and_change_no_byte(tm
     kept = merge(paths, tmp_path / "kept", progress=False, device="cpu", max_memory=16 * 2**20)
     assert kept.bytes_read == embed + norm
     assert weights_sha256(whole.path) == weights_sha256(kept.path)
+
+
+@pytest.mark.parametrize("row", [0, 4095])
+def test_a_nan_in_a_block_of_either_thread_stops_the_default_merge_naming_its_ingredient(tmp_path, monkeypatch, row):
+    """The spread pass reads and computes blocks in the main thread and in the I/O thread (`_spread_pass`): a NaN
+    in the first or the last of 64 blocks is refused with the culprit named, and nothing is left at --out."""
+    from safetensors.torch import load_file, save_file
+
+    from ame_hf import plan
+    from ame_hf.errors import CheckpointError
+
+    paths = make_big_checkpoints(tmp_path / "big", n=3, rows=4096, cols=64)
+    weights = load_file(paths[2] / "model.safetensors")
+    weights["embed.weight"][row, 5] = float("nan")
+    save_file(weights, paths[2] / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.setattr(plan, "BLOCK_ELEMENTS", 64 * 64)
+    with pytest.raises(CheckpointError, match="embed.weight.*NaN or Inf") as caught:
+        merge(paths, tmp_path / "out", progress=False, device="cpu")
+    assert str(paths[2]) in str(caught.value) and not (tmp_path / "out").exists()
