@@ -74,14 +74,15 @@ def keeping(checkpoints: Sequence[Checkpoint], name: str, passes: int, compute: 
 
 
 def kept_loader(merger: Any, kept: dict, name: str, rows: Any, expected: Sequence[int] = (),
-                dtype: torch.dtype | None = None, *, raw: bool = False) -> Callable[[int], torch.Tensor]:
+                dtype: torch.dtype | None = None, *, raw: bool = False,
+                inline: bool = False) -> Callable[[int], torch.Tensor]:
     """`merger._loader`, but each block is read once and kept for the later passes (the engine never modifies
     what it loads), so the arithmetic and the bytes written are the same. With `dtype` (the stored one, e.g.
     bfloat16) blocks are kept in it and converted to the compute dtype on each load: the same values in half
     the memory. `raw`: the kept tensor as it is, unconverted (for `spread.row_spreads`, which converts exactly
-    where it needs to)."""
+    where it needs to). `inline`: read in the calling thread (`_spread_pass`: the I/O thread computes blocks too)."""
     fresh = list(dict.fromkeys(i for i in expected if (rows, i) not in kept))
-    if merger.io is None or not fresh:
+    if inline or merger.io is None or not fresh:
         read = lambda i: merger._read(merger.checkpoints[i], name, rows, dtype)  # noqa: E731
     else:
         read = merger._loader(name, rows, fresh, dtype)
@@ -96,12 +97,15 @@ def kept_loader(merger: Any, kept: dict, name: str, rows: Any, expected: Sequenc
 
 
 def block_loader(merger: Any, kept: dict | None, name: str, rows: Any, reads: Sequence[int], shape: tuple[int, ...],
-                 dtype: torch.dtype, *, raw: bool = False) -> Callable[[int], torch.Tensor]:
+                 dtype: torch.dtype, *, raw: bool = False, inline: bool = False) -> Callable[[int], torch.Tensor]:
     """The loader of one block of a `TensorMerger` that the engine reads in the order `reads`: from the tensor's
     kept blocks, else each of this block's ingredients read once when they fit `max_memory` and are read more
-    than once, else read as asked. `raw`: kept blocks come unconverted (`kept_loader`)."""
+    than once, else read as asked. `raw`: blocks come unconverted, in `dtype` (`kept_loader`). `inline`: read in
+    the calling thread."""
     if kept is not None:
-        return kept_loader(merger, kept, name, rows, reads, dtype, raw=raw)
+        return kept_loader(merger, kept, name, rows, reads, dtype, raw=raw, inline=inline)
+    if inline:
+        return lambda i: merger._read(merger.checkpoints[i], name, rows, dtype if raw else None)
     block_rows = shape if rows is None else (rows[1] - rows[0], *shape[1:])
     block_bytes = len(merger.checkpoints) * math.prod(block_rows) * dtype.itemsize
     if len(reads) > len(set(reads)) and block_bytes <= merger.max_memory:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,10 +95,12 @@ class ReadCount:
 
     def __init__(self) -> None:
         self.bytes = 0
+        self._lock = threading.Lock()  # the main thread and the I/O thread both read (`_spread_pass`)
 
     def add(self, nbytes: int) -> None:
         """Count `nbytes` more bytes read."""
-        self.bytes += nbytes
+        with self._lock:
+            self.bytes += nbytes
 
 
 class Checkpoint:

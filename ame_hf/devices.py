@@ -192,21 +192,23 @@ def cpu_threads(device: torch.device, threads: int | None) -> Iterator[None]:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 
 
-def keep_freed_memory(limit: int = 64 * 2**20) -> bool:
-    """Let glibc keep freed memory (up to `limit` bytes) for the next block instead of returning it.
+def keep_freed_memory(limit: int = 192 * 2**20) -> bool:
+    """Let glibc keep freed memory (up to `limit` bytes, in one arena) for the next block and the next tensor
+    instead of returning it.
 
     By default glibc serves blocks of a few MiB with fresh `mmap`s and trims what is freed, so every
     block read or computed faults in new zeroed pages (system time, not merge work). For a process
     that is only ame-hf (the CLI calls this; the Python API leaves the user's process alone); the
-    arithmetic is untouched. 64 MiB holds a merge's working blocks; with 256 MiB the freed kept copies of
-    large tensors stayed too (3 x 3B bf16, default merge: peak 491-517 MiB, against 431 MiB with 64 MiB,
-    at the same wall and CPU time; 4 x 134M fp32: the same time and peak either way).
-
-    And one malloc arena for every thread: blocks read by the I/O thread are freed by the merging thread,
-    and with an arena per thread each arena kept its own freed blocks (CLI default merge, peak RSS: 3 x 3B
-    bf16 475-502 MiB with an arena per thread, 426-437 MiB with one; 3 x 1.1B bf16 447-457 against
-    407-426 MiB; 4 x 134M fp32 317-340 against 306-326 MiB; the same CPU time). A thread started before
-    this call keeps its arena.
+    arithmetic is untouched. One arena for all threads: the main thread and the I/O thread both allocate
+    kept blocks and pivots (`_spread_pass`), and what one thread's arena kept could not serve the other's
+    (with 256 MiB in two arenas, 3 x 3B bf16 peaked at 491-517 MiB, against 431 MiB with 64 MiB). 192 MiB
+    holds a tensor's kept blocks and pivots (`--max-memory` 128 MiB and more) until the next tensor reuses
+    them: with 64 MiB the 3 x 1.1B bf16 default merge faulted in 1.2 million fresh pages (5.6 s of system
+    time), with this 41-47 thousand (3.5 s), at a peak of 391-412 MiB against 393-402 MiB; 4 x 134M fp32 and a
+    3-layer 3 x 3B-shaped bf16 model stay at 331-334 and 432-439 MiB (393-403 with 64 MiB in two arenas).
+    Before the spread pass used both threads, one arena alone (64 MiB kept) took the CLI default merge's
+    peak from 475-502 to 426-437 MiB on 3 x 3B bf16: blocks read by the I/O thread were freed by the merging
+    thread, and each thread's arena kept its own freed blocks. A thread started before this call keeps its arena.
 
     Args:
         limit: the most freed bytes glibc keeps.
@@ -225,6 +227,7 @@ def keep_freed_memory(limit: int = 64 * 2**20) -> bool:
         return False
     if mallopt is None:
         return False
-    # 32 MiB is the largest mmap threshold glibc accepts on 64-bit; blocks are 4 MiB by default.
-    return (bool(mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)) and bool(mallopt(_M_TRIM_THRESHOLD, limit))
-            and bool(mallopt(_M_ARENA_MAX, 1)))
+    # 32 MiB is the largest mmap threshold glibc accepts on 64-bit; blocks are 4 MiB by default. The arena
+    # limit applies to threads that allocate for the first time after it (the merge's I/O thread).
+    mallopt(_M_ARENA_MAX, 1)
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)) and bool(mallopt(_M_TRIM_THRESHOLD, limit))

@@ -36,21 +36,61 @@ def mean_of(load: Loader, n: int, dtype: torch.dtype | None = None) -> torch.Ten
     >>> mean_of([torch.tensor([0.0, 2.0]), torch.tensor([1.0, 2.0])].__getitem__, 2)
     tensor([0.5000, 2.0000])
     """
-    loaded = [load(i) for i in range(n)]  # all n at once (a block each), as the steps of a kept block hold them
+    return _mean_and_spreads([load(i) for i in range(n)], dtype, spreads=False)[0]
+
+
+def _rows(t: torch.Tensor) -> int:
+    """The rows of a block as `squared_distance` sums them (each value of a 0-D or 1-D block is a row)."""
+    return t.shape[0] if t.dim() > 1 else t.numel()
+
+
+def _mean_and_spreads(loaded: Sequence[torch.Tensor], dtype: torch.dtype | None,
+                      spreads: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`mean_of` of the blocks `loaded` (all n held together), and with `spreads` each row's summed squared
+    distance to that mean in float64 (`row_spreads`), computed in the same chunk loop while each chunk of the
+    mean and of the blocks is still in cache: a chunk is whole rows, at least two (each row is then summed
+    on its own, as in a whole block, whatever the threads), so every row sum is the one `squared_distance`
+    gives for the whole block. None when a row is too long for that (the caller computes them from the block).
+    """
     blocks = [x.reshape(-1) for x in loaded]
-    first = blocks[0]
+    first, n = blocks[0], len(blocks)
     out = torch.empty(loaded[0].shape, dtype=dtype or first.dtype, device=first.device)
-    flat = out.view(-1)
-    size = min(MEAN_CHUNK, first.numel())
+    flat, numel = out.view(-1), first.numel()
+    rows = _rows(loaded[0])
+    cols = numel // rows if rows else 0
+    fused = spreads and numel > 0 and cols <= MEAN_CHUNK // 2
+    step = MEAN_CHUNK // cols * cols if fused else MEAN_CHUNK
+    starts = list(range(0, numel, step))
+    if fused and len(starts) > 1 and numel - starts[-1] == cols:
+        starts.pop()  # a last chunk of one row would be summed by threads in another order: the one before takes it
+    stops = [*starts[1:], numel]
+    size = max((b - a for a, b in zip(starts, stops)), default=0)
     total = torch.empty(size, dtype=torch.float64, device=first.device)
     buffer = torch.empty_like(total)
-    for start in range(0, first.numel(), MEAN_CHUNK):
-        stop = min(start + MEAN_CHUNK, first.numel())
+    if fused:
+        spread = torch.empty(rows, dtype=torch.float64, device=first.device)
+        diff = torch.empty(size, dtype=out.dtype, device=first.device)
+        sums = torch.empty(size // cols, dtype=out.dtype, device=first.device)
+    for start, stop in zip(starts, stops):
         t = total[:stop - start].copy_(first[start:stop])
         for x in blocks[1:]:
             t.add_(buffer[:stop - start].copy_(x[start:stop]))
-        flat[start:stop].copy_(t.div_(n))
-    return out
+        pivot = flat[start:stop].copy_(t.div_(n))
+        if not fused:
+            continue
+        # squared_distance of each ingredient's rows, chunk by chunk: x (in the mean's dtype) - pivot, squared,
+        # summed per row in that dtype, the ingredients' sums added in float64 in order.
+        row_sums, part = sums[:(stop - start) // cols], spread[start // cols:stop // cols]
+        for k, x in enumerate(blocks):
+            d = diff[:stop - start]
+            if x.dtype == out.dtype:
+                torch.sub(x[start:stop], pivot, out=d)
+            else:
+                d.copy_(x[start:stop]).sub_(pivot)
+            d.mul_(d)
+            torch.sum(d.view(-1, cols), 1, out=row_sums)
+            part.copy_(row_sums) if k == 0 else part.add_(row_sums)
+    return out, (spread if fused else None)
 
 
 def squared_distance(x: torch.Tensor, pivot: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
@@ -80,7 +120,8 @@ def row_spreads(load: Loader, n: int, pivot: torch.Tensor | None,
     spread; `spread_total` adds the rows of a whole tensor).
 
     With `pivot=None` the pivot is their mean (`mean_of`, as the merge starts from it), from the same blocks:
-    `load` is called once for each ingredient, in order, and the `n` blocks are held together. Each
+    `load` is called once for each ingredient, in order, and the `n` blocks are held together; the distances
+    are then computed in the mean's cache-sized chunk loop, from the chunks it has just read. Each
     ingredient's row sums are computed in the block's dtype (`squared_distance`) and added in float64: within
     1e-6 relative of a float64 computation (tests/test_spread.py), without converting every block to float64.
 
@@ -99,10 +140,12 @@ def row_spreads(load: Loader, n: int, pivot: torch.Tensor | None,
     >>> row_spreads(values.__getitem__, 2, None)
     (tensor([1., 2.]), tensor([2., 0.], dtype=torch.float64))
     """
-    loaded = [load(i) for i in range(n)] if pivot is None else None  # the mean's blocks serve the distances too
-    if loaded is not None:
+    if pivot is None:  # the mean's blocks serve the distances too
+        loaded = [load(i) for i in range(n)]
+        pivot, spread = _mean_and_spreads(loaded, dtype, spreads=True)
+        if spread is not None:
+            return pivot, spread
         load = loaded.__getitem__
-        pivot = mean_of(load, n, dtype)
     buffer = torch.empty_like(pivot)
     total = squared_distance(load(0).to(pivot.dtype), pivot, buffer).double()
     for i in range(1, n):

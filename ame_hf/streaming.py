@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from .checkpoint import Checkpoint
 from .config import AmeConfig
 from ._keeping import block_loader, keeping
+from ._spread_pass import spread_pass
 from .engine import ame_block
 from .errors import CheckpointError, IncompatibleCheckpointsError
 from .plan import Rows, ShardPlan, index_runs, tensor_blocks
@@ -182,20 +183,7 @@ class TensorMerger:
         if relative:
             # The spread needs the whole tensor before the first step. Each block's pivot (the mean: the costly
             # part) is computed here, and kept for the steps when `max_memory` allows.
-            # One float64 per row, made before the first block: a small tensor kept from each block would be
-            # carved out of that block's freed memory, so glibc could not reuse it for the next block, and a
-            # large tensor's spread pass grew the process by about one block per block (1.3 GB at 3B).
-            spreads = torch.empty(info.shape[0] if info.shape else 1, dtype=torch.float64)
-            for rows in blocks:
-                given = self._pivot_block(name, rows)
-                load = block_loader(self, kept, name, rows, range(n), info.shape, dtype, raw=True)
-                pivot, spread = row_spreads(load, n, given, self.compute_dtype)
-                (spreads[rows[0]:rows[1]] if rows else spreads).copy_(spread.reshape(-1))
-                del spread
-                # The spread is to the plain mean; a weighted merge starts from its weighted mean instead.
-                if pivots is not None and (given is not None or self.weights is None):
-                    pivots[rows] = pivot
-                del pivot, given
+            spreads = spread_pass(self, name, blocks, kept, pivots, dtype, info.shape)
             lr = relative_lr_value(self.config.relative_lr, spread_total([spreads]), n * info.numel)
         for rows in blocks:
             pivot = pivots.pop(rows, None) if pivots else None

@@ -11,7 +11,7 @@ import torch
 
 from ame_hf import merge
 from ame_hf.plan import row_blocks
-from ame_hf.spread import mean_of, relative_lr_value, row_spreads, spread_sum, spread_total
+from ame_hf.spread import mean_of, relative_lr_value, row_spreads, spread_sum, spread_total, squared_distance
 from factories import make_big_checkpoints, weights_sha256
 
 
@@ -61,6 +61,28 @@ def test_the_spread_does_not_depend_on_the_blocks(shape):
     assert len(totals) == 1
 
 
+@pytest.mark.parametrize("shape", [(512, 2048), (3, 65536), (2, 65537), (64, 2049), (7, 3, 5), (1_000_003,)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_distances_computed_in_the_means_chunks_are_those_of_the_whole_block(shape, dtype, threads):
+    """row_spreads computes the distances to the mean chunk by chunk, inside the mean's loop: bit for bit the
+    row sums of `squared_distance` over the whole block (added in float64 in order), with one or two threads
+    (a last chunk of one row, whose sum threads would split, is taken by the chunk before)."""
+    xs = [x.to(dtype) for x in _ingredients(shape, 3, offset=1.0, scale=1e-3, seed=3)]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        pivot, rows = row_spreads(xs.__getitem__, 3, None, torch.float32)
+        buffer = torch.empty_like(pivot)
+        expected = squared_distance(xs[0].float(), pivot, buffer).double()
+        for x in xs[1:]:
+            expected += squared_distance(x.float(), pivot, buffer)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(pivot, mean_of(xs.__getitem__, 3, torch.float32))
+    assert rows.dtype == torch.float64 and torch.equal(rows, expected)
+
+
 def test_the_mean_is_the_float64_mean_rounded_once_and_exact_where_all_agree():
     xs = _ingredients((3, 200_000), 5, offset=0.0, scale=1.0, seed=2)
     for x in xs[1:]:
@@ -100,3 +122,22 @@ def test_bfloat16_blocks_are_kept_as_stored_where_only_that_leaves_room_for_the_
     kept_bf16 = merge(paths, tmp_path / "kept", progress=False, device="cpu", max_memory=28 * 2**20)
     assert kept_bf16.bytes_read == whole.bytes_read == 3 * 8192 * 256 * 2 + 3 * 256 * 2
     assert weights_sha256(whole.path) == weights_sha256(kept_bf16.path)
+
+
+@pytest.mark.parametrize("row", [0, 4095])
+def test_a_nan_in_a_block_of_either_thread_stops_the_default_merge_naming_its_ingredient(tmp_path, monkeypatch, row):
+    """The spread pass reads and computes blocks in the main thread and in the I/O thread (`_spread_pass`): a NaN
+    in the first or the last of 64 blocks is refused with the culprit named, and nothing is left at --out."""
+    from safetensors.torch import load_file, save_file
+
+    from ame_hf import plan
+    from ame_hf.errors import CheckpointError
+
+    paths = make_big_checkpoints(tmp_path / "big", n=3, rows=4096, cols=64)
+    weights = load_file(paths[2] / "model.safetensors")
+    weights["embed.weight"][row, 5] = float("nan")
+    save_file(weights, paths[2] / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.setattr(plan, "BLOCK_ELEMENTS", 64 * 64)
+    with pytest.raises(CheckpointError, match="embed.weight.*NaN or Inf") as caught:
+        merge(paths, tmp_path / "out", progress=False, device="cpu")
+    assert str(paths[2]) in str(caught.value) and not (tmp_path / "out").exists()
