@@ -128,7 +128,9 @@ def _values(out: Mapping[str, Any], task: str, metric: str) -> list[float] | str
 
 def _aggregation(config: Mapping[str, Any], metric: str) -> str | None:
     """The name of the aggregation lm-eval applies to `metric` in a task of this config (None: not known)."""
-    import lm_eval.api.metrics  # noqa: F401  (registers lm-eval's aggregations)
+    import importlib
+
+    importlib.import_module("lm_eval.api.metrics")  # registers lm-eval's aggregations (on first import)
     from lm_eval.api.registry import AGGREGATION_REGISTRY, get_metric_aggregation
 
     named = {id(fn): key for key, fn in AGGREGATION_REGISTRY.items()}

@@ -19,10 +19,12 @@ from ame_hf import AmeConfig, merge
 from ame_hf.guard import Examples, paired_lead
 from ame_hf.lm_harness import RESULTS_FILE
 from ame_hf.tune_journal import ScoreJournal
-from test_lm_harness import mc, write_task  # noqa: F401  (the experts and count_mc: reused, not rebuilt)
+import test_lm_harness
+from test_lm_harness import write_task
 
 lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval extra (pip install 'ame-hf[lm-eval]') is in `dev`")
 
+mc = test_lm_harness.mc  # its experts and count_mc, as a fixture of this module too
 WON, LOST, TIES = 3, 2, 10  # documents of `noisy`: ingredient 0 right and the soup wrong, the reverse, both right
 
 
@@ -45,7 +47,7 @@ def samples(model: Path, tasks: Path, names: list[str]) -> dict[str, list[float]
 
 
 @pytest.fixture(scope="module")
-def noisy(mc, tmp_path_factory):  # noqa: F811
+def noisy(mc, tmp_path_factory):
     """Experts 0 and 1, their soup (written by `merge`), and a folder with count_mc and `noisy`: two-choice
     questions whose answers are set from what expert 0, the soup and expert 1 pick (lm-eval's own per-document
     `acc` on a pool with answer 0), so that on `noisy` expert 0 scores 13/15, the soup 12/15, expert 1 at most 5/15."""
