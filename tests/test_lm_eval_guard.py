@@ -163,6 +163,22 @@ def test_a_lead_within_noise_keeps_the_soup_and_best_takes_it(noisy, tmp_path):
     assert json.loads((guarded.path / RESULTS_FILE).read_text())["results"]["noisy"]["acc,none"] == 12 / 15
 
 
+def test_a_clear_lead_is_picked_and_the_card_gives_its_lead_and_bound(noisy, tmp_path):
+    """On count_mc ingredient 0 answers every question and the soup misses some: a lead beyond noise, so the guard
+    picks it (or the greedy soup that kept it alone), and "Why this pick" gives the lead, its error and its bound as
+    `paired_lead` computes them from lm-eval's own per-document values of the two written models."""
+    experts, soup, tasks = noisy
+    result = tuning.tune(experts, tmp_path / "out", lm_eval_tasks="count_mc", lm_eval_include=tasks, budget=0,
+                         device="cpu", progress=False)
+    assert 0 in (result.best.ingredient, *(result.best.kept or ())), result.best
+    e0, ours = samples(experts[0], tasks, ["count_mc"])["count_mc"], samples(soup, tasks, ["count_mc"])["count_mc"]
+    lead = paired_lead((e0, [1.0] * len(e0)), (ours, [1.0] * len(ours)), higher=True)
+    assert lead.bound > 0 and lead.lead == pytest.approx(result.best.score - sum(ours) / len(ours))
+    why = ModelCard.load(result.path / "README.md").text.split("## Why this pick")[1]
+    assert (f"its validation lead over the soup, {lead.lead:.4f} ± {lead.se:.4f} (standard error, paired over the "
+            f"examples), has the largest one-sided 95 % lower bound ({lead.bound:.4f}, above 0)") in why
+
+
 def test_a_metric_lm_eval_does_not_average_falls_back_and_the_card_says_which(noisy, tmp_path):
     """`acc` aggregated by its median over the documents (not their mean): no per-example scores, the best validation
     score is kept, and "Why this pick" names the task and the metric; the reason survives a resume's journal.
