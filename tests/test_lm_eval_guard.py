@@ -1,6 +1,7 @@
 """`tune`'s guard on lm-evaluation-harness scores: lm-eval's own per-document values are the per-example scores of an
 lm-eval candidate (each task's documents weighted as `tune` weights the task scores), they survive a resume, a lead
-within noise keeps the soup, and a metric lm-eval does not average over documents still falls back (the card says so).
+within noise keeps the soup, a clear one is picked with its bound on the card, and a metric lm-eval does not average
+over documents still falls back (the card says so).
 Tasks are local YAML + JSONL written here; the reference is lm-eval's own evaluator with `log_samples` on the written
 models. The documents of `noisy` are chosen from what the models answer, so that ingredient 0 beats the soup by one
 document out of 15 (3 won, 2 lost)."""
@@ -180,20 +181,21 @@ def test_a_clear_lead_is_picked_and_the_card_gives_its_lead_and_bound(noisy, tmp
 
 
 def test_a_metric_lm_eval_does_not_average_falls_back_and_the_card_says_which(noisy, tmp_path):
-    """`acc` aggregated by its median over the documents (not their mean): no per-example scores, the best validation
-    score is kept, and "Why this pick" names the task and the metric; the reason survives a resume's journal.
-    (The median rather than `mcc` or `f1`: lm-eval bootstraps their stderr 100000 times on every run.)"""
+    """`brier_score`, which lm-eval aggregates over the whole task from each document's (answer, probabilities): no
+    per-example scores, the best validation score is kept, and "Why this pick" names the task and the metric; the
+    reason survives a resume's journal. (Not `mcc`, `f1` or a median: lm-eval bootstraps their stderr 100000 times
+    in a forked pool on every run, minutes each, and a fork of a process with threads may hang.)"""
     experts, _, tasks = noisy
     rows = [json.loads(line) for line in (tasks / "noisy.jsonl").read_text().splitlines()]
     (tmp_path / "tasks").mkdir()  # a folder of its own: lm-eval's task index of `tasks` is kept by the process
-    _task(tmp_path / "tasks", "noisy_median", rows, aggregation="median")
-    result = tuning.tune(experts, tmp_path / "out", lm_eval_tasks="noisy_median", lm_eval_include=tmp_path / "tasks",
-                         budget=0, device="cpu", progress=False)
-    assert result.best.score == max(c.score for c in result.candidates)
+    _task(tmp_path / "tasks", "noisy_brier", rows, metric="brier_score", aggregation="brier_score")
+    result = tuning.tune(experts, tmp_path / "out", lm_eval_tasks="noisy_brier", lm_eval_include=tmp_path / "tasks",
+                         lm_eval_metric="brier_score", budget=0, device="cpu", progress=False)
+    assert result.metric == "brier_score,none" and result.best.score == result.candidates[0].score
     why = ModelCard.load(result.path / "README.md").text.split("## Why this pick")[1]
-    assert ("The best validation score: lm-eval task noisy_median aggregates acc,none by median, not as the mean of "
-            "its documents' values, so the guard against validation noise cannot apply.") in why
-    line = "lm-eval task noisy_median aggregates acc,none by median"
+    assert ("The best validation score: lm-eval task noisy_brier aggregates brier_score,none by brier_score, not as "
+            "the mean of its documents' values, so the guard against validation noise cannot apply.") in why
+    line = "lm-eval task noisy_brier aggregates brier_score,none by brier_score"
     ScoreJournal(tmp_path, {"k": 1})("val candidate 0", lambda: 0.5, each=lambda: (True, line))
     assert ScoreJournal(tmp_path, {"k": 1}).each["val candidate 0"] == line
 
