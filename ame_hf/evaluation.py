@@ -34,7 +34,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 _BUNDLED_METRICS = Path(__file__).parent / "metrics"
 # Per-example scores: (numerators, denominators), the score being sum(numerators) / sum(denominators): for
 # `accuracy` 1.0/0.0 per example over 1.0, for `loss`/`perplexity` the summed NLL per document over its
-# predicted tokens (perplexity is exp of that). What `guard` compares two models on, example by example.
+# predicted tokens (perplexity is exp of that); for lm-eval tasks each document's value times its weight over its
+# weight (see `_lm_eval_examples`). What `guard` compares two models on, example by example.
 PerExample = tuple[list[float], list[float]]
 
 
@@ -308,15 +309,17 @@ def evaluate_model(model: Any, data: LabelledData | TextData | LmEvalTasks, task
             huggingface_hub quiet while the model loads and runs (no "Loading weights" bars, no advisory
             warnings; `quiet_libraries`), and leaves their settings as they were.
         per_example: a list that receives the per-example scores the score is made of (`PerExample`, in the data's
-            order) where the metric is a mean over examples (`accuracy`, `loss`, `perplexity`); nothing is added
-            for other metrics (`macro_f1`, lm-eval tasks). `tune`'s selection rule compares them (`guard`).
+            order) where the metric is a mean over examples (`accuracy`, `loss`, `perplexity`, an lm-eval metric
+            aggregated as a mean over documents: see `_lm_eval_examples`); for another lm-eval metric, a line
+            saying why there are none (a `str`); nothing for other metrics (`macro_f1`). `tune`'s selection rule
+            compares them (`guard`).
 
     Returns:
         The score (see `higher_is_better(metric)` for its direction).
     """
     with quiet_libraries(not progress):
         value, each = _evaluate_model(model, data, task, metric, max_length=max_length, batch_size=batch_size,
-                                      device=device, progress=progress)
+                                      device=device, progress=progress, examples=per_example is not None)
     if per_example is not None and each is not None:
         per_example.append(each)
     return value
@@ -324,14 +327,16 @@ def evaluate_model(model: Any, data: LabelledData | TextData | LmEvalTasks, task
 
 def _evaluate_model(model: Any, data: LabelledData | TextData | LmEvalTasks, task: str, metric: str | None, *,
                     max_length: int | None, batch_size: int | None, device: str | None,
-                    progress: bool) -> tuple[float, PerExample | None]:
+                    progress: bool, examples: bool = False) -> tuple[float, PerExample | str | None]:
     from transformers import AutoConfig
 
     if isinstance(data, LmEvalTasks):
         from .lm_harness import score
 
-        return (score(model, data, device=device, batch_size=batch_size, max_length=max_length, progress=progress),
-                None)
+        got: list[PerExample | str] = []
+        value = score(model, data, device=device, batch_size=batch_size, max_length=max_length, progress=progress,
+                      per_example=got if examples else None)
+        return value, got[0] if got else None
     metric = default_metric(task, metric)
     if task == "text-generation":
         if not isinstance(data, TextData):

@@ -9,8 +9,11 @@ difference of the two validation scores) and its standard error the ratio estima
 `SE = sqrt(m / (m - 1) * sum((d_i - L * n_i) ** 2)) / sum(n)` over the `m` examples. The pick is the candidate
 with the largest lower bound `L - Z * SE` (`Z = 1.645`, a one-sided 95 % bound), provided that bound is above 0;
 the soup (bound 0) otherwise. Nothing is random: the same scores give the same pick. `selection="best"` is the
-plain best validation score. Metrics that are no mean over examples (`macro_f1`, lm-eval tasks) give no
-per-example scores: the guard cannot apply and the best validation score is kept (the card says so).
+plain best validation score. lm-eval tasks give their per-document values (`_lm_eval_examples`: `n_i` is a
+document's weight, so that `L` is exactly the difference of the two weighted task scores) where the metric is a mean
+over documents. Metrics that are no mean over examples (`macro_f1`, an lm-eval `f1`, `bleu`, a perplexity) give no
+per-example scores: the guard cannot apply and the best validation score is kept (the card says so, and for lm-eval
+names the task and the metric).
 """
 
 from __future__ import annotations
@@ -91,8 +94,9 @@ class Examples:
 
     selection: str
     metric: str = "accuracy"  # set by `scorer`
-    calls: list[tuple[Any, PerExample | None]] = field(default_factory=list)
-    of: dict[int, PerExample | None] = field(default_factory=dict)  # id(candidate) -> its per-example scores
+    # (model, its per-example scores, or None, or why there are none: a line from `_lm_eval_examples`)
+    calls: list[tuple[Any, PerExample | str | None]] = field(default_factory=list)
+    of: dict[int, PerExample | str | None] = field(default_factory=dict)  # id(candidate) -> as in `calls`
 
     def scorer(self, evaluate: Callable[[Any, Any, list[PerExample]], float], val: Any,
                metric: str) -> Callable[..., float]:
@@ -126,12 +130,14 @@ class Examples:
             return best, "The best validation score (`selection=best`)."
         soup = next((c for c in candidates if is_soup(c)), None)
         base = self.of.get(id(soup)) if soup is not None else None
-        if base is None:
-            why = (f"The best validation score: {self.metric} gives no per-example scores, so the guard against "
-                   "validation noise cannot apply.") if soup is not None else "The best validation score so far."
+        if base is None or isinstance(base, str):
+            why = (f"The best validation score: {base if base else f'{self.metric} gives no per-example scores'}, "
+                   "so the guard against validation noise cannot apply.") if soup is not None else (
+                "The best validation score so far.")
             return best, why
         leads = {id(c): paired_lead(self.of[id(c)], base, higher_is_better(self.metric))
-                 for c in candidates if c is not soup and self.of.get(id(c)) is not None}
+                 for c in candidates if c is not soup and self.of.get(id(c)) is not None
+                 and not isinstance(self.of[id(c)], str)}
         # The largest lower bound; among equals the better validation score, then the candidates' own order.
         rank = {id(c): i for i, c in enumerate(_ranked(candidates, self.metric))}
         pick = max((c for c in candidates if leads.get(id(c)) is not None),

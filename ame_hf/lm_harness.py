@@ -197,12 +197,15 @@ def _why_nothing(entry: Any) -> str:
 
 
 def run_tasks(model: Any, spec: LmEvalTasks, *, device: str | None = None, batch_size: int | None = None,
-              max_length: int | None = None, progress: bool = False) -> dict[str, Any]:
+              max_length: int | None = None, progress: bool = False, samples: bool = False) -> dict[str, Any]:
     """lm-eval's results for one model (a folder, or a loaded causal LM whose `name_or_path` has its tokenizer).
 
     Each call builds its own `HFLM` and runs without lm-eval's request cache (`use_cache=None`, no cached
     requests): lm-eval keys that cache by request, not by model, so a shared one would give every model the
     first one's scores. Without `progress`, lm-eval's bars and its `git` line are not shown (`_lm_eval_quiet`).
+
+    With `samples`, lm-eval logs each document (`log_samples`) and the output keeps them under `samples` (for
+    `per_document`: the caller drops them; the results kept for `record` never hold them).
 
     Returns:
         lm-eval's output (`results`, `configs`, `n-shot`, ...).
@@ -223,14 +226,14 @@ def run_tasks(model: Any, spec: LmEvalTasks, *, device: str | None = None, batch
         with quiet_lm_eval(not progress):
             out = lm_eval.simple_evaluate(model=lm if progress else quiet_requests(lm), tasks=spec.task_names,
                                           task_manager=_manager(spec.include), num_fewshot=spec.num_fewshot,
-                                          limit=spec.limit, use_cache=None, cache_requests=False, log_samples=False,
+                                          limit=spec.limit, use_cache=None, cache_requests=False, log_samples=samples,
                                           verbosity="ERROR")
     finally:
         quiet.setLevel(level)
     if out is None:
         raise InvalidConfigError("lm-eval returned no results (a non-main process of a distributed run?)")
     if isinstance(model, (str, os.PathLike)):
-        _RESULTS[str(Path(model).resolve())] = out
+        _RESULTS[str(Path(model).resolve())] = {k: v for k, v in out.items() if k != "samples"}
         while len(_RESULTS) > 64:
             _RESULTS.popitem(last=False)
     return out
@@ -265,10 +268,20 @@ def combined(scores: dict[str, float], spec: LmEvalTasks) -> float:
 
 
 def score(model: Any, spec: LmEvalTasks, *, device: str | None = None, batch_size: int | None = None,
-          max_length: int | None = None, progress: bool = False) -> float:
-    """The score of one model: `spec.metric` averaged over the tasks with their weights (`evaluate_model`'s)."""
-    return combined(task_scores(run_tasks(model, spec, device=device, batch_size=batch_size,
-                                          max_length=max_length, progress=progress), spec), spec)
+          max_length: int | None = None, progress: bool = False, per_example: list[Any] | None = None) -> float:
+    """The score of one model: `spec.metric` averaged over the tasks with their weights (`evaluate_model`'s).
+
+    With `per_example`, lm-eval logs every document and the list receives `_lm_eval_examples.per_document`'s
+    floats (whose weighted mean is this score), or the line saying why there are none; the samples are dropped."""
+    out = run_tasks(model, spec, device=device, batch_size=batch_size, max_length=max_length, progress=progress,
+                    samples=per_example is not None)
+    value = combined(task_scores(out, spec), spec)
+    if per_example is not None:
+        from ._lm_eval_examples import per_document
+
+        per_example.append(per_document(out, spec.tasks, spec.metric, _manager(spec.include).task_index))
+        out.pop("samples", None)
+    return value
 
 
 def record(folder: str | os.PathLike, spec: LmEvalTasks, *, scored_as: str | os.PathLike | None = None,

@@ -4,9 +4,10 @@
 The journal is `.ame-tune-journal/` in the staging folder: `key.json` (what the run must share with the one it
 continues: ame-hf's version, the resolved ingredients and their local files, the data, the options) and
 `scores.jsonl`, one line per score (`{"key", "score", "each"?, "sha256"}`: a validation score keeps its
-per-example scores, which `guard`'s rule needs; the sha256 covers the rest, so a torn or altered line is ignored
-and that score computed again). A score read back is the float that was written (JSON
-keeps a float's every bit), so a resumed tune ranks, selects and writes what an uninterrupted one does.
+per-example scores, or the line saying why an lm-eval metric has none, which `guard`'s rule and the card need; the
+sha256 covers the rest, so a torn or altered line is ignored and that score computed again). A score read back is the
+float that was written (JSON keeps a float's every bit), so a resumed tune ranks, selects and writes what an
+uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -139,8 +140,8 @@ class ScoreJournal:
         Args:
             key: which model on which data (e.g. `val candidate 3`).
             compute: scores it.
-            each: after `compute`, `(True, per-example scores)` to record with the score (`evaluation.PerExample`
-                or None), or `(False, None)`.
+            each: after `compute`, `(True, per-example scores)` to record with the score (`evaluation.PerExample`,
+                None, or the line saying why an lm-eval metric gives none), or `(False, None)`.
 
         Returns:
             The score.
@@ -152,7 +153,8 @@ class ScoreJournal:
         entry: dict[str, Any] = {"key": key, "score": value}
         has, per_example = each() if each is not None else (False, None)
         if has:
-            entry["each"] = None if per_example is None else [[float(x) for x in part] for part in per_example]
+            entry["each"] = per_example if per_example is None or isinstance(per_example, str) else [
+                [float(x) for x in part] for part in per_example]  # a line: why an lm-eval metric gives none
             self.each[key] = entry["each"]
         line = json.dumps({**entry, "sha256": _digest(entry)}) + "\n"
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -185,7 +187,8 @@ def _read(path: Path) -> tuple[dict[str, float], dict[str, Any]]:
             if isinstance(body["key"], str) and isinstance(body["score"], float) and entry["sha256"] == _digest(body):
                 scores[body["key"]] = body["score"]
                 if "each" in body:
-                    each[body["key"]] = None if body["each"] is None else tuple(body["each"])
+                    got = body["each"]
+                    each[body["key"]] = got if got is None or isinstance(got, str) else tuple(got)
         except (ValueError, KeyError, TypeError):
             continue
     return scores, each
