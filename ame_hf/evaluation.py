@@ -26,8 +26,11 @@ _TASK_ARCHITECTURES = {"text-classification": ("ForSequenceClassification",),
                        "text-generation": ("ForCausalLM", "LMHeadModel")}
 # The metric of each task when none is given.
 DEFAULT_METRICS = {"text-classification": "accuracy", "image-classification": "accuracy", "text-generation": "loss"}
-# Metrics for which a lower value is better; any other metric is better higher (accuracy, F1, ...).
+# Metrics for which a lower value is better; any other metric is better higher (accuracy, F1, ...). With the
+# suffixes below, every metric lm-eval registers as lower-is-better (its `higher_is_better` registry: brier_score,
+# word_perplexity, byte_perplexity, bits_per_byte, ...) reads so (tests/test_evaluation.py compares with it).
 LOWER_IS_BETTER = ("loss", "perplexity", "nll", "mse", "mae", "rmse", "wer", "cer", "ter")
+_LOWER_SUFFIXES = ("_loss", "_error", "_perplexity", "bits_per_byte", "brier_score")
 # What text-generation can report: the mean per-token NLL, or its exp.
 LM_METRICS = ("loss", "perplexity")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -117,7 +120,7 @@ def higher_is_better(metric: str) -> bool:
     (True, False)
     """
     name = Path(str(metric)).name.lower().split(",")[0]  # lm-eval's `acc,none`: the metric, then its filter
-    return not (name in LOWER_IS_BETTER or name.endswith(("_loss", "_error")))
+    return not (name in LOWER_IS_BETTER or name.endswith(_LOWER_SUFFIXES))
 
 
 def is_better(a: float, b: float, metric: str) -> bool:
@@ -204,7 +207,7 @@ def load_data(path: str | os.PathLike | LmEvalTasks, task: str) -> LabelledData 
         InvalidConfigError: the file is missing, unreadable or lacks the needed columns.
     """
     if isinstance(path, LmEvalTasks):
-        return check_tasks(path, task)
+        return check_tasks(path, task, higher_is_better)
     if task not in TASKS:
         raise InvalidConfigError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
     if task == "text-generation":

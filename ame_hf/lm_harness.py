@@ -9,7 +9,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ._lm_eval_tasks import leaf_tasks, reported_metrics
 from .errors import InvalidConfigError
@@ -153,8 +153,9 @@ def _manager(include: str | None) -> Any:
     return _MANAGERS[include]
 
 
-def check_tasks(spec: LmEvalTasks, task: str) -> LmEvalTasks:
-    """Before any merge: lm-eval installed, the models causal LMs, every task known to lm-eval.
+def check_tasks(spec: LmEvalTasks, task: str, higher_is_better: Callable[[str], bool]) -> LmEvalTasks:
+    """Before any merge: lm-eval installed, the models causal LMs, every task known to lm-eval, its metric
+    reported and ranked the way the task's YAML declares it better (`higher_is_better`: how ame-hf ranks it).
 
     Raises:
         InvalidConfigError: one line naming what is missing.
@@ -177,7 +178,25 @@ def check_tasks(spec: LmEvalTasks, task: str) -> LmEvalTasks:
             raise InvalidConfigError(f"lm-eval task {name} has no metric {spec.metric!r}; it reports: "
                                      f"{', '.join(sorted(reported)) or _why_nothing(index[name])}",
                                      field="lm_eval_metric")
+        _refuse_other_direction(index, name, spec.metric, higher_is_better(spec.metric))
     return spec
+
+
+def _refuse_other_direction(index: Any, name: str, metric: str, ours: bool) -> None:
+    """A task YAML may say which way its metric is better (`metric_list: [{metric: x, higher_is_better: false}]`);
+    where that is not the way ame-hf ranks `metric` (`ours`: higher is better), the selection would prefer the
+    worse model: refused before any merge, naming the task."""
+    base = metric.split(",")[0]
+    for leaf in sorted(leaf_tasks(index, name) or ()):
+        entry = index.get(leaf)
+        listed = (getattr(entry, "cfg", None) or {}).get("metric_list")
+        for item in listed if isinstance(listed, list) else ():
+            declared = item.get("higher_is_better") if isinstance(item, dict) and item.get("metric") == base else None
+            if isinstance(declared, bool) and declared != ours:
+                way = "higher" if declared else "lower"
+                raise InvalidConfigError(
+                    f"lm-eval task {leaf} declares {base} better {way}, and ame-hf ranks {base} the other way; "
+                    "choose another --lm-eval-metric", field="lm_eval_metric")
 
 
 def _refuse_overlaps(index: Any, names: Sequence[str]) -> None:

@@ -170,6 +170,19 @@ def test_text_data_from_txt_and_jsonl_and_bad_files(tmp_path):
         load_data(tmp_path / "nope.txt", "text-generation")
 
 
+def test_lm_eval_metrics_rank_the_way_lm_eval_registers_them():
+    """lm-eval's own registry of which way each of its metrics is better (brier_score, bits_per_byte,
+    word_perplexity: lower), read under the `metric,filter` keys tune ranks by."""
+    from ame_hf.evaluation import higher_is_better
+
+    registry = pytest.importorskip("lm_eval.api.registry", reason="the lm-eval extra is in `dev`")
+    import lm_eval.api.metrics  # noqa: F401  registers the metrics
+
+    higher = registry.HIGHER_IS_BETTER_REGISTRY
+    assert len(higher) > 10 and not higher["brier_score"]
+    assert {m: higher_is_better(f"{m},none") for m in higher} == dict(higher)
+
+
 def test_metric_direction_and_defaults():
     from ame_hf.evaluation import default_metric, higher_is_better, is_better
 

@@ -146,6 +146,16 @@ def test_lm_eval_options_are_checked_before_any_merge(mc, tmp_path, capsys):
                            "--lm-eval-include", tasks, "--lm-eval-metric", "f1,none", "--quiet")
     assert_one_error_line(code, err, "has no metric 'f1,none'; it reports: acc,none")
     assert not (tmp_path / "out").exists()
+    # A task whose YAML says its metric is better lower, where ame-hf ranks it higher: the selection would pick
+    # the worse model, so it is refused before any merge, naming the task.
+    other = tmp_path / "other"
+    write_task(other, "count_low")
+    yaml = other / "count_low.yaml"
+    yaml.write_text(yaml.read_text().replace("higher_is_better: true", "higher_is_better: false"))
+    code, _, err = run_cli(capsys, "tune", *experts[:2], "-o", tmp_path / "out", "--lm-eval-tasks", "count_low",
+                           "--lm-eval-include", other, "--quiet")
+    assert_one_error_line(code, err, "lm-eval task count_low declares acc better lower")
+    assert not (tmp_path / "out").exists()
     with pytest.raises(InvalidConfigError, match="not both"):
         evaluate(experts[:1], data=tasks / "count_mc.jsonl", lm_eval_tasks="count_mc")
 
