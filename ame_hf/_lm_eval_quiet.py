@@ -10,13 +10,15 @@ import re
 import sys
 import tempfile
 import threading
-from contextlib import contextmanager, redirect_stderr
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from typing import Any, Iterator
 
 # What lm-eval prints that no switch turns off: the bar over a task's documents (`Task.build_all_requests`), and
 # git's complaint when the working directory is no repository (`git describe` for the results' `git_hash`).
 _BAR = re.compile(r"^[^|]*\d+%\|.*\| *[\d.?]+\w?/[\d.?]+\w? \[.*\]\s*$|^.*: *[\d.]+\w? \w+ \[[\d:]+, .*\]\s*$")
 _GIT = re.compile(r"^fatal: not a git repository\b")
+# What its bootstrap of a standard error prints (to stdout) before its bar.
+_BOOTSTRAP = re.compile(r"^bootstrapping for stddev: \w+\s*$")
 # lm-eval's model methods that take `disable_tqdm` (its own switch for the bars over the requests).
 _REQUESTS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
 
@@ -34,10 +36,11 @@ def quiet_requests(lm: Any) -> Any:
 def quiet_lm_eval(quiet: bool = True) -> Iterator[None]:
     """Within the block, lm-eval's run prints no progress bar and no `fatal: not a git repository` line.
 
-    datasets' bars are off by its own switch (restored after). The rest is written to stderr (fd 2, so that the
-    `git` child's line is caught too) and kept: on leaving, every line that is not one of those bars or that `git`
-    line is written back, so a warning or an error (and an exception's own message, shown later) is never lost.
-    fd 2 is the process's: outside the main thread (a Gradio worker) only the switches apply.
+    datasets' bars are off by its own switch (restored after), and what its bootstrap prints to stdout
+    (`bootstrapping for stddev: f1_score`) is dropped, the rest of stdout written back. The rest is written to
+    stderr (fd 2, so that the `git` child's line is caught too) and kept: on leaving, every line that is not one of
+    those bars or that `git` line is written back, so a warning or an error (and an exception's own message, shown
+    later) is never lost. fd 2 is the process's: outside the main thread (a Gradio worker) only the switches apply.
 
     Args:
         quiet: False makes the block change nothing.
@@ -53,14 +56,18 @@ def quiet_lm_eval(quiet: bool = True) -> Iterator[None]:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        text = ""
+        text, printed = "", io.StringIO()
         try:
-            with _held_back() as held:
+            with _held_back() as held, redirect_stdout(printed):
                 try:
                     yield
                 finally:
                     text = held()
         finally:
+            lines = printed.getvalue().splitlines(keepends=True)
+            said = "".join(line for line in lines if not _BOOTSTRAP.match(line))
+            if said:
+                sys.stdout.write(said)
             if _kept(text):
                 sys.stderr.write(_kept(text))
                 sys.stderr.flush()

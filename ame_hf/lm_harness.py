@@ -7,9 +7,10 @@ import json
 import logging
 import os
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ._lm_eval_tasks import leaf_tasks, reported_metrics
 from .errors import InvalidConfigError
@@ -23,6 +24,11 @@ RESULTS_FILE = "lm_eval_results.json"
 _KEPT = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples",
          "lm_eval_version", "transformers_version", "date")
 _MANAGERS: dict[str | None, Any] = {}
+# Draws of lm-eval's bootstrap for the standard error of metrics it does not average (f1, mcc, bleu, a median; a
+# mean's is exact): its default, 100000 in a process pool forked from ours, took about 3 minutes per metric and
+# run here (the same 170 s in-process), and a fork of a process with threads can hang. 1000 draws in-process: about
+# 2 s; the scores themselves do not depend on it, only the `_stderr` entries (lm-eval's `bootstrap_iters`).
+BOOTSTRAP_ITERS = 1000
 # The latest lm-eval results of the model folders scored in this process (by resolved path), so that the output's
 # results file reuses its selection run; bounded, and read only by `record` for a folder the caller names.
 _RESULTS: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -242,11 +248,11 @@ def run_tasks(model: Any, spec: LmEvalTasks, *, device: str | None = None, batch
     try:
         lm = HFLM(pretrained=loaded, tokenizer=tokenizer, batch_size=batch_size or 8, device=device,
                   **({"max_length": max_length} if max_length else {}))
-        with quiet_lm_eval(not progress):
+        with quiet_lm_eval(not progress), _in_process_bootstrap():
             out = lm_eval.simple_evaluate(model=lm if progress else quiet_requests(lm), tasks=spec.task_names,
                                           task_manager=_manager(spec.include), num_fewshot=spec.num_fewshot,
                                           limit=spec.limit, use_cache=None, cache_requests=False, log_samples=samples,
-                                          verbosity="ERROR")
+                                          bootstrap_iters=BOOTSTRAP_ITERS, verbosity="ERROR")
     finally:
         quiet.setLevel(level)
     if out is None:
@@ -256,6 +262,20 @@ def run_tasks(model: Any, spec: LmEvalTasks, *, device: str | None = None, batch
         while len(_RESULTS) > 64:
             _RESULTS.popitem(last=False)
     return out
+
+
+@contextmanager
+def _in_process_bootstrap() -> Iterator[None]:
+    """lm-eval's bootstrap without its process pool (its `DISABLE_MULTIPROC`), the variable restored after."""
+    saved = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = saved
 
 
 def task_scores(out: dict[str, Any], spec: LmEvalTasks) -> dict[str, float]:

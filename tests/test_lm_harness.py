@@ -272,3 +272,31 @@ def test_a_group_and_an_including_task_score_as_lm_eval_scores_them(mc, grouped)
     with pytest.raises(InvalidConfigError, match="lm-eval tasks count_grp and count_mc both run count_mc"):
         tune(experts[:2], grouped / "out", lm_eval_tasks="count_grp,count_mc", lm_eval_include=grouped,
              progress=False, log=lambda line: pytest.fail(f"scored before the refusal: {line}"))
+
+
+def test_a_bootstrapped_metric_takes_1000_draws_in_this_process_and_prints_nothing_when_quiet(mc, tmp_path, capfd):
+    """f1 is no mean: lm-eval bootstraps its standard error. ame-hf asks for 1000 draws without lm-eval's process
+    pool (its default, 100000 in a pool forked from a process with threads, took about 3 minutes per metric here
+    and can hang): a number for `f1_stderr`, the same every run (lm-eval seeds its draws); its line on stdout and
+    its bar are not shown when quiet; the environment is left as it was."""
+    import os
+
+    from ame_hf.lm_harness import BOOTSTRAP_ITERS, LmEvalTasks, run_tasks
+
+    experts, _ = mc
+    tasks = write_task(tmp_path / "tasks", "count_f1")
+    yaml = tasks / "count_f1.yaml"
+    yaml.write_text(yaml.read_text().replace("metric: acc\n    aggregation: mean", "metric: f1\n    aggregation: f1"))
+    spec = LmEvalTasks((("count_f1", 1.0),), metric="f1,none", include=str(tasks))
+    assert "DISABLE_MULTIPROC" not in os.environ
+    capfd.readouterr()
+    runs = [run_tasks(experts[0], spec, device="cpu") for _ in range(2)]
+    out, err = capfd.readouterr()
+    assert "bootstrapping" not in out  # lm-eval's line; transformers' own bar loading the model is not ours
+    assert not [line for line in err.replace("\r", "\n").splitlines()
+                if line.strip() and not line.startswith("Loading weights")]
+    assert BOOTSTRAP_ITERS == 1000 and runs[0]["config"]["bootstrap_iters"] == 1000
+    row = runs[0]["results"]["count_f1"]
+    assert isinstance(row["f1_stderr,none"], float)  # "N/A" without draws
+    assert row == runs[1]["results"]["count_f1"]
+    assert "DISABLE_MULTIPROC" not in os.environ
