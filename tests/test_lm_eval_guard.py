@@ -30,12 +30,13 @@ WON, LOST, TIES = 3, 2, 10  # documents of `noisy`: ingredient 0 right and the s
 
 
 def _task(folder: Path, name: str, rows: list[dict], metric: str = "acc", aggregation: str = "mean") -> None:
+    higher = "false" if metric == "brier_score" else "true"  # as lm-eval registers them
     (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / f"{name}.yaml").write_text(
         f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / (name + '.jsonl')}\n"
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{context}}\"\n"
         "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{label}}\"\ntarget_delimiter: \" \"\n"
-        f"metric_list:\n  - metric: {metric}\n    aggregation: {aggregation}\n    higher_is_better: true\n")
+        f"metric_list:\n  - metric: {metric}\n    aggregation: {aggregation}\n    higher_is_better: {higher}\n")
 
 
 def samples(model: Path, tasks: Path, names: list[str]) -> dict[str, list[float]]:
