@@ -274,6 +274,8 @@ def test_a_group_and_an_including_task_score_as_lm_eval_scores_them(mc, grouped)
              progress=False, log=lambda line: pytest.fail(f"scored before the refusal: {line}"))
 
 
+# Every label of the task is 0, so sklearn finds f1 of the positive class ill-defined in each of the 1000 draws.
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.UndefinedMetricWarning")
 def test_a_bootstrapped_metric_takes_1000_draws_in_this_process_and_prints_nothing_when_quiet(mc, tmp_path, capfd):
     """f1 is no mean: lm-eval bootstraps its standard error. ame-hf asks for 1000 draws without lm-eval's process
     pool (its default, 100000 in a pool forked from a process with threads, took about 3 minutes per metric here
