@@ -384,3 +384,22 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60.0) -> None:
             return
         time.sleep(0.02)
     raise AssertionError("condition not reached")
+
+
+def count_scored(monkeypatch, stop_at: str | None = None) -> list[str]:
+    """Patch `tune`'s `evaluate_model` to record each model it scores (a folder, or the folder a model in memory
+    is named after) and, with `stop_at`, raise RuntimeError("stopped") at the first whose name holds it (a run
+    interrupted there). Returns the list it records into."""
+    import ame_hf.tuning as tuning
+    from ame_hf.evaluation import evaluate_model as real  # not a wrapper an earlier call left
+
+    scored: list[str] = []
+
+    def evaluate_model(model, *args, **kwargs):
+        scored.append(str(getattr(model, "ame_candidate", model)))
+        if stop_at is not None and stop_at in scored[-1]:
+            raise RuntimeError("stopped")
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(tuning, "evaluate_model", evaluate_model)
+    return scored

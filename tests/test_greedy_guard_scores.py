@@ -16,7 +16,7 @@ import ame_hf.tuning as tuning
 from ame_hf import AmeConfig, merge
 from ame_hf.evaluation import evaluate_model, load_data
 from ame_hf.guard import Examples, paired_lead
-from factories import perturb
+from factories import count_scored, perturb
 
 MAX_LENGTH = 12
 
@@ -95,16 +95,7 @@ def test_resumed_tune_guard_gets_the_kept_greedy_trials_per_example_scores_from_
     """A tune stopped (an error) at its first AME candidate, after the greedy soup: its journal holds each trial's
     per-example scores; resumed, the guard is handed the kept trial's from the journal (no trial scored again)."""
     experts, val = four
-    real = tuning.evaluate_model
-    scored: list[str] = []  # the models evaluated (a folder, or the folder a model in memory is named after)
-
-    def stops_at_cand1(model, *args, **kwargs):
-        scored.append(str(getattr(model, "ame_candidate", model)))
-        if "cand1" in scored[-1]:
-            raise RuntimeError("stopped")
-        return real(model, *args, **kwargs)
-
-    monkeypatch.setattr(tuning, "evaluate_model", stops_at_cand1)
+    scored = count_scored(monkeypatch, stop_at="cand1")
     out = tmp_path / "best"
     with pytest.raises(RuntimeError, match="stopped"):
         tuning.tune(experts, out, data=val, budget=1, max_length=MAX_LENGTH, progress=False, resume=True)
@@ -119,13 +110,8 @@ def test_resumed_tune_guard_gets_the_kept_greedy_trials_per_example_scores_from_
 
     assert any("greedy" in s for s in scored), scored  # the greedy soup's trials were scored before the stop
 
-    def counted(model, *args, **kwargs):
-        scored.append(str(getattr(model, "ame_candidate", model)))
-        return real(model, *args, **kwargs)
-
-    monkeypatch.setattr(tuning, "evaluate_model", counted)
+    scored = count_scored(monkeypatch)  # no stop now; each model scored counted afresh
     seen = _seen(monkeypatch)
-    scored.clear()
     result = tuning.tune(experts, out, data=val, budget=1, max_length=MAX_LENGTH, progress=False, resume=True)
     assert not any("greedy" in s for s in scored), scored  # the trials' scores came from the journal
     _check(seen, experts, val, tmp_path / "check", result)

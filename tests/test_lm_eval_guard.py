@@ -21,6 +21,7 @@ from ame_hf.guard import Examples, paired_lead
 from ame_hf.lm_harness import RESULTS_FILE
 from ame_hf.tune_journal import ScoreJournal
 import test_lm_harness
+from factories import count_scored
 from test_lm_harness import write_task
 
 lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval extra (pip install 'ame-hf[lm-eval]') is in `dev`")
@@ -109,15 +110,7 @@ def test_an_lm_eval_candidates_per_example_scores_are_lm_evals_own_and_survive_a
     ref = {name: _weighted(samples(model, tasks, list(weights)), weights)
            for name, model in (("e0", experts[0]), ("e1", experts[1]), ("soup", soup))}
     assert len(set(ref["soup"][0])) > 2  # the soup's documents differ (else the order would not be checked)
-    real, scored = tuning.evaluate_model, []
-
-    def stops_at_the_greedy_trial(model, *args, **kwargs):
-        scored.append(str(getattr(model, "ame_candidate", model)))
-        if "greedy" in scored[-1]:
-            raise RuntimeError("stopped")
-        return real(model, *args, **kwargs)
-
-    monkeypatch.setattr(tuning, "evaluate_model", stops_at_the_greedy_trial)
+    count_scored(monkeypatch, stop_at="greedy")  # stopped at the greedy soup's first trial
     out, options = tmp_path / "best", dict(lm_eval_tasks="count_mc,noisy=3", lm_eval_include=tasks, budget=0,
                                            device="cpu", progress=False, resume=True)
     with pytest.raises(RuntimeError, match="stopped"):
@@ -127,7 +120,7 @@ def test_an_lm_eval_candidates_per_example_scores_are_lm_evals_own_and_survive_a
     assert recorded["val ingredient 0"]["each"] == ref["e0"] and recorded["val ingredient 1"]["each"] == ref["e1"]
     assert recorded["val candidate 0"]["each"] == ref["soup"]
 
-    monkeypatch.setattr(tuning, "evaluate_model", real)
+    count_scored(monkeypatch)  # no stop now
     seen = _seen(monkeypatch)
     result = tuning.tune(experts, out, **options)
     by_label = {c.label: c for c in result.candidates}
