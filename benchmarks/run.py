@@ -76,6 +76,13 @@ DEFAULT_VS_PLAIN = 1.3
 # ... and on the 1B-class bf16 set, where start-up does not dominate.
 LARGE_TARGET_SET = ("1b", "bf16", 3)
 LARGE_DEFAULT_VS_PLAIN = 1.2
+# Targets of "The biggest models ..." (issue 25): the default merge at full speed.
+BIG_DEFAULT_VS_PLAIN = 1.2  # 4 x 134M fp32
+BIG_READ_VS_INPUT = 1.05  # 4 x 134M fp32: every input byte read once
+BIG_DEFAULT_VS_SOUP = 1.5  # 3 x 1.1B bf16
+# Jobs whose reads `measure.py` sees (read()/pread()); the others map the files (safe_open), so their reads are not
+# counted there.
+READ_COUNTED = {"soup", "adam", "default", "soup_gpu", "adam_gpu", "cat"}
 FP32_TOLERANCE = 1e-6
 
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -256,6 +263,7 @@ def run_once(cmd: list[str], inputs: list[Path], out: Path, log: Path, result_fi
     result_file.unlink()
     return {"wall_s": r["wall_s"], "cpu_s": r["user_s"] + r["sys_s"], "rss_mib": r["max_rss_kib"] / 1024,
             "disk_read_mib": r["disk_read_kib"] / 1024, "wrapper_rss_mib": r["wrapper_rss_kib"] / 1024,
+            "read_bytes": None if r.get("read_kib") is None else r["read_kib"] * 1024,
             "load_before": load}
 
 
@@ -287,7 +295,8 @@ def measure_set(s: InputSet, runs: int, work: Path, mergekit: Path | None, merge
             what = "warm-up" if round_ == 0 else f"run {round_}/{runs}"
             print(f"  {s.key:>16} {JOB_LABELS[job]:<26} {what:<9} wall {r['wall_s']:7.2f} s  "
                   f"cpu {r['cpu_s']:7.2f} s  peak RSS {r['rss_mib']:7.0f} MiB  disk read {r['disk_read_mib']:5.0f} MiB  "
-                  f"(load {r['load_before']:.1f})",
+                  + (f"read {r['read_bytes'] / 2**20:6.0f} MiB  " if job in READ_COUNTED and r["read_bytes"] else "")
+                  + f"(load {r['load_before']:.1f})",
                   flush=True)
             if round_ > 0:
                 results[job].runs.append(r)
@@ -339,8 +348,8 @@ def _ratio(a: float | None, b: float | None) -> str:
 def results_table(sets: list[InputSet], all_results: dict[str, dict[str, JobResult]],
                   input_bytes: dict[str, int]) -> list[str]:
     lines = ["| job | dtype | N | model | median wall s | median CPU s | median peak RSS MiB | wall ÷ plain | "
-             "wall ÷ mergekit | RSS ÷ plain | RSS ÷ mergekit | median disk read MiB | input GB/s (wall) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "wall ÷ mergekit | RSS ÷ plain | RSS ÷ mergekit | median disk read MiB | input GB/s (wall) | read ÷ input |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in sets:
         res = all_results.get(s.key, {})
         plain, mk = res.get("plain"), res.get("mergekit")
@@ -350,7 +359,7 @@ def results_table(sets: list[InputSet], all_results: dict[str, dict[str, JobResu
                 continue
             if not r.runs:
                 lines.append(f"| {JOB_LABELS[job]} | {s.dtype} | {s.n} | {s.size} | {(r.error or 'n/a').splitlines()[0]} "
-                             "| | | | | | | | |")
+                             "| | | | | | | | | |")
                 continue
             wall, cpu, rss = r.median("wall_s"), r.median("cpu_s"), r.median("rss_mib")
             cells = [JOB_LABELS[job], s.dtype, str(s.n), s.size, _fmt(wall, ".2f"), _fmt(cpu, ".2f"), _fmt(rss, ".0f"),
@@ -358,12 +367,22 @@ def results_table(sets: list[InputSet], all_results: dict[str, dict[str, JobResu
                      _ratio(wall, mk.median("wall_s") if mk else None),
                      _ratio(rss, plain.median("rss_mib") if plain else None),
                      _ratio(rss, mk.median("rss_mib") if mk else None), _fmt(r.median("disk_read_mib"), ".0f"),
-                     _fmt(input_bytes.get(s.key, 0) / 1e9 / wall if wall else None, ".2f")]
+                     _fmt(input_bytes.get(s.key, 0) / 1e9 / wall if wall else None, ".2f"),
+                     _fmt(read_ratio(r, job, input_bytes.get(s.key)), ".3f") if job in READ_COUNTED else "mmap"]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def target_lines(all_results: dict[str, dict[str, JobResult]]) -> list[str]:
+def read_ratio(r: JobResult | None, job: str, input_bytes: int | None) -> float | None:
+    """Median bytes the job read (`measure.py`'s `read_kib`: imports included, about 25 MB with torch) ÷ the
+    input weight files' bytes; None where not counted."""
+    values = [x.get("read_bytes") for x in r.runs] if r is not None and job in READ_COUNTED else []
+    if not values or None in values or not input_bytes:
+        return None
+    return statistics.median(values) / input_bytes
+
+
+def target_lines(all_results: dict[str, dict[str, JobResult]], input_bytes: dict[str, int]) -> list[str]:
     def med(key: tuple, job: str, what: str) -> float | None:
         r = all_results.get(InputSet(*key, ()).key, {}).get(job)
         return r.median(what) if r and r.runs else None
@@ -397,6 +416,15 @@ def target_lines(all_results: dict[str, dict[str, JobResult]]) -> list[str]:
     target("1B-class bf16 (3 x 1.1B) default merge wall ÷ plain script",
            ratio("default", "plain", "wall_s", LARGE_TARGET_SET), LARGE_DEFAULT_VS_PLAIN, "x",
            ratio("default", "plain", "cpu_s", LARGE_TARGET_SET))
+    lines.append("- issue 25 (\"The biggest models ...\"):")
+    target("  default merge wall ÷ plain script, 4 x 134M fp32", ratio("default", "plain", "wall_s"),
+           BIG_DEFAULT_VS_PLAIN, "x", ratio("default", "plain", "cpu_s"))
+    small = all_results.get(InputSet(*TARGET_SET, ()).key, {})
+    target("  default merge bytes read ÷ input bytes, 4 x 134M fp32",
+           read_ratio(small.get("default"), "default", input_bytes.get(InputSet(*TARGET_SET, ()).key)),
+           BIG_READ_VS_INPUT, "x", spec=".3f")
+    target("  3 x 1.1B bf16 default merge wall ÷ soup", ratio("default", "soup", "wall_s", LARGE_TARGET_SET),
+           BIG_DEFAULT_VS_SOUP, "x", ratio("default", "soup", "cpu_s", LARGE_TARGET_SET))
     return lines
 
 
@@ -461,12 +489,14 @@ def write_report(path_list: list[Path], command: str, env: dict[str, str], sets:
         f"the page cache, and every input file is read again just before each run, outside the timing), then {runs} times, the jobs of one input set taking turns; medians shown. Wall = whole "
         f"process; CPU = user + sys; peak RSS = the process's ru_maxrss from os.wait4 in a small wrapper "
         f"(benchmarks/measure.py; its own {wrapper_rss:.0f} MiB is the floor); disk read = ru_inblock (0 = warm "
-        f"page cache). Inputs: a Llama "
+        f"page cache); read ÷ input = what the process read through read()/pread() (rchar of /proc/<pid>/io, "
+        f"imports included, page-cache hits too) ÷ the input weight files' bytes, where the job reads that way "
+        f"(\"mmap\": the job maps its files with safe_open, and those reads are not counted). Inputs: a Llama "
         f"(LlamaConfig) with a shared init and copies init + 0.01 * randn(seed i), saved by save_pretrained.",
         "",
         *table,
         "",
-        "## Targets (issue \"Read every input byte once, and start fast\"; 4 x 134M fp32 unless said)",
+        "## Targets (issues \"Read every input byte once, and start fast\" and 25; 4 x 134M fp32 unless said)",
         "",
         *targets,
         "",
@@ -545,8 +575,9 @@ def main(argv: list[str] | None = None) -> int:
             for job in s.jobs:
                 shutil.rmtree(work / "outputs" / f"{s.key}-{job}", ignore_errors=True)
 
-    table = results_table(sets, all_results, {s.key: s.input_bytes(work / "models") for s in sets})
-    targets = target_lines(all_results)
+    input_bytes = {s.key: s.input_bytes(work / "models") for s in sets}
+    table = results_table(sets, all_results, input_bytes)
+    targets = target_lines(all_results, input_bytes)
     now = source_fingerprint()
     changed = sorted(f for f in set(now) | set(fingerprint) if now.get(f) != fingerprint.get(f))
     if changed:

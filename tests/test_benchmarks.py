@@ -71,6 +71,54 @@ def test_a_report_records_the_command_without_output_locations():
     assert command == "python benchmarks/run.py --gpu --runs 2"  # was: --out /tmp/bench --results /root/...
 
 
+def test_measure_counts_what_a_job_reads_through_read_and_not_what_it_maps(tmp_path):
+    """`measure.py`'s `read_kib` (issue 25's bytes-read target is measured with it): a child that reads a 4 MiB
+    file twice through read() is charged 8 MiB; one that maps it and touches every page, nothing of the file."""
+    import json
+    import subprocess
+
+    data = tmp_path / "data.bin"
+    data.write_bytes(bytes(range(256)) * 16384)  # 4 MiB
+    reader = f"for _ in range(2):\n with open({str(data)!r}, 'rb') as f: f.read()"
+    mapper = (f"import mmap\nwith open({str(data)!r}, 'rb') as f:\n m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)"
+              "\n assert sum(m[i] for i in range(0, len(m), 4096)) >= 0")
+    got = {}
+    for name, code in (("reader", reader), ("mapper", mapper)):
+        result = tmp_path / f"{name}.json"
+        done = subprocess.run([sys.executable, str(BENCHMARKS / "measure.py"), "--result", str(result), "--",
+                               sys.executable, "-c", code])
+        assert done.returncode == 0
+        got[name] = json.loads(result.read_text())
+        assert got[name]["rc"] == 0 and got[name]["max_rss_kib"] > 0
+    base = got["mapper"]["read_kib"]  # the interpreter's own start-up reads
+    assert base is not None and base < 4096
+    assert 8192 <= got["reader"]["read_kib"] - base < 8192 + 1024, got
+
+
+def test_the_report_shows_bytes_read_where_counted_and_issue_25s_targets():
+    run = _bench_run()
+    small = run.InputSet(*run.TARGET_SET, ("plain", "soup", "default"))
+    large = run.InputSet(*run.LARGE_TARGET_SET, ("plain", "soup", "default"))
+    inputs = {small.key: 1000 * 2**20, large.key: 6000 * 2**20}
+
+    def job(name: str, wall: float, read_mib: float) -> object:
+        runs = [{"wall_s": wall, "cpu_s": wall, "rss_mib": 300.0, "disk_read_mib": 0.0,
+                 "read_bytes": read_mib * 2**20}] * 3
+        return run.JobResult(name, runs)
+
+    results = {small.key: {"plain": job("plain", 2.0, 5), "soup": job("soup", 3.0, 1010),
+                           "default": job("default", 4.0, 1370)},
+               large.key: {"plain": job("plain", 10.0, 5), "soup": job("soup", 8.0, 6010),
+                           "default": job("default", 11.0, 6700)}}
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in run.results_table([small, large], results, inputs)}
+    assert rows[run.JOB_LABELS["plain"]].endswith("| mmap |")  # safe_open maps: its reads are not counted
+    assert rows[run.JOB_LABELS["default"]].endswith("| 1.117 |")  # the last row of that label: the 1.1B set's
+    targets = "\n".join(run.target_lines(results, inputs))
+    assert "default merge wall ÷ plain script, 4 x 134M fp32: 2.00x (target <= 1.2x) **missed**" in targets
+    assert "default merge bytes read ÷ input bytes, 4 x 134M fp32: 1.370x (target <= 1.05x) **missed**" in targets
+    assert "3 x 1.1B bf16 default merge wall ÷ soup: 1.38x (target <= 1.5x) **met**" in targets
+
+
 @pytest.fixture(scope="module")
 def heldout_run(tmp_path_factory):
     """benchmarks/heldout.py (issue 24) run once at its tiniest size (one seed, two digits experts, LM experts of 5
