@@ -198,9 +198,8 @@ def tensor_sha256(directory: Path, plan: ShardPlan, name: str) -> str:
         The hex digest.
     """
     shard = plan.location[name]
-    _, _, start, end = shard.entries[name]
     digest = hashlib.sha256()
-    offset, stop = shard.offset(name), shard.offset(name) + end - start
+    offset, stop = shard.offset(name), shard.offset(name) + plan.nbytes(name)
     buffer = bytearray(min(_CHUNK, stop - offset))  # one buffer, read into again and again
     view = memoryview(buffer)
     fd = os.open(directory / shard.name, os.O_RDONLY)
@@ -228,16 +227,19 @@ class Journal:
         self.staging, self.plan = staging, plan
         self.path = staging / JOURNAL_DIR / f"done-{socket.gethostname()}-{os.getpid()}.jsonl"
 
-    def record(self, name: str) -> None:
+    def record(self, name: str, sha256: str | None = None) -> None:
         """Append tensor `name`'s sha256 (one `write`, so a line is whole or torn, never mixed with another's).
 
         Args:
             name: a tensor whose writes have all completed.
+            sha256: the digest of the bytes as they were written (`writer.WrittenDigests`); None: read them back
+                from the shard.
 
         Raises:
             OSError: the journal cannot be written.
         """
-        line = json.dumps({"tensor": name, "sha256": tensor_sha256(self.staging, self.plan, name)}) + "\n"
+        digest = sha256 if sha256 is not None else tensor_sha256(self.staging, self.plan, name)
+        line = json.dumps({"tensor": name, "sha256": digest}) + "\n"
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             os.write(fd, line.encode("utf-8"))

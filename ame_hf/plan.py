@@ -141,6 +141,11 @@ class ShardPlan:
         """Bytes of tensor data in all shards (the index's `total_size`)."""
         return sum(s.data_size for s in self.shards)
 
+    def nbytes(self, tensor: str) -> int:
+        """Bytes of one output tensor."""
+        _, _, start, end = self.location[tensor].entries[tensor]
+        return end - start
+
 
 def plan_shards(
     tensors: Sequence[tuple[str, tuple[int, ...], torch.dtype]],

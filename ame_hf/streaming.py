@@ -22,7 +22,7 @@ from .plan import Rows, ShardPlan, index_runs, tensor_blocks
 from .spread import mean_of, relative_lr_value, row_spreads, spread_total
 from .vocabulary import VocabularyPlan
 from .weights import relative_weights, weighted_mean
-from .writer import write_rows
+from .writer import WrittenDigests, write_rows
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class TensorMerger:
         self.weights = relative_weights(config.weights)  # None: unweighted
         self.io = io
         self._pending_write: Future | None = None
+        self.digests = WrittenDigests()  # each tensor's sha256 as written (in the I/O thread): the journal's
         # The ingredient indices the engine reads for one block, in order (batches are consecutive).
         self._ame_reads = [i for epoch in order for i in epoch]
 
@@ -116,10 +117,10 @@ class TensorMerger:
             target.view(-1)[start:start + values.numel()].copy_(values.to(dtype).reshape(-1))
             return
         if self.io is None:
-            write_rows(out_dir, plan, name, row, values)
+            write_rows(out_dir, plan, name, row, values, self.digests)
             return
         self.flush()  # at most one block waiting to be written
-        self._pending_write = self.io.submit(write_rows, out_dir, plan, name, row, values)
+        self._pending_write = self.io.submit(write_rows, out_dir, plan, name, row, values, self.digests)
 
     def flush(self) -> None:
         """Wait for the last write.
@@ -321,7 +322,8 @@ def _output_nbytes(merger: TensorMerger, name: str) -> int:
 
 
 def stream_tensors(merger: TensorMerger, names: Sequence[str], staging: Path, plan: ShardPlan, *, show: bool,
-                   callback: ProgressCallback | None = None, on_done: Callable[[str], None] | None = None) -> None:
+                   callback: ProgressCallback | None = None,
+                   on_done: Callable[[str, str | None], None] | None = None) -> None:
     """Merge and write `names` (this process's share) with a progress bar in bytes of output.
 
     Args:
@@ -331,7 +333,8 @@ def stream_tensors(merger: TensorMerger, names: Sequence[str], staging: Path, pl
         plan: the output's `ShardPlan`.
         show: show the progress bar.
         callback: called as `callback(done_bytes, total_bytes)` as tensors finish.
-        on_done: called (in the I/O thread) with each tensor's name once its bytes are written (the journal).
+        on_done: called (in the I/O thread) with each tensor's name once its bytes are written, and the sha256 of
+            those bytes as written, or None where they were not written in order (the journal).
 
     Raises:
         CheckpointError, IncompatibleCheckpointsError: as `TensorMerger.run`; OSError: a shard cannot be written.
@@ -357,7 +360,8 @@ def stream_tensors(merger: TensorMerger, names: Sequence[str], staging: Path, pl
                 if on_done is not None:  # queued after the tensor's last write: the one I/O thread keeps the order
                     if recorded is not None:
                         recorded.result()
-                    recorded = io.submit(_after_write, merger._pending_write, on_done, name)
+                    recorded = io.submit(_after_write, merger._pending_write, on_done, name,
+                                         lambda name=name: merger.digests.take(name, plan.nbytes(name)))
             merger.flush()
             if recorded is not None:
                 recorded.result()
@@ -366,9 +370,10 @@ def stream_tensors(merger: TensorMerger, names: Sequence[str], staging: Path, pl
         io.shutdown(wait=True, cancel_futures=True)
 
 
-def _after_write(write: Future | None, on_done: Callable[[str], None], name: str) -> None:
-    """`on_done(name)` in the I/O thread once the tensor's last write is done, never after a failed one (a full
-    disk): its bytes are then not what the merge computed, and a journal must not vouch for them."""
+def _after_write(write: Future | None, on_done: Callable[[str, str | None], None], name: str,
+                 digest: Callable[[], str | None]) -> None:
+    """`on_done(name, digest())` in the I/O thread once the tensor's last write is done, never after a failed one
+    (a full disk): its bytes are then not what the merge computed, and a journal must not vouch for them."""
     if write is not None:
         write.result()
-    on_done(name)
+    on_done(name, digest())

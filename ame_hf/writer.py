@@ -3,6 +3,7 @@ as they finish, by any process, and the index."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -34,7 +35,40 @@ def create_shard_files(directory: Path, plan: ShardPlan, shards: Sequence[ShardF
             f.truncate(8 + len(shard.header) + shard.data_size)
 
 
-def write_rows(directory: Path, plan: ShardPlan, name: str, start_row: int, values: torch.Tensor) -> None:
+class WrittenDigests:
+    """The sha256 of each tensor's bytes, taken from the bytes `write_rows` writes, so that the journal need not
+    read a finished tensor back from its shard. A tensor has one only when its bytes were written in order, from
+    its first byte to its last, by `write_rows` calls in this thread (as `TensorMerger` writes them); for any
+    other tensor `take` gives None, and its bytes are read back from the file.
+
+    >>> d = WrittenDigests()
+    >>> d.add("w", 0, memoryview(b"ab")); d.add("w", 2, memoryview(b"c"))
+    >>> d.take("w", 3) == hashlib.sha256(b"abc").hexdigest()
+    True
+    >>> d.add("v", 2, memoryview(b"c")); d.take("v", 3) is None  # not from its first byte
+    True
+    """
+
+    def __init__(self) -> None:
+        self._open: dict[str, list] = {}  # name -> [sha256 so far, or None once out of order; the next byte]
+
+    def add(self, name: str, start: int, data: memoryview) -> None:
+        """Bytes `[start, start + len(data))` of tensor `name` were just written."""
+        entry = self._open.setdefault(name, [hashlib.sha256(), 0])
+        if entry[0] is None or start != entry[1]:
+            entry[0] = None
+            return
+        entry[0].update(data)
+        entry[1] += data.nbytes
+
+    def take(self, name: str, nbytes: int) -> str | None:
+        """The hex digest of tensor `name`'s `nbytes` bytes, when all were written in order, else None; forgets it."""
+        entry = self._open.pop(name, None)
+        return entry[0].hexdigest() if entry is not None and entry[0] is not None and entry[1] == nbytes else None
+
+
+def write_rows(directory: Path, plan: ShardPlan, name: str, start_row: int, values: torch.Tensor,
+               digests: WrittenDigests | None = None) -> None:
     """Write `values` as rows `[start_row, start_row + len)` of tensor `name` (any process may).
 
     Args:
@@ -43,6 +77,7 @@ def write_rows(directory: Path, plan: ShardPlan, name: str, start_row: int, valu
         name: the tensor.
         start_row: its first row these values are (0 for a whole tensor).
         values: the rows, converted to the tensor's output dtype here.
+        digests: where to add the bytes written to the tensor's sha256 (the journal's, without a read back).
 
     Raises:
         OSError: the file cannot be written.
@@ -73,6 +108,8 @@ def write_rows(directory: Path, plan: ShardPlan, name: str, start_row: int, valu
             view, offset = view[written:], offset + written
     finally:
         os.close(fd)
+    if digests is not None:
+        digests.add(name, start_row * row_bytes, memoryview(data))
 
 
 def write_index(directory: Path, plan: ShardPlan) -> None:

@@ -161,14 +161,58 @@ def test_a_tensor_whose_write_failed_is_never_recorded():
 
     failed: Future = Future()
     failed.set_exception(OSError(errno.ENOSPC, "No space left on device"))
-    recorded: list[str] = []
+    recorded: list[tuple] = []
     with pytest.raises(OSError):
-        _after_write(failed, recorded.append, "w")
+        _after_write(failed, lambda *a: recorded.append(a), "w", lambda: "d")
     assert recorded == []
     done: Future = Future()
     done.set_result(None)
-    _after_write(done, recorded.append, "w")
-    assert recorded == ["w"]
+    _after_write(done, lambda *a: recorded.append(a), "w", lambda: "d")
+    assert recorded == [("w", "d")]
+
+
+def test_the_journal_hashes_the_bytes_as_written_and_reads_nothing_back(ingredients, tmp_path, monkeypatch, caplog):
+    """Each tensor's sha256 is taken from the bytes `write_rows` writes, in blocks of rows here (64 elements), not
+    read back from its shard (a second read of the whole output); it equals the digest of the tensor's bytes in the
+    shard, and `--resume` verifies every recorded tensor against it."""
+    import hashlib
+    import logging
+
+    import torch
+    from safetensors import safe_open
+
+    import ame_hf.journal
+    from ame_hf import plan
+
+    monkeypatch.setattr(plan, "BLOCK_ELEMENTS", 64)
+    read_back: list[str] = []
+    real = ame_hf.journal.tensor_sha256
+    monkeypatch.setattr(ame_hf.journal, "tensor_sha256", lambda d, p, name: read_back.append(name) or real(d, p, name))
+
+    def full_disk(done, total):
+        if done > total // 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    options = dict(optimizer="adam", relative_lr=0.1, max_shard_size="12KB", device="cpu", progress=False)
+    with pytest.raises(OutputError, match="not enough space"):
+        merge(ingredients, tmp_path / "out", callback=full_disk, resume=True, **options)
+    assert read_back == []  # was: every recorded tensor read back from the staging shard
+    [staging] = _staging(tmp_path)
+    records = _records(staging)
+    shards = {}
+    for shard in staging.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            shards.update({name: f.get_tensor(name) for name in f.keys()})
+    blocks = 0
+    for entry in records:
+        tensor = shards[entry["tensor"]].contiguous()
+        assert entry["sha256"] == hashlib.sha256(tensor.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+        blocks += tensor.numel() > 64
+    assert blocks, "no recorded tensor was written in more than one block"
+    with caplog.at_level(logging.INFO, logger="ame_hf.journal"):
+        merge(ingredients, tmp_path / "out", resume=True, **options)
+    assert f"resuming: {len(records)} of" in caplog.text and "0 recorded ones redone" in caplog.text
+    assert read_back and set(read_back) <= {e["tensor"] for e in records}  # the resume's verification reads them
 
 
 def test_resume_is_idempotent(ingredients, reference, tmp_path, monkeypatch, capsys):
