@@ -390,13 +390,13 @@ def target_lines(all_results: dict[str, dict[str, JobResult]], input_bytes: dict
     lines: list[str] = []
 
     def target(text: str, value: float | None, limit: float, unit: str, cpu: float | None = None,
-               spec: str = ".2f") -> None:
+               spec: str = ".2f", indent: str = "") -> None:
         if value is None:
-            lines.append(f"- {text}: not measured")
+            lines.append(f"{indent}- {text}: not measured")
             return
         verdict = "**met**" if value <= limit else "**missed**"
         extra = f"; on CPU time (user + sys): {cpu:.2f}{unit}" if cpu is not None else ""
-        lines.append(f"- {text}: {value:{spec}}{unit} (target <= {limit:g}{unit}) {verdict}{extra}")
+        lines.append(f"{indent}- {text}: {value:{spec}}{unit} (target <= {limit:g}{unit}) {verdict}{extra}")
 
     def ratio(a: str, b: str, what: str, key: tuple = TARGET_SET) -> float | None:
         x, y = med(key, a, what), med(key, b, what)
@@ -417,14 +417,14 @@ def target_lines(all_results: dict[str, dict[str, JobResult]], input_bytes: dict
            ratio("default", "plain", "wall_s", LARGE_TARGET_SET), LARGE_DEFAULT_VS_PLAIN, "x",
            ratio("default", "plain", "cpu_s", LARGE_TARGET_SET))
     lines.append("- issue 25 (\"The biggest models ...\"):")
-    target("  default merge wall ÷ plain script, 4 x 134M fp32", ratio("default", "plain", "wall_s"),
-           BIG_DEFAULT_VS_PLAIN, "x", ratio("default", "plain", "cpu_s"))
+    target("default merge wall ÷ plain script, 4 x 134M fp32", ratio("default", "plain", "wall_s"),
+           BIG_DEFAULT_VS_PLAIN, "x", ratio("default", "plain", "cpu_s"), indent="  ")
     small = all_results.get(InputSet(*TARGET_SET, ()).key, {})
-    target("  default merge bytes read ÷ input bytes, 4 x 134M fp32",
+    target("default merge bytes read ÷ input bytes, 4 x 134M fp32",
            read_ratio(small.get("default"), "default", input_bytes.get(InputSet(*TARGET_SET, ()).key)),
-           BIG_READ_VS_INPUT, "x", spec=".3f")
-    target("  3 x 1.1B bf16 default merge wall ÷ soup", ratio("default", "soup", "wall_s", LARGE_TARGET_SET),
-           BIG_DEFAULT_VS_SOUP, "x", ratio("default", "soup", "cpu_s", LARGE_TARGET_SET))
+           BIG_READ_VS_INPUT, "x", spec=".3f", indent="  ")
+    target("3 x 1.1B bf16 default merge wall ÷ soup", ratio("default", "soup", "wall_s", LARGE_TARGET_SET),
+           BIG_DEFAULT_VS_SOUP, "x", ratio("default", "soup", "cpu_s", LARGE_TARGET_SET), indent="  ")
     return lines
 
 

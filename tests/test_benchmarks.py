@@ -114,7 +114,7 @@ def test_the_report_shows_bytes_read_where_counted_and_issue_25s_targets():
     assert rows[run.JOB_LABELS["plain"]].endswith("| mmap |")  # safe_open maps: its reads are not counted
     assert rows[run.JOB_LABELS["default"]].endswith("| 1.117 |")  # the last row of that label: the 1.1B set's
     targets = "\n".join(run.target_lines(results, inputs))
-    assert "default merge wall ÷ plain script, 4 x 134M fp32: 2.00x (target <= 1.2x) **missed**" in targets
+    assert "\n  - default merge wall ÷ plain script, 4 x 134M fp32: 2.00x (target <= 1.2x) **missed**" in targets
     assert "default merge bytes read ÷ input bytes, 4 x 134M fp32: 1.370x (target <= 1.05x) **missed**" in targets
     assert "3 x 1.1B bf16 default merge wall ÷ soup: 1.38x (target <= 1.5x) **met**" in targets
 
