@@ -207,6 +207,7 @@ def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, tok
             warm = _warm_imports(setup.is_main)
             stream_tensors(merger, mine, staging, plan, show=progress and setup.is_main, callback=callback,
                            on_done=journal.Journal(staging, plan).record)
+            _say_read_again(merger, setup)
             barrier(setup)
             if setup.is_main:
                 merge_module_folders(inputs.modules, staging, config, order, setup.device, stamp=_stamp(result),
@@ -229,6 +230,22 @@ def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, tok
 
 # What only the finish imports (the card: huggingface_hub's repocard and its HTTP stack, jinja2).
 FINISH_IMPORTS = ("huggingface_hub.repocard", "jinja2")
+
+
+def _say_read_again(merger: TensorMerger, setup: Any) -> None:
+    """One line when tensors of this process's share were read more than once because their ingredient blocks
+    exceed `--max-memory`, with the budget that would read each input byte once (more memory, less reading)."""
+    if not merger.read_again:
+        return
+    need = sorted(merger.read_again.values())
+    def mib(nbytes: int, exact: bool = False) -> str:  # as --max-memory takes it, rounded up (unless `exact`)
+        unit, scale = ("MiB", 2**20) if nbytes >= 2**20 else ("KiB", 2**10) if nbytes >= 2**10 else ("B", 1)
+        return f"{nbytes}B" if exact and nbytes % scale else f"{-(-nbytes // scale)}{unit}"
+
+    who = f"process {setup.rank + 1} of {setup.world}: " if setup.world > 1 else ""
+    logger.info("%s%d tensor(s) were read twice: their ingredient blocks (%s to %s) exceed --max-memory (%s); "
+                "--max-memory %s would read every input byte once, holding up to that much for one tensor",
+                who, len(need), mib(need[0]), mib(need[-1]), mib(merger.max_memory, exact=True), mib(need[-1]))
 
 
 def _warm_imports(is_main: bool) -> threading.Thread:

@@ -68,6 +68,9 @@ class TensorMerger:
         self.io = io
         self._pending_write: Future | None = None
         self.digests = WrittenDigests()  # each tensor's sha256 as written (in the I/O thread): the journal's
+        # Tensors read more than once because their ingredient blocks exceed `max_memory`: name -> the budget that
+        # would have kept them (for the merge's closing note).
+        self.read_again: dict[str, int] = {}
         # The ingredient indices the engine reads for one block, in order (batches are consecutive).
         self._ame_reads = [i for epoch in order for i in epoch]
 
@@ -181,6 +184,8 @@ class TensorMerger:
                                       relative=relative)
         if pivots is None and relative and len(blocks) == 1:
             pivots = {}  # the pivot of a one-block tensor is one block: held by the steps anyway
+        if kept is None and passes > 1 and len(blocks) > 1:
+            self.read_again[name] = n * info.numel * dtype.itemsize
         if relative:
             # The spread needs the whole tensor before the first step. Each block's pivot (the mean: the costly
             # part) is computed here, and kept for the steps when `max_memory` allows.

@@ -109,22 +109,35 @@ def test_each_input_byte_is_read_once_within_max_memory(tmp_path):
     assert soup.bytes_read == inputs
 
 
-def test_a_tensor_too_big_to_keep_is_kept_one_block_at_a_time(tmp_path):
+def test_a_tensor_too_big_to_keep_is_kept_one_block_at_a_time(tmp_path, caplog):
     """8 MiB tensors x 3 exceed a 16 MiB --max-memory, their 4 MiB blocks x 3 do not: the spread reads the
-    tensor once, the mean pivot and the steps share one more read per block; the bytes are the same."""
+    tensor once, the mean pivot and the steps share one more read per block; the bytes are the same. The merge
+    says so in one line, with the budget that reads every byte once; that budget does."""
+    import logging
+    import re
+
     from ame_hf import merge
     from factories import make_big_checkpoints, weights_sha256
 
     paths = make_big_checkpoints(tmp_path / "big", n=3, rows=8192, cols=256)
     embed = 3 * 8192 * 256 * 4
     norm = 3 * 256 * 4
-    whole = merge(paths, tmp_path / "whole", progress=False)
-    assert whole.bytes_read == embed + norm
-    blocks = merge(paths, tmp_path / "blocks", progress=False, max_memory=16 * 2**20)
+    with caplog.at_level(logging.INFO, logger="ame_hf"):
+        whole = merge(paths, tmp_path / "whole", progress=False)
+        assert whole.bytes_read == embed + norm and "read twice" not in caplog.text
+        blocks = merge(paths, tmp_path / "blocks", progress=False, max_memory=16 * 2**20)
     assert blocks.bytes_read == 2 * embed + norm
+    said = [r.getMessage() for r in caplog.records if "read twice" in r.getMessage()]
+    assert said == ["1 tensor(s) were read twice: their ingredient blocks (24MiB to 24MiB) exceed --max-memory "
+                    "(16MiB); --max-memory 24MiB would read every input byte once, holding up to that much for one "
+                    "tensor"], said
+    enough = merge(paths, tmp_path / "enough", progress=False, max_memory=re.search(r"--max-memory (\S+) would",
+                                                                                     said[0])[1])
+    assert enough.bytes_read == embed + norm
     tiny = merge(paths, tmp_path / "tiny", progress=False, max_memory=1024)
     assert tiny.bytes_read == 3 * embed + norm  # spread, mean pivot, steps: a pass each (norm: equal in all, lr 0)
     assert weights_sha256(whole.path) == weights_sha256(blocks.path) == weights_sha256(tiny.path)
+    assert weights_sha256(enough.path) == weights_sha256(whole.path)
 
 
 def test_adapter_and_vocabulary_merges_do_not_depend_on_the_block_size(lm_adapters, tmp_path, monkeypatch):
