@@ -238,13 +238,14 @@ def _say_read_again(merger: TensorMerger, setup: Any) -> None:
     if not merger.read_again:
         return
     need = sorted(merger.read_again.values())
+
     def mib(nbytes: int, exact: bool = False) -> str:  # as --max-memory takes it, rounded up (unless `exact`)
         unit, scale = ("MiB", 2**20) if nbytes >= 2**20 else ("KiB", 2**10) if nbytes >= 2**10 else ("B", 1)
         return f"{nbytes}B" if exact and nbytes % scale else f"{-(-nbytes // scale)}{unit}"
 
     who = f"process {setup.rank + 1} of {setup.world}: " if setup.world > 1 else ""
-    logger.info("%s%d tensor(s) were read twice: their ingredient blocks (%s to %s) exceed --max-memory (%s); "
-                "--max-memory %s would read every input byte once, holding up to that much for one tensor",
+    logger.info("%s%d tensor(s) were read more than once: their ingredient blocks (%s to %s) exceed --max-memory "
+                "(%s); --max-memory %s would read every input byte once, holding up to that much for one tensor",
                 who, len(need), mib(need[0]), mib(need[-1]), mib(merger.max_memory, exact=True), mib(need[-1]))
 
 

@@ -67,7 +67,7 @@ class TensorMerger:
         self.weights = relative_weights(config.weights)  # None: unweighted
         self.io = io
         self._pending_write: Future | None = None
-        self.digests = WrittenDigests()  # each tensor's sha256 as written (in the I/O thread): the journal's
+        self.digests: WrittenDigests | None = None  # while a journal records: each tensor's sha256 as written
         # Tensors read more than once because their ingredient blocks exceed `max_memory`: name -> the budget that
         # would have kept them (for the merge's closing note).
         self.read_again: dict[str, int] = {}
@@ -349,6 +349,7 @@ def stream_tensors(merger: TensorMerger, names: Sequence[str], staging: Path, pl
     done = 0
     io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ame-hf-io")
     merger.io = io
+    merger.digests = WrittenDigests() if on_done is not None else None  # nothing to hash for no journal
     try:
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="AME", disable=not show) as bar:
             def advance(nbytes: int) -> None:
@@ -373,6 +374,7 @@ def stream_tensors(merger: TensorMerger, names: Sequence[str], staging: Path, pl
     finally:
         merger.io = None
         io.shutdown(wait=True, cancel_futures=True)
+        merger.digests = None
 
 
 def _after_write(write: Future | None, on_done: Callable[[str, str | None], None], name: str,
