@@ -244,9 +244,12 @@ def _say_read_again(merger: TensorMerger, setup: Any) -> None:
         return f"{nbytes}B" if exact and nbytes % scale else f"{-(-nbytes // scale)}{unit}"
 
     who = f"process {setup.rank + 1} of {setup.world}: " if setup.world > 1 else ""
-    logger.info("%s%d tensor(s) were read more than once: their ingredient blocks (%s to %s) exceed --max-memory "
-                "(%s); --max-memory %s would read every input byte once, holding up to that much for one tensor",
-                who, len(need), mib(need[0]), mib(need[-1]), mib(merger.max_memory, exact=True), mib(need[-1]))
+    smallest = sum(n <= need[0] for n in need)
+    budgets = (f"{mib(need[0])} would read {smallest} of them once, {mib(need[-1])} all" if smallest < len(need)
+               else f"{mib(need[-1])} would read them once")
+    logger.info("%s%d tensor(s) were read more than once: their ingredient blocks exceed --max-memory (%s); "
+                "--max-memory %s (holding up to that much for one tensor)",
+                who, len(need), mib(merger.max_memory, exact=True), budgets)
 
 
 def _warm_imports(is_main: bool) -> threading.Thread:
