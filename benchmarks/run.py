@@ -374,7 +374,7 @@ def results_table(sets: list[InputSet], all_results: dict[str, dict[str, JobResu
 
 
 def read_ratio(r: JobResult | None, job: str, input_bytes: int | None) -> float | None:
-    """Median bytes the job read (`measure.py`'s `read_kib`: imports included, about 25 MB with torch) ÷ the
+    """Median bytes the job read (`measure.py`'s `read_kib`: imports included: about 30 MB for a merge) ÷ the
     input weight files' bytes; None where not counted."""
     values = [x.get("read_bytes") for x in r.runs] if r is not None and job in READ_COUNTED else []
     if not values or None in values or not input_bytes:
