@@ -366,14 +366,18 @@ def cli_error_line(capsys: Any, *args: Any, needles: Sequence[str] = (), exit_co
     return line
 
 
-def start_cli(*args: Any, **popen_kwargs: Any) -> subprocess.Popen:
-    """`python -m ame_hf ARGS` started as a child process (stdout and stderr piped, as text), to interrupt.
+def default_ctrl_c() -> None:
+    """A `preexec_fn` for a child the test interrupts with SIGINT: the default Ctrl-C handling, even when the tests
+    run in a background job of a shell (`cmd &`), which starts them with SIGINT ignored (inherited by children):
+    Python then never turns SIGINT into KeyboardInterrupt, and the child runs on."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-    The child gets the default Ctrl-C handling even when the tests run in a background job of a shell
-    (`cmd &`), which starts them with SIGINT ignored: Python then never turns SIGINT into KeyboardInterrupt."""
+
+def start_cli(*args: Any, **popen_kwargs: Any) -> subprocess.Popen:
+    """`python -m ame_hf ARGS` started as a child process (stdout and stderr piped, as text), to interrupt
+    (with `default_ctrl_c`)."""
     return subprocess.Popen([sys.executable, "-m", "ame_hf", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen_kwargs)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_ctrl_c, **popen_kwargs)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 60.0) -> None:

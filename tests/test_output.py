@@ -18,7 +18,7 @@ import pytest
 from ame_hf import merge
 from ame_hf.cli import main
 from ame_hf.errors import OutputError
-from factories import cli_error_line, make_finetunes, start_cli, wait_for
+from factories import cli_error_line, default_ctrl_c, make_finetunes, start_cli, wait_for
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -217,7 +217,7 @@ def test_a_process_removes_its_temp_dirs_when_it_stops(tmp_path, stop):
     other.mkdir()
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     proc = subprocess.Popen([sys.executable, "-c", script, stop], env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True, preexec_fn=default_ctrl_c)
     try:
         folder = Path(proc.stdout.readline().strip())
         assert folder.parent == tmp_path and (folder / "merged" / "model.safetensors").is_file()
