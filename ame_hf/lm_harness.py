@@ -7,10 +7,9 @@ import json
 import logging
 import os
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 from ._lm_eval_tasks import leaf_tasks, reported_metrics
 from .errors import InvalidConfigError
@@ -235,6 +234,8 @@ def run_tasks(model: Any, spec: LmEvalTasks, *, device: str | None = None, batch
     Returns:
         lm-eval's output (`results`, `configs`, `n-shot`, ...).
     """
+    from unittest.mock import patch  # the standard library's: sets a variable and restores it (not at start-up)
+
     import torch
 
     from ._lm_eval_quiet import quiet_lm_eval, quiet_requests
@@ -248,7 +249,8 @@ def run_tasks(model: Any, spec: LmEvalTasks, *, device: str | None = None, batch
     try:
         lm = HFLM(pretrained=loaded, tokenizer=tokenizer, batch_size=batch_size or 8, device=device,
                   **({"max_length": max_length} if max_length else {}))
-        with quiet_lm_eval(not progress), _in_process_bootstrap():
+        # lm-eval's bootstrap without its process pool (its switch; the variable restored after).
+        with quiet_lm_eval(not progress), patch.dict(os.environ, {"DISABLE_MULTIPROC": "1"}):
             out = lm_eval.simple_evaluate(model=lm if progress else quiet_requests(lm), tasks=spec.task_names,
                                           task_manager=_manager(spec.include), num_fewshot=spec.num_fewshot,
                                           limit=spec.limit, use_cache=None, cache_requests=False, log_samples=samples,
@@ -262,20 +264,6 @@ def run_tasks(model: Any, spec: LmEvalTasks, *, device: str | None = None, batch
         while len(_RESULTS) > 64:
             _RESULTS.popitem(last=False)
     return out
-
-
-@contextmanager
-def _in_process_bootstrap() -> Iterator[None]:
-    """lm-eval's bootstrap without its process pool (its `DISABLE_MULTIPROC`), the variable restored after."""
-    saved = os.environ.get("DISABLE_MULTIPROC")
-    os.environ["DISABLE_MULTIPROC"] = "1"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("DISABLE_MULTIPROC", None)
-        else:
-            os.environ["DISABLE_MULTIPROC"] = saved
 
 
 def task_scores(out: dict[str, Any], spec: LmEvalTasks) -> dict[str, float]:
@@ -319,7 +307,6 @@ def score(model: Any, spec: LmEvalTasks, *, device: str | None = None, batch_siz
         from ._lm_eval_examples import per_document
 
         per_example.append(per_document(out, spec.tasks, spec.metric, _manager(spec.include).task_index))
-        out.pop("samples", None)
     return value
 
 

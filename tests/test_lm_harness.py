@@ -276,7 +276,8 @@ def test_a_group_and_an_including_task_score_as_lm_eval_scores_them(mc, grouped)
 
 # Every label of the task is 0, so sklearn finds f1 of the positive class ill-defined in each of the 1000 draws.
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.UndefinedMetricWarning")
-def test_a_bootstrapped_metric_takes_1000_draws_in_this_process_and_prints_nothing_when_quiet(mc, tmp_path, capfd):
+def test_a_bootstrapped_metric_takes_1000_draws_in_this_process_and_prints_nothing_when_quiet(mc, tmp_path, capfd,
+                                                                                               monkeypatch):
     """f1 is no mean: lm-eval bootstraps its standard error. ame-hf asks for 1000 draws without lm-eval's process
     pool (its default, 100000 in a pool forked from a process with threads, took about 3 minutes per metric here
     and can hang): a number for `f1_stderr`, the same every run (lm-eval seeds its draws); its line on stdout and
@@ -291,6 +292,9 @@ def test_a_bootstrapped_metric_takes_1000_draws_in_this_process_and_prints_nothi
     yaml.write_text(yaml.read_text().replace("metric: acc\n    aggregation: mean", "metric: f1\n    aggregation: f1"))
     spec = LmEvalTasks((("count_f1", 1.0),), metric="f1,none", include=str(tasks))
     assert "DISABLE_MULTIPROC" not in os.environ
+    import multiprocessing  # lm-eval's pool: both ways print the same line, which the quiet run drops
+
+    monkeypatch.setattr(multiprocessing, "Pool", lambda *a, **k: pytest.fail("lm-eval's process pool was used"))
     capfd.readouterr()
     runs = [run_tasks(experts[0], spec, device="cpu") for _ in range(2)]
     out, err = capfd.readouterr()
