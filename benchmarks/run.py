@@ -80,9 +80,8 @@ LARGE_DEFAULT_VS_PLAIN = 1.2
 BIG_DEFAULT_VS_PLAIN = 1.2  # 4 x 134M fp32
 BIG_READ_VS_INPUT = 1.05  # 4 x 134M fp32: every input byte read once
 BIG_DEFAULT_VS_SOUP = 1.5  # 3 x 1.1B bf16
-# Jobs whose reads `measure.py` sees (read()/pread()); the others map the files (safe_open), so their reads are not
-# counted there.
-READ_COUNTED = {"soup", "adam", "default", "soup_gpu", "adam_gpu", "cat"}
+# Jobs that map their input files (safe_open): `measure.py` counts only read()/pread(), so their reads are not seen.
+MAPS_FILES = {"plain", "mergekit"}
 FP32_TOLERANCE = 1e-6
 
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -295,7 +294,7 @@ def measure_set(s: InputSet, runs: int, work: Path, mergekit: Path | None, merge
             what = "warm-up" if round_ == 0 else f"run {round_}/{runs}"
             print(f"  {s.key:>16} {JOB_LABELS[job]:<26} {what:<9} wall {r['wall_s']:7.2f} s  "
                   f"cpu {r['cpu_s']:7.2f} s  peak RSS {r['rss_mib']:7.0f} MiB  disk read {r['disk_read_mib']:5.0f} MiB  "
-                  + (f"read {r['read_bytes'] / 2**20:6.0f} MiB  " if job in READ_COUNTED and r["read_bytes"] else "")
+                  + (f"read {r['read_bytes'] / 2**20:6.0f} MiB  " if job not in MAPS_FILES and r["read_bytes"] else "")
                   + f"(load {r['load_before']:.1f})",
                   flush=True)
             if round_ > 0:
@@ -368,15 +367,15 @@ def results_table(sets: list[InputSet], all_results: dict[str, dict[str, JobResu
                      _ratio(rss, plain.median("rss_mib") if plain else None),
                      _ratio(rss, mk.median("rss_mib") if mk else None), _fmt(r.median("disk_read_mib"), ".0f"),
                      _fmt(input_bytes.get(s.key, 0) / 1e9 / wall if wall else None, ".2f"),
-                     _fmt(read_ratio(r, job, input_bytes.get(s.key)), ".3f") if job in READ_COUNTED else "mmap"]
+                     "mmap" if job in MAPS_FILES else _fmt(read_ratio(r, input_bytes.get(s.key)), ".3f")]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def read_ratio(r: JobResult | None, job: str, input_bytes: int | None) -> float | None:
+def read_ratio(r: JobResult | None, input_bytes: int | None) -> float | None:
     """Median bytes the job read (`measure.py`'s `read_kib`: imports included: about 30 MB for a merge) ÷ the
-    input weight files' bytes; None where not counted."""
-    values = [x.get("read_bytes") for x in r.runs] if r is not None and job in READ_COUNTED else []
+    input weight files' bytes; None where not counted (no /proc)."""
+    values = [x.get("read_bytes") for x in r.runs] if r is not None else []
     if not values or None in values or not input_bytes:
         return None
     return statistics.median(values) / input_bytes
@@ -421,7 +420,7 @@ def target_lines(all_results: dict[str, dict[str, JobResult]], input_bytes: dict
            BIG_DEFAULT_VS_PLAIN, "x", ratio("default", "plain", "cpu_s"), indent="  ")
     small = all_results.get(InputSet(*TARGET_SET, ()).key, {})
     target("default merge bytes read ÷ input bytes, 4 x 134M fp32",
-           read_ratio(small.get("default"), "default", input_bytes.get(InputSet(*TARGET_SET, ()).key)),
+           read_ratio(small.get("default"), input_bytes.get(InputSet(*TARGET_SET, ()).key)),
            BIG_READ_VS_INPUT, "x", spec=".3f", indent="  ")
     target("3 x 1.1B bf16 default merge wall ÷ soup", ratio("default", "soup", "wall_s", LARGE_TARGET_SET),
            BIG_DEFAULT_VS_SOUP, "x", ratio("default", "soup", "cpu_s", LARGE_TARGET_SET), indent="  ")
