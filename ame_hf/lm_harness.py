@@ -24,9 +24,10 @@ _KEPT = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
          "lm_eval_version", "transformers_version", "date")
 _MANAGERS: dict[str | None, Any] = {}
 # Draws of lm-eval's bootstrap for the standard error of metrics it does not average (f1, mcc, bleu, a median; a
-# mean's is exact): its default, 100000 in a process pool forked from ours, took about 3 minutes per metric and
-# run here (the same 170 s in-process), and a fork of a process with threads can hang. 1000 draws in-process: about
-# 2 s; the scores themselves do not depend on it, only the `_stderr` entries (lm-eval's `bootstrap_iters`).
+# mean's is exact): its default, 100000 in a process pool forked from ours, took 82 s per metric and run on 2 cores
+# (185 s in-process), and a fork of a process with threads can hang; 1000 draws in-process: 2.8 s
+# (`benchmarks/lm_eval_bootstrap.py --pool`, f1 over 20 documents). The scores do not depend on it, only the
+# `_stderr` entries (lm-eval's `bootstrap_iters`).
 BOOTSTRAP_ITERS = 1000
 # The latest lm-eval results of the model folders scored in this process (by resolved path), so that the output's
 # results file reuses its selection run; bounded, and read only by `record` for a folder the caller names.

@@ -279,8 +279,8 @@ def test_a_group_and_an_including_task_score_as_lm_eval_scores_them(mc, grouped)
 def test_a_bootstrapped_metric_takes_1000_draws_in_this_process_and_prints_nothing_when_quiet(mc, tmp_path, capfd,
                                                                                                monkeypatch):
     """f1 is no mean: lm-eval bootstraps its standard error. ame-hf asks for 1000 draws without lm-eval's process
-    pool (its default, 100000 in a pool forked from a process with threads, took about 3 minutes per metric here
-    and can hang): a number for `f1_stderr`, the same every run (lm-eval seeds its draws); its line on stdout and
+    pool (its default, 100000 in a pool forked from a process with threads, took 82 s per metric on 2 cores,
+    `benchmarks/lm_eval_bootstrap.py --pool`, and can hang): a number for `f1_stderr`, the same every run (lm-eval seeds its draws); its line on stdout and
     its bar are not shown when quiet; the environment is left as it was."""
     import os
 
