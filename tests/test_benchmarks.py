@@ -92,7 +92,9 @@ def test_measure_counts_what_a_job_reads_through_read_and_not_what_it_maps(tmp_p
         assert got[name]["rc"] == 0 and got[name]["max_rss_kib"] > 0
     base = got["mapper"]["read_kib"]  # the interpreter's own start-up reads
     assert base is not None and base < 4096
-    assert 8192 <= got["reader"]["read_kib"] - base < 8192 + 1024, got
+    # The two start-ups differ by a few KiB (the mapper imports mmap; each count is rounded down to a KiB): CI saw
+    # 8191. Reading the file once, or mapping reads counted, would be 4 MiB off.
+    assert 8192 - 128 <= got["reader"]["read_kib"] - base < 8192 + 1024, got
 
 
 def test_the_report_shows_bytes_read_where_counted_and_issue_25s_targets():
