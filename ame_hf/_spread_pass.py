@@ -15,7 +15,7 @@ _DONE = object()
 
 
 def spread_pass(merger: Any, name: str, blocks: list, kept: dict | None, pivots: dict | None,
-                dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+                dtype: torch.dtype, shape: tuple[int, ...], head: frozenset | None = None) -> torch.Tensor:
     """The summed squared distance of the ingredients to each block's pivot, per row of tensor `name`
     (`spread.row_spreads`), and each block's pivot put in `pivots` when that is kept.
 
@@ -32,6 +32,7 @@ def spread_pass(merger: Any, name: str, blocks: list, kept: dict | None, pivots:
         pivots: its kept pivots (filled here), or None.
         dtype: the dtype its blocks are kept (and read) in.
         shape: its shape.
+        head: the blocks kept in `kept` (`_keeping.kept_head`), or None for all of them.
 
     Returns:
         One float64 per row (one in all for a 0-D tensor).
@@ -47,11 +48,12 @@ def spread_pass(merger: Any, name: str, blocks: list, kept: dict | None, pivots:
 
     def compute(rows: Any) -> None:
         given = merger._pivot_block(name, rows)
-        load = block_loader(merger, kept, name, rows, range(n), shape, dtype, raw=True, inline=True)
+        keep = head is None or rows in head
+        load = block_loader(merger, kept if keep else None, name, rows, range(n), shape, dtype, raw=True, inline=True)
         pivot, spread = row_spreads(load, n, given, merger.compute_dtype)
         (spreads[rows[0]:rows[1]] if rows else spreads).copy_(spread.reshape(-1))  # rows of its own
         # The spread is to the plain mean; a weighted merge starts from its weighted mean instead.
-        if pivots is not None and (given is not None or merger.weights is None):
+        if pivots is not None and keep and (given is not None or merger.weights is None):
             pivots[rows] = pivot
 
     todo, lock, stop = iter(blocks), threading.Lock(), threading.Event()

@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="compute device, e.g. cpu, cuda, cuda:1 (default: chosen by accelerate)")
     g.add_argument("--max-memory", metavar="SIZE",
                    help="memory for one tensor's ingredient blocks, so each input byte is read once (default "
-                        "128MiB; a larger tensor is read again for each pass)")
+                        "128MiB; a larger tensor keeps its first blocks that fit and reads the rest again)")
     g.add_argument("--threads", type=whole, metavar="N", help="torch threads on the CPU (default 1; for more cores "
                                                              "run several processes with torchrun)")
     add_merge_options(m.add_argument_group("evaluation (validation data)"))

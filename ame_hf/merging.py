@@ -69,7 +69,8 @@ def merge(
             blocks gains little from threads and stalls badly when another process shares the cores;
             use several processes with `torchrun` to use more cores).
         max_memory: how much of one tensor's ingredient blocks may be kept in memory so that each input
-            byte is read once (`128MiB` by default; a larger tensor is read again for each pass).
+            byte is read once (`128MiB` by default; a larger tensor keeps its first blocks that fit and reads the
+            rest again).
         stage: an `inputs.InputStage` shared between runs (as `tune` shares one between its merges), so that
             each reference is resolved, fetched and parsed once; default: a new one (with `token`).
         recorded_at: where the output will live if you move it there after the merge (as `tune` moves its

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint
 from .config import AmeConfig
-from ._keeping import block_loader, keeping
+from ._keeping import block_loader, kept_head, keeping
 from ._spread_pass import spread_pass
 from .engine import ame_block
 from .errors import CheckpointError, IncompatibleCheckpointsError
@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
 # Ingredient blocks of one tensor kept in memory so that each input byte is read once (for the spread,
-# the mean pivot and every step and epoch); a tensor whose N copies exceed it is read again instead.
+# the mean pivot and every step and epoch); a tensor whose N copies exceed it keeps its first blocks that fit
+# (`_keeping.kept_head`) and reads the rest again.
 DEFAULT_MAX_MEMORY = 128 * 2**20
 
 
@@ -184,19 +185,24 @@ class TensorMerger:
                                       relative=relative)
         if pivots is None and relative and len(blocks) == 1:
             pivots = {}  # the pivot of a one-block tensor is one block: held by the steps anyway
+        head = None  # the blocks kept in `kept`: None for all
         if kept is None and passes > 1 and len(blocks) > 1:
             self.read_again[name] = n * info.numel * dtype.itemsize
+            if relative:  # the spread pass keeps the first blocks that fit: only the rest is read again
+                head = kept_head(blocks, info.shape, n, dtype, self.max_memory)
+                kept = {} if head else None
         if relative:
             # The spread needs the whole tensor before the first step. Each block's pivot (the mean: the costly
             # part) is computed here, and kept for the steps when `max_memory` allows.
-            spreads = spread_pass(self, name, blocks, kept, pivots, dtype, info.shape)
+            spreads = spread_pass(self, name, blocks, kept, pivots, dtype, info.shape, head)
             lr = relative_lr_value(self.config.relative_lr, spread_total([spreads]), n * info.numel)
         for rows in blocks:
             pivot = pivots.pop(rows, None) if pivots else None
             pivot = self._pivot_block(name, rows) if pivot is None else pivot
             mean_pass = pivot is None and not self.soup
             reads = [*(range(n) if mean_pass else ()), *(self._ame_reads if lr != 0.0 else ())]
-            load = block_loader(self, kept, name, rows, reads, info.shape, dtype)
+            block_kept = kept if head is None or rows in head else None
+            load = block_loader(self, block_kept, name, rows, reads, info.shape, dtype)
             if pivot is None and self.soup:
                 # The soup's first step (SGD, lr 1) replaces w by the first ingredient whatever the
                 # pivot; from zeros that step is exact, so the mean pass would only cost a read.
@@ -207,7 +213,7 @@ class TensorMerger:
             # Every pivot here is a fresh tensor of this block alone: the engine may step it in place.
             merged = pivot if lr == 0.0 else ame_block(load, pivot, self.config, self.order, lr, own_pivot=True)
             self._write(out_dir, plan, name, rows[0] if rows else 0, merged.cpu())
-            if kept is not None:  # this block is done: its kept copies are not needed again
+            if block_kept is not None:  # this block is done: its kept copies are not needed again
                 for i in range(n):
                     kept.pop((rows, i), None)
             advance(info.nbytes * (rows[1] - rows[0]) // info.shape[0] if rows else info.nbytes)
