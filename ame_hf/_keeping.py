@@ -40,8 +40,9 @@ def keeping(checkpoints: Sequence[Checkpoint], name: str, passes: int, compute: 
     else in the stored one), and with a relative lr the spread's pivots too when they fit beside them (blocks are
     kept in the stored dtype also where only that leaves room for the pivots: the mean computed once). A tensor
     whose blocks do not fit keeps nothing here; with a relative lr its spread pass keeps the first blocks that
-    fit (`kept_head`) and reads the rest once more, their means computed twice (keeping the pivots alone would hold a float32 copy of the tensor: the 134M model's embedding took the
-    merge's peak memory from about 390 to 510 MiB, to save about 0.1 s).
+    fit (`kept_head`) and reads the rest once more, their means computed twice (keeping the pivots alone would
+    hold a float32 copy of the tensor: the 134M model's embedding took the merge's peak memory from about 390
+    to 510 MiB, to save about 0.1 s).
 
     Args:
         checkpoints: the ingredients.
@@ -73,28 +74,31 @@ def keeping(checkpoints: Sequence[Checkpoint], name: str, passes: int, compute: 
     return None, None, dtype
 
 
-def kept_head(blocks: Sequence[Any], shape: tuple[int, ...], n: int, dtype: torch.dtype,
+def kept_head(blocks: Sequence[Any], shape: tuple[int, ...], n: int, dtype: torch.dtype, compute: torch.dtype,
               max_memory: int) -> frozenset:
     """The first blocks of a tensor whose ingredient blocks fit `max_memory` (in `dtype`) beside the two blocks the
-    spread pass computes at once (`_spread_pass`: the main and the I/O thread): kept from that pass for the
-    steps, which start with them, so that only the rest of the tensor is read once more. The steps are
-    element-wise: which blocks are kept changes no value, only how much is read again.
+    spread pass computes at once (`_spread_pass`: the main and the I/O thread, each with its block's ingredients
+    and their mean): kept from that pass for the steps, which start with them, so that only the rest of the tensor
+    is read once more. The steps are element-wise: which blocks are kept changes no value, only how much is read
+    again.
 
     Args:
         blocks: the tensor's blocks of rows, in order (`plan.tensor_blocks`).
         shape: its shape.
         n: the number of ingredients.
         dtype: the dtype its blocks are kept in.
+        compute: the compute dtype (the mean's).
         max_memory: the bytes its kept blocks may take.
 
     Returns:
         The kept blocks' rows (empty: not even the first fits).
 
-    >>> kept_head([(0, 2), (2, 4), (4, 5), (5, 6)], (6, 8), n=2, dtype=torch.float32, max_memory=520)
+    >>> kept_head([(0, 2), (2, 4), (4, 5), (5, 6)], (6, 8), 2, torch.float32, torch.float32, max_memory=640)
     frozenset({(0, 2), (2, 4)})
     """
-    row_bytes = n * math.prod(shape[1:]) * dtype.itemsize
-    in_flight = 2 * max((rows[1] - rows[0] for rows in blocks), default=0) * row_bytes
+    row = math.prod(shape[1:])
+    row_bytes = n * row * dtype.itemsize
+    in_flight = 2 * max((rows[1] - rows[0] for rows in blocks), default=0) * (row_bytes + row * compute.itemsize)
     head, total = [], in_flight
     for rows in blocks:
         total += (rows[1] - rows[0]) * row_bytes

@@ -189,7 +189,7 @@ class TensorMerger:
         if kept is None and passes > 1 and len(blocks) > 1:
             self.read_again[name] = n * info.numel * dtype.itemsize
             if relative:  # the spread pass keeps the first blocks that fit: only the rest is read again
-                head = kept_head(blocks, info.shape, n, dtype, self.max_memory)
+                head = kept_head(blocks, info.shape, n, dtype, self.compute_dtype, self.max_memory)
                 kept = {} if head else None
         if relative:
             # The spread needs the whole tensor before the first step. Each block's pivot (the mean: the costly
