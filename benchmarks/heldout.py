@@ -16,7 +16,10 @@ the min). The margin over the soup is in accuracy points (digits) or nats (lm), 
 from its config (or is the expert, or the greedy soup's kept experts) and scored on test, in the same run.
 
     python benchmarks/heldout.py [--seeds 0,1,2] [--digits-n 2,4] [--lm-steps 60,120] [--budget 12]
-                                 [--oracle] [--out DIR] [--report-only] [--update-results]
+                                 [--digits-val-from-test K] [--oracle] [--out DIR] [--report-only] [--update-results]
+
+`--digits-val-from-test K` moves K of the 540 test digits to the 180 validation digits (the experts stay the
+same): how much `tune` gains over the soup with more labelled data to choose on.
 
 `--oracle` (off by default) also scores every candidate tune built on test, after tune chose, and reports the
 best one there: the ceiling of any selection rule with this candidate set.
@@ -73,18 +76,34 @@ def case_row(family: str, size: str, seed: int, higher: bool, val: dict[str, flo
             "best_margin": sign * (best_test - test["soup"]) * (100.0 if higher else 1.0)}
 
 
+def more_validation(splits: dict[str, Any], count: int) -> dict[str, Any]:
+    """The example's splits with `count` test digits (stratified, fixed seed) moved to validation: the experts,
+    trained on the other splits, stay the same; only what `tune` chooses on and what scores its pick change."""
+    import numpy as np
+    from sklearn.model_selection import train_test_split
+
+    if count <= 0:
+        return splits
+    test = splits["test"]
+    keep, move = train_test_split(np.arange(len(test.labels)), test_size=count, stratify=test.labels,
+                                  random_state=0)
+    val = splits["val"]
+    joined = type(val)(np.concatenate([val.images, test.images[move]]), np.concatenate([val.labels, test.labels[move]]))
+    return {**splits, "val": joined, "test": test.subset(keep)}
+
+
 def digits_cases(seeds: Sequence[int], ns: Sequence[int], budget: int, out: Path,
-                 oracle: bool = False) -> list[dict[str, Any]]:
+                 oracle: bool = False, val_from_test: int = 0) -> list[dict[str, Any]]:
     import numpy as np
 
     from ame_hf.evaluation import load_data
     from ame_hf.tuning import default_grid, tune
 
     d = example("digits")
-    splits = d.load_splits()
+    splits = more_validation(d.load_splits(), val_from_test)
     pixels_01 = splits["public"].images / 255.0
     pixels = d.Pixels(mean=round(float(pixels_01.mean()), 3), std=round(float(pixels_01.std()), 3))
-    data = out / "digits" / "data"
+    data = out / "digits" / ("data" if val_from_test <= 0 else f"data-val+{val_from_test}")
     if not (data / "test").exists():
         d.write_image_folder(splits["val"], data / "val")
         d.write_image_folder(splits["test"], data / "test")
@@ -276,7 +295,9 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              "digits: accuracy % (higher is better), margin in points; lm: mean next-token loss in nats (lower is "
              "better), margin in nats. *wins*: tune's test score is at least max(soup, best expert on validation). "
              "Test data played no part in any choice. *what-if best*: the candidate `selection=\"best\"` (the best "
-             "validation score, the rule before) takes, rebuilt and scored on test in the same run.", "",
+             "validation score, the rule before) takes, rebuilt and scored on test in the same run."
+             + (" digits: {} validation and {} test digits.".format(*meta["digits_val_test"])
+                if meta.get("digits_val_test") else ""), "",
              "| family | size | seed | val: soup / best expert / tune | test: soup | test: best expert (val) | "
              "test: tune | tune pick | wins | margin over soup | what-if best: pick | test | wins, margin |",
              "|---" * 13 + "|"]
@@ -354,6 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help=f"tune budget (default {DEFAULT_BUDGET})")
     parser.add_argument("--out", type=Path, default=HERE / "_work" / "heldout",
                         help="work folder: models, cases.json and results.md (default benchmarks/_work/heldout)")
+    parser.add_argument("--digits-val-from-test", type=int, default=0, metavar="K",
+                        help="move K of the 540 test digits to the 180 validation digits (stratified; the experts "
+                             "are the same): how tune's choice changes with more validation data (default 0)")
     parser.add_argument("--oracle", action="store_true",
                         help="also score every candidate tune built on test and report the best there (the ceiling "
                              "of any selection rule on this candidate set); chooses nothing")
@@ -380,14 +404,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    rows = (digits_cases(seeds, ns, args.budget, args.out, args.oracle)
+    rows = (digits_cases(seeds, ns, args.budget, args.out, args.oracle, args.digits_val_from_test)
             + lm_cases(seeds, steps, args.budget, args.out, args.oracle))
     if not rows:
         parser.error("nothing to run: give --digits-n or --lm-steps")
     meta = {"command": recorded_command(__file__, sys.argv[1:] if argv is None else list(argv),
                                         {"--out": True, "--update-results": False}),
             "commit": commit, "date": datetime.date.today().isoformat(), "budget": args.budget,
-            "default_budget": DEFAULT_BUDGET, "seconds": time.perf_counter() - started}
+            "default_budget": DEFAULT_BUDGET, "seconds": time.perf_counter() - started,
+            "digits_val_test": [180 + args.digits_val_from_test, 540 - args.digits_val_from_test] if ns else None}
     (args.out / "cases.json").write_text(json.dumps({"meta": meta, "cases": rows}, indent=1), encoding="utf-8")
     return write(report(rows, meta), args.out, args.update_results, shown)
 

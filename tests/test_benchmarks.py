@@ -177,6 +177,24 @@ def test_heldout_runs_both_families_at_the_tiniest_size(heldout_run):
     assert (heldout.COMMITTED.read_bytes() if heldout.COMMITTED.exists() else None) == committed
 
 
+def test_heldout_moves_test_digits_to_validation_and_nothing_else(heldout_run):
+    # --digits-val-from-test K: K test digits (stratified) join the validation digits; training splits untouched.
+    import numpy as np
+
+    heldout, out, _ = heldout_run
+    splits = heldout.example("digits").load_splits()  # loaded by the run already
+    moved = heldout.more_validation(splits, 180)
+    assert heldout.more_validation(splits, 0) is splits
+    assert (len(moved["val"].labels), len(moved["test"].labels)) == (360, 360)
+    for name in ("public", "private"):
+        assert moved[name] is splits[name]
+    assert np.array_equal(moved["val"].images[:180], splits["val"].images)
+    pooled = lambda s: sorted(map(bytes, np.concatenate([s["val"].images, s["test"].images])))  # noqa: E731
+    assert pooled(moved) == pooled(splits)  # a digit moved, none lost or copied
+    assert np.bincount(moved["val"].labels[180:], minlength=10).min() >= 17  # stratified: every class moved
+    assert "digits: 180 validation and 540 test digits." in (out / "results.md").read_text(encoding="utf-8")
+
+
 def test_heldout_oracle_is_the_best_candidate_on_test(heldout_run):
     # benchmarks/heldout.py --oracle (issue 24): after tune chose, every candidate it built is rebuilt and scored on
     # test; the oracle is the best there, so it is at least every candidate's score and at least tune's pick.
