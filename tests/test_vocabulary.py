@@ -232,3 +232,38 @@ def test_pivot_and_tokenizer_source_keywords_mean_the_same_in_check_merge_api_an
         assert AutoTokenizer.from_pretrained(out).get_vocab() == source.get_vocab(), out
         assert _rows(out)[0].shape[0] == len(source)
     assert (cli / "model.safetensors").read_bytes() == (tmp_path / "yaml" / "model.safetensors").read_bytes()
+
+
+def test_the_default_merge_of_extended_vocabularies_reads_each_byte_once_within_max_memory(extended, tmp_path,
+                                                                                          monkeypatch):
+    """The token-indexed tensors' groups of rows, read by the relative lr's spread pass, are kept for the steps
+    when they fit --max-memory (each input byte read once); with less, the groups that fit beside the one being
+    read (here, in blocks of 4 rows: the first block of the 15 rows all three share, 3 x 4 x 16 float32, the 2
+    rows of ft1 and ft2 and the row of ft2 alone; at 1 KiB only the 2 rows); with less than the largest group,
+    none. The bytes written are the same."""
+    from collections import Counter
+
+    import ame_hf.plan as plan
+    from ame_hf import merge
+    from ame_hf.checkpoint import Checkpoint
+    from factories import load_state, weights_sha256
+
+    inputs = sum(t.numel() * t.element_size() for p in extended for t in load_state(p).values())
+    whole = merge(extended, tmp_path / "whole", progress=False)
+    assert whole.bytes_read == inputs
+    read, counted = Checkpoint.read, Counter()
+
+    def counting(self, name, rows=None, dtype=None):  # the real read, its values counted per tensor
+        values = read(self, name, rows, dtype)
+        counted[name] += values.numel() * self.info(name).dtype.itemsize
+        return values
+
+    monkeypatch.setattr(Checkpoint, "read", counting)
+    monkeypatch.setattr(plan, "BLOCK_ELEMENTS", 64)
+    embed = (15 + 17 + 18) * 16 * 4  # the three embeddings' bytes
+    for budget, expected in (("128MiB", embed), ("2KiB", 2 * embed - (3 * 4 + 2 * 2 + 1) * 16 * 4),
+                             ("1KiB", 2 * embed - 2 * 2 * 16 * 4), ("512B", 2 * embed)):
+        counted.clear()
+        done = merge(extended, tmp_path / budget, progress=False, max_memory=budget)
+        assert counted["model.embed_tokens.weight"] == counted["lm_head.weight"] == expected, (budget, counted)
+        assert weights_sha256(done.path) == weights_sha256(whole.path)
