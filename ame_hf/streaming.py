@@ -16,10 +16,11 @@ from .checkpoint import Checkpoint
 from .config import AmeConfig
 from ._keeping import block_loader, kept_head, keeping
 from ._spread_pass import spread_pass
+from ._token_rows import merge_token_rows
 from .engine import ame_block
 from .errors import CheckpointError, IncompatibleCheckpointsError
-from .plan import Rows, ShardPlan, index_runs, tensor_blocks
-from .spread import mean_of, relative_lr_value, row_spreads, spread_total
+from .plan import Rows, ShardPlan, tensor_blocks
+from .spread import mean_of, relative_lr_value, spread_total
 from .vocabulary import VocabularyPlan
 from .weights import relative_weights, weighted_mean
 from .writer import WrittenDigests, write_rows
@@ -231,109 +232,6 @@ class TensorMerger:
                     "integer buffers must be equal in all ingredients"
                 )
         self._write(out_dir, plan, name, 0, first)
-
-
-def merge_token_rows(merger: TensorMerger, name: str, out_dir: Path, plan: ShardPlan,
-                     advance: Callable[[int], None]) -> None:
-    """A token-indexed tensor whose rows are matched by token (DESIGN §3, Vocabulary): the output rows
-    owned by the same ingredients form a group, and each group runs AME over exactly its owners, in
-    their order, block by block of rows; so the soup of a row is the mean over the ingredients that
-    have its token. The pivot of a row: the pivot ingredient's row if it has the token, else the mean
-    of the owners (a pivot checkpoint with another vocabulary: the mean too).
-
-    Args:
-        merger: the run's `TensorMerger` (its `vocab` set).
-        name: the token-indexed tensor.
-        out_dir: the staging directory.
-        plan: the output's `ShardPlan`.
-        advance: called with the bytes of output done.
-
-    Raises:
-        CheckpointError: as `TensorMerger.run`.
-    """
-    vocab = merger.vocab
-    assert vocab is not None
-    if merger.config.transform != "none":
-        raise IncompatibleCheckpointsError(f"transform {merger.config.transform} needs one vocabulary; {name!r} has "
-                                           "token rows that differ between the ingredients: merge without it")
-    info = merger.checkpoints[0].info(name)
-    columns = name in vocab.columns  # [1, vocab] (BART's final_logits_bias): whole tensors, seen as [vocab, 1]
-    shape = (vocab.size, 1) if columns else (vocab.size, *info.shape[1:])
-    if columns:
-        flat = {i: merger._read(c, name, None).reshape(-1, 1) for i, c in enumerate(merger.checkpoints)}
-        whole = torch.empty(shape, dtype=merger.compute_dtype)
-    per_block = max(1, (tensor_blocks(shape, merger.device)[0] or (0, vocab.size))[1])
-    groups = [(owners, rows[k:k + per_block]) for owners, rows in vocab.groups() for k in range(0, len(rows), per_block)]
-    lr = merger.config.lr
-    kept: dict[int, dict[int, torch.Tensor]] = {}  # groups the spread pass read, kept for the steps
-    if merger.config.relative_lr is not None:
-        # One float64 per row, made before the first group (as `TensorMerger.run` does).
-        spreads, done, count = torch.empty(sum(len(rows) for _, rows in groups), dtype=torch.float64), 0, 0
-        sizes = [len(owners) * len(rows) * math.prod(shape[1:]) * merger.compute_dtype.itemsize
-                 for owners, rows in groups]
-        # Every group when all fit --max-memory (each input byte read once); else those that fit beside the
-        # group being read, in order, and the rest is read again for the steps (as `_keeping.kept_head`).
-        room = merger.max_memory if sum(sizes) <= merger.max_memory else merger.max_memory - max(sizes, default=0)
-        if not columns and sum(sizes) > merger.max_memory:
-            merger.read_again[name] = sum(sizes)
-        used = 0
-        for k, (owners, rows) in enumerate(groups):
-            blocks = _gather_columns(flat, vocab, owners, rows) if columns else _gather_owners(merger, name, owners, rows)
-            spread = row_spreads(lambda j: blocks[owners[j]], len(owners), _row_pivot(merger, owners, rows, blocks))[1]
-            spreads[done:done + len(rows)].copy_(spread.reshape(-1))
-            done += len(rows)
-            count += len(owners) * len(rows) * math.prod(shape[1:])
-            if not columns and used + sizes[k] <= room:
-                kept[k], used = blocks, used + sizes[k]
-        lr = relative_lr_value(merger.config.relative_lr, spread_total([spreads]), count)
-    row_bytes = info.nbytes // max(1, info.shape[-1] if columns else info.shape[0])
-    for k, (owners, rows) in enumerate(groups):
-        blocks = kept.pop(k, None)  # read by the spread pass (the engine never modifies what it loads)
-        if blocks is None:
-            blocks = _gather_columns(flat, vocab, owners, rows) if columns else _gather_owners(merger, name, owners, rows)
-        order = [[i for i in epoch if i in owners] for epoch in merger.order]
-        pivot = _row_pivot(merger, owners, rows, blocks)
-        if pivot is None and merger.weights is not None:
-            pivot = weighted_mean(lambda j: blocks[owners[j]], len(owners), [merger.weights[i] for i in owners],
-                                  merger.compute_dtype)
-        elif pivot is None:
-            mean = sum(blocks[i].double() for i in owners) / len(owners)
-            pivot = mean.to(merger.compute_dtype)
-        merged = pivot if lr == 0.0 else ame_block(lambda j: blocks[j].clone(), pivot, merger.config, order, lr)
-        merged = merged.cpu()
-        if columns:
-            whole[rows] = merged
-        for start, stop in [] if columns else index_runs(rows):
-            offset = rows.index(start)
-            merger._write(out_dir, plan, name, start, merged[offset:offset + stop - start])
-        advance(row_bytes * len(rows))
-    if columns:
-        merger._write(out_dir, plan, name, 0, whole.reshape(vocab.shape_of(name, info.shape)))
-
-
-def _gather_columns(flat: dict[int, torch.Tensor], vocab: VocabularyPlan, owners: Sequence[int],
-                    rows: Sequence[int]) -> dict[int, torch.Tensor]:
-    """Each owner's values for output `rows` of a [1, vocab] tensor read whole (and seen as [vocab, 1])."""
-    return {i: flat[i][[vocab.rows[i][r] for r in rows]] for i in owners}
-
-
-def _gather_owners(merger: TensorMerger, name: str, owners: Sequence[int], rows: Sequence[int]) -> dict[int, torch.Tensor]:
-    """Each owner's rows for output `rows` (read as runs of consecutive rows), in the compute dtype."""
-    assert merger.vocab is not None
-    out = {}
-    for i in owners:
-        source = [merger.vocab.rows[i][r] for r in rows]
-        parts = [merger._read(merger.checkpoints[i], name, run) for run in index_runs(source)]
-        out[i] = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return out
-
-
-def _row_pivot(merger: TensorMerger, owners: Sequence[int], rows: Sequence[int],
-               blocks: dict[int, torch.Tensor]) -> torch.Tensor | None:
-    """The pivot ingredient's rows when it owns them; None (the mean of the owners) otherwise."""
-    if isinstance(merger.pivot, int) and merger.pivot in owners:
-        return blocks[merger.pivot].clone()
-    return None
 
 
 def _output_nbytes(merger: TensorMerger, name: str) -> int:

@@ -147,7 +147,7 @@ def test_weight_in_the_yaml_ingredients(finetunes, tmp_path, capsys):
 
 
 def test_weighted_soup_of_differing_vocabularies_goes_by_token(tmp_path):
-    """Token rows matched by token (streaming.merge_token_rows): a shared token's row is the weighted mean, a token
+    """Token rows matched by token (_token_rows.merge_token_rows): a shared token's row is the weighted mean, a token
     only one ingredient has keeps that ingredient's row."""
     from transformers import AddedToken
 
