@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -34,30 +35,47 @@ def keep_dtype(checkpoints: Sequence[Checkpoint], name: str, compute: torch.dtyp
     return compute
 
 
-def keeping(checkpoints: Sequence[Checkpoint], name: str, passes: int, compute: torch.dtype, max_memory: int, *,
-            relative: bool) -> tuple[dict | None, dict | None, torch.dtype]:
+@dataclass
+class Keeping:
+    """What of one tensor is kept (`keeping`), and whether some of it is read more than once."""
+
+    blocks: dict | None  # its kept ingredient blocks (filled by the passes), or None
+    pivots: dict | None  # its kept pivots, or None
+    dtype: torch.dtype  # the dtype its blocks are kept (and read) in
+    head: frozenset | None = None  # the blocks kept in `blocks` (`kept_head`); None: all of them
+    read_again: int = 0  # when some input bytes are read more than once: the budget that would read each once
+
+    def of(self, rows: Any) -> dict | None:
+        """The kept blocks, where block `rows` is kept; else None."""
+        return self.blocks if self.head is None or rows in self.head else None
+
+
+def keeping(checkpoints: Sequence[Checkpoint], name: str, blocks: Sequence[Any], passes: int, compute: torch.dtype,
+            max_memory: int, *, relative: bool) -> Keeping:
     """What of tensor `name` is kept: every ingredient's blocks when they fit `max_memory` (in the compute dtype,
     else in the stored one), and with a relative lr the spread's pivots too when they fit beside them (blocks are
-    kept in the stored dtype also where only that leaves room for the pivots: the mean computed once). A tensor
-    whose blocks do not fit keeps nothing here; with a relative lr its spread pass keeps the first blocks that
-    fit (`kept_head`) and reads the rest once more, their means computed twice (keeping the pivots alone would
-    hold a float32 copy of the tensor: the 134M model's embedding took the merge's peak memory from about 390
-    to 510 MiB, to save about 0.1 s).
+    kept in the stored dtype also where only that leaves room for the pivots: the mean computed once). Else,
+    with a relative lr, the first blocks that fit (`kept_head`): its spread pass reads the tensor and the steps
+    read the rest once more, their means computed twice (keeping the pivots alone would hold a float32 copy of
+    the tensor: the 134M model's embedding took the merge's peak memory from about 390 to 510 MiB, to save about
+    0.1 s). Without one, the passes over a block share one read when its ingredient blocks fit (`block_loader`).
 
     Args:
         checkpoints: the ingredients.
         name: the tensor.
+        blocks: its blocks of rows (`plan.tensor_blocks`).
         passes: how many times the merge reads each block (one: nothing is worth keeping).
         compute: the compute dtype.
         max_memory: the bytes a tensor's kept blocks may take.
         relative: the learning rate is relative (a spread pass comes first).
 
     Returns:
-        (an empty dict for the kept blocks or None, an empty dict for the pivots or None, the kept blocks' dtype).
+        The `Keeping` (empty dicts, filled by the passes).
     """
     if passes <= 1:  # one pass reads each block once anyway (the soup): keeping them would only cost memory
-        return None, None, compute
-    numel = checkpoints[0].info(name).numel
+        return Keeping(None, None, compute)
+    info = checkpoints[0].info(name)
+    numel = info.numel
     pivot_bytes = numel * compute.itemsize
     n, dtype = len(checkpoints), compute
     if n * numel * dtype.itemsize + (pivot_bytes if relative else 0) > max_memory:
@@ -68,10 +86,30 @@ def keeping(checkpoints: Sequence[Checkpoint], name: str, passes: int, compute: 
             dtype = stored
     blocks_bytes = n * numel * dtype.itemsize
     if blocks_bytes <= max_memory:
-        return {}, {} if relative and blocks_bytes + pivot_bytes <= max_memory else None, dtype
+        return Keeping({}, {} if relative and blocks_bytes + pivot_bytes <= max_memory else None, dtype)
     logger.debug("%s: %d copies of %.1f MB exceed --max-memory: kept one block at a time, so the learning-rate "
                  "spread reads it once more", name, n, numel * dtype.itemsize / 1e6)
-    return None, None, dtype
+    if relative:
+        head = kept_head(blocks, info.shape, n, dtype, compute, max_memory)
+        return Keeping({} if head else None, None, dtype, head, read_again=blocks_bytes)
+    row = numel // info.shape[0] if info.shape else numel
+    largest = max(numel if rows is None else (rows[1] - rows[0]) * row for rows in blocks)
+    return Keeping(None, None, dtype, read_again=blocks_bytes if n * largest * dtype.itemsize > max_memory else 0)
+
+
+def leading_fit(sizes: Sequence[int], max_memory: int, in_flight: int) -> int:
+    """How many of the first items, of these sizes, fit `max_memory` together beside `in_flight` bytes.
+
+    >>> leading_fit([3, 3, 3], 10, 2), leading_fit([3, 1], 4, 2)
+    (2, 0)
+    """
+    count, total = 0, in_flight
+    for size in sizes:
+        total += size
+        if total > max_memory:
+            break
+        count += 1
+    return count
 
 
 def kept_head(blocks: Sequence[Any], shape: tuple[int, ...], n: int, dtype: torch.dtype, compute: torch.dtype,
@@ -96,16 +134,12 @@ def kept_head(blocks: Sequence[Any], shape: tuple[int, ...], n: int, dtype: torc
     >>> kept_head([(0, 2), (2, 4), (4, 5), (5, 6)], (6, 8), 2, torch.float32, torch.float32, max_memory=640)
     frozenset({(0, 2), (2, 4)})
     """
+    if blocks == [None]:  # a tensor of one block: the two in flight are all of it
+        return frozenset()
     row = math.prod(shape[1:])
     row_bytes = n * row * dtype.itemsize
     in_flight = 2 * max((rows[1] - rows[0] for rows in blocks), default=0) * (row_bytes + row * compute.itemsize)
-    head, total = [], in_flight
-    for rows in blocks:
-        total += (rows[1] - rows[0]) * row_bytes
-        if total > max_memory:
-            break
-        head.append(rows)
-    return frozenset(head)
+    return frozenset(blocks[:leading_fit([(r[1] - r[0]) * row_bytes for r in blocks], max_memory, in_flight)])
 
 
 def kept_loader(merger: Any, kept: dict, name: str, rows: Any, expected: Sequence[int] = (),

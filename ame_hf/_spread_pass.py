@@ -8,14 +8,13 @@ from typing import Any
 
 import torch
 
-from ._keeping import block_loader
+from ._keeping import Keeping, block_loader
 from .spread import row_spreads
 
 _DONE = object()
 
 
-def spread_pass(merger: Any, name: str, blocks: list, kept: dict | None, pivots: dict | None,
-                dtype: torch.dtype, shape: tuple[int, ...], head: frozenset | None = None) -> torch.Tensor:
+def spread_pass(merger: Any, name: str, blocks: list, keep: Keeping, shape: tuple[int, ...]) -> torch.Tensor:
     """The summed squared distance of the ingredients to each block's pivot, per row of tensor `name`
     (`spread.row_spreads`), and each block's pivot put in `pivots` when that is kept.
 
@@ -28,11 +27,8 @@ def spread_pass(merger: Any, name: str, blocks: list, kept: dict | None, pivots:
         merger: the run's `TensorMerger`.
         name: the tensor.
         blocks: its blocks of rows (`plan.tensor_blocks`).
-        kept: its kept ingredient blocks (filled here), or None.
-        pivots: its kept pivots (filled here), or None.
-        dtype: the dtype its blocks are kept (and read) in.
+        keep: what of it is kept (`_keeping.keeping`): its kept blocks and pivots are filled here.
         shape: its shape.
-        head: the blocks kept in `kept` (`_keeping.kept_head`), or None for all of them.
 
     Returns:
         One float64 per row (one in all for a 0-D tensor).
@@ -48,13 +44,12 @@ def spread_pass(merger: Any, name: str, blocks: list, kept: dict | None, pivots:
 
     def compute(rows: Any) -> None:
         given = merger._pivot_block(name, rows)
-        keep = head is None or rows in head
-        load = block_loader(merger, kept if keep else None, name, rows, range(n), shape, dtype, raw=True, inline=True)
+        load = block_loader(merger, keep.of(rows), name, rows, range(n), shape, keep.dtype, raw=True, inline=True)
         pivot, spread = row_spreads(load, n, given, merger.compute_dtype)
         (spreads[rows[0]:rows[1]] if rows else spreads).copy_(spread.reshape(-1))  # rows of its own
         # The spread is to the plain mean; a weighted merge starts from its weighted mean instead.
-        if pivots is not None and keep and (given is not None or merger.weights is None):
-            pivots[rows] = pivot
+        if keep.pivots is not None and (given is not None or merger.weights is None):
+            keep.pivots[rows] = pivot
 
     todo, lock, stop = iter(blocks), threading.Lock(), threading.Event()
 

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint
 from .config import AmeConfig
-from ._keeping import block_loader, kept_head, keeping
+from ._keeping import block_loader, keeping
 from ._spread_pass import spread_pass
 from ._token_rows import merge_token_rows
 from .engine import ame_block
@@ -182,28 +182,24 @@ class TensorMerger:
         lr = self.config.lr
         relative = self.config.relative_lr is not None
         passes = relative + (self.pivot == "mean" and not self.soup) + (len(self.order) if lr != 0.0 else 0)
-        kept, pivots, dtype = keeping(self.checkpoints, name, passes, self.compute_dtype, self.max_memory,
-                                      relative=relative)
-        if pivots is None and relative and len(blocks) == 1:
-            pivots = {}  # the pivot of a one-block tensor is one block: held by the steps anyway
-        head = None  # the blocks kept in `kept`: None for all
-        if kept is None and passes > 1 and len(blocks) > 1:
-            self.read_again[name] = n * info.numel * dtype.itemsize
-            if relative:  # the spread pass keeps the first blocks that fit: only the rest is read again
-                head = kept_head(blocks, info.shape, n, dtype, self.compute_dtype, self.max_memory)
-                kept = {} if head else None
+        keep = keeping(self.checkpoints, name, blocks, passes, self.compute_dtype, self.max_memory, relative=relative)
+        if keep.pivots is None and relative and len(blocks) == 1:
+            keep.pivots = {}  # the pivot of a one-block tensor is one block: held by the steps anyway
+        if keep.read_again:
+            self.read_again[name] = keep.read_again
         if relative:
             # The spread needs the whole tensor before the first step. Each block's pivot (the mean: the costly
             # part) is computed here, and kept for the steps when `max_memory` allows.
-            spreads = spread_pass(self, name, blocks, kept, pivots, dtype, info.shape, head)
+            spreads = spread_pass(self, name, blocks, keep, info.shape)
             lr = relative_lr_value(self.config.relative_lr, spread_total([spreads]), n * info.numel)
+        pivots = keep.pivots
         for rows in blocks:
             pivot = pivots.pop(rows, None) if pivots else None
             pivot = self._pivot_block(name, rows) if pivot is None else pivot
             mean_pass = pivot is None and not self.soup
             reads = [*(range(n) if mean_pass else ()), *(self._ame_reads if lr != 0.0 else ())]
-            block_kept = kept if head is None or rows in head else None
-            load = block_loader(self, block_kept, name, rows, reads, info.shape, dtype)
+            kept = keep.of(rows)
+            load = block_loader(self, kept, name, rows, reads, info.shape, keep.dtype)
             if pivot is None and self.soup:
                 # The soup's first step (SGD, lr 1) replaces w by the first ingredient whatever the
                 # pivot; from zeros that step is exact, so the mean pass would only cost a read.
@@ -214,7 +210,7 @@ class TensorMerger:
             # Every pivot here is a fresh tensor of this block alone: the engine may step it in place.
             merged = pivot if lr == 0.0 else ame_block(load, pivot, self.config, self.order, lr, own_pivot=True)
             self._write(out_dir, plan, name, rows[0] if rows else 0, merged.cpu())
-            if block_kept is not None:  # this block is done: its kept copies are not needed again
+            if kept is not None:  # this block is done: its kept copies are not needed again
                 for i in range(n):
                     kept.pop((rows, i), None)
             advance(info.nbytes * (rows[1] - rows[0]) // info.shape[0] if rows else info.nbytes)

@@ -108,16 +108,18 @@ def test_bfloat16_blocks_are_kept_as_stored_where_only_that_leaves_room_for_the_
     """3 x 8 MiB of float32 fit a 28 MiB --max-memory but not beside the 8 MiB float32 pivots; kept in bfloat16
     (12 MiB) they do, so the mean is computed once and less is kept (3 x 3B bf16 q_proj: peak RSS 425-458 ->
     385-393 MiB); read once, the same bytes."""
-    from ame_hf._keeping import keeping
+    from ame_hf._keeping import Keeping, keeping
     from ame_hf.checkpoint import Checkpoint
+    from ame_hf.plan import tensor_blocks
 
     paths = make_big_checkpoints(tmp_path / "big", n=3, rows=8192, cols=256, dtype=torch.bfloat16)
     ckpts = [Checkpoint(p) for p in paths]
     name = next(k for k in ckpts[0].tensors if ckpts[0].info(k).numel == 8192 * 256)
-    kept, pivots, dtype = keeping(ckpts, name, 2, torch.float32, 28 * 2**20, relative=True)
-    assert (kept, pivots, dtype) == ({}, {}, torch.bfloat16)
+    blocks = tensor_blocks((8192, 256), torch.device("cpu"))
+    assert keeping(ckpts, name, blocks, 2, torch.float32, 28 * 2**20, relative=True) == Keeping({}, {}, torch.bfloat16)
     # Without a relative lr there are no pivots to keep: the float32 blocks fit and are kept as computed.
-    assert keeping(ckpts, name, 2, torch.float32, 28 * 2**20, relative=False) == ({}, None, torch.float32)
+    kept = keeping(ckpts, name, blocks, 2, torch.float32, 28 * 2**20, relative=False)
+    assert kept == Keeping({}, None, torch.float32)
     whole = merge(paths, tmp_path / "whole", progress=False, device="cpu")
     kept_bf16 = merge(paths, tmp_path / "kept", progress=False, device="cpu", max_memory=28 * 2**20)
     assert kept_bf16.bytes_read == whole.bytes_read == 3 * 8192 * 256 * 2 + 3 * 256 * 2

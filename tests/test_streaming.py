@@ -144,6 +144,23 @@ def test_a_tensor_too_big_to_keep_is_kept_one_block_at_a_time(tmp_path, caplog):
     assert weights_sha256(enough.path) == weights_sha256(no_head.path) == weights_sha256(whole.path)
 
 
+def test_without_a_relative_lr_a_tensor_too_big_to_keep_is_read_once_and_not_named(tmp_path, caplog):
+    """AME-Adam at an absolute lr has no spread pass: its mean pivot and steps share one read of each block when
+    the block's ingredients fit, so a tensor larger than --max-memory is read once and the closing line must not
+    name it (it did: 'read more than once' for a tensor read once). With less than a block, each pass reads it."""
+    import logging
+
+    from factories import make_big_checkpoints
+
+    paths = make_big_checkpoints(tmp_path / "big", n=3, rows=16384, cols=256)
+    inputs = 3 * 16384 * 256 * 4 + 3 * 256 * 4
+    with caplog.at_level(logging.INFO, logger="ame_hf"):
+        once = merge(paths, tmp_path / "once", progress=False, max_memory="44MiB", optimizer="adam", lr=1e-4)
+        assert once.bytes_read == inputs and "more than once" not in caplog.text
+        tiny = merge(paths, tmp_path / "tiny", progress=False, max_memory="1KiB", optimizer="adam", lr=1e-4)
+    assert tiny.bytes_read > inputs and "tensor(s) were read more than once" in caplog.text
+
+
 @pytest.mark.parametrize("options", [{"pivot": "first"}, {"weights": [1.0, 2.0, 3.0]}, {"epochs": 2, "shuffle": True}],
                          ids=["pivot-first", "weighted", "2-epochs"])
 def test_the_kept_first_blocks_change_no_byte(tmp_path, options):
