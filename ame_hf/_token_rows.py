@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ._keeping import leading_fit
 from .engine import ame_block
 from .errors import IncompatibleCheckpointsError
 from .plan import ShardPlan, index_runs, tensor_blocks
@@ -49,32 +50,34 @@ def merge_token_rows(merger: Any, name: str, out_dir: Path, plan: ShardPlan,
     per_block = max(1, (tensor_blocks(shape, merger.device)[0] or (0, vocab.size))[1])
     groups = [(owners, rows[k:k + per_block]) for owners, rows in vocab.groups() for k in range(0, len(rows), per_block)]
     lr = merger.config.lr
+
+    def gather(owners: Sequence[int], rows: Sequence[int]) -> dict[int, torch.Tensor]:
+        return _gather_columns(flat, vocab, owners, rows) if columns else _gather_owners(merger, name, owners, rows)
+
     kept: dict[int, dict[int, torch.Tensor]] = {}  # groups the spread pass read, kept for the steps
     if merger.config.relative_lr is not None:
         # One float64 per row, made before the first group (as `TensorMerger.run` does).
-        spreads, done, count = torch.empty(sum(len(rows) for _, rows in groups), dtype=torch.float64), 0, 0
-        sizes = [len(owners) * len(rows) * math.prod(shape[1:]) * merger.compute_dtype.itemsize
-                 for owners, rows in groups]
-        # Every group when all fit --max-memory (each input byte read once); else those that fit beside the
-        # group being read, in order, and the rest is read again for the steps (as `_keeping.kept_head`).
-        room = merger.max_memory if sum(sizes) <= merger.max_memory else merger.max_memory - max(sizes, default=0)
-        if not columns and sum(sizes) > merger.max_memory:
+        spreads, done = torch.empty(sum(len(rows) for _, rows in groups), dtype=torch.float64), 0
+        counts = [len(owners) * len(rows) * math.prod(shape[1:]) for owners, rows in groups]
+        sizes = [count * merger.compute_dtype.itemsize for count in counts]
+        # Every group when all fit --max-memory (each input byte read once); else the first ones that fit beside
+        # the group being read, and the rest is read again for the steps (as `_keeping.kept_head`).
+        keep = len(groups) if sum(sizes) <= merger.max_memory else leading_fit(sizes, merger.max_memory, max(sizes))
+        if columns:
+            keep = 0  # a [1, vocab] tensor is in memory whole already
+        elif keep < len(groups):
             merger.read_again[name] = sum(sizes)
-        used = 0
         for k, (owners, rows) in enumerate(groups):
-            blocks = _gather_columns(flat, vocab, owners, rows) if columns else _gather_owners(merger, name, owners, rows)
+            blocks = gather(owners, rows)
             spread = row_spreads(lambda j: blocks[owners[j]], len(owners), _row_pivot(merger, owners, rows, blocks))[1]
             spreads[done:done + len(rows)].copy_(spread.reshape(-1))
             done += len(rows)
-            count += len(owners) * len(rows) * math.prod(shape[1:])
-            if not columns and used + sizes[k] <= room:
-                kept[k], used = blocks, used + sizes[k]
-        lr = relative_lr_value(merger.config.relative_lr, spread_total([spreads]), count)
+            if k < keep:
+                kept[k] = blocks
+        lr = relative_lr_value(merger.config.relative_lr, spread_total([spreads]), sum(counts))
     row_bytes = info.nbytes // max(1, info.shape[-1] if columns else info.shape[0])
     for k, (owners, rows) in enumerate(groups):
-        blocks = kept.pop(k, None)  # read by the spread pass (the engine never modifies what it loads)
-        if blocks is None:
-            blocks = _gather_columns(flat, vocab, owners, rows) if columns else _gather_owners(merger, name, owners, rows)
+        blocks = kept.pop(k, None) or gather(owners, rows)  # kept: the engine never modifies what it loads
         order = [[i for i in epoch if i in owners] for epoch in merger.order]
         pivot = _row_pivot(merger, owners, rows, blocks)
         if pivot is None and merger.weights is not None:
@@ -83,7 +86,7 @@ def merge_token_rows(merger: Any, name: str, out_dir: Path, plan: ShardPlan,
         elif pivot is None:
             mean = sum(blocks[i].double() for i in owners) / len(owners)
             pivot = mean.to(merger.compute_dtype)
-        merged = pivot if lr == 0.0 else ame_block(lambda j: blocks[j].clone(), pivot, merger.config, order, lr)
+        merged = pivot if lr == 0.0 else ame_block(blocks.__getitem__, pivot, merger.config, order, lr)
         merged = merged.cpu()
         if columns:
             whole[rows] = merged

@@ -237,10 +237,9 @@ def test_pivot_and_tokenizer_source_keywords_mean_the_same_in_check_merge_api_an
 def test_the_default_merge_of_extended_vocabularies_reads_each_byte_once_within_max_memory(extended, tmp_path,
                                                                                           monkeypatch):
     """The token-indexed tensors' groups of rows, read by the relative lr's spread pass, are kept for the steps
-    when they fit --max-memory (each input byte read once); with less, the groups that fit beside the one being
-    read (here, in blocks of 4 rows: the first block of the 15 rows all three share, 3 x 4 x 16 float32, the 2
-    rows of ft1 and ft2 and the row of ft2 alone; at 1 KiB only the 2 rows); with less than the largest group,
-    none. The bytes written are the same."""
+    when they fit --max-memory (each input byte read once); with less, the first groups that fit beside the
+    largest one, being read (here, in blocks of 4 rows of the 15 rows all three share, 3 x 4 x 16 float32 each:
+    three at 3 KiB, one at 2 KiB, none at 1 KiB). The bytes written are the same."""
     from collections import Counter
 
     import ame_hf.plan as plan
@@ -261,8 +260,9 @@ def test_the_default_merge_of_extended_vocabularies_reads_each_byte_once_within_
     monkeypatch.setattr(Checkpoint, "read", counting)
     monkeypatch.setattr(plan, "BLOCK_ELEMENTS", 64)
     embed = (15 + 17 + 18) * 16 * 4  # the three embeddings' bytes
-    for budget, expected in (("128MiB", embed), ("2KiB", 2 * embed - (3 * 4 + 2 * 2 + 1) * 16 * 4),
-                             ("1KiB", 2 * embed - 2 * 2 * 16 * 4), ("512B", 2 * embed)):
+    block = 3 * 4 * 16 * 4
+    for budget, expected in (("128MiB", embed), ("3KiB", 2 * embed - 3 * block), ("2KiB", 2 * embed - block),
+                             ("1KiB", 2 * embed)):
         counted.clear()
         done = merge(extended, tmp_path / budget, progress=False, max_memory=budget)
         assert counted["model.embed_tokens.weight"] == counted["lm_head.weight"] == expected, (budget, counted)
