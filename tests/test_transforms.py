@@ -4,6 +4,7 @@ float64 implementation of mergekit's formulas; composed with other optimizers; n
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,3 +160,36 @@ def test_transform_options_are_checked(models, tmp_path):
     with pytest.raises(InvalidConfigError, match="2 values of density for 3 ingredients"):
         merge(paths, tmp_path / "x", pivot=str(base), transform="ties", density=[0.5, 0.5], progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_the_spread_pass_keeps_transformed_blocks_that_fit_max_memory(models, tmp_path, monkeypatch):
+    """With a relative lr, the spread pass's transformed blocks are kept for the steps when they fit --max-memory:
+    each fine-tune's bytes are then read once (DARE has no first pass of its own), the first blocks that fit with
+    less, and every block twice with nothing kept; the bytes written are the same."""
+    from collections import Counter
+
+    from ame_hf.checkpoint import Checkpoint
+    from factories import weights_sha256
+
+    base, paths = models
+    cfg = AmeConfig(optimizer="adam", relative_lr=0.05, pivot=str(base), transform="dare", density=0.5)
+    read, counted = Checkpoint.read, Counter()
+
+    def counting(self, name, rows=None, dtype=None):  # the real read, the fine-tunes' values counted per tensor
+        values = read(self, name, rows, dtype)
+        if Path(self.path) != Path(base):
+            counted[name] += values.numel() * self.info(name).dtype.itemsize
+        return values
+
+    monkeypatch.setattr(Checkpoint, "read", counting)
+    monkeypatch.setattr(plan, "BLOCK_ELEMENTS", 3 * 64)  # blocks of 64 elements: many per matrix
+    state = load_state(paths[0])
+    name = max((k for k in state if state[k].dim() == 2), key=lambda k: state[k].numel())
+    once = sum(t.numel() * t.element_size() for p in paths for t in [load_state(p)[name]])
+    shas, got = {}, {}
+    for budget in ("128MiB", "4KiB", "1B"):
+        counted.clear()
+        shas[budget] = weights_sha256(merge(paths, tmp_path / budget, cfg, progress=False, max_memory=budget).path)
+        got[budget] = counted[name]
+    assert got["128MiB"] == once and got["1B"] == 2 * once and once < got["4KiB"] < 2 * once, got
+    assert shas["128MiB"] == shas["4KiB"] == shas["1B"]
