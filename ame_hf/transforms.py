@@ -138,8 +138,10 @@ class TensorTransform:
                     after += _rowsum_abs(d * self._keep(i, rows, d))
                 self.factors[i] = 1.0 if before < 1e-7 or after < 1e-7 else before / after
 
-    def _delta(self, i: int, rows: Rows) -> torch.Tensor:
-        return self.merger._read(self.merger.checkpoints[i], self.name, rows) - self.pivot_block(rows)
+    def _delta(self, i: int, rows: Rows, pivot: torch.Tensor | None = None) -> torch.Tensor:
+        """Ingredient i's task vector on block `rows`, from the pivot's block when it is given (else read)."""
+        return self.merger._read(self.merger.checkpoints[i], self.name, rows) - (
+            self.pivot_block(rows) if pivot is None else pivot)
 
     def _magnitudes(self, i: int) -> Iterator[torch.Tensor]:
         for rows in self.blocks:
@@ -162,7 +164,7 @@ class TensorTransform:
         """Every ingredient's transformed block `pivot + d_i'`."""
         deltas = []
         for i in range(self.n):
-            d = self._delta(i, rows)
+            d = self._delta(i, rows, pivot)  # the pivot is read once per block, not once per ingredient
             d = d * self._keep(i, rows, d)
             if self.factors[i] != 1.0:
                 d = d * self.factors[i]
