@@ -11,7 +11,8 @@ AME then runs on `pivot + d_i'`, with any optimizer, so `sgd, lr 1, constant, ba
 mergekit's merge.
 
 A per-tensor magnitude threshold is found exactly by a radix select over the tensor's blocks (a first pass over
-the tensor, 2 reads of each ingredient in float32), and L1 norms by exact sums of row sums: so no byte depends on
+the tensor, 2 reads of each ingredient in float32, or one where its task vector fits `--max-memory` and is kept for
+the pass), and L1 norms by exact sums of row sums: so no byte depends on
 the block size or the process count. Memory: one block of every ingredient (blocks are cut to 1/N of the usual),
 and with a relative lr the transformed blocks its spread pass keeps for the steps, within `--max-memory`.
 """
@@ -112,30 +113,36 @@ class TensorTransform:
         self.bands: list[tuple[float, float] | None] = [None] * self.n  # kept |d| in [lo, hi]; None: all
         self.factors = [1.0] * self.n
         first_pass = self.sparsify in ("magnitude", "outliers") or self.rescale == "l1"
+        # One ingredient's |task vector| is kept for the first pass when the tensor fits `--max-memory`: each
+        # ingredient (and the pivot with it) read once there, else once per radix-select pass and L1 norm.
+        keep = self.numel * self.dtype.itemsize <= merger.max_memory
         if first_pass:
             selects = {"magnitude": 1, "outliers": 2}.get(self.sparsify or "", 0)
-            reads = selects * (2 if self.dtype == torch.float32 else 4) + (self.rescale == "l1")
+            reads = 1 if keep else selects * (2 if self.dtype == torch.float32 else 4) + (self.rescale == "l1")
             logger.debug("%s: %s needs a first pass over the tensor (the magnitude threshold or L1 norm of each task "
                          "vector): each ingredient and the pivot are read %d more time(s)", name, cfg.transform, reads)
         for i in range(self.n):
             density = per_ingredient(cfg.density, i)
+            if first_pass and density < 1:
+                kept = None  # the previous ingredient's, freed before this one's are computed
+                kept = list(self._magnitudes(i)) if keep else None
+                magnitudes = (lambda: iter(kept)) if keep else (lambda: self._magnitudes(i))
             if self.sparsify == "magnitude" and density < 1:
-                t = kth_largest(lambda: self._magnitudes(i), dtype=self.dtype, k=max(1, int(density * self.numel)))
+                t = kth_largest(magnitudes, dtype=self.dtype, k=max(1, int(density * self.numel)))
                 self.bands[i] = (t, math.inf)
             elif self.sparsify == "outliers" and density < 1:
                 target = int(density * self.numel)
                 bottom = max(0, self.numel - target - int(per_ingredient(cfg.gamma, i) * self.numel))
                 self.bands[i] = (math.inf, -math.inf) if target == 0 else (
-                    kth_largest(lambda: self._magnitudes(i), dtype=self.dtype, k=self.numel - bottom),
-                    kth_largest(lambda: self._magnitudes(i), dtype=self.dtype, k=self.numel - bottom - target + 1))
+                    kth_largest(magnitudes, dtype=self.dtype, k=self.numel - bottom),
+                    kth_largest(magnitudes, dtype=self.dtype, k=self.numel - bottom - target + 1))
             if self.rescale == "density" and density < 1:
                 self.factors[i] = 1.0 / density
             elif self.rescale == "l1" and density < 1:
                 before = after = 0.0
-                for rows in blocks:
-                    d = self._delta(i, rows)
-                    before += _rowsum_abs(d)
-                    after += _rowsum_abs(d * self._keep(i, rows, d))
+                for rows, m in zip(blocks, magnitudes()):  # |d| * keep is |d * keep|: the same sums
+                    before += _rowsum_abs(m)
+                    after += _rowsum_abs(m * self._keep(i, rows, m))
                 self.factors[i] = 1.0 if before < 1e-7 or after < 1e-7 else before / after
 
     def _delta(self, i: int, rows: Rows, pivot: torch.Tensor | None = None) -> torch.Tensor:

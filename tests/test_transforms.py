@@ -162,21 +162,27 @@ def test_transform_options_are_checked(models, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_the_spread_pass_keeps_transformed_blocks_that_fit_max_memory(models, tmp_path, monkeypatch):
-    """With a relative lr, the spread pass's transformed blocks are kept for the steps when they fit --max-memory:
-    each fine-tune's bytes are then read once (DARE has no first pass of its own), the first blocks that fit with
-    less, and every block twice with nothing kept; the pivot (the base) is read as often, once per block and pass,
-    not once per ingredient; the bytes written are the same."""
+@pytest.mark.parametrize("transform, rescale, reads, base_reads",
+                         [("dare", None, (1, 2), (1, 2)), ("ties", "l1", (2, 5), (4, 11))])
+def test_the_passes_keep_what_fits_max_memory(models, tmp_path, monkeypatch, transform, rescale, reads,
+                                              base_reads):
+    """Within --max-memory, the first pass keeps one ingredient's |task vector| for its radix select and L1 norm
+    (TIES: read once there instead of 2 + 1 times in float32), and a relative lr's spread pass keeps the
+    transformed blocks for the steps (read once instead of twice; DARE has no first pass); with less, the spread
+    pass keeps the first blocks that fit. The pivot (the base) is read once per block in the spread pass and the
+    steps (not once per ingredient), and beside each ingredient in the first pass. The bytes written are the
+    same."""
     from collections import Counter
 
     from ame_hf.checkpoint import Checkpoint
     from factories import weights_sha256
 
     base, paths = models
-    cfg = AmeConfig(optimizer="adam", relative_lr=0.05, pivot=str(base), transform="dare", density=0.5)
+    cfg = AmeConfig(optimizer="adam", relative_lr=0.05, pivot=str(base), transform=transform, density=0.5,
+                    rescale=rescale)
     read, counted = Checkpoint.read, Counter()
 
-    def counting(self, name, rows=None, dtype=None):  # the real read, the fine-tunes' values counted per tensor
+    def counting(self, name, rows=None, dtype=None):  # the real read, its values counted per tensor and source
         values = read(self, name, rows, dtype)
         counted[name, Path(self.path) == Path(base)] += values.numel() * self.info(name).dtype.itemsize
         return values
@@ -185,12 +191,15 @@ def test_the_spread_pass_keeps_transformed_blocks_that_fit_max_memory(models, tm
     monkeypatch.setattr(plan, "BLOCK_ELEMENTS", 3 * 64)  # blocks of 64 elements: many per matrix
     state = load_state(paths[0])
     name = max((k for k in state if state[k].dim() == 2), key=lambda k: state[k].numel())
-    once = sum(t.numel() * t.element_size() for p in paths for t in [load_state(p)[name]])
+    once = sum(load_state(p)[name].numel() * 4 for p in paths)
     shas, got = {}, {}
     for budget in ("128MiB", "4KiB", "1B"):
         counted.clear()
         shas[budget] = weights_sha256(merge(paths, tmp_path / budget, cfg, progress=False, max_memory=budget).path)
-        got[budget] = counted[name, False]
-        assert counted[name, True] == got[budget] // len(paths), (budget, counted)
-    assert got["128MiB"] == once and got["1B"] == 2 * once and once < got["4KiB"] < 2 * once, got
+        got[budget] = counted[name, False], counted[name, True]
+    least, most = reads
+    base = once // len(paths)
+    assert got["128MiB"] == (least * once, base_reads[0] * base), (got, once)
+    assert got["1B"] == (most * once, base_reads[1] * base), (got, once)
+    assert least * once < got["4KiB"][0] < most * once, (got, once)  # the first blocks kept
     assert shas["128MiB"] == shas["4KiB"] == shas["1B"]
