@@ -23,7 +23,7 @@ import hashlib
 import logging
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -125,7 +125,7 @@ class TensorTransform:
             density = per_ingredient(cfg.density, i)
             if first_pass and density < 1:
                 kept = None  # the previous ingredient's, freed before this one's are computed
-                kept = list(self._magnitudes(i)) if keep else None
+                kept = _Kept(self.numel, self.dtype, merger.device).put_all(self._magnitudes(i)) if keep else None
                 magnitudes = (lambda: iter(kept)) if keep else (lambda: self._magnitudes(i))
             if self.sparsify == "magnitude" and density < 1:
                 t = kth_largest(magnitudes, dtype=self.dtype, k=max(1, int(density * self.numel)))
@@ -225,11 +225,14 @@ def merge_transformed(merger: Any, name: str, out_dir: Path, plan: ShardPlan,
     if merger.config.relative_lr is not None:
         spreads = torch.empty(info.shape[0] if info.shape else 1, dtype=torch.float64)  # as TensorMerger.run
         keep = _kept_blocks(blocks, info.shape, n, dtype, merger.max_memory)
+        row = math.prod(info.shape[1:])
+        store = _Kept((n + 1) * sum(row * (r[1] - r[0]) if r else info.numel for r in blocks[:keep]), dtype,
+                      merger.device)
         for k, rows in enumerate(blocks):
             pivot, xs = transformed(rows)
             (spreads[rows[0]:rows[1]] if rows else spreads).copy_(row_spreads(xs.__getitem__, n, pivot)[1].reshape(-1))
             if k < keep:  # row_spreads modifies neither: the steps take them as they are
-                kept[rows] = pivot, xs
+                kept[rows] = store.put(pivot), store.put_all(xs)
         lr = relative_lr_value(merger.config.relative_lr, spread_total([spreads]), n * info.numel)
     for rows in blocks:
         pivot, xs = kept.pop(rows) if rows in kept else transformed(rows)
@@ -251,3 +254,23 @@ def _kept_blocks(blocks: list[Rows], shape: tuple[int, ...], n: int, dtype: torc
     row = math.prod(shape[1:])
     sizes = [(n + 1) * dtype.itemsize * (row * (rows[1] - rows[0]) if rows else math.prod(shape)) for rows in blocks]
     return leading_fit(sizes, max_memory, 0)
+
+
+class _Kept:
+    """Tensors kept across a pass, copied into one buffer allocated before it. Kept as they were computed, they sat
+    in the heap between the pass's temporaries and left holes that later, larger temporaries could not reuse: a
+    DARE merge of 4 x 134M fp32 with 128 MiB kept peaked at 546 MiB, against 280 MiB keeping nothing."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.buffer = torch.empty(numel, dtype=dtype, device=device)
+        self.used = 0
+
+    def put(self, t: torch.Tensor) -> torch.Tensor:
+        """A copy of `t` in the buffer (a view of it, of `t`'s shape)."""
+        view = self.buffer[self.used:self.used + t.numel()].view(t.shape)
+        self.used += t.numel()
+        return view.copy_(t)
+
+    def put_all(self, ts: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        """`put` of each, in order."""
+        return [self.put(t) for t in ts]
