@@ -12,9 +12,9 @@ mergekit's merge.
 
 A per-tensor magnitude threshold is found exactly by a radix select over the tensor's blocks (a first pass over
 the tensor, 2 reads of each ingredient in float32, or one where its task vector fits `--max-memory` and is kept for
-the pass), and L1 norms by exact sums of row sums: so no byte depends on
-the block size or the process count. Memory: one block of every ingredient (blocks are cut to 1/N of the usual),
-and with a relative lr the transformed blocks its spread pass keeps for the steps, within `--max-memory`.
+the pass), and L1 norms by exact sums of row sums: so no byte depends on the block size or the process count.
+Memory: one block of every ingredient (blocks are cut to 1/N of the usual), and with a relative lr the transformed
+blocks its spread pass keeps for the steps, within `--max-memory`.
 """
 
 from __future__ import annotations
@@ -224,10 +224,12 @@ def merge_transformed(merger: Any, name: str, out_dir: Path, plan: ShardPlan,
     kept: dict[Rows, tuple[torch.Tensor, list[torch.Tensor]]] = {}
     if merger.config.relative_lr is not None:
         spreads = torch.empty(info.shape[0] if info.shape else 1, dtype=torch.float64)  # as TensorMerger.run
-        keep = _kept_blocks(blocks, info.shape, n, dtype, merger.max_memory)
+        # The first blocks whose pivot and n transformed blocks fit `max_memory` are kept for the steps, which start
+        # with them: they are neither read nor transformed again (all of a tensor that fits); the same values.
         row = math.prod(info.shape[1:])
-        store = _Kept((n + 1) * sum(row * (r[1] - r[0]) if r else info.numel for r in blocks[:keep]), dtype,
-                      merger.device)
+        sizes = [(n + 1) * (row * (r[1] - r[0]) if r else info.numel) for r in blocks]  # elements kept per block
+        keep = leading_fit([size * dtype.itemsize for size in sizes], merger.max_memory, 0)
+        store = _Kept(sum(sizes[:keep]), dtype, merger.device)
         for k, rows in enumerate(blocks):
             pivot, xs = transformed(rows)
             (spreads[rows[0]:rows[1]] if rows else spreads).copy_(row_spreads(xs.__getitem__, n, pivot)[1].reshape(-1))
@@ -240,20 +242,6 @@ def merge_transformed(merger: Any, name: str, out_dir: Path, plan: ShardPlan,
                                                      own_pivot=True)
         merger._write(out_dir, plan, name, rows[0] if rows else 0, merged.cpu())
         advance(info.nbytes * (rows[1] - rows[0]) // info.shape[0] if rows else info.nbytes)
-
-
-def _kept_blocks(blocks: list[Rows], shape: tuple[int, ...], n: int, dtype: torch.dtype, max_memory: int) -> int:
-    """How many of a tensor's first blocks the relative lr's spread pass keeps, transformed, for the steps: those
-    whose pivot and `n` transformed blocks fit `max_memory` together (`_keeping.leading_fit`). The steps start
-    with them, so they are neither read nor transformed again (all of a tensor that fits: each of its bytes read
-    once after the transform's own first pass); the values are the same.
-
-    >>> _kept_blocks([(0, 2), (2, 4), (4, 5)], (5, 8), 3, torch.float32, max_memory=600)
-    2
-    """
-    row = math.prod(shape[1:])
-    sizes = [(n + 1) * dtype.itemsize * (row * (rows[1] - rows[0]) if rows else math.prod(shape)) for rows in blocks]
-    return leading_fit(sizes, max_memory, 0)
 
 
 class _Kept:
