@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ._model_files import project_url
-from .config import AmeConfig
+from .config import QUANTIZED_OUTPUT_DTYPES, AmeConfig
 from .optimizers import optimizer_class, reported_hyperparameters
 from .recipe import run_yaml, versions
 
@@ -158,10 +158,10 @@ def output_dtype_text(result: "MergeResult", checkpoints: Sequence["Checkpoint"]
     Returns:
         A phrase for the card, e.g. `bfloat16` or `float32 (the ingredients' dtype)`.
     """
-    if result.config.dtype == "float8_e4m3fn":
-        from .requantize import card_text  # torch: only for an FP8 output
+    if result.config.dtype in QUANTIZED_OUTPUT_DTYPES:
+        from .requantize import card_text  # torch: only for a quantized output
 
-        return card_text(checkpoints)
+        return card_text(result.config.dtype, checkpoints)
     if result.config.dtype != "auto":
         return result.config.dtype
     found = sorted({str(ckpt.info(n).dtype).removeprefix("torch.") for ckpt in checkpoints[:1]

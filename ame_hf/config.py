@@ -44,7 +44,9 @@ WEIGHT_FIELDS = ("optimizer", "lr", "relative_lr", "optimizer_args", "schedule",
 CHECK_FIELDS = ("dtype", "pivot", "base", "variant", "tokenizer_source")
 
 SCHEDULES = ("constant", "harmonic")
-OUTPUT_DTYPES = ("auto", "float32", "bfloat16", "float16", "float8_e4m3fn")  # the last: FP8 ingredients' format
+# The last two: the quantized ingredients' own format (FP8, MXFP4), quantized again when the merge is written.
+QUANTIZED_OUTPUT_DTYPES = ("float8_e4m3fn", "mxfp4")
+OUTPUT_DTYPES = ("auto", "float32", "bfloat16", "float16", *QUANTIZED_OUTPUT_DTYPES)
 COMPUTE_DTYPES = ("float32", "float64")
 
 # Keys written for humans (and reproduction checks) that are ignored when read back.
@@ -182,10 +184,10 @@ class AmeConfig:
                                          or "/" in self.variant or "." in self.variant):
             raise InvalidConfigError(f"variant must be a plain name such as fp16, got {self.variant!r}",
                                      field="variant")
-        if self.dtype not in OUTPUT_DTYPES and str(self.dtype).lower().startswith(("fp8", "float8", "mxfp4", "fp4")):
-            raise InvalidConfigError(f"dtype {self.dtype!r}: ame-hf writes a merge back in its FP8 ingredients' "
-                                     f"format only as float8_e4m3fn (MXFP4 is written dequantized); choose one of: "
-                                     f"{', '.join(OUTPUT_DTYPES)}", field="dtype")
+        if self.dtype not in OUTPUT_DTYPES and str(self.dtype).lower().startswith(("fp8", "float8", "mxfp", "fp4")):
+            raise InvalidConfigError(f"dtype {self.dtype!r}: ame-hf writes a merge back in its quantized ingredients' "
+                                     f"format as float8_e4m3fn (FP8, block-scaled) or mxfp4 (MXFP4) only; choose "
+                                     f"one of: {', '.join(OUTPUT_DTYPES)}", field="dtype")
         choice("dtype", self.dtype, OUTPUT_DTYPES)
         choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         parse_size(self.max_shard_size, field="max_shard_size")

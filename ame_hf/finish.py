@@ -18,11 +18,12 @@ from ._model_files import CODE_PATTERNS, WEIGHT_PATTERNS
 from ._text_config import with_vocab_size
 from .card import render_card
 from .checkpoint import Checkpoint
+from .config import QUANTIZED_OUTPUT_DTYPES
 from .errors import CheckpointError
 from .output import RUN_FILE
 from .recipe import write_run_file
 from .records import MergeResult
-from .requantize import FP8_OUTPUT, fp8_layout
+from .requantize import quantized_layout
 from .vocabulary import VocabularyPlan, is_tokenizer_file
 
 logger = logging.getLogger(__name__)
@@ -58,8 +59,8 @@ def finish(staging: Path, result: MergeResult, checkpoints: list[Checkpoint], *,
         logger.warning("%s: config.json has auto_map (remote code); it is not copied and never run", source.name)
     config.pop("_name_or_path", None)
     config.pop("quantization_config", None)  # FP8 / MXFP4 ingredients: the merge is written dequantized
-    if result.config.dtype == FP8_OUTPUT:  # ... unless asked for back in FP8: their layout, tensors in their dtype
-        config["quantization_config"] = fp8_layout(checkpoints)[0]
+    if result.config.dtype in QUANTIZED_OUTPUT_DTYPES:  # ... unless asked for back: their layout, the rest in their dtype
+        config["quantization_config"] = quantized_layout(result.config.dtype, checkpoints)[0]
     elif result.config.dtype != "auto":
         config["dtype"] = result.config.dtype
     if vocab is not None:

@@ -8,12 +8,11 @@ import logging
 import os
 from typing import Any, Sequence
 
-from .config import AmeConfig
+from .config import QUANTIZED_OUTPUT_DTYPES, AmeConfig
 from .devices import cpu_threads, process_setup
 from .engine import ingredient_order
 from .inputs import InputStage
 from .plan import output_dtype, plan_shards
-from .requantize import FP8_OUTPUT
 from .streaming import DEFAULT_MAX_MEMORY, TensorMerger, stream_tensors
 
 logger = logging.getLogger(__name__)
@@ -62,8 +61,9 @@ def merge_model(refs: Sequence[str | os.PathLike], config: AmeConfig, task: str,
     config = config.resolved()
     refs = [os.fspath(r) for r in refs]
     setup = process_setup(device)
-    # fp8 output is requantized after the writing, and an adapter output is factored from a written full model.
-    if setup.world > 1 or task not in _AUTO or config.dtype == FP8_OUTPUT or config.save_as == "adapter":
+    # An FP8 or MXFP4 output is quantized after the writing, and an adapter output is factored from a written full model.
+    if (setup.world > 1 or task not in _AUTO or config.dtype in QUANTIZED_OUTPUT_DTYPES
+            or config.save_as == "adapter"):
         return None
     inputs = stage.check(refs, pivot=config.pivot, base=config.base, tokenizer_source=config.tokenizer_source,
                          allow_dtype_mismatch=config.dtype != "auto")

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from . import __version__
 from ._options import config_with, merge_options
-from .config import AmeConfig, parse_size
+from .config import QUANTIZED_OUTPUT_DTYPES, AmeConfig, parse_size
 from . import journal
 from .devices import barrier, cpu_threads, main_process_first, process_setup, share_object, share_path
 from .engine import decay_arguments, ingredient_order
@@ -25,7 +25,7 @@ from .output import check_output_dir, make_staging_dir, publish, staging_cleanup
 from .plan import assign_to_processes, output_dtype, plan_shards
 from .recipe import recipe_digest
 from .records import MergeResult
-from .requantize import FP8_OUTPUT, fp8_output_check, requantize
+from .requantize import quantized_output_check, requantize
 from .resolve import local_inputs
 from .streaming import DEFAULT_MAX_MEMORY, ProgressCallback, TensorMerger, stream_tensors
 from .writer import write_index
@@ -156,7 +156,7 @@ def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, tok
                 refs, pivot=config.pivot, base=config.base, tokenizer_source=config.tokenizer_source,
                 allow_dtype_mismatch=config.dtype != "auto")
             inputs.raise_for_errors()
-            fp8_output_check(config, inputs.report.checkpoints)  # before the download
+            quantized_output_check(config, inputs.report.checkpoints)  # before the download
             # Again with every input's real folder (a Hub ingredient's is in the cache), before the download.
             check_output_dir(out, overwrite, inputs=inputs.paths, resume=resume)
             pivot = inputs.pivot_ingredient
@@ -216,8 +216,8 @@ def _merge(refs: list[str], out: Path, config: AmeConfig, started: float, *, tok
                                      max_memory=merger.max_memory)
                 warm.join()
                 write_index(staging, plan)
-                if config.dtype == FP8_OUTPUT:
-                    requantize(staging, report.checkpoints)
+                if config.dtype in QUANTIZED_OUTPUT_DTYPES:
+                    requantize(staging, report.checkpoints, config.dtype)
                 source = report.config_source()
                 tokens = inputs.tokenizer_dir()
                 finish(staging, result, checkpoints, source=source,

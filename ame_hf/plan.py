@@ -13,7 +13,7 @@ import torch
 
 from ._weight_files import SAFE_SINGLE
 from .checkpoint import DTYPE_NAMES
-from .config import AmeConfig
+from .config import QUANTIZED_OUTPUT_DTYPES, AmeConfig
 
 # Tensors larger than this many elements are processed in blocks of rows. Every supported
 # optimizer is element-wise, so blocks change no value; they bound memory by one block. The
@@ -98,7 +98,7 @@ def output_dtype(config: AmeConfig, stored: torch.dtype) -> torch.dtype:
     >>> output_dtype(AmeConfig(dtype="bfloat16"), torch.float32), output_dtype(AmeConfig(dtype="bfloat16"), torch.int64)
     (torch.bfloat16, torch.int64)
     """
-    if not stored.is_floating_point or config.dtype in ("auto", "float8_e4m3fn"):  # FP8: quantized when finished
+    if not stored.is_floating_point or config.dtype in ("auto", *QUANTIZED_OUTPUT_DTYPES):  # quantized when finished
         return stored
     return getattr(torch, config.dtype)
 

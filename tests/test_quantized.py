@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -259,11 +260,11 @@ def test_fp8_scales_that_do_not_fit_the_blocks_are_refused_by_name(fp8, tmp_path
            "blocks need" in report.errors, report.errors
 
 
-@pytest.mark.parametrize("dtype", ["fp8", "mxfp4", "float8_e5m2"])
+@pytest.mark.parametrize("dtype", ["fp8", "mxfp6", "float8_e5m2", "fp4"])
 def test_other_quantized_output_dtypes_are_refused_saying_why(dtype):
-    with pytest.raises(ValueError, match=f"dtype '{dtype}': ame-hf writes a merge back in its FP8 ingredients' format "
-                                         r"only as float8_e4m3fn \(MXFP4 is written dequantized\); choose one of: "
-                                         "auto, float32, bfloat16, float16, float8_e4m3fn"):
+    with pytest.raises(ValueError, match=f"dtype '{dtype}': ame-hf writes a merge back in its quantized ingredients' "
+                                         r"format as float8_e4m3fn \(FP8, block-scaled\) or mxfp4 \(MXFP4\) only; "
+                                         "choose one of: auto, float32, bfloat16, float16, float8_e4m3fn, mxfp4"):
         AmeConfig(dtype=dtype)
 
 
@@ -333,6 +334,87 @@ def test_an_fp8_output_needs_an_fp8_ingredient(fp8, tmp_path, capsys):
 
     line = cli_error_line(capsys, "merge", fp8["a"], fp8["b"], "--out", tmp_path / "out", "--dtype", "float8_e4m3fn",
                           needles=["no ingredient is FP8"])
+    assert "--dtype" in line and not (tmp_path / "out").exists(), line
+
+
+def _mxfp4_reference(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 of a loaded (experts, in, out) tensor, written from the OCP Microscaling definition in float64, value by
+    value: per 32 inputs of an output row the scale 2**k with k the least integer where max |v| <= 6 * 2**k, each
+    value the nearest of +-{0, 0.5, 1, 1.5, 2, 3, 4, 6} * 2**k (a tie to the even code), packed low nibble first."""
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
+    groups = values.double().transpose(1, 2).reshape(values.shape[0], values.shape[2], -1, 32)
+    codes = torch.zeros(groups.shape, dtype=torch.uint8)
+    scales = torch.zeros(groups.shape[:-1], dtype=torch.uint8)
+    for index in torch.cartesian_prod(*[torch.arange(n) for n in groups.shape[:-1]]).tolist():
+        group = groups[tuple(index)]
+        amax = float(group.abs().max())
+        k = -127 if amax == 0 else max(-127, math.ceil(math.log2(amax / 6)))
+        scales[tuple(index)] = k + 127
+        for j, v in enumerate(group.tolist()):
+            distance = (grid * 2.0 ** k - abs(v)).abs()
+            best = [c for c in range(8) if distance[c] == distance.min()]
+            code = best[0] if len(best) == 1 else [c for c in best if c % 2 == 0][0]
+            codes[tuple(index)][j] = code | (8 if math.copysign(1, v) < 0 else 0)
+    return codes[..., 0::2] | codes[..., 1::2] << 4, scales
+
+
+def test_mxfp4_ingredients_merge_back_into_mxfp4(mxfp4, tmp_path, monkeypatch):
+    """`dtype="mxfp4"`: the expert tensors an MXFP4 ingredient stores as *_blocks / *_scales are written so again,
+    equal to a float64 reference of the MXFP4 definition over the dequantized merge; transformers loads the output
+    (dequantize=True) close to the bf16 merge; the bytes do not depend on the band size; equal MXFP4 ingredients
+    give back their own values bit for bit."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    refs = [mxfp4["a-mx"], mxfp4["b"]]
+    config = AmeConfig(optimizer="adam", lr=0.01)
+    plain = merge(refs, tmp_path / "bf16", config, progress=False).path
+    back = merge(refs, tmp_path / "mx", dataclasses.replace(config, dtype="mxfp4"), progress=False).path
+    stored = load_file(mxfp4["a-mx"] / "model.safetensors")
+    written, dequantized = load_file(back / "model.safetensors"), load_file(plain / "model.safetensors")
+    assert set(written) == set(stored)  # the ingredient's tensors, blocks and scales, by name
+    quantized = [k.removesuffix("_blocks") for k in stored if k.endswith("_blocks")]
+    assert len(quantized) == 4
+    for k in quantized:
+        blocks, scales = _mxfp4_reference(dequantized[k])
+        assert written[k + "_blocks"].dtype == torch.uint8 and torch.equal(written[k + "_blocks"], blocks), k
+        assert torch.equal(written[k + "_scales"], scales), k
+    for k, v in stored.items():
+        assert written[k].dtype == v.dtype and written[k].shape == v.shape, k
+        if not k.endswith(("_blocks", "_scales")):
+            assert torch.equal(written[k], dequantized[k]), k
+    config_out = json.loads((back / "config.json").read_text())
+    assert config_out["quantization_config"] == json.loads((mxfp4["a-mx"] / "config.json").read_text())[
+        "quantization_config"]
+    assert "mxfp4 as its MXFP4 ingredients (4 expert tensors" in (back / "README.md").read_text()
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    # transformers loads it (dequantized): the reference's values, within an MXFP4 step of the bf16 merge
+    state, reference = loaded(back), loaded(plain)
+    for k, v in reference.items():
+        if k in quantized:
+            expected = convert_moe_packed_tensors(*_mxfp4_reference(dequantized[k]), dtype=torch.bfloat16)
+            assert torch.equal(state[k], expected), k
+            assert float((state[k].float() - v.float()).abs().max()) <= float(v.float().abs().max()) / 3, k
+        else:
+            assert torch.equal(state[k], v), k
+    monkeypatch.setattr("ame_hf.requantize._BAND_ELEMENTS", 1)  # one expert at a time
+    small = merge(refs, tmp_path / "small", dataclasses.replace(config, dtype="mxfp4"), progress=False).path
+    assert (small / "model.safetensors").read_bytes() == (back / "model.safetensors").read_bytes()
+    twin = tmp_path / "a-mx-copy"
+    shutil.copytree(mxfp4["a-mx"], twin)
+    same = merge([mxfp4["a-mx"], twin], tmp_path / "same", dataclasses.replace(config, dtype="mxfp4"),
+                 progress=False).path
+    own = loaded(mxfp4["a-mx"])
+    assert all(torch.equal(v, own[k]) for k, v in loaded(same).items())
+
+
+def test_an_mxfp4_output_needs_an_mxfp4_ingredient(mxfp4, fp8, tmp_path, capsys):
+    from factories import cli_error_line
+
+    line = cli_error_line(capsys, "merge", mxfp4["a"], mxfp4["b"], "--out", tmp_path / "out", "--dtype", "mxfp4",
+                          needles=["no ingredient is MXFP4"])
     assert "--dtype" in line and not (tmp_path / "out").exists(), line
 
 
