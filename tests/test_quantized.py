@@ -410,9 +410,17 @@ def test_mxfp4_ingredients_merge_back_into_mxfp4(mxfp4, tmp_path, monkeypatch):
     assert all(torch.equal(v, own[k]) for k, v in loaded(same).items())
 
 
-def test_an_mxfp4_output_needs_an_mxfp4_ingredient(mxfp4, fp8, tmp_path, capsys):
-    from factories import cli_error_line
+def test_the_cli_writes_mxfp4_back_and_needs_an_mxfp4_ingredient_for_it(mxfp4, tmp_path, capsys):
+    from safetensors import safe_open
 
+    from factories import cli_error_line, run_cli
+
+    code, _, err = run_cli(capsys, "merge", mxfp4["a-mx"], mxfp4["b"], "--out", tmp_path / "mx", "--dtype", "mxfp4",
+                           "--quiet")
+    assert code == 0, err
+    assert json.loads((tmp_path / "mx" / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
+    with safe_open(tmp_path / "mx" / "model.safetensors", framework="pt") as f:
+        assert sum(k.endswith("_blocks") for k in f.keys()) == sum(k.endswith("_scales") for k in f.keys()) == 4
     line = cli_error_line(capsys, "merge", mxfp4["a"], mxfp4["b"], "--out", tmp_path / "out", "--dtype", "mxfp4",
                           needles=["no ingredient is MXFP4"])
     assert "--dtype" in line and not (tmp_path / "out").exists(), line
