@@ -1,8 +1,8 @@
-"""A merge of quantized ingredients written back in their format: FP8 (`dtype="float8_e4m3fn"`), every tensor an
-FP8 ingredient stores quantized quantized again with the same block layout, its scales computed per block by
-transformers' own quantizing op (`Fp8Quantize`); MXFP4 (`dtype="mxfp4"`), every expert tensor an MXFP4 ingredient
-stores as `*_blocks` / `*_scales` written so again (`mxfp4_quantize`). Shard by shard of the finished output, one
-band of block rows (or of experts) at a time."""
+"""A merge of quantized ingredients written back in their format. FP8 (`dtype="float8_e4m3fn"`): every tensor an
+FP8 ingredient stores quantized is quantized again with the same block layout, its scales computed per block by
+transformers' own quantizing op (`Fp8Quantize`). MXFP4 (`dtype="mxfp4"`): every expert tensor an MXFP4 ingredient
+stores as `*_blocks` / `*_scales` is written so again (`mxfp4_quantize`). Shard by shard of the finished output,
+one band of block rows (or of experts) at a time."""
 
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def _rewrite(path: Path, names: dict[str, Any], quantizer: Any) -> tuple[list[st
         (size,) = struct.unpack("<Q", f.read(8))
         metadata = json.loads(f.read(size)).get("__metadata__")
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    offset, plan, scales, removed = 0, [], [], []
+    offset, plan, added, removed = 0, [], [], []
     for name, (dtype, shape, start) in sorted(tensors.items(), key=lambda kv: kv[1][2]):
         block = names.get(name)
         if quantizer is None and name in names and dtype in _NAMES.values() and len(shape) == 3 and shape[1] % 32 == 0:
@@ -169,7 +169,7 @@ def _rewrite(path: Path, names: dict[str, Any], quantizer: Any) -> tuple[list[st
                                ("_scales", [experts, outputs, inputs // 32])):
                 header[name + part] = {"dtype": "U8", "shape": grid, "data_offsets": [offset, offset + math.prod(grid)]}
                 offset += math.prod(grid)
-                scales.append(name + part)
+                added.append(name + part)
             removed.append(name)
             plan.append((name, dtype, shape, start, "mxfp4"))
             continue
@@ -185,7 +185,7 @@ def _rewrite(path: Path, names: dict[str, Any], quantizer: Any) -> tuple[list[st
         scale = f"{name}_scale_inv"
         header[scale] = {"dtype": "F32", "shape": grid, "data_offsets": [offset, offset + 4 * math.prod(grid)]}
         offset += 4 * math.prod(grid)
-        scales.append(scale)
+        added.append(scale)
         plan.append((name, dtype, shape, start, block))
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -206,7 +206,7 @@ def _rewrite(path: Path, names: dict[str, Any], quantizer: Any) -> tuple[list[st
                 parts.append(s)
             out.write(torch.cat(parts).contiguous().numpy().tobytes())  # bands of whole block rows: in order
     os.replace(temporary, path)
-    return scales, removed, offset
+    return added, removed, offset
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -244,9 +244,8 @@ def _quantize(values: torch.Tensor, block: tuple[int, int], quantizer: Any) -> t
     return out["x.weight"][..., :rows, :cols].contiguous(), out["x.weight_scale_inv"].to(torch.float32)
 
 
-# e2m1 magnitudes by code (bit 3 is the sign), and the midpoints between neighbours: a value at the midpoint above an
-# odd code (0.5, 1.5, 3) rounds up, to the even one (ties to even).
-_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# The midpoints between neighbouring e2m1 magnitudes (codes 0-7: 0, 0.5, 1, 1.5, 2, 3, 4, 6; bit 3 is the sign): a
+# value at the midpoint above an odd code (0.5, 1.5, 3) rounds up, to the even one (ties to even).
 _MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 _UP_AT_TIE = (0.75, 1.75, 3.5)
 
