@@ -114,8 +114,13 @@ class TensorTransform:
         self.factors = [1.0] * self.n
         first_pass = self.sparsify in ("magnitude", "outliers") or self.rescale == "l1"
         # One ingredient's |task vector| is kept for the first pass when the tensor fits `--max-memory`: each
-        # ingredient (and the pivot with it) read once there, else once per radix-select pass and L1 norm.
+        # ingredient (and the pivot with it) read once there, else once per radix-select pass and L1 norm; and the
+        # pivot's blocks beside it when both fit, so the pivot is read once for all of them.
         keep = self.numel * self.dtype.itemsize <= merger.max_memory
+        first_pass = first_pass and any(per_ingredient(cfg.density, i) < 1 for i in range(self.n))
+        pivots = {}
+        if first_pass and 2 * self.numel * self.dtype.itemsize <= merger.max_memory:
+            pivots = dict(zip(blocks, _Kept(self.numel, self.dtype, merger.device).put_all(map(pivot_block, blocks))))
         if first_pass:
             selects = {"magnitude": 1, "outliers": 2}.get(self.sparsify or "", 0)
             reads = 1 if keep else selects * (2 if self.dtype == torch.float32 else 4) + (self.rescale == "l1")
@@ -125,8 +130,9 @@ class TensorTransform:
             density = per_ingredient(cfg.density, i)
             if first_pass and density < 1:
                 kept = None  # the previous ingredient's, freed before this one's are computed
-                kept = _Kept(self.numel, self.dtype, merger.device).put_all(self._magnitudes(i)) if keep else None
-                magnitudes = (lambda: iter(kept)) if keep else (lambda: self._magnitudes(i))
+                kept = (_Kept(self.numel, self.dtype, merger.device).put_all(self._magnitudes(i, pivots)) if keep
+                        else None)
+                magnitudes = (lambda: iter(kept)) if keep else (lambda: self._magnitudes(i, pivots))
             if self.sparsify == "magnitude" and density < 1:
                 t = kth_largest(magnitudes, dtype=self.dtype, k=max(1, int(density * self.numel)))
                 self.bands[i] = (t, math.inf)
@@ -150,9 +156,10 @@ class TensorTransform:
         return self.merger._read(self.merger.checkpoints[i], self.name, rows) - (
             self.pivot_block(rows) if pivot is None else pivot)
 
-    def _magnitudes(self, i: int) -> Iterator[torch.Tensor]:
+    def _magnitudes(self, i: int, pivots: dict[Rows, torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Ingredient i's |task vector|, block by block (the pivot's blocks from `pivots` where kept)."""
         for rows in self.blocks:
-            yield self._delta(i, rows).abs_()
+            yield self._delta(i, rows, pivots.get(rows)).abs_()
 
     def _keep(self, i: int, rows: Rows, d: torch.Tensor) -> torch.Tensor | float:
         """Ingredient i's keep mask on block `rows` (1.0: keep everything)."""

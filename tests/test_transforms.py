@@ -163,15 +163,15 @@ def test_transform_options_are_checked(models, tmp_path):
 
 
 @pytest.mark.parametrize("transform, rescale, reads, base_reads",
-                         [("dare", None, (1, 2), (1, 2)), ("ties", "l1", (2, 5), (4, 11))])
+                         [("dare", None, (1, 2), (1, 2)), ("ties", "l1", (2, 5), (2, 11))])
 def test_the_passes_keep_what_fits_max_memory(models, tmp_path, monkeypatch, transform, rescale, reads,
                                               base_reads):
     """Within --max-memory, the first pass keeps one ingredient's |task vector| for its radix select and L1 norm
     (TIES: read once there instead of 2 + 1 times in float32), and a relative lr's spread pass keeps the
     transformed blocks for the steps (read once instead of twice; DARE has no first pass); with less, the spread
-    pass keeps the first blocks that fit. The pivot (the base) is read once per block in the spread pass and the
-    steps (not once per ingredient), and beside each ingredient in the first pass. The bytes written are the
-    same."""
+    pass keeps the first blocks that fit. The pivot (the base) is read once per block and pass, not once per
+    ingredient (in the first pass, where its blocks fit beside one task vector, else beside each ingredient). The
+    bytes written are the same."""
     from collections import Counter
 
     from ame_hf.checkpoint import Checkpoint
