@@ -244,10 +244,9 @@ def _quantize(values: torch.Tensor, block: tuple[int, int], quantizer: Any) -> t
     return out["x.weight"][..., :rows, :cols].contiguous(), out["x.weight_scale_inv"].to(torch.float32)
 
 
-# The midpoints between neighbouring e2m1 magnitudes (codes 0-7: 0, 0.5, 1, 1.5, 2, 3, 4, 6; bit 3 is the sign): a
-# value at the midpoint above an odd code (0.5, 1.5, 3) rounds up, to the even one (ties to even).
-_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
-_UP_AT_TIE = (0.75, 1.75, 3.5)
+# The midpoints between neighbouring e2m1 magnitudes (codes 0-7: 0, 0.5, 1, 1.5, 2, 3, 4, 6; bit 3 is the sign), and
+# whether a value exactly there rounds up: it does above an odd code (0.5, 1.5, 3), to the even one (ties to even).
+_MIDPOINTS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
 
 
 def mxfp4_quantize(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,10 +272,12 @@ def mxfp4_quantize(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mantissa, exponent = torch.frexp(amax)  # amax = mantissa * 2**exponent, mantissa in [0.5, 1)
     k = torch.where(mantissa <= 0.75, exponent - 3, exponent - 2)  # 6 * 2**k >= amax > 6 * 2**(k - 1)
     k = torch.where(amax == 0, -127, k).clamp(-127, 127)
-    scaled = (groups * _power_of_two(-k).unsqueeze(-1)).abs()  # exact (but where it underflows: to code 0 anyway)
-    codes = torch.bucketize(scaled, torch.tensor(_MIDPOINTS, dtype=groups.dtype))  # a tie goes down ...
-    codes += torch.isin(scaled, torch.tensor(_UP_AT_TIE, dtype=groups.dtype)).to(codes.dtype)  # ... or to even
-    codes = (codes | torch.signbit(groups).to(codes.dtype) << 3).to(torch.uint8)
+    scaled = (groups * _power_of_two(-k).unsqueeze(-1)).abs_()  # exact (but where it underflows: to code 0 anyway)
+    codes = torch.signbit(groups).to(torch.uint8).mul_(8)
+    above = torch.empty(scaled.shape, dtype=torch.bool, device=scaled.device)
+    # The code is how many midpoints lie below the value: 7 compares, 3 times as fast as torch.bucketize here.
+    for midpoint, up in _MIDPOINTS:
+        codes += torch.ge(scaled, midpoint, out=above) if up else torch.gt(scaled, midpoint, out=above)
     return codes[..., 0::2] | codes[..., 1::2] << 4, (k + 127).to(torch.uint8)
 
 

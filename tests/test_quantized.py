@@ -358,6 +358,24 @@ def _mxfp4_reference(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes[..., 0::2] | codes[..., 1::2] << 4, scales
 
 
+def test_mxfp4_rounds_to_nearest_ties_to_even_and_never_saturates():
+    """Every midpoint between e2m1 values, both signs, at several scales: the codes a float64 reference of the
+    definition gives (a tie goes to the even code), and the scale leaves the largest value at most 6."""
+    from ame_hf.requantize import mxfp4_quantize
+
+    ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0]
+    codes, scales = mxfp4_quantize(torch.tensor([ties + [-t for t in ties] + [0.0, -0.0] + [0.1] * 14]))
+    unpacked = torch.stack([codes & 15, codes >> 4], -1).reshape(-1)
+    assert unpacked[:18].tolist() == [0, 2, 2, 4, 4, 6, 6, 7, 8, 10, 10, 12, 12, 14, 14, 15, 0, 8]
+    assert scales.tolist() == [127]
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randint(-24, 25, (2, 64, 3), generator=gen).float() / 4  # many values on a midpoint
+    values = values * 2.0 ** torch.randint(-6, 7, (2, 1, 3), generator=gen).float()  # various scales
+    expected = _mxfp4_reference(values)
+    got = mxfp4_quantize(values.transpose(1, 2).reshape(2, 3, 2, 32))
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
 def test_mxfp4_ingredients_merge_back_into_mxfp4(mxfp4, tmp_path, monkeypatch):
     """`dtype="mxfp4"`: the expert tensors an MXFP4 ingredient stores as *_blocks / *_scales are written so again,
     equal to a float64 reference of the MXFP4 definition over the dequantized merge; transformers loads the output
