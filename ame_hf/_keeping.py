@@ -72,8 +72,10 @@ def keeping(checkpoints: Sequence[Checkpoint], name: str, blocks: Sequence[Any],
     Returns:
         The `Keeping` (empty dicts, filled by the passes).
     """
+    # The pivot of a one-block tensor is one block, held by the steps anyway: kept from the spread pass.
+    one_block = {} if relative and len(blocks) == 1 else None
     if passes <= 1:  # one pass reads each block once anyway (the soup): keeping them would only cost memory
-        return Keeping(None, None, compute)
+        return Keeping(None, one_block, compute)
     info = checkpoints[0].info(name)
     numel = info.numel
     pivot_bytes = numel * compute.itemsize
@@ -86,12 +88,12 @@ def keeping(checkpoints: Sequence[Checkpoint], name: str, blocks: Sequence[Any],
             dtype = stored
     blocks_bytes = n * numel * dtype.itemsize
     if blocks_bytes <= max_memory:
-        return Keeping({}, {} if relative and blocks_bytes + pivot_bytes <= max_memory else None, dtype)
-    logger.debug("%s: %d copies of %.1f MB exceed --max-memory: kept one block at a time, so the learning-rate "
-                 "spread reads it once more", name, n, numel * dtype.itemsize / 1e6)
+        return Keeping({}, {} if relative and blocks_bytes + pivot_bytes <= max_memory else one_block, dtype)
+    logger.debug("%s: %d copies of %.1f MB exceed --max-memory: %s", name, n, numel * dtype.itemsize / 1e6,
+                 "its first blocks that fit are kept, the rest read again" if relative else "kept one block at a time")
     if relative:
         head = kept_head(blocks, info.shape, n, dtype, compute, max_memory)
-        return Keeping({} if head else None, None, dtype, head, read_again=blocks_bytes)
+        return Keeping({} if head else None, one_block, dtype, head, read_again=blocks_bytes)
     row = numel // info.shape[0] if info.shape else numel
     largest = max(numel if rows is None else (rows[1] - rows[0]) * row for rows in blocks)
     return Keeping(None, None, dtype, read_again=blocks_bytes if n * largest * dtype.itemsize > max_memory else 0)

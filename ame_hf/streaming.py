@@ -183,8 +183,6 @@ class TensorMerger:
         relative = self.config.relative_lr is not None
         passes = relative + (self.pivot == "mean" and not self.soup) + (len(self.order) if lr != 0.0 else 0)
         keep = keeping(self.checkpoints, name, blocks, passes, self.compute_dtype, self.max_memory, relative=relative)
-        if keep.pivots is None and relative and len(blocks) == 1:
-            keep.pivots = {}  # the pivot of a one-block tensor is one block: held by the steps anyway
         if keep.read_again:
             self.read_again[name] = keep.read_again
         if relative:
