@@ -62,7 +62,7 @@ def merge_token_rows(merger: Any, name: str, out_dir: Path, plan: ShardPlan,
         sizes = [count * merger.compute_dtype.itemsize for count in counts]
         # Every group when all fit --max-memory (each input byte read once); else the first ones that fit beside
         # the group being read, and the rest is read again for the steps (as `_keeping.kept_head`).
-        keep = len(groups) if sum(sizes) <= merger.max_memory else leading_fit(sizes, merger.max_memory, max(sizes))
+        keep = leading_fit(sizes, merger.max_memory, 0 if sum(sizes) <= merger.max_memory else max(sizes))
         if columns:
             keep = 0  # a [1, vocab] tensor is in memory whole already
         elif keep < len(groups):

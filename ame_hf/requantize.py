@@ -17,11 +17,11 @@ import torch
 
 from ._weight_files import SAFE_INDEX, SAFE_SINGLE, read_header
 from .checkpoint import stored_dtype
+from .config import QUANTIZED_OUTPUT_DTYPES
 from .errors import IncompatibleCheckpointsError
 
-FP8_OUTPUT = "float8_e4m3fn"
-MXFP4_OUTPUT = "mxfp4"
-_METHODS = {FP8_OUTPUT: "fp8", MXFP4_OUTPUT: "mxfp4"}
+FP8_OUTPUT, MXFP4_OUTPUT = QUANTIZED_OUTPUT_DTYPES
+_METHODS = {FP8_OUTPUT: "fp8", MXFP4_OUTPUT: "mxfp4"}  # the output dtype -> the quant_method it writes back
 _BAND_ELEMENTS = 1 << 22  # elements quantized at once (whole bands of block rows: no cut inside a block)
 _NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
