@@ -111,10 +111,11 @@ def test_each_input_byte_is_read_once_within_max_memory(tmp_path):
     assert soup.bytes_read == inputs
 
 
-def test_a_tensor_too_big_to_keep_is_kept_one_block_at_a_time(tmp_path, caplog):
+def test_a_tensor_too_big_to_keep_keeps_its_first_blocks_and_reads_the_rest_again(tmp_path, caplog):
     """16 MiB tensors x 3 exceed a 44 MiB --max-memory, their 4 MiB blocks x 3 do not: the spread reads the
-    tensor once and keeps its first block (12 MiB, beside the two blocks of 12 MiB and their 4 MiB means it computes at once) for the
-    steps; the mean pivot and the steps share one more read of each other block. The bytes are the same.
+    tensor once and keeps its first block (12 MiB, beside the two blocks of 12 MiB and their 4 MiB means it
+    computes at once) for the steps; the mean pivot and the steps share one more read of each other block. The
+    bytes are the same.
     The merge says so in one line, with the budget that reads every byte once; that budget does."""
     import logging
     import re
