@@ -206,6 +206,28 @@ def test_keep_freed_memory_takes_effect_on_glibc_and_merges_the_same_bytes(finet
     assert weights_sha256(tmp_path / "cli") == weights_sha256(api.path)
 
 
+def test_a_cli_merge_imports_with_the_collector_paused_and_leaves_it_running(finetunes, tmp_path):
+    """`imports_without_gc`: the check stage's imports (torch among them) are frozen, the collector runs again for
+    the merge and after it, and a collector the caller had turned off stays off."""
+    code = f"""
+import gc, json, sys
+from ame_hf.cli import imports_without_gc, main
+rc = main(["merge", *{[str(p) for p in finetunes]!r}, "--out", {str(tmp_path / "out")!r}, "--quiet"])
+frozen, on = gc.get_freeze_count(), gc.isenabled()
+torch_loaded = "torch" in sys.modules
+gc.disable()
+with imports_without_gc():
+    pass
+print(json.dumps([rc, frozen, on, torch_loaded, gc.isenabled()]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rc, frozen, on, torch_loaded, after_off = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert rc == 0 and torch_loaded
+    assert frozen > 50_000  # torch's objects, not only ame-hf's
+    assert on and not after_off
+
+
 def test_under_torchrun_only_the_main_process_prints_the_result(tmp_path):
     """Issue 23 item 2: two processes, one 'merged ...' line (every rank printed it)."""
     import os
