@@ -9,7 +9,8 @@
 Inputs are built once into the work directory (default benchmarks/_work, git-ignored) and reused.
 Every job runs as its own process under `measure.py` (whole-process wall time, peak RSS), once as
 a warm-up (discarded, so that all jobs read from a warm page cache), then `--runs` times, the jobs
-of one input set taking turns. The table goes to stdout and <work>/results.md (+ raw results.json);
+of one input set taking turns, then once more with its input files dropped from the page cache: what
+it reads from storage (a second read of a byte the page cache still holds costs no I/O). The table goes to stdout and <work>/results.md (+ raw results.json);
 the committed benchmarks/RESULTS.md (RESULTS-gpu.md for --gpu) is rewritten only with --update-results.
 
 This script imports neither torch nor ame_hf: it only starts processes.
@@ -122,6 +123,7 @@ class JobResult:
     job: str
     runs: list[dict] = field(default_factory=list)
     error: str | None = None
+    cold: dict | None = None  # the run with its inputs dropped from the page cache (None: not run)
 
     def median(self, key: str) -> float | None:
         values = [r[key] for r in self.runs]
@@ -245,10 +247,30 @@ def prewarm(inputs: list[Path]) -> None:
                         pass
 
 
-def run_once(cmd: list[str], inputs: list[Path], out: Path, log: Path, result_file: Path) -> dict:
+def evict(inputs: list[Path]) -> bool:
+    """Drop every input file from the page cache (`posix_fadvise` DONTNEED: clean pages no process maps), so
+    that the job reads them from storage. False where the platform has no `posix_fadvise`."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for d in inputs:
+        for file in sorted(d.iterdir()):
+            if file.is_file():
+                fd = os.open(file, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+    return True
+
+
+def run_once(cmd: list[str], inputs: list[Path], out: Path, log: Path, result_file: Path,
+             cold: bool = False) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     os.sync()  # the previous job's writes must not be flushed on this job's time
-    prewarm(inputs)
+    if cold:
+        evict(inputs)
+    else:
+        prewarm(inputs)
     load = os.getloadavg()[0]
     with open(log, "ab") as f:
         f.write(f"\n$ {shlex.join(cmd)}\n".encode())
@@ -301,6 +323,22 @@ def measure_set(s: InputSet, runs: int, work: Path, mergekit: Path | None, merge
                 results[job].runs.append(r)
             if s.one_output:
                 shutil.rmtree(out, ignore_errors=True)
+    if not hasattr(os, "posix_fadvise"):
+        return results
+    for job, cmd in commands.items():  # last, so that the timed runs all found their inputs cached
+        if results[job].error:
+            continue
+        out = work / "outputs" / f"{s.key}-{job}"
+        try:
+            r = run_once(cmd, inputs, out, log_dir / f"{s.key}-{job}.log", result_file, cold=True)
+        except JobFailed as err:
+            print(f"  {JOB_LABELS[job]}: the run with its inputs not cached FAILED, {err}", flush=True)
+            continue
+        results[job].cold = r
+        print(f"  {s.key:>16} {JOB_LABELS[job]:<26} not cached wall {r['wall_s']:7.2f} s  "
+              f"read from storage {r['disk_read_mib']:6.0f} MiB", flush=True)
+        if s.one_output:
+            shutil.rmtree(out, ignore_errors=True)
     return results
 
 
@@ -347,8 +385,9 @@ def _ratio(a: float | None, b: float | None) -> str:
 def results_table(sets: list[InputSet], all_results: dict[str, dict[str, JobResult]],
                   input_bytes: dict[str, int]) -> list[str]:
     lines = ["| job | dtype | N | model | median wall s | median CPU s | median peak RSS MiB | wall ÷ plain | "
-             "wall ÷ mergekit | RSS ÷ plain | RSS ÷ mergekit | median disk read MiB | input GB/s (wall) | read ÷ input |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "wall ÷ mergekit | RSS ÷ plain | RSS ÷ mergekit | median disk read MiB | input GB/s (wall) | read ÷ input | "
+             "wall s, inputs not cached | storage read ÷ input |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in sets:
         res = all_results.get(s.key, {})
         plain, mk = res.get("plain"), res.get("mergekit")
@@ -358,7 +397,7 @@ def results_table(sets: list[InputSet], all_results: dict[str, dict[str, JobResu
                 continue
             if not r.runs:
                 lines.append(f"| {JOB_LABELS[job]} | {s.dtype} | {s.n} | {s.size} | {(r.error or 'n/a').splitlines()[0]} "
-                             "| | | | | | | | | |")
+                             "| | | | | | | | | | | |")
                 continue
             wall, cpu, rss = r.median("wall_s"), r.median("cpu_s"), r.median("rss_mib")
             cells = [JOB_LABELS[job], s.dtype, str(s.n), s.size, _fmt(wall, ".2f"), _fmt(cpu, ".2f"), _fmt(rss, ".0f"),
@@ -367,7 +406,9 @@ def results_table(sets: list[InputSet], all_results: dict[str, dict[str, JobResu
                      _ratio(rss, plain.median("rss_mib") if plain else None),
                      _ratio(rss, mk.median("rss_mib") if mk else None), _fmt(r.median("disk_read_mib"), ".0f"),
                      _fmt(input_bytes.get(s.key, 0) / 1e9 / wall if wall else None, ".2f"),
-                     "mmap" if job in MAPS_FILES else _fmt(read_ratio(r, input_bytes.get(s.key)), ".3f")]
+                     "mmap" if job in MAPS_FILES else _fmt(read_ratio(r, input_bytes.get(s.key)), ".3f"),
+                     _fmt(r.cold["wall_s"] if r.cold else None, ".2f"),
+                     _fmt(storage_ratio(r, input_bytes.get(s.key)), ".3f")]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -379,6 +420,14 @@ def read_ratio(r: JobResult | None, input_bytes: int | None) -> float | None:
     if not values or None in values or not input_bytes:
         return None
     return statistics.median(values) / input_bytes
+
+
+def storage_ratio(r: JobResult | None, input_bytes: int | None) -> float | None:
+    """What the job read from storage with its inputs not cached (`ru_inblock`) ÷ the input weight files' bytes:
+    mapped files included, and a second read of a byte the page cache still holds not; None where not run."""
+    if r is None or r.cold is None or not input_bytes:
+        return None
+    return r.cold["disk_read_mib"] * 2**20 / input_bytes
 
 
 def target_lines(all_results: dict[str, dict[str, JobResult]], input_bytes: dict[str, int]) -> list[str]:
@@ -421,6 +470,9 @@ def target_lines(all_results: dict[str, dict[str, JobResult]], input_bytes: dict
     small = all_results.get(InputSet(*TARGET_SET, ()).key, {})
     target("default merge bytes read ÷ input bytes, 4 x 134M fp32",
            read_ratio(small.get("default"), input_bytes.get(InputSet(*TARGET_SET, ()).key)),
+           BIG_READ_VS_INPUT, "x", spec=".3f", indent="  ")
+    target("default merge bytes read from storage ÷ input bytes (inputs not cached), 4 x 134M fp32",
+           storage_ratio(small.get("default"), input_bytes.get(InputSet(*TARGET_SET, ()).key)),
            BIG_READ_VS_INPUT, "x", spec=".3f", indent="  ")
     target("3 x 1.1B bf16 default merge wall ÷ soup", ratio("default", "soup", "wall_s", LARGE_TARGET_SET),
            BIG_DEFAULT_VS_SOUP, "x", ratio("default", "soup", "cpu_s", LARGE_TARGET_SET), indent="  ")
@@ -490,7 +542,10 @@ def write_report(path_list: list[Path], command: str, env: dict[str, str], sets:
         f"(benchmarks/measure.py; its own {wrapper_rss:.0f} MiB is the floor); disk read = ru_inblock (0 = warm "
         f"page cache); read ÷ input = what the process read through read()/pread() (rchar of /proc/<pid>/io, "
         f"imports included, page-cache hits too) ÷ the input weight files' bytes, where the job reads that way "
-        f"(\"mmap\": the job maps its files with safe_open, and those reads are not counted). Inputs: a Llama "
+        f"(\"mmap\": the job maps its files with safe_open, and those reads are not counted). Last, each job runs "
+        f"once more with its input files dropped from the page cache (posix_fadvise DONTNEED): its wall time then, "
+        f"and storage read ÷ input = what it read from storage (ru_inblock, mapped files included) ÷ the input "
+        f"weight files' bytes. Inputs: a Llama "
         f"(LlamaConfig) with a shared init and copies init + 0.01 * randn(seed i), saved by save_pretrained.",
         "",
         *table,

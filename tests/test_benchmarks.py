@@ -112,12 +112,17 @@ def test_the_report_shows_bytes_read_where_counted_and_issue_25s_targets():
                            "default": job("default", 4.0, 1370)},
                large.key: {"plain": job("plain", 10.0, 5), "soup": job("soup", 8.0, 6010),
                            "default": job("default", 11.0, 6700)}}
+    results[small.key]["default"].cold = {"wall_s": 4.5, "disk_read_mib": 1001.0}  # read from storage once
+    results[large.key]["plain"].cold = {"wall_s": 12.25, "disk_read_mib": 6000.0}
     rows = {line.split(" | ")[0].lstrip("| "): line for line in run.results_table([small, large], results, inputs)}
-    assert rows[run.JOB_LABELS["plain"]].endswith("| mmap |")  # safe_open maps: its reads are not counted
-    assert rows[run.JOB_LABELS["default"]].endswith("| 1.117 |")  # the last row of that label: the 1.1B set's
+    # safe_open maps: its reads through read() are not counted, those from storage are
+    assert rows[run.JOB_LABELS["plain"]].endswith("| mmap | 12.25 | 1.000 |")
+    assert rows[run.JOB_LABELS["default"]].endswith("| 1.117 | n/a | n/a |")  # the last row of that label: 1.1B's
     targets = "\n".join(run.target_lines(results, inputs))
     assert "\n  - default merge wall ÷ plain script, 4 x 134M fp32: 2.00x (target <= 1.2x) **missed**" in targets
     assert "default merge bytes read ÷ input bytes, 4 x 134M fp32: 1.370x (target <= 1.05x) **missed**" in targets
+    assert ("default merge bytes read from storage ÷ input bytes (inputs not cached), 4 x 134M fp32: 1.001x "
+            "(target <= 1.05x) **met**") in targets
     assert "3 x 1.1B bf16 default merge wall ÷ soup: 1.38x (target <= 1.5x) **met**" in targets
 
 
