@@ -235,32 +235,30 @@ class JobFailed(Exception):
     pass
 
 
+def input_files(inputs: list[Path]) -> list[Path]:
+    """Every file of the input folders (weights, config, tokenizer), in a fixed order."""
+    return [file for d in inputs for file in sorted(d.iterdir()) if file.is_file()]
+
+
 def prewarm(inputs: list[Path]) -> None:
     """Read every input file, so the job finds it in the page cache. Needed on machines that page
     out cold page cache on their own (e.g. DAMON proactive reclaim on VMs), not only at start."""
     buf = bytearray(8 << 20)
-    for d in inputs:
-        for file in sorted(d.iterdir()):
-            if file.is_file():
-                with open(file, "rb", buffering=0) as f:
-                    while f.readinto(buf):
-                        pass
+    for file in input_files(inputs):
+        with open(file, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
 
 
-def evict(inputs: list[Path]) -> bool:
+def evict(inputs: list[Path]) -> None:
     """Drop every input file from the page cache (`posix_fadvise` DONTNEED: clean pages no process maps), so
-    that the job reads them from storage. False where the platform has no `posix_fadvise`."""
-    if not hasattr(os, "posix_fadvise"):
-        return False
-    for d in inputs:
-        for file in sorted(d.iterdir()):
-            if file.is_file():
-                fd = os.open(file, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
-    return True
+    that the job reads them from storage (`measure_set` asks for it only where `os.posix_fadvise` exists)."""
+    for file in input_files(inputs):
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def run_once(cmd: list[str], inputs: list[Path], out: Path, log: Path, result_file: Path,
@@ -302,43 +300,35 @@ def measure_set(s: InputSet, runs: int, work: Path, mergekit: Path | None, merge
     log_dir = work / "logs"
     result_file = work / "tmp" / "measure.json"
     result_file.parent.mkdir(parents=True, exist_ok=True)
-    for round_ in range(runs + 1):  # round 0: the warm-up
+    # Round 0 is the warm-up, then the timed runs; last, where files can be dropped from the page cache, one run
+    # with the inputs not cached (after the timed runs, which all found them cached).
+    last = runs + 1 if hasattr(os, "posix_fadvise") else runs
+    for round_ in range(last + 1):
+        cold = round_ > runs
         for job, cmd in commands.items():
             if results[job].error:
                 continue
             out = work / "outputs" / f"{s.key}-{job}"
             try:
-                r = run_once(cmd, inputs, out, log_dir / f"{s.key}-{job}.log", result_file)
+                r = run_once(cmd, inputs, out, log_dir / f"{s.key}-{job}.log", result_file, cold=cold)
             except JobFailed as err:
-                results[job].error = f"failed: {err}"
-                print(f"  {JOB_LABELS[job]}: FAILED, {err}", flush=True)
+                print(f"  {JOB_LABELS[job]}: {'the run with its inputs not cached ' if cold else ''}FAILED, {err}",
+                      flush=True)
+                if not cold:  # the timed figures stand without it
+                    results[job].error = f"failed: {err}"
                 continue
-            what = "warm-up" if round_ == 0 else f"run {round_}/{runs}"
-            print(f"  {s.key:>16} {JOB_LABELS[job]:<26} {what:<9} wall {r['wall_s']:7.2f} s  "
+            what = "warm-up" if round_ == 0 else "not cached" if cold else f"run {round_}/{runs}"
+            print(f"  {s.key:>16} {JOB_LABELS[job]:<26} {what:<10} wall {r['wall_s']:7.2f} s  "
                   f"cpu {r['cpu_s']:7.2f} s  peak RSS {r['rss_mib']:7.0f} MiB  disk read {r['disk_read_mib']:5.0f} MiB  "
                   + (f"read {r['read_bytes'] / 2**20:6.0f} MiB  " if job not in MAPS_FILES and r["read_bytes"] else "")
                   + f"(load {r['load_before']:.1f})",
                   flush=True)
-            if round_ > 0:
+            if cold:
+                results[job].cold = r
+            elif round_ > 0:
                 results[job].runs.append(r)
             if s.one_output:
                 shutil.rmtree(out, ignore_errors=True)
-    if not hasattr(os, "posix_fadvise"):
-        return results
-    for job, cmd in commands.items():  # last, so that the timed runs all found their inputs cached
-        if results[job].error:
-            continue
-        out = work / "outputs" / f"{s.key}-{job}"
-        try:
-            r = run_once(cmd, inputs, out, log_dir / f"{s.key}-{job}.log", result_file, cold=True)
-        except JobFailed as err:
-            print(f"  {JOB_LABELS[job]}: the run with its inputs not cached FAILED, {err}", flush=True)
-            continue
-        results[job].cold = r
-        print(f"  {s.key:>16} {JOB_LABELS[job]:<26} not cached wall {r['wall_s']:7.2f} s  "
-              f"read from storage {r['disk_read_mib']:6.0f} MiB", flush=True)
-        if s.one_output:
-            shutil.rmtree(out, ignore_errors=True)
     return results
 
 
