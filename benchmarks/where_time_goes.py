@@ -9,7 +9,8 @@ Each figure is the median of `--runs` fresh processes:
 - the plain script (the floor of run.py), and the whole `ame-hf merge` process (soup, AME-Adam and
   the default merge, as in run.py);
 - the same merge run a second time inside one process (imports done, optimizer classes warm): the
-  merge work alone.
+  merge work alone;
+- for the default merge, the seconds its process spends in Python's cyclic garbage collector (`gc.callbacks`).
 Writes the table to stdout and to <out>/PROFILE.md (default benchmarks/_work, git-ignored); the committed
 benchmarks/PROFILE.md only with --update-results.
 """
@@ -44,6 +45,22 @@ ame_hf.merge(paths, out, overwrite=True, progress=False, device="cpu", **opts)
 started = time.perf_counter()
 ame_hf.merge(paths, out, overwrite=True, progress=False, device="cpu", **opts)
 print(time.perf_counter() - started)
+"""
+
+# The CLI merge in a process that adds up its garbage collections (gc.callbacks) and prints the seconds.
+_GC = """
+import gc, sys, time
+spent, started = [0.0], [0.0]
+def timed(phase, info):
+    if phase == "start":
+        started[0] = time.perf_counter()
+    else:
+        spent[0] += time.perf_counter() - started[0]
+gc.callbacks.append(timed)
+from ame_hf.cli import main
+rc = main(sys.argv[1:])
+print(spent[0])
+sys.exit(rc)
 """
 
 
@@ -89,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [py, "-m", "ame_hf", "merge", *map(str, inputs), "--out", str(out), "--overwrite", "--quiet",
                "--device", "cpu", *opts]
         rows.append((f"`ame-hf merge`, {label}: whole process", median_of(args.runs, lambda: wall(cmd, inputs))))
+        if not opts:  # the default merge: how much of it the cyclic garbage collector takes (`cli.imports_without_gc`)
+            collect = [py, "-c", _GC, *cmd[3:]]
+            rows.append(("of which garbage collection (`gc.callbacks`)",
+                         median_of(args.runs, lambda: warm_seconds(collect, inputs))))
         api = {"optimizer": opts[1], **({"lr": float(opts[3])} if len(opts) > 2 else {})} if opts else {}
         warm = [py, "-c", _WARM, *map(str, inputs), str(out), json.dumps(api)]
         rows.append(("the same merge, second run in one process (the merge work alone)",
