@@ -106,7 +106,7 @@ def card_text(dtype: str, checkpoints: Sequence[Any]) -> str:
             "the ingredients' dtype)")
 
 
-def requantize(staging: Path, checkpoints: Sequence[Any], dtype: str = FP8_OUTPUT) -> dict[str, Any]:
+def requantize(staging: Path, checkpoints: Sequence[Any], dtype: str) -> dict[str, Any]:
     """Rewrite the finished output's shards in `staging` with its FP8 (or MXFP4) tensors quantized (each shard
     written beside itself, then moved over it), and its index with the new tensors. Memory: one band at a time.
 
