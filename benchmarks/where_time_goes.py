@@ -10,7 +10,10 @@ Each figure is the median of `--runs` fresh processes:
   the default merge, as in run.py);
 - the same merge run a second time inside one process (imports done, optimizer classes warm): the
   merge work alone;
-- for the default merge, the seconds its process spends in Python's cyclic garbage collector (`gc.callbacks`).
+- for the default merge, the seconds its process spends in Python's cyclic garbage collector (`gc.callbacks`);
+- the arithmetic alone: the engine's own functions (`spread.row_spreads` or `spread.mean_of` for the pivot,
+  `engine.ame_block` for the steps) on the same blocks already in memory, one torch thread as a CPU merge: no reading,
+  no checks, no writing. What is left to the merge's I/O and bookkeeping is the row above minus this one.
 Writes the table to stdout and to <out>/PROFILE.md (default benchmarks/_work, git-ignored); the committed
 benchmarks/PROFILE.md only with --update-results.
 """
@@ -64,6 +67,42 @@ sys.exit(rc)
 """
 
 
+# The engine's arithmetic on every block of the inputs, held in memory (read before the clock starts, a tensor at a
+# time): the pivot (the mean, with the spreads for a relative lr) and the steps, as `TensorMerger.run` computes them.
+_ARITH = """
+import json, sys, time
+import torch
+from safetensors import safe_open
+from ame_hf.config import AmeConfig
+from ame_hf.devices import keep_freed_memory
+from ame_hf.engine import ame_block, ingredient_order
+from ame_hf.plan import tensor_blocks
+from ame_hf.spread import mean_of, relative_lr_value, row_spreads, spread_total
+paths, opts = sys.argv[1:-1], json.loads(sys.argv[-1])
+torch.set_num_threads(1)  # as a CPU merge (--threads, default 1)
+keep_freed_memory()  # as the CLI: freed blocks serve the next ones, without faulting in fresh pages
+config = AmeConfig(**opts).resolved()
+n, order, spent = len(paths), ingredient_order(len(paths), config.epochs), 0.0
+handles = [safe_open(f"{p}/model.safetensors", framework="pt") for p in paths]
+for name in handles[0].keys():
+    whole = [h.get_tensor(name).to(torch.float32, copy=True) for h in handles]
+    blocks = [[x if rows is None else x[rows[0]:rows[1]] for x in whole]
+              for rows in tensor_blocks(whole[0].shape, torch.device("cpu"))]
+    started = time.perf_counter()
+    if config.is_soup:  # from zeros, as the merge's soup
+        pivots = [torch.zeros_like(xs[0]) for xs in blocks]
+    elif config.relative_lr is not None:
+        pivots, spreads = zip(*(row_spreads(xs.__getitem__, n, None) for xs in blocks))
+        lr = relative_lr_value(config.relative_lr, spread_total(spreads), n * whole[0].numel())
+    else:
+        pivots = [mean_of(xs.__getitem__, n) for xs in blocks]
+    for xs, pivot in zip(blocks, pivots):
+        ame_block(xs.__getitem__, pivot, config, order, config.lr if config.relative_lr is None else lr, own_pivot=True)
+    spent += time.perf_counter() - started
+print(spent)
+"""
+
+
 def wall(cmd: list[str], inputs: list[Path] = ()) -> float:
     prewarm(inputs)  # inputs from the page cache, as in run.py
     started = time.perf_counter()
@@ -114,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         warm = [py, "-c", _WARM, *map(str, inputs), str(out), json.dumps(api)]
         rows.append(("the same merge, second run in one process (the merge work alone)",
                      median_of(args.runs, lambda: warm_seconds(warm, inputs))))
+        arithmetic = [py, "-c", _ARITH, *map(str, inputs), json.dumps(api)]
+        rows.append(("of which arithmetic: pivots and steps on blocks in memory, one thread",
+                     median_of(args.runs, lambda: warm_seconds(arithmetic, inputs))))
     env = environment("mergekit not used")
     lines = ["# Where the time of a merge goes", "",
              f"- command: `python benchmarks/where_time_goes.py --runs {args.runs}`; 4 x 134M fp32 inputs, `--device cpu`",
