@@ -228,6 +228,6 @@ def keep_freed_memory(limit: int = 192 * 2**20) -> bool:
     if mallopt is None:
         return False
     # 32 MiB is the largest mmap threshold glibc accepts on 64-bit; blocks are 4 MiB by default. The arena
-    # limit applies to threads that allocate for the first time after it (the merge's I/O thread).
+    # limit applies to threads that allocate for the first time after it (the merge's I/O and writer threads).
     mallopt(_M_ARENA_MAX, 1)
     return bool(mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)) and bool(mallopt(_M_TRIM_THRESHOLD, limit))

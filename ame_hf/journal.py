@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 JOURNAL_DIR = ".ame-journal"
 KEY_FILE = "key.json"
-_CHUNK = 2**20  # read back in small pieces into one buffer: little memory in the I/O thread
+_CHUNK = 2**20  # read back in small pieces into one buffer: little memory in the writer thread
 # How the refusal of another merge's resume names each part of the key that differs.
 _KEY_WORDS = {"ame_hf": "another ame-hf version", "recipe": "another recipe (options or resolved ingredient revisions)",
               "local_files": "other files in a local input folder", "ingredients": "other ingredients or revisions",

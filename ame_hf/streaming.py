@@ -1,5 +1,5 @@
 """The per-tensor driver: for each tensor (in blocks of rows), read every ingredient's block, run the
-engine, write the result in place, with one I/O thread overlapping reads, compute and writes."""
+engine, write the result in place, with an I/O thread and a writer thread overlapping reads, compute and writes."""
 
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ class TensorMerger:
     """Runs AME for one tensor name over all its blocks and writes the result in place.
 
     With an I/O thread (`io`), the next ingredient block is read while the engine computes on
-    this one, and each finished block is written while the next is computed: the reads, the
-    writes and the optimizer overlap, and at most one extra block is held in memory each way.
+    this one, and with a writer thread (`writer`) each finished block is written while the next is computed and
+    read: the reads, the writes and the optimizer overlap, and at most one extra block is held in memory each way.
 
     Args:
         checkpoints: the opened ingredients, under the output's tensor names.
@@ -47,14 +47,16 @@ class TensorMerger:
         config: the resolved `AmeConfig`.
         order: the ingredient indices of each epoch (`engine.ingredient_order`).
         device: where the engine computes.
-        io: the I/O thread (`stream_tensors` lends one), or None to read and write in line.
+        io: the I/O thread (`stream_tensors` lends one), or None to read in line.
+        writer: the thread that writes finished blocks (`stream_tensors` lends one), or None to write in line.
         vocab: with differing vocabularies, how token-indexed rows are matched (`merge_token_rows`).
         vocab_keys: the token-indexed tensors.
         max_memory: bytes of one tensor's ingredient blocks kept so that each input byte is read once.
     """
 
     def __init__(self, checkpoints: list[Checkpoint], pivot: Any, config: AmeConfig,
-                 order: list[list[int]], device: torch.device, io: ThreadPoolExecutor | None = None, *,
+                 order: list[list[int]], device: torch.device, io: ThreadPoolExecutor | None = None,
+                 writer: ThreadPoolExecutor | None = None, *,
                  vocab: VocabularyPlan | None = None, vocab_keys: frozenset[str] = frozenset(),
                  max_memory: int = DEFAULT_MAX_MEMORY) -> None:
         self.checkpoints = checkpoints
@@ -67,7 +69,7 @@ class TensorMerger:
         self.compute_dtype = getattr(torch, config.compute_dtype)
         self.soup = config.is_soup
         self.weights = relative_weights(config.weights)  # None: unweighted
-        self.io = io
+        self.io, self.writer = io, writer
         self._pending_write: Future | None = None
         self.digests: WrittenDigests | None = None  # while a journal records: each tensor's sha256 as written
         # Tensors read more than once because their ingredient blocks exceed `max_memory`: name -> the budget that
@@ -121,11 +123,11 @@ class TensorMerger:
             start = row * math.prod(shape[1:])
             target.view(-1)[start:start + values.numel()].copy_(values.to(dtype).reshape(-1))
             return
-        if self.io is None:
+        if self.writer is None:
             write_rows(out_dir, plan, name, row, values, self.digests)
             return
         self.flush()  # at most one block waiting to be written
-        self._pending_write = self.io.submit(write_rows, out_dir, plan, name, row, values, self.digests)
+        self._pending_write = self.writer.submit(write_rows, out_dir, plan, name, row, values, self.digests)
 
     def flush(self) -> None:
         """Wait for the last write.
@@ -243,13 +245,13 @@ def stream_tensors(merger: TensorMerger, names: Sequence[str], staging: Path, pl
     """Merge and write `names` (this process's share) with a progress bar in bytes of output.
 
     Args:
-        merger: the run's `TensorMerger` (lent an I/O thread for the duration).
+        merger: the run's `TensorMerger` (lent an I/O thread and a writer thread for the duration).
         names: the tensors to merge, in order.
         staging: the staging directory, with the shard files made.
         plan: the output's `ShardPlan`.
         show: show the progress bar.
         callback: called as `callback(done_bytes, total_bytes)` as tensors finish.
-        on_done: called (in the I/O thread) with each tensor's name once its bytes are written, and the sha256 of
+        on_done: called (in the writer thread) with each tensor's name once its bytes are written, and the sha256 of
             those bytes as written, or None where they were not written in order (the journal).
 
     Raises:
@@ -258,8 +260,11 @@ def stream_tensors(merger: TensorMerger, names: Sequence[str], staging: Path, pl
     sizes = {n: _output_nbytes(merger, n) for n in names}
     total = sum(sizes.values())
     done = 0
+    # Reads and writes each have a thread: a write (the page cache's fresh pages, the sha256) took as long as the
+    # reads and the steps of its block together, and reads waited behind it.
     io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ame-hf-io")
-    merger.io = io
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ame-hf-write")
+    merger.io, merger.writer = io, writer
     merger.digests = WrittenDigests() if on_done is not None else None  # nothing to hash for no journal
     try:
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="AME", disable=not show) as bar:
@@ -274,23 +279,24 @@ def stream_tensors(merger: TensorMerger, names: Sequence[str], staging: Path, pl
             for name in names:
                 bar.set_postfix_str(name[-40:], refresh=False)
                 merger.run(name, staging, plan, advance)
-                if on_done is not None:  # queued after the tensor's last write: the one I/O thread keeps the order
+                if on_done is not None:  # queued after the tensor's last write: the one writer thread keeps the order
                     if recorded is not None:
                         recorded.result()
-                    recorded = io.submit(_after_write, merger._pending_write, on_done, name,
+                    recorded = writer.submit(_after_write, merger._pending_write, on_done, name,
                                          lambda name=name: merger.digests.take(name, plan.nbytes(name)))
             merger.flush()
             if recorded is not None:
                 recorded.result()
     finally:
-        merger.io = None
+        merger.io = merger.writer = None
         io.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True, cancel_futures=True)
         merger.digests = None
 
 
 def _after_write(write: Future | None, on_done: Callable[[str, str | None], None], name: str,
                  digest: Callable[[], str | None]) -> None:
-    """`on_done(name, digest())` in the I/O thread once the tensor's last write is done, never after a failed one
+    """`on_done(name, digest())` in the writer thread once the tensor's last write is done, never after a failed one
     (a full disk): its bytes are then not what the merge computed, and a journal must not vouch for them."""
     if write is not None:
         write.result()

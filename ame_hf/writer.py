@@ -38,7 +38,7 @@ def create_shard_files(directory: Path, plan: ShardPlan, shards: Sequence[ShardF
 class WrittenDigests:
     """The sha256 of each tensor's bytes, taken from the bytes `write_rows` writes, so that the journal need not
     read a finished tensor back from its shard. A tensor has one only when its bytes were written in order, from
-    its first byte to its last, by `write_rows` calls made one at a time (by the I/O thread, as `TensorMerger`
+    its first byte to its last, by `write_rows` calls made one at a time (by the writer thread, as `TensorMerger`
     writes them); for any other tensor `take` gives None, and its bytes are read back from the file.
 
     >>> d = WrittenDigests()

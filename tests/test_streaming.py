@@ -230,3 +230,31 @@ def test_adapter_and_vocabulary_merges_do_not_depend_on_the_block_size(lm_adapte
         monkeypatch.setattr(plan, "BLOCK_ELEMENTS", 100)
         sliced = merge(inputs, tmp_path / f"{name}-sliced", cfg, progress=False)
         assert weights_sha256(whole.path) == weights_sha256(sliced.path), name
+
+
+def test_blocks_are_written_in_a_thread_of_their_own(tmp_path, monkeypatch):
+    """Reads and writes each have a thread: a slow write (the page cache's fresh pages, the journal's sha256)
+    does not hold up the next block's read. Every block is written by the writer thread, and the reads started
+    ahead of the steps are made by the I/O thread, never by the writer."""
+    import threading
+
+    import ame_hf.streaming as streaming
+    from factories import make_finetunes
+
+    paths = make_finetunes(tmp_path / "ft", n=3)
+    writers, readers = set(), set()
+    write_rows, read = streaming.write_rows, streaming.TensorMerger._read
+
+    def recorded_write(*args, **kwargs):
+        writers.add(threading.current_thread().name.rsplit("_", 1)[0])
+        return write_rows(*args, **kwargs)
+
+    def recorded_read(self, *args, **kwargs):
+        readers.add(threading.current_thread().name.rsplit("_", 1)[0])
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(streaming, "write_rows", recorded_write)
+    monkeypatch.setattr(streaming.TensorMerger, "_read", recorded_read)
+    merge(paths, tmp_path / "soup", optimizer="sgd", progress=False)
+    assert writers == {"ame-hf-write"}
+    assert "ame-hf-io" in readers and "ame-hf-write" not in readers
