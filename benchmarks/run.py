@@ -433,8 +433,11 @@ def target_lines(all_results: dict[str, dict[str, JobResult]], input_bytes: dict
             lines.append(f"{indent}- {text}: not measured")
             return
         verdict = "**met**" if value <= limit else "**missed**"
+        shown = f"{value:{spec}}"
+        if value > limit >= float(shown):  # rounded onto the limit: one more digit shows why it is missed
+            shown = f"{value:.{int(spec[1:-1]) + 1}f}"
         extra = f"; on CPU time (user + sys): {cpu:.2f}{unit}" if cpu is not None else ""
-        lines.append(f"{indent}- {text}: {value:{spec}}{unit} (target <= {limit:g}{unit}) {verdict}{extra}")
+        lines.append(f"{indent}- {text}: {shown}{unit} (target <= {limit:g}{unit}) {verdict}{extra}")
 
     def ratio(a: str, b: str, what: str, key: tuple = TARGET_SET) -> float | None:
         x, y = med(key, a, what), med(key, b, what)

@@ -124,6 +124,13 @@ def test_the_report_shows_bytes_read_where_counted_and_issue_25s_targets():
     assert ("default merge bytes read from storage ÷ input bytes (inputs not cached), 4 x 134M fp32: 1.001x "
             "(target <= 1.05x) **met**") in targets
     assert "3 x 1.1B bf16 default merge wall ÷ soup: 1.38x (target <= 1.5x) **met**" in targets
+    # A value that rounds onto its limit is shown with the digit that decides the verdict.
+    for rss, shown in ((450.4, "450.4 MiB (target <= 450 MiB) **missed**"),
+                       (449.6, "450 MiB (target <= 450 MiB) **met**")):
+        for r in results[small.key]["default"].runs:
+            r["rss_mib"] = rss
+        lines = run.target_lines(results, inputs)
+        assert f"- {run.JOB_LABELS['default']} peak RSS, 4 x 134M fp32: {shown}" in lines
 
 
 @pytest.fixture(scope="module")
