@@ -37,9 +37,10 @@ DEFAULT_MAX_MEMORY = 128 * 2**20
 class TensorMerger:
     """Runs AME for one tensor name over all its blocks and writes the result in place.
 
-    With an I/O thread (`io`), the next ingredient block is read while the engine computes on
-    this one, and with a writer thread (`writer`) each finished block is written while the next is computed and
-    read: the reads, the writes and the optimizer overlap, and at most one extra block is held in memory each way.
+    While `stream_tensors` lends it an I/O thread (`io`) and a writer thread (`writer`), the next ingredient block
+    is read while the engine computes on this one, and each finished block is written while the next is computed
+    and read: the reads, the writes and the optimizer overlap, and at most one extra block is held in memory each
+    way. Without them (None) it reads and writes in line.
 
     Args:
         checkpoints: the opened ingredients, under the output's tensor names.
@@ -47,16 +48,13 @@ class TensorMerger:
         config: the resolved `AmeConfig`.
         order: the ingredient indices of each epoch (`engine.ingredient_order`).
         device: where the engine computes.
-        io: the I/O thread (`stream_tensors` lends one), or None to read in line.
-        writer: the thread that writes finished blocks (`stream_tensors` lends one), or None to write in line.
         vocab: with differing vocabularies, how token-indexed rows are matched (`merge_token_rows`).
         vocab_keys: the token-indexed tensors.
         max_memory: bytes of one tensor's ingredient blocks kept so that each input byte is read once.
     """
 
     def __init__(self, checkpoints: list[Checkpoint], pivot: Any, config: AmeConfig,
-                 order: list[list[int]], device: torch.device, io: ThreadPoolExecutor | None = None,
-                 writer: ThreadPoolExecutor | None = None, *,
+                 order: list[list[int]], device: torch.device, *,
                  vocab: VocabularyPlan | None = None, vocab_keys: frozenset[str] = frozenset(),
                  max_memory: int = DEFAULT_MAX_MEMORY) -> None:
         self.checkpoints = checkpoints
@@ -69,7 +67,8 @@ class TensorMerger:
         self.compute_dtype = getattr(torch, config.compute_dtype)
         self.soup = config.is_soup
         self.weights = relative_weights(config.weights)  # None: unweighted
-        self.io, self.writer = io, writer
+        self.io: ThreadPoolExecutor | None = None  # lent by `stream_tensors`
+        self.writer: ThreadPoolExecutor | None = None  # lent by `stream_tensors`
         self._pending_write: Future | None = None
         self.digests: WrittenDigests | None = None  # while a journal records: each tensor's sha256 as written
         # Tensors read more than once because their ingredient blocks exceed `max_memory`: name -> the budget that
