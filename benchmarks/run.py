@@ -10,8 +10,9 @@ Inputs are built once into the work directory (default benchmarks/_work, git-ign
 Every job runs as its own process under `measure.py` (whole-process wall time, peak RSS), once as
 a warm-up (discarded, so that all jobs read from a warm page cache), then `--runs` times, the jobs
 of one input set taking turns, then once more with its input files dropped from the page cache: what
-it reads from storage (a second read of a byte the page cache still holds costs no I/O). The table goes to stdout and <work>/results.md (+ raw results.json);
-the committed benchmarks/RESULTS.md (RESULTS-gpu.md for --gpu) is rewritten only with --update-results.
+it reads from storage (a second read of a byte the page cache still holds costs no I/O). The table goes
+to stdout and <work>/results.md (+ raw results.json); the committed benchmarks/RESULTS.md (RESULTS-gpu.md
+for --gpu) is rewritten only with --update-results.
 
 This script imports neither torch nor ame_hf: it only starts processes.
 """
