@@ -259,8 +259,8 @@ def stream_tensors(merger: TensorMerger, names: Sequence[str], staging: Path, pl
     sizes = {n: _output_nbytes(merger, n) for n in names}
     total = sum(sizes.values())
     done = 0
-    # Reads and writes each have a thread: a write (the page cache's fresh pages, the sha256) took as long as the
-    # reads and the steps of its block together, and reads waited behind it.
+    # Reads and writes each have a thread: a write (into new page-cache pages, with the sha256) can take longer than
+    # its block's reads, and in one thread the next reads waited behind it.
     io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ame-hf-io")
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ame-hf-write")
     merger.io, merger.writer = io, writer
